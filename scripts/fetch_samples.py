@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Fetch the real recordings that stream_rt's tests, evaluations and benchmarks use.
+
+They come from two Debian packages, downloaded with ``apt-get download`` and unpacked
+with ``dpkg -x`` (nothing is installed):
+
+- ``opencv-doc``: real camera clips (``vtest.avi``: a fixed camera over a walkway with
+  pedestrians, 768x576, 10 fps, 79.5 s; ``Megamind.avi``: a film clip with AC-3 stereo
+  audio; ``Megamind_bugy.avi``: the same clip with damaged packets; ``tree.avi``: a
+  handheld camera moving along a tree).
+- ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
+
+Then it builds ``vtest_speech.mkv``: the vtest video, untouched, with an audio track of
+quiet background noise and real speech clips placed at known times, listed with their
+exact intervals in ``vtest_speech.json``.
+
+Usage: ``python scripts/fetch_samples.py [--dest DIR]`` (default ``samples/`` in the repo,
+or ``$STREAM_RT_SAMPLES``). Files already present are kept; ``--force`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+
+LIBRIVOX = "usr/share/pocketsphinx/test/data/librivox"
+PACKAGES = {
+    "opencv-doc": {
+        "usr/share/doc/opencv-doc/examples/data/vtest.avi": "vtest.avi",
+        "usr/share/doc/opencv-doc/examples/data/Megamind.avi": "Megamind.avi",
+        "usr/share/doc/opencv-doc/examples/data/Megamind_bugy.avi": "Megamind_bugy.avi",
+        "usr/share/doc/opencv-doc/examples/data/tree.avi": "tree.avi",
+    },
+    "pocketsphinx-testdata": {
+        f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{n:04d}.wav": f"speech_{n:04d}.wav"
+        for n in (870, 880, 890, 920, 930)
+    },
+}
+
+# (start time in the AV sample, speech file): speech lands on these media times exactly.
+SPEECH_PLACEMENT = [
+    (8.0, "speech_0870.wav"),
+    (24.0, "speech_0880.wav"),
+    (41.0, "speech_0890.wav"),
+    (57.0, "speech_0920.wav"),
+    (70.0, "speech_0930.wav"),
+]
+NOISE_DBFS = -55.0
+SAMPLE_RATE = 16_000
+
+
+def default_dest() -> Path:
+    env = os.environ.get("STREAM_RT_SAMPLES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "samples"
+
+
+def fetch_packages(dest: Path, force: bool) -> None:
+    for package, files in PACKAGES.items():
+        if not force and all((dest / name).exists() for name in files.values()):
+            print(f"  {package}: already here")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"  {package}: downloading with apt-get download ...", flush=True)
+            result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob(f"{package}_*.deb"))
+            if not debs:
+                detail = result.stderr.strip().splitlines()[-1:] or ["no .deb produced"]
+                sys.exit(
+                    f"fetch_samples: cannot download {package}: {detail[0]} "
+                    "(is this a Debian-based system? try 'apt-get update' first)"
+                )
+            subprocess.run(["dpkg", "-x", str(debs[0]), f"{tmp}/root"], check=True)
+            for inside, name in files.items():
+                shutil.copyfile(Path(tmp, "root", inside), dest / name)
+            print(f"  {package}: {', '.join(files.values())}")
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as wav:
+        if wav.getframerate() != SAMPLE_RATE or wav.getnchannels() != 1 or wav.getsampwidth() != 2:
+            raise ValueError(f"{path} is not 16 kHz mono 16-bit")
+        data = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+    return data.astype(np.float32) / 32768.0
+
+
+def build_av_sample(dest: Path, force: bool) -> None:
+    out_path, labels_path = dest / "vtest_speech.mkv", dest / "vtest_speech.json"
+    if not force and out_path.exists() and labels_path.exists():
+        print("  vtest_speech.mkv: already here")
+        return
+    with av.open(str(dest / "vtest.avi")) as src:
+        video_in = src.streams.video[0]
+        duration = float(video_in.frames / video_in.average_rate)
+        rng = np.random.default_rng(20260101)
+        audio = rng.normal(0.0, 10 ** (NOISE_DBFS / 20), int(duration * SAMPLE_RATE)).astype(np.float32)
+        labels = []
+        for start, name in SPEECH_PLACEMENT:
+            speech = read_wav(dest / name)
+            begin = int(start * SAMPLE_RATE)
+            audio[begin : begin + len(speech)] += speech
+            labels.append(
+                {
+                    "start_s": start,
+                    "end_s": round(start + len(speech) / SAMPLE_RATE, 4),
+                    "file": name,
+                }
+            )
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+
+        tmp_path = out_path.with_suffix(".tmp.mkv")
+        with av.open(str(tmp_path), "w", format="matroska") as out:
+            video_out = out.add_stream_from_template(video_in)
+            audio_out = out.add_stream("pcm_s16le", rate=SAMPLE_RATE, layout="mono")
+            for packet in src.demux(video_in):
+                if packet.dts is None:
+                    continue
+                if packet.pts is None:
+                    packet.pts = packet.dts
+                packet.stream = video_out
+                out.mux(packet)
+            step = 1024
+            for start in range(0, len(pcm), step):
+                frame = av.AudioFrame.from_ndarray(pcm[None, start : start + step], format="s16", layout="mono")
+                frame.sample_rate = SAMPLE_RATE
+                frame.pts = start
+                out.mux(audio_out.encode(frame))
+            out.mux(audio_out.encode(None))
+    tmp_path.replace(out_path)
+    labels_path.write_text(json.dumps({"speech": labels, "noise_dbfs": NOISE_DBFS}, indent=2) + "\n")
+    print(f"  vtest_speech.mkv: {duration:.1f} s, speech at " + ", ".join(f"{s:g} s" for s, _ in SPEECH_PLACEMENT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=default_dest())
+    parser.add_argument("--force", action="store_true", help="download and build again")
+    args = parser.parse_args()
+    args.dest.mkdir(parents=True, exist_ok=True)
+    print(f"sample media in {args.dest}:")
+    fetch_packages(args.dest, args.force)
+    build_av_sample(args.dest, args.force)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""stream_rt: a runtime for agents that watch live video and audio.
+
+The public API. Everything a program needs to build, run and test a pipeline is
+importable from here; submodules are implementation detail unless documented.
+"""
+
+from stream_rt.config import Config, ConfigError, load_config, parse_config
+from stream_rt.graph import (
+    AUDIO_SAMPLE_RATE,
+    AudioChunk,
+    Channel,
+    ChannelStats,
+    Clock,
+    Context,
+    ControlPacket,
+    EndOfStream,
+    Flush,
+    Graph,
+    GraphBuildError,
+    ManualClock,
+    Node,
+    NodeFailed,
+    Packet,
+    RealtimeClock,
+    ReplayClock,
+    Sink,
+    Source,
+    SourceStatus,
+    Supervision,
+    VideoFrame,
+)
+from stream_rt.pipeline import Pipeline, build_pipeline
+from stream_rt.sinks import CallbackSink, JsonlSink
+from stream_rt.sources import AvSource, Backoff, SourceError, SyntheticSource
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUDIO_SAMPLE_RATE",
+    "AudioChunk",
+    "AvSource",
+    "Backoff",
+    "CallbackSink",
+    "Channel",
+    "ChannelStats",
+    "Clock",
+    "Config",
+    "ConfigError",
+    "Context",
+    "ControlPacket",
+    "EndOfStream",
+    "Flush",
+    "Graph",
+    "GraphBuildError",
+    "JsonlSink",
+    "ManualClock",
+    "Node",
+    "NodeFailed",
+    "Packet",
+    "Pipeline",
+    "RealtimeClock",
+    "ReplayClock",
+    "Sink",
+    "Source",
+    "SourceError",
+    "SourceStatus",
+    "Supervision",
+    "SyntheticSource",
+    "VideoFrame",
+    "build_pipeline",
+    "load_config",
+    "parse_config",
+]

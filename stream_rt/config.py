@@ -1,0 +1,178 @@
+"""The pipeline configuration: TOML parsed into pydantic models that reject unknown keys.
+
+Example::
+
+    [[sources]]
+    id = "gate"
+    url = "rtsp://192.0.2.10/stream1"
+    audio = false
+    stall_timeout_s = 10
+
+    [sinks.jsonl]
+    path = "events.jsonl"
+
+:func:`load_config` turns every problem into a :class:`ConfigError` whose lines name the
+file, the key path (``sources[0].stall_timout_s``) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PolicyName = Literal["block", "drop_oldest", "drop_newest", "latest"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``str()`` is one line per problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackoffConfig(_Strict):
+    initial_s: float = Field(0.5, gt=0, description="first reconnect delay, doubled per failed attempt")
+    max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    jitter: float = Field(0.2, ge=0, le=1, description="random +/- share applied to each delay")
+
+
+class SourceConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the source in topics, logs and metrics")
+    url: str = Field(description="file path, network URL (rtsp://, udp://, tcp://, http://...) or device")
+    format: str | None = Field(None, description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)")
+    live: bool | None = Field(None, description="reconnect forever; default: network URLs and devices are live")
+    video: bool = Field(True, description="decode the first video stream")
+    audio: bool = Field(True, description="decode the first audio stream (resampled to 16 kHz mono)")
+    options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg options")
+    stall_timeout_s: float = Field(10.0, gt=0, description="reconnect a live source after this long without a frame")
+    timeout_s: float = Field(10.0, gt=0, description="network open/read timeout of a live source")
+    reconnect: BackoffConfig = Field(default_factory=BackoffConfig)
+    on_error: Literal["restart", "stop"] | None = Field(
+        None,
+        description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
+    )
+
+
+class ChannelConfig(_Strict):
+    policy: PolicyName = "block"
+    capacity: int = Field(8, ge=1)
+
+
+class GraphConfig(_Strict):
+    drain_timeout_s: float = Field(5.0, ge=0, description="on stop, how long in-flight packets may drain")
+    video_channel: ChannelConfig = Field(
+        default_factory=lambda: ChannelConfig(policy="latest", capacity=1),
+        description="queue between a source's video and its consumers",
+    )
+    audio_channel: ChannelConfig = Field(
+        default_factory=lambda: ChannelConfig(policy="drop_oldest", capacity=64),
+        description="queue between a source's audio and its consumers",
+    )
+
+
+class JsonlSinkConfig(_Strict):
+    path: Path = Field(description="file the packets are appended to, one JSON object per line")
+    video: bool = Field(True, description="log a record per video frame")
+    audio: bool = Field(True, description="log a record per audio chunk")
+
+
+class SinksConfig(_Strict):
+    jsonl: JsonlSinkConfig | None = None
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_ids(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        seen: set[str] = set()
+        for source in sources:
+            if source.id in seen:
+                raise ValueError(f"source id '{source.id}' is used twice")
+            seen.add(source.id)
+        return sources
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, origin=str(path))
+
+
+def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(f"{origin}: {line}" for line in _describe(exc))) from None
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        where = _path(loc)
+        if error["type"] == "extra_forbidden":
+            known = _fields_at(Config, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+            lines.append(f"{where}: unknown key{suggestion}")
+        elif error["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            lines.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return lines
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top>"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys accepted at ``loc`` inside ``model`` (for 'did you mean' hints)."""
+    current = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        nested = _model_in(field.annotation) if field is not None else None
+        if nested is None:
+            return []
+        current = nested
+    return list(current.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

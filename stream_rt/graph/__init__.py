@@ -1,0 +1,43 @@
+"""The dataflow core: packets, the node contract, channels, clocks and the graph."""
+
+from stream_rt.graph.channel import POLICIES, Channel, ChannelStats, Policy
+from stream_rt.graph.clock import Clock, ManualClock, RealtimeClock, ReplayClock
+from stream_rt.graph.graph import Graph, GraphBuildError
+from stream_rt.graph.node import Context, Node, NodeFailed, Sink, Source, Supervision
+from stream_rt.graph.packets import (
+    AUDIO_SAMPLE_RATE,
+    AudioChunk,
+    ControlPacket,
+    EndOfStream,
+    Flush,
+    Packet,
+    SourceStatus,
+    VideoFrame,
+)
+
+__all__ = [
+    "AUDIO_SAMPLE_RATE",
+    "POLICIES",
+    "AudioChunk",
+    "Channel",
+    "ChannelStats",
+    "Clock",
+    "Context",
+    "ControlPacket",
+    "EndOfStream",
+    "Flush",
+    "Graph",
+    "GraphBuildError",
+    "ManualClock",
+    "Node",
+    "NodeFailed",
+    "Packet",
+    "Policy",
+    "RealtimeClock",
+    "ReplayClock",
+    "Sink",
+    "Source",
+    "SourceStatus",
+    "Supervision",
+    "VideoFrame",
+]

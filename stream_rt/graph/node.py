@@ -1,0 +1,136 @@
+"""The node contract.
+
+A node declares typed ports as class attributes::
+
+    class Brightness(Node):
+        inputs = {"video": (VideoFrame,)}
+        outputs = {"level": (Level,)}
+
+        async def process(self, packet, ctx):
+            await ctx.emit("level", Level(...))
+
+The graph checks at build time that every connection carries types the receiving port
+accepts. ``start()`` / ``stop()`` bracket a node's life. ``process()`` receives the data
+packets of every input port (``ctx.port`` names the port); control packets go to
+``on_control()`` and are forwarded downstream by the graph, so a node handles only what
+it knows. CPU-heavy work belongs off the event loop (``asyncio.to_thread`` or a
+GIL-releasing kernel).
+
+A :class:`Source` has no inputs and implements ``run()``, producing until it is done or
+``ctx.stopping`` is set; the graph sends its :class:`EndOfStream` when ``run()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from stream_rt.graph.packets import Packet
+
+if TYPE_CHECKING:
+    from stream_rt.graph.clock import Clock
+
+PortTypes = tuple[type[Packet], ...]
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What the graph does when a node raises.
+
+    ``restart``: log it with the node's name, call ``stop()`` then ``start()`` after an
+    exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``) and go on with
+    the next packet; after ``max_restarts`` restarts the graph stops.
+    ``stop``: log it and stop the whole graph (``Graph.run`` raises :class:`NodeFailed`).
+    """
+
+    on_error: Literal["restart", "stop"] = "stop"
+    max_restarts: int | None = 10
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def backoff(self, restarts: int) -> float:
+        return float(min(self.max_backoff_s, self.backoff_s * 2 ** max(0, restarts - 1)))
+
+
+class NodeFailed(RuntimeError):
+    """A node raised and its supervision policy stopped the graph."""
+
+    def __init__(self, node: str, error: BaseException) -> None:
+        super().__init__(f"node '{node}' failed: {describe_error(error)}")
+        self.node = node
+        self.error = error
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+class Context:
+    """What a node sees of the graph: emit, the clock, counters, and whether to stop."""
+
+    def __init__(
+        self,
+        node_name: str,
+        clock: Clock,
+        emit: Callable[[str, Packet], object],
+        stopping: asyncio.Event,
+    ) -> None:
+        self.node_name = node_name
+        self.clock = clock
+        self.port = ""
+        self.stopping = stopping
+        self.counters: Counter[str] = Counter()
+        self._emit = emit
+
+    async def emit(self, port: str, packet: Packet) -> None:
+        """Send ``packet`` on output ``port`` to every connected channel (waits under ``block``)."""
+        result = self._emit(port, packet)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of this node's counters (shown in ``Graph.statistics()`` and metrics)."""
+        self.counters[name] += n
+
+
+class Node:
+    """Base class of every graph node. Subclasses set ``inputs``/``outputs`` and override hooks."""
+
+    inputs: ClassVar[dict[str, PortTypes]] = {}
+    outputs: ClassVar[dict[str, PortTypes]] = {}
+    is_sink: ClassVar[bool] = False
+
+    def __init__(self, name: str) -> None:
+        if not name or "." in name:
+            raise ValueError(f"node name must be non-empty and contain no '.', got {name!r}")
+        self.name = name
+
+    async def start(self, ctx: Context) -> None:
+        """Called once before the first packet, and again after each supervised restart."""
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        """Handle one data packet from input port ``ctx.port``."""
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        """See a control packet (default: nothing). The graph forwards it downstream
+        afterwards; an :class:`EndOfStream` is forwarded once every input has ended."""
+
+    async def stop(self, ctx: Context) -> None:
+        """Called once at the end (after the last packet), and before each restart."""
+
+
+class Source(Node):
+    """A node with no inputs that produces packets in :meth:`run`."""
+
+    async def run(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+class Sink(Node):
+    """A node with no outputs. Sinks are stopped last so nothing in flight is lost."""
+
+    is_sink = True

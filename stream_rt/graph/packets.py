@@ -1,0 +1,130 @@
+"""Every kind of packet that flows through a stream_rt graph.
+
+Packets are small frozen dataclasses. Each carries:
+
+- ``source_id``: the source that produced it (or that it is about),
+- ``seq``: monotonic per source, shared by all packets a source emits,
+- ``pts_ns``: media time in nanoseconds, sanitised to be monotonic per source and kind,
+- ``wall_ns``: wall-clock time (from the graph's clock) when it was made.
+
+Control packets made outside the media flow (status, end of stream) carry ``seq = -1``
+and ``pts_ns = -1``.
+
+Data packets may be dropped by a channel policy; :class:`ControlPacket` subclasses never are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+AUDIO_SAMPLE_RATE = 16_000
+"""Sample rate of every :class:`AudioChunk`, in Hz (sources resample to it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    source_id: str
+    seq: int
+    pts_ns: int
+    wall_ns: int
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (no pixel or sample data) for logs and sinks."""
+        return {
+            "kind": type(self).__name__,
+            "source_id": self.source_id,
+            "seq": self.seq,
+            "pts_ns": self.pts_ns,
+            "wall_ns": self.wall_ns,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VideoFrame(Packet):
+    """One decoded video frame.
+
+    ``y`` is the luma (Y) plane, shape ``(height, width)``, uint8. It is usually a view
+    into the decoder's buffer (row stride = the plane's ``line_size``), so it is
+    read-only by contract: copy it before writing. RGB is converted only on demand by
+    :meth:`rgb`, because conversion costs more than decoding.
+    """
+
+    y: npt.NDArray[np.uint8]
+    _to_rgb: Callable[[], npt.NDArray[np.uint8]] | None = field(default=None, repr=False, compare=False)
+    _rgb_cache: list[npt.NDArray[np.uint8]] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def width(self) -> int:
+        return int(self.y.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.y.shape[0])
+
+    def rgb(self) -> npt.NDArray[np.uint8]:
+        """The frame as an ``(height, width, 3)`` uint8 RGB array (converted once, cached)."""
+        if not self._rgb_cache:
+            rgb = np.repeat(self.y[:, :, None], 3, axis=2) if self._to_rgb is None else self._to_rgb()
+            self._rgb_cache.append(rgb)
+        return self._rgb_cache[0]
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(width=self.width, height=self.height)
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk(Packet):
+    """Mono float32 samples in [-1, 1] at :data:`AUDIO_SAMPLE_RATE`; ``pts_ns`` is the first sample."""
+
+    samples: npt.NDArray[np.float32]
+
+    @property
+    def duration_ns(self) -> int:
+        return len(self.samples) * 1_000_000_000 // AUDIO_SAMPLE_RATE
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(samples=len(self.samples), sample_rate=AUDIO_SAMPLE_RATE)
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPacket(Packet):
+    """Base of packets that steer the graph. Never dropped by a channel policy or a flush."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream(ControlPacket):
+    """The source has no more packets (file ended, or the graph is stopping)."""
+
+    reason: str = "eof"
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record["reason"] = self.reason
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Flush(ControlPacket):
+    """Discard queued data packets ahead of this one in every channel it passes."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus(ControlPacket):
+    """A source went online or offline (``detail`` says why, in one line)."""
+
+    state: Literal["online", "offline"] = "online"
+    detail: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(state=self.state, detail=self.detail)
+        return record

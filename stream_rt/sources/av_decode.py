@@ -1,0 +1,300 @@
+"""The decode thread of an :class:`~stream_rt.sources.av_source.AvSource`.
+
+One :func:`decode` call is one connection: open the input with PyAV, demux, decode, and
+hand packets to the loop through a :class:`ThreadBridge`. It runs in its own thread and
+always ends by putting :class:`Ended` or :class:`Failed`, so the loop side can tell a
+finished file from a lost stream. A packet that fails to decode is reported as
+:class:`Corrupt` and skipped.
+
+Video frames carry the Y plane as a view into the decoder's buffer (row stride
+``line_size``); RGB is converted only if asked. Audio is resampled to 16 kHz mono float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
+from stream_rt.sources.bridge import ThreadBridge
+
+# Pixel formats whose first plane is the luma plane, one byte per sample.
+_PLANAR_Y = frozenset(
+    {
+        "yuv420p",
+        "yuvj420p",
+        "yuv422p",
+        "yuvj422p",
+        "yuv444p",
+        "yuvj444p",
+        "yuv410p",
+        "yuv411p",
+        "yuv440p",
+        "yuvj440p",
+        "nv12",
+        "nv21",
+        "nv16",
+        "gray",
+        "yuva420p",
+    }
+)
+# Packed formats with luma in every other byte (common on USB cameras).
+_PACKED_YUYV = {"yuyv422": 0, "yvyu422": 0, "uyvy422": 1}
+
+
+@dataclass(frozen=True)
+class Opened:
+    description: str
+    duration_s: float | None
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    detail: str
+
+
+@dataclass(frozen=True)
+class Ended:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    detail: str
+    at_open: bool
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What to open and how (built by :class:`AvSource` from its settings)."""
+
+    url: str
+    format: str | None
+    options: dict[str, str]
+    video: bool
+    audio: bool
+    timeout_s: tuple[float, float] | None
+    threaded_decode: bool
+
+
+class PtsSanitiser:
+    """Makes one kind of media time strictly increasing for a source, across reconnects.
+
+    A missing pts becomes the last one plus ``step``; a small step back (jitter, a
+    duplicate) becomes last + 1 ns; a large jump back (a restarted stream) shifts all later
+    values so they continue from where the source was.
+    """
+
+    REBASE_NS = 1_000_000_000
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.offset = 0
+        self.fixed = 0
+
+    def __call__(self, pts_ns: int | None, step_ns: int) -> int:
+        last = self.last
+        if pts_ns is None:
+            value = step_ns if last is None else last + step_ns
+            self.fixed += 1
+        else:
+            value = pts_ns + self.offset
+            if last is not None and value <= last:
+                self.fixed += 1
+                if last - value > self.REBASE_NS:
+                    self.offset += last + step_ns - value
+                    value = last + step_ns
+                else:
+                    value = last + 1
+        self.last = value
+        return value
+
+
+def y_plane(frame: av.VideoFrame) -> npt.NDArray[np.uint8]:
+    """The luma plane of ``frame`` as an ``(height, width)`` uint8 array, without copying
+    when the pixel format allows it."""
+    name = frame.format.name
+    width, height = frame.width, frame.height
+    if name in _PLANAR_Y or name in _PACKED_YUYV:
+        plane = frame.planes[0]
+        rows: npt.NDArray[np.uint8] = np.frombuffer(memoryview(plane), np.uint8).reshape(-1, plane.line_size)
+        if name in _PLANAR_Y:
+            return rows[:height, :width]
+        start = _PACKED_YUYV[name]
+        return rows[:height, start : start + 2 * width : 2]
+    return np.asarray(frame.to_ndarray(format="gray"), dtype=np.uint8)
+
+
+def _rgb_converter(frame: av.VideoFrame) -> Callable[[], npt.NDArray[np.uint8]]:
+    def to_rgb() -> npt.NDArray[np.uint8]:
+        return np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
+
+    return to_rgb
+
+
+def _pts_ns(pts: int | None, time_base: Fraction | None) -> int | None:
+    if pts is None or time_base is None:
+        return None
+    return int(pts * time_base * 1_000_000_000)
+
+
+class _Decoder:
+    """State of one connection's decode loop."""
+
+    def __init__(
+        self,
+        source_id: str,
+        spec: DecodeSpec,
+        bridge: ThreadBridge,
+        seq: itertools.count[int],
+        video_pts: PtsSanitiser,
+        audio_pts: PtsSanitiser,
+        wall_ns: Callable[[], int],
+    ) -> None:
+        self.source_id = source_id
+        self.spec = spec
+        self.bridge = bridge
+        self.seq = seq
+        self.video_pts = video_pts
+        self.audio_pts = audio_pts
+        self.wall_ns = wall_ns
+        self.resampler: av.AudioResampler | None = None
+        self.audio_base_ns: int | None = None
+        self.audio_samples = 0
+        self.video_step_ns = 40_000_000
+
+    def run(self) -> None:
+        try:
+            container = av.open(
+                self.spec.url,
+                mode="r",
+                format=self.spec.format,
+                options=self.spec.options,
+                timeout=self.spec.timeout_s,
+            )
+        except Exception as exc:
+            self.bridge.put(Failed(_one_line(exc), at_open=True))
+            return
+        try:
+            self._demux(container)
+        except Exception as exc:
+            self.bridge.put(Failed(_one_line(exc), at_open=False))
+        else:
+            self.bridge.put(Ended())
+        finally:
+            container.close()
+
+    def _demux(self, container: Any) -> None:
+        streams = []
+        video = container.streams.video[0] if self.spec.video and container.streams.video else None
+        audio = container.streams.audio[0] if self.spec.audio and container.streams.audio else None
+        if video is not None:
+            if self.spec.threaded_decode:
+                video.thread_type = "AUTO"
+            rate = video.average_rate or video.guessed_rate
+            if rate:
+                self.video_step_ns = int(1_000_000_000 / rate)
+            streams.append(video)
+        if audio is not None:
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+            streams.append(audio)
+        if not streams:
+            wanted = " or ".join(k for k, on in (("video", self.spec.video), ("audio", self.spec.audio)) if on)
+            raise ValueError(f"no {wanted or 'wanted'} stream in input")
+        duration = container.duration / 1_000_000 if container.duration else None
+        self.bridge.put(Opened(_describe(video, audio), duration))
+        for packet in container.demux(streams):
+            if self.bridge.closed:
+                return
+            try:
+                frames = packet.decode()
+            except (av.error.InvalidDataError, av.error.PatchWelcomeError, ValueError) as exc:
+                if not self.bridge.put(Corrupt(_one_line(exc))):
+                    return
+                continue
+            for frame in frames:
+                if isinstance(frame, av.VideoFrame):
+                    ok = self.bridge.put(self._video(frame))
+                else:
+                    ok = all(self.bridge.put(chunk) for chunk in self._audio(frame))
+                if not ok:
+                    return
+        for chunk in self._audio(None):
+            self.bridge.put(chunk)
+
+    def _video(self, frame: av.VideoFrame) -> VideoFrame:
+        pts = self.video_pts(_pts_ns(frame.pts, frame.time_base), self.video_step_ns)
+        return VideoFrame(
+            self.source_id,
+            next(self.seq),
+            pts,
+            self.wall_ns(),
+            y_plane(frame),
+            _rgb_converter(frame),
+        )
+
+    def _audio(self, frame: av.AudioFrame | None) -> list[AudioChunk]:
+        if self.resampler is None:
+            return []
+        if frame is not None and self.audio_base_ns is None:
+            self.audio_base_ns = _pts_ns(frame.pts, frame.time_base) or 0
+        try:
+            out = self.resampler.resample(frame)
+        except ValueError:
+            # The input's format or layout changed mid-stream: start a new resampler.
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
+            out = self.resampler.resample(frame)
+        chunks = []
+        for resampled in out:
+            samples = resampled.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            if not len(samples):
+                continue
+            pts = (self.audio_base_ns or 0) + self.audio_samples * 1_000_000_000 // AUDIO_SAMPLE_RATE
+            self.audio_samples += len(samples)
+            step = len(samples) * 1_000_000_000 // AUDIO_SAMPLE_RATE
+            chunks.append(
+                AudioChunk(
+                    self.source_id,
+                    next(self.seq),
+                    self.audio_pts(pts, step),
+                    self.wall_ns(),
+                    samples,
+                )
+            )
+        return chunks
+
+
+def decode(
+    source_id: str,
+    spec: DecodeSpec,
+    bridge: ThreadBridge,
+    seq: itertools.count[int],
+    video_pts: PtsSanitiser,
+    audio_pts: PtsSanitiser,
+    wall_ns: Callable[[], int],
+) -> None:
+    """Thread body: decode one connection of ``spec`` into ``bridge``."""
+    _Decoder(source_id, spec, bridge, seq, video_pts, audio_pts, wall_ns).run()
+
+
+def _describe(video: Any, audio: Any) -> str:
+    parts = []
+    if video is not None:
+        ctx = video.codec_context
+        parts.append(f"video {ctx.name} {ctx.width}x{ctx.height}")
+    if audio is not None:
+        ctx = audio.codec_context
+        parts.append(f"audio {ctx.name} {ctx.sample_rate} Hz")
+    return ", ".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,221 @@
+"""One PyAV source for files, network URLs and capture devices, video and audio.
+
+Decoding runs in a thread per connection (see :mod:`stream_rt.sources.av_decode`); this
+node pumps its packets into the graph, paces replayed media through the graph's clock,
+and, for live inputs, keeps the stream alive: a **watchdog** reconnects with exponential
+backoff and jitter when no frame has arrived for ``stall_timeout_s``, when the decode
+thread dies, or when the stream ends. Status changes go out as
+:class:`~stream_rt.graph.packets.SourceStatus` on the ``status`` port.
+
+A file that cannot be opened raises :class:`SourceError` (one line naming the file and
+the cause); a packet that cannot be decoded is counted (``corrupt_packets``) and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from stream_rt.graph.node import Context, Source
+from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
+from stream_rt.sources.av_decode import (
+    Corrupt,
+    DecodeSpec,
+    Ended,
+    Failed,
+    Opened,
+    PtsSanitiser,
+    decode,
+)
+from stream_rt.sources.bridge import EMPTY, ThreadBridge
+
+log = logging.getLogger("stream_rt.sources")
+
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "tcp", "http", "https", "srt", "rtp")
+
+# FFmpeg options that make network inputs robust: TCP for RTSP, regenerate missing
+# timestamps, drop corrupt packets instead of passing garbage to the decoder.
+LIVE_OPTIONS = {"fflags": "+genpts+discardcorrupt"}
+RTSP_OPTIONS = {"rtsp_transport": "tcp"}
+
+
+class SourceError(RuntimeError):
+    """A source cannot deliver: the file is missing or unreadable, or not a media file."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``initial_s`` doubling up to ``max_s``, each scaled by a random
+    factor in ``[1 - jitter, 1 + jitter]`` so a fleet does not reconnect in lockstep."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt))
+        return float(base * rng.uniform(1 - self.jitter, 1 + self.jitter))
+
+
+class AvSource(Source):
+    """Decode ``url`` (a file path, a network URL or a device) into video and audio packets.
+
+    ``live``: ``None`` guesses from the URL (network schemes and devices are live, paths
+    are files). A file ends the source when it ends; a live input is reconnected forever.
+    ``timeout_s`` bounds each network open and read (live inputs only).
+    """
+
+    outputs = {"video": (VideoFrame,), "audio": (AudioChunk,), "status": (SourceStatus,)}
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        video: bool = True,
+        audio: bool = True,
+        live: bool | None = None,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+        stall_timeout_s: float = 10.0,
+        timeout_s: float = 10.0,
+        backoff: Backoff | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.url = url
+        self.live = _guess_live(url, format) if live is None else live
+        defaults = {}
+        if self.live:
+            defaults.update(LIVE_OPTIONS)
+            if url.startswith(("rtsp://", "rtsps://")):
+                defaults.update(RTSP_OPTIONS)
+        self.spec = DecodeSpec(
+            url=url,
+            format=format,
+            options={**defaults, **(options or {})},
+            video=video,
+            audio=audio,
+            timeout_s=(timeout_s, timeout_s) if self.live else None,
+            threaded_decode=not self.live,
+        )
+        self.stall_timeout_s = stall_timeout_s
+        self.backoff = backoff or Backoff()
+        self.state: Literal["connecting", "online", "offline"] = "connecting"
+        self.description = ""
+        self.duration_s: float | None = None
+        self.position_s = 0.0
+        self._rng = random.Random(seed)
+        self._seq = itertools.count()
+        self._video_pts = PtsSanitiser()
+        self._audio_pts = PtsSanitiser()
+        self._delivered = False
+
+    async def run(self, ctx: Context) -> None:
+        if not self.live and not self.spec.format and not Path(self.url).exists():
+            raise SourceError(f"cannot open '{self.url}': no such file")
+        attempt = 0
+        while True:
+            detail = await self._connection(ctx)
+            if detail is None:
+                return  # a file ended
+            await self._set_state(ctx, "offline", detail)
+            delay = self.backoff.delay(attempt, self._rng)
+            log.warning("source '%s' offline (%s); reconnecting in %.1f s", self.name, detail, delay)
+            attempt = 0 if self._delivered else attempt + 1
+            await ctx.clock.sleep(delay)
+            ctx.count("reconnects")
+
+    async def _connection(self, ctx: Context) -> str | None:
+        """Run one connection. None when a file ended; otherwise why a live input was lost."""
+        loop = asyncio.get_running_loop()
+        bridge = ThreadBridge(loop)
+        thread = threading.Thread(
+            target=decode,
+            args=(
+                self.name,
+                self.spec,
+                bridge,
+                self._seq,
+                self._video_pts,
+                self._audio_pts,
+                ctx.clock.wall_ns,
+            ),
+            name=f"stream_rt-decode-{self.name}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            return await self._pump(ctx, bridge, thread)
+        finally:
+            bridge.close()
+            ctx.counters["pts_fixed"] = self._video_pts.fixed + self._audio_pts.fixed
+
+    async def _pump(self, ctx: Context, bridge: ThreadBridge, thread: threading.Thread) -> str | None:
+        clock = ctx.clock
+        last_frame_ns = clock.now_ns()
+        self._delivered = False
+        while True:
+            item = bridge.get_nowait()
+            if item is EMPTY:
+                if not self.live:
+                    item = await bridge.get()
+                else:
+                    waited_s = (clock.now_ns() - last_frame_ns) / 1e9
+                    try:
+                        item = await asyncio.wait_for(bridge.get(), max(0.0, self.stall_timeout_s - waited_s))
+                    except TimeoutError:
+                        if not thread.is_alive():
+                            return "decode thread died"
+                        return f"no frame for {self.stall_timeout_s:g} s"
+            if isinstance(item, Packet):
+                if self.state != "online":
+                    await self._set_state(ctx, "online", self.description)
+                if not self.live:
+                    await clock.pace(self.name, item.pts_ns)
+                self.position_s = item.pts_ns / 1e9
+                if isinstance(item, VideoFrame):
+                    last_frame_ns = clock.now_ns()
+                    ctx.counters["frames"] += 1
+                    self._delivered = True
+                    await ctx.emit("video", item)
+                else:
+                    last_frame_ns = clock.now_ns()
+                    ctx.counters["audio_chunks"] += 1
+                    await ctx.emit("audio", item)
+            elif isinstance(item, Corrupt):
+                ctx.count("corrupt_packets")
+                log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail)
+            elif isinstance(item, Opened):
+                self.description = item.description
+                self.duration_s = item.duration_s
+                log.info("source '%s' opened %s (%s)", self.name, self.url, item.description)
+            elif isinstance(item, Ended):
+                return "stream ended" if self.live else None
+            elif isinstance(item, Failed):
+                if self.live:
+                    return item.detail
+                if item.at_open:
+                    raise SourceError(f"cannot open '{self.url}': {item.detail}")
+                ctx.count("read_errors")
+                log.warning("source '%s' stopped reading '%s' early: %s", self.name, self.url, item.detail)
+                return None
+
+    async def _set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
+        if self.state == state:
+            return
+        self.state = state
+        await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail))
+
+
+def _guess_live(url: str, format: str | None) -> bool:
+    if format is not None:
+        return True  # a capture device such as v4l2 or alsa
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() in LIVE_SCHEMES
