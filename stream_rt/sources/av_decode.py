@@ -253,7 +253,8 @@ class _Decoder:
             out = self.resampler.resample(frame)
         chunks = []
         for resampled in out:
-            samples = resampled.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            # A downmix of many loud channels can exceed full scale: keep the [-1, 1] contract.
+            samples = np.clip(resampled.to_ndarray().reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)
             if not len(samples):
                 continue
             pts = (self.audio_base_ns or 0) + self.audio_samples * 1_000_000_000 // AUDIO_SAMPLE_RATE

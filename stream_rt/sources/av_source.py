@@ -126,9 +126,9 @@ class AvSource(Source):
             if detail is None:
                 return  # a file ended
             await self._set_state(ctx, "offline", detail)
-            delay = self.backoff.delay(attempt, self._rng)
-            log.warning("source '%s' offline (%s); reconnecting in %.1f s", self.name, detail, delay)
             attempt = 0 if self._delivered else attempt + 1
+            delay = self.backoff.delay(attempt - 1 if attempt else 0, self._rng)
+            log.warning("source '%s' offline (%s); reconnecting in %.1f s", self.name, detail, delay)
             await ctx.clock.sleep(delay)
             ctx.count("reconnects")
 
@@ -180,15 +180,14 @@ class AvSource(Source):
                 if not self.live:
                     await clock.pace(self.name, item.pts_ns)
                 self.position_s = item.pts_ns / 1e9
+                last_frame_ns = clock.now_ns()
                 if isinstance(item, VideoFrame):
-                    last_frame_ns = clock.now_ns()
-                    ctx.counters["frames"] += 1
                     self._delivered = True
                     await ctx.emit("video", item)
+                    ctx.counters["frames"] += 1
                 else:
-                    last_frame_ns = clock.now_ns()
-                    ctx.counters["audio_chunks"] += 1
                     await ctx.emit("audio", item)
+                    ctx.counters["audio_chunks"] += 1
             elif isinstance(item, Corrupt):
                 ctx.count("corrupt_packets")
                 log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail)

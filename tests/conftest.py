@@ -1,0 +1,42 @@
+"""Shared fixtures: the real sample recordings, generated media, free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The real recordings fetched by scripts/fetch_samples.py (CI fetches them first)."""
+    if not (SAMPLES / "vtest.avi").exists() or not (SAMPLES / "vtest_speech.mkv").exists():
+        pytest.fail(f"sample media missing in {SAMPLES}: run 'python scripts/fetch_samples.py'", pytrace=False)
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def ffmpeg() -> str:
+    path = shutil.which("ffmpeg")
+    if path is None:
+        pytest.fail("ffmpeg is not installed: 'apt-get install ffmpeg' (.ci/run does this)", pytrace=False)
+    return path
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,55 @@
+"""Config files: unknown keys and bad values are named with their path; defaults are sane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream_rt import ConfigError, load_config, parse_config
+
+
+def test_unknown_keys_are_named_with_their_path_and_a_hint() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "sources": [{"id": "a", "url": "x.mp4", "reconnect": {"inital_s": 1}}],
+                "graph": {"video_chanel": {}},
+                "sinkz": {},
+            },
+            origin="cam.toml",
+        )
+    lines = str(err.value).splitlines()
+    assert "cam.toml: sources[0].reconnect.inital_s: unknown key (did you mean 'initial_s'?)" in lines
+    assert "cam.toml: graph.video_chanel: unknown key (did you mean 'video_channel'?)" in lines
+    assert "cam.toml: sinkz: unknown key (did you mean 'sinks'?)" in lines
+
+
+def test_bad_values_and_missing_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"id": "bad id", "url": "x"}, {"url": "y", "stall_timeout_s": -1}]})
+    text = str(err.value)
+    assert "sources[0].id: String should match pattern" in text
+    assert "sources[1].id: required key is missing" in text
+    assert "sources[1].stall_timeout_s: Input should be greater than 0" in text
+
+
+def test_duplicate_source_ids_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="source id 'a' is used twice"):
+        parse_config({"sources": [{"id": "a", "url": "x"}, {"id": "a", "url": "y"}]})
+
+
+def test_toml_syntax_errors_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[sources]\nid = 1\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML: .*line 1"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"absent\.toml: cannot read: No such file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_defaults_suit_a_live_daemon() -> None:
+    config = parse_config({"sources": [{"id": "gate", "url": "rtsp://192.0.2.1/s"}]})
+    assert config.graph.video_channel.policy == "latest"
+    assert config.graph.audio_channel.policy == "drop_oldest"
+    assert config.sources[0].stall_timeout_s == 10.0

@@ -1,0 +1,144 @@
+"""A live stream served by a real ffmpeg process on loopback: read, lost, reconnected."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_rt import AvSource, Backoff, CallbackSink, Graph, Packet, SourceStatus, VideoFrame
+
+
+class Server:
+    """``ffmpeg -re`` looping a real clip as MPEG-TS on a TCP port (one client at a time)."""
+
+    def __init__(self, ffmpeg: str, clip: Path, port: int) -> None:
+        self.cmd = [
+            ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+            "-an", "-c:v", "mpeg4", "-q:v", "6", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1",
+        ]  # fmt: skip
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.listening():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("ffmpeg did not start listening")
+            time.sleep(0.02)
+
+    def listening(self) -> bool:
+        """True once the port is in LISTEN state (read from /proc: a probe connection
+        would take ffmpeg's only accept)."""
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return any(r.split()[1].endswith(f":{self.port:04X}") and r.split()[3] == "0A" for r in rows)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+
+@pytest.fixture
+def server(ffmpeg: str, samples: Path, free_port: int) -> Iterator[Server]:
+    srv = Server(ffmpeg, samples / "vtest.avi", free_port)
+    srv.start()
+    yield srv
+    if srv.proc is not None and srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGCONT)
+    srv.kill()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def live_graph(port: int, **kwargs: object) -> tuple[Graph, AvSource, list[Packet]]:
+    graph = Graph(drain_timeout_s=2)
+    source = AvSource(
+        "cam",
+        f"tcp://127.0.0.1:{port}",
+        audio=False,
+        backoff=Backoff(0.2, 1.0, 0.1),
+        seed=1,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    got: list[Packet] = []
+    graph.add(source)
+    graph.add(CallbackSink("sink", got.append, control=True))
+    graph.connect("cam.video", "sink.in", policy="latest")
+    graph.connect("cam.status", "sink.in")
+    return graph, source, got
+
+
+def frames(got: list[Packet]) -> list[VideoFrame]:
+    return [p for p in got if isinstance(p, VideoFrame)]
+
+
+def states(got: list[Packet]) -> list[str]:
+    return [p.state for p in got if isinstance(p, SourceStatus)]
+
+
+async def test_source_reconnects_after_the_server_is_killed_and_restarted(server: Server, free_port: int) -> None:
+    graph, source, got = live_graph(free_port, stall_timeout_s=5, timeout_s=5)
+    assert source.live
+    run = asyncio.create_task(graph.run())
+    try:
+        for round_ in range(2):
+            before = len(frames(got))
+            await wait_for(lambda b=before: len(frames(got)) >= b + 10, 20, f"frames (round {round_})")  # type: ignore[misc]
+            server.kill()
+            await wait_for(lambda: source.state == "offline", 10, "the source to report offline")
+            await asyncio.sleep(0.5)  # a few failed reconnects while the server is down
+            server.start()
+            await wait_for(lambda: source.state == "online", 20, "the source to come back online")
+        before = len(frames(got))
+        await wait_for(lambda: len(frames(got)) >= before + 10, 20, "frames after the last reconnect")
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+    assert states(got)[:5] == ["online", "offline", "online", "offline", "online"]
+    assert graph.statistics()["nodes"]["cam"]["reconnects"] >= 2
+    pts = [f.pts_ns for f in frames(got)]
+    assert all(b > a for a, b in itertools.pairwise(pts)), "pts stay monotonic across reconnects"
+
+
+async def test_a_stalled_stream_is_detected_by_the_watchdog(server: Server, free_port: int) -> None:
+    graph, source, got = live_graph(free_port, stall_timeout_s=1.0, timeout_s=30)
+    run = asyncio.create_task(graph.run())
+    try:
+        await wait_for(lambda: len(frames(got)) >= 5, 20, "first frames")
+        server.pause()  # the connection stays open but nothing arrives
+        await wait_for(lambda: source.state == "offline", 5, "the watchdog to notice the stall")
+        offline = [p for p in got if isinstance(p, SourceStatus) and p.state == "offline"]
+        assert offline[0].detail == "no frame for 1 s"
+        server.kill()
+        server.start()
+        await wait_for(lambda: source.state == "online", 20, "the source to recover")
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+
+
+async def test_stop_while_the_camera_was_never_reachable(free_port: int) -> None:
+    graph, source, got = live_graph(free_port, stall_timeout_s=1.0, timeout_s=1.0)
+    run = asyncio.create_task(graph.run())
+    await wait_for(lambda: graph.statistics()["nodes"]["cam"].get("reconnects", 0) >= 2, 10, "reconnect attempts")
+    assert frames(got) == [] and source.state == "offline"
+    graph.stop()
+    await asyncio.wait_for(run, 3)

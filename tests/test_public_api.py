@@ -1,0 +1,28 @@
+"""The public API is what stream_rt/__init__.py lists: pinned so changes are deliberate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import stream_rt
+
+PUBLIC = {
+    "AUDIO_SAMPLE_RATE", "AudioChunk", "AvSource", "Backoff", "CallbackSink", "Channel", "ChannelStats",
+    "Clock", "Config", "ConfigError", "Context", "ControlPacket", "EndOfStream", "Flush", "Graph",
+    "GraphBuildError", "JsonlSink", "ManualClock", "Node", "NodeFailed", "Packet", "Pipeline",
+    "RealtimeClock", "ReplayClock", "Sink", "Source", "SourceError", "SourceStatus", "Supervision",
+    "SyntheticSource", "VideoFrame", "build_pipeline", "load_config", "parse_config",
+}  # fmt: skip
+
+
+def test_all_is_pinned_and_importable() -> None:
+    assert set(stream_rt.__all__) == PUBLIC
+    for name in stream_rt.__all__:
+        assert getattr(stream_rt, name) is not None
+
+
+def test_importing_the_runtime_does_not_load_torch() -> None:
+    code = "import sys, stream_rt, stream_rt.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
