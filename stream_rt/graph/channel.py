@@ -71,6 +71,11 @@ class Channel:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def has_room(self) -> bool:
+        """True if :meth:`put` of a data packet would not wait now."""
+        return self.policy != "block" or self._data_count < self.capacity or self.closed
+
     async def put(self, packet: Packet) -> None:
         """Queue ``packet``; waits only under the ``block`` policy while the channel is full."""
         if self.policy == "block" and not isinstance(packet, ControlPacket):

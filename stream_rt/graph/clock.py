@@ -21,6 +21,9 @@ import time
 class Clock:
     """Real time. Subclasses change how media time is paced or how time passes."""
 
+    paces = False
+    """True if :meth:`pace` may wait (sources skip the call otherwise)."""
+
     def now_ns(self) -> int:
         return time.monotonic_ns()
 
@@ -50,6 +53,7 @@ class ReplayClock(Clock):
         if speed is not None and speed <= 0:
             raise ValueError(f"replay speed must be > 0 (or None for as fast as possible), got {speed}")
         self.speed = speed
+        self.paces = speed is not None
         self._anchors: dict[str, tuple[int, int]] = {}
 
     async def pace(self, source_id: str, pts_ns: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from stream_rt.graph.channel import Channel, Policy
 from stream_rt.graph.clock import Clock, RealtimeClock
 from stream_rt.graph.node import Context, Node, NodeFailed, Source, Supervision, describe_error
-from stream_rt.graph.packets import ControlPacket, EndOfStream, Packet
+from stream_rt.graph.packets import ControlPacket, EndOfStream
 
 log = logging.getLogger("stream_rt.graph")
 
@@ -142,7 +142,8 @@ class Graph:
         try:
             order = self._start_order()
             for runner in order:
-                runner.ctx = Context(runner.node.name, self.clock, self._emitter(runner), self._stopping)
+                node = runner.node
+                runner.ctx = Context(node.name, self.clock, runner.outputs, node.outputs, self._stopping)
             for runner in order:
                 try:
                     await runner.node.start(runner.ctx)  # type: ignore[arg-type]
@@ -206,24 +207,6 @@ class Graph:
         """Sinks first, sources last, so every consumer is ready before packets flow."""
         runners = list(self._runners.values())
         return sorted(runners, key=lambda r: (not r.node.is_sink, isinstance(r.node, Source)))
-
-    def _emitter(self, runner: _Runner) -> Any:
-        node = runner.node
-        allowed = {port: (*types, ControlPacket) for port, types in node.outputs.items()}
-
-        async def emit(port: str, packet: Packet) -> None:
-            channels = runner.outputs.get(port)
-            if channels is None:
-                raise KeyError(f"node '{node.name}' has no output port '{port}'")
-            if not isinstance(packet, allowed[port]):
-                raise TypeError(
-                    f"node '{node.name}' emitted {type(packet).__name__} on port '{port}', "
-                    f"which declares {_type_names(node.outputs[port])}"
-                )
-            for channel in channels:
-                await channel.put(packet)
-
-        return emit
 
     def _send_eos(self, runner: _Runner, packet: EndOfStream) -> None:
         if runner.eos_sent:

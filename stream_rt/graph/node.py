@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from stream_rt.graph.packets import Packet
+from stream_rt.graph.channel import Channel
+from stream_rt.graph.packets import ControlPacket, Packet
 
 if TYPE_CHECKING:
     from stream_rt.graph.clock import Clock
@@ -76,7 +76,8 @@ class Context:
         self,
         node_name: str,
         clock: Clock,
-        emit: Callable[[str, Packet], object],
+        outputs: dict[str, list[Channel]],
+        declared: dict[str, PortTypes],
         stopping: asyncio.Event,
     ) -> None:
         self.node_name = node_name
@@ -84,13 +85,26 @@ class Context:
         self.port = ""
         self.stopping = stopping
         self.counters: Counter[str] = Counter()
-        self._emit = emit
+        self._outputs = outputs
+        self._declared = declared
+        self._allowed = {port: (*types, ControlPacket) for port, types in declared.items()}
 
     async def emit(self, port: str, packet: Packet) -> None:
-        """Send ``packet`` on output ``port`` to every connected channel (waits under ``block``)."""
-        result = self._emit(port, packet)
-        if asyncio.iscoroutine(result):
-            await result
+        """Send ``packet`` on output ``port`` to every connected channel (waits only where a
+        ``block`` channel is full)."""
+        channels = self._outputs.get(port)
+        if channels is None:
+            raise KeyError(f"node '{self.node_name}' has no output port '{port}'")
+        if not isinstance(packet, self._allowed[port]):
+            raise TypeError(
+                f"node '{self.node_name}' emitted {type(packet).__name__} on port '{port}', "
+                f"which declares {' | '.join(t.__name__ for t in self._declared[port])}"
+            )
+        for channel in channels:
+            if channel.has_room:
+                channel.put_nowait(packet)
+            else:
+                await channel.put(packet)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of this node's counters (shown in ``Graph.statistics()`` and metrics)."""

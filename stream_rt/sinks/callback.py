@@ -24,12 +24,13 @@ class CallbackSink(Sink):
         self.callback = callback
         self.control = control
         self.received = 0
+        self._is_async = inspect.iscoroutinefunction(callback)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         self.received += 1
         result = self.callback(packet)
-        if inspect.isawaitable(result):
-            await result
+        if self._is_async:
+            await result  # type: ignore[misc]
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if self.control:

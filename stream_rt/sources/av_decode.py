@@ -142,7 +142,7 @@ def _rgb_converter(frame: av.VideoFrame) -> Callable[[], npt.NDArray[np.uint8]]:
 def _pts_ns(pts: int | None, time_base: Fraction | None) -> int | None:
     if pts is None or time_base is None:
         return None
-    return int(pts * time_base * 1_000_000_000)
+    return pts * time_base.numerator * 1_000_000_000 // time_base.denominator
 
 
 class _Decoder:
@@ -180,14 +180,14 @@ class _Decoder:
                 timeout=self.spec.timeout_s,
             )
         except Exception as exc:
-            self.bridge.put(Failed(_one_line(exc), at_open=True))
+            self.bridge.put(Failed(_one_line(exc), at_open=True), last=True)
             return
         try:
             self._demux(container)
         except Exception as exc:
-            self.bridge.put(Failed(_one_line(exc), at_open=False))
+            self.bridge.put(Failed(_one_line(exc), at_open=False), last=True)
         else:
-            self.bridge.put(Ended())
+            self.bridge.put(Ended(), last=True)
         finally:
             container.close()
 

@@ -33,7 +33,7 @@ from stream_rt.sources.av_decode import (
     PtsSanitiser,
     decode,
 )
-from stream_rt.sources.bridge import EMPTY, ThreadBridge
+from stream_rt.sources.bridge import ThreadBridge
 
 log = logging.getLogger("stream_rt.sources")
 
@@ -135,7 +135,8 @@ class AvSource(Source):
     async def _connection(self, ctx: Context) -> str | None:
         """Run one connection. None when a file ended; otherwise why a live input was lost."""
         loop = asyncio.get_running_loop()
-        bridge = ThreadBridge(loop)
+        # Files are read faster than real time: wake the loop per few frames, not per frame.
+        bridge = ThreadBridge(loop, wake_batch=1 if self.live else 8)
         thread = threading.Thread(
             target=decode,
             args=(
@@ -159,52 +160,62 @@ class AvSource(Source):
 
     async def _pump(self, ctx: Context, bridge: ThreadBridge, thread: threading.Thread) -> str | None:
         clock = ctx.clock
+        paced = clock.paces and not self.live
         last_frame_ns = clock.now_ns()
         self._delivered = False
         while True:
-            item = bridge.get_nowait()
-            if item is EMPTY:
+            items = bridge.drain()
+            if not items:
                 if not self.live:
-                    item = await bridge.get()
+                    items = [await bridge.get()]
                 else:
                     waited_s = (clock.now_ns() - last_frame_ns) / 1e9
                     try:
-                        item = await asyncio.wait_for(bridge.get(), max(0.0, self.stall_timeout_s - waited_s))
+                        items = [await asyncio.wait_for(bridge.get(), max(0.0, self.stall_timeout_s - waited_s))]
                     except TimeoutError:
                         if not thread.is_alive():
                             return "decode thread died"
                         return f"no frame for {self.stall_timeout_s:g} s"
-            if isinstance(item, Packet):
-                if self.state != "online":
-                    await self._set_state(ctx, "online", self.description)
-                if not self.live:
-                    await clock.pace(self.name, item.pts_ns)
-                self.position_s = item.pts_ns / 1e9
-                last_frame_ns = clock.now_ns()
-                if isinstance(item, VideoFrame):
-                    self._delivered = True
-                    await ctx.emit("video", item)
-                    ctx.counters["frames"] += 1
+            for item in items:
+                if isinstance(item, Packet):
+                    if self.state != "online":
+                        await self._set_state(ctx, "online", self.description)
+                    if paced:
+                        await clock.pace(self.name, item.pts_ns)
+                    self.position_s = item.pts_ns / 1e9
+                    last_frame_ns = clock.now_ns()
+                    if isinstance(item, VideoFrame):
+                        self._delivered = True
+                        await ctx.emit("video", item)
+                        ctx.counters["frames"] += 1
+                    else:
+                        await ctx.emit("audio", item)
+                        ctx.counters["audio_chunks"] += 1
                 else:
-                    await ctx.emit("audio", item)
-                    ctx.counters["audio_chunks"] += 1
-            elif isinstance(item, Corrupt):
-                ctx.count("corrupt_packets")
-                log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail)
-            elif isinstance(item, Opened):
-                self.description = item.description
-                self.duration_s = item.duration_s
-                log.info("source '%s' opened %s (%s)", self.name, self.url, item.description)
-            elif isinstance(item, Ended):
-                return "stream ended" if self.live else None
-            elif isinstance(item, Failed):
-                if self.live:
-                    return item.detail
-                if item.at_open:
-                    raise SourceError(f"cannot open '{self.url}': {item.detail}")
-                ctx.count("read_errors")
-                log.warning("source '%s' stopped reading '%s' early: %s", self.name, self.url, item.detail)
-                return None
+                    done, result = self._on_event(ctx, item)
+                    if done:
+                        return result
+
+    def _on_event(self, ctx: Context, item: object) -> tuple[bool, str | None]:
+        """Handle a non-packet item from the decode thread; (True, why) ends the connection."""
+        if isinstance(item, Corrupt):
+            ctx.count("corrupt_packets")
+            log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail)
+        elif isinstance(item, Opened):
+            self.description = item.description
+            self.duration_s = item.duration_s
+            log.info("source '%s' opened %s (%s)", self.name, self.url, item.description)
+        elif isinstance(item, Ended):
+            return True, ("stream ended" if self.live else None)
+        elif isinstance(item, Failed):
+            if self.live:
+                return True, item.detail
+            if item.at_open:
+                raise SourceError(f"cannot open '{self.url}': {item.detail}")
+            ctx.count("read_errors")
+            log.warning("source '%s' stopped reading '%s' early: %s", self.name, self.url, item.detail)
+            return True, None
+        return False, None
 
     async def _set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
         if self.state == state:
