@@ -10,9 +10,9 @@ with ``dpkg -x`` (nothing is installed):
   handheld camera moving along a tree).
 - ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
 
-Then it builds ``vtest_speech.mkv``: the vtest video, untouched, with an audio track of
+Then it builds ``walkway_speech.mkv``: the vtest video, untouched, with an audio track of
 quiet background noise and real speech clips placed at known times, listed with their
-exact intervals in ``vtest_speech.json``.
+exact intervals in ``walkway_speech.json``.
 
 Usage: ``python scripts/fetch_samples.py [--dest DIR]`` (default ``samples/`` in the repo,
 or ``$STREAM_RT_SAMPLES``). Files already present are kept; ``--force`` rebuilds.
@@ -94,9 +94,9 @@ def read_wav(path: Path) -> np.ndarray:
 
 
 def build_av_sample(dest: Path, force: bool) -> None:
-    out_path, labels_path = dest / "vtest_speech.mkv", dest / "vtest_speech.json"
+    out_path, labels_path = dest / "walkway_speech.mkv", dest / "walkway_speech.json"
     if not force and out_path.exists() and labels_path.exists():
-        print("  vtest_speech.mkv: already here")
+        print("  walkway_speech.mkv: already here")
         return
     with av.open(str(dest / "vtest.avi")) as src:
         video_in = src.streams.video[0]
@@ -137,7 +137,7 @@ def build_av_sample(dest: Path, force: bool) -> None:
             out.mux(audio_out.encode(None))
     tmp_path.replace(out_path)
     labels_path.write_text(json.dumps({"speech": labels, "noise_dbfs": NOISE_DBFS}, indent=2) + "\n")
-    print(f"  vtest_speech.mkv: {duration:.1f} s, speech at " + ", ".join(f"{s:g} s" for s, _ in SPEECH_PLACEMENT))
+    print(f"  walkway_speech.mkv: {duration:.1f} s, speech at " + ", ".join(f"{s:g} s" for s, _ in SPEECH_PLACEMENT))
 
 
 def main() -> None:

@@ -71,8 +71,8 @@ async def test_real_ac3_stereo_audio_comes_out_16k_mono(samples: Path) -> None:
 
 
 async def test_speech_lands_at_the_labelled_times(samples: Path) -> None:
-    _, audio, _ = await replay(samples / "vtest_speech.mkv", video=False)
-    labels = json.loads((samples / "vtest_speech.json").read_text())["speech"]
+    _, audio, _ = await replay(samples / "walkway_speech.mkv", video=False)
+    labels = json.loads((samples / "walkway_speech.json").read_text())["speech"]
     samples_all = np.concatenate([c.samples for c in audio])
     start0 = audio[0].pts_ns
     rms = lambda a, b: float(np.sqrt(np.mean(samples_all[int(a * 16000) : int(b * 16000)] ** 2)))  # noqa: E731

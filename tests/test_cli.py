@@ -26,7 +26,7 @@ def records(path: Path) -> list[dict[str, object]]:
 
 def test_replay_of_the_real_sample_writes_every_frame(samples: Path, tmp_path: Path) -> None:
     out = tmp_path / "events.jsonl"
-    result = run_cli("replay", str(samples / "vtest_speech.mkv"), "--out", str(out))
+    result = run_cli("replay", str(samples / "walkway_speech.mkv"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "795 frames" in result.stderr and "drops: none" in result.stderr and "wall time" in result.stderr
     rows = records(out)
@@ -94,3 +94,23 @@ def test_sigterm_during_replay_loses_no_emitted_packet(samples: Path, tmp_path: 
     assert [r["seq"] for r in frames] == list(range(len(frames)))
     assert f"{len(frames)} frames" in stderr
     assert rows[-1]["kind"] == "EndOfStream" and rows[-1]["reason"] == "stopped"
+
+
+def test_example_configs_validate() -> None:
+    for config in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
+        result = run_cli("validate", str(config))
+        assert result.returncode == 0, f"{config.name}: {result.stderr}"
+
+
+def test_run_a_config_with_a_file_source(samples: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.jsonl"
+    config = tmp_path / "replay.toml"
+    config.write_text(
+        f'[[sources]]\nid = "walkway"\nurl = "{samples / "vtest.avi"}"\n'
+        f'[graph]\nvideo_channel = {{ policy = "block", capacity = 8 }}\n'
+        f'[sinks.jsonl]\npath = "{out}"\n'
+    )
+    result = run_cli("run", str(config), "--speed", "max")
+    assert result.returncode == 0, result.stderr
+    kinds = [r["kind"] for r in records(out)]
+    assert kinds.count("VideoFrame") == 795 and kinds[0] == "SourceStatus" and kinds[-1] == "EndOfStream"

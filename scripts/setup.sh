@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine for stream_rt: system packages, a virtual environment in .venv
+# (torch first, from the CPU wheel), the package with its dev tools, and the sample media.
+# Safe to run again: each step skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in ffmpeg mosquitto; do
+  command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing ${need[*]}: install them with 'sudo apt-get install ${need[*]}' and run again" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need[*]} with apt-get"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+# torch before anything that depends on it, pinned, so pip never pulls a CUDA build.
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0"
+  .venv/bin/pip install -q torch==2.13.0
+fi
+echo "setup: installing stream-rt and its dev tools"
+.venv/bin/pip install -q -e ".[dev]"
+
+.venv/bin/python scripts/fetch_samples.py
