@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from stream_rt import AUDIO_SAMPLE_RATE, AudioChunk, AvSource, CallbackSink, Graph, NodeFailed, VideoFrame
+from stream_rt import AUDIO_SAMPLE_RATE, AudioChunk, AvSource, Backoff, CallbackSink, Graph, NodeFailed, VideoFrame
 from stream_rt.sources.av_decode import PtsSanitiser
 
 from .media import make_media
@@ -139,3 +139,14 @@ def test_pts_sanitiser_repairs_gaps_jitter_and_restarts() -> None:
     assert restarted > 402
     big = PtsSanitiser()
     assert [big(p, 10) for p in [0, 5_000_000_000, 10]] == [0, 5_000_000_000, 5_000_000_010]
+
+
+def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
+    import random
+
+    backoff = Backoff(initial_s=0.5, max_s=4.0, jitter=0.2)
+    rng = random.Random(0)
+    for failures, base in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
+        delays = [backoff.delay(failures, rng) for _ in range(50)]
+        assert all(0.8 * base <= d <= 1.2 * base for d in delays)
+        assert len(set(delays)) > 1, "jitter spreads a fleet's reconnects"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,3 +213,42 @@ async def test_stop_drains_what_the_source_already_emitted() -> None:
     assert [p.seq for p in got] == list(range(source.emitted)), (
         "every packet put into a channel before the stop is delivered"
     )
+
+
+class FailsToStart(Brightness):
+    async def start(self, ctx: Context) -> None:
+        raise OSError("model file not mounted")
+
+
+class TrackedSink(CallbackSink):
+    stopped = 0
+
+    async def stop(self, ctx: Context) -> None:
+        self.stopped += 1
+
+
+async def test_a_node_that_cannot_start_is_named_and_those_started_are_stopped() -> None:
+    graph = Graph(clock=ManualClock())
+    sink = TrackedSink("sink", lambda p: None)
+    graph.add(SyntheticSource("cam"))
+    graph.add(FailsToStart("bright"))
+    graph.add(sink)
+    graph.connect("cam.video", "bright.video")
+    graph.connect("bright.level", "sink.in")
+    with pytest.raises(NodeFailed, match="node 'bright' failed: OSError: model file not mounted"):
+        await graph.run()
+    assert sink.stopped == 1, "the sink, started first, is stopped again"
+    with pytest.raises(RuntimeError, match="a graph runs once"):
+        await graph.run()
+
+
+def test_serve_runs_the_graph_to_completion() -> None:
+    code = (
+        "from stream_rt import CallbackSink, Graph, ManualClock, SyntheticSource\n"
+        "g = Graph(clock=ManualClock()); got = []\n"
+        "g.add(SyntheticSource('cam', frames=20)); g.add(CallbackSink('s', got.append))\n"
+        "g.connect('cam.video', 's.in'); g.serve(); print(len(got))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "20"

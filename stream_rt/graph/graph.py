@@ -57,7 +57,7 @@ class Graph:
         self._channels: list[Channel] = []
         self._stopping = asyncio.Event()
         self._failure: NodeFailed | None = None
-        self._running = False
+        self._started = False
 
     # ----------------------------------------------------------------- building
 
@@ -129,10 +129,10 @@ class Graph:
     async def run(self, handle_signals: bool = False) -> None:
         """Run until every node has finished. Raises :class:`NodeFailed` if supervision
         stopped the graph because of a node's error."""
-        if self._running:
-            raise RuntimeError("the graph is already running")
+        if self._started:
+            raise RuntimeError("a graph runs once: build a new one to run again")
         self.check()
-        self._running = True
+        self._started = True
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals_installed = handle_signals and threading.current_thread() is threading.main_thread()
@@ -144,12 +144,7 @@ class Graph:
             for runner in order:
                 node = runner.node
                 runner.ctx = Context(node.name, self.clock, runner.outputs, node.outputs, self._stopping)
-            for runner in order:
-                try:
-                    await runner.node.start(runner.ctx)  # type: ignore[arg-type]
-                except Exception as exc:
-                    log.error("node '%s' failed to start: %s", runner.node.name, describe_error(exc))
-                    raise NodeFailed(runner.node.name, exc) from exc
+            await self._start_nodes(order)
             for runner in order:
                 body = self._run_source(runner) if isinstance(runner.node, Source) else self._run_node(runner)
                 runner.task = asyncio.create_task(body, name=f"stream_rt:{runner.node.name}")
@@ -158,9 +153,22 @@ class Graph:
             if signals_installed:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-            self._running = False
         if self._failure is not None:
             raise self._failure
+
+    async def _start_nodes(self, order: list[_Runner]) -> None:
+        """Start every node; if one fails, stop those already started and raise."""
+        for i, runner in enumerate(order):
+            assert runner.ctx is not None
+            try:
+                await runner.node.start(runner.ctx)
+            except Exception as exc:
+                log.error("node '%s' failed to start: %s", runner.node.name, describe_error(exc))
+                for started in reversed(order[:i]):
+                    assert started.ctx is not None
+                    with contextlib.suppress(Exception):
+                        await started.node.stop(started.ctx)
+                raise NodeFailed(runner.node.name, exc) from exc
 
     def stop(self) -> None:
         """Ask the graph to stop: sources end now, in-flight packets drain (bounded)."""

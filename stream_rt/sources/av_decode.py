@@ -1,6 +1,6 @@
 """The decode thread of an :class:`~stream_rt.sources.av_source.AvSource`.
 
-One :func:`decode` call is one connection: open the input with PyAV, demux, decode, and
+One :class:`Decoder` is one connection: open the input with PyAV, demux, decode, and
 hand packets to the loop through a :class:`ThreadBridge`. It runs in its own thread and
 always ends by putting :class:`Ended` or :class:`Failed`, so the loop side can tell a
 finished file from a lost stream. A packet that fails to decode is reported as
@@ -145,8 +145,8 @@ def _pts_ns(pts: int | None, time_base: Fraction | None) -> int | None:
     return pts * time_base.numerator * 1_000_000_000 // time_base.denominator
 
 
-class _Decoder:
-    """State of one connection's decode loop."""
+class Decoder:
+    """One connection's decode loop; :meth:`run` is the thread body."""
 
     def __init__(
         self,
@@ -270,19 +270,6 @@ class _Decoder:
                 )
             )
         return chunks
-
-
-def decode(
-    source_id: str,
-    spec: DecodeSpec,
-    bridge: ThreadBridge,
-    seq: itertools.count[int],
-    video_pts: PtsSanitiser,
-    audio_pts: PtsSanitiser,
-    wall_ns: Callable[[], int],
-) -> None:
-    """Thread body: decode one connection of ``spec`` into ``bridge``."""
-    _Decoder(source_id, spec, bridge, seq, video_pts, audio_pts, wall_ns).run()
 
 
 def _describe(video: Any, audio: Any) -> str:

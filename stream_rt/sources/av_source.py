@@ -26,12 +26,12 @@ from stream_rt.graph.node import Context, Source
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import (
     Corrupt,
+    Decoder,
     DecodeSpec,
     Ended,
     Failed,
     Opened,
     PtsSanitiser,
-    decode,
 )
 from stream_rt.sources.bridge import ThreadBridge
 
@@ -118,16 +118,16 @@ class AvSource(Source):
         self._delivered = False
 
     async def run(self, ctx: Context) -> None:
-        if not self.live and not self.spec.format and not Path(self.url).exists():
+        if "://" not in self.url and not self.spec.format and not Path(self.url).exists():
             raise SourceError(f"cannot open '{self.url}': no such file")
-        attempt = 0
+        failures = 0  # consecutive connections that delivered no frame
         while True:
             detail = await self._connection(ctx)
             if detail is None:
                 return  # a file ended
             await self._set_state(ctx, "offline", detail)
-            attempt = 0 if self._delivered else attempt + 1
-            delay = self.backoff.delay(attempt - 1 if attempt else 0, self._rng)
+            failures = 0 if self._delivered else failures + 1
+            delay = self.backoff.delay(failures, self._rng)
             log.warning("source '%s' offline (%s); reconnecting in %.1f s", self.name, detail, delay)
             await ctx.clock.sleep(delay)
             ctx.count("reconnects")
@@ -137,17 +137,9 @@ class AvSource(Source):
         loop = asyncio.get_running_loop()
         # Files are read faster than real time: wake the loop per few frames, not per frame.
         bridge = ThreadBridge(loop, wake_batch=1 if self.live else 8)
+        decoder = Decoder(self.name, self.spec, bridge, self._seq, self._video_pts, self._audio_pts, ctx.clock.wall_ns)
         thread = threading.Thread(
-            target=decode,
-            args=(
-                self.name,
-                self.spec,
-                bridge,
-                self._seq,
-                self._video_pts,
-                self._audio_pts,
-                ctx.clock.wall_ns,
-            ),
+            target=decoder.run,
             name=f"stream_rt-decode-{self.name}",
             daemon=True,
         )
