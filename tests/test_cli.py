@@ -114,3 +114,31 @@ def test_run_a_config_with_a_file_source(samples: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     kinds = [r["kind"] for r in records(out)]
     assert kinds.count("VideoFrame") == 795 and kinds[0] == "SourceStatus" and kinds[-1] == "EndOfStream"
+
+
+def test_progress_bar_on_a_terminal(samples: Path) -> None:
+    import os
+    import pty
+
+    main, replica = pty.openpty()
+    proc = subprocess.Popen(
+        [*CLI, "replay", str(samples / "vtest.avi"), "--speed", "20"],
+        stdin=subprocess.DEVNULL,
+        stdout=replica,
+        stderr=replica,
+    )
+    os.close(replica)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the replica side closed: the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(30) == 0
+    text = output.decode(errors="replace")
+    assert "| " in text and "/79.5 s" in text and "fps" in text, text[-500:]
+    assert "795 frames" in text
