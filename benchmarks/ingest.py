@@ -45,7 +45,7 @@ def graph_replay(clip: Path) -> tuple[int, float]:
     graph.add(AvSource("clip", str(clip), audio=False))
     sink = CallbackSink("null", lambda packet: None)
     graph.add(sink)
-    graph.connect("clip.video", "null.in", policy="block", capacity=8)
+    graph.connect("clip.video", "null.in", policy="block", capacity=4)  # as `stream-rt replay`
     started = time.perf_counter()
     uvloop.run(graph.run())
     elapsed = time.perf_counter() - started

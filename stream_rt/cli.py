@@ -115,8 +115,12 @@ def _replay(args: argparse.Namespace) -> int:
     graph_cfg = base.graph
     if args.config is None:
         # Offline replay without a config loses nothing: every edge blocks instead of dropping.
-        lossless = ChannelConfig(policy="block", capacity=8)
-        graph_cfg = base.graph.model_copy(update={"video_channel": lossless, "audio_channel": lossless})
+        graph_cfg = base.graph.model_copy(
+            update={
+                "video_channel": ChannelConfig(policy="block", capacity=4),
+                "audio_channel": ChannelConfig(policy="block", capacity=64),
+            }
+        )
     config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg})
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level))
     pipeline = build_pipeline(config, speed=args.speed)

@@ -135,8 +135,10 @@ class AvSource(Source):
     async def _connection(self, ctx: Context) -> str | None:
         """Run one connection. None when a file ended; otherwise why a live input was lost."""
         loop = asyncio.get_running_loop()
-        # Files are read faster than real time: wake the loop per few frames, not per frame.
-        bridge = ThreadBridge(loop, wake_batch=1 if self.live else 8)
+        # Files are read faster than real time: wake the loop every other frame, not every
+        # frame. Keep few frames in flight: each one pins a decoder buffer, and a decoder
+        # that cannot reuse hot buffers slows down (measured in benchmarks/RESULTS.md).
+        bridge = ThreadBridge(loop, capacity=8, wake_batch=1 if self.live else 2)
         decoder = Decoder(self.name, self.spec, bridge, self._seq, self._video_pts, self._audio_pts, ctx.clock.wall_ns)
         thread = threading.Thread(
             target=decoder.run,
