@@ -8,6 +8,7 @@ from stream_rt.config import Config, ConfigError, load_config, parse_config
 from stream_rt.graph import (
     AUDIO_SAMPLE_RATE,
     AudioChunk,
+    ChangeMap,
     Channel,
     ChannelStats,
     Clock,
@@ -29,6 +30,7 @@ from stream_rt.graph import (
     Supervision,
     VideoFrame,
 )
+from stream_rt.operators.change import ChangeDetector
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.sinks import CallbackSink, JsonlSink
 from stream_rt.sources import AvSource, Backoff, SourceError, SyntheticSource
@@ -41,6 +43,8 @@ __all__ = [
     "AvSource",
     "Backoff",
     "CallbackSink",
+    "ChangeDetector",
+    "ChangeMap",
     "Channel",
     "ChannelStats",
     "Clock",

@@ -8,7 +8,8 @@ import sys
 import stream_rt
 
 PUBLIC = {
-    "AUDIO_SAMPLE_RATE", "AudioChunk", "AvSource", "Backoff", "CallbackSink", "Channel", "ChannelStats",
+    "AUDIO_SAMPLE_RATE", "AudioChunk", "AvSource", "Backoff", "CallbackSink", "ChangeDetector", "ChangeMap",
+    "Channel", "ChannelStats",
     "Clock", "Config", "ConfigError", "Context", "ControlPacket", "EndOfStream", "Flush", "Graph",
     "GraphBuildError", "JsonlSink", "ManualClock", "Node", "NodeFailed", "Packet", "Pipeline",
     "RealtimeClock", "ReplayClock", "Sink", "Source", "SourceError", "SourceStatus", "Supervision",

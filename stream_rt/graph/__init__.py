@@ -7,6 +7,8 @@ from stream_rt.graph.node import Context, Node, NodeFailed, Sink, Source, Superv
 from stream_rt.graph.packets import (
     AUDIO_SAMPLE_RATE,
     AudioChunk,
+    Box,
+    ChangeMap,
     ControlPacket,
     EndOfStream,
     Flush,
@@ -19,6 +21,8 @@ __all__ = [
     "AUDIO_SAMPLE_RATE",
     "POLICIES",
     "AudioChunk",
+    "Box",
+    "ChangeMap",
     "Channel",
     "ChannelStats",
     "Clock",

@@ -95,6 +95,38 @@ class AudioChunk(Packet):
         return record
 
 
+Box = tuple[int, int, int, int]
+"""A rectangle in pixels: ``(x0, y0, x1, y1)``, x1/y1 exclusive."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMap(Packet):
+    """Where a frame differs from the running background, per ``patch x patch`` patch.
+
+    ``mad``: mean absolute luma difference per patch (0..255), shape ``(rows, cols)``;
+    ``changed``: patches above the threshold; ``regions``: bounding boxes of connected
+    changed patches, largest first; ``recalibrated``: the background was reset to this
+    frame (a global illumination change), so nothing counts as changed.
+    """
+
+    patch: int
+    mad: npt.NDArray[np.float32]
+    changed: npt.NDArray[np.bool_]
+    changed_fraction: float
+    regions: tuple[Box, ...]
+    recalibrated: bool
+    frame: VideoFrame = field(repr=False, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            changed_fraction=round(self.changed_fraction, 5),
+            regions=[list(box) for box in self.regions],
+            recalibrated=self.recalibrated,
+        )
+        return record
+
+
 @dataclass(frozen=True, slots=True)
 class ControlPacket(Packet):
     """Base of packets that steer the graph. Never dropped by a channel policy or a flush."""

@@ -1,0 +1,1 @@
+"""Operators: change detection, audio analysis, salience fusion."""

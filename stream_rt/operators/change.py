@@ -1,0 +1,94 @@
+"""Visual change detection: which patches of a frame differ from a running background.
+
+For each frame, :func:`~stream_rt.operators.kernels.patch_mad` compares the Y plane with
+a background plane; patches whose mean absolute difference exceeds ``threshold`` are
+*changed*, and groups of at least ``min_region_patches`` connected changed patches
+become regions. The background follows the scene slowly (1/16 of the difference every
+``background_every`` frames), so something that stops moving is absorbed within seconds
+and stops firing. When at least ``recalibrate_fraction`` of the patches change at once
+(lights switched, camera gain jump, a cut) the background is reset to the frame instead
+of reporting a change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_rt.graph.node import Context, Node
+from stream_rt.graph.packets import Box, ChangeMap, Packet, VideoFrame
+from stream_rt.operators.kernels import blend_background, connected_boxes, patch_mad
+
+
+class ChangeDetector(Node):
+    inputs = {"video": (VideoFrame,)}
+    outputs = {"changes": (ChangeMap,)}
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        patch: int = 16,
+        threshold: float = 12.0,
+        min_region_patches: int = 2,
+        recalibrate_fraction: float = 0.6,
+        background_every: int = 2,
+    ) -> None:
+        super().__init__(name)
+        if patch < 4 or threshold <= 0 or not 0 < recalibrate_fraction <= 1 or background_every < 1:
+            raise ValueError("change detector: need patch >= 4, threshold > 0, 0 < recalibrate_fraction <= 1")
+        self.patch = patch
+        self.threshold = threshold
+        self.min_region_patches = min_region_patches
+        self.recalibrate_fraction = recalibrate_fraction
+        self.background_every = background_every
+        self._backgrounds: dict[str, tuple[np.ndarray, int]] = {}
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        assert isinstance(packet, VideoFrame)
+        await ctx.emit("changes", self.detect(packet, ctx))
+
+    def detect(self, frame: VideoFrame, ctx: Context | None = None) -> ChangeMap:
+        """The change map of ``frame`` against its source's background (updated here)."""
+        y = frame.y
+        state = self._backgrounds.get(frame.source_id)
+        if state is None or state[0].shape != y.shape:
+            # First frame of a source (or a new resolution): it becomes the background.
+            self._backgrounds[frame.source_id] = (np.ascontiguousarray(y).copy(), 0)
+            return self._empty(frame, recalibrated=True)
+        background, count = state
+        mad = patch_mad(y, background, self.patch)
+        changed = mad > self.threshold
+        fraction = float(changed.mean())
+        if fraction >= self.recalibrate_fraction:
+            background[:] = y
+            self._backgrounds[frame.source_id] = (background, 0)
+            if ctx is not None:
+                ctx.count("recalibrations")
+            return self._empty(frame, recalibrated=True, mad=mad)
+        count += 1
+        if count % self.background_every == 0:
+            blend_background(background, y)
+        self._backgrounds[frame.source_id] = (background, count)
+        regions = self._regions(changed)
+        return ChangeMap(
+            frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, self.patch,
+            mad, changed, fraction, regions, False, frame,
+        )  # fmt: skip
+
+    def _regions(self, changed: np.ndarray) -> tuple[Box, ...]:
+        if not changed.any():
+            return ()
+        boxes = connected_boxes(changed)
+        boxes = boxes[boxes[:, 4] >= self.min_region_patches]
+        order = np.argsort(-boxes[:, 4], kind="stable")
+        p = self.patch
+        return tuple((int(b[0]) * p, int(b[1]) * p, int(b[2]) * p, int(b[3]) * p) for b in boxes[order])
+
+    def _empty(self, frame: VideoFrame, recalibrated: bool, mad: np.ndarray | None = None) -> ChangeMap:
+        shape = (frame.height // self.patch, frame.width // self.patch)
+        if mad is None:
+            mad = np.zeros(shape, np.float32)
+        return ChangeMap(
+            frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, self.patch,
+            mad, np.zeros(shape, np.bool_), 0.0, (), recalibrated, frame,
+        )  # fmt: skip
