@@ -11,8 +11,9 @@ with ``dpkg -x`` (nothing is installed):
 - ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
 
 Then it builds ``walkway_speech.mkv``: the vtest video, untouched, with an audio track of
-quiet background noise and real speech clips placed at known times, listed with their
-exact intervals in ``walkway_speech.json``.
+quiet background noise and real speech clips placed at known times. ``walkway_speech.json``
+lists each clip's placement and its spoken span (10 ms RMS above -35 dBFS): the labels
+that evaluations score against.
 
 Usage: ``python scripts/fetch_samples.py [--dest DIR]`` (default ``samples/`` in the repo,
 or ``$STREAM_RT_SAMPLES``). Files already present are kept; ``--force`` rebuilds.
@@ -93,9 +94,18 @@ def read_wav(path: Path) -> np.ndarray:
     return data.astype(np.float32) / 32768.0
 
 
+def speech_span(speech: np.ndarray) -> tuple[float, float]:
+    """First and last time (s) where the 10 ms RMS level exceeds -35 dBFS: the spoken part
+    of a clip, without its leading and trailing pauses. These are the labels' bounds."""
+    window = SAMPLE_RATE // 100
+    level = np.sqrt(np.convolve(speech**2, np.ones(window) / window, mode="same"))
+    loud = np.nonzero(level > 10 ** (-35 / 20))[0]
+    return float(loud[0] / SAMPLE_RATE), float(loud[-1] / SAMPLE_RATE)
+
+
 def build_av_sample(dest: Path, force: bool) -> None:
     out_path, labels_path = dest / "walkway_speech.mkv", dest / "walkway_speech.json"
-    if not force and out_path.exists() and labels_path.exists():
+    if not force and out_path.exists() and labels_path.exists() and "clip_start_s" in labels_path.read_text():
         print("  walkway_speech.mkv: already here")
         return
     with av.open(str(dest / "vtest.avi")) as src:
@@ -108,10 +118,13 @@ def build_av_sample(dest: Path, force: bool) -> None:
             speech = read_wav(dest / name)
             begin = int(start * SAMPLE_RATE)
             audio[begin : begin + len(speech)] += speech
+            first, last = speech_span(speech)
             labels.append(
                 {
-                    "start_s": start,
-                    "end_s": round(start + len(speech) / SAMPLE_RATE, 4),
+                    "start_s": round(start + first, 4),
+                    "end_s": round(start + last, 4),
+                    "clip_start_s": start,
+                    "clip_end_s": round(start + len(speech) / SAMPLE_RATE, 4),
                     "file": name,
                 }
             )

@@ -8,6 +8,7 @@ from stream_rt.config import Config, ConfigError, load_config, parse_config
 from stream_rt.graph import (
     AUDIO_SAMPLE_RATE,
     AudioChunk,
+    AudioFeatures,
     ChangeMap,
     Channel,
     ChannelStats,
@@ -15,6 +16,7 @@ from stream_rt.graph import (
     Context,
     ControlPacket,
     EndOfStream,
+    Event,
     Flush,
     Graph,
     GraphBuildError,
@@ -24,14 +26,18 @@ from stream_rt.graph import (
     Packet,
     RealtimeClock,
     ReplayClock,
+    Salience,
     Sink,
     Source,
     SourceStatus,
     Supervision,
     VideoFrame,
 )
+from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
+from stream_rt.operators.salience import SalienceFusion
 from stream_rt.pipeline import Pipeline, build_pipeline
+from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks import CallbackSink, JsonlSink
 from stream_rt.sources import AvSource, Backoff, SourceError, SyntheticSource
 
@@ -39,7 +45,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AUDIO_SAMPLE_RATE",
+    "AudioAnalyzer",
     "AudioChunk",
+    "AudioFeatures",
     "AvSource",
     "Backoff",
     "CallbackSink",
@@ -53,6 +61,7 @@ __all__ = [
     "Context",
     "ControlPacket",
     "EndOfStream",
+    "Event",
     "Flush",
     "Graph",
     "GraphBuildError",
@@ -64,12 +73,15 @@ __all__ = [
     "Pipeline",
     "RealtimeClock",
     "ReplayClock",
+    "Salience",
+    "SalienceFusion",
     "Sink",
     "Source",
     "SourceError",
     "SourceStatus",
     "Supervision",
     "SyntheticSource",
+    "TriggerPolicy",
     "VideoFrame",
     "build_pipeline",
     "load_config",

@@ -26,6 +26,7 @@ from stream_rt.config import (
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
+from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.logging import setup_logging
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.sources.av_source import SourceError
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"stream-rt: {line}", file=sys.stderr)
+        return 2
+    except VadUnavailable as exc:
+        print(f"stream-rt: {exc} (or set [audio] vad = false)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -61,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="X|max",
         help="pacing: 1 = real time, 2 = twice as fast, max = as fast as possible (default)",
     )
-    replay.add_argument("--out", type=Path, help="append a JSON line per packet/event to this file")
+    replay.add_argument("--out", type=Path, help="append a JSON line per event to this file")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     replay.set_defaults(handler=_replay)

@@ -77,10 +77,50 @@ class GraphConfig(_Strict):
     )
 
 
+class ChangeConfig(_Strict):
+    enabled: bool = Field(True, description="detect visual change (needs video)")
+    patch: int = Field(16, ge=4, le=64, description="patch size in pixels")
+    threshold: float = Field(12.0, gt=0, description="mean absolute luma difference that marks a patch changed")
+    min_region_patches: int = Field(2, ge=1, description="smallest group of changed patches that counts as a region")
+    recalibrate_fraction: float = Field(0.6, gt=0, le=1, description="share of changed patches treated as lighting")
+    background_every: int = Field(2, ge=1, description="blend the background 1/16 towards the frame every N frames")
+
+
+class AudioGateConfig(_Strict):
+    enabled: bool = Field(True, description="analyse audio (needs an audio stream)")
+    vad: bool = Field(True, description="Silero VAD speech probability (the 'vad' extra)")
+    vad_gate_db: float = Field(6.0, ge=0, description="run the VAD only this far above the noise floor")
+    vad_min_dbfs: float = Field(-55.0, le=0, description="and only above this level")
+    onset_sigma: float = Field(3.0, gt=0, description="spectral-flux onset threshold, in standard deviations")
+    floor_rise_db_per_s: float = Field(0.5, gt=0, description="how fast the noise floor may rise")
+
+
+class SalienceConfig(_Strict):
+    visual_full: float = Field(0.02, gt=0, le=1, description="share of the frame in changed regions that scores 1")
+    onset_full: float = Field(8.0, gt=0, description="onset strength (std devs) that scores 1")
+    loudness_full_db: float = Field(30.0, gt=0, description="level above the noise floor that scores 1")
+    weights: dict[Literal["visual", "speech", "onset", "loudness"], float] = Field(
+        default_factory=dict, description="per-component weights (default visual 1, speech 1, onset 0.6, loudness 0.5)"
+    )
+
+
+class TriggerConfig(_Strict):
+    on: float = Field(0.5, ge=0, le=1, description="score that opens an episode")
+    off: float = Field(0.3, ge=0, le=1, description="score below which an episode may end")
+    confirm_s: float = Field(0.1, ge=0, description="how long the score must stay on before an episode opens")
+    cutoff_s: float = Field(3.0, gt=0, description="how long below 'off' ends an episode")
+    update_interval_s: float = Field(10.0, gt=0, description="at most one update per episode this often")
+    max_episode_s: float = Field(600.0, gt=0, description="longest episode before it is ended and reopened")
+    cooldown_s: float = Field(2.0, ge=0, description="least time between two model calls of a source")
+    max_calls_per_min: float = Field(6.0, gt=0, description="most model calls per source per minute")
+    snapshot: bool = Field(False, description="attach a JPEG of the frame to new and update events")
+
+
 class JsonlSinkConfig(_Strict):
-    path: Path = Field(description="file the packets are appended to, one JSON object per line")
-    video: bool = Field(True, description="log a record per video frame")
-    audio: bool = Field(True, description="log a record per audio chunk")
+    path: Path = Field(description="file the events are appended to, one JSON object per line")
+    video: bool = Field(False, description="also log a record per video frame")
+    audio: bool = Field(False, description="also log a record per audio chunk")
+    snapshots_dir: Path | None = Field(None, description="write event snapshots here as <event_id>-<seq>.jpg")
 
 
 class SinksConfig(_Strict):
@@ -94,6 +134,10 @@ class LoggingConfig(_Strict):
 class Config(_Strict):
     sources: list[SourceConfig] = Field(default_factory=list)
     graph: GraphConfig = Field(default_factory=GraphConfig)
+    change: ChangeConfig = Field(default_factory=ChangeConfig)
+    audio: AudioGateConfig = Field(default_factory=AudioGateConfig)
+    salience: SalienceConfig = Field(default_factory=SalienceConfig)
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

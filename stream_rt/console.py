@@ -89,6 +89,15 @@ def summary(title: str, stats: dict[str, Any], sources: list[AvSource], wall_s: 
     speed = f", {media_s / wall_s:.1f}x real time" if wall_s > 0 and media_s > 0 else ""
     lines.append(f"  total: {frames} frames, {audio} audio chunks, {media_s:.1f} s of media")
     lines.append(f"  wall time: {wall_s:.2f} s ({rate}{speed})")
+    trigger = nodes.get("trigger")
+    if trigger is not None:
+        skips = ", ".join(f"{n} {k[5:]}" for k, n in sorted(trigger.items()) if k.startswith("skip_"))
+        lines.append(
+            f"  episodes: {trigger.get('events_new', 0)} new, {trigger.get('events_update', 0)} updates, "
+            f"{trigger.get('events_end', 0)} ended; model calls: {trigger.get('model_calls', 0)} "
+            f"({trigger.get('model_calls', 0) / max(1, frames):.2%} of frames)"
+            + (f"; skipped: {skips}" if skips else "")
+        )
     dropped = {name: e for name, e in stats["edges"].items() if e["dropped_total"]}
     if not dropped:
         lines.append("  drops: none")

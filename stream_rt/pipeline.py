@@ -1,7 +1,15 @@
 """Build a runnable graph from a :class:`~stream_rt.config.Config`.
 
-The CLI stays thin: ``stream-rt run`` and ``stream-rt replay`` call :func:`build_pipeline`,
-and programs can do the same and then add their own nodes to ``pipeline.graph``.
+The CLI stays thin: ``stream-rt run``, ``replay`` and ``eval`` call :func:`build_pipeline`,
+and programs can do the same and then add their own nodes to ``pipeline.graph``::
+
+    source.video -> change ---\\
+                               salience -> trigger -> events (JSONL, ...)
+    source.audio -> audio ----/
+    source.status -------------------------------> JSONL
+
+One change detector, audio analyser, fusion and trigger serve every source (each keeps
+its state per source).
 """
 
 from __future__ import annotations
@@ -10,6 +18,10 @@ from dataclasses import dataclass
 
 from stream_rt.config import Config, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
+from stream_rt.operators.audio import AudioAnalyzer
+from stream_rt.operators.change import ChangeDetector
+from stream_rt.operators.salience import SalienceFusion
+from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sources.av_source import AvSource, Backoff
 
@@ -18,6 +30,7 @@ from stream_rt.sources.av_source import AvSource, Backoff
 class Pipeline:
     graph: Graph
     sources: list[AvSource]
+    trigger: TriggerPolicy | None
     jsonl: JsonlSink | None
 
 
@@ -37,30 +50,95 @@ def build_source(cfg: SourceConfig) -> AvSource:
 
 
 def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
-    """Sources -> sinks, with the channel policies of ``config.graph``.
-
-    ``speed`` paces recorded files (1.0 = real time, ``None`` = as fast as possible);
-    live sources are never paced.
-    """
+    """Sources -> perception gates -> trigger -> sinks, with the channel policies of
+    ``config.graph``. ``speed`` paces recorded files (1.0 = real time, ``None`` = as fast
+    as possible); live sources are never paced."""
     if not config.sources:
         raise ValueError("the config has no [[sources]]: add at least one source")
     graph = Graph(clock=ReplayClock(speed), drain_timeout_s=config.graph.drain_timeout_s)
+    video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
     sources = []
     for cfg in config.sources:
         source = build_source(cfg)
         on_error = cfg.on_error or ("restart" if source.live else "stop")
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
+
+    trigger = _build_gates(graph, config, sources)
+
     jsonl = None
-    jsonl_cfg = config.sinks.jsonl
-    if jsonl_cfg is not None:
-        jsonl = JsonlSink("jsonl", jsonl_cfg.path)
+    if config.sinks.jsonl is not None:
+        jsonl_cfg = config.sinks.jsonl
+        jsonl = JsonlSink("jsonl", jsonl_cfg.path, snapshots_dir=jsonl_cfg.snapshots_dir)
         graph.add(jsonl)
-        video, audio = config.graph.video_channel, config.graph.audio_channel
+        if trigger is not None:
+            graph.connect("trigger.events", "jsonl.in", capacity=64)
         for source in sources:
             graph.connect(f"{source.name}.status", "jsonl.in")
-            if jsonl_cfg.video:
-                graph.connect(f"{source.name}.video", "jsonl.in", video.policy, video.capacity)
-            if jsonl_cfg.audio:
-                graph.connect(f"{source.name}.audio", "jsonl.in", audio.policy, audio.capacity)
-    return Pipeline(graph, sources, jsonl)
+            if jsonl_cfg.video and source.spec.video:
+                graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
+            if jsonl_cfg.audio and source.spec.audio:
+                graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
+    return Pipeline(graph, sources, trigger, jsonl)
+
+
+def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> TriggerPolicy | None:
+    video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
+    with_video = [s for s in sources if s.spec.video] if config.change.enabled else []
+    with_audio = [s for s in sources if s.spec.audio] if config.audio.enabled else []
+    if not with_video and not with_audio:
+        return None
+    fusion = SalienceFusion(
+        "salience",
+        visual_full=config.salience.visual_full,
+        onset_full=config.salience.onset_full,
+        loudness_full_db=config.salience.loudness_full_db,
+        weights={str(k): v for k, v in config.salience.weights.items()},
+    )
+    graph.add(fusion)
+    if with_video:
+        c = config.change
+        graph.add(
+            ChangeDetector(
+                "change",
+                patch=c.patch,
+                threshold=c.threshold,
+                min_region_patches=c.min_region_patches,
+                recalibrate_fraction=c.recalibrate_fraction,
+                background_every=c.background_every,
+            )
+        )
+        for source in with_video:
+            graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
+        graph.connect("change.changes", "salience.changes", capacity=8)
+    if with_audio:
+        a = config.audio
+        graph.add(
+            AudioAnalyzer(
+                "audio",
+                vad=a.vad,
+                vad_gate_db=a.vad_gate_db,
+                vad_min_dbfs=a.vad_min_dbfs,
+                onset_sigma=a.onset_sigma,
+                floor_rise_db_per_s=a.floor_rise_db_per_s,
+            )
+        )
+        for source in with_audio:
+            graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
+        graph.connect("audio.features", "salience.audio", capacity=256)
+    t = config.trigger
+    trigger = TriggerPolicy(
+        "trigger",
+        on=t.on,
+        off=t.off,
+        confirm_s=t.confirm_s,
+        cutoff_s=t.cutoff_s,
+        update_interval_s=t.update_interval_s,
+        max_episode_s=t.max_episode_s,
+        cooldown_s=t.cooldown_s,
+        max_calls_per_min=t.max_calls_per_min,
+        snapshot=t.snapshot,
+    )
+    graph.add(trigger)
+    graph.connect("salience.salience", "trigger.salience", capacity=64)
+    return trigger

@@ -24,14 +24,16 @@ def records(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_replay_of_the_real_sample_writes_every_frame(samples: Path, tmp_path: Path) -> None:
+def test_replay_of_the_real_sample_logs_its_episodes(samples: Path, tmp_path: Path) -> None:
     out = tmp_path / "events.jsonl"
     result = run_cli("replay", str(samples / "walkway_speech.mkv"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "795 frames" in result.stderr and "drops: none" in result.stderr and "wall time" in result.stderr
+    assert "episodes: 1 new" in result.stderr
     rows = records(out)
-    kinds = [r["kind"] for r in rows]
-    assert kinds.count("VideoFrame") == 795 and kinds.count("AudioChunk") > 1000
+    events = [r for r in rows if r["kind"] == "Event"]
+    assert next(e["type"] for e in events) == "new" and events[-1]["type"] == "end"
+    assert len({e["event_id"] for e in events}) == 1, "pedestrians walk through the whole clip: one episode"
     assert rows[-1] == {**rows[-1], "kind": "EndOfStream", "reason": "eof"}
 
 
@@ -74,9 +76,13 @@ def test_validate_names_the_bad_key_path(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_replay_loses_no_emitted_packet(samples: Path, tmp_path: Path) -> None:
-    out = tmp_path / "events.jsonl"
+    out = tmp_path / "frames.jsonl"
+    config = tmp_path / "frames.toml"
+    config.write_text(
+        f'[graph]\nvideo_channel = {{ policy = "block", capacity = 8 }}\n[sinks.jsonl]\npath = "{out}"\nvideo = true\n'
+    )
     proc = subprocess.Popen(
-        [*CLI, "replay", str(samples / "vtest.avi"), "--speed", "5", "--out", str(out)],
+        [*CLI, "replay", str(samples / "vtest.avi"), "--speed", "5", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -108,7 +114,7 @@ def test_run_a_config_with_a_file_source(samples: Path, tmp_path: Path) -> None:
     config.write_text(
         f'[[sources]]\nid = "walkway"\nurl = "{samples / "vtest.avi"}"\n'
         f'[graph]\nvideo_channel = {{ policy = "block", capacity = 8 }}\n'
-        f'[sinks.jsonl]\npath = "{out}"\n'
+        f'[sinks.jsonl]\npath = "{out}"\nvideo = true\n'
     )
     result = run_cli("run", str(config), "--speed", "max")
     assert result.returncode == 0, result.stderr

@@ -8,12 +8,12 @@ import sys
 import stream_rt
 
 PUBLIC = {
-    "AUDIO_SAMPLE_RATE", "AudioChunk", "AvSource", "Backoff", "CallbackSink", "ChangeDetector", "ChangeMap",
-    "Channel", "ChannelStats",
-    "Clock", "Config", "ConfigError", "Context", "ControlPacket", "EndOfStream", "Flush", "Graph",
-    "GraphBuildError", "JsonlSink", "ManualClock", "Node", "NodeFailed", "Packet", "Pipeline",
-    "RealtimeClock", "ReplayClock", "Sink", "Source", "SourceError", "SourceStatus", "Supervision",
-    "SyntheticSource", "VideoFrame", "build_pipeline", "load_config", "parse_config",
+    "AUDIO_SAMPLE_RATE", "AudioAnalyzer", "AudioChunk", "AudioFeatures", "AvSource", "Backoff",
+    "CallbackSink", "ChangeDetector", "ChangeMap", "Channel", "ChannelStats", "Clock", "Config",
+    "ConfigError", "Context", "ControlPacket", "EndOfStream", "Event", "Flush", "Graph", "GraphBuildError",
+    "JsonlSink", "ManualClock", "Node", "NodeFailed", "Packet", "Pipeline", "RealtimeClock", "ReplayClock",
+    "Salience", "SalienceFusion", "Sink", "Source", "SourceError", "SourceStatus", "Supervision",
+    "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline", "load_config", "parse_config",
 }  # fmt: skip
 
 

@@ -128,6 +128,95 @@ class ChangeMap(Packet):
 
 
 @dataclass(frozen=True, slots=True)
+class AudioFeatures(Packet):
+    """Cheap features of one 32 ms audio window (``pts_ns`` is its start).
+
+    ``level_dbfs``: RMS level; ``floor_dbfs``: the tracked noise floor; ``onset``:
+    spectral-flux onset strength above its running mean, in standard deviations (0 when
+    none); ``speech``: Silero VAD probability, or ``None`` when the cheap features said
+    there was no sound worth checking (the VAD was skipped).
+    """
+
+    level_dbfs: float
+    floor_dbfs: float
+    onset: float
+    speech: float | None
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            level_dbfs=round(self.level_dbfs, 2),
+            floor_dbfs=round(self.floor_dbfs, 2),
+            onset=round(self.onset, 3),
+            speech=None if self.speech is None else round(self.speech, 3),
+        )
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Salience(Packet):
+    """How worth a look the scene is at one time step, 0..1, with its parts.
+
+    ``components`` holds each modality's own score (``visual``, ``speech``, ``onset``,
+    ``loudness``), so an event can say why it fired. ``frame`` is the latest video frame
+    (for snapshots and requests), ``regions`` its changed regions.
+    """
+
+    score: float
+    components: dict[str, float]
+    regions: tuple[Box, ...] = ()
+    frame: VideoFrame | None = field(default=None, repr=False, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            score=round(self.score, 4),
+            components={k: round(v, 4) for k, v in self.components.items()},
+            regions=[list(box) for box in self.regions],
+        )
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Packet):
+    """An episode of salient activity: ``new`` when it opens, ``update`` while it lasts
+    (rate-limited), ``end`` when it closes. ``pts_ns`` is the media time of this event,
+    ``start_pts_ns``/``end_pts_ns`` bound the episode (``end_pts_ns`` only on ``end``).
+    ``call_model``: the trigger policy would ask the MLLM about this event (budget allowing).
+    """
+
+    type: Literal["new", "update", "end"]
+    event_id: str
+    start_pts_ns: int
+    end_pts_ns: int | None
+    score: float
+    peak_score: float
+    components: dict[str, float]
+    regions: tuple[Box, ...]
+    call_model: bool
+    reason: str = ""
+    snapshot_jpeg: bytes | None = field(default=None, repr=False, compare=False)
+    frame: VideoFrame | None = field(default=None, repr=False, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            type=self.type,
+            event_id=self.event_id,
+            start_pts_ns=self.start_pts_ns,
+            end_pts_ns=self.end_pts_ns,
+            score=round(self.score, 4),
+            peak_score=round(self.peak_score, 4),
+            components={k: round(v, 4) for k, v in self.components.items()},
+            regions=[list(box) for box in self.regions],
+            call_model=self.call_model,
+            reason=self.reason,
+            snapshot_bytes=len(self.snapshot_jpeg) if self.snapshot_jpeg else 0,
+        )
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPacket(Packet):
     """Base of packets that steer the graph. Never dropped by a channel policy or a flush."""
 

@@ -1,7 +1,8 @@
 """Write packets as JSON lines, one record per packet (``Packet.to_record()``).
 
 Each line is flushed as it is written, so a crash loses at most the line being written;
-the file is fsynced when the sink stops.
+the file is fsynced when the sink stops. With ``snapshots_dir``, an event's JPEG snapshot
+is written there as ``<event_id>-<seq>.jpg`` and its record names the file.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from pathlib import Path
 from typing import IO
 
 from stream_rt.graph.node import Context, Sink
-from stream_rt.graph.packets import Packet
+from stream_rt.graph.packets import Event, Packet
 
 
 class JsonlSink(Sink):
     inputs = {"in": (Packet,)}
 
-    def __init__(self, name: str, path: str | Path, *, control: bool = True) -> None:
+    def __init__(
+        self, name: str, path: str | Path, *, control: bool = True, snapshots_dir: str | Path | None = None
+    ) -> None:
         super().__init__(name)
         self.path = Path(path)
         self.control = control
+        self.snapshots_dir = Path(snapshots_dir) if snapshots_dir is not None else None
         self.written = 0
         self._file: IO[str] | None = None
 
@@ -29,6 +33,8 @@ class JsonlSink(Sink):
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
+        if self.snapshots_dir is not None:
+            self.snapshots_dir.mkdir(parents=True, exist_ok=True)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         self._write(packet)
@@ -46,6 +52,11 @@ class JsonlSink(Sink):
 
     def _write(self, packet: Packet) -> None:
         assert self._file is not None, "JsonlSink used before start()"
-        self._file.write(json.dumps(packet.to_record(), separators=(",", ":")) + "\n")
+        record = packet.to_record()
+        if self.snapshots_dir is not None and isinstance(packet, Event) and packet.snapshot_jpeg:
+            path = self.snapshots_dir / f"{packet.event_id}-{packet.seq}.jpg"
+            path.write_bytes(packet.snapshot_jpeg)
+            record["snapshot"] = str(path)
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
         self.written += 1

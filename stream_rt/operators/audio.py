@@ -1,0 +1,128 @@
+"""Audio analysis: level, noise floor, onsets, and speech probability, per 32 ms window.
+
+Chunks of any size are cut into 512-sample windows (32 ms at 16 kHz). For each window:
+
+- ``level_dbfs``: RMS level in dB relative to full scale (floored at -100 dBFS);
+- ``floor_dbfs``: the noise floor, which follows the level down at once and rises by at
+  most ``floor_rise_db_per_s`` (so a minute of speech does not become "background");
+- ``onset``: spectral flux (half-wave rectified increase of the log-magnitude spectrum)
+  above its running mean, in running standard deviations, when above ``onset_sigma``;
+- ``speech``: Silero VAD probability — run only when the level is at least
+  ``vad_gate_db`` above the floor and above ``vad_min_dbfs``. Quiet windows skip the
+  model (counted as ``vad_skipped``); after a quiet gap its state is reset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_rt.graph.node import Context, Node
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, Packet
+from stream_rt.operators.vad import WINDOW, SileroVad
+
+WINDOW_NS = WINDOW * 1_000_000_000 // AUDIO_SAMPLE_RATE
+
+
+class _SourceState:
+    def __init__(self) -> None:
+        self.pending = np.zeros(0, np.float32)
+        self.next_pts: int | None = None
+        self.floor: float | None = None
+        self.prev_spectrum: npt.NDArray[np.float32] | None = None
+        self.flux_mean = 0.0
+        self.flux_var = 1e-4
+        self.quiet_windows = 0
+        self.vad: SileroVad | None = None
+
+
+class AudioAnalyzer(Node):
+    inputs = {"audio": (AudioChunk,)}
+    outputs = {"features": (AudioFeatures,)}
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        vad: bool = True,
+        vad_gate_db: float = 6.0,
+        vad_min_dbfs: float = -55.0,
+        onset_sigma: float = 3.0,
+        floor_rise_db_per_s: float = 0.5,
+    ) -> None:
+        super().__init__(name)
+        self.use_vad = vad
+        self.vad_gate_db = vad_gate_db
+        self.vad_min_dbfs = vad_min_dbfs
+        self.onset_sigma = onset_sigma
+        self.floor_rise_per_window = floor_rise_db_per_s * WINDOW / AUDIO_SAMPLE_RATE
+        self._hann = np.hanning(WINDOW).astype(np.float32)
+        self._sources: dict[str, _SourceState] = {}
+        if vad:
+            SileroVad()  # fail at build time, in one line, if the model cannot be loaded
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        assert isinstance(packet, AudioChunk)
+        for features in self.analyse(packet, ctx):
+            await ctx.emit("features", features)
+
+    def analyse(self, chunk: AudioChunk, ctx: Context | None = None) -> list[AudioFeatures]:
+        state = self._sources.get(chunk.source_id)
+        if state is None:
+            state = self._sources[chunk.source_id] = _SourceState()
+            if self.use_vad:
+                state.vad = SileroVad()
+        if state.next_pts is None or abs(chunk.pts_ns - (state.next_pts + len(state.pending) * 62_500)) > 50_000_000:
+            # First chunk, or a jump in media time (reconnect): restart windowing there.
+            state.pending = np.zeros(0, np.float32)
+            state.next_pts = chunk.pts_ns
+        samples = np.concatenate([state.pending, chunk.samples]) if len(state.pending) else chunk.samples
+        out = []
+        whole = len(samples) // WINDOW * WINDOW
+        for start in range(0, whole, WINDOW):
+            window = np.ascontiguousarray(samples[start : start + WINDOW], dtype=np.float32)
+            out.append(self._window(chunk, state, window, ctx))
+            state.next_pts += WINDOW_NS
+        state.pending = samples[whole:].astype(np.float32, copy=True)
+        return out
+
+    def _window(
+        self, chunk: AudioChunk, state: _SourceState, window: npt.NDArray[np.float32], ctx: Context | None
+    ) -> AudioFeatures:
+        rms = float(np.sqrt(np.mean(window * window)))
+        level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
+        floor = state.floor
+        state.floor = level if floor is None or level < floor else min(level, floor + self.floor_rise_per_window)
+
+        spectrum = np.log1p(100 * np.abs(np.fft.rfft(window * self._hann))).astype(np.float32)
+        onset = 0.0
+        if state.prev_spectrum is not None:
+            flux = float(np.maximum(spectrum - state.prev_spectrum, 0).mean())
+            z = (flux - state.flux_mean) / math.sqrt(state.flux_var)
+            if z > self.onset_sigma and level > state.floor + self.vad_gate_db:
+                onset = z
+            state.flux_mean += 0.05 * (flux - state.flux_mean)
+            state.flux_var += 0.05 * ((flux - state.flux_mean) ** 2 - state.flux_var)
+            state.flux_var = max(state.flux_var, 1e-6)
+        state.prev_spectrum = spectrum
+
+        speech: float | None = None
+        sound = level >= self.vad_min_dbfs and level >= state.floor + self.vad_gate_db
+        if state.vad is not None:
+            if sound:
+                if state.quiet_windows > 15:  # ~0.5 s of quiet: start the model afresh
+                    state.vad.reset()
+                state.quiet_windows = 0
+                speech = state.vad(window)
+                if ctx is not None:
+                    ctx.count("vad_runs")
+            else:
+                state.quiet_windows += 1
+                if ctx is not None:
+                    ctx.count("vad_skipped")
+        assert state.next_pts is not None
+        return AudioFeatures(
+            chunk.source_id, chunk.seq, state.next_pts, chunk.wall_ns, level, state.floor, onset, speech
+        )

@@ -1,0 +1,172 @@
+"""The trigger policy: turns salience into episodes and decides which moments are worth
+a model call.
+
+Per source, on media time (so replays behave exactly like live runs):
+
+- an episode opens (``new``) once the score has stayed at or above ``on`` for
+  ``confirm_s`` (a one-frame blip opens nothing);
+- while it lasts, an ``update`` is sent at most every ``update_interval_s``, and only if
+  the score is still at or above ``on`` (a scene that has calmed down, or a stationary
+  object the background has absorbed, sends none);
+- it ends (``end``) after ``cutoff_s`` below ``off`` (hysteresis: between ``off`` and
+  ``on`` it neither opens nor ends), or after ``max_episode_s`` (reason
+  ``max_duration``) so no episode stays open forever; a source that ends closes its
+  open episode (reason ``end_of_stream``).
+
+The budget: ``new`` and ``update`` events would call the model (``call_model``) unless
+less than ``cooldown_s`` passed since the last call or the last minute already had
+``max_calls_per_min`` calls. Every opportunity that is skipped is counted by reason
+(``confirming``, ``below_on``, ``cooldown``, ``rate_limit``). With ``snapshot``, new and
+update events carry a JPEG of their frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from stream_rt.graph.node import Context, Node
+from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience
+from stream_rt.operators.snapshot import encode_jpeg
+
+
+@dataclass
+class _Episode:
+    event_id: str
+    start_ns: int
+    last_update_ns: int
+    peak: float
+    below_since_ns: int | None = None
+
+
+@dataclass
+class _SourceState:
+    above_since_ns: int | None = None
+    episode: _Episode | None = None
+    calls: deque[int] = field(default_factory=deque)
+    last_call_ns: int | None = None
+    last: Salience | None = None
+
+
+class TriggerPolicy(Node):
+    inputs = {"salience": (Salience,)}
+    outputs = {"events": (Event,)}
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        on: float = 0.5,
+        off: float = 0.3,
+        confirm_s: float = 0.1,
+        cutoff_s: float = 3.0,
+        update_interval_s: float = 10.0,
+        max_episode_s: float = 600.0,
+        cooldown_s: float = 2.0,
+        max_calls_per_min: float = 6.0,
+        snapshot: bool = False,
+    ) -> None:
+        super().__init__(name)
+        if not 0 <= off <= on <= 1:
+            raise ValueError(f"trigger thresholds need 0 <= off <= on <= 1, got on={on}, off={off}")
+        self.on, self.off = on, off
+        self.confirm_ns = int(confirm_s * 1e9)
+        self.cutoff_ns = int(cutoff_s * 1e9)
+        self.update_ns = int(update_interval_s * 1e9)
+        self.max_episode_ns = int(max_episode_s * 1e9)
+        self.cooldown_ns = int(cooldown_s * 1e9)
+        self.max_calls_per_min = max_calls_per_min
+        self.snapshot = snapshot
+        self._states: dict[str, _SourceState] = {}
+        self._ids = itertools.count(1)
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        assert isinstance(packet, Salience)
+        for event in self.step(packet, ctx):
+            if self.snapshot and event.type != "end" and event.frame is not None:
+                jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
+                event = dataclasses.replace(event, snapshot_jpeg=jpeg)
+            ctx.count(f"events_{event.type}")
+            await ctx.emit("events", event)
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        # The end of stream reaches this node once every upstream source has ended.
+        if isinstance(packet, EndOfStream):
+            for state in self._states.values():
+                if state.episode is not None and state.last is not None:
+                    ctx.count("events_end")
+                    await ctx.emit("events", self._end(state, state.last, "end_of_stream"))
+
+    def step(self, s: Salience, ctx: Context) -> list[Event]:
+        """The events that salience ``s`` causes (often none)."""
+        state = self._states.setdefault(s.source_id, _SourceState())
+        state.last = s
+        now = s.pts_ns
+        events: list[Event] = []
+        episode = state.episode
+        if episode is not None:
+            episode.peak = max(episode.peak, s.score)
+            if now - episode.start_ns >= self.max_episode_ns:
+                events.append(self._end(state, s, "max_duration"))
+                episode = None
+            elif s.score < self.off:
+                if episode.below_since_ns is None:
+                    episode.below_since_ns = now
+                if now - episode.below_since_ns >= self.cutoff_ns:
+                    events.append(self._end(state, s, "quiet"))
+                    return events
+            else:
+                episode.below_since_ns = None
+        if episode is None:
+            if s.score < self.on:
+                state.above_since_ns = None
+                return events
+            if state.above_since_ns is None:
+                state.above_since_ns = now
+            if now - state.above_since_ns < self.confirm_ns:
+                ctx.count("skip_confirming")
+                return events
+            episode = state.episode = _Episode(f"{s.source_id}-{next(self._ids)}", now, now, s.score)
+            events.append(self._event("new", state, s, self._budget(state, now, ctx)))
+            return events
+        if now - episode.last_update_ns < self.update_ns:
+            return events
+        episode.last_update_ns = now
+        if s.score < self.on:
+            ctx.count("skip_below_on")
+            return events
+        events.append(self._event("update", state, s, self._budget(state, now, ctx)))
+        return events
+
+    def _budget(self, state: _SourceState, now: int, ctx: Context) -> bool:
+        """Whether a model call fits the budget now; records it if so."""
+        if state.last_call_ns is not None and now - state.last_call_ns < self.cooldown_ns:
+            ctx.count("skip_cooldown")
+            return False
+        while state.calls and now - state.calls[0] >= 60_000_000_000:
+            state.calls.popleft()
+        if len(state.calls) >= self.max_calls_per_min:
+            ctx.count("skip_rate_limit")
+            return False
+        state.calls.append(now)
+        state.last_call_ns = now
+        ctx.count("model_calls")
+        return True
+
+    def _event(self, kind: str, state: _SourceState, s: Salience, call: bool, reason: str = "") -> Event:
+        episode = state.episode
+        assert episode is not None
+        return Event(
+            s.source_id, s.seq, s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
+            episode.event_id, episode.start_ns, s.pts_ns if kind == "end" else None,
+            s.score, episode.peak, dict(s.components), s.regions, call, reason, None, s.frame,
+        )  # fmt: skip
+
+    def _end(self, state: _SourceState, s: Salience, reason: str) -> Event:
+        event = self._event("end", state, s, False, reason)
+        state.episode = None
+        state.above_since_ns = None
+        return event
