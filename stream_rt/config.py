@@ -84,6 +84,7 @@ class ChangeConfig(_Strict):
     min_region_patches: int = Field(2, ge=1, description="smallest group of changed patches that counts as a region")
     recalibrate_fraction: float = Field(0.6, gt=0, le=1, description="share of changed patches treated as lighting")
     background_every: int = Field(2, ge=1, description="blend the background 1/16 towards the frame every N frames")
+    noise_k: float = Field(3.0, ge=0, description="a patch must also exceed this many times its own noise level")
 
 
 class AudioGateConfig(_Strict):

@@ -106,6 +106,7 @@ def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> Trigg
                 min_region_patches=c.min_region_patches,
                 recalibrate_fraction=c.recalibrate_fraction,
                 background_every=c.background_every,
+                noise_k=c.noise_k,
             )
         )
         for source in with_video:

@@ -1,9 +1,11 @@
 """Visual change detection: which patches of a frame differ from a running background.
 
 For each frame, :func:`~stream_rt.operators.kernels.patch_mad` compares the Y plane with
-a background plane; patches whose mean absolute difference exceeds ``threshold`` are
-*changed*, and groups of at least ``min_region_patches`` connected changed patches
-become regions. The background follows the scene slowly (1/16 of the difference every
+a background plane; a patch is *changed* when its mean absolute difference exceeds both
+``threshold`` and ``noise_k`` times that patch's own noise level (a running average of
+its difference while unchanged, so busy texture, foliage or a codec's keyframe pulsing
+raise the bar only where they occur). Groups of at least ``min_region_patches``
+connected changed patches become regions. The background follows the scene slowly (1/16 of the difference every
 ``background_every`` frames), so something that stops moving is absorbed within seconds
 and stops firing. When at least ``recalibrate_fraction`` of the patches change at once
 (lights switched, camera gain jump, a cut) the background is reset to the frame instead
@@ -32,6 +34,7 @@ class ChangeDetector(Node):
         min_region_patches: int = 2,
         recalibrate_fraction: float = 0.6,
         background_every: int = 2,
+        noise_k: float = 3.0,
     ) -> None:
         super().__init__(name)
         if patch < 4 or threshold <= 0 or not 0 < recalibrate_fraction <= 1 or background_every < 1:
@@ -41,7 +44,9 @@ class ChangeDetector(Node):
         self.min_region_patches = min_region_patches
         self.recalibrate_fraction = recalibrate_fraction
         self.background_every = background_every
+        self.noise_k = noise_k
         self._backgrounds: dict[str, tuple[np.ndarray, int]] = {}
+        self._noise: dict[str, np.ndarray] = {}
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, VideoFrame)
@@ -57,7 +62,12 @@ class ChangeDetector(Node):
             return self._empty(frame, recalibrated=True)
         background, count = state
         mad = patch_mad(y, background, self.patch)
-        changed = mad > self.threshold
+        noise = self._noise.get(frame.source_id)
+        if noise is None or noise.shape != mad.shape:
+            # Start no higher than the plain threshold asks for: no blind spots at start-up.
+            noise = self._noise[frame.source_id] = np.minimum(mad, self.threshold / max(self.noise_k, 1e-6))
+        changed = (mad > self.threshold) & (mad > self.noise_k * noise)
+        noise[~changed] += 0.05 * (mad[~changed] - noise[~changed])
         fraction = float(changed.mean())
         if fraction >= self.recalibrate_fraction:
             background[:] = y
