@@ -160,7 +160,11 @@ async def test_a_person_who_stops_moving_does_not_cause_an_update_storm(samples:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(noisy, format="rgb24")))
         out.mux(stream.encode(None))
     config = parse_config(
-        {"sources": [{"id": "cam", "url": str(path), "audio": False}], "trigger": {"update_interval_s": 5}}
+        {
+            "sources": [{"id": "cam", "url": str(path), "audio": False}],
+            "trigger": {"update_interval_s": 5},
+            "graph": LOSSLESS,
+        }
     )
     events, _ = await run_pipeline(config)
     kinds = [e.type for e in events]
