@@ -15,6 +15,9 @@ quiet background noise and real speech clips placed at known times. ``walkway_sp
 lists each clip's placement and its spoken span (10 ms RMS above -35 dBFS): the labels
 that evaluations score against.
 
+It also builds ``still_motion.mkv`` (see :func:`build_still_motion`), the evaluation clip
+of long still stretches cut with real motion.
+
 Usage: ``python scripts/fetch_samples.py [--dest DIR]`` (default ``samples/`` in the repo,
 or ``$STREAM_RT_SAMPLES``). Files already present are kept; ``--force`` rebuilds.
 """
@@ -153,6 +156,47 @@ def build_av_sample(dest: Path, force: bool) -> None:
     print(f"  walkway_speech.mkv: {duration:.1f} s, speech at " + ", ".join(f"{s:g} s" for s, _ in SPEECH_PLACEMENT))
 
 
+# (kind, seconds, vtest frame to hold still | first vtest frame of real motion)
+STILL_MOTION_PLAN = [("still", 20, 0), ("motion", 6, 100), ("still", 25, 300), ("motion", 8, 400),
+                     ("still", 15, 560), ("motion", 5, 640), ("still", 10, 700)]  # fmt: skip
+STILL_NOISE_SIGMA = 2.5
+
+
+def build_still_motion(dest: Path, force: bool) -> None:
+    """``still_motion.mkv``: long still stretches of the real walkway (one real frame held,
+    with fresh sensor noise and a little gain flicker on every frame, as a camera gives)
+    cut with stretches of the real footage in motion; ``still_motion.json`` lists the
+    motion intervals."""
+    out_path, labels_path = dest / "still_motion.mkv", dest / "still_motion.json"
+    if not force and out_path.exists() and labels_path.exists():
+        print("  still_motion.mkv: already here")
+        return
+    with av.open(str(dest / "vtest.avi")) as src:
+        frames = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
+    rng = np.random.default_rng(20261124)
+    labels, t = [], 0.0
+    tmp_path = out_path.with_suffix(".tmp.mkv")
+    with av.open(str(tmp_path), "w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.options = {"qscale": "3"}
+        stream.codec_context.thread_count = 1
+        for kind, seconds, first in STILL_MOTION_PLAN:
+            if kind == "motion":
+                labels.append({"start_s": t, "end_s": t + seconds})
+            for i in range(seconds * 10):
+                image = frames[first + i] if kind == "motion" else frames[first]
+                gain = 1.0 + rng.normal(0, 0.005)
+                noisy = image.astype(np.float32) * gain + rng.normal(0, STILL_NOISE_SIGMA, image.shape)
+                frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), format="rgb24")
+                out.mux(stream.encode(frame))
+            t += seconds
+        out.mux(stream.encode(None))
+    tmp_path.replace(out_path)
+    labels_path.write_text(json.dumps({"motion": labels, "noise_sigma": STILL_NOISE_SIGMA}, indent=2) + "\n")
+    print(f"  still_motion.mkv: {t:.0f} s, motion at " + ", ".join(f"{m['start_s']:g} s" for m in labels))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=default_dest())
@@ -162,6 +206,7 @@ def main() -> None:
     print(f"sample media in {args.dest}:")
     fetch_packages(args.dest, args.force)
     build_av_sample(args.dest, args.force)
+    build_still_motion(args.dest, args.force)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     run.set_defaults(handler=_run)
 
+    evaluate = sub.add_parser("eval", help="score the gates against labelled real recordings")
+    evaluate.add_argument("scenarios", type=Path, nargs="+", help="scenario files (see scenarios/)")
+    evaluate.set_defaults(handler=_eval)
+
     validate = sub.add_parser("validate", help="check a config file and name every problem")
     validate.add_argument("config", type=Path)
     validate.set_defaults(handler=_validate)
@@ -104,6 +108,23 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     ids = ", ".join(s.id for s in config.sources) or "none"
     print(f"{args.config}: OK ({len(config.sources)} sources: {ids})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import uvloop
+
+    from stream_rt.evaluation import evaluate, format_report
+
+    setup_logging("warning")
+    results = []
+    for path in args.scenarios:
+        result = uvloop.run(evaluate(path))
+        print(format_report(result))
+        results.append(result)
+    print(json.dumps(results))
     return 0
 
 

@@ -17,7 +17,7 @@ SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """The real recordings fetched by scripts/fetch_samples.py (CI fetches them first)."""
-    if not (SAMPLES / "vtest.avi").exists() or not (SAMPLES / "walkway_speech.mkv").exists():
+    if not all((SAMPLES / name).exists() for name in ("vtest.avi", "walkway_speech.mkv", "still_motion.mkv")):
         pytest.fail(f"sample media missing in {SAMPLES}: run 'python scripts/fetch_samples.py'", pytrace=False)
     return SAMPLES
 
