@@ -89,7 +89,9 @@ class ChangeConfig(_Strict):
 
 class AudioGateConfig(_Strict):
     enabled: bool = Field(True, description="analyse audio (needs an audio stream)")
-    vad: bool = Field(True, description="Silero VAD speech probability (the 'vad' extra)")
+    vad: bool | None = Field(
+        None, description="Silero VAD speech probability (the 'vad' extra); default: on when installed"
+    )
     vad_gate_db: float = Field(6.0, ge=0, description="run the VAD only this far above the noise floor")
     vad_min_dbfs: float = Field(-55.0, le=0, description="and only above this level")
     onset_sigma: float = Field(3.0, gt=0, description="spectral-flux onset threshold, in standard deviations")

@@ -14,6 +14,7 @@ its state per source).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from stream_rt.config import Config, SourceConfig
@@ -21,9 +22,12 @@ from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
+from stream_rt.operators.vad import vad_available
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sources.av_source import AvSource, Backoff
+
+log = logging.getLogger("stream_rt.pipeline")
 
 
 @dataclass
@@ -114,10 +118,16 @@ def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> Trigg
         graph.connect("change.changes", "salience.changes", capacity=8)
     if with_audio:
         a = config.audio
+        vad = vad_available() if a.vad is None else a.vad
+        if not vad:
+            log.info(
+                "speech detection is off (%s)",
+                "[audio] vad = false" if a.vad is False else "the 'vad' extra is not installed",
+            )
         graph.add(
             AudioAnalyzer(
                 "audio",
-                vad=a.vad,
+                vad=vad,
                 vad_gate_db=a.vad_gate_db,
                 vad_min_dbfs=a.vad_min_dbfs,
                 onset_sigma=a.onset_sigma,

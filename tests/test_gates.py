@@ -172,3 +172,13 @@ async def test_a_person_who_stops_moving_does_not_cause_an_update_storm(samples:
     assert kinds.count("update") <= 2, "the background absorbs a person who stands still"
     end = next(e for e in events if e.type == "end")
     assert end.reason == "quiet" and end.end_pts_ns < 40e9
+
+
+async def test_without_the_vad_the_audio_gate_still_runs_on_cheap_features(samples: Path) -> None:
+    config = parse_config(
+        {"sources": [{"id": "mic", "url": str(samples / "walkway_speech.mkv"), "video": False}],
+         "graph": LOSSLESS, "audio": {"vad": False}}
+    )  # fmt: skip
+    _, stats = await run_pipeline(config)
+    assert "vad_runs" not in stats["nodes"]["audio"]
+    assert stats["nodes"]["salience"]["processed"] > 2000

@@ -34,6 +34,11 @@ def silero_model_path() -> Path:
     return path
 
 
+def vad_available() -> bool:
+    """True if the 'vad' extra (silero-vad with onnxruntime) is installed."""
+    return importlib.util.find_spec("silero_vad") is not None and importlib.util.find_spec("onnxruntime") is not None
+
+
 class SileroVad:
     """Speech probability (0..1) of consecutive 32 ms windows of one audio stream."""
 

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Perception gates: kernel speed, replay cost, and streams per machine, side by side.
+
+1. Numba vs numpy per 720p frame, one thread: the per-patch change map (MAD against the
+   background) on real frames (the walkway clip scaled to 1280x720), same inputs, same
+   run. Targets: >= 15x and <= 60 us per frame.
+2. Replay of the real walkway clip with the gates on (source -> change detection ->
+   salience -> trigger) against a bare PyAV decode loop of the same clip, alternating
+   rounds, median of per-round ratios. Target >= 0.8.
+3. Streams per machine: ``--streams`` copies of a 720p 10 fps clip (the walkway scaled and
+   re-encoded to H.264) gated at once in one process, as fast as possible; the sum of
+   their frame rates over 10 fps is how many such live cameras this machine keeps up with.
+
+Usage: python benchmarks/gates.py [--rounds 9] [--streams 4]
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import uvloop
+
+from stream_rt import Config, build_pipeline
+from stream_rt.config import parse_config
+from stream_rt.operators.kernels import blend_background, patch_mad, patch_mad_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSSLESS = {"video_channel": {"policy": "block", "capacity": 4}, "audio_channel": {"policy": "block", "capacity": 64}}
+
+
+def frames_720p(clip: Path, count: int) -> list[np.ndarray]:
+    planes = []
+    with av.open(str(clip)) as container:
+        for frame in container.decode(video=0):
+            planes.append(frame.reformat(width=1280, height=720, format="gray").to_ndarray())
+            if len(planes) == count:
+                break
+    return planes
+
+
+def kernel_figures(clip: Path) -> dict[str, float]:
+    planes = frames_720p(clip, 40)
+    background = planes[0].copy()
+    patch_mad(planes[1], background)  # compile
+    blend_background(background, planes[1])
+    started = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        for plane in planes:
+            patch_mad(plane, background)
+    numba_us = (time.perf_counter() - started) / (reps * len(planes)) * 1e6
+    started = time.perf_counter()
+    for _ in range(reps):
+        for plane in planes:
+            blend_background(background, plane)
+    blend_us = (time.perf_counter() - started) / (reps * len(planes)) * 1e6
+    started = time.perf_counter()
+    for plane in planes:
+        patch_mad_reference(plane, background)
+    numpy_us = (time.perf_counter() - started) / len(planes) * 1e6
+    return {
+        "mad_numba_us": round(numba_us, 1),
+        "mad_numpy_us": round(numpy_us, 1),
+        "mad_speedup": round(numpy_us / numba_us, 1),
+        "blend_numba_us": round(blend_us, 1),
+    }
+
+
+def gated_config(clips: list[Path]) -> Config:
+    sources = [{"id": f"cam{i}", "url": str(c), "audio": False} for i, c in enumerate(clips)]
+    return parse_config({"sources": sources, "graph": LOSSLESS})
+
+
+def replay_gated(clips: list[Path]) -> tuple[int, float]:
+    pipeline = build_pipeline(gated_config(clips), speed=None)
+    started = time.perf_counter()
+    uvloop.run(pipeline.graph.run())
+    elapsed = time.perf_counter() - started
+    stats = pipeline.graph.statistics()
+    assert all(e["dropped_total"] == 0 for e in stats["edges"].values())
+    return sum(int(stats["nodes"][s.name].get("frames", 0)) for s in pipeline.sources), elapsed
+
+
+def bare_decode(clip: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = sum(1 for _ in container.decode(stream))
+    return frames, time.perf_counter() - started
+
+
+def make_720p_clip(clip: Path, out: Path) -> Path:
+    with av.open(str(clip)) as src, av.open(str(out), "w") as dst:
+        stream = dst.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23"}
+        for frame in src.decode(video=0):
+            dst.mux(stream.encode(frame.reformat(width=1280, height=720, format="yuv420p")))
+        dst.mux(stream.encode(None))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", type=Path, default=ROOT / "samples" / "vtest.avi")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--streams", type=int, default=4)
+    args = parser.parse_args()
+    if not args.clip.exists():
+        sys.exit(f"{args.clip} is missing: run 'python scripts/fetch_samples.py' first")
+
+    kernels = kernel_figures(args.clip)
+    print(f"change map, 720p, one thread: numba {kernels['mad_numba_us']} us, numpy {kernels['mad_numpy_us']} us "
+          f"({kernels['mad_speedup']}x); background blend {kernels['blend_numba_us']} us")  # fmt: skip
+
+    replay_gated([args.clip])  # warm up
+    ratios, gated_fps, bare_fps = [], [], []
+    for round_ in range(args.rounds):
+        runs = [("bare", bare_decode), ("gated", lambda c: replay_gated([c]))]
+        results = {name: run(args.clip) for name, run in (runs if round_ % 2 == 0 else runs[::-1])}
+        bare, gated = results["bare"][0] / results["bare"][1], results["gated"][0] / results["gated"][1]
+        bare_fps.append(bare)
+        gated_fps.append(gated)
+        ratios.append(gated / bare)
+    ratio = statistics.median(ratios)
+    print(f"replay with gates: {statistics.median(gated_fps):.0f} fps vs bare decode "
+          f"{statistics.median(bare_fps):.0f} fps: ratio {ratio:.3f} (target >= 0.8)")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hd = make_720p_clip(args.clip, Path(tmp) / "walkway_720p.mp4")
+        frames, seconds = replay_gated([hd] * args.streams)
+        hd_bare = bare_decode(hd)
+    total_fps = frames / seconds
+    print(f"{args.streams} x 720p H.264 gated at once: {total_fps:.0f} fps in all -> {total_fps / 10:.0f} live "
+          f"10 fps streams on this machine (bare decode of one: {hd_bare[0] / hd_bare[1]:.0f} fps)")  # fmt: skip
+
+    print(json.dumps({
+        **kernels,
+        "replay_gated_fps": round(statistics.median(gated_fps), 1),
+        "replay_bare_fps": round(statistics.median(bare_fps), 1),
+        "replay_ratio": round(ratio, 3),
+        "replay_ratio_min": round(min(ratios), 3),
+        "replay_ratio_max": round(max(ratios), 3),
+        "streams_720p_10fps": int(total_fps // 10),
+        "gated_720p_total_fps": round(total_fps, 1),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
