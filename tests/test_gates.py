@@ -182,3 +182,22 @@ async def test_without_the_vad_the_audio_gate_still_runs_on_cheap_features(sampl
     _, stats = await run_pipeline(config)
     assert "vad_runs" not in stats["nodes"]["audio"]
     assert stats["nodes"]["salience"]["processed"] > 2000
+
+
+async def test_events_carry_jpeg_snapshots_written_beside_the_log(samples: Path, tmp_path: Path) -> None:
+    import io
+
+    config = parse_config(
+        {"sources": [{"id": "cam", "url": str(samples / "still_motion.mkv"), "audio": False}], "graph": LOSSLESS,
+         "trigger": {"snapshot": True},
+         "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl"), "snapshots_dir": str(tmp_path / "snaps")}}}
+    )  # fmt: skip
+    events, _ = await run_pipeline(config)
+    rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    with_snapshot = [r for r in rows if r.get("kind") == "Event" and r["type"] != "end"]
+    assert with_snapshot and all(r["snapshot_bytes"] > 1000 for r in with_snapshot)
+    for row in with_snapshot:
+        with av.open(io.BytesIO(Path(row["snapshot"]).read_bytes())) as jpeg:
+            image = next(jpeg.decode(video=0))
+        assert (image.width, image.height) == (768, 576)
+    assert all(e.snapshot_jpeg is None for e in events if e.type == "end")
