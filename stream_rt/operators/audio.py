@@ -23,7 +23,8 @@ from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, Packet
 from stream_rt.operators.vad import WINDOW, SileroVad
 
-WINDOW_NS = WINDOW * 1_000_000_000 // AUDIO_SAMPLE_RATE
+NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
+WINDOW_NS = WINDOW * NS_PER_SAMPLE
 
 
 class _SourceState:
@@ -74,22 +75,24 @@ class AudioAnalyzer(Node):
             state = self._sources[chunk.source_id] = _SourceState()
             if self.use_vad:
                 state.vad = SileroVad()
-        if state.next_pts is None or abs(chunk.pts_ns - (state.next_pts + len(state.pending) * 62_500)) > 50_000_000:
+        next_pts = state.next_pts
+        if next_pts is None or abs(chunk.pts_ns - (next_pts + len(state.pending) * NS_PER_SAMPLE)) > 50_000_000:
             # First chunk, or a jump in media time (reconnect): restart windowing there.
             state.pending = np.zeros(0, np.float32)
-            state.next_pts = chunk.pts_ns
+            next_pts = chunk.pts_ns
         samples = np.concatenate([state.pending, chunk.samples]) if len(state.pending) else chunk.samples
         out = []
         whole = len(samples) // WINDOW * WINDOW
         for start in range(0, whole, WINDOW):
             window = np.ascontiguousarray(samples[start : start + WINDOW], dtype=np.float32)
-            out.append(self._window(chunk, state, window, ctx))
-            state.next_pts += WINDOW_NS
+            out.append(self._window(chunk, state, window, next_pts, ctx))
+            next_pts += WINDOW_NS
+        state.next_pts = next_pts
         state.pending = samples[whole:].astype(np.float32, copy=True)
         return out
 
     def _window(
-        self, chunk: AudioChunk, state: _SourceState, window: npt.NDArray[np.float32], ctx: Context | None
+        self, chunk: AudioChunk, state: _SourceState, window: npt.NDArray[np.float32], pts_ns: int, ctx: Context | None
     ) -> AudioFeatures:
         rms = float(np.sqrt(np.mean(window * window)))
         level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
@@ -122,7 +125,4 @@ class AudioAnalyzer(Node):
                 state.quiet_windows += 1
                 if ctx is not None:
                     ctx.count("vad_skipped")
-        assert state.next_pts is not None
-        return AudioFeatures(
-            chunk.source_id, chunk.seq, state.next_pts, chunk.wall_ns, level, state.floor, onset, speech
-        )
+        return AudioFeatures(chunk.source_id, chunk.seq, pts_ns, chunk.wall_ns, level, state.floor, onset, speech)

@@ -10,6 +10,9 @@ connected changed patches become regions. The background follows the scene slowl
 and stops firing. When at least ``recalibrate_fraction`` of the patches change at once
 (lights switched, camera gain jump, a cut) the background is reset to the frame instead
 of reporting a change.
+
+The kernels cost about 0.1 ms per 720p frame, so they run inline on the event loop;
+handing each frame to a thread would cost more than the work.
 """
 
 from __future__ import annotations
