@@ -28,13 +28,14 @@ from pathlib import Path
 import av
 import numpy as np
 import uvloop
+from common import bare_decode
 
 from stream_rt import Config, build_pipeline
 from stream_rt.config import parse_config
+from stream_rt.evaluation import LOSSLESS
 from stream_rt.operators.kernels import blend_background, patch_mad, patch_mad_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSSLESS = {"video_channel": {"policy": "block", "capacity": 4}, "audio_channel": {"policy": "block", "capacity": 64}}
 
 
 def frames_720p(clip: Path, count: int) -> list[np.ndarray]:
@@ -88,15 +89,6 @@ def replay_gated(clips: list[Path]) -> tuple[int, float]:
     stats = pipeline.graph.statistics()
     assert all(e["dropped_total"] == 0 for e in stats["edges"].values())
     return sum(int(stats["nodes"][s.name].get("frames", 0)) for s in pipeline.sources), elapsed
-
-
-def bare_decode(clip: Path) -> tuple[int, float]:
-    started = time.perf_counter()
-    with av.open(str(clip)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames = sum(1 for _ in container.decode(stream))
-    return frames, time.perf_counter() - started
 
 
 def make_720p_clip(clip: Path, out: Path) -> Path:

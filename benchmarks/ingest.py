@@ -20,24 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import uvloop
+from common import bare_decode
 
 from stream_rt import AvSource, CallbackSink, Graph, ReplayClock
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def bare_decode(clip: Path) -> tuple[int, float]:
-    """The baseline: what a hand-written PyAV loop does, with the same threading."""
-    started = time.perf_counter()
-    frames = 0
-    with av.open(str(clip)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for _ in container.decode(stream):
-            frames += 1
-    return frames, time.perf_counter() - started
 
 
 def graph_replay(clip: Path) -> tuple[int, float]:

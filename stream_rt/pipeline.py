@@ -92,27 +92,11 @@ def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> Trigg
     with_audio = [s for s in sources if s.spec.audio] if config.audio.enabled else []
     if not with_video and not with_audio:
         return None
-    fusion = SalienceFusion(
-        "salience",
-        visual_full=config.salience.visual_full,
-        onset_full=config.salience.onset_full,
-        loudness_full_db=config.salience.loudness_full_db,
-        weights={str(k): v for k, v in config.salience.weights.items()},
-    )
+    # The config sections mirror the constructors' keyword arguments one to one.
+    fusion = SalienceFusion("salience", **config.salience.model_dump())
     graph.add(fusion)
     if with_video:
-        c = config.change
-        graph.add(
-            ChangeDetector(
-                "change",
-                patch=c.patch,
-                threshold=c.threshold,
-                min_region_patches=c.min_region_patches,
-                recalibrate_fraction=c.recalibrate_fraction,
-                background_every=c.background_every,
-                noise_k=c.noise_k,
-            )
-        )
+        graph.add(ChangeDetector("change", **config.change.model_dump(exclude={"enabled"})))
         for source in with_video:
             graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
         graph.connect("change.changes", "salience.changes", capacity=8)
@@ -120,36 +104,13 @@ def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> Trigg
         a = config.audio
         vad = vad_available() if a.vad is None else a.vad
         if not vad:
-            log.info(
-                "speech detection is off (%s)",
-                "[audio] vad = false" if a.vad is False else "the 'vad' extra is not installed",
-            )
-        graph.add(
-            AudioAnalyzer(
-                "audio",
-                vad=vad,
-                vad_gate_db=a.vad_gate_db,
-                vad_min_dbfs=a.vad_min_dbfs,
-                onset_sigma=a.onset_sigma,
-                floor_rise_db_per_s=a.floor_rise_db_per_s,
-            )
-        )
+            why = "[audio] vad = false" if a.vad is False else "the 'vad' extra is not installed"
+            log.info("speech detection is off (%s)", why)
+        graph.add(AudioAnalyzer("audio", vad=vad, **a.model_dump(exclude={"enabled", "vad"})))
         for source in with_audio:
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
-    t = config.trigger
-    trigger = TriggerPolicy(
-        "trigger",
-        on=t.on,
-        off=t.off,
-        confirm_s=t.confirm_s,
-        cutoff_s=t.cutoff_s,
-        update_interval_s=t.update_interval_s,
-        max_episode_s=t.max_episode_s,
-        cooldown_s=t.cooldown_s,
-        max_calls_per_min=t.max_calls_per_min,
-        snapshot=t.snapshot,
-    )
+    trigger = TriggerPolicy("trigger", **config.trigger.model_dump())
     graph.add(trigger)
     graph.connect("salience.salience", "trigger.salience", capacity=64)
     return trigger

@@ -11,6 +11,7 @@ import numpy as np
 
 from stream_rt import Config, Event, Salience, build_pipeline
 from stream_rt.config import parse_config
+from stream_rt.evaluation import LOSSLESS
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.testing import run_node
 
@@ -83,12 +84,6 @@ async def test_max_duration_ends_an_episode_that_never_calms_down() -> None:
     kinds = [(e.type, e.reason) for e in events]
     assert kinds[:3] == [("new", ""), ("end", "max_duration"), ("new", "")]
     assert sum(1 for e in events if e.type == "new") == sum(1 for e in events if e.type == "end")
-
-
-LOSSLESS = {
-    "video_channel": {"policy": "block", "capacity": 4},
-    "audio_channel": {"policy": "block", "capacity": 64},
-}
 
 
 def audio_only(path: Path) -> Config:
