@@ -132,3 +132,16 @@ async def test_real_pedestrians_are_found_where_they_walk(samples: Path) -> None
         everywhere = np.abs(planes[m.seq] - before).mean()
         assert inside > 2 * everywhere
     assert all(m.changed_fraction < 0.3 for m in maps)
+
+
+def test_classify_patches_matches_its_definition() -> None:
+    from stream_rt.operators.kernels import classify_patches
+
+    rng = np.random.default_rng(9)
+    mad = rng.gamma(2.0, 5.0, (36, 48)).astype(np.float32)
+    noise = rng.uniform(0, 8, (36, 48)).astype(np.float32)
+    expected_changed = (mad > 12.0) & (mad > 3.0 * noise)
+    expected_noise = np.where(expected_changed, noise, noise + np.float32(0.05) * (mad - noise))
+    changed, count = classify_patches(mad, noise, 12.0, 3.0, 0.05)
+    assert np.array_equal(changed, expected_changed) and count == int(expected_changed.sum())
+    np.testing.assert_allclose(noise, expected_noise, rtol=1e-6)

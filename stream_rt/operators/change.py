@@ -21,7 +21,7 @@ import numpy as np
 
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import Box, ChangeMap, Packet, VideoFrame
-from stream_rt.operators.kernels import blend_background, connected_boxes, patch_mad
+from stream_rt.operators.kernels import blend_background, classify_patches, connected_boxes, patch_mad
 
 
 class ChangeDetector(Node):
@@ -63,39 +63,35 @@ class ChangeDetector(Node):
             # First frame of a source (or a new resolution): it becomes the background.
             self._backgrounds[frame.source_id] = (np.ascontiguousarray(y).copy(), 0)
             return self._empty(frame, recalibrated=True)
-        background, count = state
+        background, frames_seen = state
         mad = patch_mad(y, background, self.patch)
         noise = self._noise.get(frame.source_id)
         if noise is None or noise.shape != mad.shape:
             # Start no higher than the plain threshold asks for: no blind spots at start-up.
             noise = self._noise[frame.source_id] = np.minimum(mad, self.threshold / max(self.noise_k, 1e-6))
-        changed = (mad > self.threshold) & (mad > self.noise_k * noise)
-        noise[~changed] += 0.05 * (mad[~changed] - noise[~changed])
-        fraction = float(changed.mean())
+        changed, changed_patches = classify_patches(mad, noise, self.threshold, self.noise_k)
+        fraction = changed_patches / changed.size
         if fraction >= self.recalibrate_fraction:
             background[:] = y
             self._backgrounds[frame.source_id] = (background, 0)
             if ctx is not None:
                 ctx.count("recalibrations")
             return self._empty(frame, recalibrated=True, mad=mad)
-        count += 1
-        if count % self.background_every == 0:
+        frames_seen += 1
+        if frames_seen % self.background_every == 0:
             blend_background(background, y)
-        self._backgrounds[frame.source_id] = (background, count)
-        regions = self._regions(changed)
+        self._backgrounds[frame.source_id] = (background, frames_seen)
+        regions = self._regions(changed) if changed_patches else ()
         return ChangeMap(
             frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, self.patch,
             mad, changed, fraction, regions, False, frame,
         )  # fmt: skip
 
     def _regions(self, changed: np.ndarray) -> tuple[Box, ...]:
-        if not changed.any():
-            return ()
-        boxes = connected_boxes(changed)
-        boxes = boxes[boxes[:, 4] >= self.min_region_patches]
-        order = np.argsort(-boxes[:, 4], kind="stable")
         p = self.patch
-        return tuple((int(b[0]) * p, int(b[1]) * p, int(b[2]) * p, int(b[3]) * p) for b in boxes[order])
+        boxes = [b for b in connected_boxes(changed).tolist() if b[4] >= self.min_region_patches]
+        boxes.sort(key=lambda b: -b[4])
+        return tuple((b[0] * p, b[1] * p, b[2] * p, b[3] * p) for b in boxes)
 
     def _empty(self, frame: VideoFrame, recalibrated: bool, mad: np.ndarray | None = None) -> ChangeMap:
         shape = (frame.height // self.patch, frame.width // self.patch)

@@ -207,3 +207,31 @@ def connected_boxes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
     """Bounding boxes of the 8-connected groups of True cells in a patch grid, as rows of
     ``(col0, row0, col1, row1, cells)`` (end exclusive), in scan order."""
     return _label_boxes(np.ascontiguousarray(mask, dtype=np.bool_))
+
+
+@njit(nogil=True, cache=True)
+def _classify(
+    mad: F32, noise: F32, threshold: float, noise_k: float, rate: float, changed: npt.NDArray[np.bool_]
+) -> int:
+    count = 0
+    for r in range(mad.shape[0]):
+        for c in range(mad.shape[1]):
+            m = mad[r, c]
+            hit = m > threshold and m > noise_k * noise[r, c]
+            changed[r, c] = hit
+            if hit:
+                count += 1
+            else:
+                noise[r, c] += rate * (m - noise[r, c])
+    return count
+
+
+def classify_patches(
+    mad: F32, noise: F32, threshold: float, noise_k: float, rate: float = 0.05
+) -> tuple[npt.NDArray[np.bool_], int]:
+    """Mark the patches whose difference exceeds both ``threshold`` and ``noise_k`` times
+    their noise level; move the noise level of every other patch ``rate`` of the way
+    towards its difference (in place). Returns the mask and how many patches changed."""
+    changed = np.empty(mad.shape, np.bool_)
+    count = _classify(mad, noise, float(threshold), float(noise_k), float(rate), changed)
+    return changed, int(count)
