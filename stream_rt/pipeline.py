@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 from stream_rt.config import Config, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
+from stream_rt.graph.backoff import Backoff
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
-from stream_rt.sources.av_source import AvSource, Backoff
+from stream_rt.sources.av_source import AvSource
 
 log = logging.getLogger("stream_rt.pipeline")
 

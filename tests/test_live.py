@@ -6,13 +6,14 @@ import asyncio
 import itertools
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from stream_rt import AvSource, Backoff, CallbackSink, Graph, Packet, SourceStatus, VideoFrame
+
+from .processes import wait_listening
 
 
 class Server:
@@ -28,17 +29,7 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.listening():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("ffmpeg did not start listening")
-            time.sleep(0.02)
-
-    def listening(self) -> bool:
-        """True once the port is in LISTEN state (read from /proc: a probe connection
-        would take ffmpeg's only accept)."""
-        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-        return any(r.split()[1].endswith(f":{self.port:04X}") and r.split()[3] == "0A" for r in rows)
+        wait_listening(self.port, self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

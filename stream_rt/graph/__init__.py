@@ -1,5 +1,6 @@
 """The dataflow core: packets, the node contract, channels, clocks and the graph."""
 
+from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.channel import POLICIES, Channel, ChannelStats, Policy
 from stream_rt.graph.clock import Clock, ManualClock, RealtimeClock, ReplayClock
 from stream_rt.graph.graph import Graph, GraphBuildError
@@ -25,6 +26,7 @@ __all__ = [
     "POLICIES",
     "AudioChunk",
     "AudioFeatures",
+    "Backoff",
     "Box",
     "ChangeMap",
     "Channel",

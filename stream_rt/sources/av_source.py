@@ -18,10 +18,10 @@ import itertools
 import logging
 import random
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Source
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import (
@@ -47,20 +47,6 @@ RTSP_OPTIONS = {"rtsp_transport": "tcp"}
 
 class SourceError(RuntimeError):
     """A source cannot deliver: the file is missing or unreadable, or not a media file."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``initial_s`` doubling up to ``max_s``, each scaled by a random
-    factor in ``[1 - jitter, 1 + jitter]`` so a fleet does not reconnect in lockstep."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt))
-        return float(base * rng.uniform(1 - self.jitter, 1 + self.jitter))
 
 
 class AvSource(Source):

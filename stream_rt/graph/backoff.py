@@ -1,0 +1,20 @@
+"""Retry delays shared by everything that reconnects (sources, the MQTT sink)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``initial_s`` doubling up to ``max_s``, each scaled by a random
+    factor in ``[1 - jitter, 1 + jitter]`` so a fleet does not reconnect in lockstep."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt))
+        return float(base * rng.uniform(1 - self.jitter, 1 + self.jitter))

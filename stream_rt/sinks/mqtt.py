@@ -1,0 +1,156 @@
+"""Publish events and source status to an MQTT broker through a durable outbox.
+
+Topics, under a configurable prefix (default ``stream_rt``), in the conventions Frigate
+users know:
+
+- ``<prefix>/available``: ``online`` (retained) on every (re)connect; the broker
+  publishes ``offline`` (the Last Will, retained) if the connection is lost;
+- ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end,
+  ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
+- ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
+  retained, QoS 1.
+
+Each message is committed to the :class:`~stream_rt.sinks.outbox.Outbox` first and
+removed only once the broker has acknowledged it (PUBACK), so an unreachable broker, a
+broker restart or a crash of this process loses nothing; the connection is retried with
+backoff for as long as the sink runs, and starting while the broker is down is fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+
+from stream_rt.graph.backoff import Backoff
+from stream_rt.graph.node import Context, Sink
+from stream_rt.graph.packets import EndOfStream, Event, Packet, SourceStatus
+from stream_rt.sinks.outbox import Outbox
+
+log = logging.getLogger("stream_rt.mqtt")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "stream_rt"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    outbox: Path = Path("stream_rt-outbox.sqlite")
+    publish_window: int = 64
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0, 0.2))
+
+
+class MqttSink(Sink):
+    inputs = {"in": (Event, SourceStatus)}
+
+    def __init__(self, name: str, settings: MqttSettings, drain_timeout_s: float = 5.0) -> None:
+        super().__init__(name)
+        self.settings = settings
+        self.drain_timeout_s = drain_timeout_s
+        self.connected = False
+        self.published = 0
+        self._outbox: Outbox | None = None
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.settings.prefix, *parts))
+
+    async def start(self, ctx: Context) -> None:
+        if self._outbox is None:
+            self._outbox = Outbox(self.settings.outbox)
+            left = self._outbox.depth()
+            if left:
+                log.info("outbox %s holds %d messages from before: delivering them first", self.settings.outbox, left)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(ctx), name=f"stream_rt:{self.name}:mqtt")
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, Event):
+            self._enqueue(self.topic(packet.source_id, "events"), packet.to_record(), retain=False)
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, SourceStatus):
+            record = {"state": packet.state, "detail": packet.detail, "wall_ns": packet.wall_ns}
+            self._enqueue(self.topic(packet.source_id, "status"), record, retain=True)
+        elif isinstance(packet, EndOfStream):
+            self._wakeup.set()
+
+    async def stop(self, ctx: Context) -> None:
+        """Give the outbox up to ``drain_timeout_s`` to empty, then disconnect; whatever is
+        left stays in the outbox for the next start."""
+        assert self._outbox is not None
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        while self._outbox.depth() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        left = self._outbox.depth()
+        if left:
+            log.warning("%d messages not yet acknowledged stay in %s for the next start", left, self.settings.outbox)
+        self._outbox.close()
+        self._outbox = None
+
+    def _enqueue(self, topic: str, record: dict[str, object], retain: bool) -> None:
+        assert self._outbox is not None, "MqttSink used before start()"
+        self._outbox.add(topic, json.dumps(record, separators=(",", ":")).encode(), qos=1, retain=retain)
+        self._wakeup.set()
+
+    async def _run(self, ctx: Context) -> None:
+        s = self.settings
+        failures = 0
+        will = aiomqtt.Will(self.topic("available"), b"offline", qos=1, retain=True)
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    s.host, s.port, identifier=s.client_id, username=s.username, password=s.password,
+                    will=will, timeout=10,
+                ) as client:  # fmt: skip
+                    await client.publish(self.topic("available"), b"online", qos=1, retain=True)
+                    self.connected = True
+                    failures = 0
+                    log.info("connected to MQTT broker %s:%d", s.host, s.port)
+                    await self._drain(client, ctx)
+            except aiomqtt.MqttError as exc:
+                if self.connected:
+                    log.warning("lost the MQTT broker %s:%d: %s", s.host, s.port, exc)
+                elif failures == 0:
+                    log.warning("cannot reach the MQTT broker %s:%d: %s (retrying)", s.host, s.port, exc)
+                self.connected = False
+                ctx.count("mqtt_reconnects")
+                await ctx.clock.sleep(s.backoff.delay(failures, self._rng))
+                failures += 1
+            finally:
+                self.connected = False
+
+    async def _drain(self, client: aiomqtt.Client, ctx: Context) -> None:
+        assert self._outbox is not None
+        outbox = self._outbox
+        while True:
+            self._wakeup.clear()
+            batch = outbox.pending(self.settings.publish_window)
+            if not batch:
+                await self._wakeup.wait()
+                continue
+            # Publish a window at once (the broker acknowledges in order), then forget
+            # each message only after its acknowledgement arrived.
+            await asyncio.gather(
+                *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
+            )
+            for message in batch:
+                outbox.ack(message.id)
+            self.published += len(batch)
+            ctx.count("mqtt_published", len(batch))

@@ -1,0 +1,56 @@
+"""Real helper processes for tests: a mosquitto broker, and waiting for a port to listen."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def listening(port: int) -> bool:
+    """True once a TCP port on this machine is in LISTEN state (read from /proc, because a
+    probe connection could take a one-client server's only accept)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                return True
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]} did not start listening on port {port}")
+        time.sleep(0.02)
+
+
+class Broker:
+    """A real mosquitto on a loopback port, which tests can kill and start again."""
+
+    def __init__(self, port: int, workdir: Path, persistent: bool = False) -> None:
+        self.port = port
+        self.config = workdir / "mosquitto.conf"
+        # persistent: sessions and queued messages are saved on every change, so a test
+        # subscriber's session survives a kill; messages go to subscribers at once (no
+        # in-flight window), so what the broker acknowledged is already on its way to them.
+        persistence = (
+            f"persistence true\npersistence_location {workdir}/\n"
+            "autosave_interval 1\nautosave_on_changes true\nmax_inflight_messages 0\n"
+        )
+        self.config.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n"
+            + (persistence if persistent else "persistence false\n")
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdin=subprocess.DEVNULL)
+        wait_listening(self.port, self.proc)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(5)

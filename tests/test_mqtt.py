@@ -1,0 +1,192 @@
+"""The MQTT sink against a real mosquitto: topics, payloads, and nothing lost when the
+broker goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from stream_rt import Event, Graph, ReplayClock, Salience
+from stream_rt.config import parse_config
+from stream_rt.evaluation import LOSSLESS
+from stream_rt.graph import Backoff, Context
+from stream_rt.pipeline import build_pipeline
+from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.testing import ListSource
+
+from .processes import Broker
+
+
+@pytest.fixture
+def broker(free_port: int, tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(free_port, tmp_path)
+    b.start()
+    yield b
+    b.kill()
+
+
+class Subscriber:
+    """Collects every message under a prefix with paho-mqtt in its own thread: a message is
+    recorded in the callback, before its acknowledgement goes back, and the session is
+    persistent (QoS 1) and reconnects by itself, so nothing is lost on this side."""
+
+    def __init__(self, port: int, topic: str = "stream_rt/#") -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.connected = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-subscriber-{port}", clean_session=False)
+        client.reconnect_delay_set(0.05, 0.2)
+
+        def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+            c.subscribe(topic, qos=1)
+            loop.call_soon_threadsafe(self.connected.set)
+
+        def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+            self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
+
+        client.on_connect, client.on_message = on_connect, on_message
+        client.connect_async("127.0.0.1", port)
+        client.loop_start()
+        self._client = client
+
+    def payloads(self, suffix: str) -> list[dict[str, object]]:
+        return [json.loads(p) for t, p, _ in list(self.messages) if t.endswith(suffix)]
+
+    async def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def settings(port: int, tmp_path: Path) -> MqttSettings:
+    return MqttSettings(port=port, outbox=tmp_path / "outbox.sqlite", backoff=Backoff(0.1, 0.5, 0.1))
+
+
+async def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_replay_publishes_its_events_and_status_with_the_documented_topics(
+    samples: Path, broker: Broker, tmp_path: Path
+) -> None:
+    subscriber = Subscriber(broker.port)
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    config = parse_config({"sources": [{"id": "walkway", "url": str(samples / "still_motion.mkv"), "audio": False}],
+                           "graph": LOSSLESS})  # fmt: skip
+    pipeline = build_pipeline(config, speed=None)
+    pipeline.graph.add(MqttSink("mqtt", settings(broker.port, tmp_path)))
+    pipeline.graph.connect("trigger.events", "mqtt.in", capacity=64)
+    pipeline.graph.connect("walkway.status", "mqtt.in")
+    await pipeline.graph.run()
+    await wait_until(lambda: len(subscriber.payloads("/events")) >= 6, 5, "the events")
+    await subscriber.close()
+
+    topics = {t for t, _, _ in subscriber.messages}
+    assert {"stream_rt/available", "stream_rt/walkway/events", "stream_rt/walkway/status"} <= topics
+    assert b"online" in [p for t, p, _ in subscriber.messages if t == "stream_rt/available"]
+    events = subscriber.payloads("/walkway/events")
+    assert [e["type"] for e in events].count("new") == 3 and [e["type"] for e in events].count("end") == 3
+    first = events[0]
+    assert first["kind"] == "Event" and first["source_id"] == "walkway" and first["event_id"].startswith("walkway-")
+    assert {"start_pts_ns", "pts_ns", "wall_ns", "score", "components", "regions", "call_model"} <= set(first)
+    status = subscriber.payloads("/walkway/status")
+    assert status[0]["state"] == "online"
+
+
+def event(i: int) -> Event:
+    s = Salience("cam", i, i * 1_000_000, 0, 0.9, {"visual": 0.9})
+    return Event("cam", i, s.pts_ns, 0, "update", f"cam-{i}", 0, None, 0.9, 0.9, s.components, (), True)
+
+
+class SlowFeed(ListSource):
+    """Emits events at a steady pace, so a broker outage falls in the middle of the burst."""
+
+    outputs = {"out": (Event,)}
+
+    async def run(self, ctx: Context) -> None:
+        for i, packet in enumerate(self.packets):
+            await ctx.emit("out", packet)
+            if i % 50 == 49:
+                await asyncio.sleep(0.01)
+
+
+async def test_broker_killed_mid_burst_loses_no_event(free_port: int, tmp_path: Path) -> None:
+    broker = Broker(free_port, tmp_path, persistent=True)
+    broker.start()
+    subscriber = Subscriber(broker.port)
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    await asyncio.sleep(1.2)  # the broker has saved the subscriber's session
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=20)
+    sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=20)
+    graph.add(SlowFeed("feed", [event(i) for i in range(1500)]))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    run = asyncio.create_task(graph.run())
+    await wait_until(lambda: len(subscriber.messages) > 200, 10, "the burst to start")
+    broker.kill(signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    broker.start()
+    try:
+        await asyncio.wait_for(run, 30)
+        await wait_until(lambda: len({e["event_id"] for e in subscriber.payloads("/events")}) >= 1500, 10, "events")
+    finally:
+        await subscriber.close()
+        broker.kill()
+    ids = {e["event_id"] for e in subscriber.payloads("/events")}
+    assert ids == {f"cam-{i}" for i in range(1500)}, f"{1500 - len(ids)} events lost"
+    assert graph.statistics()["nodes"]["mqtt"]["mqtt_reconnects"] >= 1
+
+
+async def test_starting_while_the_broker_is_down_delivers_once_it_is_up(free_port: int, tmp_path: Path) -> None:
+    broker = Broker(free_port, tmp_path)
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=20)
+    graph.add(SlowFeed("feed", [event(i) for i in range(100)]))
+    sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=20)
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    run = asyncio.create_task(graph.run())
+    await asyncio.sleep(1.0)
+    assert not sink.connected and not run.done()
+    try:
+        broker.start()
+        subscriber = Subscriber(broker.port)
+        await asyncio.wait_for(run, 30)
+        await wait_until(lambda: len(subscriber.payloads("/events")) >= 100, 10, "the events")
+        await subscriber.close()
+    finally:
+        broker.kill()
+    assert {e["event_id"] for e in subscriber.payloads("/events")} == {f"cam-{i}" for i in range(100)}
+
+
+async def test_undelivered_events_survive_a_restart_in_the_outbox(free_port: int, tmp_path: Path) -> None:
+    # No broker at all: the run ends with everything still in the outbox ...
+    graph = Graph(clock=ReplayClock(None))
+    graph.add(SlowFeed("feed", [event(i) for i in range(30)]))
+    graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.2))
+    graph.connect("feed.out", "mqtt.in")
+    await graph.run()
+    # ... and the next process delivers it, in order, before anything new.
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    try:
+        subscriber = Subscriber(broker.port)
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        graph = Graph(clock=ReplayClock(None), drain_timeout_s=10)
+        graph.add(SlowFeed("feed", [event(i) for i in range(30, 40)]))
+        graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=10))
+        graph.connect("feed.out", "mqtt.in")
+        await graph.run()
+        await wait_until(lambda: len(subscriber.payloads("/events")) >= 40, 10, "the events")
+        await subscriber.close()
+    finally:
+        broker.kill()
+    assert [e["event_id"] for e in subscriber.payloads("/events")] == [f"cam-{i}" for i in range(40)]
