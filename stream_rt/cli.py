@@ -20,7 +20,6 @@ from stream_rt.config import (
     Config,
     ConfigError,
     JsonlSinkConfig,
-    SinksConfig,
     SourceConfig,
     load_config,
 )
@@ -57,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="replay a recorded file through the pipeline")
     replay.add_argument("file", type=Path)
-    replay.add_argument("--config", type=Path, help="pipeline config (TOML); default: built-in defaults")
+    replay.add_argument("--config", type=Path, help="pipeline config (TOML); channels it leaves unset stay lossless")
     replay.add_argument(
         "--speed",
         type=_speed,
@@ -136,16 +135,15 @@ def _replay(args: argparse.Namespace) -> int:
     source = SourceConfig(id=_source_id(args.file), url=str(args.file), live=False)
     sinks = base.sinks
     if args.out is not None:
-        sinks = SinksConfig(jsonl=JsonlSinkConfig(path=args.out))
-    graph_cfg = base.graph
-    if args.config is None:
-        # Offline replay without a config loses nothing: every edge blocks instead of dropping.
-        graph_cfg = base.graph.model_copy(
-            update={
-                "video_channel": ChannelConfig(policy="block", capacity=4),
-                "audio_channel": ChannelConfig(policy="block", capacity=64),
-            }
-        )
+        sinks = sinks.model_copy(update={"jsonl": JsonlSinkConfig(path=args.out)})
+    # A replay loses nothing unless the config asks for it: channels the config leaves
+    # unset block instead of dropping (the live defaults drop video for slow stages).
+    lossless = {
+        "video_channel": ChannelConfig(policy="block", capacity=4),
+        "audio_channel": ChannelConfig(policy="block", capacity=64),
+    }
+    unset = {k: v for k, v in lossless.items() if k not in base.graph.model_fields_set}
+    graph_cfg = base.graph.model_copy(update=unset)
     config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg})
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level))
     pipeline = build_pipeline(config, speed=args.speed)

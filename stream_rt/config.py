@@ -126,8 +126,19 @@ class JsonlSinkConfig(_Strict):
     snapshots_dir: Path | None = Field(None, description="write event snapshots here as <event_id>-<seq>.jpg")
 
 
+class MqttSinkConfig(_Strict):
+    host: str = Field("127.0.0.1", description="broker host")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    prefix: str = Field("stream_rt", pattern=r"^[^#+]+$", description="topic prefix (no wildcards)")
+    client_id: str | None = Field(None, description="MQTT client id; default: generated")
+    username: str | None = Field(None, description="default: $STREAM_RT_MQTT_USERNAME")
+    password: str | None = Field(None, repr=False, description="default: $STREAM_RT_MQTT_PASSWORD (prefer it)")
+    outbox: Path = Field(Path("stream_rt-outbox.sqlite"), description="SQLite file holding unacknowledged messages")
+
+
 class SinksConfig(_Strict):
     jsonl: JsonlSinkConfig | None = None
+    mqtt: MqttSinkConfig | None = None
 
 
 class LoggingConfig(_Strict):

@@ -15,9 +15,10 @@ its state per source).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
-from stream_rt.config import Config, SourceConfig
+from stream_rt.config import Config, MqttSinkConfig, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
 from stream_rt.operators.audio import AudioAnalyzer
@@ -26,6 +27,7 @@ from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
+from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sources.av_source import AvSource
 
 log = logging.getLogger("stream_rt.pipeline")
@@ -84,7 +86,27 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
             if jsonl_cfg.audio and source.spec.audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
+    if config.sinks.mqtt is not None:
+        graph.add(build_mqtt_sink(config.sinks.mqtt, config.graph.drain_timeout_s))
+        if trigger is not None:
+            graph.connect("trigger.events", "mqtt.in", capacity=64)
+        for source in sources:
+            graph.connect(f"{source.name}.status", "mqtt.in")
     return Pipeline(graph, sources, trigger, jsonl)
+
+
+def build_mqtt_sink(cfg: MqttSinkConfig, drain_timeout_s: float) -> MqttSink:
+    """Credentials come from the config or, better, the environment; never from code."""
+    settings = MqttSettings(
+        host=cfg.host,
+        port=cfg.port,
+        prefix=cfg.prefix,
+        client_id=cfg.client_id,
+        username=cfg.username or os.environ.get("STREAM_RT_MQTT_USERNAME"),
+        password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
+        outbox=cfg.outbox,
+    )
+    return MqttSink("mqtt", settings, drain_timeout_s=drain_timeout_s)
 
 
 def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> TriggerPolicy | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +191,22 @@ async def test_undelivered_events_survive_a_restart_in_the_outbox(free_port: int
     finally:
         broker.kill()
     assert [e["event_id"] for e in subscriber.payloads("/events")] == [f"cam-{i}" for i in range(40)]
+
+
+async def test_replay_with_an_mqtt_sink_in_the_config(samples: Path, broker: Broker, tmp_path: Path) -> None:
+    subscriber = Subscriber(broker.port, "site/cams/#")
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    config = tmp_path / "mqtt.toml"
+    config.write_text(
+        f'[sinks.mqtt]\nport = {broker.port}\nprefix = "site/cams"\noutbox = "{tmp_path / "outbox.sqlite"}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "replay", str(samples / "still_motion.mkv"), "--config", str(config),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    await wait_until(lambda: len(subscriber.payloads("/still_motion/events")) >= 6, 5, "the events")
+    await subscriber.close()
+    assert [e["type"] for e in subscriber.payloads("/still_motion/events")].count("new") == 3
+    assert ("site/cams/available", b"online", False) in subscriber.messages
