@@ -30,7 +30,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
 class Broker:
     """A real mosquitto on a loopback port, which tests can kill and start again."""
 
-    def __init__(self, port: int, workdir: Path, persistent: bool = False) -> None:
+    def __init__(self, port: int, workdir: Path, persistent: bool = False, auth: Path | None = None) -> None:
         self.port = port
         self.config = workdir / "mosquitto.conf"
         # persistent: sessions and queued messages are saved on every change, so a test
@@ -41,7 +41,9 @@ class Broker:
             "autosave_interval 1\nautosave_on_changes true\nmax_inflight_messages 0\n"
         )
         self.config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n"
+            # user root: stay able to read files in the test's private tmp dir when run as root.
+            f"listener {port} 127.0.0.1\nlog_dest none\nuser root\n"
+            + (f"allow_anonymous false\npassword_file {auth}\n" if auth else "allow_anonymous true\n")
             + (persistence if persistent else "persistence false\n")
         )
         self.proc: subprocess.Popen[bytes] | None = None

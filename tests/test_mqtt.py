@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -210,3 +212,30 @@ async def test_replay_with_an_mqtt_sink_in_the_config(samples: Path, broker: Bro
     await subscriber.close()
     assert [e["type"] for e in subscriber.payloads("/still_motion/events")].count("new") == 3
     assert ("site/cams/available", b"online", False) in subscriber.messages
+
+
+async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refusal(
+    free_port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "camera", "s3cret"], check=True)
+    broker = Broker(free_port, tmp_path, auth=tmp_path / "passwd")
+    broker.start()
+    try:
+        for attempt, (password, expect) in enumerate((("s3cret", True), ("guess", False))):
+            outbox = tmp_path / f"outbox-{attempt}.sqlite"
+            sink = MqttSink("mqtt", replace(settings(free_port, tmp_path), username="camera", password=password,
+                                            outbox=outbox), drain_timeout_s=1.5)  # fmt: skip
+            graph = Graph(clock=ReplayClock(None))
+            graph.add(SlowFeed("feed", [event(i) for i in range(5)]))
+            graph.add(sink)
+            graph.connect("feed.out", "mqtt.in")
+            await graph.run()
+            delivered = sink.published == 5
+            assert delivered == expect
+            counters = graph.statistics()["nodes"]["mqtt"]
+            assert ("mqtt_auth_refused" in counters) != expect
+    finally:
+        broker.kill()
+    refusals = [r.getMessage() for r in caplog.records if "refused user 'camera'" in r.getMessage()]
+    assert len(refusals) == 1, "one clear line per outage, not one per retry"
+    assert "check the username and password" in refusals[0] and "guess" not in caplog.text, "no secret in logs"

@@ -35,6 +35,9 @@ from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
 
+# CONNACK codes for refused credentials: MQTT 3.1.1 (4, 5) and MQTT 5 (134, 135).
+_REFUSED_CREDENTIALS = {4, 5, 134, 135}
+
 
 @dataclass(frozen=True)
 class MqttSettings:
@@ -125,16 +128,31 @@ class MqttSink(Sink):
                     log.info("connected to MQTT broker %s:%d", s.host, s.port)
                     await self._drain(client, ctx)
             except aiomqtt.MqttError as exc:
-                if self.connected:
-                    log.warning("lost the MQTT broker %s:%d: %s", s.host, s.port, exc)
-                elif failures == 0:
-                    log.warning("cannot reach the MQTT broker %s:%d: %s (retrying)", s.host, s.port, exc)
+                self._report(exc, failures, ctx)
                 self.connected = False
                 ctx.count("mqtt_reconnects")
                 await ctx.clock.sleep(s.backoff.delay(failures, self._rng))
                 failures += 1
             finally:
                 self.connected = False
+
+    def _report(self, exc: aiomqtt.MqttError, failures: int, ctx: Context) -> None:
+        """One clear line per outage (not per retry); refused credentials are an error."""
+        s = self.settings
+        code = getattr(exc, "rc", None)
+        if isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) in _REFUSED_CREDENTIALS:
+            ctx.count("mqtt_auth_refused")
+            if failures == 0:
+                who = f"user '{s.username}'" if s.username else "anonymous clients"
+                log.error(
+                    "the MQTT broker %s:%d refused %s (%s): check the username and password "
+                    "([sinks.mqtt] or STREAM_RT_MQTT_USERNAME / STREAM_RT_MQTT_PASSWORD); retrying",
+                    s.host, s.port, who, exc,
+                )  # fmt: skip
+        elif self.connected:
+            log.warning("lost the MQTT broker %s:%d: %s", s.host, s.port, exc)
+        elif failures == 0:
+            log.warning("cannot reach the MQTT broker %s:%d: %s (retrying)", s.host, s.port, exc)
 
     async def _drain(self, client: aiomqtt.Client, ctx: Context) -> None:
         assert self._outbox is not None
