@@ -117,11 +117,12 @@ class MqttSink(Sink):
         failures = 0
         will = aiomqtt.Will(self.topic("available"), b"offline", qos=1, retain=True)
         while True:
+            client = aiomqtt.Client(
+                s.host, s.port, identifier=s.client_id, username=s.username, password=s.password,
+                will=will, timeout=10,
+            )  # fmt: skip
             try:
-                async with aiomqtt.Client(
-                    s.host, s.port, identifier=s.client_id, username=s.username, password=s.password,
-                    will=will, timeout=10,
-                ) as client:  # fmt: skip
+                async with client:
                     await client.publish(self.topic("available"), b"online", qos=1, retain=True)
                     self.connected = True
                     failures = 0
@@ -135,6 +136,7 @@ class MqttSink(Sink):
                 failures += 1
             finally:
                 self.connected = False
+                _consume_disconnect(client)
 
     def _report(self, exc: aiomqtt.MqttError, failures: int, ctx: Context) -> None:
         """One clear line per outage (not per retry); refused credentials are an error."""
@@ -172,3 +174,12 @@ class MqttSink(Sink):
                 outbox.ack(message.id)
             self.published += len(batch)
             ctx.count("mqtt_published", len(batch))
+
+
+def _consume_disconnect(client: aiomqtt.Client) -> None:
+    """aiomqtt keeps the reason of an unexpected disconnect in a future that nobody reads
+    when the connection dies inside ``async with``; read it (we already handled the error
+    above) so asyncio does not print 'Future exception was never retrieved' at exit."""
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+        future.exception()
