@@ -134,6 +134,7 @@ class MqttSinkConfig(_Strict):
     username: str | None = Field(None, description="default: $STREAM_RT_MQTT_USERNAME")
     password: str | None = Field(None, repr=False, description="default: $STREAM_RT_MQTT_PASSWORD (prefer it)")
     outbox: Path = Field(Path("stream_rt-outbox.sqlite"), description="SQLite file holding unacknowledged messages")
+    stats_interval_s: float = Field(30.0, gt=0, description="publish the graph's counters on <prefix>/stats this often")
 
 
 class SinksConfig(_Strict):

@@ -87,7 +87,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
             if jsonl_cfg.audio and source.spec.audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     if config.sinks.mqtt is not None:
-        graph.add(build_mqtt_sink(config.sinks.mqtt, config.graph.drain_timeout_s))
+        graph.add(build_mqtt_sink(config.sinks.mqtt, graph))
         if trigger is not None:
             graph.connect("trigger.events", "mqtt.in", capacity=64)
         for source in sources:
@@ -95,7 +95,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
     return Pipeline(graph, sources, trigger, jsonl)
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, drain_timeout_s: float) -> MqttSink:
+def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph) -> MqttSink:
     """Credentials come from the config or, better, the environment; never from code."""
     settings = MqttSettings(
         host=cfg.host,
@@ -105,8 +105,9 @@ def build_mqtt_sink(cfg: MqttSinkConfig, drain_timeout_s: float) -> MqttSink:
         username=cfg.username or os.environ.get("STREAM_RT_MQTT_USERNAME"),
         password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
         outbox=cfg.outbox,
+        stats_interval_s=cfg.stats_interval_s,
     )
-    return MqttSink("mqtt", settings, drain_timeout_s=drain_timeout_s)
+    return MqttSink("mqtt", settings, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics)
 
 
 def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> TriggerPolicy | None:

@@ -201,6 +201,7 @@ async def test_replay_with_an_mqtt_sink_in_the_config(samples: Path, broker: Bro
     config = tmp_path / "mqtt.toml"
     config.write_text(
         f'[sinks.mqtt]\nport = {broker.port}\nprefix = "site/cams"\noutbox = "{tmp_path / "outbox.sqlite"}"\n'
+        "stats_interval_s = 0.2\n"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stream_rt.cli", "replay", str(samples / "still_motion.mkv"), "--config", str(config),
@@ -212,6 +213,8 @@ async def test_replay_with_an_mqtt_sink_in_the_config(samples: Path, broker: Bro
     await subscriber.close()
     assert [e["type"] for e in subscriber.payloads("/still_motion/events")].count("new") == 3
     assert ("site/cams/available", b"online", False) in subscriber.messages
+    stats = subscriber.payloads("site/cams/stats")
+    assert stats and {"nodes", "edges"} <= set(stats[-1]) and "still_motion" in stats[-1]["nodes"]
 
 
 async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refusal(

@@ -8,7 +8,9 @@ users know:
 - ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end,
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
 - ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
-  retained, QoS 1.
+  retained, QoS 1;
+- ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
+  ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
 
 Each message is committed to the :class:`~stream_rt.sinks.outbox.Outbox` first and
 removed only once the broker has acknowledged it (PUBACK), so an unreachable broker, a
@@ -23,8 +25,10 @@ import contextlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
@@ -49,15 +53,23 @@ class MqttSettings:
     password: str | None = field(default=None, repr=False)
     outbox: Path = Path("stream_rt-outbox.sqlite")
     publish_window: int = 64
+    stats_interval_s: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0, 0.2))
 
 
 class MqttSink(Sink):
     inputs = {"in": (Event, SourceStatus)}
 
-    def __init__(self, name: str, settings: MqttSettings, drain_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: MqttSettings,
+        drain_timeout_s: float = 5.0,
+        stats: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(name)
         self.settings = settings
+        self.stats = stats
         self.drain_timeout_s = drain_timeout_s
         self.connected = False
         self.published = 0
@@ -127,7 +139,13 @@ class MqttSink(Sink):
                     self.connected = True
                     failures = 0
                     log.info("connected to MQTT broker %s:%d", s.host, s.port)
-                    await self._drain(client, ctx)
+                    stats = asyncio.create_task(self._publish_stats(client, ctx)) if self.stats else None
+                    try:
+                        await self._drain(client, ctx)
+                    finally:
+                        if stats is not None:
+                            stats.cancel()
+                            await asyncio.gather(stats, return_exceptions=True)
             except aiomqtt.MqttError as exc:
                 self._report(exc, failures, ctx)
                 self.connected = False
@@ -155,6 +173,13 @@ class MqttSink(Sink):
             log.warning("lost the MQTT broker %s:%d: %s", s.host, s.port, exc)
         elif failures == 0:
             log.warning("cannot reach the MQTT broker %s:%d: %s (retrying)", s.host, s.port, exc)
+
+    async def _publish_stats(self, client: aiomqtt.Client, ctx: Context) -> None:
+        assert self.stats is not None
+        while True:
+            payload = json.dumps({"wall_ns": ctx.clock.wall_ns(), **self.stats()}, separators=(",", ":"))
+            await client.publish(self.topic("stats"), payload.encode(), qos=0)
+            await ctx.clock.sleep(self.settings.stats_interval_s)
 
     async def _drain(self, client: aiomqtt.Client, ctx: Context) -> None:
         assert self._outbox is not None
