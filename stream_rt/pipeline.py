@@ -87,7 +87,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
             if jsonl_cfg.audio and source.spec.audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     if config.sinks.mqtt is not None:
-        graph.add(build_mqtt_sink(config.sinks.mqtt, graph))
+        graph.add(build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources}))
         if trigger is not None:
             graph.connect("trigger.events", "mqtt.in", capacity=64)
         for source in sources:
@@ -95,7 +95,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
     return Pipeline(graph, sources, trigger, jsonl)
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph) -> MqttSink:
+def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | None, sources: set[str]) -> MqttSink:
     """Credentials come from the config or, better, the environment; never from code."""
     settings = MqttSettings(
         host=cfg.host,
@@ -107,7 +107,14 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph) -> MqttSink:
         outbox=cfg.outbox,
         stats_interval_s=cfg.stats_interval_s,
     )
-    return MqttSink("mqtt", settings, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics)
+    return MqttSink(
+        "mqtt",
+        settings,
+        drain_timeout_s=graph.drain_timeout_s,
+        stats=graph.statistics,
+        commands=trigger,
+        sources=sources,
+    )
 
 
 def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> TriggerPolicy | None:

@@ -47,6 +47,9 @@ class _SourceState:
     above_since_ns: int | None = None
     episode: _Episode | None = None
     calls: deque[int] = field(default_factory=deque)
+    enabled: bool = True
+    on: float | None = None
+    off: float | None = None
     last_call_ns: int | None = None
     last: Salience | None = None
 
@@ -100,6 +103,19 @@ class TriggerPolicy(Node):
                     ctx.count("events_end")
                     await ctx.emit("events", self._end(state, state.last, "end_of_stream"))
 
+    def set_enabled(self, source_id: str, enabled: bool) -> None:
+        """Let a source open episodes, or not (its open episode ends at its next step)."""
+        self._states.setdefault(source_id, _SourceState()).enabled = enabled
+
+    def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None:
+        """Override a source's on/off thresholds (``None`` keeps the current one)."""
+        state = self._states.setdefault(source_id, _SourceState())
+        new_on = on if on is not None else (state.on if state.on is not None else self.on)
+        new_off = off if off is not None else (state.off if state.off is not None else self.off)
+        if not 0 <= new_off <= new_on <= 1:
+            raise ValueError(f"thresholds need 0 <= off <= on <= 1, got on={new_on}, off={new_off}")
+        state.on, state.off = new_on, new_off
+
     def step(self, s: Salience, ctx: Context) -> list[Event]:
         """The events that salience ``s`` causes (often none)."""
         state = self._states.setdefault(s.source_id, _SourceState())
@@ -107,12 +123,19 @@ class TriggerPolicy(Node):
         now = s.pts_ns
         events: list[Event] = []
         episode = state.episode
+        on = self.on if state.on is None else state.on
+        off = self.off if state.off is None else state.off
+        if not state.enabled:
+            ctx.count("skip_disabled")
+            if episode is not None:
+                events.append(self._end(state, s, "disabled"))
+            return events
         if episode is not None:
             episode.peak = max(episode.peak, s.score)
             if now - episode.start_ns >= self.max_episode_ns:
                 events.append(self._end(state, s, "max_duration"))
                 episode = None
-            elif s.score < self.off:
+            elif s.score < off:
                 if episode.below_since_ns is None:
                     episode.below_since_ns = now
                 if now - episode.below_since_ns >= self.cutoff_ns:
@@ -121,7 +144,7 @@ class TriggerPolicy(Node):
             else:
                 episode.below_since_ns = None
         if episode is None:
-            if s.score < self.on:
+            if s.score < on:
                 state.above_since_ns = None
                 return events
             if state.above_since_ns is None:
@@ -135,7 +158,7 @@ class TriggerPolicy(Node):
         if now - episode.last_update_ns < self.update_ns:
             return events
         episode.last_update_ns = now
-        if s.score < self.on:
+        if s.score < on:
             ctx.count("skip_below_on")
             return events
         events.append(self._event("update", state, s, self._budget(state, now, ctx)))

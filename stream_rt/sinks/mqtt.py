@@ -35,6 +35,7 @@ import aiomqtt
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, Packet, SourceStatus
+from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
 from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
@@ -66,10 +67,14 @@ class MqttSink(Sink):
         settings: MqttSettings,
         drain_timeout_s: float = 5.0,
         stats: Callable[[], dict[str, Any]] | None = None,
+        commands: CommandTarget | None = None,
+        sources: set[str] | None = None,
     ) -> None:
         super().__init__(name)
         self.settings = settings
         self.stats = stats
+        self.commands = commands
+        self.sources = sources or set()
         self.drain_timeout_s = drain_timeout_s
         self.connected = False
         self.published = 0
@@ -139,13 +144,18 @@ class MqttSink(Sink):
                     self.connected = True
                     failures = 0
                     log.info("connected to MQTT broker %s:%d", s.host, s.port)
-                    stats = asyncio.create_task(self._publish_stats(client, ctx)) if self.stats else None
+                    helpers = []
+                    if self.stats is not None:
+                        helpers.append(asyncio.create_task(self._publish_stats(client, ctx)))
+                    if self.commands is not None:
+                        await client.subscribe(self.topic("+", "+", "set"), qos=1)
+                        helpers.append(asyncio.create_task(self._listen(client, ctx)))
                     try:
                         await self._drain(client, ctx)
                     finally:
-                        if stats is not None:
-                            stats.cancel()
-                            await asyncio.gather(stats, return_exceptions=True)
+                        for helper in helpers:
+                            helper.cancel()
+                        await asyncio.gather(*helpers, return_exceptions=True)
             except aiomqtt.MqttError as exc:
                 self._report(exc, failures, ctx)
                 self.connected = False
@@ -173,6 +183,25 @@ class MqttSink(Sink):
             log.warning("lost the MQTT broker %s:%d: %s", s.host, s.port, exc)
         elif failures == 0:
             log.warning("cannot reach the MQTT broker %s:%d: %s (retrying)", s.host, s.port, exc)
+
+    async def _listen(self, client: aiomqtt.Client, ctx: Context) -> None:
+        """Apply validated commands; answer each on the source's status topic."""
+        assert self.commands is not None
+        async for message in client.messages:
+            parts = str(message.topic).split("/")
+            source, feature = parts[-3], parts[-2]
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            try:
+                done = apply_command(self.commands, self.sources, source, feature, payload)
+                reply: dict[str, object] = {"command": feature, "ok": True, "applied": done}
+                log.info("command for '%s': %s", source, done)
+                ctx.count("commands_applied")
+            except CommandError as exc:
+                reply = {"command": feature, "ok": False, "error": str(exc)}
+                log.warning("rejected a command on %s: %s", message.topic, exc)
+                ctx.count("commands_rejected")
+            topic = self.topic(source, "status") if source in self.sources else self.topic("status")
+            await client.publish(topic, json.dumps(reply).encode(), qos=1)
 
     async def _publish_stats(self, client: aiomqtt.Client, ctx: Context) -> None:
         assert self.stats is not None

@@ -1,0 +1,79 @@
+"""Commands that arrive on ``<prefix>/<source>/<feature>/set``, validated before use.
+
+- ``<source>/enabled/set``: ``ON`` or ``OFF`` (Frigate's convention): whether the source's
+  salience may open episodes; turning it off ends an open episode.
+- ``<source>/trigger/set``: a JSON object with any of ``on``, ``off`` (0..1, off <= on):
+  that source's trigger thresholds.
+
+A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
+source or feature changes nothing and is answered with an error message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_PAYLOAD = 4096
+
+
+class CommandError(ValueError):
+    """The command was rejected; ``str()`` says why in one line."""
+
+
+class TriggerThresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    on: float | None = Field(None, ge=0, le=1)
+    off: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _something_to_set(self) -> TriggerThresholds:
+        if self.on is None and self.off is None:
+            raise ValueError("give 'on' and/or 'off'")
+        return self
+
+
+class CommandTarget(Protocol):
+    """What commands act on (the trigger policy implements it)."""
+
+    def set_enabled(self, source_id: str, enabled: bool) -> None: ...
+
+    def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None: ...
+
+
+def apply_command(target: CommandTarget, sources: set[str], source: str, feature: str, payload: bytes) -> str:
+    """Validate and apply one command; returns what was done, raises :class:`CommandError`."""
+    if source not in sources:
+        raise CommandError(f"unknown source '{source}' (sources: {', '.join(sorted(sources))})")
+    if len(payload) > MAX_PAYLOAD:
+        raise CommandError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandError("payload is not UTF-8") from None
+    if feature == "enabled":
+        if text.upper() not in ("ON", "OFF"):
+            raise CommandError(f"'enabled' takes ON or OFF, got {text[:40]!r}")
+        target.set_enabled(source, text.upper() == "ON")
+        return f"enabled {text.upper()}"
+    if feature == "trigger":
+        try:
+            thresholds = TriggerThresholds.model_validate(json.loads(text))
+        except (json.JSONDecodeError, ValidationError, ValueError) as exc:
+            raise CommandError(f"'trigger' takes a JSON object like {{\"on\": 0.6}}: {_first_line(exc)}") from None
+        try:
+            target.set_thresholds(source, thresholds.on, thresholds.off)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return f"trigger {thresholds.model_dump(exclude_none=True)}"
+    raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger)")
+
+
+def _first_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "payload"
+        return f"{where}: {error['msg']}"
+    return str(exc).splitlines()[0]

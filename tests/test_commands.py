@@ -1,0 +1,120 @@
+"""Commands on <prefix>/<source>/<feature>/set: validated, applied, answered; bad ones change
+nothing — checked directly and through a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import paho.mqtt.publish as mqtt_publish
+import pytest
+
+from stream_rt import Event, Graph, ReplayClock, Salience
+from stream_rt.graph import Context
+from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
+from stream_rt.sinks.mqtt import MqttSink
+from stream_rt.testing import ListSource
+
+from .processes import Broker
+from .test_mqtt import Subscriber, settings, wait_until
+
+
+def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float | None, bool]:
+    state = trigger._states.get(source)
+    return (None, None, True) if state is None else (state.on, state.off, state.enabled)
+
+
+@pytest.mark.parametrize(
+    "feature,payload,error",
+    [
+        ("trigger", b'{"on": "high"}', "on: Input should be a valid number"),
+        ("trigger", b'{"on": 0.2, "off": 0.6}', "off <= on"),
+        ("trigger", b'{"on": 2}', "less than or equal to 1"),
+        ("trigger", b'{"gain": 3}', "Extra inputs are not permitted"),
+        ("trigger", b"{}", "give 'on' and/or 'off'"),
+        ("trigger", b"[1, 2", "JSON object"),
+        ("enabled", b"maybe", "takes ON or OFF"),
+        ("enabled", b"\xff\xfe", "not UTF-8"),
+        ("enabled", b"ON" + b" " * MAX_PAYLOAD, "over the 4096-byte limit"),
+        ("zoom", b"2", "unknown feature 'zoom'"),
+    ],
+)
+def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: bytes, error: str) -> None:
+    trigger = TriggerPolicy("trigger")
+    with pytest.raises(CommandError, match=error.replace("(", r"\(").replace("[", r"\[")):
+        apply_command(trigger, {"gate"}, "gate", feature, payload)
+    assert thresholds(trigger, "gate") == (None, None, True)
+
+
+def test_unknown_sources_are_rejected() -> None:
+    with pytest.raises(CommandError, match="unknown source 'garage'"):
+        apply_command(TriggerPolicy("trigger"), {"gate"}, "garage", "enabled", b"OFF")
+
+
+def test_good_commands_are_applied() -> None:
+    trigger = TriggerPolicy("trigger", on=0.5, off=0.3)
+    assert apply_command(trigger, {"gate"}, "gate", "trigger", b'{"on": 0.8}') == "trigger {'on': 0.8}"
+    assert thresholds(trigger, "gate") == (0.8, 0.3, True)
+    apply_command(trigger, {"gate"}, "gate", "enabled", b"off")
+    assert thresholds(trigger, "gate")[2] is False
+
+
+class Waiting(ListSource):
+    """A source that stays up (like a camera) until the graph is stopped."""
+
+    outputs = {"out": (Event,)}
+
+    async def run(self, ctx: Context) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_commands_over_a_real_broker(free_port: int, tmp_path: Path) -> None:
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    trigger = TriggerPolicy("trigger")
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
+    sink = MqttSink("mqtt", settings(free_port, tmp_path), commands=trigger, sources={"gate"})
+    graph.add(Waiting("feed", []))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in")
+    run = asyncio.create_task(graph.run())
+    subscriber = Subscriber(free_port, "stream_rt/#")
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        await wait_until(lambda: sink.connected, 5, "the sink to connect")
+        await asyncio.sleep(0.2)
+        send = lambda topic, payload: mqtt_publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=free_port)  # noqa: E731
+        await asyncio.to_thread(send, "stream_rt/gate/trigger/set", b'{"on": "very"}')
+        await asyncio.to_thread(send, "stream_rt/gate/trigger/set", b"\xff" * 10_000)
+        await asyncio.to_thread(send, "stream_rt/gate/trigger/set", b'{"on": 0.7, "off": 0.4}')
+        await wait_until(lambda: len(subscriber.payloads("/gate/status")) >= 3, 5, "the answers")
+        answers = subscriber.payloads("/gate/status")
+        assert [a["ok"] for a in answers] == [False, False, True]
+        assert "Input should be a valid number" in str(answers[0]["error"])
+        assert "4096-byte limit" in str(answers[1]["error"])
+        assert thresholds(trigger, "gate") == (0.7, 0.4, True)
+        assert not run.done(), "the daemon keeps running after bad commands"
+    finally:
+        await subscriber.close()
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+        broker.kill()
+    counters = graph.statistics()["nodes"]["mqtt"]
+    assert counters["commands_rejected"] == 2 and counters["commands_applied"] == 1
+
+
+async def test_a_disabled_source_ends_its_episode_and_opens_none() -> None:
+    from stream_rt.testing import run_node
+
+    packets = [Salience("gate", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(30)]
+
+    class Toggle(TriggerPolicy):
+        def step(self, s: Salience, ctx: Context) -> list[Event]:
+            if s.seq == 10:
+                self.set_enabled("gate", False)
+            return super().step(s, ctx)
+
+    out = await run_node(Toggle("trigger"), packets)
+    events = [p for p in out["events"] if isinstance(p, Event)]
+    assert [(e.type, e.reason) for e in events] == [("new", ""), ("end", "disabled")]
