@@ -20,12 +20,14 @@ from stream_rt.config import (
     Config,
     ConfigError,
     JsonlSinkConfig,
+    OpsConfig,
     SourceConfig,
     load_config,
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
 from stream_rt.operators.vad import VadUnavailable
+from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.sources.av_source import SourceError
@@ -168,22 +170,30 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: {exc}") from None
     log.info("running %d sources: %s", len(pipeline.sources), ", ".join(s.name for s in pipeline.sources))
     started = time.monotonic()
-    code = _execute(pipeline, progress=False)
+    code = _execute(pipeline, progress=False, ops=config.ops)
     wall = time.monotonic() - started
     log.info("%s", summary("stopped", pipeline.graph.statistics(), pipeline.sources, wall))
     return code
 
 
-def _execute(pipeline: Pipeline, progress: bool) -> int:
+def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -> int:
     """Run the graph under uvloop with signal handling; 0 on success, 1 if a node failed."""
     import uvloop
 
     async def go() -> None:
         bar = ProgressBar(pipeline.graph, pipeline.sources)
         drawing = asyncio.create_task(bar.run()) if progress else None
+        server = None
+        if ops is not None and ops.http:
+            host, _, port = ops.http.rpartition(":")
+            server = OpsServer(pipeline.graph.statistics, pipeline.sources, pipeline.graph.clock, host, int(port),
+                               ops.offline_grace_s)  # fmt: skip
+            await server.start()
         try:
             await pipeline.graph.run(handle_signals=True)
         finally:
+            if server is not None:
+                await server.stop()
             if drawing is not None:
                 drawing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

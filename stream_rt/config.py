@@ -142,6 +142,13 @@ class SinksConfig(_Strict):
     mqtt: MqttSinkConfig | None = None
 
 
+class OpsConfig(_Strict):
+    http: str | None = Field(
+        None, pattern=r"^[^:]+:\d+$", description="serve /healthz and /metrics here, e.g. '127.0.0.1:9108'"
+    )
+    offline_grace_s: float = Field(30.0, ge=0, description="/healthz fails once a source is offline this long")
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -154,6 +161,7 @@ class Config(_Strict):
     salience: SalienceConfig = Field(default_factory=SalienceConfig)
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("sources")

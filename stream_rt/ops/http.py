@@ -1,0 +1,113 @@
+"""``/healthz`` and ``/metrics`` over plain HTTP, bound to loopback by default.
+
+- ``/healthz``: 200 ``ok`` while every source is online (or offline for less than
+  ``offline_grace_s``); 503 naming the sources offline past the grace period.
+- ``/metrics``: Prometheus text format: every counter of every node
+  (``stream_rt_node_total{node,counter}``), each channel's depth and drops by reason,
+  and each source's state (``stream_rt_source_online``).
+
+A tiny asyncio server: the runtime needs two read-only endpoints, not a web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from stream_rt.graph.clock import Clock
+from stream_rt.sources.av_source import AvSource
+
+log = logging.getLogger("stream_rt.ops")
+
+
+class OpsServer:
+    def __init__(
+        self,
+        statistics: Callable[[], dict[str, Any]],
+        sources: list[AvSource],
+        clock: Clock,
+        host: str = "127.0.0.1",
+        port: int = 9108,
+        offline_grace_s: float = 30.0,
+    ) -> None:
+        self.statistics = statistics
+        self.sources = sources
+        self.clock = clock
+        self.host, self.port = host, port
+        self.offline_grace_ns = int(offline_grace_s * 1e9)
+        self._offline_since: dict[str, int] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("health and metrics on http://%s:%d/healthz and /metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def health(self) -> tuple[bool, str]:
+        now = self.clock.now_ns()
+        down = []
+        for source in self.sources:
+            if source.state == "online":
+                self._offline_since.pop(source.name, None)
+                continue
+            since = self._offline_since.setdefault(source.name, now)
+            if now - since >= self.offline_grace_ns:
+                down.append(f"{source.name} ({source.state} for {(now - since) / 1e9:.0f} s)")
+        return (not down), ("ok" if not down else "offline: " + ", ".join(down))
+
+    def metrics(self) -> str:
+        stats = self.statistics()
+        lines = [
+            "# TYPE stream_rt_node_total counter",
+            *(
+                f'stream_rt_node_total{{node="{node}",counter="{name}"}} {value}'
+                for node, counters in stats["nodes"].items()
+                for name, value in counters.items()
+            ),
+            "# TYPE stream_rt_channel_depth gauge",
+            *(f'stream_rt_channel_depth{{edge="{edge}"}} {e["depth"]}' for edge, e in stats["edges"].items()),
+            "# TYPE stream_rt_channel_dropped_total counter",
+            *(
+                f'stream_rt_channel_dropped_total{{edge="{edge}",reason="{reason}"}} {n}'
+                for edge, e in stats["edges"].items()
+                for reason, n in e["dropped"].items()
+            ),
+            "# TYPE stream_rt_source_online gauge",
+            *(f'stream_rt_source_online{{source="{s.name}"}} {int(s.state == "online")}' for s in self.sources),
+        ]
+        return "\n".join(lines) + "\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else ""
+            if path == "/healthz":
+                ok, text = self.health()
+                status, body, kind = ("200 OK" if ok else "503 Service Unavailable"), text + "\n", "text/plain"
+            elif path == "/metrics":
+                status, body, kind = "200 OK", self.metrics(), "text/plain; version=0.0.4"
+            else:
+                status, body, kind = "404 Not Found", "try /healthz or /metrics\n", "text/plain"
+            data = body.encode()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
