@@ -242,3 +242,12 @@ async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refu
     refusals = [r.getMessage() for r in caplog.records if "refused user 'camera'" in r.getMessage()]
     assert len(refusals) == 1, "one clear line per outage, not one per retry"
     assert "check the username and password" in refusals[0] and "guess" not in caplog.text, "no secret in logs"
+
+
+async def test_outbox_depth_is_counted_while_the_broker_is_away(free_port: int, tmp_path: Path) -> None:
+    graph = Graph(clock=ReplayClock(None))
+    graph.add(SlowFeed("feed", [event(i) for i in range(25)]))
+    graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.1))
+    graph.connect("feed.out", "mqtt.in")
+    await graph.run()
+    assert graph.statistics()["nodes"]["mqtt"]["outbox_depth"] == 25

@@ -98,6 +98,8 @@ class MqttSink(Sink):
     async def process(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, Event):
             self._enqueue(self.topic(packet.source_id, "events"), packet.to_record(), retain=False)
+            assert self._outbox is not None
+            ctx.counters["outbox_depth"] = self._outbox.depth()
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):
@@ -228,6 +230,7 @@ class MqttSink(Sink):
                 outbox.ack(message.id)
             self.published += len(batch)
             ctx.count("mqtt_published", len(batch))
+            ctx.counters["outbox_depth"] = outbox.depth()
 
 
 def _consume_disconnect(client: aiomqtt.Client) -> None:
