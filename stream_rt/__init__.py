@@ -38,8 +38,8 @@ from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
-from stream_rt.sinks import CallbackSink, JsonlSink
-from stream_rt.sources import AvSource, Backoff, SourceError, SyntheticSource
+from stream_rt.sinks import CallbackSink, JsonlSink, MqttSink
+from stream_rt.sources import AvSource, Backoff, MqttSource, SourceError, SyntheticSource
 
 __version__ = "0.1.0"
 
@@ -67,6 +67,8 @@ __all__ = [
     "GraphBuildError",
     "JsonlSink",
     "ManualClock",
+    "MqttSink",
+    "MqttSource",
     "Node",
     "NodeFailed",
     "Packet",

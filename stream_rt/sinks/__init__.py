@@ -2,5 +2,6 @@
 
 from stream_rt.sinks.callback import CallbackSink
 from stream_rt.sinks.jsonl import JsonlSink
+from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 
-__all__ = ["CallbackSink", "JsonlSink"]
+__all__ = ["CallbackSink", "JsonlSink", "MqttSettings", "MqttSink"]
