@@ -135,6 +135,9 @@ class MqttSinkConfig(_Strict):
     password: str | None = Field(None, repr=False, description="default: $STREAM_RT_MQTT_PASSWORD (prefer it)")
     outbox: Path = Field(Path("stream_rt-outbox.sqlite"), description="SQLite file holding unacknowledged messages")
     stats_interval_s: float = Field(30.0, gt=0, description="publish the graph's counters on <prefix>/stats this often")
+    tls_ca: Path | None = Field(None, description="CA certificate: connect with TLS and verify the broker against it")
+    tls_cert: Path | None = Field(None, description="client certificate, for brokers that require one")
+    tls_key: Path | None = Field(None, description="the client certificate's private key")
 
 
 class SinksConfig(_Strict):

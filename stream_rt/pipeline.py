@@ -106,6 +106,9 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
         password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
         outbox=cfg.outbox,
         stats_interval_s=cfg.stats_interval_s,
+        tls_ca=cfg.tls_ca,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
     )
     return MqttSink(
         "mqtt",

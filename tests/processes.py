@@ -30,7 +30,9 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
 class Broker:
     """A real mosquitto on a loopback port, which tests can kill and start again."""
 
-    def __init__(self, port: int, workdir: Path, persistent: bool = False, auth: Path | None = None) -> None:
+    def __init__(
+        self, port: int, workdir: Path, persistent: bool = False, auth: Path | None = None, tls: Path | None = None
+    ) -> None:
         self.port = port
         self.config = workdir / "mosquitto.conf"
         # persistent: sessions and queued messages are saved on every change, so a test
@@ -45,6 +47,11 @@ class Broker:
             f"listener {port} 127.0.0.1\nlog_dest none\nuser root\n"
             + (f"allow_anonymous false\npassword_file {auth}\n" if auth else "allow_anonymous true\n")
             + (persistence if persistent else "persistence false\n")
+            + (
+                f"cafile {tls}/ca.crt\ncertfile {tls}/server.crt\nkeyfile {tls}/server.key\nrequire_certificate true\n"
+                if tls
+                else ""
+            )
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -56,3 +63,22 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(5)
+
+
+def make_certificates(directory: Path) -> Path:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, made
+    with the openssl command line."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "san.cnf"]), ("client", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-out", f"{name}.crt", *extra)  # fmt: skip
+    return directory

@@ -23,7 +23,7 @@ from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.testing import ListSource
 
-from .processes import Broker
+from .processes import Broker, make_certificates
 
 
 @pytest.fixture
@@ -251,3 +251,27 @@ async def test_outbox_depth_is_counted_while_the_broker_is_away(free_port: int, 
     graph.connect("feed.out", "mqtt.in")
     await graph.run()
     assert graph.statistics()["nodes"]["mqtt"]["outbox_depth"] == 25
+
+
+async def test_tls_with_a_client_certificate(free_port: int, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    broker = Broker(free_port, tmp_path, tls=certs)
+    broker.start()
+    try:
+        for attempt, with_cert in enumerate((True, False)):
+            tls = replace(
+                settings(free_port, tmp_path),
+                outbox=tmp_path / f"outbox-{attempt}.sqlite",
+                tls_ca=certs / "ca.crt",
+                tls_cert=certs / "client.crt" if with_cert else None,
+                tls_key=certs / "client.key" if with_cert else None,
+            )
+            sink = MqttSink("mqtt", tls, drain_timeout_s=1.5)
+            graph = Graph(clock=ReplayClock(None))
+            graph.add(SlowFeed("feed", [event(i) for i in range(5)]))
+            graph.add(sink)
+            graph.connect("feed.out", "mqtt.in")
+            await graph.run()
+            assert (sink.published == 5) == with_cert, "the broker requires a client certificate"
+    finally:
+        broker.kill()

@@ -53,6 +53,9 @@ class MqttSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     outbox: Path = Path("stream_rt-outbox.sqlite")
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     publish_window: int = 64
     stats_interval_s: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0, 0.2))
@@ -135,10 +138,17 @@ class MqttSink(Sink):
         s = self.settings
         failures = 0
         will = aiomqtt.Will(self.topic("available"), b"offline", qos=1, retain=True)
+        tls = None
+        if s.tls_ca is not None:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(s.tls_ca),
+                certfile=str(s.tls_cert) if s.tls_cert else None,
+                keyfile=str(s.tls_key) if s.tls_key else None,
+            )
         while True:
             client = aiomqtt.Client(
                 s.host, s.port, identifier=s.client_id, username=s.username, password=s.password,
-                will=will, timeout=10,
+                will=will, timeout=10, tls_params=tls,
             )  # fmt: skip
             try:
                 async with client:
