@@ -147,7 +147,7 @@ def _replay(args: argparse.Namespace) -> int:
     unset = {k: v for k, v in lossless.items() if k not in base.graph.model_fields_set}
     graph_cfg = base.graph.model_copy(update=unset)
     config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg})
-    setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level))
+    setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     pipeline = build_pipeline(config, speed=args.speed)
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
@@ -163,7 +163,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    setup_logging(args.log_level or config.logging.level)
+    setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:

@@ -154,6 +154,7 @@ class OpsConfig(_Strict):
 
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = Field("text", description="'json': one JSON object per line")
 
 
 class Config(_Strict):

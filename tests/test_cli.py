@@ -148,3 +148,15 @@ def test_progress_bar_on_a_terminal(samples: Path) -> None:
     text = output.decode(errors="replace")
     assert "| " in text and "/79.5 s" in text and "fps" in text, text[-500:]
     assert "795 frames" in text
+
+
+def test_json_logs_name_their_source(samples: Path, tmp_path: Path) -> None:
+    config = tmp_path / "json.toml"
+    config.write_text(
+        f'[[sources]]\nid = "walkway"\nurl = "{samples / "vtest.avi"}"\n[logging]\nformat = "json"\nlevel = "info"\n'
+    )
+    result = run_cli("run", str(config), "--speed", "max")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
+    opened = [e for e in entries if "opened" in e["message"]]
+    assert opened and opened[0]["source"] == "walkway" and opened[0]["level"] == "info"

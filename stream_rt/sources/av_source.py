@@ -114,7 +114,13 @@ class AvSource(Source):
             await self._set_state(ctx, "offline", detail)
             failures = 0 if self._delivered else failures + 1
             delay = self.backoff.delay(failures, self._rng)
-            log.warning("source '%s' offline (%s); reconnecting in %.1f s", self.name, detail, delay)
+            log.warning(
+                "source '%s' offline (%s); reconnecting in %.1f s",
+                self.name,
+                detail,
+                delay,
+                extra={"source": self.name},
+            )
             await ctx.clock.sleep(delay)
             ctx.count("reconnects")
 
@@ -180,11 +186,11 @@ class AvSource(Source):
         """Handle a non-packet item from the decode thread; (True, why) ends the connection."""
         if isinstance(item, Corrupt):
             ctx.count("corrupt_packets")
-            log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail)
+            log.debug("source '%s': skipped a corrupt packet: %s", self.name, item.detail, extra={"source": self.name})
         elif isinstance(item, Opened):
             self.description = item.description
             self.duration_s = item.duration_s
-            log.info("source '%s' opened %s (%s)", self.name, self.url, item.description)
+            log.info("source '%s' opened %s (%s)", self.name, self.url, item.description, extra={"source": self.name})
         elif isinstance(item, Ended):
             return True, ("stream ended" if self.live else None)
         elif isinstance(item, Failed):
@@ -193,7 +199,13 @@ class AvSource(Source):
             if item.at_open:
                 raise SourceError(f"cannot open '{self.url}': {item.detail}")
             ctx.count("read_errors")
-            log.warning("source '%s' stopped reading '%s' early: %s", self.name, self.url, item.detail)
+            log.warning(
+                "source '%s' stopped reading '%s' early: %s",
+                self.name,
+                self.url,
+                item.detail,
+                extra={"source": self.name},
+            )
             return True, None
         return False, None
 

@@ -106,7 +106,9 @@ class MqttSource(Source):
             y, rgb = await asyncio.to_thread(decode_frame, payload, self.format, self.width, self.height)
         except ValueError as exc:
             ctx.count("corrupt_frames")
-            log.debug("source '%s': skipped a message that is not a frame: %s", self.name, exc)
+            log.debug(
+                "source '%s': skipped a message that is not a frame: %s", self.name, exc, extra={"source": self.name}
+            )
             return
         pts = self._pts(arrival_ns, 1)
         frame = VideoFrame(
