@@ -31,10 +31,10 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stream_rt.graph import Backoff, Graph, ReplayClock  # noqa: E402
+from stream_rt.graph import Backoff  # noqa: E402
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink  # noqa: E402
 from tests.processes import Broker  # noqa: E402
-from tests.test_mqtt import SlowFeed, Subscriber, event  # noqa: E402
+from tests.test_mqtt import Subscriber, event, feed_graph  # noqa: E402
 
 WINDOW = 64
 
@@ -48,11 +48,8 @@ def free_port() -> int:
 async def through_sink(port: int, workdir: Path, count: int, offset: int) -> float:
     settings = MqttSettings(port=port, outbox=workdir / f"outbox-{offset}.sqlite", publish_window=WINDOW,
                             backoff=Backoff(0.1, 0.5, 0.1))  # fmt: skip
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=60)
     sink = MqttSink("mqtt", settings, drain_timeout_s=60)
-    graph.add(SlowFeed("feed", [event(offset + i) for i in range(count)]))
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in", capacity=256)
+    graph = feed_graph(sink, range(offset, offset + count), drain_timeout_s=60)
     started = time.perf_counter()
     await graph.run()
     assert sink.published >= count

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from stream_rt.config import (
+    LOSSLESS_CHANNELS,
     ChannelConfig,
     Config,
     ConfigError,
@@ -140,11 +141,7 @@ def _replay(args: argparse.Namespace) -> int:
         sinks = sinks.model_copy(update={"jsonl": JsonlSinkConfig(path=args.out)})
     # A replay loses nothing unless the config asks for it: channels the config leaves
     # unset block instead of dropping (the live defaults drop video for slow stages).
-    lossless = {
-        "video_channel": ChannelConfig(policy="block", capacity=4),
-        "audio_channel": ChannelConfig(policy="block", capacity=64),
-    }
-    unset = {k: v for k, v in lossless.items() if k not in base.graph.model_fields_set}
+    unset = {k: ChannelConfig(**v) for k, v in LOSSLESS_CHANNELS.items() if k not in base.graph.model_fields_set}
     graph_cfg = base.graph.model_copy(update=unset)
     config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg})
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)

@@ -65,6 +65,15 @@ class ChannelConfig(_Strict):
     capacity: int = Field(8, ge=1)
 
 
+LOSSLESS_CHANNELS: dict[str, dict[str, Any]] = {
+    "video_channel": {"policy": "block", "capacity": 4},
+    "audio_channel": {"policy": "block", "capacity": 64},
+}
+"""Channel settings for offline replays and evaluations: every edge blocks, nothing drops
+(the live defaults drop video for slow stages). A video queue of 4 keeps few decoded
+frames in flight, which keeps the decoder fast (benchmarks/RESULTS.md)."""
+
+
 class GraphConfig(_Strict):
     drain_timeout_s: float = Field(5.0, ge=0, description="on stop, how long in-flight packets may drain")
     video_channel: ChannelConfig = Field(

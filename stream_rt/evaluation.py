@@ -31,12 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_rt.config import ConfigError, parse_config
+from stream_rt.config import LOSSLESS_CHANNELS, ConfigError, parse_config
 from stream_rt.graph.packets import Event
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.callback import CallbackSink
-
-LOSSLESS = {"video_channel": {"policy": "block", "capacity": 4}, "audio_channel": {"policy": "block", "capacity": 64}}
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ async def run_scenario(scenario: Scenario) -> tuple[list[Event], int, float]:
     if not scenario.media.exists():
         raise ConfigError(f"{scenario.media} is missing: run 'python scripts/fetch_samples.py'")
     pipeline_cfg = dict(scenario.pipeline)
-    pipeline_cfg["graph"] = {**LOSSLESS, **pipeline_cfg.get("graph", {})}
+    pipeline_cfg["graph"] = {**LOSSLESS_CHANNELS, **pipeline_cfg.get("graph", {})}
     config = parse_config(
         {"sources": [{"id": scenario.name, "url": str(scenario.media)}], **pipeline_cfg}, origin=scenario.name
     )

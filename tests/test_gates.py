@@ -10,8 +10,8 @@ import av
 import numpy as np
 
 from stream_rt import Config, Event, Salience, build_pipeline
+from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
-from stream_rt.evaluation import LOSSLESS
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.testing import run_node
 

@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from stream_rt import Event, Graph, ReplayClock, Salience
+from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
-from stream_rt.evaluation import LOSSLESS
 from stream_rt.graph import Backoff, Context
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
@@ -110,6 +110,15 @@ def event(i: int) -> Event:
     return Event("cam", i, s.pts_ns, 0, "update", f"cam-{i}", 0, None, 0.9, 0.9, s.components, (), True)
 
 
+def feed_graph(sink: MqttSink, ids: range, drain_timeout_s: float = 5.0) -> Graph:
+    """A graph that feeds the events with these ids to ``sink``, as fast as it takes them."""
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=drain_timeout_s)
+    graph.add(SlowFeed("feed", [event(i) for i in ids]))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    return graph
+
+
 class SlowFeed(ListSource):
     """Emits events at a steady pace, so a broker outage falls in the middle of the burst."""
 
@@ -128,11 +137,8 @@ async def test_broker_killed_mid_burst_loses_no_event(free_port: int, tmp_path: 
     subscriber = Subscriber(broker.port)
     await asyncio.wait_for(subscriber.connected.wait(), 5)
     await asyncio.sleep(1.2)  # the broker has saved the subscriber's session
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=20)
     sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=20)
-    graph.add(SlowFeed("feed", [event(i) for i in range(1500)]))
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in", capacity=64)
+    graph = feed_graph(sink, range(1500), drain_timeout_s=20)
     run = asyncio.create_task(graph.run())
     await wait_until(lambda: len(subscriber.messages) > 200, 10, "the burst to start")
     broker.kill(signal.SIGKILL)
@@ -151,11 +157,8 @@ async def test_broker_killed_mid_burst_loses_no_event(free_port: int, tmp_path: 
 
 async def test_starting_while_the_broker_is_down_delivers_once_it_is_up(free_port: int, tmp_path: Path) -> None:
     broker = Broker(free_port, tmp_path)
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=20)
-    graph.add(SlowFeed("feed", [event(i) for i in range(100)]))
     sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=20)
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in", capacity=64)
+    graph = feed_graph(sink, range(100), drain_timeout_s=20)
     run = asyncio.create_task(graph.run())
     await asyncio.sleep(1.0)
     assert not sink.connected and not run.done()
@@ -172,10 +175,7 @@ async def test_starting_while_the_broker_is_down_delivers_once_it_is_up(free_por
 
 async def test_undelivered_events_survive_a_restart_in_the_outbox(free_port: int, tmp_path: Path) -> None:
     # No broker at all: the run ends with everything still in the outbox ...
-    graph = Graph(clock=ReplayClock(None))
-    graph.add(SlowFeed("feed", [event(i) for i in range(30)]))
-    graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.2))
-    graph.connect("feed.out", "mqtt.in")
+    graph = feed_graph(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.2), range(30))
     await graph.run()
     # ... and the next process delivers it, in order, before anything new.
     broker = Broker(free_port, tmp_path)
@@ -183,10 +183,9 @@ async def test_undelivered_events_survive_a_restart_in_the_outbox(free_port: int
     try:
         subscriber = Subscriber(broker.port)
         await asyncio.wait_for(subscriber.connected.wait(), 5)
-        graph = Graph(clock=ReplayClock(None), drain_timeout_s=10)
-        graph.add(SlowFeed("feed", [event(i) for i in range(30, 40)]))
-        graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=10))
-        graph.connect("feed.out", "mqtt.in")
+        graph = feed_graph(
+            MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=10), range(30, 40), drain_timeout_s=10
+        )
         await graph.run()
         await wait_until(lambda: len(subscriber.payloads("/events")) >= 40, 10, "the events")
         await subscriber.close()
@@ -228,10 +227,7 @@ async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refu
             outbox = tmp_path / f"outbox-{attempt}.sqlite"
             sink = MqttSink("mqtt", replace(settings(free_port, tmp_path), username="camera", password=password,
                                             outbox=outbox), drain_timeout_s=1.5)  # fmt: skip
-            graph = Graph(clock=ReplayClock(None))
-            graph.add(SlowFeed("feed", [event(i) for i in range(5)]))
-            graph.add(sink)
-            graph.connect("feed.out", "mqtt.in")
+            graph = feed_graph(sink, range(5))
             await graph.run()
             delivered = sink.published == 5
             assert delivered == expect
@@ -245,10 +241,7 @@ async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refu
 
 
 async def test_outbox_depth_is_counted_while_the_broker_is_away(free_port: int, tmp_path: Path) -> None:
-    graph = Graph(clock=ReplayClock(None))
-    graph.add(SlowFeed("feed", [event(i) for i in range(25)]))
-    graph.add(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.1))
-    graph.connect("feed.out", "mqtt.in")
+    graph = feed_graph(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.1), range(25))
     await graph.run()
     assert graph.statistics()["nodes"]["mqtt"]["outbox_depth"] == 25
 
@@ -267,10 +260,7 @@ async def test_tls_with_a_client_certificate(free_port: int, tmp_path: Path) -> 
                 tls_key=certs / "client.key" if with_cert else None,
             )
             sink = MqttSink("mqtt", tls, drain_timeout_s=1.5)
-            graph = Graph(clock=ReplayClock(None))
-            graph.add(SlowFeed("feed", [event(i) for i in range(5)]))
-            graph.add(sink)
-            graph.connect("feed.out", "mqtt.in")
+            graph = feed_graph(sink, range(5))
             await graph.run()
             assert (sink.published == 5) == with_cert, "the broker requires a client certificate"
     finally:

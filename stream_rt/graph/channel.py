@@ -68,9 +68,6 @@ class Channel:
         self._dropped: Counter[str] = Counter()
         self.closed = False
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     @property
     def has_room(self) -> bool:
         """True if :meth:`put` of a data packet would not wait now."""

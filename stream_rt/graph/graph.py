@@ -114,10 +114,6 @@ class Graph:
             raise GraphBuildError(f"node '{name}' has no {kind} port '{port}' ({side}: {known})")
         return runner, port
 
-    @property
-    def nodes(self) -> dict[str, Node]:
-        return {name: r.node for name, r in self._runners.items()}
-
     # ----------------------------------------------------------------- running
 
     def serve(self, handle_signals: bool = True) -> None:
@@ -348,9 +344,8 @@ class Graph:
             nodes[name] = counters
         edges = {}
         for channel in self._channels:
-            stats = asdict(channel.statistics())
-            stats["dropped_total"] = sum(stats["dropped"].values())
-            edges[channel.name] = stats
+            channel_stats = channel.statistics()
+            edges[channel.name] = {**asdict(channel_stats), "dropped_total": channel_stats.dropped_total}
         return {"nodes": nodes, "edges": edges}
 
 

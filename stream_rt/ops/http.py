@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream_rt.graph.clock import Clock
-from stream_rt.sources.av_source import AvSource
+from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.ops")
 
@@ -27,7 +27,7 @@ class OpsServer:
     def __init__(
         self,
         statistics: Callable[[], dict[str, Any]],
-        sources: list[AvSource],
+        sources: Sequence[StatusSource],
         clock: Clock,
         host: str = "127.0.0.1",
         port: int = 9108,

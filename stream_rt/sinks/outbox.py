@@ -46,10 +46,10 @@ class Outbox:
         )
         return int(cursor.lastrowid or 0)
 
-    def pending(self, limit: int = 100, after: int = 0) -> list[OutboxMessage]:
-        """The oldest messages not yet acknowledged, with ids greater than ``after``."""
+    def pending(self, limit: int = 100) -> list[OutboxMessage]:
+        """The oldest messages not yet acknowledged."""
         rows = self._db.execute(
-            "SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            "SELECT id, topic, payload, qos, retain FROM outbox ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
         return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
 

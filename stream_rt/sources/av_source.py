@@ -19,10 +19,9 @@ import logging
 import random
 import threading
 from pathlib import Path
-from typing import Literal
 
 from stream_rt.graph.backoff import Backoff
-from stream_rt.graph.node import Context, Source
+from stream_rt.graph.node import Context
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import (
     Corrupt,
@@ -34,6 +33,7 @@ from stream_rt.sources.av_decode import (
     PtsSanitiser,
 )
 from stream_rt.sources.bridge import ThreadBridge
+from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.sources")
 
@@ -49,7 +49,7 @@ class SourceError(RuntimeError):
     """A source cannot deliver: the file is missing or unreadable, or not a media file."""
 
 
-class AvSource(Source):
+class AvSource(StatusSource):
     """Decode ``url`` (a file path, a network URL or a device) into video and audio packets.
 
     ``live``: ``None`` guesses from the URL (network schemes and devices are live, paths
@@ -93,7 +93,6 @@ class AvSource(Source):
         )
         self.stall_timeout_s = stall_timeout_s
         self.backoff = backoff or Backoff()
-        self.state: Literal["connecting", "online", "offline"] = "connecting"
         self.description = ""
         self.duration_s: float | None = None
         self.position_s = 0.0
@@ -111,7 +110,7 @@ class AvSource(Source):
             detail = await self._connection(ctx)
             if detail is None:
                 return  # a file ended
-            await self._set_state(ctx, "offline", detail)
+            await self.set_state(ctx, "offline", detail)
             failures = 0 if self._delivered else failures + 1
             delay = self.backoff.delay(failures, self._rng)
             log.warning(
@@ -165,7 +164,7 @@ class AvSource(Source):
             for item in items:
                 if isinstance(item, Packet):
                     if self.state != "online":
-                        await self._set_state(ctx, "online", self.description)
+                        await self.set_state(ctx, "online", self.description)
                     if paced:
                         await clock.pace(self.name, item.pts_ns)
                     self.position_s = item.pts_ns / 1e9
@@ -208,12 +207,6 @@ class AvSource(Source):
             )
             return True, None
         return False, None
-
-    async def _set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
-        if self.state == state:
-            return
-        self.state = state
-        await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail))
 
 
 def _guess_live(url: str, format: str | None) -> bool:

@@ -23,9 +23,10 @@ import av
 import numpy as np
 
 from stream_rt.graph.backoff import Backoff
-from stream_rt.graph.node import Context, Source
+from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import PtsSanitiser, y_plane
+from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.sources")
 
@@ -55,7 +56,7 @@ def decode_frame(
     return luma, pixels
 
 
-class MqttSource(Source):
+class MqttSource(StatusSource):
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
     def __init__(
@@ -77,7 +78,6 @@ class MqttSource(Source):
         self.username, self.password = username, password
         self.format, self.width, self.height = format, width, height
         self.backoff = backoff or Backoff(0.5, 10.0, 0.2)
-        self.state: Literal["connecting", "online", "offline"] = "connecting"
         self._pts = PtsSanitiser()
         self._seq = 0
         self._rng = random.Random()
@@ -91,12 +91,12 @@ class MqttSource(Source):
                                           timeout=10) as client:  # fmt: skip
                     await client.subscribe(self.topic, qos=0)
                     failures = 0
-                    await self._set_state(ctx, "online", f"subscribed to {self.topic}")
+                    await self.set_state(ctx, "online", f"subscribed to {self.topic}")
                     async for message in client.messages:
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         await self._frame(ctx, payload, ctx.clock.now_ns() - start_ns)
             except aiomqtt.MqttError as exc:
-                await self._set_state(ctx, "offline", str(exc))
+                await self.set_state(ctx, "offline", str(exc))
                 ctx.count("reconnects")
                 await ctx.clock.sleep(self.backoff.delay(failures, self._rng))
                 failures += 1
@@ -117,8 +117,3 @@ class MqttSource(Source):
         self._seq += 1
         await ctx.emit("video", frame)
         ctx.count("frames")
-
-    async def _set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
-        if self.state != state:
-            self.state = state
-            await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail))
