@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PolicyName = Literal["block", "drop_oldest", "drop_newest", "latest"]
 
@@ -45,7 +45,10 @@ class BackoffConfig(_Strict):
 
 class SourceConfig(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the source in topics, logs and metrics")
-    url: str = Field(description="file path, network URL (rtsp://, udp://, tcp://, http://...) or device")
+    url: str = Field(
+        description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
+        "or mqtt://host:port/topic for frames published over MQTT"
+    )
     format: str | None = Field(None, description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)")
     live: bool | None = Field(None, description="reconnect forever; default: network URLs and devices are live")
     video: bool = Field(True, description="decode the first video stream")
@@ -58,6 +61,32 @@ class SourceConfig(_Strict):
         None,
         description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
     )
+    frames: Literal["jpeg", "gray", "rgb24"] = Field(
+        "jpeg", description="mqtt:// sources: what each message holds (a JPEG, or raw pixels of width x height)"
+    )
+    width: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame width")
+    height: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame height")
+
+    @property
+    def mqtt_topic(self) -> str | None:
+        """The topic of an ``mqtt://host[:port]/topic`` source, else ``None``."""
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme.lower() != "mqtt":
+            return None
+        return rest.partition("/")[2]
+
+    @model_validator(mode="after")
+    def _mqtt_frames(self) -> SourceConfig:
+        topic = self.mqtt_topic
+        if topic is None:
+            if self.width is not None or self.height is not None or self.frames != "jpeg":
+                raise ValueError("frames, width and height apply to mqtt:// sources only")
+            return self
+        if not topic:
+            raise ValueError(f"an MQTT source needs a topic: mqtt://host:1883/<topic>, got '{self.url}'")
+        if self.frames != "jpeg" and (self.width is None or self.height is None):
+            raise ValueError(f"raw '{self.frames}' frames need width and height")
+        return self
 
 
 class ChannelConfig(_Strict):

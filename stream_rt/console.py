@@ -8,7 +8,7 @@ import time
 from typing import Any, TextIO
 
 from stream_rt.graph import Graph
-from stream_rt.sources.av_source import AvSource
+from stream_rt.sources.status import StatusSource
 
 
 class ProgressBar:
@@ -17,7 +17,7 @@ class ProgressBar:
     def __init__(
         self,
         graph: Graph,
-        sources: list[AvSource],
+        sources: list[StatusSource],
         stream: TextIO = sys.stderr,
         period_s: float = 0.2,
     ) -> None:
@@ -55,7 +55,7 @@ class ProgressBar:
         self.stream.flush()
 
 
-def summary(title: str, stats: dict[str, Any], sources: list[AvSource], wall_s: float) -> str:
+def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall_s: float) -> str:
     """A one-screen account of a run: frames, rates, skipped packets, drops per edge, time."""
     nodes = stats["nodes"]
     frames = sum(nodes[s.name].get("frames", 0) for s in sources)

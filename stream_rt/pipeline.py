@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from stream_rt.config import Config, MqttSinkConfig, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
@@ -29,6 +30,8 @@ from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sources.av_source import AvSource
+from stream_rt.sources.mqtt_source import MqttSource
+from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.pipeline")
 
@@ -36,12 +39,30 @@ log = logging.getLogger("stream_rt.pipeline")
 @dataclass
 class Pipeline:
     graph: Graph
-    sources: list[AvSource]
+    sources: list[StatusSource]
     trigger: TriggerPolicy | None
     jsonl: JsonlSink | None
 
 
-def build_source(cfg: SourceConfig) -> AvSource:
+def build_source(cfg: SourceConfig) -> StatusSource:
+    """An :class:`AvSource`, or an :class:`MqttSource` for ``mqtt://`` URLs (credentials
+    from ``$STREAM_RT_MQTT_USERNAME`` / ``$STREAM_RT_MQTT_PASSWORD``)."""
+    backoff = Backoff(cfg.reconnect.initial_s, cfg.reconnect.max_s, cfg.reconnect.jitter)
+    topic = cfg.mqtt_topic
+    if topic is not None:
+        address = urlsplit(cfg.url)
+        return MqttSource(
+            cfg.id,
+            topic,
+            host=address.hostname or "127.0.0.1",
+            port=address.port or 1883,
+            username=os.environ.get("STREAM_RT_MQTT_USERNAME"),
+            password=os.environ.get("STREAM_RT_MQTT_PASSWORD"),
+            format=cfg.frames,
+            width=cfg.width,
+            height=cfg.height,
+            backoff=backoff,
+        )
     return AvSource(
         cfg.id,
         cfg.url,
@@ -52,7 +73,7 @@ def build_source(cfg: SourceConfig) -> AvSource:
         options=dict(cfg.options),
         stall_timeout_s=cfg.stall_timeout_s,
         timeout_s=cfg.timeout_s,
-        backoff=Backoff(cfg.reconnect.initial_s, cfg.reconnect.max_s, cfg.reconnect.jitter),
+        backoff=backoff,
     )
 
 
@@ -67,7 +88,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
     sources = []
     for cfg in config.sources:
         source = build_source(cfg)
-        on_error = cfg.on_error or ("restart" if source.live else "stop")
+        live = not isinstance(source, AvSource) or source.live
+        on_error = cfg.on_error or ("restart" if live else "stop")
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
 
@@ -82,9 +104,9 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
             graph.connect("trigger.events", "jsonl.in", capacity=64)
         for source in sources:
             graph.connect(f"{source.name}.status", "jsonl.in")
-            if jsonl_cfg.video and source.spec.video:
+            if jsonl_cfg.video and source.has_video:
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
-            if jsonl_cfg.audio and source.spec.audio:
+            if jsonl_cfg.audio and source.has_audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     if config.sinks.mqtt is not None:
         graph.add(build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources}))
@@ -120,10 +142,10 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
     )
 
 
-def _build_gates(graph: Graph, config: Config, sources: list[AvSource]) -> TriggerPolicy | None:
+def _build_gates(graph: Graph, config: Config, sources: list[StatusSource]) -> TriggerPolicy | None:
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
-    with_video = [s for s in sources if s.spec.video] if config.change.enabled else []
-    with_audio = [s for s in sources if s.spec.audio] if config.audio.enabled else []
+    with_video = [s for s in sources if s.has_video] if config.change.enabled else []
+    with_audio = [s for s in sources if s.has_audio] if config.audio.enabled else []
     if not with_video and not with_audio:
         return None
     # The config sections mirror the constructors' keyword arguments one to one.

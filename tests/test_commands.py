@@ -11,7 +11,7 @@ import pytest
 
 from stream_rt import Event, Graph, ReplayClock, Salience
 from stream_rt.graph import Context
-from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.trigger import TriggerPolicy, _SourceState
 from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import ListSource
@@ -38,6 +38,10 @@ def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float
         ("enabled", b"\xff\xfe", "not UTF-8"),
         ("enabled", b"ON" + b" " * MAX_PAYLOAD, "over the 4096-byte limit"),
         ("zoom", b"2", "unknown feature 'zoom'"),
+        ("ask", b"what is there?", "JSON object"),
+        ("ask", b'{"question": ""}', "at least 1 character"),
+        ("ask", b'{"question": 42}', "valid string"),
+        ("ask", b'{"question": "' + b"why " * 300 + b'"}', "at most 1000 characters"),
     ],
 )
 def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: bytes, error: str) -> None:
@@ -45,6 +49,7 @@ def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: byt
     with pytest.raises(CommandError, match=error.replace("(", r"\(").replace("[", r"\[")):
         apply_command(trigger, {"gate"}, "gate", feature, payload)
     assert thresholds(trigger, "gate") == (None, None, True)
+    assert not trigger._states.get("gate", _SourceState()).questions
 
 
 def test_unknown_sources_are_rejected() -> None:
@@ -54,7 +59,7 @@ def test_unknown_sources_are_rejected() -> None:
 
 def test_good_commands_are_applied() -> None:
     trigger = TriggerPolicy("trigger", on=0.5, off=0.3)
-    assert apply_command(trigger, {"gate"}, "gate", "trigger", b'{"on": 0.8}') == "trigger {'on': 0.8}"
+    assert apply_command(trigger, {"gate"}, "gate", "trigger", b'{"on": 0.8}') == {"applied": "trigger {'on': 0.8}"}
     assert thresholds(trigger, "gate") == (0.8, 0.3, True)
     apply_command(trigger, {"gate"}, "gate", "enabled", b"off")
     assert thresholds(trigger, "gate")[2] is False
@@ -118,3 +123,16 @@ async def test_a_disabled_source_ends_its_episode_and_opens_none() -> None:
     out = await run_node(Toggle("trigger"), packets)
     events = [p for p in out["events"] if isinstance(p, Event)]
     assert [(e.type, e.reason) for e in events] == [("new", ""), ("end", "disabled")]
+
+
+async def test_a_question_becomes_an_ask_event_at_the_next_salience() -> None:
+    from stream_rt.testing import run_node
+
+    packets = [Salience("gate", i, i * 100_000_000, 0, 0.1, {"visual": 0.1}) for i in range(5)]
+    trigger = TriggerPolicy("trigger")
+    reply = apply_command(trigger, {"gate"}, "gate", "ask", b'{"question": " Is the gate open? "}')
+    out = await run_node(trigger, packets)
+    events = [p for p in out["events"] if isinstance(p, Event)]
+    assert [(e.type, e.event_id, e.question, e.call_model, e.pts_ns) for e in events] == [
+        ("ask", reply["event_id"], "Is the gate open?", True, 0)
+    ], "a quiet scene opens no episode, but the question is asked once, at the first frame"

@@ -34,6 +34,18 @@ def test_bad_values_and_missing_keys() -> None:
     assert "sources[1].stall_timeout_s: Input should be greater than 0" in text
 
 
+def test_mqtt_sources_need_a_topic_and_raw_frames_a_size() -> None:
+    ok = parse_config({"sources": [{"id": "r", "url": "mqtt://broker:1884/robot/cam/+", "frames": "jpeg"}]})
+    assert ok.sources[0].mqtt_topic == "robot/cam/+"
+    for source, error in [
+        ({"url": "mqtt://broker:1883"}, "an MQTT source needs a topic"),
+        ({"url": "mqtt://broker/cam", "frames": "gray", "width": 640}, "raw 'gray' frames need width and height"),
+        ({"url": "cam.mp4", "width": 640}, "frames, width and height apply to mqtt:// sources only"),
+    ]:
+        with pytest.raises(ConfigError, match=error):
+            parse_config({"sources": [{"id": "r", **source}]})
+
+
 def test_duplicate_source_ids_are_rejected() -> None:
     with pytest.raises(ConfigError, match="source id 'a' is used twice"):
         parse_config({"sources": [{"id": "a", "url": "x"}, {"id": "a", "url": "y"}]})

@@ -11,12 +11,14 @@ import numpy as np
 import paho.mqtt.publish as mqtt_publish
 
 from stream_rt import CallbackSink, Graph, Packet, ReplayClock, VideoFrame
+from stream_rt.config import parse_config
 from stream_rt.operators.snapshot import encode_jpeg
+from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.sources.mqtt_source import MqttSource
 
 from .processes import Broker
-from .test_mqtt import wait_until
+from .test_mqtt import Subscriber, wait_until
 
 
 async def test_jpeg_and_raw_frames_over_mqtt(samples: Path, free_port: int, tmp_path: Path) -> None:
@@ -65,3 +67,46 @@ async def test_jpeg_and_raw_frames_over_mqtt(samples: Path, free_port: int, tmp_
     assert len(from_raw) == 1 and np.array_equal(from_raw[0].y, originals[0])
     nodes = graph.statistics()["nodes"]
     assert nodes["robot"]["corrupt_frames"] == 1 and nodes["raw"]["corrupt_frames"] == 1
+
+
+async def test_a_config_with_an_mqtt_source_answers_an_ask_command(
+    samples: Path, free_port: int, tmp_path: Path
+) -> None:
+    """Frames in over MQTT (mqtt:// source from the config), a question in over the ``ask``
+    command, and the ``ask`` event out on the events topic with the id the reply named."""
+    with av.open(str(samples / "vtest.avi")) as container:
+        frames = [f for _, f in zip(range(40), container.decode(video=0), strict=False)]
+    jpegs = [encode_jpeg(VideoFrame("cam", 0, 0, 0, y_plane(f), lambda f=f: f.to_ndarray(format="rgb24"))) for f in
+             frames]  # fmt: skip
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    config = parse_config({
+        "sources": [{"id": "robot", "url": f"mqtt://127.0.0.1:{free_port}/robot/camera"}],
+        "sinks": {"mqtt": {"port": free_port, "outbox": str(tmp_path / "outbox.sqlite")}},
+    })  # fmt: skip
+    pipeline = build_pipeline(config)
+    assert isinstance(pipeline.sources[0], MqttSource)
+    subscriber = Subscriber(free_port, "stream_rt/#")
+    run = asyncio.create_task(pipeline.graph.run())
+    send = lambda topic, payload: mqtt_publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=free_port)  # noqa: E731
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        await wait_until(lambda: pipeline.sources[0].state == "online", 5, "the subscription")
+        await asyncio.sleep(0.3)  # the sink subscribes to commands after it connects
+        await asyncio.to_thread(send, "stream_rt/robot/ask/set", b'{"question": "Who is walking?"}')
+        await wait_until(lambda: subscriber.payloads("/robot/status"), 5, "the reply")
+        for jpeg in jpegs:
+            await asyncio.to_thread(send, "robot/camera", jpeg)
+        frames_in = lambda: pipeline.graph.statistics()["nodes"]["robot"].get("frames", 0)  # noqa: E731
+        await wait_until(lambda: subscriber.payloads("/robot/events") and frames_in() == 40, 10, "the ask event")
+    finally:
+        await subscriber.close()
+        pipeline.graph.stop()
+        await asyncio.wait_for(run, 10)
+        broker.kill()
+    reply = next(r for r in subscriber.payloads("/robot/status") if r.get("command") == "ask")
+    assert reply["ok"] is True
+    asks = [e for e in subscriber.payloads("/robot/events") if e["type"] == "ask"]
+    assert [(e["event_id"], e["question"], e["call_model"]) for e in asks] == [
+        (reply["event_id"], "Who is walking?", True)
+    ]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stream_rt import AvSource, Backoff, CallbackSink, Graph, ReplayClock
 from stream_rt.ops.http import OpsServer
+from stream_rt.sources.status import FrameRate
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -45,6 +46,10 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
         assert 'stream_rt_source_online{source="gate"} 0' in metrics
         assert 'stream_rt_node_total{node="walkway",counter="frames"}' in metrics
         assert 'stream_rt_channel_depth{edge="walkway.video->sink_walkway.in"}' in metrics
+        await asyncio.sleep(1.0)  # two whole seconds of a 10 fps clip played in real time
+        metrics = (await asyncio.to_thread(get, server.port, "/metrics"))[1]
+        fps = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines() if 'gauge="fps"' in line}
+        assert fps["gate"] == 0 and 8 <= fps["walkway"] <= 12, fps
         assert (await asyncio.to_thread(get, server.port, "/"))[0] == 404
     finally:
         graph.stop()
@@ -55,3 +60,16 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
 def test_the_endpoints_bind_to_loopback_by_default() -> None:
     server = OpsServer(dict, [], ReplayClock(None))
     assert server.host == "127.0.0.1"
+
+
+def test_frame_rate_counts_whole_seconds_in_its_window() -> None:
+    rate = FrameRate(window_s=2)
+    second = 1_000_000_000
+    assert rate.rate(0) == 0
+    for i in range(30):  # 30 fps during the first second, then 10 fps
+        rate.tick(i * second // 30)
+    assert rate.rate(second) == 30  # only the first second is over
+    for i in range(30):
+        rate.tick(second + i * second // 10)
+    assert rate.rate(4 * second) == 10  # seconds 2 and 3: 10 frames each
+    assert rate.rate(7 * second) == 0  # nothing in the last two seconds

@@ -335,7 +335,8 @@ class Graph:
     # ----------------------------------------------------------------- statistics
 
     def statistics(self) -> dict[str, Any]:
-        """Counters of every node and channel: processed, errors, restarts, drops by reason."""
+        """Counters of every node and channel (processed, errors, restarts, drops by reason)
+        and the gauges of the nodes that have any."""
         nodes = {}
         for name, runner in self._runners.items():
             counters = dict(runner.stats)
@@ -346,7 +347,9 @@ class Graph:
         for channel in self._channels:
             channel_stats = channel.statistics()
             edges[channel.name] = {**asdict(channel_stats), "dropped_total": channel_stats.dropped_total}
-        return {"nodes": nodes, "edges": edges}
+        now_ns = self.clock.now_ns()
+        gauges = {name: levels for name, runner in self._runners.items() if (levels := runner.node.gauges(now_ns))}
+        return {"nodes": nodes, "edges": edges, "gauges": gauges}
 
 
 async def _wait_then_cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:

@@ -136,6 +136,10 @@ class Node:
     async def stop(self, ctx: Context) -> None:
         """Called once at the end (after the last packet), and before each restart."""
 
+    def gauges(self, now_ns: int) -> dict[str, float]:
+        """Current levels worth exporting (frames per second, items held...); default none."""
+        return {}
+
 
 class Source(Node):
     """A node with no inputs that produces packets in :meth:`run`."""

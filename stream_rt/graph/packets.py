@@ -183,9 +183,11 @@ class Event(Packet):
     (rate-limited), ``end`` when it closes. ``pts_ns`` is the media time of this event,
     ``start_pts_ns``/``end_pts_ns`` bound the episode (``end_pts_ns`` only on ``end``).
     ``call_model``: the trigger policy would ask the MLLM about this event (budget allowing).
+    An ``ask`` event carries a ``question`` someone asked about the source (the MQTT
+    ``ask`` command); it is outside any episode and always calls the model.
     """
 
-    type: Literal["new", "update", "end"]
+    type: Literal["new", "update", "end", "ask"]
     event_id: str
     start_pts_ns: int
     end_pts_ns: int | None
@@ -195,6 +197,7 @@ class Event(Packet):
     regions: tuple[Box, ...]
     call_model: bool
     reason: str = ""
+    question: str | None = None
     snapshot_jpeg: bytes | None = field(default=None, repr=False, compare=False)
     frame: VideoFrame | None = field(default=None, repr=False, compare=False)
 
@@ -211,6 +214,7 @@ class Event(Packet):
             regions=[list(box) for box in self.regions],
             call_model=self.call_model,
             reason=self.reason,
+            question=self.question,
             snapshot_bytes=len(self.snapshot_jpeg) if self.snapshot_jpeg else 0,
         )
         return record

@@ -4,7 +4,8 @@
   ``offline_grace_s``); 503 naming the sources offline past the grace period.
 - ``/metrics``: Prometheus text format: every counter of every node
   (``stream_rt_node_total{node,counter}``), each channel's depth and drops by reason,
-  and each source's state (``stream_rt_source_online``).
+  each source's state (``stream_rt_source_online``) and every node's gauges
+  (``stream_rt_node_gauge{node,gauge}``, e.g. a source's ``fps`` over the last 5 s).
 
 A tiny asyncio server: the runtime needs two read-only endpoints, not a web framework.
 """
@@ -83,6 +84,12 @@ class OpsServer:
             ),
             "# TYPE stream_rt_source_online gauge",
             *(f'stream_rt_source_online{{source="{s.name}"}} {int(s.state == "online")}' for s in self.sources),
+            "# TYPE stream_rt_node_gauge gauge",
+            *(
+                f'stream_rt_node_gauge{{node="{node}",gauge="{name}"}} {value}'
+                for node, levels in stats["gauges"].items()
+                for name, value in levels.items()
+            ),
         ]
         return "\n".join(lines) + "\n"
 

@@ -16,8 +16,11 @@ Per source, on media time (so replays behave exactly like live runs):
 The budget: ``new`` and ``update`` events would call the model (``call_model``) unless
 less than ``cooldown_s`` passed since the last call or the last minute already had
 ``max_calls_per_min`` calls. Every opportunity that is skipped is counted by reason
-(``confirming``, ``below_on``, ``cooldown``, ``rate_limit``). With ``snapshot``, new and
-update events carry a JPEG of their frame.
+(``confirming``, ``below_on``, ``cooldown``, ``rate_limit``). With ``snapshot``, new,
+update and ask events carry a JPEG of their frame.
+
+A question asked with :meth:`TriggerPolicy.ask` becomes an ``ask`` event at the source's
+next salience, with its own event id, whatever the episode state.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from dataclasses import dataclass, field
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience
 from stream_rt.operators.snapshot import encode_jpeg
+
+MAX_PENDING_QUESTIONS = 4
+"""Questions asked about a source wait for its next salience; beyond this many the oldest
+is dropped (a source that is offline does not pile them up)."""
 
 
 @dataclass
@@ -52,6 +59,7 @@ class _SourceState:
     off: float | None = None
     last_call_ns: int | None = None
     last: Salience | None = None
+    questions: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_QUESTIONS))
 
 
 class TriggerPolicy(Node):
@@ -116,12 +124,29 @@ class TriggerPolicy(Node):
             raise ValueError(f"thresholds need 0 <= off <= on <= 1, got on={new_on}, off={new_off}")
         state.on, state.off = new_on, new_off
 
+    def ask(self, source_id: str, question: str) -> str:
+        """Queue a question about a source; at its next salience an ``ask`` event carries it
+        (and calls the model, outside the budget). Returns that event's id."""
+        state = self._states.setdefault(source_id, _SourceState())
+        event_id = f"{source_id}-{next(self._ids)}"
+        state.questions.append((event_id, question))
+        return event_id
+
     def step(self, s: Salience, ctx: Context) -> list[Event]:
         """The events that salience ``s`` causes (often none)."""
         state = self._states.setdefault(s.source_id, _SourceState())
         state.last = s
         now = s.pts_ns
         events: list[Event] = []
+        while state.questions:
+            event_id, question = state.questions.popleft()
+            ctx.count("asks")
+            events.append(
+                Event(
+                    s.source_id, s.seq, now, s.wall_ns, "ask", event_id, now, None, s.score, s.score,
+                    dict(s.components), s.regions, True, "ask", question, None, s.frame,
+                )
+            )  # fmt: skip
         episode = state.episode
         on = self.on if state.on is None else state.on
         off = self.off if state.off is None else state.off
@@ -185,7 +210,7 @@ class TriggerPolicy(Node):
         return Event(
             s.source_id, s.seq, s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
             episode.event_id, episode.start_ns, s.pts_ns if kind == "end" else None,
-            s.score, episode.peak, dict(s.components), s.regions, call, reason, None, s.frame,
+            s.score, episode.peak, dict(s.components), s.regions, call, reason, None, None, s.frame,
         )  # fmt: skip
 
     def _end(self, state: _SourceState, s: Salience, reason: str) -> Event:

@@ -4,6 +4,8 @@
   salience may open episodes; turning it off ends an open episode.
 - ``<source>/trigger/set``: a JSON object with any of ``on``, ``off`` (0..1, off <= on):
   that source's trigger thresholds.
+- ``<source>/ask/set``: a JSON object ``{"question": "..."}``: ask the model about the
+  source now; the reply names the event id its answer will carry.
 
 A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
 source or feature changes nothing and is answered with an error message.
@@ -35,6 +37,11 @@ class TriggerThresholds(BaseModel):
         return self
 
 
+class Question(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: str = Field(min_length=1, max_length=1000)
+
+
 class CommandTarget(Protocol):
     """What commands act on (the trigger policy implements it)."""
 
@@ -42,9 +49,14 @@ class CommandTarget(Protocol):
 
     def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None: ...
 
+    def ask(self, source_id: str, question: str) -> str: ...
 
-def apply_command(target: CommandTarget, sources: set[str], source: str, feature: str, payload: bytes) -> str:
-    """Validate and apply one command; returns what was done, raises :class:`CommandError`."""
+
+def apply_command(
+    target: CommandTarget, sources: set[str], source: str, feature: str, payload: bytes
+) -> dict[str, str]:
+    """Validate and apply one command; returns what was done (``applied``, and the
+    ``event_id`` of an ``ask``), raises :class:`CommandError`."""
     if source not in sources:
         raise CommandError(f"unknown source '{source}' (sources: {', '.join(sorted(sources))})")
     if len(payload) > MAX_PAYLOAD:
@@ -57,7 +69,7 @@ def apply_command(target: CommandTarget, sources: set[str], source: str, feature
         if text.upper() not in ("ON", "OFF"):
             raise CommandError(f"'enabled' takes ON or OFF, got {text[:40]!r}")
         target.set_enabled(source, text.upper() == "ON")
-        return f"enabled {text.upper()}"
+        return {"applied": f"enabled {text.upper()}"}
     if feature == "trigger":
         try:
             thresholds = TriggerThresholds.model_validate(json.loads(text))
@@ -67,8 +79,15 @@ def apply_command(target: CommandTarget, sources: set[str], source: str, feature
             target.set_thresholds(source, thresholds.on, thresholds.off)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        return f"trigger {thresholds.model_dump(exclude_none=True)}"
-    raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger)")
+        return {"applied": f"trigger {thresholds.model_dump(exclude_none=True)}"}
+    if feature == "ask":
+        try:
+            question = Question.model_validate(json.loads(text)).question.strip()
+        except (json.JSONDecodeError, ValidationError, ValueError) as exc:
+            raise CommandError(f'\'ask\' takes a JSON object like {{"question": "..."}}: {_first_line(exc)}') from None
+        event_id = target.ask(source, question)
+        return {"applied": f"ask queued as event {event_id}", "event_id": event_id}
+    raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger, ask)")
 
 
 def _first_line(exc: Exception) -> str:

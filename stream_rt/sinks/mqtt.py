@@ -205,8 +205,8 @@ class MqttSink(Sink):
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             try:
                 done = apply_command(self.commands, self.sources, source, feature, payload)
-                reply: dict[str, object] = {"command": feature, "ok": True, "applied": done}
-                log.info("command for '%s': %s", source, done)
+                reply: dict[str, object] = {"command": feature, "ok": True, **done}
+                log.info("command for '%s': %s", source, done["applied"])
                 ctx.count("commands_applied")
             except CommandError as exc:
                 reply = {"command": feature, "ok": False, "error": str(exc)}

@@ -74,7 +74,7 @@ class AvSource(StatusSource):
         backoff: Backoff | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, has_video=video, has_audio=audio)
         self.url = url
         self.live = _guess_live(url, format) if live is None else live
         defaults = {}
@@ -93,9 +93,6 @@ class AvSource(StatusSource):
         )
         self.stall_timeout_s = stall_timeout_s
         self.backoff = backoff or Backoff()
-        self.description = ""
-        self.duration_s: float | None = None
-        self.position_s = 0.0
         self._rng = random.Random(seed)
         self._seq = itertools.count()
         self._video_pts = PtsSanitiser()
@@ -171,6 +168,7 @@ class AvSource(StatusSource):
                     last_frame_ns = clock.now_ns()
                     if isinstance(item, VideoFrame):
                         self._delivered = True
+                        self.frame_rate.tick(last_frame_ns)
                         await ctx.emit("video", item)
                         ctx.counters["frames"] += 1
                     else:

@@ -73,11 +73,12 @@ class MqttSource(StatusSource):
         height: int | None = None,
         backoff: Backoff | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, has_video=True, has_audio=False)
         self.topic, self.host, self.port = topic, host, port
         self.username, self.password = username, password
         self.format, self.width, self.height = format, width, height
         self.backoff = backoff or Backoff(0.5, 10.0, 0.2)
+        self.description = f"{format} frames on mqtt://{host}:{port}/{topic}"
         self._pts = PtsSanitiser()
         self._seq = 0
         self._rng = random.Random()
@@ -115,5 +116,6 @@ class MqttSource(StatusSource):
             self.name, self._seq, pts, ctx.clock.wall_ns(), y, (lambda: rgb) if rgb is not None else None
         )
         self._seq += 1
+        self.frame_rate.tick(ctx.clock.now_ns())
         await ctx.emit("video", frame)
         ctx.count("frames")

@@ -1,7 +1,9 @@
-"""Sources that connect to something report ``online`` / ``offline`` the same way."""
+"""Sources that connect to something report ``online`` / ``offline`` the same way, and
+how many frames per second they deliver."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Literal
 
 from stream_rt.graph.node import Context, Source
@@ -10,15 +12,63 @@ from stream_rt.graph.packets import SourceStatus
 State = Literal["connecting", "online", "offline"]
 
 
+class FrameRate:
+    """Frames per second over the last ``window_s`` whole seconds (one counter per
+    second, so a tick costs the same at 10 or 3,000 fps)."""
+
+    def __init__(self, window_s: int = 5) -> None:
+        self.window_s = window_s
+        self._buckets: deque[list[int]] = deque()  # [second, frames]
+        self._first_s: int | None = None
+
+    def tick(self, now_ns: int) -> None:
+        second = now_ns // 1_000_000_000
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += 1
+            return
+        if self._first_s is None:
+            self._first_s = second
+        self._buckets.append([second, 1])
+        while self._buckets[0][0] < second - self.window_s:
+            self._buckets.popleft()
+
+    def rate(self, now_ns: int) -> float:
+        """Frames per second in the whole seconds before ``now_ns``; the first second,
+        which began before the first frame, counts only until a full one follows."""
+        if self._first_s is None:
+            return 0.0
+        second = now_ns // 1_000_000_000
+        first = self._first_s + 1 if second > self._first_s + 1 else self._first_s
+        start = max(second - self.window_s, first)
+        if second <= start:
+            return 0.0
+        frames = sum(n for s, n in self._buckets if start <= s < second)
+        return frames / (second - start)
+
+
 class StatusSource(Source):
     """A source with a ``status`` output port and a ``state`` (``connecting`` until the
     first connection succeeds or fails). Each change of state is emitted once, as a
-    :class:`SourceStatus` whose ``detail`` says why."""
+    :class:`SourceStatus` whose ``detail`` says why. Subclasses call
+    ``self.frame_rate.tick(now_ns)`` for each video frame they emit, say which kinds of
+    media they produce (``has_video``, ``has_audio``), what they are connected to
+    (``description``) and, for recordings, how far they are (``position_s`` of ``duration_s``)."""
 
     state: State = "connecting"
+
+    def __init__(self, name: str, *, has_video: bool, has_audio: bool) -> None:
+        super().__init__(name)
+        self.has_video, self.has_audio = has_video, has_audio
+        self.frame_rate = FrameRate()
+        self.description = ""
+        self.position_s = 0.0
+        self.duration_s: float | None = None
 
     async def set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
         if self.state == state:
             return
         self.state = state
         await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail))
+
+    def gauges(self, now_ns: int) -> dict[str, float]:
+        return {"fps": round(self.frame_rate.rate(now_ns), 2)}
