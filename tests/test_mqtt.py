@@ -15,7 +15,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from stream_rt import Event, Graph, ReplayClock, Salience
+from stream_rt import Event, Graph, MllmAnswer, ReplayClock, Salience
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
 from stream_rt.graph import Backoff, Context
@@ -265,3 +265,22 @@ async def test_tls_with_a_client_certificate(free_port: int, tmp_path: Path) -> 
             assert (sink.published == 5) == with_cert, "the broker requires a client certificate"
     finally:
         broker.kill()
+
+
+async def test_answers_go_to_the_answers_topic_keyed_by_event_id(broker: Broker, tmp_path: Path) -> None:
+    subscriber = Subscriber(broker.port)
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    answer = MllmAnswer("cam", 7, 0, 0, "cam-3", "What moved?", "ok", {"summary": "a person"}, "{}", "m", smoke=True)
+    graph = Graph(clock=ReplayClock(None))
+    feed = ListSource("feed", [event(3), answer])
+    feed.outputs = {"out": (Event, MllmAnswer)}
+    graph.add(feed)
+    graph.add(MqttSink("mqtt", settings(broker.port, tmp_path)))
+    graph.connect("feed.out", "mqtt.in")
+    await graph.run()
+    await wait_until(lambda: subscriber.payloads("/cam/answers"), 5, "the answer")
+    await subscriber.close()
+    [published] = subscriber.payloads("/cam/answers")
+    assert published["event_id"] == "cam-3" and published["answer"] == {"summary": "a person"}
+    assert "not meaningful" in str(published["smoke"])
+    assert [e["event_id"] for e in subscriber.payloads("/cam/events")] == ["cam-3"]

@@ -11,6 +11,7 @@ PUBLIC = {
     "AUDIO_SAMPLE_RATE", "AudioAnalyzer", "AudioChunk", "AudioFeatures", "AvSource", "Backoff",
     "CallbackSink", "ChangeDetector", "ChangeMap", "Channel", "ChannelStats", "Clock", "Config",
     "ConfigError", "Context", "ControlPacket", "EndOfStream", "Event", "Flush", "Graph", "GraphBuildError",
+    "MllmAnswer", "MllmRequest",
     "JsonlSink", "ManualClock", "MqttSink", "MqttSource", "Node", "NodeFailed", "Packet", "Pipeline",
     "RealtimeClock", "ReplayClock", "Salience", "SalienceFusion", "Sink", "Source", "SourceError",
     "SourceStatus", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",

@@ -221,6 +221,80 @@ class Event(Packet):
 
 
 @dataclass(frozen=True, slots=True)
+class MllmRequest(Packet):
+    """A question for the multimodal model about one event: the ``images`` (RGB, HxWx3
+    uint8: the keyframe, then crops of its changed regions), the ``question``, and a line
+    of ``context`` (what the event is: times, salience). ``signature`` is a small summary
+    of the scene, compared by answer reuse."""
+
+    event_id: str
+    question: str
+    images: tuple[npt.NDArray[np.uint8], ...] = field(default=(), repr=False, compare=False)
+    context: str = ""
+    signature: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            event_id=self.event_id,
+            question=self.question,
+            context=self.context,
+            images=[list(image.shape[:2]) for image in self.images],
+        )
+        return record
+
+
+AnswerStatus = Literal["ok", "invalid", "error", "timeout", "reused"]
+
+
+@dataclass(frozen=True, slots=True)
+class MllmAnswer(Packet):
+    """The model's answer to an :class:`MllmRequest`.
+
+    ``status``: ``ok`` (``answer`` holds the validated answer contract), ``invalid`` (the
+    model's text did not satisfy the contract; ``text`` has it), ``error`` / ``timeout``
+    (the call failed; ``error`` says why), ``reused`` (the scene and question had not
+    changed: the last answer, not a new call). ``stop`` says why decoding ended
+    (``contract``: the JSON answer was complete; ``eos``; ``max_tokens``). ``timings`` are
+    seconds (``queued``, ``encode``, ``prefill``, ``decode``, ``total``), ``tokens`` counts
+    (``prompt``, ``visual``, ``generated``). ``smoke``: the answer comes from the smoke
+    model, whose random weights make it meaningless.
+    """
+
+    event_id: str
+    question: str
+    status: AnswerStatus
+    answer: dict[str, Any] | None
+    text: str
+    model: str
+    smoke: bool = False
+    error: str = ""
+    stop: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    exit_depth: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(
+            event_id=self.event_id,
+            question=self.question,
+            status=self.status,
+            answer=self.answer,
+            text=self.text,
+            model=self.model,
+            error=self.error,
+            stop=self.stop,
+            timings={k: round(v, 4) for k, v in self.timings.items()},
+            tokens=dict(self.tokens),
+            exit_depth=self.exit_depth,
+        )
+        if self.smoke:
+            record["smoke"] = "smoke model with random weights: this answer is not meaningful"
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPacket(Packet):
     """Base of packets that steer the graph. Never dropped by a channel policy or a flush."""
 

@@ -1,4 +1,4 @@
-"""Publish events and source status to an MQTT broker through a durable outbox.
+"""Publish events, answers and source status to an MQTT broker through a durable outbox.
 
 Topics, under a configurable prefix (default ``stream_rt``), in the conventions Frigate
 users know:
@@ -7,6 +7,8 @@ users know:
   publishes ``offline`` (the Last Will, retained) if the connection is lost;
 - ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end,
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
+- ``<prefix>/<source>/answers``: the model's answers (:class:`MllmAnswer`), keyed by the
+  ``event_id`` of the event they answer, QoS 1;
 - ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
   retained, QoS 1;
 - ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
@@ -34,7 +36,7 @@ import aiomqtt
 
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
-from stream_rt.graph.packets import EndOfStream, Event, Packet, SourceStatus
+from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus
 from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
 from stream_rt.sinks.outbox import Outbox
 
@@ -62,7 +64,7 @@ class MqttSettings:
 
 
 class MqttSink(Sink):
-    inputs = {"in": (Event, SourceStatus)}
+    inputs = {"in": (Event, MllmAnswer, SourceStatus)}
 
     def __init__(
         self,
@@ -99,8 +101,9 @@ class MqttSink(Sink):
             self._task = asyncio.create_task(self._run(ctx), name=f"stream_rt:{self.name}:mqtt")
 
     async def process(self, packet: Packet, ctx: Context) -> None:
-        if isinstance(packet, Event):
-            self._enqueue(self.topic(packet.source_id, "events"), packet.to_record(), retain=False)
+        if isinstance(packet, Event | MllmAnswer):
+            feature = "events" if isinstance(packet, Event) else "answers"
+            self._enqueue(self.topic(packet.source_id, feature), packet.to_record(), retain=False)
             assert self._outbox is not None
             ctx.counters["outbox_depth"] = self._outbox.depth()
 
