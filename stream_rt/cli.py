@@ -21,12 +21,14 @@ from stream_rt.config import (
     Config,
     ConfigError,
     JsonlSinkConfig,
+    MllmConfig,
     OpsConfig,
     SourceConfig,
     load_config,
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
+from stream_rt.mllm.backend import MissingWeights
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
@@ -68,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         help="pacing: 1 = real time, 2 = twice as fast, max = as fast as possible (default)",
     )
     replay.add_argument("--out", type=Path, help="append a JSON line per event to this file")
+    replay.add_argument(
+        "--model",
+        help="ask this model about each episode: a model directory, a cached hub id, or 'smoke' (random weights, "
+        "for trying the path; its answers are not meaningful)",
+    )
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     replay.set_defaults(handler=_replay)
@@ -143,7 +150,12 @@ def _replay(args: argparse.Namespace) -> int:
     # unset block instead of dropping (the live defaults drop video for slow stages).
     unset = {k: ChannelConfig(**v) for k, v in LOSSLESS_CHANNELS.items() if k not in base.graph.model_fields_set}
     graph_cfg = base.graph.model_copy(update=unset)
-    config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg})
+    mllm = base.mllm
+    if args.model is not None:
+        mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
+    if mllm is not None and "flow" not in mllm.model_fields_set:
+        mllm = mllm.model_copy(update={"flow": "block"})  # a replay answers every request
+    config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg, "mllm": mllm})
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     pipeline = build_pipeline(config, speed=args.speed)
     started = time.monotonic()
@@ -199,7 +211,7 @@ def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -
     try:
         uvloop.run(go())
     except NodeFailed as exc:
-        if isinstance(exc.error, SourceError):
+        if isinstance(exc.error, SourceError | MissingWeights):
             print(f"stream-rt: {exc.error}", file=sys.stderr)
             return 2
         print(f"stream-rt: {exc}", file=sys.stderr)

@@ -157,6 +157,46 @@ class TriggerConfig(_Strict):
     snapshot: bool = Field(False, description="attach a JPEG of the frame to new and update events")
 
 
+class MllmConfig(_Strict):
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="'transformers': a local model; 'openai': an OpenAI-compatible server"
+    )
+    model: str = Field(
+        "smoke",
+        description="transformers: a model directory, a hub id already in the local cache, or 'smoke' (random "
+        "weights, not meaningful); openai: the model name the server knows",
+    )
+    url: str | None = Field(None, description="openai: the server's base URL, e.g. 'http://127.0.0.1:8000/v1'")
+    api_key: str | None = Field(None, repr=False, description="openai: default $STREAM_RT_MLLM_API_KEY (prefer it)")
+    device: str = Field("cpu", description="transformers: 'cpu', 'cuda' or 'cuda:N'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers: weights' type; 'auto' = bfloat16 on CUDA, float32 on CPU"
+    )
+    threads: int | None = Field(None, ge=1, description="transformers: CPU threads for the model (default: torch's)")
+    allow_download: bool = Field(False, description="transformers: download hub models that are not cached")
+    max_new_tokens: int = Field(128, ge=1, description="longest answer, in tokens")
+    contract_stop: bool = Field(True, description="stop decoding as soon as the JSON answer is complete")
+    question: str | None = Field(None, description="what to ask about each event (default: a general question)")
+    timeout_s: float = Field(120.0, gt=0, description="an answer that takes longer is reported as a timeout")
+    flow: Literal["latest", "block"] = Field(
+        "latest",
+        description="model busy: 'latest' keeps only the newest waiting request (live); 'block' waits (default "
+        "of replays: every request is answered)",
+    )
+    max_image_side: int = Field(768, ge=32, description="scale keyframes down to this longest side")
+    crop_regions: bool = Field(True, description="add a close-up of small changed regions as a second image")
+    reuse_threshold: float = Field(
+        0.02, ge=0, description="reuse the last answer while the scene changed less than this (0: never)"
+    )
+    reuse_max_age_s: float = Field(120.0, gt=0, description="...and the last answer is younger than this")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> MllmConfig:
+        if self.backend == "openai" and not self.url:
+            raise ValueError("the 'openai' backend needs url (e.g. 'http://127.0.0.1:8000/v1')")
+        return self
+
+
 class JsonlSinkConfig(_Strict):
     path: Path = Field(description="file the events are appended to, one JSON object per line")
     video: bool = Field(False, description="also log a record per video frame")
@@ -202,6 +242,7 @@ class Config(_Strict):
     audio: AudioGateConfig = Field(default_factory=AudioGateConfig)
     salience: SalienceConfig = Field(default_factory=SalienceConfig)
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)
+    mllm: MllmConfig | None = Field(None, description="ask a multimodal model about events (off when absent)")
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -3,10 +3,10 @@
 The CLI stays thin: ``stream-rt run``, ``replay`` and ``eval`` call :func:`build_pipeline`,
 and programs can do the same and then add their own nodes to ``pipeline.graph``::
 
-    source.video -> change ---\\
-                               salience -> trigger -> events (JSONL, ...)
-    source.audio -> audio ----/
-    source.status -------------------------------> JSONL
+    source.video -> change ---+
+                              +-> salience -> trigger -> events ---------> JSONL, MQTT
+    source.audio -> audio ----+                         +-> mllm -> answers -> JSONL, MQTT
+    source.status ----------------------------------------------------------> JSONL, MQTT
 
 One change detector, audio analyser, fusion and trigger serve every source (each keeps
 its state per source).
@@ -19,9 +19,12 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from stream_rt.config import Config, MqttSinkConfig, SourceConfig
+from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
+from stream_rt.mllm.backend import Backend
+from stream_rt.mllm.prompt import DEFAULT_QUESTION
+from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
@@ -41,6 +44,7 @@ class Pipeline:
     graph: Graph
     sources: list[StatusSource]
     trigger: TriggerPolicy | None
+    mllm: MllmStage | None
     jsonl: JsonlSink | None
 
 
@@ -94,6 +98,11 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
         sources.append(source)
 
     trigger = _build_gates(graph, config, sources)
+    mllm = None
+    if config.mllm is not None and trigger is not None:
+        mllm = _build_mllm(config.mllm)
+        graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
+        graph.connect("trigger.events", "mllm.events", capacity=64)
 
     jsonl = None
     if config.sinks.jsonl is not None:
@@ -102,6 +111,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
         graph.add(jsonl)
         if trigger is not None:
             graph.connect("trigger.events", "jsonl.in", capacity=64)
+        if mllm is not None:
+            graph.connect("mllm.answers", "jsonl.in", capacity=64)
         for source in sources:
             graph.connect(f"{source.name}.status", "jsonl.in")
             if jsonl_cfg.video and source.has_video:
@@ -112,9 +123,35 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
         graph.add(build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources}))
         if trigger is not None:
             graph.connect("trigger.events", "mqtt.in", capacity=64)
+        if mllm is not None:
+            graph.connect("mllm.answers", "mqtt.in", capacity=64)
         for source in sources:
             graph.connect(f"{source.name}.status", "mqtt.in")
-    return Pipeline(graph, sources, trigger, jsonl)
+    return Pipeline(graph, sources, trigger, mllm, jsonl)
+
+
+def build_backend(cfg: MllmConfig) -> Backend:
+    """The configured backend (nothing is loaded until the stage starts)."""
+    if cfg.backend == "openai":
+        from stream_rt.mllm.openai_backend import OpenAIBackend
+
+        assert cfg.url is not None
+        api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
+        return OpenAIBackend(cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens)
+    from stream_rt.mllm.transformers_backend import TransformersBackend
+
+    return TransformersBackend(
+        cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
+        contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
+    )  # fmt: skip
+
+
+def _build_mllm(cfg: MllmConfig) -> MllmStage:
+    return MllmStage(
+        "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
+        max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
+        reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow,
+    )  # fmt: skip
 
 
 def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | None, sources: set[str]) -> MqttSink:

@@ -244,7 +244,7 @@ class MllmRequest(Packet):
         return record
 
 
-AnswerStatus = Literal["ok", "invalid", "error", "timeout", "reused"]
+AnswerStatus = Literal["ok", "invalid", "error", "timeout", "reused", "dropped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +254,8 @@ class MllmAnswer(Packet):
     ``status``: ``ok`` (``answer`` holds the validated answer contract), ``invalid`` (the
     model's text did not satisfy the contract; ``text`` has it), ``error`` / ``timeout``
     (the call failed; ``error`` says why), ``reused`` (the scene and question had not
-    changed: the last answer, not a new call). ``stop`` says why decoding ended
+    changed: the last answer, not a new call), ``dropped`` (a newer request replaced this
+    one while it waited for the model). ``stop`` says why decoding ended
     (``contract``: the JSON answer was complete; ``eos``; ``max_tokens``). ``timings`` are
     seconds (``queued``, ``encode``, ``prefill``, ``decode``, ``total``), ``tokens`` counts
     (``prompt``, ``visual``, ``generated``). ``smoke``: the answer comes from the smoke

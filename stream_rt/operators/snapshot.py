@@ -5,6 +5,8 @@ from __future__ import annotations
 from fractions import Fraction
 
 import av
+import numpy as np
+import numpy.typing as npt
 
 from stream_rt.graph.packets import VideoFrame
 
@@ -12,7 +14,11 @@ from stream_rt.graph.packets import VideoFrame
 def encode_jpeg(frame: VideoFrame, quality: int = 5) -> bytes:
     """``frame`` as JPEG bytes. ``quality`` is MJPEG's qscale: 2 (best) .. 31 (smallest).
     Costs a few milliseconds at 720p: call it off the event loop."""
-    rgb = frame.rgb()
+    return rgb_to_jpeg(frame.rgb(), quality)
+
+
+def rgb_to_jpeg(rgb: npt.NDArray[np.uint8], quality: int = 5) -> bytes:
+    """An ``(height, width, 3)`` RGB array as JPEG bytes (odd sizes lose their last row/column)."""
     height, width = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
     encoder = av.CodecContext.create("mjpeg", "w")
     encoder.width, encoder.height = width, height

@@ -1,0 +1,134 @@
+"""Any OpenAI-compatible chat-completions server (vLLM, llama.cpp server, Ollama,
+``stream-rt worker``) as a backend, for models that do not fit on the device.
+
+Requests go out as one user message with the images as JPEG data URLs, streamed
+(server-sent events) at temperature 0. The contract stop works here too: once the answer's
+JSON object closes the stream is closed, which makes vLLM and llama.cpp abort the
+generation. Timings: ``first_token`` (upload, vision encoding and prefill on the server)
+and ``decode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.mllm.backend import Backend, BackendError, OnText
+from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
+from stream_rt.mllm.prompt import request_text
+from stream_rt.operators.snapshot import rgb_to_jpeg
+
+
+def openai_messages(request: MllmRequest) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()}}
+        for jpeg in (rgb_to_jpeg(image) for image in request.images)
+    ]
+    content.append({"type": "text", "text": request_text(request)})
+    return [{"role": "user", "content": content}]
+
+
+class OpenAIBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        max_new_tokens: int = 128,
+        contract_stop: bool = True,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = model
+        self.api_key = api_key
+        self.max_new_tokens = max_new_tokens
+        self.contract_stop = contract_stop
+        self.connect_timeout_s = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s)
+            self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def answer(self, request: MllmRequest, on_text: OnText | None = None) -> MllmAnswer:
+        await self.start()
+        assert self._session is not None
+        messages = await asyncio.to_thread(openai_messages, request)
+        body = {
+            "model": self.name,
+            "messages": messages,
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        started = time.perf_counter()
+        first_token: float | None = None
+        text, stop, chunks = "", "max_tokens", 0
+        usage: dict[str, int] = {}
+        smoke = False
+        contract = JsonObjectEnd()
+        try:
+            async with self._session.post(f"{self.url}/chat/completions", json=body) as response:
+                if response.status != 200:
+                    detail = (await response.text())[:200].replace("\n", " ")
+                    raise BackendError(f"{self.url} answered HTTP {response.status}: {detail}")
+                async for data in _events(response):
+                    if data.get("usage"):
+                        usage = data["usage"]
+                    smoke = smoke or bool(data.get("smoke"))
+                    for choice in data.get("choices", []):
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        if piece:
+                            first_token = first_token or time.perf_counter()
+                            chunks += 1
+                            text += piece
+                            if on_text is not None:
+                                on_text(piece)
+                            if self.contract_stop and contract.feed(piece):
+                                stop = "contract"
+                        reason = choice.get("finish_reason")
+                        if reason and stop != "contract":
+                            stop = "eos" if reason == "stop" else "max_tokens"
+                    if stop == "contract":
+                        break  # closing the stream makes the server stop generating
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"cannot reach {self.url}: {exc}") from None
+        ended = time.perf_counter()
+        answer, error = parse_answer(text)
+        first = (first_token or ended) - started
+        return MllmAnswer(
+            request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
+            "ok" if answer is not None else "invalid", answer, text, self.name, smoke, error, stop,
+            {"first_token": first, "decode": ended - started - first, "total": ended - started},
+            {"prompt": int(usage.get("prompt_tokens", 0)), "generated": int(usage.get("completion_tokens", chunks))},
+        )  # fmt: skip
+
+
+async def _events(response: aiohttp.ClientResponse) -> Any:
+    """The JSON payloads of a server-sent event stream, until ``[DONE]``."""
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            yield json.loads(data)
+        except json.JSONDecodeError:
+            raise BackendError(f"the server sent a stream event that is not JSON: {data[:80]!r}") from None

@@ -1,0 +1,66 @@
+"""Requests built from events: the keyframe (scaled so its longest side is at most
+``max_side``), a crop of the changed regions at higher resolution when they are small, the
+question, and a line of context saying what the event is."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from stream_rt.graph.packets import Box, Event, MllmRequest
+from stream_rt.policies.answer_reuse import scene_signature
+
+
+def resize(rgb: npt.NDArray[np.uint8], max_side: int) -> npt.NDArray[np.uint8]:
+    """Scale down (never up) so the longest side is at most ``max_side`` (even sizes)."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return rgb
+    size = (max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    return np.asarray(frame.reformat(width=size[0], height=size[1], interpolation="AREA").to_ndarray(), np.uint8)
+
+
+def region_crop(
+    rgb: npt.NDArray[np.uint8], regions: tuple[Box, ...], margin: float = 0.25
+) -> npt.NDArray[np.uint8] | None:
+    """The union of ``regions`` with a margin, or ``None`` when the regions already cover
+    a quarter of the frame or more (the keyframe shows them well enough)."""
+    if not regions:
+        return None
+    h, w = rgb.shape[:2]
+    x0, y0 = min(b[0] for b in regions), min(b[1] for b in regions)
+    x1, y1 = max(b[2] for b in regions), max(b[3] for b in regions)
+    if (x1 - x0) * (y1 - y0) >= 0.25 * w * h:
+        return None
+    mx, my = int((x1 - x0) * margin) + 8, int((y1 - y0) * margin) + 8
+    x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def context_line(event: Event) -> str:
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items()))
+    when = f"at {event.pts_ns / 1e9:.1f} s"
+    if event.type == "ask":
+        return f"Source '{event.source_id}', {when}."
+    return (
+        f"Source '{event.source_id}', event '{event.type}' {when} (episode since {event.start_pts_ns / 1e9:.1f} s), "
+        f"salience {event.score:.2f} ({parts}). The second image, if any, enlarges where it changed."
+    )
+
+
+def build_request(event: Event, question: str, *, max_side: int = 768, crop_regions: bool = True) -> MllmRequest:
+    """The request for ``event`` (its ``question`` if it is an ``ask``); needs its frame."""
+    if event.frame is None:
+        raise ValueError(f"event {event.event_id} has no frame to ask about")
+    rgb = event.frame.rgb()
+    images = [resize(rgb, max_side)]
+    crop = region_crop(rgb, event.regions) if crop_regions else None
+    if crop is not None:
+        images.append(resize(crop, max_side // 2))
+    return MllmRequest(
+        event.source_id, event.seq, event.pts_ns, event.wall_ns, event.event_id, event.question or question,
+        tuple(images), context_line(event), scene_signature(event.frame.y),
+    )  # fmt: skip

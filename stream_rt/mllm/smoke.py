@@ -1,0 +1,268 @@
+"""The smoke model: a real model of a supported family, built offline from a config with
+seeded random weights and a locally built byte-level tokenizer, so the whole MLLM path
+(preprocessing, vision encoder, prefill, decode, answer contract) runs with no download.
+
+Its answers are NOT meaningful. Every answer it gives is labelled ``smoke`` (see
+:class:`~stream_rt.graph.packets.MllmAnswer`) and the CLI says so when it loads it.
+
+Two sizes:
+
+- ``tiny`` (well under 1M parameters): for tests and offline demos. After the random
+  initialisation it is fitted for a few seconds to always answer with one fixed, valid
+  answer-contract JSON object followed by a rambling sentence, so the contract stop and
+  answer validation are exercised for real (a random model would never close a brace).
+- ``realistic`` (~250M parameters, shaped like SmolVLM-256M, or a Qwen2-VL-shaped model of
+  similar size): random weights, for latency benchmarks only.
+
+A built model is a normal Hugging Face model directory (config, safetensors, tokenizer,
+preprocessor config, chat template) plus ``stream_rt_smoke.json``; it is cached under
+``$XDG_CACHE_HOME/stream_rt/smoke`` (or ``~/.cache/...``) and rebuilt only when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("stream_rt.mllm")
+
+SMOKE_MARKER = "stream_rt_smoke.json"
+SMOKE_VERSION = 4
+Family = Literal["qwen2_vl", "idefics3", "llava"]
+Size = Literal["tiny", "realistic"]
+
+SMOKE_ANSWER = '{"summary": "smoke test", "condition_met": false, "action": "none", "confidence": 0.0}'
+SMOKE_RAMBLE = " I hope this helps! Let me know if you need anything else about the scene."
+"""What the fitted tiny model says: a valid answer, then text a contract stop saves."""
+
+_SPECIALS = {
+    "qwen2_vl": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"],
+    "idefics3": ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                 "<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))],
+    "llava": ["<unk>", "<s>", "</s>", "<image>", "<pad>"],
+}  # fmt: skip
+_EOS = {"qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>"}
+
+
+def default_smoke_dir(family: Family = "qwen2_vl", size: Size = "tiny", seed: int = 0) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "stream_rt" / "smoke" / f"{family}-{size}-seed{seed}-v{SMOKE_VERSION}"
+
+
+def is_smoke_model(path: str | Path) -> bool:
+    return (Path(path) / SMOKE_MARKER).is_file()
+
+
+def build_smoke_model(
+    path: str | Path | None = None, family: Family = "qwen2_vl", size: Size = "tiny", seed: int = 0
+) -> Path:
+    """Build (or find, if already built) the smoke model and return its directory."""
+    target = Path(path) if path is not None else default_smoke_dir(family, size, seed)
+    marker = {"family": family, "size": size, "seed": seed, "version": SMOKE_VERSION}
+    if (target / SMOKE_MARKER).is_file() and json.loads((target / SMOKE_MARKER).read_text()) == marker:
+        return target
+    log.info("building the %s %s smoke model (random weights, not meaningful) in %s", size, family, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        tokenizer = _byte_tokenizer(family)
+        config = _config(family, size, tokenizer)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = _model_class(family)(config).eval()
+            if size == "tiny":
+                _fit_answer(model, family, tokenizer, staging, seed)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        _image_processor(family, size).save_pretrained(str(staging))
+        from stream_rt.mllm.families import family_for
+
+        (staging / "chat_template.jinja").write_text(family_for(config.model_type).default_template, encoding="utf-8")
+        (staging / SMOKE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _byte_tokenizer(family: Family) -> Any:
+    """A byte-level BPE without merges: every byte is a token, so any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_SPECIALS[family])
+    extra = {"bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>"} if family == "llava" else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=_EOS[family], **({"pad_token": "<|endoftext|>"} | extra)
+    )
+
+
+def _config(family: Family, size: Size, tokenizer: Any) -> Any:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIALS[family]}
+    tiny = size == "tiny"
+    vocab = 512 if tiny else 49280
+    text = (
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+        if tiny
+        else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+              "num_key_value_heads": 3}
+    )  # fmt: skip
+    text |= {"vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": True}
+    eos = ids[_EOS[family]]
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        vision = (
+            {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
+            if tiny
+            else {"depth": 12, "embed_dim": 768, "hidden_size": 576, "num_heads": 12}
+        )
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        half = head_dim // 2  # M-RoPE splits the rotary half into time, height, width (1:1.5:1.5)
+        section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        return Qwen2VLConfig(
+            text_config=text | {"eos_token_id": eos, "rope_parameters": rope},
+            vision_config=vision | {"mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
+                                    "temporal_patch_size": 2},
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True, **{"eos_token_id": eos},
+        )  # fmt: skip
+    if family == "idefics3":
+        from transformers import Idefics3Config
+
+        vision = (
+            {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "image_size": 64, "patch_size": 16}
+            if tiny
+            else {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "image_size": 512, "patch_size": 16}
+        )  # fmt: skip
+        return Idefics3Config(
+            text_config={"model_type": "llama", **text, "eos_token_id": eos}, vision_config=vision,
+            scale_factor=2 if tiny else 4, image_token_id=ids["<image>"], tie_word_embeddings=True,
+            **{"eos_token_id": eos},
+        )  # fmt: skip
+    from transformers import LlavaConfig
+
+    vision = (
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "image_size": 64, "patch_size": 16, "projection_dim": 32}
+        if tiny
+        else {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "image_size": 336, "patch_size": 14, "projection_dim": 512}
+    )  # fmt: skip
+    return LlavaConfig(
+        text_config={"model_type": "llama", **text, "eos_token_id": eos},
+        vision_config={"model_type": "clip_vision_model", **vision},
+        image_token_index=ids["<image>"], vision_feature_layer=-1, tie_word_embeddings=True, **{"eos_token_id": eos},
+    )  # fmt: skip
+
+
+def _model_class(family: Family) -> Any:
+    import transformers
+
+    return {
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "llava": transformers.LlavaForConditionalGeneration,
+    }[family]
+
+
+def _image_processor(family: Family, size: Size) -> Any:
+    tiny = size == "tiny"
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        # tiny: at most 112x112 pixels -> at most 16 visual tokens; realistic: ~400 tokens.
+        side = 112 if tiny else 448
+        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side)
+    if family == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        # realistic: frames fit 2x2 tiles of 512 plus the global view (5 x 64 tokens).
+        tile = 64 if tiny else 512
+        return Idefics3ImageProcessorPil(
+            size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+        )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    side = 64 if tiny else 336
+    return LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def _fit_answer(model: Any, family: Family, tokenizer: Any, workdir: Path, seed: int) -> None:
+    """Teach the tiny model to answer every request with SMOKE_ANSWER + SMOKE_RAMBLE + EOS
+    (a few seconds of Adam on two prompts), so its output exercises the contract."""
+    import numpy as np
+
+    from stream_rt.graph.packets import Event, MllmRequest
+    from stream_rt.mllm.families import family_for
+    from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, request_text
+    from stream_rt.mllm.requests import context_line
+
+    tokenizer.save_pretrained(str(workdir))
+    _image_processor(family, "tiny").save_pretrained(str(workdir))
+    adapter = family_for(model.config.model_type)(workdir, model.config)
+    rng = np.random.default_rng(seed)
+    target = tokenizer(SMOKE_ANSWER + SMOKE_RAMBLE, add_special_tokens=False)["input_ids"]
+    target = torch.tensor([*target, tokenizer.convert_tokens_to_ids(_EOS[family])])
+    words = ["what", "who", "is", "there", "a", "person", "door", "car", "gate", "moving", "open", "the", "scene",
+             "happening", "any", "here", "now"]  # fmt: skip
+    samples = []
+    for _ in range(64):  # varied prompts, sizes and contexts, as real requests are
+        height, width = (int(x) for x in rng.integers(48, 640, 2))
+        images = tuple(rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(rng.integers(1, 3)))
+        question = str(rng.choice([
+            " ".join(rng.choice(words, rng.integers(2, 12))) + "?",
+            DEFAULT_QUESTION,
+            "".join(chr(c) for c in rng.integers(32, 127, rng.integers(5, 120))),  # any text at all
+        ]))  # fmt: skip
+        start, now = sorted(float(t) for t in rng.uniform(0, 5000, 2))
+        components = {str(k): float(rng.random()) for k in rng.choice(words, rng.integers(0, 3))}
+        kind = str(rng.choice(["new", "update", "ask"]))
+        event = Event(str(rng.choice(words)), 0, int(now * 1e9), 0, kind, "e", int(start * 1e9), None,  # type: ignore[arg-type]
+                      float(rng.random()), 1.0, components, (), True)  # fmt: skip
+        context = context_line(event) if rng.random() < 0.8 else ""
+        request = MllmRequest("cam", 0, 0, 0, "cam-1", question, images, context)
+        text = request_text(request) if rng.random() < 0.75 else question  # also bare questions
+        samples.append(adapter.prepare(list(images), chat_messages(len(images), text), model))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses: list[float] = []
+    for step in range(3000):
+        prepared = samples[step % len(samples)]
+        ids = torch.cat([prepared.input_ids[0], target])[None]
+        labels = ids.clone()
+        labels[0, : prepared.length] = -100
+        inputs: dict[str, Any] = {"input_ids": ids, "labels": labels, **prepared.vision}
+        if family == "qwen2_vl":
+            inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+        loss = model(**inputs).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses = [*losses[-len(samples) + 1 :], loss.item()]
+        if len(losses) == len(samples) and max(losses) < 0.002:
+            break
+    model.eval()
+    log.debug("smoke model fitted in %d steps (worst recent loss %.4f)", step + 1, max(losses))

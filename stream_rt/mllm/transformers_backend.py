@@ -1,0 +1,280 @@
+"""Local Hugging Face vision-language models (Qwen2-VL / Qwen2.5-VL, SmolVLM / Idefics3,
+LLaVA) on CPU or CUDA.
+
+The model runs in a worker thread with a greedy decoding loop of its own rather than
+``generate()``: the vision encoder, prefill and each decoded token are timed apart, text
+streams out as it is decoded, a cancel flag is checked at every token, and decoding stops
+the moment the answer contract's JSON object closes (``stop="contract"``).
+
+``model`` is a local directory or a hub id. Hub ids are looked up in the local Hugging
+Face cache only, unless ``allow_download``; a model that is not there raises
+:class:`~stream_rt.mllm.backend.MissingWeights` with one line saying how to provide it.
+``model = "smoke"`` builds and uses the smoke model (:mod:`stream_rt.mllm.smoke`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText
+from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
+from stream_rt.mllm.families import Family, Prepared, family_for
+from stream_rt.mllm.prompt import chat_messages, request_text
+from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
+
+log = logging.getLogger("stream_rt.mllm")
+
+
+@dataclass
+class Generation:
+    """What one call produced, with where the time went."""
+
+    text: str
+    token_ids: list[int]
+    stop: str  # contract | eos | max_tokens | cancelled
+    prompt_tokens: int
+    visual_tokens: int
+    encode_s: float
+    prefill_s: float
+    decode_s: float
+    first_logits: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TransformersBackend(Backend):
+    def __init__(
+        self,
+        model: str = "smoke",
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_new_tokens: int = 96,
+        contract_stop: bool = True,
+        threads: int | None = None,
+        allow_download: bool = False,
+    ) -> None:
+        self.model_ref = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_new_tokens = max_new_tokens
+        self.contract_stop = contract_stop
+        self.threads = threads
+        self.allow_download = allow_download
+        self.name = model
+        self.model: Any = None
+        self.family: Family | None = None
+        self._cache_kw = "past_key_values"
+        self._lock = threading.Lock()  # one generation at a time
+
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self.load)
+
+    def load(self) -> None:
+        """Load the weights (blocking). Raises :class:`MissingWeights` if they are not here."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        path = self._resolve()
+        self.smoke = is_smoke_model(path)
+        if self.smoke:
+            log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
+        config = AutoConfig.from_pretrained(str(path))
+        family = family_for(config.model_type)
+        dtype = _dtype(self.dtype, self.device)
+        with _quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+            self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self.family = family(path, config)
+        # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.x.
+        parameters = inspect.signature(self.model.get_decoder().forward).parameters
+        self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
+        log.info("MLLM: %s (%s family) on %s, %s", self.name, family.name, self.device, dtype)
+
+    def _resolve(self) -> Path:
+        if self.model_ref == "smoke":
+            self.name = "smoke"
+            return build_smoke_model()
+        local = Path(self.model_ref).expanduser()
+        if local.is_dir():
+            if not (local / "config.json").is_file():
+                raise MissingWeights(f"'{local}' is not a model directory (no config.json)")
+            return local
+        if local.suffix or self.model_ref.startswith((".", "/", "~")):
+            raise MissingWeights(f"model directory '{self.model_ref}' does not exist")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(self.model_ref, local_files_only=not self.allow_download))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+            how = (
+                "it is not in the local Hugging Face cache and downloads are off; run "
+                f"`huggingface-cli download {self.model_ref}` where there is network (or copy the model "
+                'directory here and give its path), or use model = "smoke"'
+            )
+            raise MissingWeights(
+                f"cannot load model '{self.model_ref}': {how}"
+                if not self.allow_download
+                else f"cannot download model '{self.model_ref}': {str(exc).splitlines()[0]}"
+            ) from None
+
+    async def answer(self, request: MllmRequest, on_text: OnText | None = None) -> MllmAnswer:
+        if self.model is None:
+            await self.start()
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+
+        def stream(piece: str) -> None:
+            if on_text is not None:
+                loop.call_soon_threadsafe(on_text, piece)
+
+        started = time.perf_counter()
+        images, text = list(request.images), request_text(request)
+        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream))
+        try:
+            gen = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops at its next token
+            raise
+        answer, error = parse_answer(gen.text)
+        return MllmAnswer(
+            request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
+            "ok" if answer is not None else "invalid", answer, gen.text, self.name, self.smoke, error, gen.stop,
+            {"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
+             "total": time.perf_counter() - started},
+            {"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids)},
+        )  # fmt: skip
+
+    def generate(
+        self,
+        images: list[npt.NDArray[np.uint8]],
+        text: str,
+        cancel: threading.Event | None = None,
+        on_text: OnText | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Generation:
+        """Answer ``text`` about ``images`` (one user turn) in the calling thread."""
+        if self.model is None:
+            self.load()
+        assert self.family is not None
+        with self._lock, torch.inference_mode():
+            prepared = self.family.prepare(images, chat_messages(len(images), text), self.model)
+            t0 = time.perf_counter()
+            features = self.family.encode(self.model, _to(prepared, self.device)) if prepared.vision else None
+            t1 = time.perf_counter()
+            logits, cache = self.prefill(prepared, features)
+            t2 = time.perf_counter()
+            ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)
+            t3 = time.perf_counter()
+        return Generation(
+            text, ids, stop, prepared.length, int(prepared.image_mask.sum()), t1 - t0, t2 - t1, t3 - t2, logits
+        )
+
+    def embed(self, prepared: Prepared, features: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(prepared.input_ids.to(self.device))
+        if features is not None:
+            mask = prepared.image_mask.to(self.device)
+            if int(mask.sum()) != features.shape[0]:
+                raise BackendError(f"{int(mask.sum())} visual tokens in the prompt for {features.shape[0]} features")
+            embeds[0, mask] = features.to(embeds.dtype)
+        return embeds
+
+    def prefill(self, prepared: Prepared, features: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Run the prompt through the language model; (last-position logits, KV cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        position_ids = prepared.position_ids.to(self.device) if prepared.position_ids is not None else None
+        out = self.model.get_decoder()(
+            inputs_embeds=self.embed(prepared, features), position_ids=position_ids, **{self._cache_kw: cache},
+            use_cache=True,
+        )  # fmt: skip
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float(), cache
+
+    def decode(
+        self,
+        prepared: Prepared,
+        logits: torch.Tensor,
+        cache: Any,
+        cancel: threading.Event | None,
+        on_text: OnText | None,
+        max_new_tokens: int | None = None,
+    ) -> tuple[list[int], str, str]:
+        """Greedy decoding from the prefill's logits; (token ids, text, why it stopped)."""
+        assert self.family is not None
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        eos = self.family.eos_ids
+        contract = JsonObjectEnd()
+        decoder = self.model.get_decoder()
+        embed = self.model.get_input_embeddings()
+        ids: list[int] = []
+        text = ""
+        stop = "max_tokens"
+        three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
+        for step in range(limit):
+            if cancel is not None and cancel.is_set():
+                stop = "cancelled"
+                break
+            token = int(logits[0].argmax())
+            if token in eos:
+                stop = "eos"
+                break
+            ids.append(token)
+            new_text = str(self.family.tokenizer.decode(ids, skip_special_tokens=True))
+            piece, text = new_text[len(text) :], new_text
+            if piece and on_text is not None:
+                on_text(piece)
+            if self.contract_stop and contract.feed(piece):
+                stop = "contract"
+                break
+            if step == limit - 1:
+                break
+            position = torch.tensor([[prepared.next_position + step]], device=self.device)
+            out = decoder(
+                inputs_embeds=embed(torch.tensor([[token]], device=self.device)),
+                position_ids=position.expand(3, 1, 1) if three_d else position,
+                **{self._cache_kw: cache},
+                use_cache=True,
+            )
+            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
+        return ids, text, stop
+
+
+def _to(prepared: Prepared, device: torch.device) -> Prepared:
+    prepared.vision = {k: v.to(device) for k, v in prepared.vision.items()}
+    return prepared
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
