@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("scenarios", type=Path, nargs="+", help="scenario files (see scenarios/)")
     evaluate.set_defaults(handler=_eval)
 
+    worker = sub.add_parser("worker", help="serve a local model over the OpenAI-compatible chat-completions API")
+    worker.add_argument("--model", default="smoke", help="model directory, cached hub id, or 'smoke' (default)")
+    worker.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="default 127.0.0.1:8000")
+    worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    worker.add_argument("--max-new-tokens", type=int, default=128)
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(handler=_worker)
+
     validate = sub.add_parser("validate", help="check a config file and name every problem")
     validate.add_argument("config", type=Path)
     validate.set_defaults(handler=_validate)
@@ -111,6 +119,46 @@ def _speed(text: str) -> float | None:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"speed must be > 0 (or 'max'), got {text!r}")
     return value
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    import uvloop
+
+    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.worker import Worker
+
+    setup_logging(args.log_level)
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"stream-rt: --listen takes HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        return 2
+    backend = TransformersBackend(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
+
+    async def serve() -> None:
+        worker = Worker(backend, host, int(port))
+        await worker.start()
+        print(f"serving {backend.name} on http://{host}:{worker.port}/v1", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
+            log.info("worker stopped after %d requests", worker.served)
+
+    try:
+        uvloop.run(serve())
+    except MissingWeights as exc:
+        print(f"stream-rt: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"stream-rt: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

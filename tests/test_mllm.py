@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import av
 import numpy as np
 import pytest
@@ -254,3 +257,38 @@ async def test_every_supported_family_answers_through_the_same_path(family: str,
     assert (answer.status, answer.stop, answer.text) == ("ok", "contract", SMOKE_ANSWER), answer.error
     assert "".join(streamed) == SMOKE_ANSWER and answer.smoke
     assert answer.tokens["visual"] > 0 and list(itertools.accumulate(answer.timings.values()))
+
+
+async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
+    samples: Path, smoke_model: Path, free_port: int
+) -> None:
+    """A real `stream-rt worker` process serving the smoke model; the OpenAI-compatible
+    backend asks it about a real frame, streamed, and the contract stop works remotely."""
+    from stream_rt.mllm.openai_backend import OpenAIBackend
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(smoke_model), "--listen",
+        f"127.0.0.1:{free_port}", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "smoke")
+    try:
+        assert proc.stderr is not None
+        while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
+            assert line, "the worker exited before serving"
+        [frame] = clip_frames(samples, [200])
+        request = MllmRequest("cam", 0, 0, 0, "cam-9", "What is happening?", (frame.rgb(),), "event at 20 s")
+        streamed: list[str] = []
+        answer = await backend.answer(request, on_text=streamed.append)
+        assert (answer.status, answer.text, answer.event_id) == ("ok", SMOKE_ANSWER, "cam-9"), answer.error
+        assert answer.smoke and "".join(streamed) == SMOKE_ANSWER and answer.stop in ("contract", "eos")
+        assert answer.tokens["generated"] > 0 and answer.timings["first_token"] > 0
+        remote_image = {"type": "image_url", "image_url": {"url": "http://192.0.2.1/cam.jpg"}}
+        body = {"model": "smoke", "messages": [{"role": "user", "content": [remote_image]}]}
+        url = f"http://127.0.0.1:{free_port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+            assert response.status == 400
+            assert "only data: image URLs" in (await response.json())["error"]["message"]
+    finally:
+        await backend.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
