@@ -176,6 +176,14 @@ class MllmConfig(_Strict):
     allow_download: bool = Field(False, description="transformers: download hub models that are not cached")
     max_new_tokens: int = Field(128, ge=1, description="longest answer, in tokens")
     contract_stop: bool = Field(True, description="stop decoding as soon as the JSON answer is complete")
+    layer_exit_every: int = Field(
+        0, ge=0, description="transformers: evaluate an early exit every N layers while decoding (0: off)"
+    )
+    layer_exit_thresholds: list[float] = Field(
+        default_factory=list,
+        description="per exit after the first: leave when successive exits' token distributions are closer than this "
+        "(calibrate with benchmarks/mllm.py; empty or 0: never leave early)",
+    )
     question: str | None = Field(None, description="what to ask about each event (default: a general question)")
     timeout_s: float = Field(120.0, gt=0, description="an answer that takes longer is reported as a timeout")
     flow: Literal["latest", "block"] = Field(

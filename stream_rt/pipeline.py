@@ -138,11 +138,14 @@ def build_backend(cfg: MllmConfig) -> Backend:
         assert cfg.url is not None
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
         return OpenAIBackend(cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens)
+    from stream_rt.mllm.layer_exit import LayerExit
     from stream_rt.mllm.transformers_backend import TransformersBackend
 
+    layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
+        layer_exit=layer_exit,
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph import Context
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
+from stream_rt.mllm.layer_exit import LayerExit, calibrate
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.stage import MllmStage
@@ -292,3 +293,20 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
         await backend.close()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(smoke_model: Path, samples: Path) -> None:
+    [frame] = clip_frames(samples, [300])
+    images, text = [frame.rgb()], request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "Anyone there?"))
+    full = TransformersBackend(str(smoke_model))
+    reference = full.generate(images, text)
+    for exit in (LayerExit(every=1, thresholds=[0.0, 0.0]), LayerExit(every=1, thresholds=None)):
+        gen = TransformersBackend(str(smoke_model), layer_exit=exit).generate(images, text)
+        assert gen.token_ids == reference.token_ids and gen.exit_depth == 4
+        assert len(exit.distances) == len(gen.token_ids) - 1 and all(len(d) == 2 for d in exit.distances)
+    # Calibrated on the logged distances for an average of 3 of the 4 layers, exits are taken.
+    thresholds = calibrate(exit.distances, exit.exit_layers(4), 4, target_depth=3.0)
+    early = LayerExit(every=1, thresholds=thresholds)
+    gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
+    assert gen.exit_depth is not None and gen.exit_depth < 4
+    assert min(early.depths) < 4 and set(early.depths) <= {2, 3, 4}

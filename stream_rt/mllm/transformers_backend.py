@@ -20,7 +20,7 @@ import inspect
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from stream_rt.graph.packets import MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
 from stream_rt.mllm.families import Family, Prepared, family_for
+from stream_rt.mllm.layer_exit import LayerExit, decode_step
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 
@@ -51,7 +52,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     first_logits: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    exit_depth: float | None = None  # mean layers run per decoded token, with the layer exit
 
 
 class TransformersBackend(Backend):
@@ -65,6 +66,7 @@ class TransformersBackend(Backend):
         contract_stop: bool = True,
         threads: int | None = None,
         allow_download: bool = False,
+        layer_exit: LayerExit | None = None,
     ) -> None:
         self.model_ref = model
         self.device = torch.device(device)
@@ -73,6 +75,7 @@ class TransformersBackend(Backend):
         self.contract_stop = contract_stop
         self.threads = threads
         self.allow_download = allow_download
+        self.layer_exit = layer_exit
         self.name = model
         self.model: Any = None
         self.family: Family | None = None
@@ -160,6 +163,7 @@ class TransformersBackend(Backend):
             {"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
              "total": time.perf_counter() - started},
             {"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids)},
+            gen.exit_depth,
         )  # fmt: skip
 
     def generate(
@@ -181,11 +185,15 @@ class TransformersBackend(Backend):
             t1 = time.perf_counter()
             logits, cache = self.prefill(prepared, features)
             t2 = time.perf_counter()
+            logged = len(self.layer_exit.depths) if self.layer_exit is not None else 0
             ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)
             t3 = time.perf_counter()
-        return Generation(
+        gen = Generation(
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), t1 - t0, t2 - t1, t3 - t2, logits
         )
+        if self.layer_exit is not None and len(self.layer_exit.depths) > logged:
+            gen.exit_depth = float(np.mean(self.layer_exit.depths[logged:]))
+        return gen
 
     def embed(self, prepared: Prepared, features: torch.Tensor | None) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(prepared.input_ids.to(self.device))
@@ -247,12 +255,13 @@ class TransformersBackend(Backend):
             if step == limit - 1:
                 break
             position = torch.tensor([[prepared.next_position + step]], device=self.device)
-            out = decoder(
-                inputs_embeds=embed(torch.tensor([[token]], device=self.device)),
-                position_ids=position.expand(3, 1, 1) if three_d else position,
-                **{self._cache_kw: cache},
-                use_cache=True,
-            )
+            position = position.expand(3, 1, 1) if three_d else position
+            next_input = torch.tensor([[token]], device=self.device)
+            if self.layer_exit is not None:
+                logits = decode_step(self.model, next_input, position, cache, self.layer_exit, self._cache_kw)
+                continue
+            out = decoder(inputs_embeds=embed(next_input), position_ids=position, use_cache=True,
+                          **{self._cache_kw: cache})  # fmt: skip
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
         return ids, text, stop
 

@@ -1,0 +1,136 @@
+"""Intermediate-layer exit for decoding (DeeR's criterion, applied to tokens).
+
+Every ``every`` layers the hidden state of the token being decoded is projected through
+the final norm and the LM head; once the token distributions of two successive exits are
+closer than that exit's threshold (L2 distance between probability vectors), the token is
+taken from the exit and the remaining layers are skipped. The skipped layers still get
+K/V for this position (computed from the exit's hidden state, CALM's state propagation),
+so later tokens attend to a complete cache.
+
+Thresholds are calibrated on logged calls (:func:`calibrate`): run with thresholds
+``None`` (every exit is measured, none taken) to log distances, then choose thresholds so
+that the share of tokens leaving at exit k follows p_k ∝ λ^k, with λ set for the target
+average depth (DeeR). With every threshold 0 no exit is ever taken and the output is the
+full model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+
+@dataclass
+class LayerExit:
+    every: int = 2
+    thresholds: list[float] | None = None  # one per exit after the first; None: measure only
+    depths: list[int] = field(default_factory=list)  # layers run, per decoded token
+    distances: list[list[float]] = field(default_factory=list)  # per token, per exit after the first
+
+    def exit_layers(self, n_layers: int) -> list[int]:
+        """Layer counts after which an exit is evaluated (the last layer is not an exit)."""
+        return list(range(self.every, n_layers, self.every))
+
+    def threshold(self, k: int) -> float:
+        if self.thresholds is None or k >= len(self.thresholds):
+            return -1.0  # never exits
+        return self.thresholds[k]
+
+    @property
+    def mean_depth(self) -> float:
+        return float(np.mean(self.depths)) if self.depths else 0.0
+
+
+def decode_step(
+    model: Any, token: torch.Tensor, position_ids: torch.Tensor, cache: Any, exit: LayerExit, cache_kw: str
+) -> torch.Tensor:
+    """One decoding step through the layers with exits; returns the logits."""
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    hidden = model.get_input_embeddings()(token)
+    position_embeddings = decoder.rotary_emb(hidden, position_ids)
+    text_positions = position_ids if position_ids.dim() == 2 else None
+    exits = set(exit.exit_layers(len(layers)))
+    previous: torch.Tensor | None = None
+    distances: list[float] = []
+    depth = len(layers)
+    logits: torch.Tensor | None = None
+    for i, layer in enumerate(layers):
+        hidden = layer(hidden, attention_mask=None, position_ids=text_positions, use_cache=True,
+                       position_embeddings=position_embeddings, **{cache_kw: cache})  # fmt: skip
+        if i + 1 not in exits:
+            continue
+        exit_logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
+        probs = exit_logits.softmax(-1)
+        if previous is not None:
+            distance = float(torch.linalg.vector_norm(probs - previous))
+            distances.append(distance)
+            if distance < exit.threshold(len(distances) - 1):
+                depth = i + 1
+                logits = exit_logits
+                for j in range(i + 1, len(layers)):
+                    _fill_kv(layers[j], hidden, position_embeddings, cache)
+                break
+        previous = probs
+    if logits is None:
+        logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
+    exit.depths.append(depth)
+    exit.distances.append(distances)
+    return logits
+
+
+def _fill_kv(
+    layer: Any, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any
+) -> None:
+    """Write this position's K/V into a skipped layer's cache, from the exit's hidden state."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    key = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):
+        key = attn.k_norm(key)
+    key = key.transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    half = key.shape[-1] // 2
+    rotated = torch.cat((-key[..., half:], key[..., :half]), dim=-1)
+    cache.update(key * cos + rotated * sin, value, attn.layer_idx)
+
+
+def calibrate(distances: list[list[float]], exit_layers: list[int], n_layers: int, target_depth: float) -> list[float]:
+    """Thresholds (one per exit after the first) for an average depth near ``target_depth``
+    layers on these logged distances (each token's distances at successive exits)."""
+    n_exits = len(exit_layers) - 1
+    table: npt.NDArray[np.float64] = np.array(
+        [d + [np.inf] * (n_exits - len(d)) for d in distances if len(d) == n_exits], dtype=np.float64
+    )
+    if n_exits <= 0 or len(table) == 0:
+        return []
+    depths = [*exit_layers[1:], n_layers]
+
+    def thresholds_for(lam: float) -> tuple[list[float], float]:
+        shares = lam ** np.arange(n_exits + 1, dtype=np.float64)
+        shares /= shares.sum()
+        remaining = np.ones(len(table), dtype=bool)
+        thresholds, depth_sum = [], 0.0
+        for k in range(n_exits):
+            want = round(shares[k] * len(table))
+            candidates = np.sort(table[remaining, k])
+            t = float(np.nextafter(candidates[want - 1], np.inf)) if 0 < want <= len(candidates) else 0.0
+            leaving = remaining & (table[:, k] < t)
+            depth_sum += depths[k] * leaving.sum()
+            remaining &= ~leaving
+            thresholds.append(t)
+        depth_sum += n_layers * remaining.sum()
+        return thresholds, depth_sum / len(table)
+
+    low, high = 1e-3, 1e3  # small lambda: most tokens leave early
+    for _ in range(40):
+        mid = float(np.sqrt(low * high))
+        _, depth = thresholds_for(mid)
+        low, high = (mid, high) if depth < target_depth else (low, mid)
+    return thresholds_for(float(np.sqrt(low * high)))[0]
