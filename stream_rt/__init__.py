@@ -4,6 +4,8 @@ The public API. Everything a program needs to build, run and test a pipeline is
 importable from here; submodules are implementation detail unless documented.
 """
 
+from typing import Any
+
 from stream_rt.config import Config, ConfigError, load_config, parse_config
 from stream_rt.graph import (
     AUDIO_SAMPLE_RATE,
@@ -35,6 +37,7 @@ from stream_rt.graph import (
     Supervision,
     VideoFrame,
 )
+from stream_rt.mllm import Backend, MissingWeights, MllmStage, OpenAIBackend
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
@@ -45,12 +48,23 @@ from stream_rt.sources import AvSource, Backoff, MqttSource, SourceError, Synthe
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    """``TransformersBackend`` and ``build_smoke_model`` import torch: loaded on first use."""
+    if name in ("TransformersBackend", "build_smoke_model"):
+        import stream_rt.mllm
+
+        return getattr(stream_rt.mllm, name)
+    raise AttributeError(f"module 'stream_rt' has no attribute '{name}'")
+
+
 __all__ = [
     "AUDIO_SAMPLE_RATE",
     "AudioAnalyzer",
     "AudioChunk",
     "AudioFeatures",
     "AvSource",
+    "Backend",
     "Backoff",
     "CallbackSink",
     "ChangeDetector",
@@ -69,12 +83,15 @@ __all__ = [
     "GraphBuildError",
     "JsonlSink",
     "ManualClock",
+    "MissingWeights",
     "MllmAnswer",
     "MllmRequest",
+    "MllmStage",
     "MqttSink",
     "MqttSource",
     "Node",
     "NodeFailed",
+    "OpenAIBackend",
     "Packet",
     "Pipeline",
     "RealtimeClock",
@@ -87,9 +104,11 @@ __all__ = [
     "SourceStatus",
     "Supervision",
     "SyntheticSource",
+    "TransformersBackend",
     "TriggerPolicy",
     "VideoFrame",
     "build_pipeline",
+    "build_smoke_model",
     "load_config",
     "parse_config",
 ]

@@ -194,7 +194,7 @@ class MllmConfig(_Strict):
     max_image_side: int = Field(768, ge=32, description="scale keyframes down to this longest side")
     crop_regions: bool = Field(True, description="add a close-up of small changed regions as a second image")
     reuse_threshold: float = Field(
-        0.02, ge=0, description="reuse the last answer while the scene changed less than this (0: never)"
+        0.02, ge=0, le=1, description="reuse the last answer while at most this share of the scene changed (0: never)"
     )
     reuse_max_age_s: float = Field(120.0, gt=0, description="...and the last answer is younger than this")
 

@@ -98,6 +98,10 @@ def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall
             f"({trigger.get('model_calls', 0) / max(1, frames):.2%} of frames)"
             + (f"; skipped: {skips}" if skips else "")
         )
+    mllm = nodes.get("mllm")
+    if mllm is not None:
+        statuses = ", ".join(f"{n} {k[8:]}" for k, n in sorted(mllm.items()) if k.startswith("answers_"))
+        lines.append(f"  answers: {statuses or 'none'} ({mllm.get('model_calls', 0)} model calls)")
     dropped = {name: e for name, e in stats["edges"].items() if e["dropped_total"]}
     if not dropped:
         lines.append("  drops: none")

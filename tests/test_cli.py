@@ -37,6 +37,26 @@ def test_replay_of_the_real_sample_logs_its_episodes(samples: Path, tmp_path: Pa
     assert rows[-1] == {**rows[-1], "kind": "EndOfStream", "reason": "eof"}
 
 
+def test_replay_with_the_smoke_model_answers_every_call(samples: Path, tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    result = run_cli("replay", str(samples / "still_motion.mkv"), "--model", "smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "NOT meaningful" in result.stderr
+    rows = records(out)
+    calls = [(r["event_id"], r["seq"]) for r in rows if r["kind"] == "Event" and r["call_model"]]
+    answers = [(r["event_id"], r["seq"]) for r in rows if r["kind"] == "MllmAnswer"]
+    assert calls and sorted(answers) == sorted(calls), "a replay answers every call (flow = block)"
+    assert f"answers: {len(answers)} ok" in result.stderr or "reused" in result.stderr
+
+
+def test_a_model_that_is_not_here_gives_one_clear_line(samples: Path) -> None:
+    result = run_cli("replay", str(samples / "still_motion.mkv"), "--model", "acme/vision-9b")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("stream-rt:")]
+    assert len(errors) == 1 and "cannot load model 'acme/vision-9b'" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_random_bytes_give_one_clear_line(tmp_path: Path) -> None:
     junk = tmp_path / "camera.mp4"
     junk.write_bytes(np.random.default_rng(3).integers(0, 256, 100_000, dtype=np.uint8).tobytes())

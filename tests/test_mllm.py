@@ -304,8 +304,9 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
         gen = TransformersBackend(str(smoke_model), layer_exit=exit).generate(images, text)
         assert gen.token_ids == reference.token_ids and gen.exit_depth == 4
         assert len(exit.distances) == len(gen.token_ids) - 1 and all(len(d) == 2 for d in exit.distances)
+        assert all(len(t) == 4 and t[-1] == token for t, token in zip(exit.tokens, gen.token_ids[1:], strict=True))
     # Calibrated on the logged distances for an average of 3 of the 4 layers, exits are taken.
-    thresholds = calibrate(exit.distances, exit.exit_layers(4), 4, target_depth=3.0)
+    thresholds = calibrate(exit, 4, target_depth=3.0)
     early = LayerExit(every=1, thresholds=thresholds)
     gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
     assert gen.exit_depth is not None and gen.exit_depth < 4

@@ -1,9 +1,9 @@
 """Intermediate-layer exit for decoding (DeeR's criterion, applied to tokens).
 
 Every ``every`` layers the hidden state of the token being decoded is projected through
-the final norm and the LM head; once the token distributions of two successive exits are
-closer than that exit's threshold (L2 distance between probability vectors), the token is
-taken from the exit and the remaining layers are skipped. The skipped layers still get
+the final norm and the LM head; once two successive exits agree — the same top token, and
+token distributions closer than that exit's threshold (L2 distance between probability
+vectors) — the token is taken from the exit and the remaining layers are skipped. The skipped layers still get
 K/V for this position (computed from the exit's hidden state, CALM's state propagation),
 so later tokens attend to a complete cache.
 
@@ -23,6 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+MAX_DISTANCE = 2.0
+"""Above any L2 distance between two probability vectors (at most sqrt(2))."""
+
 
 @dataclass
 class LayerExit:
@@ -30,6 +33,7 @@ class LayerExit:
     thresholds: list[float] | None = None  # one per exit after the first; None: measure only
     depths: list[int] = field(default_factory=list)  # layers run, per decoded token
     distances: list[list[float]] = field(default_factory=list)  # per token, per exit after the first
+    tokens: list[list[int]] = field(default_factory=list)  # per token: top token at each exit, then the final
 
     def exit_layers(self, n_layers: int) -> list[int]:
         """Layer counts after which an exit is evaluated (the last layer is not an exit)."""
@@ -57,6 +61,7 @@ def decode_step(
     exits = set(exit.exit_layers(len(layers)))
     previous: torch.Tensor | None = None
     distances: list[float] = []
+    tops: list[int] = []
     depth = len(layers)
     logits: torch.Tensor | None = None
     for i, layer in enumerate(layers):
@@ -66,10 +71,11 @@ def decode_step(
             continue
         exit_logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
         probs = exit_logits.softmax(-1)
+        tops.append(int(probs.argmax()))
         if previous is not None:
             distance = float(torch.linalg.vector_norm(probs - previous))
             distances.append(distance)
-            if distance < exit.threshold(len(distances) - 1):
+            if tops[-1] == tops[-2] and distance < exit.threshold(len(distances) - 1):
                 depth = i + 1
                 logits = exit_logits
                 for j in range(i + 1, len(layers)):
@@ -78,8 +84,10 @@ def decode_step(
         previous = probs
     if logits is None:
         logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
+        tops.append(int(logits.argmax()))
     exit.depths.append(depth)
     exit.distances.append(distances)
+    exit.tokens.append(tops)
     return logits
 
 
@@ -101,13 +109,13 @@ def _fill_kv(
     cache.update(key * cos + rotated * sin, value, attn.layer_idx)
 
 
-def calibrate(distances: list[list[float]], exit_layers: list[int], n_layers: int, target_depth: float) -> list[float]:
+def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]:
     """Thresholds (one per exit after the first) for an average depth near ``target_depth``
-    layers on these logged distances (each token's distances at successive exits)."""
+    layers, on the distances a measuring run (thresholds ``None``) logged. An exit whose top
+    token differs from the previous exit's can never be taken, whatever its distance."""
+    table = _exit_table(log, n_layers)
+    exit_layers = log.exit_layers(n_layers)
     n_exits = len(exit_layers) - 1
-    table: npt.NDArray[np.float64] = np.array(
-        [d + [np.inf] * (n_exits - len(d)) for d in distances if len(d) == n_exits], dtype=np.float64
-    )
     if n_exits <= 0 or len(table) == 0:
         return []
     depths = [*exit_layers[1:], n_layers]
@@ -121,6 +129,7 @@ def calibrate(distances: list[list[float]], exit_layers: list[int], n_layers: in
             want = round(shares[k] * len(table))
             candidates = np.sort(table[remaining, k])
             t = float(np.nextafter(candidates[want - 1], np.inf)) if 0 < want <= len(candidates) else 0.0
+            t = min(t, MAX_DISTANCE)  # an exit whose top token changed stays closed
             leaving = remaining & (table[:, k] < t)
             depth_sum += depths[k] * leaving.sum()
             remaining &= ~leaving
@@ -134,3 +143,29 @@ def calibrate(distances: list[list[float]], exit_layers: list[int], n_layers: in
         _, depth = thresholds_for(mid)
         low, high = (mid, high) if depth < target_depth else (low, mid)
     return thresholds_for(float(np.sqrt(low * high)))[0]
+
+
+def _exit_table(log: LayerExit, n_layers: int) -> npt.NDArray[np.float64]:
+    """Per logged token, per exit after the first: the distance, or inf where the top
+    token changed (that exit cannot be taken)."""
+    n_exits = len(log.exit_layers(n_layers)) - 1
+    rows = []
+    for distances, tops in zip(log.distances, log.tokens, strict=True):
+        if len(distances) == n_exits:
+            rows.append([d if tops[k + 1] == tops[k] else np.inf for k, d in enumerate(distances)])
+    return np.array(rows, dtype=np.float64).reshape(-1, max(n_exits, 0))
+
+
+def simulated_agreement(log: LayerExit, n_layers: int, thresholds: list[float]) -> tuple[float, float]:
+    """On a measuring run's log: (mean depth, share of tokens whose exit's top token equals
+    the full-depth one) had these thresholds been used — each token judged on the
+    full-depth prefix (teacher-forced), so one early difference does not spoil the rest."""
+    depths = [*log.exit_layers(n_layers)[1:], n_layers]
+    table = _exit_table(log, n_layers)
+    tokens = [t for d, t in zip(log.distances, log.tokens, strict=True) if len(d) == len(depths) - 1]
+    chosen_depths, agree = [], 0
+    for row, tops in zip(table, tokens, strict=True):
+        k = next((k for k, d in enumerate(row) if k < len(thresholds) and d < thresholds[k]), None)
+        chosen_depths.append(n_layers if k is None else depths[k])
+        agree += (tops[-1] if k is None else tops[k + 1]) == tops[-1]
+    return float(np.mean(chosen_depths)), agree / max(1, len(tokens))

@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger("stream_rt.mllm")
 
 SMOKE_MARKER = "stream_rt_smoke.json"
-SMOKE_VERSION = 4
+SMOKE_VERSION = 5
 Family = Literal["qwen2_vl", "idefics3", "llava"]
 Size = Literal["tiny", "realistic"]
 
@@ -118,14 +118,14 @@ def _config(family: Family, size: Size, tokenizer: Any) -> Any:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIALS[family]}
     tiny = size == "tiny"
     vocab = 512 if tiny else 49280
-    text = (
+    text: dict[str, Any] = (
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2}
         if tiny
         else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
               "num_key_value_heads": 3}
     )  # fmt: skip
-    text |= {"vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": True}
+    text |= {"vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": True, "bos_token_id": None}
     eos = ids[_EOS[family]]
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig

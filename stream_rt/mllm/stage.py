@@ -138,6 +138,9 @@ class MllmStage(Node):
                 answer = dataclasses.replace(answer, timings={**answer.timings, **timings})
                 self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)
                 ctx.count(f"answers_{answer.status}")
+                for kind, n in answer.tokens.items():
+                    ctx.count(f"tokens_{kind}", n)
+                ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)))
                 await ctx.emit("answers", answer)
                 item = self.flow.done()
                 self._room.set()

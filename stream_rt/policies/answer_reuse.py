@@ -2,9 +2,11 @@
 when the scene and the question have not changed since it was given.
 
 The scene is summarised by a :func:`scene_signature`: the frame's luma averaged over a
-16x16 grid (0..1). Two signatures differ by the mean absolute difference of their cells;
-a call is skipped when that is at most ``threshold``, the question is the same, and the
-last answer is younger than ``max_age_s`` (of media time) and was valid.
+16x16 grid (0..1). Two signatures differ by the share of cells whose mean moved by more
+than ``CELL_CHANGE`` (8 luma levels): a person crossing a corner changes a few cells a
+lot, which a mean over all cells would hide, while sensor noise moves none. A call is
+skipped when that share is at most ``threshold``, the question is the same, and the last
+answer is younger than ``max_age_s`` (of media time) and was valid.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy.typing as npt
 from stream_rt.graph.packets import MllmAnswer
 
 GRID = 16
+CELL_CHANGE = 8 / 255
 
 
 def scene_signature(y: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
@@ -31,7 +34,8 @@ def scene_signature(y: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 
 
 def signature_distance(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
-    return float(np.abs(a - b).mean())
+    """The share of grid cells that changed (0..1)."""
+    return float((np.abs(a - b) > CELL_CHANGE).mean())
 
 
 @dataclass

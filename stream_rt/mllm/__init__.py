@@ -1,0 +1,33 @@
+"""The MLLM stage and its backends.
+
+Importing this package does not import torch: :class:`TransformersBackend` and
+:func:`build_smoke_model` load it on first use (the ``mllm`` extra).
+"""
+
+from typing import Any
+
+from stream_rt.mllm.backend import Backend, BackendError, MissingWeights
+from stream_rt.mllm.openai_backend import OpenAIBackend
+from stream_rt.mllm.stage import MllmStage
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "MissingWeights",
+    "MllmStage",
+    "OpenAIBackend",
+    "TransformersBackend",
+    "build_smoke_model",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TransformersBackend":
+        from stream_rt.mllm.transformers_backend import TransformersBackend
+
+        return TransformersBackend
+    if name == "build_smoke_model":
+        from stream_rt.mllm.smoke import build_smoke_model
+
+        return build_smoke_model
+    raise AttributeError(f"module 'stream_rt.mllm' has no attribute '{name}'")
