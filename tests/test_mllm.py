@@ -311,3 +311,25 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
     gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
     assert gen.exit_depth is not None and gen.exit_depth < 4
     assert min(early.depths) < 4 and set(early.depths) <= {2, 3, 4}
+
+
+async def test_cancelling_a_call_stops_the_generation_thread(smoke_model: Path, samples: Path) -> None:
+    """Without the contract stop the smoke model decodes 160 tokens; a call cancelled
+    after its first pieces must stop there, not run on in its thread."""
+    backend = TransformersBackend(str(smoke_model), contract_stop=False, max_new_tokens=1000)
+    await backend.start()
+    [frame] = clip_frames(samples, [10])
+    streamed: list[str] = []
+    request = MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening?", (frame.rgb(),))
+    def cancel_early(piece: str) -> None:
+        streamed.append(piece)
+        if len(streamed) == 5:
+            call.cancel()
+
+    call = asyncio.create_task(backend.answer(request, cancel_early))
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.to_thread(backend._lock.acquire, True, 10)  # the thread has returned
+    backend._lock.release()
+    await asyncio.sleep(0.1)
+    assert 5 <= len(streamed) < 40, f"{len(streamed)} pieces: the generation ran on after the cancel"
