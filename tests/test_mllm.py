@@ -321,6 +321,7 @@ async def test_cancelling_a_call_stops_the_generation_thread(smoke_model: Path, 
     [frame] = clip_frames(samples, [10])
     streamed: list[str] = []
     request = MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening?", (frame.rgb(),))
+
     def cancel_early(piece: str) -> None:
         streamed.append(piece)
         if len(streamed) == 5:

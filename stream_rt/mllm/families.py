@@ -15,7 +15,7 @@ loads the same way for a real checkpoint and for the smoke model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +37,6 @@ class Prepared:
     image_mask: torch.Tensor  # (L,) bool: positions of visual tokens
     position_ids: torch.Tensor | None = None  # None: 0..L-1
     next_position: int = 0  # position id of the first generated token
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def length(self) -> int:

@@ -13,7 +13,6 @@ class FlowLimiter(Generic[T]):
     def __init__(self) -> None:
         self.in_flight: T | None = None
         self.waiting: T | None = None
-        self.replaced = 0
 
     def offer(self, item: T) -> tuple[bool, T | None]:
         """Offer a new item: (whether it may start now, the waiting item it replaced)."""
@@ -21,15 +20,9 @@ class FlowLimiter(Generic[T]):
             self.in_flight = item
             return True, None
         replaced, self.waiting = self.waiting, item
-        if replaced is not None:
-            self.replaced += 1
         return False, replaced
 
     def done(self) -> T | None:
         """The in-flight item finished; returns the waiting one, now in flight, if any."""
         self.in_flight, self.waiting = self.waiting, None
         return self.in_flight
-
-    @property
-    def busy(self) -> bool:
-        return self.in_flight is not None
