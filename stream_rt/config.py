@@ -157,6 +157,24 @@ class TriggerConfig(_Strict):
     snapshot: bool = Field(False, description="attach a JPEG of the frame to new and update events")
 
 
+class TokenReuseConfig(_Strict):
+    enabled: bool = Field(False, description="recompute only the visual tokens that changed since the last call")
+    static_threshold: float = Field(0.996, gt=0, le=1.01, description="a token is static at this patch similarity")
+    start_layer: int = Field(2, ge=0, description="layers every token is computed in before reuse starts")
+    relevant_share: float = Field(
+        0.1, ge=0, le=1, description="share of visual tokens the question attended to most, always recomputed"
+    )
+    max_changed: float = Field(0.6, ge=0, le=1, description="above this share of changed tokens: a plain full call")
+    schedule: Literal["fixed", "entropy"] = Field(
+        "fixed", description="'fixed': reuse every static token from start_layer on; 'entropy': VLA-Cache's ratios"
+    )
+    tiles: Literal["off", "exact", "static"] = Field(
+        "static",
+        description="tiled encoders (SmolVLM): reuse a tile's encoder output when its pixels are identical ('exact') "
+        "or all its tokens are static ('static')",
+    )
+
+
 class MllmConfig(_Strict):
     backend: Literal["transformers", "openai"] = Field(
         "transformers", description="'transformers': a local model; 'openai': an OpenAI-compatible server"
@@ -176,6 +194,7 @@ class MllmConfig(_Strict):
     allow_download: bool = Field(False, description="transformers: download hub models that are not cached")
     max_new_tokens: int = Field(128, ge=1, description="longest answer, in tokens")
     contract_stop: bool = Field(True, description="stop decoding as soon as the JSON answer is complete")
+    token_reuse: TokenReuseConfig = Field(default_factory=TokenReuseConfig)
     layer_exit_every: int = Field(
         0, ge=0, description="transformers: evaluate an early exit every N layers while decoding (0: off)"
     )

@@ -139,13 +139,16 @@ def build_backend(cfg: MllmConfig) -> Backend:
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
         return OpenAIBackend(cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens)
     from stream_rt.mllm.layer_exit import LayerExit
+    from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
     from stream_rt.mllm.transformers_backend import TransformersBackend
 
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
+    reuse = cfg.token_reuse
+    token_reuse = TokenReuse(ReuseSettings(**reuse.model_dump(exclude={"enabled"}))) if reuse.enabled else None
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
-        layer_exit=layer_exit,
+        layer_exit=layer_exit, token_reuse=token_reuse,
     )  # fmt: skip
 
 

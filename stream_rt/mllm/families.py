@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from stream_rt.operators.token_reuse import TokenGrid
+
 Message = dict[str, Any]
 
 
@@ -80,6 +82,19 @@ class Family:
         """The visual features, (number of visual tokens, hidden size), in prompt order."""
         raise NotImplementedError
 
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        """Which part of which image each visual token covers, in prompt order (for token
+        reuse); families without reuse support raise."""
+        raise NotImplementedError(f"token reuse does not support the {self.name} family yet")
+
+    def tiles(self, prepared: Prepared) -> int:
+        """How many independently encoded tiles the images were cut into (0: not tiled)."""
+        return 0
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> torch.Tensor:
+        """The visual features of one tile (the tile's tokens, hidden size)."""
+        raise NotImplementedError
+
 
 class Qwen2VL(Family):
     """Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2x2 patch merge, M-RoPE positions."""
@@ -126,6 +141,12 @@ class Qwen2VL(Family):
             model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
         )
 
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        grids = prepared.vision["image_grid_thw"].tolist()
+        return [
+            TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
+        ]
+
 
 class Idefics3(Family):
     """SmolVLM and Idefics3: the image is split into tiles plus a downscaled global view;
@@ -167,6 +188,40 @@ class Idefics3(Family):
             prepared.vision["pixel_values"], prepared.vision.get("pixel_attention_mask")
         )
         return _flatten(out)
+
+    def tiles(self, prepared: Prepared) -> int:
+        return int(prepared.vision["pixel_values"].shape[1]) if prepared.vision else 0
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> torch.Tensor:
+        mask = prepared.vision.get("pixel_attention_mask")
+        pixels = prepared.vision["pixel_values"][:, tile : tile + 1]
+        return _flatten(model.model.get_image_features(pixels, mask[:, tile : tile + 1] if mask is not None else None))
+
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        """Each run of visual tokens follows the token naming its tile (``<row_r_col_c>``)
+        or the global view (``<global-img>``), which closes that image."""
+        ids = prepared.input_ids[0].tolist()
+        side = round(self.processor.image_seq_len**0.5)
+        images: list[list[tuple[int, int]]] = [[]]  # per image, (row, col) per run; (0, 0) global
+        for i, token in enumerate(ids):
+            if token == self.image_token_id and (i == 0 or ids[i - 1] != self.image_token_id):
+                tag = str(self.tokenizer.convert_ids_to_tokens(ids[i - 1])) if i else ""
+                place = (0, 0)
+                if tag.startswith("<row_"):
+                    row, col = tag[5:-1].split("_col_")
+                    place = (int(row), int(col))
+                images[-1].append(place)
+                if place == (0, 0):
+                    images.append([])
+        grids = []
+        for image, places in enumerate(p for p in images if p):
+            rows = max(r for r, _ in places) or 1
+            cols = max(c for _, c in places) or 1
+            for r, c in places:
+                whole = (r, c) == (0, 0)
+                region = (0.0, 0.0, 1.0, 1.0) if whole else ((c - 1) / cols, (r - 1) / rows, c / cols, r / rows)
+                grids.append(TokenGrid(image, region, side, side))
+        return grids
 
 
 class Llava(Family):

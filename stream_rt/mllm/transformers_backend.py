@@ -35,6 +35,7 @@ from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit, decode_step
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
+from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -53,6 +54,7 @@ class Generation:
     decode_s: float
     first_logits: torch.Tensor | None = None
     exit_depth: float | None = None  # mean layers run per decoded token, with the layer exit
+    reuse: ReuseOutcome | None = None  # what token reuse saved, when it is on
 
 
 class TransformersBackend(Backend):
@@ -67,6 +69,7 @@ class TransformersBackend(Backend):
         threads: int | None = None,
         allow_download: bool = False,
         layer_exit: LayerExit | None = None,
+        token_reuse: TokenReuse | None = None,
     ) -> None:
         self.model_ref = model
         self.device = torch.device(device)
@@ -76,6 +79,7 @@ class TransformersBackend(Backend):
         self.threads = threads
         self.allow_download = allow_download
         self.layer_exit = layer_exit
+        self.token_reuse = token_reuse
         self.name = model
         self.model: Any = None
         self.family: Family | None = None
@@ -150,19 +154,21 @@ class TransformersBackend(Backend):
 
         started = time.perf_counter()
         images, text = list(request.images), request_text(request)
-        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream))
+        reuse = ((request.source_id, request.question), request.event_id)
+        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream, None, reuse))
         try:
             gen = await asyncio.shield(task)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops at its next token
             raise
         answer, error = parse_answer(gen.text)
+        reused = {"visual_reused": gen.reuse.reused_tokens, "tiles_reused": gen.reuse.tiles_reused} if gen.reuse else {}
         return MllmAnswer(
             request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
             "ok" if answer is not None else "invalid", answer, gen.text, self.name, self.smoke, error, gen.stop,
             {"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
              "total": time.perf_counter() - started},
-            {"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids)},
+            {"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids), **reused},
             gen.exit_depth,
         )  # fmt: skip
 
@@ -173,27 +179,54 @@ class TransformersBackend(Backend):
         cancel: threading.Event | None = None,
         on_text: OnText | None = None,
         max_new_tokens: int | None = None,
+        reuse: tuple[tuple[str, str], str] | None = None,
     ) -> Generation:
-        """Answer ``text`` about ``images`` (one user turn) in the calling thread."""
+        """Answer ``text`` about ``images`` (one user turn) in the calling thread. With token
+        reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
+        changed (:mod:`stream_rt.mllm.token_reuse`)."""
         if self.model is None:
             self.load()
         assert self.family is not None
         with self._lock, torch.inference_mode():
-            prepared = self.family.prepare(images, chat_messages(len(images), text), self.model)
-            t0 = time.perf_counter()
-            features = self.family.encode(self.model, _to(prepared, self.device)) if prepared.vision else None
-            t1 = time.perf_counter()
-            logits, cache = self.prefill(prepared, features)
-            t2 = time.perf_counter()
+            prepared = _to(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
+            if self.token_reuse is not None and reuse is not None:
+                key, event_id = reuse
+                try:
+                    lumas = [_luma(image) for image in images]
+                    result, encode_s, prefill_s = self.token_reuse.encode_and_prefill(
+                        self.model, self.family, prepared, lumas, key, event_id, self.embed
+                    )
+                except Exception:
+                    self.token_reuse.reset(key)  # a model error starts the next call afresh
+                    raise
+                logits, cache = result.logits, self._cache_of(result.keys, result.values)
+                outcome: ReuseOutcome | None = self.token_reuse.last
+            else:
+                outcome = None
+                t0 = time.perf_counter()
+                features = self.family.encode(self.model, prepared) if prepared.vision else None
+                t1 = time.perf_counter()
+                logits, cache = self.prefill(prepared, features)
+                encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
             logged = len(self.layer_exit.depths) if self.layer_exit is not None else 0
+            t2 = time.perf_counter()
             ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)
-            t3 = time.perf_counter()
+            decode_s = time.perf_counter() - t2
         gen = Generation(
-            text, ids, stop, prepared.length, int(prepared.image_mask.sum()), t1 - t0, t2 - t1, t3 - t2, logits
-        )
+            text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
+            reuse=outcome,
+        )  # fmt: skip
         if self.layer_exit is not None and len(self.layer_exit.depths) > logged:
             gen.exit_depth = float(np.mean(self.layer_exit.depths[logged:]))
         return gen
+
+    def _cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer)
+        return cache
 
     def embed(self, prepared: Prepared, features: torch.Tensor | None) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(prepared.input_ids.to(self.device))
@@ -264,6 +297,12 @@ class TransformersBackend(Backend):
                           **{self._cache_kw: cache})  # fmt: skip
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
         return ids, text, stop
+
+
+def _luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """BT.601 luma of an RGB image (what token reuse compares)."""
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    return np.asarray((rgb.astype(np.float32) @ weights).round().clip(0, 255), np.uint8)
 
 
 def _to(prepared: Prepared, device: torch.device) -> Prepared:

@@ -1,0 +1,230 @@
+"""Temporal token reuse (VLA-Cache style) for the transformers backend: repeated calls on
+one source recompute only what changed, without forking transformers.
+
+Per cache key (source, question) the previous call leaves: its prompt's token ids, each
+visual token's reference patch (the 14x14 luma it was last computed from), the K/V of
+every layer for the whole prompt, the question's attention to each visual token, and
+(tiled families) each tile's pixels and encoder output. The next call:
+
+1. finds the **static** visual tokens (cosine similarity to their reference patch >=
+   ``static_threshold``, :mod:`stream_rt.operators.token_reuse`);
+2. drops from them the **relevant** ones — the top ``relevant_share`` by the attention the
+   question paid them last time — which are always recomputed;
+3. **encodes** only the tiles that changed (SmolVLM/Idefics3: ``tiles="exact"`` reuses a
+   tile whose pixels are identical, bit for bit; ``"static"`` also one whose tokens are
+   all static); other families encode the whole image;
+4. runs the prefill layer by layer (:func:`~stream_rt.mllm.prefill.run_prefill`): every
+   position is computed in the first ``start_layer`` layers; from there the reused tokens
+   stop being queries and keep the previous K/V in that layer and every later one, while
+   the recomputed tokens still attend to them. ``schedule="entropy"`` reuses a growing
+   share per layer, from the attention entropy of the last full call (VLA-Cache:
+   1 - min-max-normalised entropy, increases damped by 0.55); ``"fixed"`` reuses every
+   static token from ``start_layer`` on.
+
+The cache is reset — and the call is a plain full one — on a new episode (another event
+id), a changed question or prompt layout, a model error, or when more than
+``max_changed`` of the visual tokens changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from stream_rt.mllm.families import Family, Prepared
+from stream_rt.mllm.prefill import PrefillResult, run_prefill
+from stream_rt.operators.token_reuse import patch_similarity, token_patches
+
+ENTROPY_DAMPING = 0.55
+
+
+@dataclass
+class ReuseSettings:
+    static_threshold: float = 0.996
+    start_layer: int = 2
+    relevant_share: float = 0.1
+    max_changed: float = 0.6
+    schedule: Literal["fixed", "entropy"] = "fixed"
+    tiles: Literal["off", "exact", "static"] = "static"
+
+
+@dataclass
+class _Entry:
+    event_id: str
+    input_ids: torch.Tensor
+    patches: npt.NDArray[np.uint8]  # (visual tokens, 14, 14): what each token was computed from
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    relevance: torch.Tensor | None
+    tile_pixels: list[torch.Tensor] = field(default_factory=list)
+    tile_features: list[torch.Tensor] = field(default_factory=list)
+    layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
+
+
+@dataclass
+class ReuseOutcome:
+    """What one call reused (for answers, metrics and benchmarks)."""
+
+    mode: str  # full (why) | reuse
+    visual_tokens: int = 0
+    static_tokens: int = 0
+    reused_tokens: int = 0
+    tiles: int = 0
+    tiles_reused: int = 0
+    computed_share: float = 1.0
+
+
+class TokenReuse:
+    def __init__(self, settings: ReuseSettings | None = None) -> None:
+        self.settings = settings or ReuseSettings()
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self.last = ReuseOutcome("none")
+
+    def reset(self, key: tuple[str, str] | None = None) -> None:
+        if key is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(key, None)
+
+    def encode_and_prefill(
+        self,
+        model: Any,
+        family: Family,
+        prepared: Prepared,
+        lumas: list[npt.NDArray[np.uint8]],
+        key: tuple[str, str],
+        event_id: str,
+        embed: Any,
+    ) -> tuple[PrefillResult, float, float]:
+        """Encode and prefill one request, reusing what it can; (result, encode s, prefill s).
+        ``embed(prepared, features)`` builds the input embeddings."""
+        import time
+
+        s = self.settings
+        entry = self._entries.pop(key, None)  # removed until this call succeeds
+        grids = family.token_grids(prepared)
+        patches = token_patches(lumas, grids)
+        why = _full_reason(entry, prepared, event_id, patches)
+        static = np.zeros(len(patches), bool)
+        if entry is not None and not why:
+            static = patch_similarity(entry.patches, patches) >= s.static_threshold
+            if 1 - static.mean() > s.max_changed:
+                why = "too much changed"
+        t0 = time.perf_counter()
+        features, tiles_reused, tile_pixels, tile_features = self._encode(
+            model, family, prepared, entry, static, why, grids
+        )
+        t1 = time.perf_counter()
+        embeds = embed(prepared, features)
+        mid = len(model.get_decoder().layers) // 2
+        n_layers = len(model.get_decoder().layers)
+        visual = torch.nonzero(prepared.image_mask).flatten()
+        if why:
+            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, relevance_layer=mid,
+                                 entropy=s.schedule == "entropy")  # fmt: skip
+            ratios = _entropy_schedule(result.entropy, s.start_layer) if result.entropy is not None else None
+            self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(tile_pixels), tiles_reused, 1.0)
+        else:
+            assert entry is not None
+            reusable = static.copy()
+            if entry.relevance is not None and s.relevant_share > 0 and len(reusable):
+                top = max(1, round(s.relevant_share * len(reusable)))
+                reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.numpy()] = False
+            similarity_order = np.argsort(-patch_similarity(entry.patches, patches), kind="stable")
+            computed = _computed_positions(prepared.length, visual, reusable, similarity_order, n_layers,
+                                           s.start_layer, entry.layer_ratios)  # fmt: skip
+            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, computed=computed,
+                                 previous=(entry.keys, entry.values), relevance_layer=mid)  # fmt: skip
+            ratios = entry.layer_ratios
+            # Tokens recomputed now take the current patch as their reference.
+            recomputed = ~reusable
+            patches = np.where(recomputed[:, None, None], patches, entry.patches)
+            self.last = ReuseOutcome("reuse", len(visual), int(static.sum()), int(reusable.sum()), len(tile_pixels),
+                                     tiles_reused, result.computed_share)  # fmt: skip
+        t2 = time.perf_counter()
+        self._entries[key] = _Entry(
+            event_id, prepared.input_ids, patches, result.keys, result.values, result.relevance, tile_pixels,
+            tile_features, ratios,
+        )  # fmt: skip
+        return result, t1 - t0, t2 - t1
+
+    def _encode(
+        self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
+        why: str, grids: list[Any],
+    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+        if not prepared.vision:
+            return None, 0, [], []
+        n_tiles = family.tiles(prepared) if self.settings.tiles != "off" else 0
+        if not n_tiles:
+            return family.encode(model, prepared), 0, [], []
+        pixels = [prepared.vision["pixel_values"][0, t] for t in range(n_tiles)]
+        sizes = [g.size for g in grids]
+        starts = np.cumsum([0, *sizes])
+        features, reused = [], 0
+        for t in range(n_tiles):
+            same = entry is not None and len(entry.tile_pixels) == n_tiles
+            if same and entry is not None:
+                exact = torch.equal(entry.tile_pixels[t], pixels[t])
+                still = self.settings.tiles == "static" and not why and bool(static[starts[t] : starts[t + 1]].all())
+                if exact or still:
+                    features.append(entry.tile_features[t])
+                    pixels[t] = entry.tile_pixels[t]  # the reference stays what the features came from
+                    reused += 1
+                    continue
+            features.append(family.encode_tile(model, prepared, t))
+        return torch.cat(features), reused, pixels, features
+
+
+def _full_reason(entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8]) -> str:
+    if entry is None:
+        return "first call"
+    if entry.event_id != event_id:
+        return "new episode"
+    if not torch.equal(entry.input_ids, prepared.input_ids) or entry.patches.shape != patches.shape:
+        return "question or layout changed"
+    return ""
+
+
+def _computed_positions(
+    length: int,
+    visual: torch.Tensor,
+    reusable: npt.NDArray[np.bool_],
+    order: npt.NDArray[np.intp],
+    n_layers: int,
+    start_layer: int,
+    ratios: list[float] | None,
+) -> list[torch.Tensor]:
+    """Positions computed at each layer; reused ones drop out from ``start_layer`` on (all
+    of them, or for the entropy schedule a growing share, most similar first)."""
+    everything = torch.arange(length)
+    candidates = [i for i in order if reusable[i]]  # most static first
+    computed = []
+    for layer in range(n_layers):
+        if layer < start_layer:
+            computed.append(everything)
+            continue
+        share = 1.0 if ratios is None else ratios[layer]
+        drop = visual[torch.tensor(candidates[: round(share * len(candidates))], dtype=torch.long)]
+        keep = torch.ones(length, dtype=torch.bool)
+        keep[drop] = False
+        computed.append(everything[keep])
+    return computed
+
+
+def _entropy_schedule(entropy: list[float], start_layer: int) -> list[float]:
+    """VLA-Cache's per-layer reuse ratios: 1 - min-max-normalised attention entropy from
+    ``start_layer`` on, each increase damped, never decreasing (so a token reused at one
+    layer stays reused at every later one)."""
+    values = np.array(entropy[start_layer:], dtype=np.float64)
+    span = values.max() - values.min() if len(values) else 0.0
+    target = 1 - (values - values.min()) / span if span > 0 else np.ones_like(values)
+    ratios = [0.0] * start_layer
+    current = float(target[0]) if len(target) else 1.0
+    for value in target:
+        current = current + ENTROPY_DAMPING * max(0.0, float(value) - current)
+        ratios.append(current)
+    return ratios

@@ -1,0 +1,69 @@
+"""Which visual tokens may be reused between two calls on one source (model-agnostic).
+
+A model's visual tokens each cover a rectangle of the picture: a :class:`TokenGrid` says
+which part of the frame a block of tokens covers and how many rows and columns of tokens
+it has (one grid per image for Qwen2-VL, one per tile plus the global view for SmolVLM).
+:func:`token_patches` cuts each token's rectangle of luma, resized to 14x14 pixels, and
+:func:`patch_similarity` compares two such stacks with the per-patch cosine similarity
+kernel of the change detector: a token is static when its similarity to the patch its
+cached state was computed from is at least a threshold (VLA-Cache uses 0.996 on raw 14x14
+patches).
+
+The model-specific part — which layers, the K/V cache, the encoder — is in
+:mod:`stream_rt.mllm.token_reuse`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from stream_rt.operators.kernels import patch_cosine
+
+PATCH = 14
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """``rows`` x ``cols`` tokens, row-major in the prompt, covering the part of image
+    ``image`` between the fractions ``(x0, y0, x1, y1)`` of its width and height."""
+
+    image: int
+    region: tuple[float, float, float, float]
+    rows: int
+    cols: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+
+def _resize_luma(y: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(y), format="gray")
+    return np.asarray(frame.reformat(width=width, height=height, interpolation="AREA").to_ndarray(), np.uint8)
+
+
+def token_patches(lumas: list[npt.NDArray[np.uint8]], grids: list[TokenGrid]) -> npt.NDArray[np.uint8]:
+    """Each visual token's rectangle of luma (``lumas``: the plane of each image), resized
+    to 14x14, in prompt order: shape (tokens, 14, 14)."""
+    out = []
+    for grid in grids:
+        y = lumas[grid.image]
+        h, w = y.shape
+        x0, y0, x1, y1 = grid.region
+        top, left = int(y0 * h), int(x0 * w)
+        crop = y[top : max(top + 1, int(y1 * h)), left : max(left + 1, int(x1 * w))]
+        plane = _resize_luma(crop, grid.cols * PATCH, grid.rows * PATCH)
+        out.append(plane.reshape(grid.rows, PATCH, grid.cols, PATCH).transpose(0, 2, 1, 3).reshape(-1, PATCH, PATCH))
+    return np.concatenate(out) if out else np.zeros((0, PATCH, PATCH), np.uint8)
+
+
+def patch_similarity(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Cosine similarity of each pair of 14x14 patches (two stacks of one shape)."""
+    if a.shape != b.shape:
+        raise ValueError(f"patch stacks differ: {a.shape} vs {b.shape}")
+    # Patches stacked vertically form a (tokens * 14, 14) plane: one kernel call for all.
+    return patch_cosine(a.reshape(-1, PATCH), b.reshape(-1, PATCH), PATCH).ravel()

@@ -1,0 +1,127 @@
+"""Temporal token reuse on the smoke models (Qwen2-VL and SmolVLM/Idefics3 families) and
+real frames of the static-camera sample: exactness where nothing is reused, fidelity on
+an identical frame, the cache's resets, and bit-identical tile reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from stream_rt.mllm.prefill import run_prefill
+from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
+from stream_rt.mllm.transformers_backend import TransformersBackend
+
+FAMILIES = ["qwen2_vl", "idefics3"]
+QUESTION = "What is happening?"
+
+
+def frames(samples: Path, indices: list[int]) -> list[np.ndarray]:
+    """RGB frames of still_motion.mkv (static camera: 0-20 s still, then people move)."""
+    out = []
+    with av.open(str(samples / "still_motion.mkv")) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in indices:
+                out.append(frame.to_ndarray(format="rgb24"))
+            if i >= max(indices):
+                break
+    return out
+
+
+def backends(family: str, **settings: object) -> tuple[TransformersBackend, TransformersBackend, TokenReuse]:
+    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    reuse = TokenReuse(ReuseSettings(**settings))  # type: ignore[arg-type]
+    return TransformersBackend(path), TransformersBackend(path, token_reuse=reuse), reuse
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
+    plain, _, _ = backends(family)
+    plain.load()
+    [frame] = frames(samples, [10])
+    with torch.inference_mode():
+        prepared = plain.family.prepare([frame], chat_messages(1, QUESTION), plain.model)  # type: ignore[union-attr]
+        features = plain.family.encode(plain.model, prepared)  # type: ignore[union-attr]
+        reference, cache = plain.prefill(prepared, features)
+        ours = run_prefill(plain.model, plain.embed(prepared, features), prepared.position_ids, prepared.image_mask)
+    assert torch.allclose(ours.logits, reference, atol=1e-4)
+    assert torch.allclose(ours.keys[-1], cache.layers[-1].keys, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_every_patch_changed_the_logits_equal_a_plain_forward(family: str, samples: Path) -> None:
+    plain, reusing, reuse = backends(family, static_threshold=1.01, max_changed=1.0)  # nothing is static
+    first, second = frames(samples, [10, 20])
+    reusing.generate([first], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    got = reusing.generate([second], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    assert reuse.last.mode == "reuse" and reuse.last.reused_tokens == 0
+    reference = plain.generate([second], QUESTION)
+    assert got.first_logits is not None and reference.first_logits is not None
+    assert (got.first_logits - reference.first_logits).abs().max() < 1e-4
+    assert got.token_ids == reference.token_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_identical_frame_with_reuse_keeps_the_next_token_distribution(family: str, samples: Path) -> None:
+    plain, reusing, reuse = backends(family)
+    [frame] = frames(samples, [10])
+    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    got = reusing.generate([frame.copy()], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    assert reuse.last.mode == "reuse" and reuse.last.reused_tokens >= 0.8 * reuse.last.visual_tokens
+    assert reuse.last.computed_share < 0.95
+    reference = plain.generate([frame], QUESTION)
+    assert got.first_logits is not None and reference.first_logits is not None
+    assert kl(reference.first_logits, got.first_logits) < 1e-4, "stated tolerance: KL < 1e-4 nats"
+    assert int(got.first_logits.argmax()) == int(reference.first_logits.argmax())
+
+
+def test_the_cache_resets_on_each_listed_event(samples: Path) -> None:
+    _, reusing, reuse = backends("qwen2_vl")
+    still, still_later, moved = frames(samples, [10, 30, 215])
+    noise = np.random.default_rng(1).integers(0, 256, still.shape, dtype=np.uint8)
+
+    def call(frame: np.ndarray, question: str = QUESTION, event: str = "cam-1") -> str:
+        reusing.generate([frame], question, reuse=(("cam", question), event))
+        return reuse.last.mode
+
+    assert call(still) == "full (first call)"
+    assert call(still_later) == "reuse"
+    assert call(still_later, event="cam-2") == "full (new episode)"
+    assert call(still_later, event="cam-2") == "reuse"
+    assert call(still_later, question="Who is there?", event="cam-2") == "full (first call)", "a new question"
+    assert call(noise, event="cam-2") == "full (too much changed)"
+    original = reusing.embed
+    reusing.embed = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="device lost"):
+        call(moved, event="cam-2")
+    reusing.embed = original  # type: ignore[method-assign]
+    assert call(moved, event="cam-2") == "full (first call)", "a model error resets the cache"
+
+
+def test_exact_tile_reuse_gives_bit_identical_encoder_outputs(samples: Path) -> None:
+    _, reusing, reuse = backends("idefics3", tiles="exact")
+    [frame] = frames(samples, [10])
+    changed = frame.copy()
+    changed[-60:, -80:] = 255 - changed[-60:, -80:]  # the bottom-right corner only
+    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([changed], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    assert reuse.last.tiles == 5 and 1 <= reuse.last.tiles_reused < 5, (
+        "only the corner's tile and the global view change"
+    )
+    entry = reuse._entries[("cam", QUESTION)]
+    family, model = reusing.family, reusing.model
+    assert family is not None
+    with torch.inference_mode():
+        prepared = family.prepare([changed], chat_messages(1, QUESTION), model)
+        fresh = [family.encode_tile(model, prepared, t) for t in range(family.tiles(prepared))]
+    assert all(torch.equal(a, b) for a, b in zip(entry.tile_features, fresh, strict=True)), "bit-identical"
