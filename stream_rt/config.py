@@ -160,6 +160,9 @@ class TriggerConfig(_Strict):
 class TokenReuseConfig(_Strict):
     enabled: bool = Field(False, description="recompute only the visual tokens that changed since the last call")
     static_threshold: float = Field(0.996, gt=0, le=1.01, description="a token is static at this patch similarity")
+    max_patch_difference: float = Field(
+        6.0, ge=0, description="...and at most this mean luma difference from the patch it was computed from"
+    )
     start_layer: int = Field(2, ge=0, description="layers every token is computed in before reuse starts")
     relevant_share: float = Field(
         0.1, ge=0, le=1, description="share of visual tokens the question attended to most, always recomputed"

@@ -16,6 +16,7 @@ from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
 from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 FAMILIES = ["qwen2_vl", "idefics3"]
 QUESTION = "What is happening?"
@@ -125,3 +126,21 @@ def test_exact_tile_reuse_gives_bit_identical_encoder_outputs(samples: Path) -> 
         prepared = family.prepare([changed], chat_messages(1, QUESTION), model)
         fresh = [family.encode_tile(model, prepared, t) for t in range(family.tiles(prepared))]
     assert all(torch.equal(a, b) for a, b in zip(entry.tile_features, fresh, strict=True)), "bit-identical"
+
+
+def test_a_token_is_static_only_if_its_pixels_stayed_close(samples: Path) -> None:
+    """On a real handheld clip, raw cosine alone calls most shifted patches static (it is
+    dominated by brightness); the difference bound catches them. Sensor noise on a still
+    scene stays static."""
+    grids = [TokenGrid(0, (0.0, 0.0, 1.0, 1.0), 16, 16)]
+    with av.open(str(samples / "tree.avi")) as container:
+        shots = [f.to_ndarray(format="gray") for i, f in enumerate(container.decode(video=0)) if i in (30, 45)]
+    a, b = (token_patches([y], grids) for y in shots)
+    by_cosine = patch_similarity(a, b) >= 0.996
+    both = static_tokens(a, b)
+    assert both.sum() < by_cosine.sum() and not (both & ~by_cosine).any()
+    still_a, still_b = (
+        token_patches([np.asarray(f.mean(axis=2), np.uint8)], grids) for f in frames(samples, [100, 170])
+    )
+    assert static_tokens(still_a, still_b).mean() > 0.95, "the still scene (with sensor noise) is static"
+    assert static_tokens(a, a).all()

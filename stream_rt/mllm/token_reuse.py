@@ -7,7 +7,8 @@ every layer for the whole prompt, the question's attention to each visual token,
 (tiled families) each tile's pixels and encoder output. The next call:
 
 1. finds the **static** visual tokens (cosine similarity to their reference patch >=
-   ``static_threshold``, :mod:`stream_rt.operators.token_reuse`);
+   ``static_threshold`` and mean difference <= ``max_patch_difference`` luma levels,
+   :mod:`stream_rt.operators.token_reuse`);
 2. drops from them the **relevant** ones — the top ``relevant_share`` by the attention the
    question paid them last time — which are always recomputed;
 3. **encodes** only the tiles that changed (SmolVLM/Idefics3: ``tiles="exact"`` reuses a
@@ -37,7 +38,7 @@ import torch
 
 from stream_rt.mllm.families import Family, Prepared
 from stream_rt.mllm.prefill import PrefillResult, run_prefill
-from stream_rt.operators.token_reuse import patch_similarity, token_patches
+from stream_rt.operators.token_reuse import patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
 
@@ -45,6 +46,7 @@ ENTROPY_DAMPING = 0.55
 @dataclass
 class ReuseSettings:
     static_threshold: float = 0.996
+    max_patch_difference: float = 6.0
     start_layer: int = 2
     relevant_share: float = 0.1
     max_changed: float = 0.6
@@ -111,7 +113,7 @@ class TokenReuse:
         why = _full_reason(entry, prepared, event_id, patches)
         static = np.zeros(len(patches), bool)
         if entry is not None and not why:
-            static = patch_similarity(entry.patches, patches) >= s.static_threshold
+            static = static_tokens(entry.patches, patches, s.static_threshold, s.max_patch_difference)
             if 1 - static.mean() > s.max_changed:
                 why = "too much changed"
         t0 = time.perf_counter()

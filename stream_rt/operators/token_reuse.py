@@ -5,9 +5,9 @@ which part of the frame a block of tokens covers and how many rows and columns o
 it has (one grid per image for Qwen2-VL, one per tile plus the global view for SmolVLM).
 :func:`token_patches` cuts each token's rectangle of luma, resized to 14x14 pixels, and
 :func:`patch_similarity` compares two such stacks with the per-patch cosine similarity
-kernel of the change detector: a token is static when its similarity to the patch its
-cached state was computed from is at least a threshold (VLA-Cache uses 0.996 on raw 14x14
-patches).
+kernel of the change detector; :func:`static_tokens` calls a token static when its patch
+is still close to the one its cached state was computed from (VLA-Cache's cosine >= 0.996
+on raw 14x14 patches, and a small mean difference).
 
 The model-specific part — which layers, the K/V cache, the encoder — is in
 :mod:`stream_rt.mllm.token_reuse`.
@@ -67,3 +67,27 @@ def patch_similarity(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.
         raise ValueError(f"patch stacks differ: {a.shape} vs {b.shape}")
     # Patches stacked vertically form a (tokens * 14, 14) plane: one kernel call for all.
     return patch_cosine(a.reshape(-1, PATCH), b.reshape(-1, PATCH), PATCH).ravel()
+
+
+def patch_difference(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Mean absolute luma difference of each pair of 14x14 patches. Cosine similarity of
+    raw pixels is dominated by their brightness, so a textured patch that shifted by a few
+    pixels can still score above 0.996; requiring a small difference as well catches it."""
+    difference: npt.NDArray[np.float32] = np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(
+        axis=(1, 2), dtype=np.float32
+    )
+    return difference
+
+
+def static_tokens(
+    reference: npt.NDArray[np.uint8],
+    current: npt.NDArray[np.uint8],
+    threshold: float = 0.996,
+    max_difference: float = 6.0,
+) -> npt.NDArray[np.bool_]:
+    """Tokens whose patch is still what their cached state was computed from: cosine
+    similarity at least ``threshold`` (VLA-Cache) and mean absolute difference at most
+    ``max_difference`` luma levels."""
+    return (patch_similarity(reference, current) >= threshold) & (
+        patch_difference(reference, current) <= max_difference
+    )
