@@ -29,6 +29,7 @@ id), a changed question or prompt layout, a model error, or when more than
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ import torch
 
 from stream_rt.mllm.families import Family, Prepared
 from stream_rt.mllm.prefill import PrefillResult, run_prefill
-from stream_rt.operators.token_reuse import patch_similarity, static_tokens, token_patches
+from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
 
@@ -104,8 +105,6 @@ class TokenReuse:
     ) -> tuple[PrefillResult, float, float]:
         """Encode and prefill one request, reusing what it can; (result, encode s, prefill s).
         ``embed(prepared, features)`` builds the input embeddings."""
-        import time
-
         s = self.settings
         entry = self._entries.pop(key, None)  # removed until this call succeeds
         grids = family.token_grids(prepared)
@@ -156,7 +155,7 @@ class TokenReuse:
 
     def _encode(
         self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
-        why: str, grids: list[Any],
+        why: str, grids: list[TokenGrid],
     ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
         if not prepared.vision:
             return None, 0, [], []
@@ -167,9 +166,9 @@ class TokenReuse:
         sizes = [g.size for g in grids]
         starts = np.cumsum([0, *sizes])
         features, reused = [], 0
+        comparable = entry is not None and len(entry.tile_pixels) == n_tiles
         for t in range(n_tiles):
-            same = entry is not None and len(entry.tile_pixels) == n_tiles
-            if same and entry is not None:
+            if comparable and entry is not None:
                 exact = torch.equal(entry.tile_pixels[t], pixels[t])
                 still = self.settings.tiles == "static" and not why and bool(static[starts[t] : starts[t + 1]].all())
                 if exact or still:
