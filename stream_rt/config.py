@@ -176,6 +176,9 @@ class TokenReuseConfig(_Strict):
         description="tiled encoders (SmolVLM): reuse a tile's encoder output when its pixels are identical ('exact') "
         "or all its tokens are static ('static')",
     )
+    encoder_partial: bool = Field(
+        True, description="tiled encoders: re-encode only the patches under changed tokens, reusing the rest's K/V"
+    )
 
 
 class MllmConfig(_Strict):

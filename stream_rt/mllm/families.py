@@ -95,6 +95,18 @@ class Family:
         """The visual features of one tile (the tile's tokens, hidden size)."""
         raise NotImplementedError
 
+    def encode_tile_reusing(
+        self,
+        model: PreTrainedModel,
+        prepared: Prepared,
+        tile: int,
+        changed_tokens: torch.Tensor | None,
+        state: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
+        start_layer: int,
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+        """One tile's features, recomputing only the patches under ``changed_tokens``."""
+        raise NotImplementedError
+
 
 class Qwen2VL(Family):
     """Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2x2 patch merge, M-RoPE positions."""
@@ -196,6 +208,62 @@ class Idefics3(Family):
         mask = prepared.vision.get("pixel_attention_mask")
         pixels = prepared.vision["pixel_values"][:, tile : tile + 1]
         return _flatten(model.model.get_image_features(pixels, mask[:, tile : tile + 1] if mask is not None else None))
+
+    def encode_tile_reusing(
+        self,
+        model: PreTrainedModel,
+        prepared: Prepared,
+        tile: int,
+        changed_tokens: torch.Tensor | None,
+        state: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
+        start_layer: int,
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+        """Encode one tile through the vision encoder's layers, run by us. With
+        ``changed_tokens`` (bool per token of the tile) and the tile's previous ``state``
+        (per-layer K/V and last hidden states), the patches under unchanged tokens stop
+        being queries from ``start_layer`` on and keep their previous K/V and output,
+        while the changed patches still attend to them. Returns (features, new state)."""
+        vision = model.model.vision_model
+        pixels = prepared.vision["pixel_values"][:, tile].to(vision.dtype)
+        per_side = pixels.shape[-1] // vision.patch_size
+        grid = torch.ones((1, per_side, per_side), dtype=torch.bool, device=pixels.device)
+        hidden = vision.embeddings(pixel_values=pixels, patch_attention_mask=grid)
+        everything = torch.arange(hidden.shape[1], device=hidden.device)
+        rows = everything
+        partial = changed_tokens is not None and state is not None
+        if partial:
+            assert changed_tokens is not None
+            side = round(changed_tokens.numel() ** 0.5)
+            scale = per_side // side
+            patch_changed = changed_tokens.view(side, side).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            changed = everything[patch_changed.flatten().to(hidden.device)]
+        keys, values = [], []
+        for index, layer in enumerate(vision.encoder.layers):
+            if partial and index == start_layer:
+                hidden, rows = hidden[:, changed], changed
+            attn = layer.self_attn
+            x = layer.layer_norm1(hidden)
+            shape = (1, len(rows), attn.num_heads, attn.head_dim)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            if len(rows) != len(everything):
+                assert state is not None
+                k_full, v_full = state[0][index].clone(), state[1][index].clone()
+                k_full[:, :, rows], v_full[:, :, rows] = k, v
+                k, v = k_full, v_full
+            keys.append(k)
+            values.append(v)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+            hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        if len(rows) != len(everything):
+            assert state is not None
+            last = state[2].clone()
+            last[:, rows] = hidden
+            hidden = last
+        features = model.model.connector(vision.post_layernorm(hidden))
+        return features.reshape(-1, features.shape[-1]), (keys, values, hidden)
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Each run of visual tokens follows the token naming its tile (``<row_r_col_c>``)

@@ -11,9 +11,12 @@ every layer for the whole prompt, the question's attention to each visual token,
    :mod:`stream_rt.operators.token_reuse`);
 2. drops from them the **relevant** ones — the top ``relevant_share`` by the attention the
    question paid them last time — which are always recomputed;
-3. **encodes** only the tiles that changed (SmolVLM/Idefics3: ``tiles="exact"`` reuses a
-   tile whose pixels are identical, bit for bit; ``"static"`` also one whose tokens are
-   all static); other families encode the whole image;
+3. **encodes** only what changed (SmolVLM/Idefics3, whose encoder works per tile):
+   ``tiles="exact"`` reuses a tile whose pixels are identical, bit for bit; ``"static"``
+   also one whose tokens are all static; with ``encoder_partial`` a tile with some
+   changed tokens goes through the vision encoder with the same trick as below — its
+   unchanged patches stop being queries from ``start_layer`` on and keep their previous
+   K/V and output. Other families encode the whole image;
 4. runs the prefill layer by layer (:func:`~stream_rt.mllm.prefill.run_prefill`): every
    position is computed in the first ``start_layer`` layers; from there the reused tokens
    stop being queries and keep the previous K/V in that layer and every later one, while
@@ -53,6 +56,7 @@ class ReuseSettings:
     max_changed: float = 0.6
     schedule: Literal["fixed", "entropy"] = "fixed"
     tiles: Literal["off", "exact", "static"] = "static"
+    encoder_partial: bool = True
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Entry:
     relevance: torch.Tensor | None
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
     tile_features: list[torch.Tensor] = field(default_factory=list)
+    tile_states: list[Any] = field(default_factory=list)  # per tile: encoder K/V and output, or None
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
 
 
@@ -116,7 +121,7 @@ class TokenReuse:
             if 1 - static.mean() > s.max_changed:
                 why = "too much changed"
         t0 = time.perf_counter()
-        features, tiles_reused, tile_pixels, tile_features = self._encode(
+        features, tiles_reused, tile_pixels, tile_features, tile_states = self._encode(
             model, family, prepared, entry, static, why, grids
         )
         t1 = time.perf_counter()
@@ -149,35 +154,51 @@ class TokenReuse:
         t2 = time.perf_counter()
         self._entries[key] = _Entry(
             event_id, prepared.input_ids, patches, result.keys, result.values, result.relevance, tile_pixels,
-            tile_features, ratios,
+            tile_features, tile_states, ratios,
         )  # fmt: skip
         return result, t1 - t0, t2 - t1
 
     def _encode(
         self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
         why: str, grids: list[TokenGrid],
-    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor], list[Any]]:  # fmt: skip
+        """The visual features; per tile: reused whole when unchanged, re-encoded only
+        where its tokens changed (``encoder_partial``), or encoded afresh."""
         if not prepared.vision:
-            return None, 0, [], []
-        n_tiles = family.tiles(prepared) if self.settings.tiles != "off" else 0
+            return None, 0, [], [], []
+        s = self.settings
+        n_tiles = family.tiles(prepared) if s.tiles != "off" else 0
         if not n_tiles:
-            return family.encode(model, prepared), 0, [], []
+            return family.encode(model, prepared), 0, [], [], []
         pixels = [prepared.vision["pixel_values"][0, t] for t in range(n_tiles)]
-        sizes = [g.size for g in grids]
-        starts = np.cumsum([0, *sizes])
-        features, reused = [], 0
+        starts = np.cumsum([0, *(g.size for g in grids)])
+        features, states, reused = [], [], 0
         comparable = entry is not None and len(entry.tile_pixels) == n_tiles
         for t in range(n_tiles):
+            tile_static = static[starts[t] : starts[t + 1]]
             if comparable and entry is not None:
                 exact = torch.equal(entry.tile_pixels[t], pixels[t])
-                still = self.settings.tiles == "static" and not why and bool(static[starts[t] : starts[t + 1]].all())
-                if exact or still:
+                if exact or (s.tiles == "static" and not why and bool(tile_static.all())):
                     features.append(entry.tile_features[t])
+                    states.append(entry.tile_states[t])
                     pixels[t] = entry.tile_pixels[t]  # the reference stays what the features came from
                     reused += 1
                     continue
-            features.append(family.encode_tile(model, prepared, t))
-        return torch.cat(features), reused, pixels, features
+                if s.encoder_partial and not why and entry.tile_states[t] is not None:
+                    changed = torch.from_numpy(~tile_static)
+                    feats, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
+                                                              s.start_layer)  # fmt: skip
+                    features.append(feats)
+                    states.append(state)
+                    continue
+            if s.encoder_partial:
+                feats, kept = family.encode_tile_reusing(model, prepared, t, None, None, s.start_layer)
+                features.append(feats)
+                states.append(kept)
+            else:
+                features.append(family.encode_tile(model, prepared, t))
+                states.append(None)
+        return torch.cat(features), reused, pixels, features, states
 
 
 def _full_reason(entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8]) -> str:
