@@ -8,7 +8,8 @@ benchmarks/mllm.py), consecutive calls on two real clips:
   about its view at a fixed rate; three of its eleven calls fall in motion);
 - static camera, episode: still_motion.mkv every 1.5 s from 17 s (people walk in at
   20 s: the calls a camera daemon makes during an event), with both schedules;
-- handheld camera: tree.avi every second from 2 s (every frame moves).
+- handheld camera: tree.avi every second from 2 s;
+- film: Megamind.avi every second from 2 s (camera moves and cuts: the worst case).
 
 Each call is made twice in the same run, alternating: by a backend with token reuse
 (its cache warm from the previous call) and by a plain backend (full recompute). Per call:
@@ -146,6 +147,7 @@ def run_clip(model_path: Path, clip: Path, seconds: list[float], schedule: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=6)
+    parser.add_argument("--series", nargs="*", help="only these series (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_smoke_model(family="idefics3", size="realistic")
@@ -158,7 +160,10 @@ def main() -> None:
         ("static_episode_fixed", SAMPLES / "still_motion.mkv", motion, "fixed"),
         ("static_episode_entropy", SAMPLES / "still_motion.mkv", motion, "entropy"),
         ("handheld", SAMPLES / "tree.avi", handheld, "fixed"),
+        ("film", SAMPLES / "Megamind.avi", handheld, "fixed"),
     ):
+        if args.series and name not in args.series:
+            continue
         print(f"{name} ...", flush=True)
         results[name] = run_clip(model, clip, seconds, schedule)
         summary = {k: v for k, v in results[name].items() if k != "calls"}

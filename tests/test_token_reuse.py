@@ -144,3 +144,19 @@ def test_a_token_is_static_only_if_its_pixels_stayed_close(samples: Path) -> Non
     )
     assert static_tokens(still_a, still_b).mean() > 0.95, "the still scene (with sensor noise) is static"
     assert static_tokens(a, a).all()
+
+
+def test_a_tile_that_changed_in_places_reencodes_only_those_patches(samples: Path) -> None:
+    # The tiny encoder has 2 layers: reuse starts after the first.
+    _, reusing, reuse = backends("idefics3", tiles="static", encoder_partial=True, max_changed=1.0, start_layer=1)
+    [frame] = frames(samples, [100])
+    changed = frame.copy()
+    changed[-60:, -80:] = 255 - changed[-60:, -80:]  # the bottom-right corner only
+    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    before = [f.clone() for f in reuse._entries[("cam", QUESTION)].tile_features]
+    reusing.generate([changed], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    after = reuse._entries[("cam", QUESTION)].tile_features
+    assert reuse.last.mode == "reuse" and reuse.last.tiles_reused == 3, "two tiles saw the corner change"
+    for tile in (3, 4):  # the bottom-right tile and the global view: re-encoded in part
+        same = (before[tile] == after[tile]).all(dim=1)
+        assert 0 < int(same.sum()) < len(same), "tokens away from the change keep their features exactly"
