@@ -28,6 +28,8 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from stream_rt.operators.token_reuse import TokenGrid
 
 Message = dict[str, Any]
+TileState = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
+"""A tile's vision-encoder state: per-layer keys and values, and the last hidden states."""
 
 
 @dataclass
@@ -101,9 +103,9 @@ class Family:
         prepared: Prepared,
         tile: int,
         changed_tokens: torch.Tensor | None,
-        state: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
+        state: TileState | None,
         start_layer: int,
-    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+    ) -> tuple[torch.Tensor, TileState]:
         """One tile's features, recomputing only the patches under ``changed_tokens``."""
         raise NotImplementedError
 
@@ -215,9 +217,9 @@ class Idefics3(Family):
         prepared: Prepared,
         tile: int,
         changed_tokens: torch.Tensor | None,
-        state: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None,
+        state: TileState | None,
         start_layer: int,
-    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+    ) -> tuple[torch.Tensor, TileState]:
         """Encode one tile through the vision encoder's layers, run by us. With
         ``changed_tokens`` (bool per token of the tile) and the tile's previous ``state``
         (per-layer K/V and last hidden states), the patches under unchanged tokens stop

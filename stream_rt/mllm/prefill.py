@@ -70,7 +70,7 @@ def run_prefill(
     entropies: list[float] | None = [] if entropy else None
     done = 0
     for index, layer in enumerate(layers):
-        wanted = computed[index] if computed is not None else everything
+        wanted = computed[index].to(device) if computed is not None else everything
         if len(wanted) != len(rows):
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.families import Family, Prepared
+from stream_rt.mllm.families import Family, Prepared, TileState
 from stream_rt.mllm.prefill import PrefillResult, run_prefill
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
@@ -69,7 +69,7 @@ class _Entry:
     relevance: torch.Tensor | None
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
     tile_features: list[torch.Tensor] = field(default_factory=list)
-    tile_states: list[Any] = field(default_factory=list)  # per tile: encoder K/V and output, or None
+    tile_states: list[TileState | None] = field(default_factory=list)
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
 
 
@@ -128,7 +128,7 @@ class TokenReuse:
         embeds = embed(prepared, features)
         mid = len(model.get_decoder().layers) // 2
         n_layers = len(model.get_decoder().layers)
-        visual = torch.nonzero(prepared.image_mask).flatten()
+        visual = torch.nonzero(prepared.image_mask.cpu()).flatten()
         if why:
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, relevance_layer=mid,
                                  entropy=s.schedule == "entropy")  # fmt: skip
@@ -139,7 +139,7 @@ class TokenReuse:
             reusable = static.copy()
             if entry.relevance is not None and s.relevant_share > 0 and len(reusable):
                 top = max(1, round(s.relevant_share * len(reusable)))
-                reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.numpy()] = False
+                reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.cpu().numpy()] = False
             similarity_order = np.argsort(-patch_similarity(entry.patches, patches), kind="stable")
             computed = _computed_positions(prepared.length, visual, reusable, similarity_order, n_layers,
                                            s.start_layer, entry.layer_ratios)  # fmt: skip
@@ -161,7 +161,7 @@ class TokenReuse:
     def _encode(
         self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
         why: str, grids: list[TokenGrid],
-    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor], list[Any]]:  # fmt: skip
+    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor], list[TileState | None]]:  # fmt: skip
         """The visual features; per tile: reused whole when unchanged, re-encoded only
         where its tokens changed (``encoder_partial``), or encoded afresh."""
         if not prepared.vision:
