@@ -29,6 +29,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.13.0
 fi
 echo "setup: installing stream-rt with speech detection and its dev tools"
-.venv/bin/pip install -q -e ".[dev,vad,mllm]"
+.venv/bin/pip install -q -e ".[dev,vad,mllm,memory]"
 
 .venv/bin/python scripts/fetch_samples.py
