@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock, VideoFrame
+from stream_rt.mllm.prompt import chat_messages
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.compression import FrameTokens, compress, density_peaks, most_changed, window_keep_rates
 from stream_rt.operators.token_reuse import TokenGrid, token_patches
@@ -92,3 +94,45 @@ def test_most_changed_keeps_the_tokens_that_moved() -> None:
     after = before.copy()
     after[[3, 17, 42]] = rng.normal(size=(3, 8))
     assert sorted(most_changed(after, before, 3).tolist()) == [3, 17, 42]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_the_backend_drops_tokens_and_keeps_their_positions(
+    family: str, clip: tuple[list[FrameTokens], list[AudioFeatures], list[float]], samples: Path
+) -> None:
+    import av
+
+    from stream_rt.mllm.compression import Compression
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.mllm.transformers_backend import TransformersBackend
+
+    _, audio, _ = clip
+    times = [4.0, 6.0, 8.5, 10.5]  # 8.24 s: speech starts
+    images, pts = [], []
+    with av.open(str(samples / "walkway_speech.mkv")) as container:
+        for frame in container.decode(video=0):
+            if len(images) < len(times) and frame.time is not None and frame.time >= times[len(images)]:
+                images.append(frame.to_ndarray(format="rgb24"))
+                pts.append(int(frame.time * 1e9))
+    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    plain = TransformersBackend(path)
+    full = plain.generate(images, "What happens?")
+    compression = Compression(average=0.4)
+    squeezed = TransformersBackend(path, compression=compression)
+    got = squeezed.generate(images, "What happens?", clip=(pts, audio))
+    assert abs(got.visual_tokens - 0.4 * full.visual_tokens) <= len(images)
+    assert got.prompt_tokens == full.prompt_tokens - (full.visual_tokens - got.visual_tokens)
+    assert abs(compression.last_kept - got.visual_tokens / full.visual_tokens) < 1e-9
+    family_ = squeezed.family
+    assert family_ is not None
+    prepared = family_.prepare(images, chat_messages(len(images), "What happens?"), squeezed.model)
+    features = family_.encode(squeezed.model, prepared)
+    compressed, kept_features = Compression(average=0.4).apply(family_, prepared, features, pts, audio)
+    original = prepared.position_ids if prepared.position_ids is not None else torch.arange(prepared.length)[None]
+    kept_positions = compressed.position_ids
+    assert kept_positions is not None and kept_features.shape[0] == int(compressed.image_mask.sum())
+    rows = original.reshape(-1, prepared.length)
+    kept_rows = kept_positions.reshape(len(rows), -1)
+    for row, kept in zip(rows.tolist(), kept_rows.tolist(), strict=True):
+        assert set(kept) <= set(row) and len(kept) < len(row), "original position ids, some dropped"
+    assert compressed.next_position == prepared.next_position

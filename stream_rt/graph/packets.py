@@ -223,15 +223,19 @@ class Event(Packet):
 @dataclass(frozen=True, slots=True)
 class MllmRequest(Packet):
     """A question for the multimodal model about one event: the ``images`` (RGB, HxWx3
-    uint8: the keyframe, then crops of its changed regions), the ``question``, and a line
-    of ``context`` (what the event is: times, salience). ``signature`` is a small summary
-    of the scene, compared by answer reuse."""
+    uint8: the keyframe, then crops of its changed regions — or, for a clip, frames in
+    time order with their ``frame_pts`` and the ``audio`` features of that span, which
+    audio-guided compression uses), the ``question``, and a line of ``context`` (what the
+    event is: times, salience). ``signature`` is a small summary of the scene, compared by
+    answer reuse."""
 
     event_id: str
     question: str
     images: tuple[npt.NDArray[np.uint8], ...] = field(default=(), repr=False, compare=False)
     context: str = ""
     signature: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+    frame_pts: tuple[int, ...] = field(default=(), compare=False)
+    audio: tuple[AudioFeatures, ...] = field(default=(), repr=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)

@@ -28,8 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText
+from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
 from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit, decode_step
@@ -70,6 +71,7 @@ class TransformersBackend(Backend):
         allow_download: bool = False,
         layer_exit: LayerExit | None = None,
         token_reuse: TokenReuse | None = None,
+        compression: Compression | None = None,
     ) -> None:
         self.model_ref = model
         self.device = torch.device(device)
@@ -80,6 +82,7 @@ class TransformersBackend(Backend):
         self.allow_download = allow_download
         self.layer_exit = layer_exit
         self.token_reuse = token_reuse
+        self.compression = compression
         self.name = model
         self.model: Any = None
         self.family: Family | None = None
@@ -155,7 +158,8 @@ class TransformersBackend(Backend):
         started = time.perf_counter()
         images, text = list(request.images), request_text(request)
         reuse = ((request.source_id, request.question), request.event_id)
-        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream, None, reuse))
+        clip = (list(request.frame_pts), list(request.audio)) if len(request.frame_pts) == len(images) > 1 else None
+        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream, None, reuse, clip))
         try:
             gen = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -180,6 +184,7 @@ class TransformersBackend(Backend):
         on_text: OnText | None = None,
         max_new_tokens: int | None = None,
         reuse: tuple[tuple[str, str], str] | None = None,
+        clip: tuple[list[int], list[AudioFeatures]] | None = None,
     ) -> Generation:
         """Answer ``text`` about ``images`` (one user turn) in the calling thread. With token
         reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
@@ -206,6 +211,8 @@ class TransformersBackend(Backend):
                 t0 = time.perf_counter()
                 features = self.family.encode(self.model, prepared) if prepared.vision else None
                 t1 = time.perf_counter()
+                if self.compression is not None and clip is not None and features is not None:
+                    prepared, features = self.compression.apply(self.family, prepared, features, *clip)
                 logits, cache = self.prefill(prepared, features)
                 encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
             logged = len(self.layer_exit.depths) if self.layer_exit is not None else 0
