@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import av
 
@@ -16,3 +17,30 @@ def bare_decode(clip: Path) -> tuple[int, float]:
         stream.thread_type = "AUTO"
         frames = sum(1 for _ in container.decode(stream))
     return frames, time.perf_counter() - started
+
+
+def copy_cache(backend: Any, cache: Any) -> Any:
+    """A second KV cache with the same contents (decoding grows the first one)."""
+    return backend._cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
+def answer_fidelity(
+    reference: tuple[Any, Any, Any, Any], other: tuple[Any, Any, Any, Any], tokens: list[int]
+) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(reference || other) of the next-token distributions over
+    the answer positions, feeding the same ``tokens`` after each prompt (teacher forcing).
+    Each side is (backend, prepared request, first logits, KV cache after the prompt)."""
+    p, q = (_teacher_forced(*side, tokens).log_softmax(-1) for side in (reference, other))
+    return float((p.argmax(-1) == q.argmax(-1)).float().mean()), float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _teacher_forced(backend: Any, prepared: Any, first: Any, cache: Any, tokens: list[int]) -> Any:
+    import torch
+
+    ids = torch.tensor([tokens[:-1]])
+    positions = torch.arange(prepared.next_position, prepared.next_position + len(tokens) - 1)[None]
+    if prepared.position_ids is not None and prepared.position_ids.dim() == 3:
+        positions = positions.expand(3, 1, -1)  # M-RoPE: text positions on all three axes
+    out = backend.model.get_decoder()(inputs_embeds=backend.model.get_input_embeddings()(ids), position_ids=positions,
+                                      use_cache=True, **{backend._cache_kw: cache})  # fmt: skip
+    return torch.cat([first, backend.model.lm_head(out.last_hidden_state[0]).float()])

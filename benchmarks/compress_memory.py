@@ -28,6 +28,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
+from common import answer_fidelity, copy_cache
 
 from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock
 from stream_rt.mllm.compression import Compression
@@ -65,16 +66,6 @@ def clip_frames(seconds: list[float]) -> tuple[list[np.ndarray], list[int]]:
     return images, pts
 
 
-def answer_logits(backend: TransformersBackend, prepared: Any, first: torch.Tensor, cache: Any,
-                  tokens: list[int]) -> torch.Tensor:  # fmt: skip
-    decoder = backend.model.get_decoder()
-    ids = torch.tensor([tokens[:-1]])
-    positions = torch.arange(prepared.next_position, prepared.next_position + len(tokens) - 1)[None]
-    out = decoder(inputs_embeds=backend.model.get_input_embeddings()(ids), position_ids=positions, use_cache=True,
-                  **{backend._cache_kw: cache})  # fmt: skip
-    return torch.cat([first, backend.model.lm_head(out.last_hidden_state[0]).float()])
-
-
 def one(backend: TransformersBackend, images: list[np.ndarray], pts: list[int], audio: list[AudioFeatures],
         compression: Compression | None) -> dict[str, Any]:  # fmt: skip
     family, model = backend.family, backend.model
@@ -88,7 +79,7 @@ def one(backend: TransformersBackend, images: list[np.ndarray], pts: list[int], 
             prepared, features = compression.apply(family, prepared, features, pts, audio)
         logits, cache = backend.prefill(prepared, features)
         t2 = time.perf_counter()
-        kept_cache = backend._cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        kept_cache = copy_cache(backend, cache)
         ids, _, _ = backend.decode(prepared, logits, cache, None, None, NEW_TOKENS)
         total = time.perf_counter() - started
     return {"prepared": prepared, "first": logits, "cache": kept_cache, "ids": ids, "prefill_s": t2 - t1,
@@ -133,14 +124,14 @@ def main() -> None:
             got = one(backend, images, pts, audio, compression)
             with torch.inference_mode():
                 tokens = [int(full["first"].argmax()), *full["ids"]][:NEW_TOKENS]
-                p = answer_logits(backend, full["prepared"], full["first"], full["cache"], tokens).log_softmax(-1)
-                q = answer_logits(backend, got["prepared"], got["first"], got["cache"], tokens).log_softmax(-1)
+                top1, kl = answer_fidelity((backend, full["prepared"], full["first"], full["cache"]),
+                                           (backend, got["prepared"], got["first"], got["cache"]), tokens)  # fmt: skip
             row[mode] = {
                 "kept": round(got["visual"] / full["visual"], 3),
                 "prefill_speedup": round(full["prefill_s"] / got["prefill_s"], 2),
                 "end_to_end_speedup": round(full["total_s"] / got["total_s"], 2),
-                "top1": round(float((p.argmax(-1) == q.argmax(-1)).float().mean()), 3),
-                "kl": float(f"{float((p.exp() * (p - q)).sum(-1).mean()):.3g}"),
+                "top1": round(top1, 3),
+                "kl": float(f"{kl:.3g}"),
                 "kept_in_speech_windows": round(speech_share(full, got, pts, speech_windows), 3),
             }
         in_speech = sum(1 for t in pts if int((t - pts[0]) // 2e9) in speech_windows)

@@ -36,13 +36,14 @@ from typing import Any
 import av
 import numpy as np
 import torch
+from common import answer_fidelity, copy_cache
 
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.mllm.families import Prepared
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend, _luma
+from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.sources.av_decode import rgb_luma
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -61,20 +62,6 @@ def frames_at(clip: Path, seconds: list[float]) -> list[np.ndarray]:
     return out
 
 
-def teacher_forced(backend: TransformersBackend, prepared: Prepared, first: torch.Tensor, cache: Any,
-                   tokens: list[int]) -> torch.Tensor:  # fmt: skip
-    """Next-token logits at each answer position, feeding ``tokens`` after the prompt."""
-    decoder = backend.model.get_decoder()
-    ids = torch.tensor([tokens[:-1]])
-    positions = torch.arange(prepared.next_position, prepared.next_position + len(tokens) - 1)[None]
-    if prepared.position_ids is not None and prepared.position_ids.dim() == 3:
-        positions = positions.expand(3, 1, -1)
-    out = decoder(inputs_embeds=backend.model.get_input_embeddings()(ids), position_ids=positions, use_cache=True,
-                  **{backend._cache_kw: cache})  # fmt: skip
-    rest = backend.model.lm_head(out.last_hidden_state[0]).float()
-    return torch.cat([first, rest])
-
-
 def one_call(backend: TransformersBackend, frame: np.ndarray, text: str, reuse: TokenReuse | None,
              key: tuple[str, str]) -> dict[str, Any]:  # fmt: skip
     family, model = backend.family, backend.model
@@ -89,10 +76,10 @@ def one_call(backend: TransformersBackend, frame: np.ndarray, text: str, reuse: 
             logits, cache = backend.prefill(prepared, features)
             encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
         else:
-            result, encode_s, prefill_s = reuse.encode_and_prefill(model, family, prepared, [_luma(frame)], key,
+            result, encode_s, prefill_s = reuse.encode_and_prefill(model, family, prepared, [rgb_luma(frame)], key,
                                                                    "episode-1", backend.embed)  # fmt: skip
             logits, cache = result.logits, backend._cache_of(result.keys, result.values)
-        kept = backend._cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        kept = copy_cache(backend, cache)
         t2 = time.perf_counter()
         ids, _, _ = backend.decode(prepared, logits, cache, None, None, NEW_TOKENS)
         decode_s = time.perf_counter() - t2
@@ -116,8 +103,8 @@ def run_clip(model_path: Path, clip: Path, seconds: list[float], schedule: str) 
         ref = one_call(full, frame, text, None, ("cam", text))
         with torch.inference_mode():
             tokens = [int(ref["first"].argmax()), *ref["ids"]][:NEW_TOKENS]
-            p = teacher_forced(full, ref["prepared"], ref["first"], ref["cache"], tokens).log_softmax(-1)
-            q = teacher_forced(reusing, got["prepared"], got["first"], got["cache"], tokens).log_softmax(-1)
+            top1, kl = answer_fidelity((full, ref["prepared"], ref["first"], ref["cache"]),
+                                       (reusing, got["prepared"], got["first"], got["cache"]), tokens)  # fmt: skip
         outcome = got["outcome"]
         rows.append({
             "call": i,
@@ -128,8 +115,8 @@ def run_clip(model_path: Path, clip: Path, seconds: list[float], schedule: str) 
             "reuse_s": round(got["total_s"], 3),
             "reuse_split_s": [round(got[k], 3) for k in ("encode_s", "prefill_s", "decode_s")],
             "speedup": round(ref["total_s"] / got["total_s"], 2),
-            "top1": round(float((p.argmax(-1) == q.argmax(-1)).float().mean()), 3),
-            "kl": float((p.exp() * (p - q)).sum(-1).mean()),
+            "top1": round(top1, 3),
+            "kl": kl,
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     warm = rows[1:]

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 from stream_rt.config import (
-    LOSSLESS_CHANNELS,
-    ChannelConfig,
     Config,
     ConfigError,
     JsonlSinkConfig,
     MllmConfig,
     OpsConfig,
     SourceConfig,
+    for_replay,
     load_config,
 )
 from stream_rt.console import ProgressBar, summary
@@ -194,16 +193,10 @@ def _replay(args: argparse.Namespace) -> int:
     sinks = base.sinks
     if args.out is not None:
         sinks = sinks.model_copy(update={"jsonl": JsonlSinkConfig(path=args.out)})
-    # A replay loses nothing unless the config asks for it: channels the config leaves
-    # unset block instead of dropping (the live defaults drop video for slow stages).
-    unset = {k: ChannelConfig(**v) for k, v in LOSSLESS_CHANNELS.items() if k not in base.graph.model_fields_set}
-    graph_cfg = base.graph.model_copy(update=unset)
     mllm = base.mllm
     if args.model is not None:
         mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
-    if mllm is not None and "flow" not in mllm.model_fields_set:
-        mllm = mllm.model_copy(update={"flow": "block"})  # a replay answers every request
-    config = base.model_copy(update={"sources": [source], "sinks": sinks, "graph": graph_cfg, "mllm": mllm})
+    config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm}))
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     pipeline = build_pipeline(config, speed=args.speed)
     started = time.monotonic()

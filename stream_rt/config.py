@@ -291,6 +291,17 @@ class Config(_Strict):
         return sources
 
 
+def for_replay(config: Config) -> Config:
+    """The config as a replay runs it: it loses nothing unless the config asks for it. The
+    channels it leaves unset block instead of dropping (:data:`LOSSLESS_CHANNELS`), and an
+    MLLM stage whose ``flow`` is unset waits for the model rather than replacing requests."""
+    unset = {k: ChannelConfig(**v) for k, v in LOSSLESS_CHANNELS.items() if k not in config.graph.model_fields_set}
+    update: dict[str, Any] = {"graph": config.graph.model_copy(update=unset)}
+    if config.mllm is not None and "flow" not in config.mllm.model_fields_set:
+        update["mllm"] = config.mllm.model_copy(update={"flow": "block"})
+    return config.model_copy(update=update)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config file."""
     path = Path(path)

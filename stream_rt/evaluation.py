@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_rt.config import LOSSLESS_CHANNELS, ConfigError, parse_config
+from stream_rt.config import ConfigError, for_replay, parse_config
 from stream_rt.graph.packets import Event
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.callback import CallbackSink
@@ -90,11 +90,10 @@ async def run_scenario(scenario: Scenario) -> tuple[list[Event], int, float]:
     """Replay the scenario's media; return its events, the decoded frames and the media length."""
     if not scenario.media.exists():
         raise ConfigError(f"{scenario.media} is missing: run 'python scripts/fetch_samples.py'")
-    pipeline_cfg = dict(scenario.pipeline)
-    pipeline_cfg["graph"] = {**LOSSLESS_CHANNELS, **pipeline_cfg.get("graph", {})}
-    config = parse_config(
-        {"sources": [{"id": scenario.name, "url": str(scenario.media)}], **pipeline_cfg}, origin=scenario.name
-    )
+    config = for_replay(
+        parse_config({"sources": [{"id": scenario.name, "url": str(scenario.media)}], **scenario.pipeline},
+                     origin=scenario.name)
+    )  # fmt: skip
     pipeline = build_pipeline(config, speed=None)
     if pipeline.trigger is None:
         raise ConfigError(f"{scenario.name}: the pipeline has no gates enabled, so nothing can trigger")

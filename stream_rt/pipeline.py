@@ -109,25 +109,28 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
         jsonl_cfg = config.sinks.jsonl
         jsonl = JsonlSink("jsonl", jsonl_cfg.path, snapshots_dir=jsonl_cfg.snapshots_dir)
         graph.add(jsonl)
-        if trigger is not None:
-            graph.connect("trigger.events", "jsonl.in", capacity=64)
-        if mllm is not None:
-            graph.connect("mllm.answers", "jsonl.in", capacity=64)
+        _feed(graph, "jsonl", trigger, mllm, sources)
         for source in sources:
-            graph.connect(f"{source.name}.status", "jsonl.in")
             if jsonl_cfg.video and source.has_video:
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
             if jsonl_cfg.audio and source.has_audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     if config.sinks.mqtt is not None:
         graph.add(build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources}))
-        if trigger is not None:
-            graph.connect("trigger.events", "mqtt.in", capacity=64)
-        if mllm is not None:
-            graph.connect("mllm.answers", "mqtt.in", capacity=64)
-        for source in sources:
-            graph.connect(f"{source.name}.status", "mqtt.in")
+        _feed(graph, "mqtt", trigger, mllm, sources)
     return Pipeline(graph, sources, trigger, mllm, jsonl)
+
+
+def _feed(
+    graph: Graph, sink: str, trigger: TriggerPolicy | None, mllm: MllmStage | None, sources: list[StatusSource]
+) -> None:
+    """What every sink receives: events, answers and each source's status."""
+    if trigger is not None:
+        graph.connect("trigger.events", f"{sink}.in", capacity=64)
+    if mllm is not None:
+        graph.connect("mllm.answers", f"{sink}.in", capacity=64)
+    for source in sources:
+        graph.connect(f"{source.name}.status", f"{sink}.in")
 
 
 def build_backend(cfg: MllmConfig) -> Backend:

@@ -10,9 +10,11 @@ backend gets them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.mllm.contract import parse_answer
 
 OnText = Callable[[str], None]
 
@@ -41,3 +43,24 @@ class Backend:
 
     async def close(self) -> None:
         """Release what :meth:`start` took."""
+
+
+def answer_from_text(
+    request: MllmRequest,
+    text: str,
+    backend: Backend,
+    *,
+    stop: str,
+    timings: dict[str, float],
+    tokens: dict[str, int],
+    smoke: bool | None = None,
+    exit_depth: float | None = None,
+) -> MllmAnswer:
+    """The model's ``text`` for ``request``, checked against the answer contract: status
+    ``ok`` with the validated answer, or ``invalid`` saying why."""
+    answer, error = parse_answer(text)
+    return MllmAnswer(
+        request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
+        "ok" if answer is not None else "invalid", answer, text, backend.name,
+        backend.smoke if smoke is None else smoke, error, stop, timings, tokens, exit_depth,
+    )  # fmt: skip

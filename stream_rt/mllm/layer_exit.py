@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from stream_rt.mllm.prefill import project
+
 MAX_DISTANCE = 2.0
 """Above any L2 distance between two probability vectors (at most sqrt(2))."""
 
@@ -95,18 +97,8 @@ def _fill_kv(
     layer: Any, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any
 ) -> None:
     """Write this position's K/V into a skipped layer's cache, from the exit's hidden state."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    key = attn.k_proj(x).view(shape)
-    if hasattr(attn, "k_norm"):
-        key = attn.k_norm(key)
-    key = key.transpose(1, 2)
-    value = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    half = key.shape[-1] // 2
-    rotated = torch.cat((-key[..., half:], key[..., :half]), dim=-1)
-    cache.update(key * cos + rotated * sin, value, attn.layer_idx)
+    _, key, value = project(layer, hidden, *position_embeddings, queries=False)
+    cache.update(key, value, layer.self_attn.layer_idx)
 
 
 def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]:

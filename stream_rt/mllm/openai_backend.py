@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
-from stream_rt.mllm.backend import Backend, BackendError, OnText
-from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
+from stream_rt.mllm.backend import Backend, BackendError, OnText, answer_from_text
+from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.prompt import request_text
 from stream_rt.operators.snapshot import rgb_to_jpeg
 
@@ -109,13 +109,12 @@ class OpenAIBackend(Backend):
         except aiohttp.ClientError as exc:
             raise BackendError(f"cannot reach {self.url}: {exc}") from None
         ended = time.perf_counter()
-        answer, error = parse_answer(text)
         first = (first_token or ended) - started
-        return MllmAnswer(
-            request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
-            "ok" if answer is not None else "invalid", answer, text, self.name, smoke, error, stop,
-            {"first_token": first, "decode": ended - started - first, "total": ended - started},
-            {"prompt": int(usage.get("prompt_tokens", 0)), "generated": int(usage.get("completion_tokens", chunks))},
+        return answer_from_text(
+            request, text, self, stop=stop, smoke=smoke,
+            timings={"first_token": first, "decode": ended - started - first, "total": ended - started},
+            tokens={"prompt": int(usage.get("prompt_tokens", 0)),
+                    "generated": int(usage.get("completion_tokens", chunks))},
         )  # fmt: skip
 
 

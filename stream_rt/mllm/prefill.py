@@ -41,6 +41,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def project(
+    layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A decoder layer's queries (unless ``queries`` is false) and keys, rotary applied, and
+    values for ``hidden`` (1, n, hidden size): (1, heads, n, head_dim) each."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (1, hidden.shape[1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape) if queries else None
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):
+        q = attn.q_norm(q) if q is not None else None
+        k = attn.k_norm(k)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    return (rotary(q.transpose(1, 2), cos, sin) if q is not None else None), rotary(k.transpose(1, 2), cos, sin), v
+
+
 def run_prefill(
     model: Any,
     embeds: torch.Tensor,
@@ -69,24 +86,17 @@ def run_prefill(
     relevance = None
     entropies: list[float] | None = [] if entropy else None
     done = 0
+    allowed = everything[None, :] <= rows[:, None]  # causal, by position
     for index, layer in enumerate(layers):
         wanted = computed[index].to(device) if computed is not None else everything
         if len(wanted) != len(rows):
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)
-            hidden, rows = hidden[:, keep], rows[keep]
+            hidden, rows, allowed = hidden[:, keep], rows[keep], allowed[keep]
         done += len(rows)
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        shape = (1, len(rows), -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape)
-        k = attn.k_proj(x).view(shape)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = cos_all[:, rows], sin_all[:, rows]
-        q = rotary(q.transpose(1, 2), cos, sin)
-        k = rotary(k.transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = project(layer, hidden, cos_all[:, rows], sin_all[:, rows])
+        assert q is not None
         if len(rows) == length:
             k_full, v_full = k, v
         else:
@@ -99,7 +109,6 @@ def run_prefill(
         groups = attn.num_key_value_groups
         k_rep = k_full.repeat_interleave(groups, dim=1) if groups > 1 else k_full
         v_rep = v_full.repeat_interleave(groups, dim=1) if groups > 1 else v_full
-        allowed = everything[None, :] <= rows[:, None]  # causal, by position
         if (index == relevance_layer or entropies is not None) and len(visual) and len(question):
             at = torch.isin(rows, question)
             scores = (q[:, :, at] @ k_rep.transpose(-1, -2)) * attn.scaling

@@ -4,11 +4,11 @@ question, and a line of context saying what the event is."""
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.packets import Box, Event, MllmRequest
+from stream_rt.operators.snapshot import scale_image
 from stream_rt.policies.answer_reuse import scene_signature
 
 
@@ -18,9 +18,7 @@ def resize(rgb: npt.NDArray[np.uint8], max_side: int) -> npt.NDArray[np.uint8]:
     scale = min(1.0, max_side / max(h, w))
     if scale >= 1.0:
         return rgb
-    size = (max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-    return np.asarray(frame.reformat(width=size[0], height=size[1], interpolation="AREA").to_ndarray(), np.uint8)
+    return scale_image(rgb, max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
 
 
 def region_crop(

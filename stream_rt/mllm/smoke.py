@@ -73,22 +73,22 @@ def build_smoke_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
+        from stream_rt.mllm.families import family_for
+
         tokenizer = _byte_tokenizer(family)
         config = _config(family, size, tokenizer)
+        tokenizer.save_pretrained(str(staging))
+        _image_processor(family, size).save_pretrained(str(staging))
+        (staging / "chat_template.jinja").write_text(family_for(config.model_type).default_template, encoding="utf-8")
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
             model = _model_class(family)(config).eval()
             if size == "tiny":
-                _fit_answer(model, family, tokenizer, staging, seed)
+                _fit_answer(model, tokenizer, staging, seed)
         finally:
             torch.random.set_rng_state(generator_state)
         model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        _image_processor(family, size).save_pretrained(str(staging))
-        from stream_rt.mllm.families import family_for
-
-        (staging / "chat_template.jinja").write_text(family_for(config.model_type).default_template, encoding="utf-8")
         (staging / SMOKE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
@@ -210,9 +210,10 @@ def _image_processor(family: Family, size: Size) -> Any:
     return LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
-def _fit_answer(model: Any, family: Family, tokenizer: Any, workdir: Path, seed: int) -> None:
+def _fit_answer(model: Any, tokenizer: Any, workdir: Path, seed: int) -> None:
     """Teach the tiny model to answer every request with SMOKE_ANSWER + SMOKE_RAMBLE + EOS
-    (a few seconds of Adam on two prompts), so its output exercises the contract."""
+    (a few seconds of Adam on 64 varied prompts), so its output exercises the contract.
+    ``workdir`` already holds the tokenizer, image processor and chat template."""
     import numpy as np
 
     from stream_rt.graph.packets import Event, MllmRequest
@@ -220,12 +221,10 @@ def _fit_answer(model: Any, family: Family, tokenizer: Any, workdir: Path, seed:
     from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, request_text
     from stream_rt.mllm.requests import context_line
 
-    tokenizer.save_pretrained(str(workdir))
-    _image_processor(family, "tiny").save_pretrained(str(workdir))
     adapter = family_for(model.config.model_type)(workdir, model.config)
     rng = np.random.default_rng(seed)
     target = tokenizer(SMOKE_ANSWER + SMOKE_RAMBLE, add_special_tokens=False)["input_ids"]
-    target = torch.tensor([*target, tokenizer.convert_tokens_to_ids(_EOS[family])])
+    target = torch.tensor([*target, tokenizer.eos_token_id])
     words = ["what", "who", "is", "there", "a", "person", "door", "car", "gate", "moving", "open", "the", "scene",
              "happening", "any", "here", "now"]  # fmt: skip
     samples = []
@@ -255,7 +254,7 @@ def _fit_answer(model: Any, family: Family, tokenizer: Any, workdir: Path, seed:
         labels = ids.clone()
         labels[0, : prepared.length] = -100
         inputs: dict[str, Any] = {"input_ids": ids, "labels": labels, **prepared.vision}
-        if family == "qwen2_vl":
+        if model.config.model_type == "qwen2_vl":
             inputs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
         loss = model(**inputs).loss
         optimiser.zero_grad()

@@ -100,7 +100,7 @@ class MllmStage(Node):
         reused = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
         if reused is not None:
             ctx.count("answers_reused")
-            await ctx.emit("answers", _reply(request, reused, status="reused"))
+            await ctx.emit("answers", _reused(request, reused))
             return
         while self.block and self.flow.waiting is not None:
             self._room.clear()
@@ -162,11 +162,11 @@ class MllmStage(Node):
         return answer
 
 
-def _reply(request: MllmRequest, answer: MllmAnswer, status: AnswerStatus) -> MllmAnswer:
+def _reused(request: MllmRequest, answer: MllmAnswer) -> MllmAnswer:
     """``answer`` given again, for ``request``."""
     return dataclasses.replace(
         answer, source_id=request.source_id, seq=request.seq, pts_ns=request.pts_ns, wall_ns=time.time_ns(),
-        event_id=request.event_id, status=status, timings={}, tokens={},
+        event_id=request.event_id, status="reused", timings={}, tokens={},
     )  # fmt: skip
 
 

@@ -140,9 +140,14 @@ class TokenReuse:
             if entry.relevance is not None and s.relevant_share > 0 and len(reusable):
                 top = max(1, round(s.relevant_share * len(reusable)))
                 reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.cpu().numpy()] = False
-            similarity_order = np.argsort(-patch_similarity(entry.patches, patches), kind="stable")
-            computed = _computed_positions(prepared.length, visual, reusable, similarity_order, n_layers,
-                                           s.start_layer, entry.layer_ratios)  # fmt: skip
+            # Only a partial schedule needs to know which static tokens are the most static.
+            order = (
+                np.argsort(-patch_similarity(entry.patches, patches), kind="stable")
+                if entry.layer_ratios is not None
+                else np.arange(len(patches))
+            )
+            computed = _computed_positions(prepared.length, visual, reusable, order, n_layers, s.start_layer,
+                                           entry.layer_ratios)  # fmt: skip
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, computed=computed,
                                  previous=(entry.keys, entry.values), relevance_layer=mid)  # fmt: skip
             ratios = entry.layer_ratios
@@ -224,16 +229,15 @@ def _computed_positions(
     of them, or for the entropy schedule a growing share, most similar first)."""
     everything = torch.arange(length)
     candidates = [i for i in order if reusable[i]]  # most static first
+    by_count: dict[int, torch.Tensor] = {0: everything}  # one tensor per distinct number dropped
     computed = []
     for layer in range(n_layers):
-        if layer < start_layer:
-            computed.append(everything)
-            continue
-        share = 1.0 if ratios is None else ratios[layer]
-        drop = visual[torch.tensor(candidates[: round(share * len(candidates))], dtype=torch.long)]
-        keep = torch.ones(length, dtype=torch.bool)
-        keep[drop] = False
-        computed.append(everything[keep])
+        count = 0 if layer < start_layer else round((1.0 if ratios is None else ratios[layer]) * len(candidates))
+        if count not in by_count:
+            keep = torch.ones(length, dtype=torch.bool)
+            keep[visual[torch.tensor(candidates[:count], dtype=torch.long)]] = False
+            by_count[count] = everything[keep]
+        computed.append(by_count[count])
     return computed
 
 

@@ -29,14 +29,15 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
-from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText
+from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText, answer_from_text
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
+from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit, decode_step
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
+from stream_rt.sources.av_decode import rgb_luma
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -165,15 +166,13 @@ class TransformersBackend(Backend):
         except asyncio.CancelledError:
             cancel.set()  # the thread stops at its next token
             raise
-        answer, error = parse_answer(gen.text)
         reused = {"visual_reused": gen.reuse.reused_tokens, "tiles_reused": gen.reuse.tiles_reused} if gen.reuse else {}
-        return MllmAnswer(
-            request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
-            "ok" if answer is not None else "invalid", answer, gen.text, self.name, self.smoke, error, gen.stop,
-            {"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
-             "total": time.perf_counter() - started},
-            {"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids), **reused},
-            gen.exit_depth,
+        return answer_from_text(
+            request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth,
+            timings={"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
+                     "total": time.perf_counter() - started},
+            tokens={"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids),
+                    **reused},
         )  # fmt: skip
 
     def generate(
@@ -197,7 +196,7 @@ class TransformersBackend(Backend):
             if self.token_reuse is not None and reuse is not None:
                 key, event_id = reuse
                 try:
-                    lumas = [_luma(image) for image in images]
+                    lumas = [rgb_luma(image) for image in images]
                     result, encode_s, prefill_s = self.token_reuse.encode_and_prefill(
                         self.model, self.family, prepared, lumas, key, event_id, self.embed
                     )
@@ -304,12 +303,6 @@ class TransformersBackend(Backend):
                           **{self._cache_kw: cache})  # fmt: skip
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
         return ids, text, stop
-
-
-def _luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """BT.601 luma of an RGB image (what token reuse compares)."""
-    weights = np.array([0.299, 0.587, 0.114], np.float32)
-    return np.asarray((rgb.astype(np.float32) @ weights).round().clip(0, 255), np.uint8)
 
 
 def _to(prepared: Prepared, device: torch.device) -> Prepared:

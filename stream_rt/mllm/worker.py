@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
 import threading
@@ -22,13 +21,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-import av
 import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
+from stream_rt.sources.av_decode import decode_image
 
 log = logging.getLogger("stream_rt.worker")
 
@@ -62,7 +61,7 @@ class RequestError(ValueError):
     """The request cannot be served; ``str()`` is what the client is told."""
 
 
-def decode_image(url: str) -> npt.NDArray[np.uint8]:
+def image_from_url(url: str) -> npt.NDArray[np.uint8]:
     """An RGB array from a ``data:image/...;base64,`` URL."""
     if not url.startswith("data:"):
         raise RequestError("only data: image URLs are accepted (the worker fetches nothing)")
@@ -70,11 +69,8 @@ def decode_image(url: str) -> npt.NDArray[np.uint8]:
     if ";base64" not in header:
         raise RequestError("image data URLs must be base64")
     try:
-        data = base64.b64decode(payload, validate=True)
-        with av.open(io.BytesIO(data), mode="r") as container:
-            frame = next(container.decode(video=0))
-            return np.asarray(frame.to_ndarray(format="rgb24"), np.uint8)
-    except (binascii.Error, av.error.FFmpegError, StopIteration) as exc:
+        return np.asarray(decode_image(base64.b64decode(payload, validate=True)).to_ndarray(format="rgb24"), np.uint8)
+    except (binascii.Error, ValueError) as exc:
         raise RequestError(f"an image could not be decoded: {exc}") from None
 
 
@@ -86,7 +82,7 @@ def images_and_text(request: ChatRequest) -> tuple[list[npt.NDArray[np.uint8]], 
     content = user[-1].content
     if isinstance(content, str):
         return [], content
-    images = [decode_image(str((p.image_url or {}).get("url", ""))) for p in content if p.type == "image_url"]
+    images = [image_from_url(str((p.image_url or {}).get("url", ""))) for p in content if p.type == "image_url"]
     text = "\n".join(p.text or "" for p in content if p.type == "text")
     return images, text
 

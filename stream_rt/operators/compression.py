@@ -81,7 +81,10 @@ def density_peaks(features: F32, keep: int, neighbours: int = 5) -> Ints:
     if keep >= n:
         return np.arange(n, dtype=np.int64)
     x = features.astype(np.float64)
-    distances = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))
+    squared = (x * x).sum(axis=1)
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: an (n, n) matrix, never an (n, n, dim) one.
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * (x @ x.T), 0.0))
+    np.fill_diagonal(distances, 0.0)
     k = min(neighbours, n - 1)
     nearest = np.sort(distances, axis=1)[:, 1 : k + 1]
     density = np.exp(-(nearest**2).mean(axis=1))

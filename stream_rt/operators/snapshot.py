@@ -1,4 +1,5 @@
-"""JPEG snapshots of frames, encoded with PyAV's MJPEG encoder (no image library needed)."""
+"""Pictures through PyAV (no image library needed): JPEG snapshots with the MJPEG encoder,
+and scaling with FFmpeg's area filter."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def rgb_to_jpeg(rgb: npt.NDArray[np.uint8], quality: int = 5) -> bytes:
     encoder.global_quality = quality * 118  # FF_QP2LAMBDA
     image = av.VideoFrame.from_ndarray(rgb[:height, :width], format="rgb24").reformat(format="yuvj420p")
     return b"".join(bytes(p) for p in [*encoder.encode(image), *encoder.encode(None)])
+
+
+def scale_image(image: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """A luma plane (h, w) or an RGB image (h, w, 3) resampled to ``width`` x ``height``
+    with FFmpeg's area filter."""
+    fmt = "gray" if image.ndim == 2 else "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=fmt)
+    return np.asarray(frame.reformat(width=width, height=height, interpolation="AREA").to_ndarray(), np.uint8)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import numpy.typing as npt
 
 from stream_rt.operators.kernels import patch_cosine
+from stream_rt.operators.snapshot import scale_image
 
 PATCH = 14
 
@@ -41,11 +41,6 @@ class TokenGrid:
         return self.rows * self.cols
 
 
-def _resize_luma(y: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(y), format="gray")
-    return np.asarray(frame.reformat(width=width, height=height, interpolation="AREA").to_ndarray(), np.uint8)
-
-
 def token_patches(lumas: list[npt.NDArray[np.uint8]], grids: list[TokenGrid]) -> npt.NDArray[np.uint8]:
     """Each visual token's rectangle of luma (``lumas``: the plane of each image), resized
     to 14x14, in prompt order: shape (tokens, 14, 14)."""
@@ -56,7 +51,7 @@ def token_patches(lumas: list[npt.NDArray[np.uint8]], grids: list[TokenGrid]) ->
         x0, y0, x1, y1 = grid.region
         top, left = int(y0 * h), int(x0 * w)
         crop = y[top : max(top + 1, int(y1 * h)), left : max(left + 1, int(x1 * w))]
-        plane = _resize_luma(crop, grid.cols * PATCH, grid.rows * PATCH)
+        plane = scale_image(crop, grid.cols * PATCH, grid.rows * PATCH)
         out.append(plane.reshape(grid.rows, PATCH, grid.cols, PATCH).transpose(0, 2, 1, 3).reshape(-1, PATCH, PATCH))
     return np.concatenate(out) if out else np.zeros((0, PATCH, PATCH), np.uint8)
 

@@ -38,12 +38,15 @@ class Outbox:
             " id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,"
             " qos INTEGER NOT NULL, retain INTEGER NOT NULL)"
         )
+        # Counted once, then kept up to date: the sink reads it after every event.
+        self._depth = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def add(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Store a message durably; returns its id (ids increase in the order of adding)."""
         cursor = self._db.execute(
             "INSERT INTO outbox (topic, payload, qos, retain) VALUES (?, ?, ?, ?)", (topic, payload, qos, int(retain))
         )
+        self._depth += 1
         return int(cursor.lastrowid or 0)
 
     def pending(self, limit: int = 100) -> list[OutboxMessage]:
@@ -55,10 +58,11 @@ class Outbox:
 
     def ack(self, message_id: int) -> None:
         """The broker has the message: forget it."""
-        self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+        self._depth -= self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,)).rowcount
 
     def depth(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        """Messages not yet acknowledged."""
+        return self._depth
 
     def close(self) -> None:
         self._db.close()

@@ -12,6 +12,7 @@ Video frames carry the Y plane as a view into the decoder's buffer (row stride
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +116,25 @@ class PtsSanitiser:
                     value = last + 1
         self.last = value
         return value
+
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+"""BT.601 luma of RGB."""
+
+
+def rgb_luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The BT.601 luma of an ``(height, width, 3)`` RGB array."""
+    return np.asarray((rgb @ LUMA_WEIGHTS).round(), np.uint8)
+
+
+def decode_image(data: bytes, format: str | None = None) -> av.VideoFrame:
+    """The first picture in ``data`` (an encoded image: JPEG, PNG...; ``format`` forces
+    the demuxer); raises ValueError when it is not one."""
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=format) as container:
+            return next(container.decode(video=0))
+    except (av.error.FFmpegError, StopIteration) as exc:
+        raise ValueError(f"not an image: {exc}") from None
 
 
 def y_plane(frame: av.VideoFrame) -> npt.NDArray[np.uint8]:

@@ -13,19 +13,17 @@ on the graph's clock, made strictly increasing. A payload that does not decode i
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import random
 from typing import Literal
 
 import aiomqtt
-import av
 import numpy as np
 
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
-from stream_rt.sources.av_decode import PtsSanitiser, y_plane
+from stream_rt.sources.av_decode import PtsSanitiser, decode_image, rgb_luma, y_plane
 from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.sources")
@@ -38,11 +36,7 @@ def decode_frame(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(Y plane, RGB or None) of one message; raises ValueError if it is not a frame."""
     if fmt == "jpeg":
-        try:
-            with av.open(io.BytesIO(payload), mode="r", format="mjpeg") as container:
-                frame = next(container.decode(video=0))
-        except (av.error.FFmpegError, StopIteration) as exc:
-            raise ValueError(f"not a JPEG image: {exc}") from None
+        frame = decode_image(payload, "mjpeg")
         return np.array(y_plane(frame)), frame.to_ndarray(format="rgb24")
     if width is None or height is None:
         raise ValueError("raw frames need width and height")
@@ -52,8 +46,7 @@ def decode_frame(
     pixels = np.frombuffer(payload, np.uint8).reshape(height, width, channels)
     if fmt == "gray":
         return pixels[:, :, 0], None
-    luma = (pixels @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
-    return luma, pixels
+    return rgb_luma(pixels), pixels
 
 
 class MqttSource(StatusSource):
