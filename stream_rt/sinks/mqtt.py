@@ -153,6 +153,7 @@ class MqttSink(Sink):
                 s.host, s.port, identifier=s.client_id, username=s.username, password=s.password,
                 will=will, timeout=10, tls_params=tls,
             )  # fmt: skip
+            client.pending_calls_threshold = 2 * s.publish_window  # a full window is expected
             try:
                 async with client:
                     await client.publish(self.topic("available"), b"online", qos=1, retain=True)
@@ -236,14 +237,32 @@ class MqttSink(Sink):
                 continue
             # Publish a window at once (the broker acknowledges in order), then forget
             # each message only after its acknowledgement arrived.
-            await asyncio.gather(
+            publishes = asyncio.gather(
                 *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
             )
+            await _unless_disconnected(client, publishes)
             for message in batch:
                 outbox.ack(message.id)
             self.published += len(batch)
             ctx.count("mqtt_published", len(batch))
             ctx.counters["outbox_depth"] = outbox.depth()
+
+
+async def _unless_disconnected(client: aiomqtt.Client, publishes: asyncio.Future[list[None]]) -> None:
+    """Wait for ``publishes``, but give up the moment the connection dies: aiomqtt lets a
+    publish wait for its acknowledgement until its own timeout even after the broker went
+    away, which would stall the outbox for that long before reconnecting."""
+    disconnected = getattr(client, "_disconnected", None)
+    if not isinstance(disconnected, asyncio.Future):
+        await publishes
+        return
+    await asyncio.wait({publishes, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    if publishes.done():
+        publishes.result()
+        return
+    publishes.cancel()
+    await asyncio.gather(publishes, return_exceptions=True)
+    raise aiomqtt.MqttError("the connection to the broker was lost")
 
 
 def _consume_disconnect(client: aiomqtt.Client) -> None:
