@@ -181,6 +181,36 @@ class TokenReuseConfig(_Strict):
     )
 
 
+class ClipConfig(_Strict):
+    frames: int = Field(
+        1, ge=1, le=64, description="frames per request: 1 = the event's keyframe; more = a clip ending at the event"
+    )
+    interval_s: float = Field(0.5, gt=0, description="clips: one frame every this many seconds of media time")
+    compression: Literal["audio", "uniform", "off"] = Field(
+        "audio",
+        description="clips: drop visual tokens, more where there is sound ('audio', OmniZip style), evenly "
+        "('uniform'), or not at all ('off')",
+    )
+    keep: float = Field(0.4, gt=0, le=1, description="clips: average share of visual tokens kept")
+    window_s: float = Field(2.0, gt=0, description="clips: audio-guided compression sets keep rates per window")
+
+
+class MemoryConfig(_Strict):
+    enabled: bool = Field(False, description="keep a fixed-size memory per source and put it before every prompt")
+    max_entries: int = Field(16, ge=3, description="entries per source at most; the most alike neighbours merge")
+    anchors: int = Field(2, ge=0, description="the first entries of a source, never merged")
+    tokens: int = Field(16, ge=1, description="pooled visual tokens per entry")
+    text_tokens: int = Field(32, ge=0, description="tokens of each entry's text in the prompt")
+    snapshot: Path | None = Field(None, description="restore the memory from this file at start; save it there")
+    snapshot_interval_s: float = Field(60.0, gt=0, description="save the snapshot this often (and at stop)")
+
+    @model_validator(mode="after")
+    def _room_to_merge(self) -> MemoryConfig:
+        if self.anchors >= self.max_entries - 1:
+            raise ValueError(f"anchors ({self.anchors}) must be below max_entries - 1 ({self.max_entries - 1})")
+        return self
+
+
 class MllmConfig(_Strict):
     backend: Literal["transformers", "openai"] = Field(
         "transformers", description="'transformers': a local model; 'openai': an OpenAI-compatible server"
@@ -201,6 +231,8 @@ class MllmConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1, description="longest answer, in tokens")
     contract_stop: bool = Field(True, description="stop decoding as soon as the JSON answer is complete")
     token_reuse: TokenReuseConfig = Field(default_factory=TokenReuseConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     layer_exit_every: int = Field(
         0, ge=0, description="transformers: evaluate an early exit every N layers while decoding (0: off)"
     )
@@ -227,6 +259,10 @@ class MllmConfig(_Strict):
     def _openai_needs_url(self) -> MllmConfig:
         if self.backend == "openai" and not self.url:
             raise ValueError("the 'openai' backend needs url (e.g. 'http://127.0.0.1:8000/v1')")
+        if self.memory.enabled and self.backend != "transformers":
+            raise ValueError("memory needs the 'transformers' backend (it feeds the model visual tokens)")
+        if self.token_reuse.enabled and (self.memory.enabled or self.clip.frames > 1):
+            raise ValueError("token_reuse cannot be combined with memory or clips (frames > 1) yet: turn one off")
         return self
 
 

@@ -22,7 +22,9 @@ from urllib.parse import urlsplit
 from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
+from stream_rt.memory.streaming import StreamingMemory
 from stream_rt.mllm.backend import Backend
+from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
@@ -103,6 +105,12 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
         mllm = _build_mllm(config.mllm)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
+        if mllm.clip is not None:  # clips: the frames before each event and their sound
+            for source in sources:
+                if source.has_video:
+                    graph.connect(f"{source.name}.video", "mllm.video", video_ch.policy, video_ch.capacity)
+            if "audio" in graph:
+                graph.connect("audio.features", "mllm.audio", capacity=256)
 
     jsonl = None
     if config.sinks.jsonl is not None:
@@ -141,6 +149,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
         assert cfg.url is not None
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
         return OpenAIBackend(cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens)
+    from stream_rt.mllm.compression import Compression
     from stream_rt.mllm.layer_exit import LayerExit
     from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
     from stream_rt.mllm.transformers_backend import TransformersBackend
@@ -148,18 +157,27 @@ def build_backend(cfg: MllmConfig) -> Backend:
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
     reuse = cfg.token_reuse
     token_reuse = TokenReuse(ReuseSettings(**reuse.model_dump(exclude={"enabled"}))) if reuse.enabled else None
+    clip = cfg.clip
+    compression = None
+    if clip.frames > 1 and clip.compression != "off":
+        compression = Compression(average=clip.keep, window_s=clip.window_s, mode=clip.compression)
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
-        layer_exit=layer_exit, token_reuse=token_reuse,
+        layer_exit=layer_exit, token_reuse=token_reuse, compression=compression,
+        memory_text_tokens=cfg.memory.text_tokens,
     )  # fmt: skip
 
 
 def _build_mllm(cfg: MllmConfig) -> MllmStage:
+    clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
+    m = cfg.memory
+    memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
     return MllmStage(
         "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
         max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
-        reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow,
+        reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
+        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s,
     )  # fmt: skip
 
 

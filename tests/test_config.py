@@ -65,3 +65,18 @@ def test_defaults_suit_a_live_daemon() -> None:
     assert config.graph.video_channel.policy == "latest"
     assert config.graph.audio_channel.policy == "drop_oldest"
     assert config.sources[0].stall_timeout_s == 10.0
+
+
+def test_memory_and_clip_settings_that_cannot_work_together_are_refused() -> None:
+    source = [{"id": "cam", "url": "cam.mkv"}]
+    for mllm, error in [
+        ({"memory": {"enabled": True, "max_entries": 4, "anchors": 3}}, "anchors .3. must be below max_entries - 1"),
+        ({"backend": "openai", "url": "http://127.0.0.1:1/v1", "memory": {"enabled": True}},
+         "memory needs the 'transformers' backend"),
+        ({"token_reuse": {"enabled": True}, "clip": {"frames": 4}}, "token_reuse cannot be combined"),
+        ({"clip": {"frames": 4, "compression": "loud"}}, "mllm.clip.compression"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=error):
+            parse_config({"sources": source, "mllm": mllm})
+    config = parse_config({"sources": source, "mllm": {"clip": {"frames": 8}, "memory": {"enabled": True}}})
+    assert config.mllm is not None and config.mllm.clip.keep == 0.4 and config.mllm.memory.max_entries == 16

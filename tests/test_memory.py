@@ -101,3 +101,129 @@ def test_entries_of_the_wrong_shape_are_refused() -> None:
     memory.add("gate", 0, 0, scene(0))
     with pytest.raises(ValueError, match=r"hold \(4, 8\) visual tokens"):
         memory.add("gate", 1, 1, scene(1, tokens=4, dim=16))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str, samples: Path) -> None:
+    import av
+    import torch
+
+    from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
+    from stream_rt.mllm.prompt import chat_messages
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.mllm.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(str(build_smoke_model(family=family)))  # type: ignore[arg-type]
+    backend.load()
+    with av.open(str(samples / "vtest.avi")) as container:
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(40), container.decode(video=0), strict=False)]
+    # Entries made the way the stage makes them: the keyframe's pooled visual tokens.
+    memory = StreamingMemory(max_entries=4, anchors=1, tokens=8)
+    for i, frame in enumerate(frames[:20:5]):
+        gen = backend.generate([frame], "What happens?", max_new_tokens=1, summary_tokens=8)
+        assert gen.summary is not None and gen.summary.shape[0] == 8
+        memory.add("walkway", i * S, i * S + S // 2, gen.summary, f"people walk by ({i})", [f"walkway-{i}"])
+    entries = tuple(memory.entries("walkway"))
+
+    first = backend.generate([frames[30]], "What happens?", max_new_tokens=1, memory=("walkway", entries))
+    again = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", entries))
+    assert backend.memory_prefix.computed == 1 and backend.memory_prefix.reused == 1
+    assert first.memory_tokens == again.memory_tokens > 4 * 8
+
+    # Recomputing everything in one pass, the prefix's embeddings followed by the prompt's.
+    model, fam = backend.model, backend.family
+    assert fam is not None
+    with torch.inference_mode():
+        prepared = fam.prepare([frames[35]], chat_messages(1, "What happens?"), model)
+        prompt = backend.embed(prepared, fam.encode(model, prepared))
+        prefix = MemoryPrefix().embeds(model, fam, entries)
+        length = prefix.shape[1]
+        positions = prepared.position_ids + length if prepared.position_ids is not None else None
+        if positions is None:
+            positions = torch.arange(length, length + prepared.length)[None]
+        out = model.get_decoder()(
+            inputs_embeds=torch.cat([prefix, prompt], 1),
+            position_ids=torch.cat([prefix_positions(length, fam, prefix.device), positions], -1),
+        )
+        full = model.lm_head(out.last_hidden_state[:, -1]).float()
+    assert again.first_logits is not None
+    assert torch.allclose(again.first_logits, full, atol=1e-4), float((again.first_logits - full).abs().max())
+
+    # A changed memory is computed again, and a call without memory has no prefix.
+    memory.add("walkway", 30 * S, 31 * S, gen.summary, "a new moment")
+    changed = backend.generate([frames[35]], "What happens?", max_new_tokens=1,
+                               memory=("walkway", tuple(memory.entries("walkway"))))  # fmt: skip
+    assert backend.memory_prefix.computed == 2 and changed.memory_tokens > 0
+    assert backend.generate([frames[35]], "What happens?", max_new_tokens=1).memory_tokens == 0
+
+
+def clip_and_memory_config(samples: Path, smoke_model: Path, tmp_path: Path) -> dict[str, object]:
+    from stream_rt.config import LOSSLESS_CHANNELS
+
+    return {
+        "sources": [{"id": "walkway", "url": str(samples / "walkway_speech.mkv")}],
+        "graph": LOSSLESS_CHANNELS,
+        "mllm": {
+            "model": str(smoke_model), "reuse_threshold": 0, "flow": "block",
+            "clip": {"frames": 6, "interval_s": 1.0, "keep": 0.4},
+            "memory": {"enabled": True, "max_entries": 4, "anchors": 1, "tokens": 8,
+                       "snapshot": str(tmp_path / "memory.npz")},
+        },
+        "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl")}},
+    }  # fmt: skip
+
+
+async def test_a_replay_asks_about_compressed_clips_with_a_bounded_memory_that_survives_a_restart(
+    samples: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from stream_rt.config import parse_config
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.pipeline import build_pipeline
+
+    config = parse_config(clip_and_memory_config(samples, build_smoke_model(), tmp_path))
+    pipeline = build_pipeline(config, speed=None)
+    await pipeline.graph.run()
+    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    answers = [r for r in records if r["kind"] == "MllmAnswer"]
+    # (The smoke model was fitted without a memory prefix: with one its JSON may break.)
+    assert len(answers) >= 6 and answers[0]["status"] == "ok" and {a["status"] for a in answers} <= {"ok", "invalid"}
+    # Clips: several frames per call, 40 % of their visual tokens kept.
+    stage = pipeline.mllm
+    assert stage is not None
+    compression = stage.backend.compression  # type: ignore[attr-defined]
+    assert 0.3 < compression.last_kept < 0.5
+    # The memory: the first call has none, later ones carry it, bounded by 4 entries.
+    memory_tokens = [a["tokens"].get("memory", 0) for a in answers]
+    assert memory_tokens[0] == 0 and all(m > 0 for m in memory_tokens[1:])
+    assert max(memory_tokens) == max(memory_tokens[4:]), "the prefix stops growing once the memory is full"
+    stats = pipeline.graph.statistics()
+    counters, gauges = stats["nodes"]["mllm"], stats["gauges"]["mllm"]
+    assert counters["memory_added"] == len(answers) and counters["memory_merges"] == len(answers) - 4
+    assert gauges["memory_entries"] == 4 and gauges["memory_visual_tokens"] == 4 * 8
+    assert counters["tokens_memory"] == sum(memory_tokens)
+
+    # A restart restores the memory: the first call of the next run already carries it.
+    (tmp_path / "events.jsonl").unlink()
+    pipeline = build_pipeline(parse_config(clip_and_memory_config(samples, build_smoke_model(), tmp_path)), speed=None)
+    await pipeline.graph.run()
+    again = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    first = next(r for r in again if r["kind"] == "MllmAnswer")
+    assert first["tokens"]["memory"] == max(memory_tokens)
+
+
+async def test_an_unreadable_memory_snapshot_is_set_aside_and_the_daemon_starts(samples: Path, tmp_path: Path) -> None:
+    from stream_rt.config import parse_config
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.pipeline import build_pipeline
+
+    (tmp_path / "memory.npz").write_bytes(b"not a snapshot")
+    config = clip_and_memory_config(samples, build_smoke_model(), tmp_path)
+    config["sources"] = [{"id": "walkway", "url": str(samples / "still_motion.mkv"), "audio": False}]
+    pipeline = build_pipeline(parse_config(config), speed=None)
+    await pipeline.graph.run()
+    assert [p.name for p in tmp_path.glob("memory.npz.unreadable-*")], "the bad file is kept for a look"
+    restored = StreamingMemory(4, 1, 8)
+    restored.load(tmp_path / "memory.npz")  # written anew at stop
+    assert restored.entries("walkway")

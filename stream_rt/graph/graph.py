@@ -61,6 +61,10 @@ class Graph:
 
     # ----------------------------------------------------------------- building
 
+    def __contains__(self, name: object) -> bool:
+        """Whether a node of this name was added."""
+        return name in self._runners
+
     def add(self, node: Node, supervision: Supervision | None = None) -> Node:
         if node.name in self._runners:
             raise GraphBuildError(f"a node named '{node.name}' is already in the graph")

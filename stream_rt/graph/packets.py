@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from stream_rt.memory.streaming import MemoryEntry
 
 AUDIO_SAMPLE_RATE = 16_000
 """Sample rate of every :class:`AudioChunk`, in Hz (sources resample to it)."""
@@ -227,7 +230,9 @@ class MllmRequest(Packet):
     time order with their ``frame_pts`` and the ``audio`` features of that span, which
     audio-guided compression uses), the ``question``, and a line of ``context`` (what the
     event is: times, salience). ``signature`` is a small summary of the scene, compared by
-    answer reuse."""
+    answer reuse. ``memory``: the source's streaming-memory entries, which backends that
+    can take them put before the prompt; ``summary_tokens``: how many pooled visual tokens
+    of the keyframe the answer should carry back for the memory (0: none)."""
 
     event_id: str
     question: str
@@ -236,6 +241,8 @@ class MllmRequest(Packet):
     signature: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     frame_pts: tuple[int, ...] = field(default=(), compare=False)
     audio: tuple[AudioFeatures, ...] = field(default=(), repr=False, compare=False)
+    memory: tuple[MemoryEntry, ...] = field(default=(), repr=False, compare=False)
+    summary_tokens: int = 0
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -244,6 +251,7 @@ class MllmRequest(Packet):
             question=self.question,
             context=self.context,
             images=[list(image.shape[:2]) for image in self.images],
+            memory_entries=len(self.memory),
         )
         return record
 
@@ -263,7 +271,9 @@ class MllmAnswer(Packet):
     (``contract``: the JSON answer was complete; ``eos``; ``max_tokens``). ``timings`` are
     seconds (``queued``, ``encode``, ``prefill``, ``decode``, ``total``), ``tokens`` counts
     (``prompt``, ``visual``, ``generated``). ``smoke``: the answer comes from the smoke
-    model, whose random weights make it meaningless.
+    model, whose random weights make it meaningless. ``visual_summary``: the keyframe's
+    pooled visual tokens when the request asked for them (for the streaming memory; not
+    published).
     """
 
     event_id: str
@@ -278,6 +288,7 @@ class MllmAnswer(Packet):
     timings: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     exit_depth: float | None = None
+    visual_summary: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)

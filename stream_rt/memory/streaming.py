@@ -74,6 +74,10 @@ class StreamingMemory:
         """Visual tokens one source can hold at most."""
         return self.max_entries * self.tokens
 
+    @property
+    def sources(self) -> list[str]:
+        return list(self._entries)
+
     def entries(self, source_id: str) -> list[MemoryEntry]:
         return list(self._entries.get(source_id, []))
 

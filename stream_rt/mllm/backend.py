@@ -13,6 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
+import numpy.typing as npt
+
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
 from stream_rt.mllm.contract import parse_answer
 
@@ -55,6 +58,7 @@ def answer_from_text(
     tokens: dict[str, int],
     smoke: bool | None = None,
     exit_depth: float | None = None,
+    visual_summary: npt.NDArray[np.float32] | None = None,
 ) -> MllmAnswer:
     """The model's ``text`` for ``request``, checked against the answer contract: status
     ``ok`` with the validated answer, or ``invalid`` saying why."""
@@ -62,5 +66,5 @@ def answer_from_text(
     return MllmAnswer(
         request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
         "ok" if answer is not None else "invalid", answer, text, backend.name,
-        backend.smoke if smoke is None else smoke, error, stop, timings, tokens, exit_depth,
+        backend.smoke if smoke is None else smoke, error, stop, timings, tokens, exit_depth, visual_summary,
     )  # fmt: skip

@@ -38,14 +38,19 @@ def region_crop(
     return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 
-def context_line(event: Event) -> str:
+def context_line(event: Event, clip_start_ns: int | None = None) -> str:
+    """What the event is; ``clip_start_ns``: the images are frames from then to the event."""
     parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items()))
     when = f"at {event.pts_ns / 1e9:.1f} s"
+    if clip_start_ns is not None:
+        images = f" The images are frames from {clip_start_ns / 1e9:.1f} s to the event, in time order."
+    else:
+        images = " The second image, if any, enlarges where it changed."
     if event.type == "ask":
-        return f"Source '{event.source_id}', {when}."
+        return f"Source '{event.source_id}', {when}." + (images if clip_start_ns is not None else "")
     return (
         f"Source '{event.source_id}', event '{event.type}' {when} (episode since {event.start_pts_ns / 1e9:.1f} s), "
-        f"salience {event.score:.2f} ({parts}). The second image, if any, enlarges where it changed."
+        f"salience {event.score:.2f} ({parts})." + images
     )
 
 

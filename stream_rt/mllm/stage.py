@@ -14,6 +14,14 @@ directly, the stage:
 4. calls the backend with a **timeout**; a backend that raises or hangs yields an answer
    with status ``error`` or ``timeout`` and the next request goes ahead.
 
+With a :class:`~stream_rt.mllm.clips.ClipBuffer`, requests are clips: the frames sampled
+before the event (from the ``video`` input) with the audio features of that span (from
+``audio``). With a :class:`~stream_rt.memory.StreamingMemory`, each call carries the
+source's memory (the transformers backend puts it before the prompt and reuses its KV
+cache while it is unchanged), and each answered call becomes a memory entry: the
+keyframe's pooled visual tokens with the answer's summary. The memory is restored from
+``memory_snapshot`` at start, written there every ``snapshot_interval_s`` and at stop.
+
 ``process()`` returns as soon as the request is queued, so a slow model delays only
 answers. At the end of a stream the stage finishes what is queued before it passes the
 end on, so a replay's answers all reach the sinks.
@@ -26,11 +34,23 @@ import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Literal
 
 from stream_rt.graph.node import Context, Node, describe_error
-from stream_rt.graph.packets import AnswerStatus, EndOfStream, Event, MllmAnswer, MllmRequest, Packet
+from stream_rt.graph.packets import (
+    AnswerStatus,
+    AudioFeatures,
+    EndOfStream,
+    Event,
+    MllmAnswer,
+    MllmRequest,
+    Packet,
+    VideoFrame,
+)
+from stream_rt.memory.streaming import StreamingMemory
 from stream_rt.mllm.backend import Backend, MissingWeights
+from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.requests import build_request
 from stream_rt.policies.answer_reuse import AnswerReuse
@@ -40,7 +60,7 @@ log = logging.getLogger("stream_rt.mllm")
 
 
 class MllmStage(Node):
-    inputs = {"events": (Event,), "requests": (MllmRequest,)}
+    inputs = {"events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,)}
     outputs = {"answers": (MllmAnswer,)}
 
     def __init__(
@@ -55,6 +75,10 @@ class MllmStage(Node):
         reuse_threshold: float = 0.02,
         reuse_max_age_s: float = 120.0,
         flow: Literal["latest", "block"] = "latest",
+        clip: ClipBuffer | None = None,
+        memory: StreamingMemory | None = None,
+        memory_snapshot: Path | None = None,
+        snapshot_interval_s: float = 60.0,
     ) -> None:
         super().__init__(name)
         self.backend = backend
@@ -65,6 +89,11 @@ class MllmStage(Node):
         self.reuse = AnswerReuse(reuse_threshold, reuse_max_age_s)
         self.flow: FlowLimiter[tuple[MllmRequest, float]] = FlowLimiter()
         self.block = flow == "block"
+        self.clip = clip
+        self.memory = memory
+        self.memory_snapshot = memory_snapshot
+        self.snapshot_interval_s = snapshot_interval_s
+        self._saved_at = time.monotonic()
         self._room = asyncio.Event()  # set whenever the waiting slot is free
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -80,15 +109,46 @@ class MllmStage(Node):
         except Exception as exc:
             log.error("MLLM backend '%s' cannot start: %s", self.backend.name, describe_error(exc))
             ctx.count("backend_start_errors")
+        if self.memory is not None and self.memory_snapshot is not None and self.memory_snapshot.exists():
+            await asyncio.to_thread(self._restore_memory, self.memory, self.memory_snapshot)
+
+    def _restore_memory(self, memory: StreamingMemory, path: Path) -> None:
+        """Load the snapshot; an unreadable one is set aside (never overwritten) and the
+        memory starts empty."""
+        try:
+            memory.load(path)
+            log.info("memory restored from %s: %d entries", path, sum(len(memory.entries(s)) for s in memory.sources))
+        except Exception as exc:
+            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(aside)
+            log.error("cannot restore the memory from %s (%s); kept it as %s, starting empty", path,
+                      describe_error(exc), aside)  # fmt: skip
+
+    def _save_memory(self, memory: StreamingMemory, path: Path) -> None:
+        try:
+            memory.save(path)
+        except Exception as exc:
+            log.error("cannot write the memory snapshot %s: %s", path, describe_error(exc))
 
     async def process(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, VideoFrame):
+            if self.clip is not None:
+                self.clip.add_frame(packet)
+            return
+        if isinstance(packet, AudioFeatures):
+            if self.clip is not None:
+                self.clip.add_audio(packet)
+            return
         if isinstance(packet, Event):
             if not packet.call_model or packet.frame is None:
                 return
             try:
-                request = await asyncio.to_thread(
-                    build_request, packet, self.question, max_side=self.max_side, crop_regions=self.crop_regions
-                )
+                if self.clip is not None:
+                    request = await asyncio.to_thread(self.clip.request, packet, self.question, self.max_side)
+                else:
+                    request = await asyncio.to_thread(
+                        build_request, packet, self.question, max_side=self.max_side, crop_regions=self.crop_regions
+                    )
             except Exception as exc:
                 ctx.count("request_errors")
                 log.warning("cannot build a request for %s: %s", packet.event_id, describe_error(exc))
@@ -123,9 +183,35 @@ class MllmStage(Node):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         await self.backend.close()
+        if self.memory is not None and self.memory_snapshot is not None:
+            await asyncio.to_thread(self._save_memory, self.memory, self.memory_snapshot)
 
     def gauges(self, now_ns: int) -> dict[str, float]:
-        return {"in_flight": float(self.flow.in_flight is not None), "waiting": float(self.flow.waiting is not None)}
+        gauges = {"in_flight": float(self.flow.in_flight is not None), "waiting": float(self.flow.waiting is not None)}
+        if self.memory is not None:
+            entries = [e for source in self.memory.sources for e in self.memory.entries(source)]
+            gauges["memory_entries"] = float(len(entries))
+            gauges["memory_visual_tokens"] = float(sum(e.visual.shape[0] for e in entries))
+        return gauges
+
+    async def _remember(self, answer: MllmAnswer, request: MllmRequest, ctx: Context) -> None:
+        """A call's keyframe tokens become a memory entry, with the answer's summary when the
+        answer kept the contract (the tokens are worth keeping either way)."""
+        memory = self.memory
+        if memory is None or answer.visual_summary is None:
+            return
+        summary = (answer.answer or {}).get("summary", "") if answer.status == "ok" else ""
+        merges = memory.counters["merges"]
+        start = request.frame_pts[0] if request.frame_pts else request.pts_ns
+        await asyncio.to_thread(
+            memory.add, request.source_id, start, request.pts_ns, answer.visual_summary, str(summary),
+            [request.event_id],
+        )  # fmt: skip
+        ctx.count("memory_added")
+        ctx.count("memory_merges", memory.counters["merges"] - merges)
+        if self.memory_snapshot is not None and time.monotonic() - self._saved_at >= self.snapshot_interval_s:
+            self._saved_at = time.monotonic()
+            await asyncio.to_thread(self._save_memory, memory, self.memory_snapshot)
 
     async def _work(self, ctx: Context) -> None:
         """Answer the in-flight request, then the waiting one, until none is left."""
@@ -137,6 +223,7 @@ class MllmStage(Node):
                 timings = {"queued": max(0.0, time.perf_counter() - queued_at - answer.timings.get("total", 0.0))}
                 answer = dataclasses.replace(answer, timings={**answer.timings, **timings})
                 self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)
+                await self._remember(answer, request, ctx)
                 ctx.count(f"answers_{answer.status}")
                 for kind, n in answer.tokens.items():
                     ctx.count(f"tokens_{kind}", n)
@@ -150,6 +237,9 @@ class MllmStage(Node):
 
     async def _call(self, request: MllmRequest, ctx: Context) -> MllmAnswer:
         started = time.perf_counter()
+        if self.memory is not None:
+            memory = tuple(self.memory.entries(request.source_id))
+            request = dataclasses.replace(request, memory=memory, summary_tokens=self.memory.tokens)
         try:
             answer = await asyncio.wait_for(self.backend.answer(request), self.timeout_s)
         except TimeoutError:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,10 +34,14 @@ from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit, decode_step
+from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, pooled_tokens
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
+
+if TYPE_CHECKING:
+    from stream_rt.memory.streaming import MemoryEntry
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -57,6 +61,8 @@ class Generation:
     first_logits: torch.Tensor | None = None
     exit_depth: float | None = None  # mean layers run per decoded token, with the layer exit
     reuse: ReuseOutcome | None = None  # what token reuse saved, when it is on
+    memory_tokens: int = 0  # length of the memory prefix before the prompt
+    summary: npt.NDArray[np.float32] | None = None  # the keyframe's pooled visual tokens
 
 
 class TransformersBackend(Backend):
@@ -73,6 +79,7 @@ class TransformersBackend(Backend):
         layer_exit: LayerExit | None = None,
         token_reuse: TokenReuse | None = None,
         compression: Compression | None = None,
+        memory_text_tokens: int = 32,
     ) -> None:
         self.model_ref = model
         self.device = torch.device(device)
@@ -84,6 +91,7 @@ class TransformersBackend(Backend):
         self.layer_exit = layer_exit
         self.token_reuse = token_reuse
         self.compression = compression
+        self.memory_prefix = MemoryPrefix(memory_text_tokens)
         self.name = model
         self.model: Any = None
         self.family: Family | None = None
@@ -160,19 +168,26 @@ class TransformersBackend(Backend):
         images, text = list(request.images), request_text(request)
         reuse = ((request.source_id, request.question), request.event_id)
         clip = (list(request.frame_pts), list(request.audio)) if len(request.frame_pts) == len(images) > 1 else None
-        task = asyncio.ensure_future(asyncio.to_thread(self.generate, images, text, cancel, stream, None, reuse, clip))
+        memory = (request.source_id, request.memory) if request.memory else None
+        task = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.generate, images, text, cancel, stream, None, reuse, clip, memory, request.summary_tokens
+            )
+        )
         try:
             gen = await asyncio.shield(task)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops at its next token
             raise
-        reused = {"visual_reused": gen.reuse.reused_tokens, "tiles_reused": gen.reuse.tiles_reused} if gen.reuse else {}
+        extra = {"visual_reused": gen.reuse.reused_tokens, "tiles_reused": gen.reuse.tiles_reused} if gen.reuse else {}
+        if gen.memory_tokens:
+            extra["memory"] = gen.memory_tokens
         return answer_from_text(
-            request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth,
+            request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth, visual_summary=gen.summary,
             timings={"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
                      "total": time.perf_counter() - started},
             tokens={"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids),
-                    **reused},
+                    **extra},
         )  # fmt: skip
 
     def generate(
@@ -184,16 +199,24 @@ class TransformersBackend(Backend):
         max_new_tokens: int | None = None,
         reuse: tuple[tuple[str, str], str] | None = None,
         clip: tuple[list[int], list[AudioFeatures]] | None = None,
+        memory: tuple[str, tuple[MemoryEntry, ...]] | None = None,
+        summary_tokens: int = 0,
     ) -> Generation:
         """Answer ``text`` about ``images`` (one user turn) in the calling thread. With token
         reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
-        changed (:mod:`stream_rt.mllm.token_reuse`)."""
+        changed (:mod:`stream_rt.mllm.token_reuse`). ``clip`` = (frame times, audio
+        features) compresses a multi-frame request when compression is on. ``memory`` =
+        (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.memory_prefix`).
+        ``summary_tokens``: also return the keyframe's visual tokens pooled to that many."""
         if self.model is None:
             self.load()
         assert self.family is not None
+        summary, memory_tokens = None, 0
         with self._lock, torch.inference_mode():
             prepared = _to(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
             if self.token_reuse is not None and reuse is not None:
+                if memory is not None or summary_tokens:
+                    raise BackendError("token reuse cannot be combined with the streaming memory yet")
                 key, event_id = reuse
                 try:
                     lumas = [rgb_luma(image) for image in images]
@@ -210,9 +233,16 @@ class TransformersBackend(Backend):
                 t0 = time.perf_counter()
                 features = self.family.encode(self.model, prepared) if prepared.vision else None
                 t1 = time.perf_counter()
+                if summary_tokens and features is not None:
+                    keyframe = len(images) - 1 if clip is not None else 0
+                    summary = pooled_tokens(features[self._image_rows(prepared, keyframe, len(images))], summary_tokens)
                 if self.compression is not None and clip is not None and features is not None:
                     prepared, features = self.compression.apply(self.family, prepared, features, *clip)
-                logits, cache = self.prefill(prepared, features)
+                prefix = None
+                if memory is not None:
+                    state = self.memory_prefix.state(self.model, self.family, *memory, self._cache_kw)
+                    prepared, prefix, memory_tokens = after_prefix(prepared, state.length), state, state.length
+                logits, cache = self.prefill(prepared, features, prefix)
                 encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
             logged = len(self.layer_exit.depths) if self.layer_exit is not None else 0
             t2 = time.perf_counter()
@@ -220,11 +250,26 @@ class TransformersBackend(Backend):
             decode_s = time.perf_counter() - t2
         gen = Generation(
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
-            reuse=outcome,
+            reuse=outcome, memory_tokens=memory_tokens, summary=summary,
         )  # fmt: skip
         if self.layer_exit is not None and len(self.layer_exit.depths) > logged:
             gen.exit_depth = float(np.mean(self.layer_exit.depths[logged:]))
         return gen
+
+    def _image_rows(self, prepared: Prepared, image: int, images: int) -> torch.Tensor:
+        """Indices of ``image``'s rows among the visual features (in prompt order)."""
+        assert self.family is not None
+        try:
+            grids = self.family.token_grids(prepared)
+        except NotImplementedError:  # a family without a mapped grid: images take equal shares
+            n = int(prepared.image_mask.sum()) // images
+            return torch.arange(image * n, (image + 1) * n)
+        rows, offset = [], 0
+        for grid in grids:
+            if grid.image == image:
+                rows.append(torch.arange(offset, offset + grid.size))
+            offset += grid.size
+        return torch.cat(rows)
 
     def _cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
         from transformers import DynamicCache
@@ -243,11 +288,17 @@ class TransformersBackend(Backend):
             embeds[0, mask] = features.to(embeds.dtype)
         return embeds
 
-    def prefill(self, prepared: Prepared, features: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        """Run the prompt through the language model; (last-position logits, KV cache)."""
+    def prefill(
+        self, prepared: Prepared, features: torch.Tensor | None, prefix: PrefixState | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the prompt through the language model, after ``prefix``'s K/V if given;
+        (last-position logits, KV cache)."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config.get_text_config())
+        if prefix is not None:
+            cache = self._cache_of(prefix.keys, prefix.values)
+        else:
+            cache = DynamicCache(config=self.model.config.get_text_config())
         position_ids = prepared.position_ids.to(self.device) if prepared.position_ids is not None else None
         out = self.model.get_decoder()(
             inputs_embeds=self.embed(prepared, features), position_ids=position_ids, **{self._cache_kw: cache},

@@ -1,0 +1,121 @@
+"""The streaming memory as a prompt prefix whose KV cache is reused while it has not
+changed.
+
+A source's memory entries (:mod:`stream_rt.memory`) go before the chat prompt as one
+prefix of embeddings: a header line, then per entry a line of text (its time span and
+what was said then, cut to ``text_tokens`` tokens) followed by its pooled visual tokens,
+which are already in the language model's embedding space. Its length is bounded by the
+memory's size — ``max_entries * (text_tokens + tokens + 1)`` plus the header — however
+long the daemon runs.
+
+The prefix takes positions ``0 .. P-1`` and the prompt follows at ``P``; because
+attention is causal, the prefix's K/V depend on the prefix alone. They are computed once
+and kept per source with a fingerprint of the entries; a later call whose memory has the
+same fingerprint starts from them and prefills only its own prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from stream_rt.mllm.families import Family, Prepared
+
+if TYPE_CHECKING:
+    from stream_rt.memory.streaming import MemoryEntry
+
+HEADER = "Memory of this source, oldest first:\n"
+
+
+@dataclass
+class PrefixState:
+    fingerprint: str
+    length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class MemoryPrefix:
+    def __init__(self, text_tokens: int = 32) -> None:
+        self.text_tokens = text_tokens
+        self.reused = 0  # calls that started from a kept prefix
+        self.computed = 0  # calls that had to compute theirs
+        self._kept: dict[str, PrefixState] = {}
+
+    def clear(self, source_id: str | None = None) -> None:
+        if source_id is None:
+            self._kept.clear()
+        else:
+            self._kept.pop(source_id, None)
+
+    def state(
+        self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...], decoder_kw: str
+    ) -> PrefixState:
+        """The prefix K/V for ``entries``: kept from an earlier call if they are the same."""
+        fingerprint = _fingerprint(entries)
+        kept = self._kept.get(source_id)
+        if kept is not None and kept.fingerprint == fingerprint:
+            self.reused += 1
+            return kept
+        from transformers import DynamicCache
+
+        embeds = self.embeds(model, family, entries)
+        device = embeds.device
+        positions = prefix_positions(embeds.shape[1], family, device)
+        cache = DynamicCache(config=model.config.get_text_config())
+        model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{decoder_kw: cache})
+        layers: list[Any] = list(cache.layers)
+        state = PrefixState(fingerprint, embeds.shape[1], [la.keys for la in layers], [la.values for la in layers])
+        self._kept[source_id] = state
+        self.computed += 1
+        return state
+
+    def embeds(self, model: Any, family: Family, entries: tuple[MemoryEntry, ...]) -> torch.Tensor:
+        """(1, P, hidden): the header, then each entry's text line and visual tokens."""
+        embed = model.get_input_embeddings()
+        device, dtype = embed.weight.device, embed.weight.dtype
+
+        def text(s: str, limit: int | None = None) -> torch.Tensor:
+            ids = family.tokenizer(s, add_special_tokens=False)["input_ids"][:limit]
+            return embed(torch.tensor([ids], device=device))[0]
+
+        parts = [text(HEADER)]
+        for entry in entries:
+            line = f"[{entry.start_ns / 1e9:.1f}-{entry.end_ns / 1e9:.1f} s] {entry.text}".strip()
+            parts.append(text(line, self.text_tokens))
+            parts.append(torch.from_numpy(entry.visual).to(device=device, dtype=dtype))
+            parts.append(text("\n"))
+        return torch.cat(parts)[None]
+
+
+def prefix_positions(length: int, family: Family, device: torch.device) -> torch.Tensor:
+    """Text-like position ids 0..length-1 (all three M-RoPE axes alike for Qwen2-VL)."""
+    positions = torch.arange(length, device=device)[None]
+    return positions.expand(3, 1, length) if family.name == "qwen2_vl" else positions
+
+
+def after_prefix(prepared: Prepared, length: int) -> Prepared:
+    """``prepared`` moved to start at position ``length``."""
+    if prepared.position_ids is not None:
+        positions = prepared.position_ids + length
+    else:
+        positions = torch.arange(length, length + prepared.length)[None]
+    return replace(prepared, position_ids=positions, next_position=prepared.next_position + length)
+
+
+def pooled_tokens(features: torch.Tensor, tokens: int) -> np.ndarray:
+    """``features`` (n, dim) averaged down to (tokens, dim) along the prompt order."""
+    pooled = torch.nn.functional.adaptive_avg_pool1d(features.detach().float().T[None], tokens)[0].T
+    return pooled.cpu().numpy().astype(np.float32)
+
+
+def _fingerprint(entries: tuple[MemoryEntry, ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for e in entries:
+        h.update(f"{e.start_ns}:{e.end_ns}:{e.weight}:{e.text}\x00".encode())
+        h.update(np.ascontiguousarray(e.visual).tobytes())
+    return h.hexdigest()
