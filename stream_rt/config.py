@@ -47,7 +47,8 @@ class SourceConfig(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the source in topics, logs and metrics")
     url: str = Field(
         description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
-        "or mqtt://host:port/topic for frames published over MQTT"
+        "mqtt://host:port/topic for frames published over MQTT, or synthetic:?frames=N&fps=F&width=W&height=H"
+        "&active_s=A&period_s=P for generated frames (load runs)"
     )
     format: str | None = Field(None, description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)")
     live: bool | None = Field(None, description="reconnect forever; default: network URLs and devices are live")
@@ -77,6 +78,10 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _mqtt_frames(self) -> SourceConfig:
+        if self.url.startswith("synthetic:"):
+            from stream_rt.sources.synthetic import synthetic_parameters
+
+            synthetic_parameters(self.url)
         topic = self.mqtt_topic
         if topic is None:
             if self.width is not None or self.height is not None or self.frames != "jpeg":

@@ -37,6 +37,7 @@ from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sources.av_source import AvSource
 from stream_rt.sources.mqtt_source import MqttSource
 from stream_rt.sources.status import StatusSource
+from stream_rt.sources.synthetic import SyntheticSource
 
 log = logging.getLogger("stream_rt.pipeline")
 
@@ -51,8 +52,11 @@ class Pipeline:
 
 
 def build_source(cfg: SourceConfig) -> StatusSource:
-    """An :class:`AvSource`, or an :class:`MqttSource` for ``mqtt://`` URLs (credentials
-    from ``$STREAM_RT_MQTT_USERNAME`` / ``$STREAM_RT_MQTT_PASSWORD``)."""
+    """An :class:`AvSource`, an :class:`MqttSource` for ``mqtt://`` URLs (credentials
+    from ``$STREAM_RT_MQTT_USERNAME`` / ``$STREAM_RT_MQTT_PASSWORD``), or a
+    :class:`SyntheticSource` for ``synthetic:`` URLs."""
+    if cfg.url.startswith("synthetic:"):
+        return SyntheticSource.from_url(cfg.id, cfg.url, audio=cfg.audio)
     backoff = Backoff(cfg.reconnect.initial_s, cfg.reconnect.max_s, cfg.reconnect.jitter)
     topic = cfg.mqtt_topic
     if topic is not None:
@@ -94,7 +98,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
     sources = []
     for cfg in config.sources:
         source = build_source(cfg)
-        live = not isinstance(source, AvSource) or source.live
+        live = isinstance(source, MqttSource) or (isinstance(source, AvSource) and source.live)
         on_error = cfg.on_error or ("restart" if live else "stop")
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
-from stream_rt import Config, Event, Salience, build_pipeline
+from stream_rt import Config, ConfigError, Event, Salience, build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
 from stream_rt.policies.trigger import TriggerPolicy
@@ -196,3 +197,20 @@ async def test_events_carry_jpeg_snapshots_written_beside_the_log(samples: Path,
             image = next(jpeg.decode(video=0))
         assert (image.width, image.height) == (768, 576)
     assert all(e.snapshot_jpeg is None for e in events if e.type == "end")
+
+
+async def test_a_synthetic_source_from_the_config_runs_every_stage(tmp_path: Path) -> None:
+    url = "synthetic:?frames=1200&fps=10&width=64&height=48&active_s=5&period_s=30"
+    config = parse_config({"sources": [{"id": "load", "url": url}], "graph": LOSSLESS,
+                           "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl")}}})  # fmt: skip
+    pipeline = build_pipeline(config, speed=None)
+    await pipeline.graph.run()
+    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    starts = [r["pts_ns"] / 1e9 for r in records if r["kind"] == "Event" and r["type"] == "new"]
+    assert len(starts) == 4, "120 s of media, the square moves and the tone sounds 5 s of every 30 s"
+    assert all(s % 30 < 5 for s in starts)
+    assert next(r["state"] for r in records if r["kind"] == "SourceStatus") == "online"
+    for url, error in [("synthetic:?frames=10&colour=red", "unknown synthetic source parameter 'colour'"),
+                       ("synthetic:?fps=fast", "fps='fast' is not a float")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=error):
+            parse_config({"sources": [{"id": "load", "url": url}]})

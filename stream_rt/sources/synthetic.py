@@ -4,21 +4,45 @@ Frames show a static textured background with a bright square that moves while
 ``moving(t)`` says so; audio is a sine tone while ``sounding(t)`` says so, silence
 otherwise. Media time advances by exactly one frame period per frame, so what a test
 expects can be computed from the arguments alone.
+
+In a config it is a URL: ``synthetic:?frames=1000000&fps=10&width=64&height=48`` with
+``active_s`` / ``period_s`` (the square moves and the tone sounds for the first
+``active_s`` seconds of every ``period_s``; default: always moving, never sounding) and
+``seed``; the source's ``audio`` setting decides whether it makes sound.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from stream_rt.graph.node import Context, Source
-from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
+from stream_rt.graph.node import Context
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, SourceStatus, VideoFrame
+from stream_rt.sources.status import StatusSource
+
+URL_PARAMETERS = {"frames": int, "fps": float, "width": int, "height": int, "active_s": float, "period_s": float,
+                  "seed": int}  # fmt: skip
 
 
-class SyntheticSource(Source):
-    outputs = {"video": (VideoFrame,), "audio": (AudioChunk,)}
+def synthetic_parameters(url: str) -> dict[str, float]:
+    """The parameters of a ``synthetic:?...`` URL; raises ``ValueError`` naming a bad one."""
+    parameters: dict[str, float] = {}
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        kind = URL_PARAMETERS.get(key)
+        if kind is None:
+            raise ValueError(f"unknown synthetic source parameter '{key}' (known: {', '.join(URL_PARAMETERS)})")
+        try:
+            parameters[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"synthetic source parameter {key}={value!r} is not a {kind.__name__}") from None
+    return parameters
+
+
+class SyntheticSource(StatusSource):
+    outputs = {"video": (VideoFrame,), "audio": (AudioChunk,), "status": (SourceStatus,)}
 
     def __init__(
         self,
@@ -33,7 +57,7 @@ class SyntheticSource(Source):
         sounding: Callable[[float], bool] = lambda t: False,
         seed: int = 0,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, has_video=True, has_audio=audio)
         if fps <= 0 or width < 8 or height < 8:
             raise ValueError("synthetic source needs fps > 0 and a frame of at least 8x8")
         self.frames = frames
@@ -45,6 +69,22 @@ class SyntheticSource(Source):
         self._background = rng.integers(40, 120, size=(height, width), dtype=np.uint8)
         self._box = max(4, min(width, height) // 6)
         self.emitted = 0
+        self.description = f"synthetic {width}x{height} at {fps:g} fps"
+        self.duration_s = frames / fps if frames is not None else None
+
+    @classmethod
+    def from_url(cls, name: str, url: str, audio: bool = True) -> SyntheticSource:
+        p = synthetic_parameters(url)
+        active, period = p.pop("active_s", None), p.pop("period_s", None)
+        if active is not None and period is not None:
+            on: Callable[[float], bool] = lambda t: t % period < active  # noqa: E731
+        else:
+            on = lambda t: True  # noqa: E731
+        return cls(
+            name, frames=int(p.get("frames", 100)), fps=p.get("fps", 10.0), width=int(p.get("width", 64)),
+            height=int(p.get("height", 48)), audio=audio, moving=on,
+            sounding=on if active is not None else (lambda t: False), seed=int(p.get("seed", 0)),
+        )  # fmt: skip
 
     def _frame(self, box_x: int) -> np.ndarray:
         y = self._background.copy()
@@ -61,6 +101,7 @@ class SyntheticSource(Source):
         box_x = 0
         seq = itertools.count()
         indices = range(self.frames) if self.frames is not None else itertools.count()
+        await self.set_state(ctx, "online", self.description)
         for index in indices:
             if ctx.stopping.is_set():
                 return
@@ -71,6 +112,8 @@ class SyntheticSource(Source):
             await ctx.clock.pace(self.name, pts)
             frame = VideoFrame(self.name, next(seq), pts, ctx.clock.wall_ns(), self._frame(box_x))
             await ctx.emit("video", frame)
+            self.frame_rate.tick(ctx.clock.wall_ns())
+            self.position_s = t
             self.emitted += 1
             ctx.count("frames")
             if self.audio:
