@@ -110,10 +110,11 @@ def event(i: int) -> Event:
     return Event("cam", i, s.pts_ns, 0, "update", f"cam-{i}", 0, None, 0.9, 0.9, s.components, (), True)
 
 
-def feed_graph(sink: MqttSink, ids: range, drain_timeout_s: float = 5.0) -> Graph:
-    """A graph that feeds the events with these ids to ``sink``, as fast as it takes them."""
+def feed_graph(sink: MqttSink, ids: range, drain_timeout_s: float = 5.0, feed: type[ListSource] | None = None) -> Graph:
+    """A graph that feeds the events with these ids to ``sink`` (through a ``feed``, by
+    default :class:`SlowFeed`)."""
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=drain_timeout_s)
-    graph.add(SlowFeed("feed", [event(i) for i in ids]))
+    graph.add((feed or SlowFeed)("feed", [event(i) for i in ids]))
     graph.add(sink)
     graph.connect("feed.out", "mqtt.in", capacity=64)
     return graph

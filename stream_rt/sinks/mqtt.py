@@ -104,8 +104,12 @@ class MqttSink(Sink):
         if isinstance(packet, Event | MllmAnswer):
             feature = "events" if isinstance(packet, Event) else "answers"
             self._enqueue(self.topic(packet.source_id, feature), packet.to_record(), retain=False)
-            assert self._outbox is not None
-            ctx.counters["outbox_depth"] = self._outbox.depth()
+            outbox = self._outbox
+            assert outbox is not None
+            ctx.counters["outbox_depth"] = outbox.depth()
+            for name in ("write_errors", "recreated", "dropped"):
+                if value := getattr(outbox, name):
+                    ctx.counters[f"outbox_{name}"] = value
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):

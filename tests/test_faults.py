@@ -1,0 +1,98 @@
+"""Faults the field throws at a daemon, with real parts: the outbox's disk fills up or its
+file is removed under it, the MLLM worker process dies mid-run. Each counts the events
+lost (target 0) and checks the daemon keeps going."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from stream_rt.graph import Context
+from stream_rt.sinks.mqtt import MqttSink
+from stream_rt.sinks.outbox import Outbox
+
+from .processes import Broker
+from .test_mqtt import SlowFeed, Subscriber, feed_graph, settings, wait_until
+
+
+def fill_up(outbox: Outbox) -> None:
+    """Make the database full from now on, as a full disk does (SQLITE_FULL on write)."""
+    db: sqlite3.Connection = outbox._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_outbox_holds_messages_in_memory_in_order_until_it_takes_writes(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    for i in range(10):
+        outbox.add("t", f"before {i}".encode())
+    fill_up(outbox)
+    ids = [outbox.add("t", f"{i:04d}".encode() * 500) for i in range(200)]
+    assert outbox.write_errors > 0 and outbox.depth() == 210
+    pending = outbox.pending(1000)
+    assert [m.id for m in pending] == sorted(m.id for m in pending) and len(pending) == 210
+    for message in pending[:20]:  # acknowledged while held: gone from memory and database
+        outbox.ack(message.id)
+    outbox._db.execute("PRAGMA max_page_count = 1073741823")  # space again
+    outbox.add("t", b"after")
+    outbox.close()
+    reopened = Outbox(tmp_path / "outbox.sqlite")
+    assert [m.id for m in reopened.pending(1000)] == [*ids[10:], ids[-1] + 1], "the rest survives a restart"
+
+
+async def test_events_go_on_reaching_the_broker_while_the_outbox_disk_is_full(free_port: int, tmp_path: Path) -> None:
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    subscriber = Subscriber(broker.port)
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=10)
+
+    class FillingFeed(SlowFeed):
+        async def run(self, ctx: Context) -> None:
+            for i, packet in enumerate(self.packets):
+                if i == 100:
+                    assert sink._outbox is not None
+                    fill_up(sink._outbox)
+                await ctx.emit("out", packet)
+                await asyncio.sleep(0)
+
+    graph = feed_graph(sink, range(600), drain_timeout_s=10, feed=FillingFeed)
+    try:
+        await graph.run()
+        await wait_until(lambda: len(subscriber.payloads("/events")) >= 600, 10, "the events")
+    finally:
+        await subscriber.close()
+        broker.kill()
+    assert {e["event_id"] for e in subscriber.payloads("/events")} == {f"cam-{i}" for i in range(600)}
+    assert graph.statistics()["nodes"]["mqtt"]["outbox_write_errors"] > 0
+
+
+async def test_a_removed_outbox_file_is_written_anew_and_nothing_is_lost(free_port: int, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+
+    class RemovingFeed(SlowFeed):
+        async def run(self, ctx: Context) -> None:
+            for i, packet in enumerate(self.packets):
+                if i == 50:
+                    for leftover in tmp_path.glob("outbox.sqlite*"):
+                        leftover.unlink()
+                await ctx.emit("out", packet)
+
+    # No broker: everything waits in the outbox, whose file is removed half-way ...
+    sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.2)
+    graph = feed_graph(sink, range(100), feed=RemovingFeed)
+    await graph.run()
+    assert path.exists() and graph.statistics()["nodes"]["mqtt"]["outbox_recreated"] == 1
+    # ... and the next process delivers all of it.
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    try:
+        subscriber = Subscriber(broker.port)
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        await feed_graph(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=10), range(0)).run()
+        await wait_until(lambda: len(subscriber.payloads("/events")) >= 100, 10, "the events")
+        await subscriber.close()
+    finally:
+        broker.kill()
+    assert [e["event_id"] for e in subscriber.payloads("/events")] == [f"cam-{i}" for i in range(100)]
