@@ -5,9 +5,13 @@ lost (target 0) and checks the daemon keeps going."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import sys
+import time
 from pathlib import Path
 
+from stream_rt import CallbackSink
 from stream_rt.graph import Context
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.outbox import Outbox
@@ -96,3 +100,59 @@ async def test_a_removed_outbox_file_is_written_anew_and_nothing_is_lost(free_po
     finally:
         broker.kill()
     assert [e["event_id"] for e in subscriber.payloads("/events")] == [f"cam-{i}" for i in range(100)]
+
+
+async def start_worker(model: Path, port: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(model), "--listen", f"127.0.0.1:{port}",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
+        assert line, "the worker exited before serving"
+    return proc
+
+
+async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_once_it_is_back(
+    samples: Path, free_port: int, tmp_path: Path
+) -> None:
+    from stream_rt.config import LOSSLESS_CHANNELS, parse_config
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.pipeline import build_pipeline
+
+    model = build_smoke_model()
+    config = parse_config({
+        "sources": [{"id": "walkway", "url": str(samples / "still_motion.mkv"), "audio": False}],
+        "graph": LOSSLESS_CHANNELS,
+        "trigger": {"update_interval_s": 1, "cooldown_s": 0, "max_calls_per_min": 600},
+        "mllm": {"backend": "openai", "url": f"http://127.0.0.1:{free_port}/v1", "model": "smoke",
+                 "reuse_threshold": 0, "flow": "block", "timeout_s": 30},
+        "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl")}},
+    })  # fmt: skip
+    worker = await start_worker(model, free_port)
+    pipeline = build_pipeline(config, speed=4.0)
+    answers: list[tuple[float, str]] = []
+    pipeline.graph.add(CallbackSink("watch", lambda a: answers.append((time.monotonic(), a.status))))
+    pipeline.graph.connect("mllm.answers", "watch.in", capacity=64)
+    run = asyncio.create_task(pipeline.graph.run())
+    try:
+        await wait_until(lambda: len(answers) >= 2, 30, "the first answers")
+        worker.kill()  # SIGKILL, mid-run
+        await worker.wait()
+        killed = time.monotonic()
+        await wait_until(lambda: any(s == "error" for t, s in answers if t > killed), 30, "a failed call")
+        restarted = time.monotonic()
+        worker = await start_worker(model, free_port)
+        await wait_until(lambda: any(s == "ok" for t, s in answers if t > restarted), 30, "calls to resume")
+        recovery = next(t for t, s in answers if t > restarted and s == "ok") - restarted
+        await asyncio.wait_for(run, 120)
+    finally:
+        worker.kill()
+        await worker.wait()
+    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    calls = {r["event_id"] + str(r["seq"]) for r in records if r["kind"] == "Event" and r["call_model"]}
+    answered = {r["event_id"] + str(r["seq"]) for r in records if r["kind"] == "MllmAnswer"}
+    assert answered == calls, "every call got one answer record, failed or not"
+    ends = [r for r in records if r["kind"] == "Event" and r["type"] == "end"]
+    assert len(ends) == 3, "perception went on: all three episodes of the clip were seen to their end"
+    assert recovery < 30
