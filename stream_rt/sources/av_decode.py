@@ -304,5 +304,8 @@ def _describe(video: Any, audio: Any) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """FFmpeg's own words ("Invalid data found when processing input") without the errno
+    and the file name, which the caller names already."""
+    strerror = getattr(exc, "strerror", None)
+    text = " ".join((strerror if isinstance(strerror, str) and strerror else str(exc)).split())
     return text or type(exc).__name__
