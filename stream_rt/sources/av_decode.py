@@ -127,9 +127,35 @@ def rgb_luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return np.asarray((rgb @ LUMA_WEIGHTS).round(), np.uint8)
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Larger pictures from outside (MQTT frames, worker requests) are refused before decoding."""
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, read without decoding;
+    ``None`` for other data."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        i += 2 + length
+    return None
+
+
 def decode_image(data: bytes, format: str | None = None) -> av.VideoFrame:
     """The first picture in ``data`` (an encoded image: JPEG, PNG...; ``format`` forces
-    the demuxer); raises ValueError when it is not one."""
+    the demuxer); raises ValueError when it is not one, or when its header announces more
+    than :data:`MAX_IMAGE_PIXELS` (a decompression bomb)."""
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image of {size[0]}x{size[1]} refused: over {MAX_IMAGE_PIXELS} pixels")
     try:
         with av.open(io.BytesIO(data), mode="r", format=format) as container:
             return next(container.decode(video=0))
