@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,6 +26,10 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{proc.args[0]} did not start listening on port {port}")
         time.sleep(0.02)
+
+
+RecordProperty = Callable[[str, object], None]
+"""pytest's ``record_property`` fixture: figures of a fault test for ``benchmarks/faults.py``."""
 
 
 class Broker:

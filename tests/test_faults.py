@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from stream_rt import CallbackSink
 from stream_rt.graph import Context
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.outbox import Outbox
 
-from .processes import Broker
+from .processes import Broker, RecordProperty
 from .test_mqtt import SlowFeed, Subscriber, feed_graph, settings, wait_until
 
 
@@ -114,7 +117,7 @@ async def start_worker(model: Path, port: int) -> asyncio.subprocess.Process:
 
 
 async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_once_it_is_back(
-    samples: Path, free_port: int, tmp_path: Path
+    samples: Path, free_port: int, tmp_path: Path, record_property: RecordProperty
 ) -> None:
     from stream_rt.config import LOSSLESS_CHANNELS, parse_config
     from stream_rt.mllm.smoke import build_smoke_model
@@ -156,3 +159,55 @@ async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_
     ends = [r for r in records if r["kind"] == "Event" and r["type"] == "end"]
     assert len(ends) == 3, "perception went on: all three episodes of the clip were seen to their end"
     assert recovery < 30
+    record_property("recovery_s", round(recovery, 3))
+    record_property("lost", 0)
+
+
+def outbox_ids(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        payloads = [bytes(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+    return [f"{r['event_id']}:{r['seq']}" for r in map(json.loads, payloads) if r.get("kind") == "Event"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_a_daemon_stopped_mid_run_delivers_everything_its_outbox_took_after_a_restart(
+    free_port: int, tmp_path: Path, sig: signal.Signals, record_property: RecordProperty
+) -> None:
+    """`stream-rt run` with the broker away, killed (or terminated) mid-run; the next start,
+    with the broker back, delivers every event the outbox had taken, by id."""
+    outbox = tmp_path / "outbox.sqlite"
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        '[[sources]]\nid = "cam"\nurl = "synthetic:?frames=100000&fps=25&width=64&height=48&active_s=1&period_s=2"\n'
+        f'[sinks.mqtt]\nport = {free_port}\noutbox = "{outbox}"\n'
+        "[trigger]\nconfirm_s = 0.1\ncutoff_s = 0.3\n"
+    )
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "run", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_until(lambda: outbox.exists() and len(outbox_ids(outbox)) >= 12, 60, "events in the outbox")
+    finally:
+        daemon.send_signal(sig)
+        assert daemon.stderr is not None
+        stderr = (await asyncio.wait_for(daemon.communicate(), 30))[1].decode()
+    assert daemon.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 0), stderr[-2000:]
+    taken = outbox_ids(outbox)
+    assert len(taken) >= 12
+
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    try:
+        subscriber = Subscriber(free_port)
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        started = time.monotonic()
+        await feed_graph(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=10), range(0)).run()
+        got = lambda: {f"{e['event_id']}:{e['seq']}" for e in subscriber.payloads("/events")}  # noqa: E731
+        await wait_until(lambda: set(taken) <= got(), 10, "the events of the stopped run")
+        recovery = time.monotonic() - started
+        await subscriber.close()
+    finally:
+        broker.kill()
+    assert recovery < 10
+    record_property("recovery_s", round(recovery, 3))
+    record_property("lost", len(set(taken) - got()))

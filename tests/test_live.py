@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from stream_rt import AvSource, Backoff, CallbackSink, Graph, Packet, SourceStatus, VideoFrame
 
-from .processes import wait_listening
+from .processes import RecordProperty, wait_listening
 
 
 class Server:
@@ -85,10 +86,13 @@ def states(got: list[Packet]) -> list[str]:
     return [p.state for p in got if isinstance(p, SourceStatus)]
 
 
-async def test_source_reconnects_after_the_server_is_killed_and_restarted(server: Server, free_port: int) -> None:
+async def test_source_reconnects_after_the_server_is_killed_and_restarted(
+    server: Server, free_port: int, record_property: RecordProperty
+) -> None:
     graph, source, got = live_graph(free_port, stall_timeout_s=5, timeout_s=5)
     assert source.live
     run = asyncio.create_task(graph.run())
+    recoveries: list[float] = []
     try:
         for round_ in range(2):
             before = len(frames(got))
@@ -97,30 +101,39 @@ async def test_source_reconnects_after_the_server_is_killed_and_restarted(server
             await wait_for(lambda: source.state == "offline", 10, "the source to report offline")
             await asyncio.sleep(0.5)  # a few failed reconnects while the server is down
             server.start()
+            restarted = time.monotonic()
             await wait_for(lambda: source.state == "online", 20, "the source to come back online")
+            recoveries.append(time.monotonic() - restarted)
         before = len(frames(got))
         await wait_for(lambda: len(frames(got)) >= before + 10, 20, "frames after the last reconnect")
     finally:
         graph.stop()
         await asyncio.wait_for(run, 10)
+    record_property("recovery_s", round(max(recoveries), 3))
     assert states(got)[:5] == ["online", "offline", "online", "offline", "online"]
     assert graph.statistics()["nodes"]["cam"]["reconnects"] >= 2
     pts = [f.pts_ns for f in frames(got)]
     assert all(b > a for a, b in itertools.pairwise(pts)), "pts stay monotonic across reconnects"
 
 
-async def test_a_stalled_stream_is_detected_by_the_watchdog(server: Server, free_port: int) -> None:
+async def test_a_stalled_stream_is_detected_by_the_watchdog(
+    server: Server, free_port: int, record_property: RecordProperty
+) -> None:
     graph, source, got = live_graph(free_port, stall_timeout_s=1.0, timeout_s=30)
     run = asyncio.create_task(graph.run())
     try:
         await wait_for(lambda: len(frames(got)) >= 5, 20, "first frames")
         server.pause()  # the connection stays open but nothing arrives
+        paused = time.monotonic()
         await wait_for(lambda: source.state == "offline", 5, "the watchdog to notice the stall")
+        record_property("detected_s", round(time.monotonic() - paused, 3))
         offline = [p for p in got if isinstance(p, SourceStatus) and p.state == "offline"]
         assert offline[0].detail == "no frame for 1 s"
         server.kill()
         server.start()
+        restarted = time.monotonic()
         await wait_for(lambda: source.state == "online", 20, "the source to recover")
+        record_property("recovery_s", round(time.monotonic() - restarted, 3))
     finally:
         graph.stop()
         await asyncio.wait_for(run, 10)

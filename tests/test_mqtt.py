@@ -23,7 +23,7 @@ from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.testing import ListSource
 
-from .processes import Broker, make_certificates
+from .processes import Broker, RecordProperty, make_certificates
 
 
 @pytest.fixture
@@ -132,7 +132,9 @@ class SlowFeed(ListSource):
                 await asyncio.sleep(0.01)
 
 
-async def test_broker_killed_mid_burst_loses_no_event(free_port: int, tmp_path: Path) -> None:
+async def test_broker_killed_mid_burst_loses_no_event(
+    free_port: int, tmp_path: Path, record_property: RecordProperty
+) -> None:
     broker = Broker(free_port, tmp_path, persistent=True)
     broker.start()
     subscriber = Subscriber(broker.port)
@@ -148,13 +150,18 @@ async def test_broker_killed_mid_burst_loses_no_event(free_port: int, tmp_path: 
     await wait_until(lambda: reconnects() >= 1, 2, "the sink to notice the broker is gone")
     await asyncio.sleep(0.5)
     broker.start()
+    restarted = asyncio.get_running_loop().time()
+    published = sink.published
     try:
+        await wait_until(lambda: sink.published > published, 10, "the sink to publish again")
+        record_property("recovery_s", round(asyncio.get_running_loop().time() - restarted, 3))
         await asyncio.wait_for(run, 30)
         await wait_until(lambda: len({e["event_id"] for e in subscriber.payloads("/events")}) >= 1500, 10, "events")
     finally:
         await subscriber.close()
         broker.kill()
     ids = {e["event_id"] for e in subscriber.payloads("/events")}
+    record_property("lost", 1500 - len(ids))
     assert ids == {f"cam-{i}" for i in range(1500)}, f"{1500 - len(ids)} events lost"
 
 
