@@ -11,7 +11,18 @@ uncompressed call's 16 greedy tokens fed to both, next-token top-1 agreement and
 KL), and the share of the kept visual tokens that fall in 2 s windows with speech.
 Requests are centred on each labelled speech start.
 
-Usage: python benchmarks/compress_memory.py [--requests 5]
+The memory prefix: a full memory (16 entries of 16 pooled tokens and 32 text tokens, made
+from real keyframes) before a one-frame request (one tile), prefilled with the prefix's K/V reused
+vs computed again, alternating; and the largest logit difference between the two.
+
+The long replay (``--replay-frames``, default 1,000,000): a synthetic source through every
+stage (change, audio, salience, trigger, MLLM stage with clips, compression and memory on
+the smoke model, flow "latest") as fast as it goes, in a child process that samples its
+RSS, the memory's entries and visual tokens, and the frames done every 2 s; the series is
+written to ``benchmarks/series/long_replay.csv``. RSS growth is the median of the last
+tenth of the samples over the median of the tenth after the warm-up (the first fifth).
+
+Usage: python benchmarks/compress_memory.py [--requests 5] [--replay-frames 1000000]
 The last line printed is one JSON object with the figures.
 """
 
@@ -20,7 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -96,11 +110,118 @@ def speech_share(full: Any, got: Any, pts: list[int], speech_windows: set[int]) 
     return len(in_speech) / max(1, len(kept))
 
 
+def memory_prefix(backend: TransformersBackend, rounds: int = 5) -> dict[str, float]:
+    """Prefill of a one-frame request (one 512 px tile) after a full memory: prefix K/V
+    reused vs computed."""
+    from stream_rt.memory import StreamingMemory
+
+    frames, _ = clip_frames([2.0 + 4.0 * i for i in range(17)])
+    memory = StreamingMemory(max_entries=16, anchors=2, tokens=16)
+    for i, frame in enumerate(frames[:16]):
+        gen = backend.generate([frame], "What happens?", max_new_tokens=1, summary_tokens=16)
+        assert gen.summary is not None
+        memory.add("walkway", int(i * 4e9), int(i * 4e9 + 1e9), gen.summary,
+                   f"Two people walk along the walkway towards the camera ({i}).")  # fmt: skip
+    entries = ("walkway", tuple(memory.entries("walkway")))
+    reused, computed, plain, diffs = [], [], [], []
+    for _ in range(rounds):
+        backend.memory_prefix.clear()
+        fresh = backend.generate([frames[16]], "What happens?", max_new_tokens=1, memory=entries)
+        again = backend.generate([frames[16]], "What happens?", max_new_tokens=1, memory=entries)
+        none = backend.generate([frames[16]], "What happens?", max_new_tokens=1)
+        computed.append(fresh.prefill_s)
+        reused.append(again.prefill_s)
+        plain.append(none.prefill_s)
+        assert fresh.first_logits is not None and again.first_logits is not None
+        diffs.append(float((fresh.first_logits - again.first_logits).abs().max()))
+    return {
+        "memory_prefix_tokens": fresh.memory_tokens,
+        "prompt_tokens": fresh.prompt_tokens,
+        "prefill_prefix_computed_s": round(statistics.median(computed), 3),
+        "prefill_prefix_reused_s": round(statistics.median(reused), 3),
+        "prefill_no_memory_s": round(statistics.median(plain), 3),
+        "reuse_speedup": round(statistics.median(c / r for c, r in zip(computed, reused, strict=True)), 2),
+        "max_logit_difference": float(f"{max(diffs):.3g}"),
+    }
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def long_replay_child(frames: int, series: Path) -> None:
+    """The long replay (run in its own process, so its RSS is its own)."""
+    from stream_rt.config import LOSSLESS_CHANNELS, parse_config
+    from stream_rt.pipeline import build_pipeline
+
+    url = f"synthetic:?frames={frames}&fps=10&width=64&height=48&active_s=6&period_s=60"
+    config = parse_config({
+        "sources": [{"id": "cam", "url": url}],
+        "graph": LOSSLESS_CHANNELS,
+        "mllm": {"reuse_threshold": 0, "flow": "latest", "clip": {"frames": 4, "interval_s": 1.0},
+                 "memory": {"enabled": True, "max_entries": 8, "anchors": 2, "tokens": 8}},
+    })  # fmt: skip
+    pipeline = build_pipeline(config, speed=None)
+    stage, source = pipeline.mllm, pipeline.sources[0]
+    assert stage is not None and stage.memory is not None
+    memory = stage.memory
+    samples: list[tuple[float, int, float, int, int, int]] = []
+
+    async def sample(started: float) -> None:
+        while True:
+            entries = memory.entries("cam")
+            calls = pipeline.graph.statistics()["nodes"]["mllm"].get("model_calls", 0)
+            samples.append((round(time.perf_counter() - started, 1), source.emitted, round(rss_mb(), 1),  # type: ignore[attr-defined]
+                            len(entries), sum(e.visual.shape[0] for e in entries), calls))  # fmt: skip
+            await asyncio.sleep(2.0)
+
+    async def run() -> float:
+        started = time.perf_counter()
+        sampler = asyncio.create_task(sample(started))
+        await pipeline.graph.run()
+        sampler.cancel()
+        return time.perf_counter() - started
+
+    wall = asyncio.run(run())
+    series.parent.mkdir(parents=True, exist_ok=True)
+    with series.open("w") as out:
+        out.write("wall_s,frames,rss_mb,memory_entries,memory_visual_tokens,model_calls\n")
+        out.writelines(",".join(map(str, row)) + "\n" for row in samples)
+    n = len(samples)
+    warm = [s[2] for s in samples[n // 5 : n // 5 + max(1, n // 10)]]
+    last = [s[2] for s in samples[-max(1, n // 10) :]]
+    counters = pipeline.graph.statistics()["nodes"]["mllm"]
+    print(json.dumps({
+        "frames": source.emitted, "wall_s": round(wall, 1), "fps": round(source.emitted / wall),  # type: ignore[attr-defined]
+        "model_calls": counters.get("model_calls", 0), "memory_merges": counters.get("memory_merges", 0),
+        "memory_entries_max": max(s[3] for s in samples), "memory_visual_tokens_max": max(s[4] for s in samples),
+        "token_budget": memory.token_budget, "rss_after_warmup_mb": statistics.median(warm),
+        "rss_end_mb": statistics.median(last),
+        "rss_growth": round(statistics.median(last) / statistics.median(warm) - 1, 4),
+    }))  # fmt: skip
+
+
+def long_replay(frames: int) -> dict[str, Any]:
+    series = Path(__file__).parent / "series" / "long_replay.csv"
+    child = [sys.executable, __file__, "--long-replay-child", str(frames), "--series", str(series)]
+    done = subprocess.run(child, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the long replay failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--fps", type=float, default=2.0, help="frames per second of each 8 s request")
+    parser.add_argument("--replay-frames", type=int, default=1_000_000, help="long replay length (0: skip it)")
+    parser.add_argument("--long-replay-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--series", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.long_replay_child:
+        long_replay_child(args.long_replay_child, args.series)
+        return
     labels = json.loads(CLIP.with_suffix(".json").read_text())["speech"]
     audio = audio_features()
     backend = TransformersBackend(str(build_smoke_model(family="idefics3", size="realistic")), contract_stop=False)
@@ -146,7 +267,12 @@ def main() -> None:
         for mode in ("audio", "uniform")
     }
     summary["frames_in_speech_windows"] = round(statistics.median(r["frames_in_speech_windows"] for r in rows), 3)
-    print(json.dumps({"compression": summary, "requests": len(rows)}))
+    prefix = memory_prefix(backend)
+    print(json.dumps({"memory_prefix": prefix}), flush=True)
+    replay = long_replay(args.replay_frames) if args.replay_frames else {}
+    if replay:
+        print(json.dumps({"long_replay": replay}), flush=True)
+    print(json.dumps({"compression": summary, "requests": len(rows), "memory_prefix": prefix, "long_replay": replay}))
 
 
 if __name__ == "__main__":
