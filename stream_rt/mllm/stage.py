@@ -113,16 +113,22 @@ class MllmStage(Node):
             await asyncio.to_thread(self._restore_memory, self.memory, self.memory_snapshot)
 
     def _restore_memory(self, memory: StreamingMemory, path: Path) -> None:
-        """Load the snapshot; an unreadable one is set aside (never overwritten) and the
-        memory starts empty."""
+        """Load the snapshot; an unreadable one is set aside (never overwritten: if it
+        cannot be moved, no snapshot is saved) and the memory starts empty."""
         try:
             memory.load(path)
             log.info("memory restored from %s: %d entries", path, sum(len(memory.entries(s)) for s in memory.sources))
+            return
         except Exception as exc:
-            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            problem = describe_error(exc)
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
             path.rename(aside)
-            log.error("cannot restore the memory from %s (%s); kept it as %s, starting empty", path,
-                      describe_error(exc), aside)  # fmt: skip
+            kept = f"kept it as {aside}"
+        except OSError as exc:
+            self.memory_snapshot = None
+            kept = f"cannot move it aside ({exc.strerror}), so no snapshot will be saved"
+        log.error("cannot restore the memory from %s (%s); %s; starting empty", path, problem, kept)
 
     def _save_memory(self, memory: StreamingMemory, path: Path) -> None:
         try:
