@@ -164,8 +164,13 @@ async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_
 
 
 def outbox_ids(path: Path) -> list[str]:
+    """The events in an outbox file, read beside the daemon writing it (none until it has
+    created its table)."""
     with sqlite3.connect(path) as db:
-        payloads = [bytes(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+        try:
+            payloads = [bytes(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+        except sqlite3.OperationalError:
+            return []
     return [f"{r['event_id']}:{r['seq']}" for r in map(json.loads, payloads) if r.get("kind") == "Event"]
 
 
