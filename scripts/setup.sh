@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in ffmpeg mosquitto; do
+for pkg in ffmpeg mosquitto chromium; do  # chromium: the tests render the HTML report headless
   command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--out", type=Path, help="append a JSON line per event to this file")
     replay.add_argument(
+        "--report", type=Path, metavar="DIR", help="write an HTML report (timeline, episodes, answers) into DIR"
+    )
+    replay.add_argument(
         "--model",
         help="ask this model about each episode: a model directory, a cached hub id, or 'smoke' (random weights, "
         "for trying the path; its answers are not meaningful)",
@@ -199,6 +202,8 @@ def _replay(args: argparse.Namespace) -> int:
     config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm}))
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     pipeline = build_pipeline(config, speed=args.speed)
+    if args.report is not None:
+        add_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
     wall = time.monotonic() - started
@@ -208,7 +213,23 @@ def _replay(args: argparse.Namespace) -> int:
     )
     if pipeline.jsonl is not None:
         print(f"  output: {pipeline.jsonl.path} ({pipeline.jsonl.written} records)", file=sys.stderr)
+    if args.report is not None:
+        print(f"  report: {args.report / 'index.html'}", file=sys.stderr)
     return code
+
+
+def add_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> None:
+    """Record salience, events and answers of ``pipeline`` for an HTML report in ``directory``."""
+    from stream_rt.sinks.report import ReportSink
+
+    graph = pipeline.graph
+    graph.add(ReportSink("report", directory, title, thresholds))
+    if "salience" in graph:
+        graph.connect("salience.salience", "report.salience", capacity=64)
+    if pipeline.trigger is not None:
+        graph.connect("trigger.events", "report.events", capacity=64)
+    if pipeline.mllm is not None:
+        graph.connect("mllm.answers", "report.answers", capacity=64)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,0 +1,260 @@
+"""The replay report: what happened in a recording, on one HTML page.
+
+:class:`ReportSink` records, as compactly as it can, every salience step (score and
+components), every event, and every model answer with its token counts; at the end of
+the stream :func:`write_report` writes into a directory:
+
+- ``index.html``: a timeline (salience with its components and the trigger's thresholds,
+  the episodes as bands, each model call as a mark coloured by its status, the visual
+  tokens of each call split into computed, reused and dropped by compression, and the
+  memory prefix) drawn as inline SVG — no script, no network — then one card per episode
+  with its keyframe thumbnails and answers;
+- ``summary.json``: the same in machine-readable form;
+- ``thumbs/``: the keyframes, as small JPEGs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stream_rt.graph.node import Context, Sink
+from stream_rt.graph.packets import Event, MllmAnswer, Packet, Salience
+from stream_rt.operators.snapshot import rgb_to_jpeg, scale_image
+
+THUMB_WIDTH = 240
+MAX_THUMBS_PER_EPISODE = 4
+STATUS_COLOURS = {"ok": "#2a9d4b", "invalid": "#e0a100", "reused": "#5b8def", "dropped": "#999999",
+                  "error": "#d43c3c", "timeout": "#a0288c"}  # fmt: skip
+
+
+@dataclass
+class Episode:
+    event_id: str
+    source_id: str
+    start_s: float
+    end_s: float | None = None
+    peak: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)
+    thumbs: list[tuple[float, str]] = field(default_factory=list)  # (time, file name)
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    calls: int = 0
+
+
+class ReportSink(Sink):
+    inputs = {"salience": (Salience,), "events": (Event,), "answers": (MllmAnswer,)}
+
+    def __init__(self, name: str, directory: Path, title: str, thresholds: tuple[float, float]) -> None:
+        super().__init__(name)
+        self.directory = Path(directory)
+        self.title = title
+        self.thresholds = thresholds
+        self.salience: list[tuple[float, float, dict[str, float]]] = []
+        self.episodes: dict[str, Episode] = {}
+        self.answers: list[dict[str, Any]] = []
+
+    async def start(self, ctx: Context) -> None:
+        (self.directory / "thumbs").mkdir(parents=True, exist_ok=True)
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        t = packet.pts_ns / 1e9
+        if isinstance(packet, Salience):
+            self.salience.append((t, packet.score, {k: round(v, 3) for k, v in packet.components.items()}))
+        elif isinstance(packet, Event):
+            self._event(packet, t)
+        elif isinstance(packet, MllmAnswer):
+            record = {"t": round(t, 3), "event_id": packet.event_id, "status": packet.status,
+                      "summary": (packet.answer or {}).get("summary", "") if packet.answer else "",
+                      "error": packet.error, "tokens": dict(packet.tokens), "smoke": packet.smoke,
+                      "seconds": round(packet.timings.get("total", 0.0), 3)}  # fmt: skip
+            self.answers.append(record)
+            episode = self.episodes.get(packet.event_id)
+            if episode is not None:
+                episode.answers.append(record)
+
+    def _event(self, event: Event, t: float) -> None:
+        episode = self.episodes.get(event.event_id)
+        if episode is None:
+            episode = self.episodes[event.event_id] = Episode(event.event_id, event.source_id, event.start_pts_ns / 1e9)
+        episode.peak = max(episode.peak, event.score)
+        if event.score >= episode.peak:
+            episode.components = {k: round(v, 3) for k, v in event.components.items()}
+        if event.type == "end":
+            episode.end_s = t
+        if event.call_model:
+            episode.calls += 1
+        if event.frame is not None and event.type != "end" and len(episode.thumbs) < MAX_THUMBS_PER_EPISODE:
+            rgb = event.frame.rgb()
+            height = max(2, round(rgb.shape[0] * THUMB_WIDTH / rgb.shape[1] / 2) * 2)
+            name = f"{event.event_id}-{len(episode.thumbs)}.jpg"
+            (self.directory / "thumbs" / name).write_bytes(rgb_to_jpeg(scale_image(rgb, THUMB_WIDTH, height)))
+            episode.thumbs.append((round(t, 2), name))
+
+    async def stop(self, ctx: Context) -> None:
+        write_report(self)
+
+
+def write_report(report: ReportSink) -> None:
+    episodes = sorted(report.episodes.values(), key=lambda e: e.start_s)
+    duration = max([s[0] for s in report.salience] + [a["t"] for a in report.answers] + [0.0])
+    for episode in episodes:
+        if episode.end_s is None:
+            episode.end_s = duration
+    summary = {
+        "title": report.title,
+        "duration_s": round(duration, 3),
+        "thresholds": {"on": report.thresholds[0], "off": report.thresholds[1]},
+        "episodes": [
+            {"event_id": e.event_id, "source_id": e.source_id, "start_s": round(e.start_s, 3),
+             "end_s": round(e.end_s or duration, 3), "peak": round(e.peak, 3), "components": e.components,
+             "calls": e.calls, "thumbnails": [f"thumbs/{name}" for _, name in e.thumbs], "answers": e.answers}
+            for e in episodes
+        ],
+        "answers": {status: sum(a["status"] == status for a in report.answers) for status in STATUS_COLOURS},
+        "smoke_model": any(a["smoke"] for a in report.answers),
+    }  # fmt: skip
+    (report.directory / "summary.json").write_text(json.dumps(summary, indent=1))
+    (report.directory / "index.html").write_text(_page(report, summary, episodes, duration))
+
+
+def _page(report: ReportSink, summary: dict[str, Any], episodes: list[Episode], duration: float) -> str:
+    e = html.escape
+    smoke = (
+        '<p class="warn">Answers come from the <b>smoke model</b> (random weights): they are not meaningful.</p>'
+        if summary["smoke_model"]
+        else ""
+    )
+    counts = ", ".join(f"{n} {status}" for status, n in summary["answers"].items() if n) or "none"
+    cards = []
+    for ep in episodes:
+        thumbs = "".join(
+            f'<figure><img src="thumbs/{e(name)}" alt="keyframe at {t:.1f} s" width="{THUMB_WIDTH}">'
+            f"<figcaption>{t:.1f} s</figcaption></figure>"
+            for t, name in ep.thumbs
+        )
+        answers = "".join(
+            f'<li><span class="dot" style="background:{STATUS_COLOURS[a["status"]]}"></span>{a["t"]:.1f} s '
+            f"<b>{e(a['status'])}</b> {e(a['summary'] or a['error'])}</li>"
+            for a in ep.answers
+        )
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(ep.components.items()))
+        cards.append(
+            f'<section class="episode" id="{e(ep.event_id)}"><h3>{e(ep.event_id)}: {ep.start_s:.1f}&ndash;'
+            f"{(ep.end_s or duration):.1f} s</h3><p>peak salience {ep.peak:.2f} ({e(parts)}); {ep.calls} model "
+            f'call(s)</p><div class="thumbs">{thumbs}</div><ul>{answers}</ul></section>'
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(report.title)}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; padding: 0 16px; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }} h3 {{ font-size: 15px; margin: 0 0 4px; }}
+.warn {{ background: #fff4d6; border: 1px solid #e0b000; padding: 8px 12px; }}
+.episode {{ border: 1px solid #ddd; border-radius: 6px; padding: 12px; margin: 12px 0; }}
+.thumbs {{ display: flex; gap: 8px; flex-wrap: wrap; }} figure {{ margin: 0; }}
+figcaption {{ font-size: 12px; color: #666; }} ul {{ padding-left: 18px; }}
+.dot {{ display: inline-block; width: 10px; height: 10px; border-radius: 5px; margin-right: 6px; }}
+svg text {{ font: 11px system-ui, sans-serif; fill: #444; }}
+</style></head><body>
+<h1>{e(report.title)}</h1>
+<p>{duration:.1f} s of media; {len(episodes)} episode(s); model answers: {e(counts)}.
+Machine-readable: <a href="summary.json">summary.json</a>.</p>
+{smoke}
+<h2>Timeline</h2>
+{_timeline(report, episodes, duration)}
+<h2>Episodes</h2>
+{"".join(cards) or "<p>No episode: nothing crossed the trigger's threshold.</p>"}
+</body></html>
+"""
+
+
+def _timeline(report: ReportSink, episodes: list[Episode], duration: float) -> str:
+    """Three stacked panels sharing the time axis: salience, model calls, tokens."""
+    width, left, right = 1060, 50, 20
+    plot_w = width - left - right
+    span = max(duration, 1e-6)
+
+    def x(t: float) -> float:
+        return left + t / span * plot_w
+
+    top, sal_h, calls_h, tok_h = 20, 180, 40, 120
+    calls_top, tok_top = top + sal_h + 30, top + sal_h + 30 + calls_h + 30
+    height = tok_top + tok_h + 40
+    out = [f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%">']
+    for ep in episodes:  # episode bands across all panels
+        x0, x1 = x(ep.start_s), x(ep.end_s if ep.end_s is not None else duration)
+        out.append(f'<rect class="episode-band" data-event-id="{html.escape(ep.event_id)}" x="{x0:.1f}" y="{top}" '
+                   f'width="{max(1.0, x1 - x0):.1f}" height="{tok_top + tok_h - top}" fill="#f4c542" opacity="0.18">'
+                   f"<title>{html.escape(ep.event_id)}</title></rect>")  # fmt: skip
+
+    def y_sal(v: float) -> float:
+        return top + sal_h - v * sal_h
+
+    out.append(f'<text x="{left}" y="{top - 6}">salience and its components</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{sal_h}" fill="none" stroke="#ccc"/>')
+    for name, value, dash in (("on", report.thresholds[0], "6,3"), ("off", report.thresholds[1], "2,3")):
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y_sal(value):.1f}" y2="{y_sal(value):.1f}" '
+                   f'stroke="#c0392b" stroke-dasharray="{dash}"/><text x="{left - 28}" y="{y_sal(value) + 4:.1f}">'
+                   f"{name}</text>")  # fmt: skip
+    series = {"score": [(t, s) for t, s, _ in report.salience]}
+    for t, _, components in report.salience:
+        for k, v in components.items():
+            series.setdefault(k, []).append((t, v))
+    colours = ["#222", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    for i, (name, points) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        thinned = _thin(points, plot_w)
+        path = " ".join(f"{x(t):.1f},{y_sal(v):.1f}" for t, v in thinned)
+        out.append(f'<polyline class="series" data-name="{html.escape(name)}" points="{path}" fill="none" '
+                   f'stroke="{colour}" stroke-width="{1.6 if name == "score" else 1}"/>')  # fmt: skip
+        out.append(f'<text x="{left + 200 + 80 * i}" y="{top - 6}" style="fill:{colour}">'
+                   f"— {html.escape(name)}</text>")  # fmt: skip
+
+    out.append(f'<text x="{left}" y="{calls_top - 6}">model calls (colour: status)</text>')
+    out.append(f'<rect x="{left}" y="{calls_top}" width="{plot_w}" height="{calls_h}" fill="none" stroke="#ccc"/>')
+    for a in report.answers:
+        colour = STATUS_COLOURS.get(a["status"], "#000")
+        said = html.escape(a["summary"] or a["error"])
+        out.append(f'<circle class="call" data-status="{a["status"]}" cx="{x(a["t"]):.1f}" '
+                   f'cy="{calls_top + calls_h / 2}" r="5" fill="{colour}"><title>{a["t"]:.1f} s {a["status"]}: '
+                   f"{said}</title></circle>")  # fmt: skip
+
+    tokens = [(a["t"], a["tokens"]) for a in report.answers if a["tokens"]]
+    peak = max([tk.get("visual", 0) + tk.get("visual_reused", 0) + tk.get("memory", 0) for _, tk in tokens] + [1])
+    out.append(f'<text x="{left}" y="{tok_top - 6}">tokens per call (peak {peak}):</text>')
+    legend = (("#1f77b4", "visual, computed"), ("#5bc0de", "visual, reused"), ("#9467bd", "memory prefix"))
+    for i, (colour, name) in enumerate(legend):
+        out.append(f'<text x="{left + 200 + 130 * i}" y="{tok_top - 6}" style="fill:{colour}">■ {name}</text>')
+    out.append(f'<rect x="{left}" y="{tok_top}" width="{plot_w}" height="{tok_h}" fill="none" stroke="#ccc"/>')
+    for t, tk in tokens:
+        y = tok_top + tok_h
+        for key, colour in (("visual", "#1f77b4"), ("visual_reused", "#5bc0de"), ("memory", "#9467bd")):
+            n = tk.get(key, 0)
+            if key == "visual":
+                n -= tk.get("visual_reused", 0)
+            h = max(0.0, n / peak * tok_h)
+            y -= h
+            out.append(f'<rect x="{x(t) - 3:.1f}" y="{y:.1f}" width="6" height="{h:.1f}" fill="{colour}">'
+                       f"<title>{t:.1f} s {key}: {n}</title></rect>")  # fmt: skip
+    for tick in range(6):  # time axis
+        t = span * tick / 5
+        out.append(f'<text x="{x(t) - 10:.1f}" y="{height - 14}">{t:.0f} s</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _thin(points: list[tuple[float, float]], buckets: int) -> list[tuple[float, float]]:
+    """At most two points (min and max) per horizontal pixel, so hours of salience stay light."""
+    if len(points) <= 2 * buckets:
+        return points
+    t0, t1 = points[0][0], points[-1][0]
+    groups: dict[int, list[tuple[float, float]]] = {}
+    for t, v in points:
+        groups.setdefault(int((t - t0) / max(t1 - t0, 1e-9) * (buckets - 1)), []).append((t, v))
+    thinned: list[tuple[float, float]] = []
+    for group in groups.values():
+        lo, hi = min(group, key=lambda p: p[1]), max(group, key=lambda p: p[1])
+        thinned.extend(sorted({lo, hi}))
+    return thinned
