@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_worker)
 
+    reference = sub.add_parser(
+        "config-reference", help="print the configuration reference (Markdown) generated from the code"
+    )
+    reference.set_defaults(handler=_config_reference)
     validate = sub.add_parser("validate", help="check a config file and name every problem")
     validate.add_argument("config", type=Path)
     validate.set_defaults(handler=_validate)
@@ -160,6 +164,13 @@ def _worker(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"stream-rt: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from stream_rt.config_reference import config_reference
+
+    sys.stdout.write(config_reference())
     return 0
 
 

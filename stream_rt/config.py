@@ -95,8 +95,12 @@ class SourceConfig(_Strict):
 
 
 class ChannelConfig(_Strict):
-    policy: PolicyName = "block"
-    capacity: int = Field(8, ge=1)
+    policy: PolicyName = Field(
+        "block",
+        description="when the consumer is behind: 'block' the producer (lossless), 'drop_oldest', 'drop_newest', "
+        "or keep only the 'latest' packet",
+    )
+    capacity: int = Field(8, ge=1, description="packets the channel holds")
 
 
 LOSSLESS_CHANNELS: dict[str, dict[str, Any]] = {
@@ -305,7 +309,7 @@ class OpsConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe message logged")
     format: Literal["text", "json"] = Field("text", description="'json': one JSON object per line")
 
 

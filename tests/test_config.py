@@ -80,3 +80,19 @@ def test_memory_and_clip_settings_that_cannot_work_together_are_refused() -> Non
             parse_config({"sources": source, "mllm": mllm})
     config = parse_config({"sources": source, "mllm": {"clip": {"frames": 8}, "memory": {"enabled": True}}})
     assert config.mllm is not None and config.mllm.clip.keep == 0.4 and config.mllm.memory.max_entries == 16
+
+
+def test_the_config_reference_is_generated_and_covers_every_key() -> None:
+    from stream_rt.config_reference import all_keys, config_reference
+
+    generated = config_reference()
+    committed = (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text()
+    assert committed == generated, "docs/CONFIG.md is stale: run `stream-rt config-reference > docs/CONFIG.md`"
+    sections = {s.split("\n", 1)[0]: s for s in generated.split("\n## ")[1:]}
+    for key in all_keys():
+        section, _, name = key.rpartition(".")
+        heading = next(h for h in sections if h.startswith((f"`[{section}]`", f"`[[{section}]]`")) or
+                       (not section and h.startswith("top level")))  # fmt: skip
+        row = next((line for line in sections[heading].splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None and not row.endswith("|  |"), f"{key} is missing or undescribed"
+    assert len(all_keys()) > 100 and {"mllm.memory.max_entries", "sinks.mqtt.tls_ca", "sources.url"} <= set(all_keys())
