@@ -44,7 +44,7 @@ from stream_rt.operators.salience import SalienceFusion
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks import CallbackSink, JsonlSink, MqttSink
-from stream_rt.sources import AvSource, Backoff, MqttSource, SourceError, SyntheticSource
+from stream_rt.sources import AvSource, Backoff, MqttSource, PushSource, SourceError, SyntheticSource
 
 __version__ = "0.1.0"
 
@@ -94,6 +94,7 @@ __all__ = [
     "OpenAIBackend",
     "Packet",
     "Pipeline",
+    "PushSource",
     "RealtimeClock",
     "ReplayClock",
     "Salience",

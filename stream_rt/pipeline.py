@@ -87,15 +87,18 @@ def build_source(cfg: SourceConfig) -> StatusSource:
     )
 
 
-def build_pipeline(config: Config, *, speed: float | None = 1.0) -> Pipeline:
+def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[StatusSource] | None = None) -> Pipeline:
     """Sources -> perception gates -> trigger -> sinks, with the channel policies of
     ``config.graph``. ``speed`` paces recorded files (1.0 = real time, ``None`` = as fast
-    as possible); live sources are never paced."""
-    if not config.sources:
+    as possible); live sources are never paced. ``sources`` (e.g. a :class:`PushSource`
+    fed by a robot's own loop) are used as well as the config's ``[[sources]]``."""
+    if not config.sources and not sources:
         raise ValueError("the config has no [[sources]]: add at least one source")
     graph = Graph(clock=ReplayClock(speed), drain_timeout_s=config.graph.drain_timeout_s)
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
-    sources = []
+    for source in sources or []:
+        graph.add(source, Supervision(on_error="stop"))
+    sources = list(sources or [])
     for cfg in config.sources:
         source = build_source(cfg)
         live = isinstance(source, MqttSource) or (isinstance(source, AvSource) and source.live)

@@ -13,7 +13,7 @@ PUBLIC = {
     "ConfigError", "Context", "ControlPacket", "EndOfStream", "Event", "Flush", "Graph", "GraphBuildError",
     "MllmAnswer", "MllmRequest", "MllmStage", "Backend", "MissingWeights", "OpenAIBackend", "TransformersBackend",
     "build_smoke_model",
-    "JsonlSink", "ManualClock", "MqttSink", "MqttSource", "Node", "NodeFailed", "Packet", "Pipeline",
+    "JsonlSink", "ManualClock", "MqttSink", "MqttSource", "Node", "NodeFailed", "Packet", "Pipeline", "PushSource",
     "RealtimeClock", "ReplayClock", "Salience", "SalienceFusion", "Sink", "Source", "SourceError",
     "SourceStatus", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",
     "load_config", "parse_config",
