@@ -32,6 +32,7 @@ from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
 from stream_rt.pipeline import Pipeline, build_pipeline
+from stream_rt.sinks.report import attach_report
 from stream_rt.sources.av_source import SourceError
 
 log = logging.getLogger("stream_rt.cli")
@@ -214,7 +215,7 @@ def _replay(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     pipeline = build_pipeline(config, speed=args.speed)
     if args.report is not None:
-        add_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
+        attach_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
     wall = time.monotonic() - started
@@ -227,20 +228,6 @@ def _replay(args: argparse.Namespace) -> int:
     if args.report is not None:
         print(f"  report: {args.report / 'index.html'}", file=sys.stderr)
     return code
-
-
-def add_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> None:
-    """Record salience, events and answers of ``pipeline`` for an HTML report in ``directory``."""
-    from stream_rt.sinks.report import ReportSink
-
-    graph = pipeline.graph
-    graph.add(ReportSink("report", directory, title, thresholds))
-    if "salience" in graph:
-        graph.connect("salience.salience", "report.salience", capacity=64)
-    if pipeline.trigger is not None:
-        graph.connect("trigger.events", "report.events", capacity=64)
-    if pipeline.mllm is not None:
-        graph.connect("mllm.answers", "report.answers", capacity=64)
 
 
 def _run(args: argparse.Namespace) -> int:
