@@ -1,0 +1,143 @@
+"""Every example in examples/, run end to end on real sample media with the smoke model:
+the camera daemon (a live stream from ffmpeg, real mosquitto), the robot agent, the MQTT
+pipeline and the offline batch replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+from .processes import Broker
+from .test_live import Server
+from .test_mqtt import Subscriber, wait_until
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def another_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run_daemon(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "run", str(config), stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def stop(daemon: asyncio.subprocess.Process) -> str:
+    if daemon.returncode is None:
+        daemon.terminate()
+    _, stderr = await asyncio.wait_for(daemon.communicate(), 60)
+    return stderr.decode()
+
+
+async def test_the_camera_daemon_watches_a_live_stream_and_publishes_events_and_answers(
+    ffmpeg: str, samples: Path, free_port: int, tmp_path: Path
+) -> None:
+    camera = Server(ffmpeg, samples / "vtest.avi", another_port())
+    camera.start()
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    http = another_port()
+    config = tmp_path / "camera.toml"
+    config.write_text(
+        (EXAMPLES / "camera.toml").read_text()
+        .replace("rtsp://192.0.2.10:554/stream1", f"tcp://127.0.0.1:{camera.port}")
+        .replace('path = "gate.jsonl"', f'path = "{tmp_path / "gate.jsonl"}"')
+        .replace('host = "127.0.0.1"\n', f'host = "127.0.0.1"\nport = {free_port}\n')
+        .replace("/var/lib/stream-rt/outbox.sqlite", str(tmp_path / "outbox.sqlite"))
+        .replace("127.0.0.1:9108", f"127.0.0.1:{http}")
+    )  # fmt: skip
+    subscriber = Subscriber(free_port)
+    daemon = await run_daemon(config)
+    try:
+        await wait_until(lambda: len(subscriber.payloads("/gate/answers")) >= 1, 90, "an answer")
+        health = urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=5)
+        assert health.status == 200
+    finally:
+        stderr = await stop(daemon)
+        await subscriber.close()
+        broker.kill()
+        camera.kill()
+    assert daemon.returncode == 0, stderr[-2000:]
+    events = subscriber.payloads("/gate/events")
+    assert events and events[0]["type"] == "new"
+    answer = subscriber.payloads("/gate/answers")[0]
+    assert answer["event_id"] in {e["event_id"] for e in events} and "not meaningful" in answer["smoke"]
+
+
+async def test_the_robot_agent_gets_actions_back_through_its_callback() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "robot_agent.py"), "--seconds", "32", "--speed", "4",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    actions = [line for line in stdout.decode().splitlines() if line.startswith("t=")]
+    assert len(actions) >= 2, stdout.decode()
+    assert all(" ok " in a and "action='none'" in a and "stop=contract" in a for a in actions), actions
+
+
+async def test_the_mqtt_pipeline_takes_frames_over_mqtt_and_answers_over_mqtt(
+    samples: Path, free_port: int, tmp_path: Path
+) -> None:
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    config = tmp_path / "mqtt_pipeline.toml"
+    config.write_text(
+        (EXAMPLES / "mqtt_pipeline.toml").read_text()
+        .replace("127.0.0.1:1883", f"127.0.0.1:{free_port}")
+        .replace("port = 1883", f"port = {free_port}")
+        .replace('outbox = "stream_rt-outbox.sqlite"', f'outbox = "{tmp_path / "outbox.sqlite"}"')
+    )  # fmt: skip
+    subscriber = Subscriber(free_port)
+    daemon = await run_daemon(config)
+    try:
+        await asyncio.sleep(3)  # the daemon subscribes to the frames topic
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLES / "publish_frames.py"), str(samples / "still_motion.mkv"),
+            "--topic", "site/cam1/frames", "--port", str(free_port), "--speed", "4",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(publisher.communicate(), 120)
+        assert publisher.returncode == 0 and b"published" in out
+        new_events = lambda: [e for e in subscriber.payloads("/cam1/events") if e["type"] == "new"]  # noqa: E731
+        # At 4x the trigger's 3 s cutoff spans 12 s of the clip: its last two moments of
+        # motion (51 s and 74 s) make one episode.
+        await wait_until(lambda: len(new_events()) >= 2, 60, "an event for each episode")
+        await wait_until(lambda: len(subscriber.payloads("/cam1/answers")) >= 2, 60, "the answers")
+    finally:
+        stderr = await stop(daemon)
+        await subscriber.close()
+        broker.kill()
+    assert daemon.returncode == 0, stderr[-2000:]
+    new = [e for e in subscriber.payloads("/cam1/events") if e["type"] == "new"]
+    assert len(new) >= 2
+    assert {a["event_id"] for a in subscriber.payloads("/cam1/answers")} <= {e["event_id"] for e in new}
+
+
+async def test_the_batch_replay_reports_every_recording_of_a_folder(samples: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    (folder / "still_motion.mkv").symlink_to(samples / "still_motion.mkv")
+    (folder / "walkway.mkv").symlink_to(samples / "walkway_speech.mkv")
+    (folder / "broken.mp4").write_bytes(b"\x00not media" * 500)
+    out = tmp_path / "reports"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "batch_replay.py"), str(folder), "--out", str(out), "--model", "smoke",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    rows = {r["file"]: r for r in json.loads((out / "batch.json").read_text())}
+    assert rows["still_motion.mkv"]["episodes"] == 3 and rows["walkway.mkv"]["episodes"] >= 1
+    assert "cannot open" in rows["broken.mp4"]["error"], "a bad file is listed, and the batch goes on"
+    index = (out / "index.html").read_text()
+    for name in ("still_motion", "walkway"):
+        assert f'href="{name}/index.html"' in index and (out / name / "index.html").is_file()
