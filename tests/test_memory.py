@@ -194,6 +194,7 @@ async def test_a_replay_asks_about_compressed_clips_with_a_bounded_memory_that_s
     assert stage is not None
     compression = stage.backend.compression  # type: ignore[attr-defined]
     assert 0.3 < compression.last_kept < 0.5
+    assert sum(a["tokens"].get("visual_dropped", 0) > 0 for a in answers) >= len(answers) - 1, "clips are compressed"
     # The memory: the first call has none, later ones carry it, bounded by 4 entries.
     memory_tokens = [a["tokens"].get("memory", 0) for a in answers]
     assert memory_tokens[0] == 0 and all(m > 0 for m in memory_tokens[1:])

@@ -62,6 +62,7 @@ class Generation:
     exit_depth: float | None = None  # mean layers run per decoded token, with the layer exit
     reuse: ReuseOutcome | None = None  # what token reuse saved, when it is on
     memory_tokens: int = 0  # length of the memory prefix before the prompt
+    visual_dropped: int = 0  # visual tokens compression left out
     summary: npt.NDArray[np.float32] | None = None  # the keyframe's pooled visual tokens
 
 
@@ -182,6 +183,8 @@ class TransformersBackend(Backend):
         extra = {"visual_reused": gen.reuse.reused_tokens, "tiles_reused": gen.reuse.tiles_reused} if gen.reuse else {}
         if gen.memory_tokens:
             extra["memory"] = gen.memory_tokens
+        if gen.visual_dropped:
+            extra["visual_dropped"] = gen.visual_dropped
         return answer_from_text(
             request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth, visual_summary=gen.summary,
             timings={"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
@@ -211,7 +214,7 @@ class TransformersBackend(Backend):
         if self.model is None:
             self.load()
         assert self.family is not None
-        summary, memory_tokens = None, 0
+        summary, memory_tokens, visual_dropped = None, 0, 0
         with self._lock, torch.inference_mode():
             prepared = _to(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
             if self.token_reuse is not None and reuse is not None:
@@ -237,7 +240,9 @@ class TransformersBackend(Backend):
                     keyframe = len(images) - 1 if clip is not None else 0
                     summary = pooled_tokens(features[self._image_rows(prepared, keyframe, len(images))], summary_tokens)
                 if self.compression is not None and clip is not None and features is not None:
+                    before = features.shape[0]
                     prepared, features = self.compression.apply(self.family, prepared, features, *clip)
+                    visual_dropped = before - features.shape[0]
                 prefix = None
                 if memory is not None:
                     state = self.memory_prefix.state(self.model, self.family, *memory, self._cache_kw)
@@ -250,7 +255,7 @@ class TransformersBackend(Backend):
             decode_s = time.perf_counter() - t2
         gen = Generation(
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
-            reuse=outcome, memory_tokens=memory_tokens, summary=summary,
+            reuse=outcome, memory_tokens=memory_tokens, summary=summary, visual_dropped=visual_dropped,
         )  # fmt: skip
         if self.layer_exit is not None and len(self.layer_exit.depths) > logged:
             gen.exit_depth = float(np.mean(self.layer_exit.depths[logged:]))

@@ -6,8 +6,8 @@ the stream :func:`write_report` writes into a directory:
 
 - ``index.html``: a timeline (salience with its components and the trigger's thresholds,
   the episodes as bands, each model call as a mark coloured by its status, the visual
-  tokens of each call split into computed, reused and dropped by compression, and the
-  memory prefix) drawn as inline SVG — no script, no network — then one card per episode
+  tokens of each call split into computed, reused and compressed away, and the memory
+  prefix) drawn as inline SVG — no script, no network — then one card per episode
   with its keyframe thumbnails and answers;
 - ``summary.json``: the same in machine-readable form;
 - ``thumbs/``: the keyframes, as small JPEGs.
@@ -240,15 +240,17 @@ def _timeline(report: ReportSink, episodes: list[Episode], duration: float) -> s
                    f"{said}</title></circle>")  # fmt: skip
 
     tokens = [(a["t"], a["tokens"]) for a in report.answers if a["tokens"]]
-    peak = max([tk.get("visual", 0) + tk.get("visual_reused", 0) + tk.get("memory", 0) for _, tk in tokens] + [1])
+    peak = max([tk.get("visual", 0) + tk.get("visual_dropped", 0) + tk.get("memory", 0) for _, tk in tokens] + [1])
     out.append(f'<text x="{left}" y="{tok_top - 6}">tokens per call (peak {peak}):</text>')
-    legend = (("#1f77b4", "visual, computed"), ("#5bc0de", "visual, reused"), ("#9467bd", "memory prefix"))
+    legend = (("#1f77b4", "visual, computed"), ("#5bc0de", "visual, reused"), ("#c7c7c7", "visual, compressed away"),
+              ("#9467bd", "memory prefix"))  # fmt: skip
     for i, (colour, name) in enumerate(legend):
-        out.append(f'<text x="{left + 200 + 130 * i}" y="{tok_top - 6}" style="fill:{colour}">■ {name}</text>')
+        out.append(f'<text x="{left + 160 + 175 * i}" y="{tok_top - 6}" style="fill:{colour}">■ {name}</text>')
     out.append(f'<rect x="{left}" y="{tok_top}" width="{plot_w}" height="{tok_h}" fill="none" stroke="#ccc"/>')
     for t, tk in tokens:
         y = tok_top + tok_h
-        for key, colour in (("visual", "#1f77b4"), ("visual_reused", "#5bc0de"), ("memory", "#9467bd")):
+        for key, colour in (("visual", "#1f77b4"), ("visual_reused", "#5bc0de"), ("visual_dropped", "#c7c7c7"),
+                            ("memory", "#9467bd")):  # fmt: skip
             n = tk.get(key, 0)
             if key == "visual":
                 n -= tk.get("visual_reused", 0)
