@@ -155,7 +155,9 @@ def build_backend(cfg: MllmConfig) -> Backend:
 
         assert cfg.url is not None
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
-        return OpenAIBackend(cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens)
+        return OpenAIBackend(
+            cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens, contract_stop=cfg.contract_stop
+        )
     from stream_rt.mllm.compression import Compression
     from stream_rt.mllm.layer_exit import LayerExit
     from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse

@@ -283,6 +283,18 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
         assert (answer.status, answer.text, answer.event_id) == ("ok", SMOKE_ANSWER, "cam-9"), answer.error
         assert answer.smoke and "".join(streamed) == SMOKE_ANSWER and answer.stop in ("contract", "eos")
         assert answer.tokens["generated"] > 0 and answer.timings["first_token"] > 0
+        # [mllm] contract_stop = false reaches the HTTP backend: it reads the stream to its
+        # end (here the worker's own contract stop ends it) instead of closing it itself.
+        from stream_rt.config import MllmConfig
+        from stream_rt.pipeline import build_backend
+
+        url = f"http://127.0.0.1:{free_port}/v1"
+        chatty = build_backend(MllmConfig(backend="openai", url=url, model="smoke", contract_stop=False))
+        try:
+            full = await chatty.answer(request)
+        finally:
+            await chatty.close()
+        assert full.stop == "eos" and full.text == SMOKE_ANSWER
         remote_image = {"type": "image_url", "image_url": {"url": "http://192.0.2.1/cam.jpg"}}
         body = {"model": "smoke", "messages": [{"role": "user", "content": [remote_image]}]}
         url = f"http://127.0.0.1:{free_port}/v1/chat/completions"
