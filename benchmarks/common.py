@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import av
+
+
+def rss_mb() -> float:
+    """This process's resident memory, in MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_growth(series: list[float]) -> dict[str, float]:
+    """RSS after the warm-up (median of the tenth after the first fifth of the samples)
+    and at the end (median of the last tenth), and the growth between them."""
+    n = len(series)
+    warm, tenth = n // 5, max(1, n // 10)
+    after, end = statistics.median(series[warm : warm + tenth]), statistics.median(series[-tenth:])
+    return {"rss_after_warmup_mb": after, "rss_end_mb": end, "rss_growth": round(end / after - 1, 4)}
 
 
 def bare_decode(clip: Path) -> tuple[int, float]:

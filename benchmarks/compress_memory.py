@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from common import answer_fidelity, copy_cache
+from common import answer_fidelity, copy_cache, rss_growth, rss_mb
 
 from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock
 from stream_rt.mllm.compression import Compression
@@ -145,11 +144,6 @@ def memory_prefix(backend: TransformersBackend, rounds: int = 5) -> dict[str, fl
     }
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def long_replay_child(frames: int, series: Path) -> None:
     """The long replay (run in its own process, so its RSS is its own)."""
     from stream_rt.config import LOSSLESS_CHANNELS, parse_config
@@ -188,17 +182,12 @@ def long_replay_child(frames: int, series: Path) -> None:
     with series.open("w") as out:
         out.write("wall_s,frames,rss_mb,memory_entries,memory_visual_tokens,model_calls\n")
         out.writelines(",".join(map(str, row)) + "\n" for row in samples)
-    n = len(samples)
-    warm = [s[2] for s in samples[n // 5 : n // 5 + max(1, n // 10)]]
-    last = [s[2] for s in samples[-max(1, n // 10) :]]
     counters = pipeline.graph.statistics()["nodes"]["mllm"]
     print(json.dumps({
         "frames": source.emitted, "wall_s": round(wall, 1), "fps": round(source.emitted / wall),  # type: ignore[attr-defined]
         "model_calls": counters.get("model_calls", 0), "memory_merges": counters.get("memory_merges", 0),
         "memory_entries_max": max(s[3] for s in samples), "memory_visual_tokens_max": max(s[4] for s in samples),
-        "token_budget": memory.token_budget, "rss_after_warmup_mb": statistics.median(warm),
-        "rss_end_mb": statistics.median(last),
-        "rss_growth": round(statistics.median(last) / statistics.median(warm) - 1, 4),
+        "token_budget": memory.token_budget, **rss_growth([s[2] for s in samples]),
     }))  # fmt: skip
 
 

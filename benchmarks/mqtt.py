@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,16 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from stream_rt.graph import Backoff  # noqa: E402
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink  # noqa: E402
-from tests.processes import Broker  # noqa: E402
+from tests.processes import Broker, free_port  # noqa: E402
 from tests.test_mqtt import Subscriber, event, feed_graph  # noqa: E402
 
 WINDOW = 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def through_sink(port: int, workdir: Path, count: int, offset: int) -> float:

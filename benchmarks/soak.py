@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,33 +34,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import rss_growth, rss_mb
+
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.ops.http import OpsServer
 from stream_rt.pipeline import build_pipeline
-from tests.processes import Broker
+from tests.processes import Broker, free_port
 from tests.test_mqtt import Subscriber
 
 COLUMNS = ["wall_s", "frames", "rss_mb", "fds", "threads", "queue_max", "queue_total", "outbox_depth",
            "memory_entries", "model_calls", "events"]  # fmt: skip
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def os_threads() -> int:
     """Threads of this process as the kernel counts them (torch's and FFmpeg's included)."""
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 async def scrape(port: int, path: str) -> int:
@@ -148,12 +136,11 @@ async def soak(hours: float, workdir: Path) -> tuple[list[list[float]], dict[str
 def judge(rows: list[list[float]]) -> dict[str, Any]:
     col = {name: [row[i] for row in rows] for i, name in enumerate(COLUMNS)}
     n = len(rows)
-    warm, tenth = n // 5, max(1, n // 10)
-    rss_warm, rss_end = statistics.median(col["rss_mb"][warm : warm + tenth]), statistics.median(col["rss_mb"][-tenth:])
+    warm = n // 5
     after = {name: values[warm:] for name, values in col.items()}
     return {
         "samples": n,
-        "rss_after_warmup_mb": rss_warm, "rss_end_mb": rss_end, "rss_growth": round(rss_end / rss_warm - 1, 4),
+        **rss_growth(col["rss_mb"]),
         "fds_after_warmup": col["fds"][warm], "fds_max_after_warmup": max(after["fds"]), "fds_end": col["fds"][-1],
         "threads_after_warmup": col["threads"][warm], "threads_max_after_warmup": max(after["threads"]),
         "threads_end": col["threads"][-1],

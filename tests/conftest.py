@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from . import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
@@ -32,9 +33,7 @@ def ffmpeg() -> str:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return processes.free_port()
 
 
 @pytest.fixture(scope="session")

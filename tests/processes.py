@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,6 +27,13 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{proc.args[0]} did not start listening on port {port}")
         time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 RecordProperty = Callable[[str, object], None]

@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import urllib.request
 from pathlib import Path
 
 from .processes import Broker
+from .processes import free_port as free_port_now
 from .test_live import Server
 from .test_mqtt import Subscriber, wait_until
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def another_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def example_config(name: str, tmp_path: Path, replacements: dict[str, str]) -> Path:
+    """``examples/<name>`` with its addresses and paths replaced by the test's own."""
+    text = (EXAMPLES / name).read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    config = tmp_path / name
+    config.write_text(text)
+    return config
 
 
 async def run_daemon(config: Path) -> asyncio.subprocess.Process:
@@ -40,20 +44,18 @@ async def stop(daemon: asyncio.subprocess.Process) -> str:
 async def test_the_camera_daemon_watches_a_live_stream_and_publishes_events_and_answers(
     ffmpeg: str, samples: Path, free_port: int, tmp_path: Path
 ) -> None:
-    camera = Server(ffmpeg, samples / "vtest.avi", another_port())
+    camera = Server(ffmpeg, samples / "vtest.avi", free_port_now())
     camera.start()
     broker = Broker(free_port, tmp_path)
     broker.start()
-    http = another_port()
-    config = tmp_path / "camera.toml"
-    config.write_text(
-        (EXAMPLES / "camera.toml").read_text()
-        .replace("rtsp://192.0.2.10:554/stream1", f"tcp://127.0.0.1:{camera.port}")
-        .replace('path = "gate.jsonl"', f'path = "{tmp_path / "gate.jsonl"}"')
-        .replace('host = "127.0.0.1"\n', f'host = "127.0.0.1"\nport = {free_port}\n')
-        .replace("/var/lib/stream-rt/outbox.sqlite", str(tmp_path / "outbox.sqlite"))
-        .replace("127.0.0.1:9108", f"127.0.0.1:{http}")
-    )  # fmt: skip
+    http = free_port_now()
+    config = example_config("camera.toml", tmp_path, {
+        "rtsp://192.0.2.10:554/stream1": f"tcp://127.0.0.1:{camera.port}",
+        'path = "gate.jsonl"': f'path = "{tmp_path / "gate.jsonl"}"',
+        'host = "127.0.0.1"\n': f'host = "127.0.0.1"\nport = {free_port}\n',
+        "/var/lib/stream-rt/outbox.sqlite": str(tmp_path / "outbox.sqlite"),
+        "127.0.0.1:9108": f"127.0.0.1:{http}",
+    })  # fmt: skip
     subscriber = Subscriber(free_port)
     daemon = await run_daemon(config)
     try:
@@ -89,13 +91,11 @@ async def test_the_mqtt_pipeline_takes_frames_over_mqtt_and_answers_over_mqtt(
 ) -> None:
     broker = Broker(free_port, tmp_path)
     broker.start()
-    config = tmp_path / "mqtt_pipeline.toml"
-    config.write_text(
-        (EXAMPLES / "mqtt_pipeline.toml").read_text()
-        .replace("127.0.0.1:1883", f"127.0.0.1:{free_port}")
-        .replace("port = 1883", f"port = {free_port}")
-        .replace('outbox = "stream_rt-outbox.sqlite"', f'outbox = "{tmp_path / "outbox.sqlite"}"')
-    )  # fmt: skip
+    config = example_config("mqtt_pipeline.toml", tmp_path, {
+        "127.0.0.1:1883": f"127.0.0.1:{free_port}",
+        "port = 1883": f"port = {free_port}",
+        'outbox = "stream_rt-outbox.sqlite"': f'outbox = "{tmp_path / "outbox.sqlite"}"',
+    })  # fmt: skip
     subscriber = Subscriber(free_port)
     daemon = await run_daemon(config)
     try:

@@ -89,9 +89,10 @@ def test_any_command_payload_is_applied_or_refused_with_a_command_error(feature:
     assert done["applied"]
 
 
-def clip_bytes(samples: Path) -> bytes:
-    """The first 3 s of the real walkway clip with its speech, as Matroska."""
-    out = Path(tempfile.mkdtemp()) / "short.mkv"
+@pytest.fixture(scope="module")
+def clip_bytes(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The first 3 s of the real walkway clip with its speech, as Matroska (cut once)."""
+    out = tmp_path_factory.mktemp("clip") / "short.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(samples / "walkway_speech.mkv"), "-t", "3", "-c", "copy",
                     str(out)], check=True)  # fmt: skip
     return out.read_bytes()
@@ -106,9 +107,9 @@ def replay(path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("damage", ["flip", "cut", "zero_run", "shuffle", "header"])
 def test_damaged_real_media_replays_what_it_can_or_says_why_in_one_line(
-    samples: Path, tmp_path: Path, damage: str
+    clip_bytes: bytes, tmp_path: Path, damage: str
 ) -> None:
-    data = bytearray(clip_bytes(samples))
+    data = bytearray(clip_bytes)
     rng = random.Random(damage)
     if damage == "flip":
         for _ in range(200):

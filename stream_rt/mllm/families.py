@@ -52,6 +52,7 @@ class Family:
     it handles."""
 
     name: ClassVar[str]
+    mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
     model_types: ClassVar[tuple[str, ...]]
     default_template: ClassVar[str]
 
@@ -114,6 +115,7 @@ class Qwen2VL(Family):
     """Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2x2 patch merge, M-RoPE positions."""
 
     name = "qwen2_vl"
+    mrope = True
     model_types = ("qwen2_vl", "qwen2_5_vl")
     default_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"

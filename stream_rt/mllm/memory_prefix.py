@@ -95,7 +95,7 @@ class MemoryPrefix:
 def prefix_positions(length: int, family: Family, device: torch.device) -> torch.Tensor:
     """Text-like position ids 0..length-1 (all three M-RoPE axes alike for Qwen2-VL)."""
     positions = torch.arange(length, device=device)[None]
-    return positions.expand(3, 1, length) if family.name == "qwen2_vl" else positions
+    return positions.expand(3, 1, length) if family.mrope else positions
 
 
 def after_prefix(prepared: Prepared, length: int) -> Prepared:

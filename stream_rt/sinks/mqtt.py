@@ -256,11 +256,12 @@ async def _unless_disconnected(client: aiomqtt.Client, publishes: asyncio.Future
     """Wait for ``publishes``, but give up the moment the connection dies: aiomqtt lets a
     publish wait for its acknowledgement until its own timeout even after the broker went
     away, which would stall the outbox for that long before reconnecting."""
-    disconnected = getattr(client, "_disconnected", None)
-    if not isinstance(disconnected, asyncio.Future):
+    disconnected = _disconnect_future(client)
+    if disconnected is None:
         await publishes
         return
-    await asyncio.wait({publishes, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {publishes, disconnected}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if publishes.done():
         publishes.result()
         return
@@ -273,6 +274,12 @@ def _consume_disconnect(client: aiomqtt.Client) -> None:
     """aiomqtt keeps the reason of an unexpected disconnect in a future that nobody reads
     when the connection dies inside ``async with``; read it (we already handled the error
     above) so asyncio does not print 'Future exception was never retrieved' at exit."""
-    future = getattr(client, "_disconnected", None)
-    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+    future = _disconnect_future(client)
+    if future is not None and future.done() and not future.cancelled():
         future.exception()
+
+
+def _disconnect_future(client: aiomqtt.Client) -> asyncio.Future[Any] | None:
+    """aiomqtt's (private) future that completes when the connection ends, if it has one."""
+    future = getattr(client, "_disconnected", None)
+    return future if isinstance(future, asyncio.Future) else None

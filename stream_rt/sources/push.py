@@ -3,7 +3,8 @@
 ``source.push(rgb)`` from any thread (or from the event loop) hands over one RGB frame
 (``(height, width, 3)`` uint8; the array is not copied, so do not write to it afterwards);
 ``source.close()`` ends the stream. Media time is the time of the push unless ``pts_ns``
-is given. When the graph is behind, at most ``max_pending`` frames wait and the oldest
+is given. The luma plane is computed in the pushing thread, so the event loop only
+hands frames on. When the graph is behind, at most ``max_pending`` frames wait and the oldest
 are dropped (counted as ``frames_dropped``): a robot wants the newest view, not a
 backlog.
 """
@@ -46,7 +47,7 @@ class PushSource(StatusSource):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"push() takes (height, width, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
         pts = time.monotonic_ns() - self._started_ns if pts_ns is None else pts_ns
-        self._put((pts, rgb))
+        self._put((pts, rgb, rgb_luma(rgb)))
 
     def close(self) -> None:
         """End the stream (thread-safe): frames already pushed are still delivered."""
@@ -79,9 +80,8 @@ class PushSource(StatusSource):
             if item is _END:
                 return
             assert isinstance(item, tuple)
-            pts: int = item[0]
-            rgb: npt.NDArray[np.uint8] = item[1]
-            frame = VideoFrame(self.name, seq, sanitiser(pts, 1), ctx.clock.wall_ns(), rgb_luma(rgb), _constant(rgb))
+            pts, rgb, y = item
+            frame = VideoFrame(self.name, seq, sanitiser(pts, 1), ctx.clock.wall_ns(), y, _constant(rgb))
             seq += 1
             self.frame_rate.tick(ctx.clock.now_ns())
             self.position_s = frame.pts_ns / 1e9
