@@ -315,14 +315,47 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
     for exit in (LayerExit(every=1, thresholds=[0.0, 0.0]), LayerExit(every=1, thresholds=None)):
         gen = TransformersBackend(str(smoke_model), layer_exit=exit).generate(images, text)
         assert gen.token_ids == reference.token_ids and gen.exit_depth == 4
-        assert len(exit.distances) == len(gen.token_ids) - 1 and all(len(d) == 2 for d in exit.distances)
-        assert all(len(t) == 4 and t[-1] == token for t, token in zip(exit.tokens, gen.token_ids[1:], strict=True))
+        assert exit.depth_counts == {4: len(gen.token_ids) - 1}
+    # Only the measuring run (thresholds None) logs the exits.
+    assert len(exit.distances) == len(gen.token_ids) - 1 and all(len(d) == 2 for d in exit.distances)
+    assert all(len(t) == 4 and t[-1] == token for t, token in zip(exit.tokens, gen.token_ids[1:], strict=True))
     # Calibrated on the logged distances for an average of 3 of the 4 layers, exits are taken.
     thresholds = calibrate(exit, 4, target_depth=3.0)
     early = LayerExit(every=1, thresholds=thresholds)
     gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
     assert gen.exit_depth is not None and gen.exit_depth < 4
-    assert min(early.depths) < 4 and set(early.depths) <= {2, 3, 4}
+    assert min(early.depth_counts) < 4 and set(early.depth_counts) <= {2, 3, 4} and not early.distances
+
+
+def test_the_layer_exits_statistics_stay_bounded_however_long_it_decodes(smoke_model: Path, samples: Path) -> None:
+    """A long-lived backend keeps one count per depth and, measuring, the last
+    ``log_limit`` tokens' exits; each call's exit depth is still the mean over its own
+    tokens, as a fresh exit per call reports it."""
+    frames = [f.rgb() for f in clip_frames(samples, [100, 300, 500])]
+    text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "Anyone there?"))
+    measuring = LayerExit(every=1, thresholds=None, log_limit=40)
+    backend = TransformersBackend(str(smoke_model), contract_stop=False, max_new_tokens=80, layer_exit=measuring)
+    for frame in frames:
+        gen = backend.generate([frame], text)
+        assert gen.stop == "max_tokens" and gen.exit_depth == 4
+    steps = 3 * 79  # a decoding step per token after the first
+    assert measuring.decoded == steps and measuring.depth_counts == {4: steps}
+    assert len(measuring.distances) == len(measuring.tokens) == 40
+    assert [t[-1] for t in measuring.tokens] == gen.token_ids[-40:], "the latest 40 tokens"
+    thresholds = calibrate(measuring, 4, target_depth=3.0)
+    early = LayerExit(every=1, thresholds=thresholds)
+    backend.layer_exit = early
+    depths, tokens = [], []
+    for frame in frames:
+        gen = backend.generate([frame], text)
+        fresh = LayerExit(every=1, thresholds=thresholds)
+        backend.layer_exit = fresh
+        assert backend.generate([frame], text).exit_depth == gen.exit_depth == fresh.mean_depth
+        backend.layer_exit = early
+        depths.append(gen.exit_depth)
+        tokens.append(fresh.decoded)
+    assert len(early.depth_counts) <= 3 and not early.distances
+    assert early.mean_depth == pytest.approx(np.average(depths, weights=tokens)) and early.mean_depth < 4
 
 
 async def test_cancelling_a_call_stops_the_generation_thread(smoke_model: Path, samples: Path) -> None:

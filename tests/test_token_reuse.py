@@ -1,9 +1,11 @@
 """Temporal token reuse on the smoke models (Qwen2-VL and SmolVLM/Idefics3 families) and
 real frames of the static-camera sample: exactness where nothing is reused, fidelity on
-an identical frame, the cache's resets, and bit-identical tile reuse."""
+an identical frame, the cache's resets and bounds, and bit-identical tile reuse."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -11,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from stream_rt.graph.packets import MllmRequest
 from stream_rt.mllm.prefill import run_prefill
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
+from stream_rt.mllm.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
@@ -160,3 +163,52 @@ def test_a_tile_that_changed_in_places_reencodes_only_those_patches(samples: Pat
     for tile in (3, 4):  # the bottom-right tile and the global view: re-encoded in part
         same = (before[tile] == after[tile]).all(dim=1)
         assert 0 < int(same.sum()) < len(same), "tokens away from the change keep their features exactly"
+
+
+def held_bytes(reuse: TokenReuse) -> int:
+    """Bytes of the tensors and arrays the cache's entries hold, each at its own size (a
+    view counts only what it shows, so this is at most what the cache reports)."""
+    total = 0
+    for e in reuse._entries.values():
+        tensors = [e.input_ids, *e.keys, *e.values, *e.tile_pixels, *e.tile_features]
+        tensors += [t for s in e.tile_states if s is not None for t in (*s[0], *s[1], s[2])]
+        tensors += [e.relevance] if e.relevance is not None else []
+        total += sum(t.numel() * t.element_size() for t in tensors) + e.patches.nbytes
+    return total
+
+
+def test_a_flood_of_questions_keeps_the_cache_within_its_bounds(samples: Path) -> None:
+    """Distinct questions (each MQTT ``ask`` has its own) on one source replace each other,
+    never that source's routine question nor another source's cache; past the total
+    bounds the least recently used entry goes."""
+    _, reusing, reuse = backends("qwen2_vl", max_entries=4, max_entries_per_source=2)
+    still, later = frames(samples, [10, 30])
+
+    def call(source: str, question: str = QUESTION, frame: np.ndarray = still) -> ReuseOutcome:
+        reusing.generate([frame], question, max_new_tokens=1, reuse=((source, question), f"{source}-1"))
+        return reuse.last
+
+    for source in "abc":
+        call(source)
+    assert call("a").mode == "reuse"
+    for i in range(10):
+        call("a", f"Who is person {i}?")
+        assert max(Counter(source for source, _ in reuse._entries).values()) <= 2 and reuse.entries <= 4
+    assert list(reuse._entries) == [("b", QUESTION), ("c", QUESTION), ("a", QUESTION), ("a", "Who is person 9?")]
+    assert reuse.evictions == {"source": 9}
+    assert call("a", frame=later).mode == "reuse", "the routine question still reuses after the flood"
+    assert call("d").evicted == 1 and ("b", QUESTION) not in reuse._entries, "the least recently used goes"
+    assert call("c").mode == "reuse"  # now the most recently used
+    assert call("e").evicted == 1 and ("a", "Who is person 9?") not in reuse._entries
+    assert reuse.evictions == {"source": 9, "entries": 2}
+    # By bytes: room for two and a half entries of this size.
+    size = reuse._entries[("c", QUESTION)].nbytes
+    reuse.settings.max_mib = 2.5 * size / 2**20
+    assert call("f").evicted == 3 and list(reuse._entries) == [("e", QUESTION), ("f", QUESTION)]
+    assert held_bytes(reuse) <= reuse.nbytes <= 2.5 * size and reuse.evictions["bytes"] == 2
+    asyncio.run(reusing.answer(MllmRequest("g", 0, 0, 0, "g-1", QUESTION, (still,))))
+    assert reusing.counters() == {"reuse_evicted_source": 9, "reuse_evicted_entries": 3, "reuse_evicted_bytes": 3}
+    assert reusing.gauges() == {"reuse_cache_entries": 2, "reuse_cache_mib": round(reuse.nbytes / 2**20, 1)}
+    # An entry over the bound on its own is not kept, and evicts nothing else.
+    reuse.settings.max_mib = 0.5 * size / 2**20
+    assert call("h").evicted == 1 and ("h", QUESTION) not in reuse._entries and reuse.entries == 2

@@ -12,10 +12,15 @@ Thresholds are calibrated on logged calls (:func:`calibrate`): run with threshol
 that the share of tokens leaving at exit k follows p_k ∝ λ^k, with λ set for the target
 average depth (DeeR). With every threshold 0 no exit is ever taken and the output is the
 full model's.
+
+What it keeps stays bounded however long it decodes: how many tokens ran each number of
+layers (:attr:`LayerExit.depth_counts`, one count per depth), and — only on a measuring
+run — the distances and top tokens of the last ``log_limit`` tokens.
 """
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +38,14 @@ MAX_DISTANCE = 2.0
 class LayerExit:
     every: int = 2
     thresholds: list[float] | None = None  # one per exit after the first; None: measure only
-    depths: list[int] = field(default_factory=list)  # layers run, per decoded token
-    distances: list[list[float]] = field(default_factory=list)  # per token, per exit after the first
-    tokens: list[list[int]] = field(default_factory=list)  # per token: top token at each exit, then the final
+    log_limit: int = 10_000  # measuring runs: tokens whose distances and top tokens are kept (the latest)
+    depth_counts: Counter[int] = field(default_factory=Counter)  # layers run -> decoded tokens that ran them
+    distances: deque[list[float]] = field(init=False)  # measuring: per token, per exit after the first
+    tokens: deque[list[int]] = field(init=False)  # measuring: per token, top token at each exit, then the final
+
+    def __post_init__(self) -> None:
+        self.distances = deque(maxlen=self.log_limit)
+        self.tokens = deque(maxlen=self.log_limit)
 
     def exit_layers(self, n_layers: int) -> list[int]:
         """Layer counts after which an exit is evaluated (the last layer is not an exit)."""
@@ -46,15 +56,35 @@ class LayerExit:
             return -1.0  # never exits
         return self.thresholds[k]
 
+    def record(self, depth: int, distances: list[float], tops: list[int]) -> None:
+        """One decoded token: it ran ``depth`` layers; a measuring run also logs its exits'
+        ``distances`` and top tokens ``tops``."""
+        self.depth_counts[depth] += 1
+        if self.thresholds is None:
+            self.distances.append(distances)
+            self.tokens.append(tops)
+
+    @property
+    def decoded(self) -> int:
+        """Tokens decoded with the exits."""
+        return sum(self.depth_counts.values())
+
+    @property
+    def layers_run(self) -> int:
+        """Layers run over all of them."""
+        return sum(depth * n for depth, n in self.depth_counts.items())
+
     @property
     def mean_depth(self) -> float:
-        return float(np.mean(self.depths)) if self.depths else 0.0
+        """Mean layers run per decoded token (0 before the first)."""
+        return self.layers_run / self.decoded if self.depth_counts else 0.0
 
 
 def decode_step(
     model: Any, token: torch.Tensor, position_ids: torch.Tensor, cache: Any, exit: LayerExit, cache_kw: str
 ) -> torch.Tensor:
-    """One decoding step through the layers with exits; returns the logits."""
+    """One decoding step through the layers with exits; returns the logits, and records the
+    token's depth (and on a measuring run its exits) in ``exit``."""
     decoder = model.get_decoder()
     layers = decoder.layers
     hidden = model.get_input_embeddings()(token)
@@ -87,9 +117,7 @@ def decode_step(
     if logits is None:
         logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
         tops.append(int(logits.argmax()))
-    exit.depths.append(depth)
-    exit.distances.append(distances)
-    exit.tokens.append(tops)
+    exit.record(depth, distances, tops)
     return logits
 
 

@@ -28,11 +28,20 @@ every layer for the whole prompt, the question's attention to each visual token,
 The cache is reset — and the call is a plain full one — on a new episode (another event
 id), a changed question or prompt layout, a model error, or when more than
 ``max_changed`` of the visual tokens changed.
+
+The cache is bounded: at most ``max_entries`` keys, ``max_entries_per_source`` of them for
+one source, and ``max_mib`` MiB of the tensors and arrays the entries hold (K/V, patches,
+tile pixels, features and states, relevance). Past a bound the least recently used entry
+goes; past a source's own bound it is that source's least recently used question asked
+only once (an ``ask``) that goes, before one asked repeatedly (the routine question). An
+entry larger than ``max_mib`` on its own is not kept. Evictions are counted by bound in
+:attr:`TokenReuse.evictions`, and per call in :attr:`ReuseOutcome.evicted`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +66,9 @@ class ReuseSettings:
     schedule: Literal["fixed", "entropy"] = "fixed"
     tiles: Literal["off", "exact", "static"] = "static"
     encoder_partial: bool = True
+    max_entries: int = 8
+    max_entries_per_source: int = 2
+    max_mib: float = 512.0
 
 
 @dataclass
@@ -71,6 +83,8 @@ class _Entry:
     tile_features: list[torch.Tensor] = field(default_factory=list)
     tile_states: list[TileState | None] = field(default_factory=list)
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
+    calls: int = 1  # calls under this key while it was cached
+    nbytes: int = 0  # of the tensors and arrays above (:func:`_held_bytes`)
 
 
 @dataclass
@@ -84,13 +98,30 @@ class ReuseOutcome:
     tiles: int = 0
     tiles_reused: int = 0
     computed_share: float = 1.0
+    evicted: int = 0  # cache entries this call's entry pushed out (itself, if too large to keep)
 
 
 class TokenReuse:
+    """The reuse cache, one entry per (source, question) key, and the calls that use it.
+    ``evictions`` counts the entries evicted so far by the bound that evicted them:
+    ``source`` (``max_entries_per_source``), ``entries`` (``max_entries``), ``bytes``
+    (``max_mib``)."""
+
     def __init__(self, settings: ReuseSettings | None = None) -> None:
         self.settings = settings or ReuseSettings()
-        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # least recently used first
+        self.evictions: Counter[str] = Counter()
         self.last = ReuseOutcome("none")
+
+    @property
+    def entries(self) -> int:
+        """Keys cached now."""
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors and arrays the cache holds."""
+        return sum(e.nbytes for e in self._entries.values())
 
     def reset(self, key: tuple[str, str] | None = None) -> None:
         if key is None:
@@ -157,11 +188,38 @@ class TokenReuse:
             self.last = ReuseOutcome("reuse", len(visual), int(static.sum()), int(reusable.sum()), len(tile_pixels),
                                      tiles_reused, result.computed_share)  # fmt: skip
         t2 = time.perf_counter()
-        self._entries[key] = _Entry(
+        stored = _Entry(
             event_id, prepared.input_ids, patches, result.keys, result.values, result.relevance, tile_pixels,
-            tile_features, tile_states, ratios,
+            tile_features, tile_states, ratios, entry.calls + 1 if entry is not None else 1,
         )  # fmt: skip
+        stored.nbytes = _held_bytes(stored)
+        self.last.evicted = self._store(key, stored)
         return result, t1 - t0, t2 - t1
+
+    def _store(self, key: tuple[str, str], entry: _Entry) -> int:
+        """Keep ``entry`` as the most recently used, evicting past the bounds; how many
+        entries that evicted (``entry`` itself, when it alone is over ``max_mib``)."""
+        s = self.settings
+        limit = int(s.max_mib * 2**20)
+        before = sum(self.evictions.values())
+        if entry.nbytes > limit:
+            self.evictions["bytes"] += 1
+            return 1
+        mine = [k for k in self._entries if k[0] == key[0]]  # least recently used first
+        while len(mine) >= s.max_entries_per_source:
+            victim = next((k for k in mine if self._entries[k].calls == 1), mine[0])
+            mine.remove(victim)
+            self._evict(victim, "source")
+        self._entries[key] = entry
+        while len(self._entries) > s.max_entries:
+            self._evict(next(iter(self._entries)), "entries")
+        while self.nbytes > limit:
+            self._evict(next(iter(self._entries)), "bytes")
+        return sum(self.evictions.values()) - before
+
+    def _evict(self, key: tuple[str, str], bound: str) -> None:
+        del self._entries[key]
+        self.evictions[bound] += 1
 
     def _encode(
         self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
@@ -204,6 +262,17 @@ class TokenReuse:
                 features.append(family.encode_tile(model, prepared, t))
                 states.append(None)
         return torch.cat(features), reused, pixels, features, states
+
+
+def _held_bytes(entry: _Entry) -> int:
+    """Bytes of the tensors and arrays ``entry`` holds, each storage counted once, whole (a
+    tile's pixels are a view that keeps the request's whole pixel tensor alive)."""
+    tensors = [entry.input_ids, *entry.keys, *entry.values, *entry.tile_pixels, *entry.tile_features]
+    tensors += [t for state in entry.tile_states if state is not None for t in (*state[0], *state[1], state[2])]
+    if entry.relevance is not None:
+        tensors.append(entry.relevance)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) + entry.patches.nbytes
 
 
 def _full_reason(entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8]) -> str:

@@ -5,9 +5,13 @@ Each message on ``topic`` is one frame: a JPEG (``format="jpeg"``, decoded with 
 MJPEG decoder off the event loop) or raw pixels (``format="gray"`` or ``"rgb24"``, with
 ``width`` and ``height``). JPEG luma is full range (0..255), where video decoders usually give limited-range luma
 (16..235). MQTT carries no media time, so ``pts_ns`` is the arrival time
-on the graph's clock, made strictly increasing. A payload that does not decode is counted
-(``corrupt_frames``) and skipped. The connection is retried with backoff; ``online`` /
-``offline`` status goes out on the ``status`` port like any source's.
+on the graph's clock, made strictly increasing. At most ``queued`` messages wait for the
+graph: when a publisher is faster, the oldest waiting one is replaced by the new one (a
+camera wants the newest picture) and counted (``frames_replaced``). A payload that does not
+decode is counted (``corrupt_frames``), skipped and logged at warning: the first at once,
+then at most one line a minute saying how many were skipped since, with the last reason.
+The connection is retried with backoff; ``online`` / ``offline`` status goes out on the
+``status`` port like any source's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import Literal
 
 import aiomqtt
@@ -29,6 +34,9 @@ from stream_rt.sources.status import StatusSource
 log = logging.getLogger("stream_rt.sources")
 
 FrameFormat = Literal["jpeg", "gray", "rgb24"]
+
+CORRUPT_LOG_INTERVAL_NS = 60_000_000_000
+"""Skipped payloads are logged at most once this often (after the first)."""
 
 
 def decode_frame(
@@ -49,6 +57,20 @@ def decode_frame(
     return rgb_luma(pixels), pixels
 
 
+def latest_queue(on_replaced: Callable[[], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """A queue class for ``aiomqtt.Client(queue_type=...)`` that, when full, drops its
+    oldest message to take the new one, calling ``on_replaced`` for each dropped."""
+
+    class LatestQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if self.full():
+                self.get_nowait()
+                on_replaced()
+            super().put_nowait(item)
+
+    return LatestQueue
+
+
 class MqttSource(StatusSource):
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
@@ -65,8 +87,12 @@ class MqttSource(StatusSource):
         width: int | None = None,
         height: int | None = None,
         backoff: Backoff | None = None,
+        queued: int = 2,
     ) -> None:
+        if queued < 1:
+            raise ValueError(f"source '{name}': queued must be >= 1, got {queued}")
         super().__init__(name, has_video=True, has_audio=False)
+        self.queued = queued
         self.topic, self.host, self.port = topic, host, port
         self.username, self.password = username, password
         self.format, self.width, self.height = format, width, height
@@ -75,14 +101,19 @@ class MqttSource(StatusSource):
         self._pts = PtsSanitiser()
         self._seq = 0
         self._rng = random.Random()
+        self._corrupt_logged_ns: int | None = None  # when skipped payloads were last logged
+        self._corrupt_unlogged = 0  # skipped since
+        self._corrupt_reason = ""  # the last one's
 
     async def run(self, ctx: Context) -> None:
         failures = 0
         start_ns = ctx.clock.now_ns()
+        queue = latest_queue(lambda: ctx.count("frames_replaced"))
         while True:
             try:
                 async with aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
-                                          timeout=10) as client:  # fmt: skip
+                                          timeout=10, queue_type=queue,
+                                          max_queued_incoming_messages=self.queued) as client:  # fmt: skip
                     await client.subscribe(self.topic, qos=0)
                     failures = 0
                     await self.set_state(ctx, "online", f"subscribed to {self.topic}")
@@ -100,10 +131,11 @@ class MqttSource(StatusSource):
             y, rgb = await asyncio.to_thread(decode_frame, payload, self.format, self.width, self.height)
         except ValueError as exc:
             ctx.count("corrupt_frames")
-            log.debug(
-                "source '%s': skipped a message that is not a frame: %s", self.name, exc, extra={"source": self.name}
-            )
+            self._corrupt_unlogged += 1
+            self._corrupt_reason = str(exc)
+            self._log_corrupt(ctx)
             return
+        self._log_corrupt(ctx)
         pts = self._pts(arrival_ns, 1)
         frame = VideoFrame(
             self.name, self._seq, pts, ctx.clock.wall_ns(), y, (lambda: rgb) if rgb is not None else None
@@ -112,3 +144,19 @@ class MqttSource(StatusSource):
         self.frame_rate.tick(ctx.clock.now_ns())
         await ctx.emit("video", frame)
         ctx.count("frames")
+
+    def _log_corrupt(self, ctx: Context) -> None:
+        """Log the skipped payloads not logged yet: the first at once, later ones together
+        once ``CORRUPT_LOG_INTERVAL_NS`` has passed since the last line."""
+        n, now, last = self._corrupt_unlogged, ctx.clock.now_ns(), self._corrupt_logged_ns
+        if not n or (last is not None and now - last < CORRUPT_LOG_INTERVAL_NS):
+            return
+        if last is None:
+            log.warning("source '%s': skipped a message that is not a frame: %s (more are counted as corrupt_frames "
+                        "and logged at most once a minute)", self.name, self._corrupt_reason,
+                        extra={"source": self.name})  # fmt: skip
+        else:
+            log.warning("source '%s': skipped %d message%s that %s not a frame in the last %.0f s; the last: %s",
+                        self.name, n, "s" if n > 1 else "", "were" if n > 1 else "was", (now - last) / 1e9,
+                        self._corrupt_reason, extra={"source": self.name})  # fmt: skip
+        self._corrupt_logged_ns, self._corrupt_unlogged = now, 0
