@@ -11,9 +11,12 @@ with ``dpkg -x`` (nothing is installed):
 - ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
 
 Then it builds ``walkway_speech.mkv``: the vtest video, untouched, with an audio track of
-quiet background noise and real speech clips placed at known times. ``walkway_speech.json``
-lists each clip's placement and its spoken span (10 ms RMS above -35 dBFS): the labels
-that evaluations score against.
+quiet background noise and real speech clips placed at known times, its audio and video
+packets stored interleaved in time order. ``walkway_speech.json`` lists each clip's
+placement and its spoken span (10 ms RMS above -35 dBFS): the labels that evaluations
+score against. ``walkway_speech_late.mkv`` holds the very same packets with all the audio
+stored after all the video (see :func:`remux_audio_late`), as a recorder that writes in
+large chunks may leave them: a reader must not let file order stand for media time.
 
 It also builds ``still_motion.mkv`` (see :func:`build_still_motion`), the evaluation clip
 of long still stretches cut with real motion.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -106,11 +110,19 @@ def speech_span(speech: np.ndarray) -> tuple[float, float]:
     return float(loud[0] / SAMPLE_RATE), float(loud[-1] / SAMPLE_RATE)
 
 
-def build_av_sample(dest: Path, force: bool) -> None:
+def build_av_sample(dest: Path, force: bool) -> bool:
+    """``walkway_speech.mkv`` and its labels; True when it was (re)built. A file from
+    before its packets were stored interleaved (no ``"interleaved"`` in the labels) is
+    rebuilt."""
     out_path, labels_path = dest / "walkway_speech.mkv", dest / "walkway_speech.json"
-    if not force and out_path.exists() and labels_path.exists() and "clip_start_s" in labels_path.read_text():
+    if (
+        not force
+        and labels_path.exists()
+        and out_path.exists()
+        and json.loads(labels_path.read_text()).get("interleaved")
+    ):
         print("  walkway_speech.mkv: already here")
-        return
+        return False
     with av.open(str(dest / "vtest.avi")) as src:
         video_in = src.streams.video[0]
         duration = float(video_in.frames / video_in.average_rate)
@@ -137,23 +149,96 @@ def build_av_sample(dest: Path, force: bool) -> None:
         with av.open(str(tmp_path), "w", format="matroska") as out:
             video_out = out.add_stream_from_template(video_in)
             audio_out = out.add_stream("pcm_s16le", rate=SAMPLE_RATE, layout="mono")
+            packets = []  # (media time in s, packet, its output stream)
             for packet in src.demux(video_in):
                 if packet.dts is None:
                     continue
                 if packet.pts is None:
                     packet.pts = packet.dts
-                packet.stream = video_out
-                out.mux(packet)
+                packets.append((float(packet.dts * packet.time_base), packet, video_out))
             step = 1024
             for start in range(0, len(pcm), step):
                 frame = av.AudioFrame.from_ndarray(pcm[None, start : start + step], format="s16", layout="mono")
                 frame.sample_rate = SAMPLE_RATE
                 frame.pts = start
-                out.mux(audio_out.encode(frame))
-            out.mux(audio_out.encode(None))
+                packets += [(start / SAMPLE_RATE, p, audio_out) for p in audio_out.encode(frame)]
+            packets += [(len(pcm) / SAMPLE_RATE, p, audio_out) for p in audio_out.encode(None)]
+            # Handed over in time order, the muxer stores them interleaved.
+            for _, packet, stream in sorted(packets, key=lambda entry: entry[0]):
+                packet.stream = stream
+                out.mux(packet)
     tmp_path.replace(out_path)
-    labels_path.write_text(json.dumps({"speech": labels, "noise_dbfs": NOISE_DBFS}, indent=2) + "\n")
+    labels_path.write_text(
+        json.dumps({"speech": labels, "noise_dbfs": NOISE_DBFS, "interleaved": True}, indent=2) + "\n"
+    )
     print(f"  walkway_speech.mkv: {duration:.1f} s, speech at " + ", ".join(f"{s:g} s" for s, _ in SPEECH_PLACEMENT))
+    return True
+
+
+def remux_audio_late(src: Path, dst: Path, late_s: float) -> Path:
+    """Copy the packets of ``src`` (its first video and first audio stream; nothing is
+    re-encoded, every timestamp stays) into the Matroska file ``dst``, storing each audio
+    packet right after the video packets up to its pts + ``late_s`` seconds: in file order
+    its audio lies ``late_s`` behind its video (:func:`audio_lag_s` measures it). With
+    ``late_s=math.inf`` all audio follows all video, but for the last video packet, which
+    the muxer keeps until the audio reaches its time. Returns ``dst``.
+
+    FFmpeg's muxer interleaves packets again by dts, buffering up to
+    ``max_interleave_delta`` (10 s by default). With a delta of 1 µs it writes them in the
+    order given, except that it holds back the last packet until the next one comes and
+    writes an audio packet with an earlier dts before it; so each audio packet is handed
+    over after the first video packet beyond its place, which the muxer then writes after
+    it."""
+    with (
+        av.open(str(src)) as inp,
+        av.open(str(dst), "w", format="matroska", options={"max_interleave_delta": "1"}) as out,
+    ):
+        streams = [inp.streams.video[0], inp.streams.audio[0]]
+        outs = {s.index: out.add_stream_from_template(s) for s in streams}
+        handed = []  # (time in s to hand the packet over at, audio?, packet)
+        previous_video_s = -math.inf
+        for packet in inp.demux(streams):
+            if packet.dts is None:
+                continue  # the demuxer's end-of-stream marker
+            if packet.stream.type == "video":
+                handed.append((previous_video_s, False, packet))
+                previous_video_s = float(packet.dts * packet.time_base)
+            else:
+                pts = packet.pts if packet.pts is not None else packet.dts
+                handed.append((float(pts * packet.time_base) + late_s, True, packet))
+        for _, _, packet in sorted(handed, key=lambda entry: entry[:2]):
+            packet.stream = outs[packet.stream.index]
+            out.mux(packet)
+    return dst
+
+
+def audio_lag_s(path: Path) -> list[float]:
+    """For each audio packet of ``path``, in file order: how far (media seconds) the last
+    video packet stored before it is ahead of it (negative: behind; an audio packet
+    before any video is left out). About one packet's duration for an interleaved file."""
+    lags, video_s = [], None
+    with av.open(str(path)) as container:
+        for packet in container.demux():
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is None:
+                continue
+            if packet.stream.type == "video":
+                video_s = float(pts * packet.time_base)
+            elif packet.stream.type == "audio" and video_s is not None:
+                lags.append(video_s - float(pts * packet.time_base))
+    return lags
+
+
+def build_late_sample(dest: Path, force: bool) -> None:
+    """``walkway_speech_late.mkv``: ``walkway_speech.mkv`` with all its audio stored after
+    all its video."""
+    out_path = dest / "walkway_speech_late.mkv"
+    if not force and out_path.exists():
+        print("  walkway_speech_late.mkv: already here")
+        return
+    tmp_path = remux_audio_late(dest / "walkway_speech.mkv", out_path.with_suffix(".tmp.mkv"), math.inf)
+    tmp_path.replace(out_path)
+    print(f"  walkway_speech_late.mkv: audio stored up to {max(audio_lag_s(out_path)):.1f} s after its video")
 
 
 # (kind, seconds, vtest frame to hold still | first vtest frame of real motion)
@@ -205,7 +290,8 @@ def main() -> None:
     args.dest.mkdir(parents=True, exist_ok=True)
     print(f"sample media in {args.dest}:")
     fetch_packages(args.dest, args.force)
-    build_av_sample(args.dest, args.force)
+    rebuilt = build_av_sample(args.dest, args.force)
+    build_late_sample(args.dest, args.force or rebuilt)
     build_still_motion(args.dest, args.force)
 
 

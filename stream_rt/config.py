@@ -152,6 +152,12 @@ class SalienceConfig(_Strict):
     weights: dict[Literal["visual", "speech", "onset", "loudness"], float] = Field(
         default_factory=dict, description="per-component weights (default visual 1, speech 1, onset 0.6, loudness 0.5)"
     )
+    max_lateness_s: float = Field(
+        1.0,
+        ge=0,
+        description="steps are fused by media time once both audio and video have passed them; a modality more "
+        "than this far behind the other (live skew, a stalled stream) is not waited for (counted as late_steps)",
+    )
 
 
 class TriggerConfig(_Strict):
@@ -187,6 +193,15 @@ class TokenReuseConfig(_Strict):
     )
     encoder_partial: bool = Field(
         True, description="tiled encoders: re-encode only the patches under changed tokens, reusing the rest's K/V"
+    )
+    max_entries: int = Field(
+        8, ge=1, description="cached calls (one per source and question) kept at most; the least recently used goes"
+    )
+    max_entries_per_source: int = Field(
+        2, ge=1, description="...of them for one source; a question asked once goes before one asked repeatedly"
+    )
+    max_mib: float = Field(
+        512.0, gt=0, description="MiB of K/V, patches and tiles the cache holds at most (host or GPU memory)"
     )
 
 

@@ -6,11 +6,15 @@ A scenario is a TOML file::
     media = "../samples/walkway_speech.mkv"        # relative to the scenario file
     labels = { file = "../samples/walkway_speech.json", key = "speech" }
     # or: intervals = [[20.0, 26.0], [51.0, 59.0]]
+    component = "speech"                           # optional: score one modality's episodes
     [pipeline]                                     # any pipeline config, without sources
-    change = { enabled = false }
+    trigger = { cutoff_s = 2.0 }
 
 The media is replayed as fast as possible through the configured pipeline with lossless
-channels, and its episodes are compared with the labels:
+channels, and its episodes are compared with the labels. With ``component``, the
+episodes scored are those the trigger (same settings) opens on that component of the
+fused salience alone — e.g. the speech of a clip whose video is busy the whole time, with
+the video on, so the media-time alignment of audio and video is what is scored:
 
 - **recall**: share of labelled intervals overlapped by an episode (within ``tolerance_s``);
 - **precision**: share of episodes that overlap a labelled interval (within ``tolerance_s``);
@@ -24,6 +28,7 @@ is scored on the same labels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tomllib
@@ -31,10 +36,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stream_rt.config import ConfigError, for_replay, parse_config
-from stream_rt.graph.packets import Event
+from stream_rt.config import Config, ConfigError, for_replay, parse_config
+from stream_rt.graph.packets import Event, Salience
+from stream_rt.operators.salience import DEFAULT_WEIGHTS
 from stream_rt.pipeline import build_pipeline
+from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.callback import CallbackSink
+from stream_rt.testing import run_node
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Scenario:
     intervals: list[tuple[float, float]]
     pipeline: dict[str, Any]
     tolerance_s: float = 1.0
+    component: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read scenario: {exc}") from None
-    unknown = set(data) - {"description", "media", "labels", "intervals", "pipeline", "tolerance_s"}
+    unknown = set(data) - {"description", "media", "labels", "intervals", "pipeline", "tolerance_s", "component"}
     if unknown:
         raise ConfigError(f"{path}: unknown scenario keys: {', '.join(sorted(unknown))}")
     base = path.parent
@@ -83,6 +92,7 @@ def load_scenario(path: str | Path) -> Scenario:
         intervals=intervals,
         pipeline=data.get("pipeline", {}),
         tolerance_s=float(data.get("tolerance_s", 1.0)),
+        component=data.get("component"),
     )
 
 
@@ -98,11 +108,30 @@ async def run_scenario(scenario: Scenario) -> tuple[list[Event], int, float]:
     if pipeline.trigger is None:
         raise ConfigError(f"{scenario.name}: the pipeline has no gates enabled, so nothing can trigger")
     events: list[Event] = []
-    pipeline.graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
-    pipeline.graph.connect("trigger.events", "evaluation.in", capacity=64)
+    steps: list[Salience] = []
+    if scenario.component is None:
+        pipeline.graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
+        pipeline.graph.connect("trigger.events", "evaluation.in", capacity=64)
+    else:
+        pipeline.graph.add(CallbackSink("evaluation", steps.append))  # type: ignore[arg-type]
+        pipeline.graph.connect("salience.salience", "evaluation.in", capacity=64)
     await pipeline.graph.run()
+    if scenario.component is not None:
+        events = await component_episodes(steps, scenario.component, config)
     frames = int(pipeline.graph.statistics()["nodes"][scenario.name].get("frames", 0))
     return events, frames, pipeline.sources[0].position_s
+
+
+async def component_episodes(steps: list[Salience], component: str, config: Config) -> list[Event]:
+    """The events the trigger (with ``config``'s settings) makes from one component of the
+    fused salience alone, weighted as the fusion weighs it."""
+    weights = {**DEFAULT_WEIGHTS, **{str(k): v for k, v in config.salience.weights.items()}}
+    weight = weights.get(component)
+    if weight is None:
+        raise ConfigError(f"unknown salience component '{component}' (components: {', '.join(DEFAULT_WEIGHTS)})")
+    alone = [dataclasses.replace(s, score=min(1.0, weight * s.components[component])) for s in steps]
+    out = await run_node(TriggerPolicy("component", **config.trigger.model_dump()), alone)
+    return [e for e in out["events"] if isinstance(e, Event)]
 
 
 def episodes_of(events: list[Event]) -> list[tuple[float, float, int]]:

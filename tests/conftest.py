@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from . import processes
+from .processes import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
@@ -18,7 +20,8 @@ SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """The real recordings fetched by scripts/fetch_samples.py (CI fetches them first)."""
-    if not all((SAMPLES / name).exists() for name in ("vtest.avi", "walkway_speech.mkv", "still_motion.mkv")):
+    needed = ("vtest.avi", "walkway_speech.mkv", "walkway_speech_late.mkv", "still_motion.mkv")
+    if not all((SAMPLES / name).exists() for name in needed):
         pytest.fail(f"sample media missing in {SAMPLES}: run 'python scripts/fetch_samples.py'", pytrace=False)
     return SAMPLES
 
@@ -39,3 +42,12 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def server(ffmpeg: str, samples: Path, free_port: int) -> Iterator[StreamServer]:
+    """A live camera: ffmpeg looping the real walkway clip over TCP on ``free_port``."""
+    srv = StreamServer(ffmpeg, samples / "vtest.avi", free_port)
+    srv.start()
+    yield srv
+    srv.kill()

@@ -5,13 +5,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import statistics
+import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from stream_rt import AUDIO_SAMPLE_RATE, AudioChunk, AvSource, Backoff, CallbackSink, Graph, NodeFailed, VideoFrame
+from scripts.fetch_samples import audio_lag_s, remux_audio_late
+from stream_rt import (
+    AUDIO_SAMPLE_RATE,
+    AudioChunk,
+    AvSource,
+    Backoff,
+    CallbackSink,
+    Graph,
+    NodeFailed,
+    Packet,
+    ReplayClock,
+    VideoFrame,
+)
 from stream_rt.sources.av_decode import PtsSanitiser
 
 from .media import make_media
@@ -29,6 +44,93 @@ async def replay(path: Path, **kwargs: object) -> tuple[list[VideoFrame], list[A
     graph.connect("src.audio", "a.in", capacity=64)
     await asyncio.wait_for(graph.run(), 60)
     return video, audio, graph.statistics()["nodes"]["src"]
+
+
+async def emitted(path: Path, **kwargs: object) -> tuple[list[tuple[str, int]], AvSource]:
+    """(kind, pts_ns) of every packet a replay of ``path`` emits, in the order the source
+    emitted them (their ``seq``), and the source."""
+    graph = Graph()
+    source = AvSource("src", str(path), **kwargs)  # type: ignore[arg-type]
+    got: list[Packet] = []
+    graph.add(source)
+    graph.add(CallbackSink("sink", got.append))
+    graph.connect("src.video", "sink.in", capacity=64)
+    graph.connect("src.audio", "sink.in", capacity=64)
+    await asyncio.wait_for(graph.run(), 60)
+    order = sorted(got, key=lambda p: p.seq)
+    return [("video" if isinstance(p, VideoFrame) else "audio", p.pts_ns) for p in order], source
+
+
+def open_descriptors(path: Path) -> list[str]:
+    """This process's file descriptors open on ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path.resolve()):
+                found.append(fd)
+        except OSError:
+            pass  # closed meanwhile
+    return found
+
+
+async def test_how_a_file_interleaves_its_streams_does_not_change_what_comes_out(samples: Path, tmp_path: Path) -> None:
+    interleaved = samples / "walkway_speech.mkv"
+    if not (samples / "walkway_speech_late.mkv").exists():
+        pytest.fail("walkway_speech_late.mkv missing: run 'python scripts/fetch_samples.py'", pytrace=False)
+    files = {
+        "interleaved": interleaved,
+        "all audio after all video": samples / "walkway_speech_late.mkv",
+        "audio 1 s late": remux_audio_late(interleaved, tmp_path / "late_1s.mkv", 1.0),
+        "audio 3 s late": remux_audio_late(interleaved, tmp_path / "late_3s.mkv", 3.0),
+    }
+    # File order really is late: how far the video stored before each audio packet is ahead of it.
+    lags = {name: audio_lag_s(path) for name, path in files.items()}
+    assert max(lags["interleaved"]) <= 0.1, "interleaved within a video frame"
+    for late_s in (1.0, 3.0):
+        lag = lags[f"audio {late_s:g} s late"]
+        assert late_s - 0.1 < statistics.median(lag) and max(lag) <= late_s + 1e-6
+    assert statistics.median(lags["all audio after all video"]) > 30 and max(lags["all audio after all video"]) > 79
+
+    reference, source = await emitted(interleaved)
+    assert [kind for kind, _ in reference].count("video") == 795 and len(reference) == 795 + 1243
+    pts = [pts for _, pts in reference]
+    assert pts == sorted(pts), "packets leave in media-time order"
+    assert source.streams == ("video", "audio")
+    for name, path in list(files.items())[1:]:
+        ours, _ = await emitted(path)
+        assert ours == reference, f"{name}: not the interleaved file's sequence"
+
+
+@pytest.mark.parametrize(
+    "kwargs,audio_rate,streams",
+    [({}, 44_100, ("video", "audio")), ({}, None, ("video",)), ({"video": False}, 44_100, ("audio",))],
+)
+async def test_the_source_names_the_streams_it_decodes(
+    tmp_path: Path, kwargs: dict[str, bool], audio_rate: int | None, streams: tuple[str, ...]
+) -> None:
+    path = make_media(tmp_path / "clip.mkv", frames=10, audio_rate=audio_rate)
+    out, source = await emitted(path, **kwargs)
+    assert source.streams == streams
+    assert {kind for kind, _ in out} == set(streams)
+
+
+async def test_a_file_stopped_early_leaves_no_demuxer_open(samples: Path) -> None:
+    path = samples / "walkway_speech.mkv"
+    graph = Graph(clock=ReplayClock(speed=1.0))
+    got: list[Packet] = []
+    graph.add(AvSource("src", str(path)))
+    graph.add(CallbackSink("sink", got.append))
+    graph.connect("src.video", "sink.in")
+    graph.connect("src.audio", "sink.in")
+    run = asyncio.create_task(graph.run())
+    await asyncio.sleep(0.5)
+    assert len(open_descriptors(path)) == 2, "one demuxer per stream"
+    graph.stop()
+    await asyncio.wait_for(run, 10)
+    deadline = time.monotonic() + 2  # the decode thread gives up within 0.1 s of the stop
+    while open_descriptors(path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert got and open_descriptors(path) == []
 
 
 async def test_real_clip_every_frame_with_its_y_plane(samples: Path) -> None:
@@ -117,8 +219,9 @@ async def test_truncated_file_delivers_what_it_can(tmp_path: Path) -> None:
     assert 30 < len(video) < 100
 
 
-async def test_corrupt_packets_are_counted_and_skipped(tmp_path: Path) -> None:
-    path = make_media(tmp_path / "clip.ts", frames=100, container="mpegts", audio_rate=None)
+@pytest.mark.parametrize("audio_rate", [None, 44_100], ids=["video", "video+audio"])
+async def test_corrupt_packets_are_counted_and_skipped(tmp_path: Path, audio_rate: int | None) -> None:
+    path = make_media(tmp_path / "clip.ts", frames=100, container="mpegts", audio_rate=audio_rate)
     data = bytearray(path.read_bytes())
     rng = np.random.default_rng(7)
     # Damage payload bytes inside a dozen transport packets in the middle of the file.

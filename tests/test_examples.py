@@ -10,9 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from .processes import Broker
+from .processes import Broker, StreamServer
 from .processes import free_port as free_port_now
-from .test_live import Server
 from .test_mqtt import Subscriber, wait_until
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -44,7 +43,7 @@ async def stop(daemon: asyncio.subprocess.Process) -> str:
 async def test_the_camera_daemon_watches_a_live_stream_and_publishes_events_and_answers(
     ffmpeg: str, samples: Path, free_port: int, tmp_path: Path
 ) -> None:
-    camera = Server(ffmpeg, samples / "vtest.avi", free_port_now())
+    camera = StreamServer(ffmpeg, samples / "vtest.avi", free_port_now())
     camera.start()
     broker = Broker(free_port, tmp_path)
     broker.start()

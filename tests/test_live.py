@@ -4,52 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
+from collections.abc import Callable
 
 from stream_rt import AvSource, Backoff, CallbackSink, Graph, Packet, SourceStatus, VideoFrame
 
-from .processes import RecordProperty, wait_listening
-
-
-class Server:
-    """``ffmpeg -re`` looping a real clip as MPEG-TS on a TCP port (one client at a time)."""
-
-    def __init__(self, ffmpeg: str, clip: Path, port: int) -> None:
-        self.cmd = [
-            ffmpeg, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
-            "-an", "-c:v", "mpeg4", "-q:v", "6", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1",
-        ]  # fmt: skip
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL)
-        wait_listening(self.port, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-
-@pytest.fixture
-def server(ffmpeg: str, samples: Path, free_port: int) -> Iterator[Server]:
-    srv = Server(ffmpeg, samples / "vtest.avi", free_port)
-    srv.start()
-    yield srv
-    if srv.proc is not None and srv.proc.poll() is None:
-        srv.proc.send_signal(signal.SIGCONT)
-    srv.kill()
+from .processes import RecordProperty, StreamServer
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -87,7 +47,7 @@ def states(got: list[Packet]) -> list[str]:
 
 
 async def test_source_reconnects_after_the_server_is_killed_and_restarted(
-    server: Server, free_port: int, record_property: RecordProperty
+    server: StreamServer, free_port: int, record_property: RecordProperty
 ) -> None:
     graph, source, got = live_graph(free_port, stall_timeout_s=5, timeout_s=5)
     assert source.live
@@ -117,7 +77,7 @@ async def test_source_reconnects_after_the_server_is_killed_and_restarted(
 
 
 async def test_a_stalled_stream_is_detected_by_the_watchdog(
-    server: Server, free_port: int, record_property: RecordProperty
+    server: StreamServer, free_port: int, record_property: RecordProperty
 ) -> None:
     graph, source, got = live_graph(free_port, stall_timeout_s=1.0, timeout_s=30)
     run = asyncio.create_task(graph.run())

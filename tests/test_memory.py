@@ -206,12 +206,15 @@ async def test_a_replay_asks_about_compressed_clips_with_a_bounded_memory_that_s
     assert counters["tokens_memory"] == sum(memory_tokens)
 
     # A restart restores the memory: the first call of the next run already carries it.
+    saved = StreamingMemory(4, 1, 8)
+    saved.load(tmp_path / "memory.npz")
+    assert len(saved.entries("walkway")) == 4, "the full memory was saved at stop"
     (tmp_path / "events.jsonl").unlink()
     pipeline = build_pipeline(parse_config(clip_and_memory_config(samples, build_smoke_model(), tmp_path)), speed=None)
     await pipeline.graph.run()
     again = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     first = next(r for r in again if r["kind"] == "MllmAnswer")
-    assert first["tokens"]["memory"] == max(memory_tokens)
+    assert first["tokens"]["memory"] > 0, "the first call carries the restored memory"
 
 
 async def test_an_unreadable_memory_snapshot_is_set_aside_and_the_daemon_starts(samples: Path, tmp_path: Path) -> None:

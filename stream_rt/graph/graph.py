@@ -24,7 +24,7 @@ from typing import Any
 from stream_rt.graph.channel import Channel, Policy
 from stream_rt.graph.clock import Clock, RealtimeClock
 from stream_rt.graph.node import Context, Node, NodeFailed, Source, Supervision, describe_error
-from stream_rt.graph.packets import ControlPacket, EndOfStream
+from stream_rt.graph.packets import ControlPacket, EndOfStream, Flush
 
 log = logging.getLogger("stream_rt.graph")
 
@@ -269,9 +269,10 @@ class Graph:
                             await node.on_control(packet, ctx)
                         elif isinstance(packet, ControlPacket):
                             await node.on_control(packet, ctx)
-                            for channels in runner.outputs.values():
-                                for out in channels:
-                                    out.put_nowait(packet)
+                            if isinstance(packet, Flush):
+                                for channels in runner.outputs.values():
+                                    for out in channels:
+                                        out.put_nowait(packet)
                         else:
                             await node.process(packet, ctx)
                             runner.stats["processed"] += 1

@@ -12,9 +12,12 @@ A node declares typed ports as class attributes::
 The graph checks at build time that every connection carries types the receiving port
 accepts. ``start()`` / ``stop()`` bracket a node's life. ``process()`` receives the data
 packets of every input port (``ctx.port`` names the port); control packets go to
-``on_control()`` and are forwarded downstream by the graph, so a node handles only what
-it knows. CPU-heavy work belongs off the event loop (``asyncio.to_thread`` or a
-GIL-releasing kernel).
+``on_control()``. The graph forwards a :class:`Flush` downstream and an
+:class:`EndOfStream` once every input has ended; any other control packet (a
+:class:`SourceStatus`) stops at the node that receives it, which emits it on if its
+consumers need it, so each consumer sees it once, in order with the node's output.
+CPU-heavy work belongs off the event loop (``asyncio.to_thread`` or a GIL-releasing
+kernel).
 
 A :class:`Source` has no inputs and implements ``run()``, producing until it is done or
 ``ctx.stopping`` is set; the graph sends its :class:`EndOfStream` when ``run()`` returns.
@@ -130,8 +133,8 @@ class Node:
         """Handle one data packet from input port ``ctx.port``."""
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
-        """See a control packet (default: nothing). The graph forwards it downstream
-        afterwards; an :class:`EndOfStream` is forwarded once every input has ended."""
+        """See a control packet (default: nothing). Afterwards the graph forwards a
+        :class:`Flush` downstream, and an :class:`EndOfStream` once every input has ended."""
 
     async def stop(self, ctx: Context) -> None:
         """Called once at the end (after the last packet), and before each restart."""

@@ -334,12 +334,15 @@ class Flush(ControlPacket):
 
 @dataclass(frozen=True, slots=True)
 class SourceStatus(ControlPacket):
-    """A source went online or offline (``detail`` says why, in one line)."""
+    """A source went online or offline (``detail`` says why, in one line). ``streams``
+    names the kinds of media the source delivers while online (``"video"``, ``"audio"``),
+    so consumers know what to wait for; empty when the source does not know."""
 
     state: Literal["online", "offline"] = "online"
     detail: str = ""
+    streams: tuple[str, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
-        record.update(state=self.state, detail=self.detail)
+        record.update(state=self.state, detail=self.detail, streams=list(self.streams))
         return record

@@ -1,10 +1,16 @@
 """The decode thread of an :class:`~stream_rt.sources.av_source.AvSource`.
 
 One :class:`Decoder` is one connection: open the input with PyAV, demux, decode, and
-hand packets to the loop through a :class:`ThreadBridge`. It runs in its own thread and
-always ends by putting :class:`Ended` or :class:`Failed`, so the loop side can tell a
-finished file from a lost stream. A packet that fails to decode is reported as
-:class:`Corrupt` and skipped.
+hand packets to the loop through a :class:`ThreadBridge`. It runs in its own thread, puts
+:class:`Opened` first and always ends by putting :class:`Ended` or :class:`Failed`, so the
+loop side can tell a finished file from a lost stream. A packet that fails to decode is
+reported as :class:`Corrupt` and skipped.
+
+A file with both video and audio is read through one demuxer per stream (the file is
+opened once per stream) and the decoded media are merged lowest media time first, so the
+packets leave in the same order however the file interleaves its streams on disk: a
+recorder may store audio seconds away from the video of the same time. A live input is
+one connection and is read once, in arrival order.
 
 Video frames carry the Y plane as a view into the decoder's buffer (row stride
 ``line_size``); RGB is converted only if asked. Audio is resampled to 16 kHz mono float32.
@@ -12,16 +18,20 @@ Video frames carry the Y plane as a view into the decoder's buffer (row stride
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import io
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeAlias
 
 import av
 import numpy as np
 import numpy.typing as npt
+from av.stream import Discard
 
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
 from stream_rt.sources.bridge import ThreadBridge
@@ -52,8 +62,12 @@ _PACKED_YUYV = {"yuyv422": 0, "yvyu422": 0, "uyvy422": 1}
 
 @dataclass(frozen=True)
 class Opened:
+    """The input is open: ``streams`` names the kinds being decoded (``"video"``,
+    ``"audio"``), wanted and present in the input."""
+
     description: str
     duration_s: float | None
+    streams: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,9 @@ class Failed:
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What to open and how (built by :class:`AvSource` from its settings)."""
+    """What to open and how (built by :class:`AvSource` from its settings). ``live``: a
+    network stream or a device, which can be opened and read only once at a time (a file
+    is opened once per stream it decodes)."""
 
     url: str
     format: str | None
@@ -83,6 +99,7 @@ class DecodeSpec:
     audio: bool
     timeout_s: tuple[float, float] | None
     threaded_decode: bool
+    live: bool
 
 
 class PtsSanitiser:
@@ -191,6 +208,11 @@ def _pts_ns(pts: int | None, time_base: Fraction | None) -> int | None:
     return pts * time_base.numerator * 1_000_000_000 // time_base.denominator
 
 
+Decoded: TypeAlias = tuple[int, av.VideoFrame | npt.NDArray[np.float32] | Corrupt]
+"""(media time in ns, a decoded video frame, 16 kHz mono samples or a skipped packet).
+The media times of one stream increase strictly; a :class:`Corrupt` carries the last one."""
+
+
 class Decoder:
     """One connection's decode loop; :meth:`run` is the thread body."""
 
@@ -217,76 +239,100 @@ class Decoder:
         self.video_step_ns = 40_000_000
 
     def run(self) -> None:
-        try:
-            container = av.open(
-                self.spec.url,
-                mode="r",
-                format=self.spec.format,
-                options=self.spec.options,
-                timeout=self.spec.timeout_s,
-            )
-        except Exception as exc:
-            self.bridge.put(Failed(_one_line(exc), at_open=True), last=True)
-            return
-        try:
-            self._demux(container)
-        except Exception as exc:
-            self.bridge.put(Failed(_one_line(exc), at_open=False), last=True)
-        else:
-            self.bridge.put(Ended(), last=True)
-        finally:
-            container.close()
+        with contextlib.ExitStack() as opened:  # every container and demuxer, closed on every path
+            try:
+                container = opened.enter_context(self._open())
+            except Exception as exc:
+                self.bridge.put(Failed(_one_line(exc), at_open=True), last=True)
+                return
+            try:
+                self._demux(container, opened)
+            except Exception as exc:
+                self.bridge.put(Failed(_one_line(exc), at_open=False), last=True)
+            else:
+                self.bridge.put(Ended(), last=True)
 
-    def _demux(self, container: Any) -> None:
-        streams = []
+    def _open(self) -> Any:
+        return av.open(
+            self.spec.url,
+            mode="r",
+            format=self.spec.format,
+            options=self.spec.options,
+            timeout=self.spec.timeout_s,
+        )
+
+    def _demux(self, container: Any, opened: contextlib.ExitStack) -> None:
+        """Decode the wanted streams of ``container`` into the bridge; what it opens (a
+        second container, the demuxers) goes on ``opened``."""
         video = container.streams.video[0] if self.spec.video and container.streams.video else None
         audio = container.streams.audio[0] if self.spec.audio and container.streams.audio else None
+        if video is None and audio is None:
+            wanted = " or ".join(k for k, on in (("video", self.spec.video), ("audio", self.spec.audio)) if on)
+            raise ValueError(f"no {wanted or 'wanted'} stream in input")
+        if video is not None and audio is not None and not self.spec.live:
+            audio_container = opened.enter_context(self._open())
+            audio = audio_container.streams.audio[0]
+            # Each demuxer skips the other's packets instead of reading them for nothing.
+            for own, stream in ((container, video), (audio_container, audio)):
+                for other in own.streams:
+                    if other.index != stream.index:
+                        other.discard = Discard.all
+            decoded = [
+                opened.enter_context(contextlib.closing(self._decoded(container, [video]))),
+                opened.enter_context(contextlib.closing(self._decoded(audio_container, [audio]))),
+            ]
+            items: Iterator[Decoded] = heapq.merge(*decoded, key=itemgetter(0))
+        else:
+            streams = [s for s in (video, audio) if s is not None]
+            items = opened.enter_context(contextlib.closing(self._decoded(container, streams)))
         if video is not None:
             if self.spec.threaded_decode:
                 video.thread_type = "AUTO"
             rate = video.average_rate or video.guessed_rate
             if rate:
                 self.video_step_ns = int(1_000_000_000 / rate)
-            streams.append(video)
         if audio is not None:
             self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_SAMPLE_RATE)
-            streams.append(audio)
-        if not streams:
-            wanted = " or ".join(k for k, on in (("video", self.spec.video), ("audio", self.spec.audio)) if on)
-            raise ValueError(f"no {wanted or 'wanted'} stream in input")
         duration = container.duration / 1_000_000 if container.duration else None
-        self.bridge.put(Opened(_describe(video, audio), duration))
+        kinds = tuple(kind for kind, stream in (("video", video), ("audio", audio)) if stream is not None)
+        self.bridge.put(Opened(_describe(video, audio), duration, kinds))
+        for pts_ns, media in items:
+            if not self.bridge.put(media if isinstance(media, Corrupt) else self._packet(pts_ns, media)):
+                return
+
+    def _decoded(self, container: Any, streams: list[Any]) -> Generator[Decoded, None, None]:
+        """Demux and decode ``streams`` of ``container`` in its file order, ending with the
+        resampler's last samples when they include the audio. Stops when the bridge closes."""
+        last_ns = -(1 << 63)
         for packet in container.demux(streams):
             if self.bridge.closed:
                 return
             try:
                 frames = packet.decode()
             except (av.error.InvalidDataError, av.error.PatchWelcomeError, ValueError) as exc:
-                if not self.bridge.put(Corrupt(_one_line(exc))):
-                    return
+                yield last_ns, Corrupt(_one_line(exc))
                 continue
             for frame in frames:
                 if isinstance(frame, av.VideoFrame):
-                    ok = self.bridge.put(self._video(frame))
+                    last_ns = self.video_pts(_pts_ns(frame.pts, frame.time_base), self.video_step_ns)
+                    yield last_ns, frame
                 else:
-                    ok = all(self.bridge.put(chunk) for chunk in self._audio(frame))
-                if not ok:
-                    return
-        for chunk in self._audio(None):
-            self.bridge.put(chunk)
+                    for last_ns, samples in self._audio(frame):
+                        yield last_ns, samples
+        if any(stream.type == "audio" for stream in streams):
+            yield from self._audio(None)
 
-    def _video(self, frame: av.VideoFrame) -> VideoFrame:
-        pts = self.video_pts(_pts_ns(frame.pts, frame.time_base), self.video_step_ns)
-        return VideoFrame(
-            self.source_id,
-            next(self.seq),
-            pts,
-            self.wall_ns(),
-            y_plane(frame),
-            _rgb_converter(frame),
-        )
+    def _packet(self, pts_ns: int, media: av.VideoFrame | npt.NDArray[np.float32]) -> VideoFrame | AudioChunk:
+        """The packet leaving the decoder now (numbered and wall-timed in leaving order)."""
+        if isinstance(media, av.VideoFrame):
+            return VideoFrame(
+                self.source_id, next(self.seq), pts_ns, self.wall_ns(), y_plane(media), _rgb_converter(media)
+            )
+        return AudioChunk(self.source_id, next(self.seq), pts_ns, self.wall_ns(), media)
 
-    def _audio(self, frame: av.AudioFrame | None) -> list[AudioChunk]:
+    def _audio(self, frame: av.AudioFrame | None) -> list[tuple[int, npt.NDArray[np.float32]]]:
+        """(media time in ns, 16 kHz mono samples) resampled from ``frame``; ``None`` flushes
+        the resampler. Nothing when no audio is decoded."""
         if self.resampler is None:
             return []
         if frame is not None and self.audio_base_ns is None:
@@ -306,15 +352,7 @@ class Decoder:
             pts = (self.audio_base_ns or 0) + self.audio_samples * 1_000_000_000 // AUDIO_SAMPLE_RATE
             self.audio_samples += len(samples)
             step = len(samples) * 1_000_000_000 // AUDIO_SAMPLE_RATE
-            chunks.append(
-                AudioChunk(
-                    self.source_id,
-                    next(self.seq),
-                    self.audio_pts(pts, step),
-                    self.wall_ns(),
-                    samples,
-                )
-            )
+            chunks.append((self.audio_pts(pts, step), samples))
         return chunks
 
 

@@ -90,6 +90,7 @@ class AvSource(StatusSource):
             audio=audio,
             timeout_s=(timeout_s, timeout_s) if self.live else None,
             threaded_decode=not self.live,
+            live=self.live,
         )
         self.stall_timeout_s = stall_timeout_s
         self.backoff = backoff or Backoff()
@@ -187,6 +188,7 @@ class AvSource(StatusSource):
         elif isinstance(item, Opened):
             self.description = item.description
             self.duration_s = item.duration_s
+            self.streams = item.streams
             log.info("source '%s' opened %s (%s)", self.name, self.url, item.description, extra={"source": self.name})
         elif isinstance(item, Ended):
             return True, ("stream ended" if self.live else None)

@@ -51,24 +51,42 @@ class StatusSource(Source):
     first connection succeeds or fails). Each change of state is emitted once, as a
     :class:`SourceStatus` whose ``detail`` says why. Subclasses call
     ``self.frame_rate.tick(now_ns)`` for each video frame they emit, say which kinds of
-    media they produce (``has_video``, ``has_audio``), what they are connected to
-    (``description``) and, for recordings, how far they are (``position_s`` of ``duration_s``)."""
+    media they may produce (``has_video``, ``has_audio``), which kinds the current
+    connection delivers (``streams``, sent with ``online``), what they are connected to
+    (``description``) and, for recordings, how far they are (``position_s`` of
+    ``duration_s``). ``state_since_ns`` is when the state last changed (the graph clock's
+    ``now_ns()``; for ``connecting``, when the source started)."""
 
     state: State = "connecting"
 
     def __init__(self, name: str, *, has_video: bool, has_audio: bool) -> None:
         super().__init__(name)
         self.has_video, self.has_audio = has_video, has_audio
+        self.streams: tuple[str, ...] = tuple(k for k, on in (("video", has_video), ("audio", has_audio)) if on)
+        self.state_since_ns: int | None = None
         self.frame_rate = FrameRate()
         self.description = ""
         self.position_s = 0.0
         self.duration_s: float | None = None
 
+    async def start(self, ctx: Context) -> None:
+        if self.state_since_ns is None:
+            self.state_since_ns = ctx.clock.now_ns()
+
     async def set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
         if self.state == state:
             return
         self.state = state
-        await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail))
+        self.state_since_ns = ctx.clock.now_ns()
+        streams = self.streams if state == "online" else ()
+        await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail, streams))
+
+    def health(self, now_ns: int, grace_ns: int) -> str | None:
+        """``None`` while online (or down for less than ``grace_ns``); else one line saying
+        for how long the source has been ``offline`` or, never connected, ``connecting``."""
+        if self.state == "online" or self.state_since_ns is None or now_ns - self.state_since_ns < grace_ns:
+            return None
+        return f"{self.name} ({self.state} for {(now_ns - self.state_since_ns) / 1e9:.0f} s)"
 
     def gauges(self, now_ns: int) -> dict[str, float]:
         return {"fps": round(self.frame_rate.rate(now_ns), 2)}
