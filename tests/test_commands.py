@@ -9,8 +9,9 @@ from pathlib import Path
 import paho.mqtt.publish as mqtt_publish
 import pytest
 
-from stream_rt import Event, Graph, ReplayClock, Salience
+from stream_rt import Event, Graph, Packet, ReplayClock, Salience
 from stream_rt.graph import Context
+from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy, _SourceState
 from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
 from stream_rt.sinks.mqtt import MqttSink
@@ -129,10 +130,61 @@ async def test_a_question_becomes_an_ask_event_at_the_next_salience() -> None:
     from stream_rt.testing import run_node
 
     packets = [Salience("gate", i, i * 100_000_000, 0, 0.1, {"visual": 0.1}) for i in range(5)]
-    trigger = TriggerPolicy("trigger")
+    trigger = TriggerPolicy("trigger", asks=AskLedger())
     reply = apply_command(trigger, {"gate"}, "gate", "ask", b'{"question": " Is the gate open? "}')
     out = await run_node(trigger, packets)
     events = [p for p in out["events"] if isinstance(p, Event)]
     assert [(e.type, e.event_id, e.question, e.call_model, e.pts_ns) for e in events] == [
         ("ask", reply["event_id"], "Is the gate open?", True, 0)
     ], "a quiet scene opens no episode, but the question is asked once, at the first frame"
+
+
+def test_a_question_that_cannot_be_kept_is_refused_not_acknowledged() -> None:
+    ask = b'{"question": "Is the gate open?"}'
+    with pytest.raises(CommandError, match=r"no model is configured"):
+        apply_command(TriggerPolicy("trigger"), {"gate"}, "gate", "ask", ask)
+    ledger = AskLedger(max_open=3)
+    trigger = TriggerPolicy("trigger", asks=ledger)
+    ids = [apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)["event_id"] for _ in range(3)]
+    with pytest.raises(CommandError, match=r"3 questions about 'gate' are still waiting for the model"):
+        apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)
+    assert apply_command(trigger, {"gate", "door"}, "door", "ask", ask)["event_id"], "another source has room"
+    ledger.release("gate", ids[0])  # its answer went out
+    assert apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)["event_id"] not in ids
+    trigger._states["gate"].online = False
+    with pytest.raises(CommandError, match=r"source 'gate' is offline"):
+        apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)
+
+
+async def test_an_outage_ends_the_episode_and_sends_the_waiting_questions() -> None:
+    from stream_rt import SourceStatus
+    from stream_rt.testing import run_node
+
+    def busy(i: int) -> Salience:
+        return Salience("gate", i, i * 100_000_000, 0, 0.9, {"visual": 0.9})
+
+    class Outage(TriggerPolicy):
+        """Feeds itself an offline status after step 20 and an online one after step 25,
+        in order with the salience, as the fusion passes them on."""
+
+        async def process(self, packet: Packet, ctx: Context) -> None:
+            await super().process(packet, ctx)
+            if packet.seq == 20:
+                self.ask("gate", "What was there?")
+                await self.on_control(SourceStatus("gate", -1, -1, 0, "offline", "no frame for 10 s"), ctx)
+            if packet.seq == 25:
+                await self.on_control(SourceStatus("gate", -1, -1, 0, "online", "back"), ctx)
+
+    packets = [busy(i) for i in range(40)]  # steps 21-25: decoded before the outage, arriving after it
+    trigger = Outage("trigger", asks=AskLedger())
+    out = await run_node(trigger, packets)
+    events = [p for p in out["events"] if isinstance(p, Event)]
+    kinds = [(e.type, e.reason) for e in events]
+    assert kinds == [("new", ""), ("ask", "ask"), ("end", "source_offline"), ("new", ""), ("end", "end_of_stream")]
+    first, ask, end, second = events[0], events[1], events[2], events[3]
+    assert end.event_id == first.event_id and end.end_pts_ns == 20 * 100_000_000
+    assert ask.frame is None and ask.pts_ns == 20 * 100_000_000, "asked about the last step before the outage"
+    assert second.event_id != first.event_id and second.start_pts_ns > 25 * 100_000_000
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs)), "every event has its own, increasing sequence number"
+    assert len({e.event_id for e in events}) == 3

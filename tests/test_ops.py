@@ -9,7 +9,12 @@ from pathlib import Path
 
 from stream_rt import AvSource, Backoff, CallbackSink, Graph, ReplayClock
 from stream_rt.ops.http import OpsServer
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sources.status import FrameRate
+
+from .processes import StreamServer
+from .test_commands import Waiting
+from .test_live import wait_for
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -23,23 +28,20 @@ def get(port: int, path: str) -> tuple[int, str]:
 async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Path, free_port: int) -> None:
     graph = Graph(clock=ReplayClock(1.0), drain_timeout_s=1)
     online = AvSource("walkway", str(samples / "vtest.avi"), audio=False)
-    offline = AvSource("gate", f"tcp://127.0.0.1:{free_port}", backoff=Backoff(0.1, 0.2, 0.1), timeout_s=1)
-    for source in (online, offline):
+    never = AvSource("gate", f"tcp://127.0.0.1:{free_port}", backoff=Backoff(0.1, 0.2, 0.1), timeout_s=1)
+    for source in (online, never):
         graph.add(source)
         graph.add(CallbackSink(f"sink_{source.name}", lambda p: None))
         graph.connect(f"{source.name}.video", f"sink_{source.name}.in", policy="latest")
-    server = OpsServer(graph.statistics, [online], graph.clock, port=0, offline_grace_s=0.5)
+    server = OpsServer(graph.statistics, [online, never], graph.clock, port=0, offline_grace_s=0.5)
     await server.start()
     run = asyncio.create_task(graph.run())
     try:
-        await asyncio.sleep(0.5)
         status, body = await asyncio.to_thread(get, server.port, "/healthz")
-        assert (status, body.strip()) == (200, "ok")
-        server.sources = [online, offline]
-        await asyncio.to_thread(get, server.port, "/healthz")  # the offline clock starts
-        await asyncio.sleep(0.7)
+        assert (status, body.strip()) == (200, "ok"), "within the grace"
+        await asyncio.sleep(0.7)  # no poll in between: the clock runs from the start, not from the first look
         status, body = await asyncio.to_thread(get, server.port, "/healthz")
-        assert status == 503 and body.startswith("offline: gate (offline for")
+        assert status == 503 and body.strip() == "unhealthy: gate (offline for 1 s)", body
         status, metrics = await asyncio.to_thread(get, server.port, "/metrics")
         assert status == 200
         assert 'stream_rt_source_online{source="walkway"} 1' in metrics
@@ -55,6 +57,61 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
         graph.stop()
         await asyncio.wait_for(run, 5)
         await server.stop()
+
+
+async def test_the_offline_clock_starts_at_the_outage(server: StreamServer, free_port: int) -> None:
+    graph = Graph(drain_timeout_s=1)
+    camera = AvSource("cam", f"tcp://127.0.0.1:{free_port}", audio=False, backoff=Backoff(0.2, 0.5, 0.1),
+                      stall_timeout_s=5, timeout_s=5)  # fmt: skip
+    graph.add(camera)
+    graph.add(CallbackSink("sink", lambda p: None))
+    graph.connect("cam.video", "sink.in", policy="latest")
+    ops = OpsServer(graph.statistics, [camera], graph.clock, port=0, offline_grace_s=1.0)
+    await ops.start()
+    run = asyncio.create_task(graph.run())
+    try:
+        await wait_for(lambda: camera.state == "online", 20, "the camera")
+        await asyncio.sleep(1.5)  # online for longer than the grace
+        server.kill()
+        await wait_for(lambda: camera.state == "offline", 10, "the outage")
+        status, body = await asyncio.to_thread(get, ops.port, "/healthz")
+        assert status == 200, "the outage is younger than the grace"
+        await asyncio.sleep(1.2)
+        status, body = await asyncio.to_thread(get, ops.port, "/healthz")
+        assert status == 503 and body.startswith("unhealthy: cam (offline for 1 s)"), body
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 5)
+        await ops.stop()
+
+
+async def test_healthz_names_a_broker_unreachable_past_the_grace(free_port: int, tmp_path: Path) -> None:
+    from .processes import Broker
+    from .test_mqtt import settings
+
+    sink = MqttSink("mqtt", settings(free_port, tmp_path))
+    graph = Graph(drain_timeout_s=1)
+    graph.add(Waiting("feed", []))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in")
+    ops = OpsServer(graph.statistics, [], graph.clock, port=0, offline_grace_s=0.5, checks=[sink])
+    await ops.start()
+    run = asyncio.create_task(graph.run())
+    broker = Broker(free_port, tmp_path)
+    try:
+        await asyncio.sleep(0.7)
+        status, body = await asyncio.to_thread(get, ops.port, "/healthz")
+        assert (
+            status == 503 and body.strip() == f"unhealthy: mqtt (MQTT broker 127.0.0.1:{free_port} unreachable for 1 s)"
+        )
+        broker.start()
+        await wait_for(lambda: sink.connected, 10, "the sink to connect")
+        assert (await asyncio.to_thread(get, ops.port, "/healthz"))[0] == 200
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 5)
+        await ops.stop()
+        broker.kill()
 
 
 def test_the_endpoints_bind_to_loopback_by_default() -> None:

@@ -1,7 +1,11 @@
 """``/healthz`` and ``/metrics`` over plain HTTP, bound to loopback by default.
 
-- ``/healthz``: 200 ``ok`` while every source is online (or offline for less than
-  ``offline_grace_s``); 503 naming the sources offline past the grace period.
+- ``/healthz``: 200 ``ok`` while everything works; 503 with one line naming what does not:
+  a source offline (counted from the outage; a source that never connected, from the
+  start) for longer than ``offline_grace_s``, the MLLM stage when its calls keep failing
+  or the model is stuck in a call, the MQTT sink when the broker has been unreachable
+  for longer than the grace time. Anything with a ``health(now_ns, grace_ns)`` method
+  (returning ``None`` or a one-line problem) can be checked.
 - ``/metrics``: Prometheus text format: every counter of every node
   (``stream_rt_node_total{node,counter}``), each channel's depth and drops by reason,
   each source's state (``stream_rt_source_online``) and every node's gauges
@@ -16,12 +20,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from stream_rt.graph.clock import Clock
 from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.ops")
+
+
+class HealthCheck(Protocol):
+    def health(self, now_ns: int, grace_ns: int) -> str | None: ...
 
 
 class OpsServer:
@@ -33,13 +41,14 @@ class OpsServer:
         host: str = "127.0.0.1",
         port: int = 9108,
         offline_grace_s: float = 30.0,
+        checks: Sequence[HealthCheck] = (),
     ) -> None:
         self.statistics = statistics
         self.sources = sources
+        self.checks = checks
         self.clock = clock
         self.host, self.port = host, port
         self.offline_grace_ns = int(offline_grace_s * 1e9)
-        self._offline_since: dict[str, int] = {}
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -55,15 +64,8 @@ class OpsServer:
 
     def health(self) -> tuple[bool, str]:
         now = self.clock.now_ns()
-        down = []
-        for source in self.sources:
-            if source.state == "online":
-                self._offline_since.pop(source.name, None)
-                continue
-            since = self._offline_since.setdefault(source.name, now)
-            if now - since >= self.offline_grace_ns:
-                down.append(f"{source.name} ({source.state} for {(now - since) / 1e9:.0f} s)")
-        return (not down), ("ok" if not down else "offline: " + ", ".join(down))
+        problems = [p for c in (*self.sources, *self.checks) if (p := c.health(now, self.offline_grace_ns))]
+        return (not problems), ("ok" if not problems else "unhealthy: " + "; ".join(problems))
 
     def metrics(self) -> str:
         stats = self.statistics()

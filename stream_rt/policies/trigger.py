@@ -19,25 +19,36 @@ less than ``cooldown_s`` passed since the last call or the last minute already h
 (``confirming``, ``below_on``, ``cooldown``, ``rate_limit``). With ``snapshot``, new,
 update and ask events carry a JPEG of their frame.
 
+Episodes follow the source's life: a :class:`~stream_rt.graph.packets.SourceStatus`
+``offline`` ends its open episode (reason ``source_offline``) and nothing opens until it
+is back ``online``; the next activity is a new episode.
+
+Identity: every event id is ``<source>-<ULID>`` (time-ordered, unique across sources,
+restarts and daemons: :mod:`stream_rt.graph.ids`), shared by an episode's ``new``,
+``update`` and ``end``; every event's ``seq`` is a per-source number that never repeats,
+not even after a restart, so consumers can drop re-sent duplicates by ``event_id`` and
+``seq``.
+
 A question asked with :meth:`TriggerPolicy.ask` becomes an ``ask`` event at the source's
-next salience, with its own event id, whatever the episode state.
+next salience, with its own event id, whatever the episode state — or at once, with the
+last frame, when the source goes offline or the stream ends, so every acknowledged
+question gets its event. Questions need an :class:`~stream_rt.policies.asks.AskLedger`
+(the pipeline gives one when a model is configured): a source with too many questions
+still open, or one that is offline, refuses the next (:class:`AskRefused`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience
+from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus
 from stream_rt.operators.snapshot import encode_jpeg
-
-MAX_PENDING_QUESTIONS = 4
-"""Questions asked about a source wait for its next salience; beyond this many the oldest
-is dropped (a source that is offline does not pile them up)."""
+from stream_rt.policies.asks import AskLedger, AskRefused
 
 
 @dataclass
@@ -55,11 +66,12 @@ class _SourceState:
     episode: _Episode | None = None
     calls: deque[int] = field(default_factory=deque)
     enabled: bool = True
+    online: bool = True  # until the source says otherwise
     on: float | None = None
     off: float | None = None
     last_call_ns: int | None = None
     last: Salience | None = None
-    questions: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_QUESTIONS))
+    questions: deque[tuple[str, str]] = field(default_factory=deque)  # (event id, question), bounded by the ledger
 
 
 class TriggerPolicy(Node):
@@ -79,6 +91,7 @@ class TriggerPolicy(Node):
         cooldown_s: float = 2.0,
         max_calls_per_min: float = 6.0,
         snapshot: bool = False,
+        asks: AskLedger | None = None,
     ) -> None:
         super().__init__(name)
         if not 0 <= off <= on <= 1:
@@ -91,25 +104,49 @@ class TriggerPolicy(Node):
         self.cooldown_ns = int(cooldown_s * 1e9)
         self.max_calls_per_min = max_calls_per_min
         self.snapshot = snapshot
+        self.asks = asks
         self._states: dict[str, _SourceState] = {}
-        self._ids = itertools.count(1)
+        self._seq = SequenceNumbers()
+        self._ended = False
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, Salience)
-        for event in self.step(packet, ctx):
+        state = self._states.setdefault(packet.source_id, _SourceState())
+        if not state.online:
+            ctx.count("skip_offline")  # a step decoded before the outage, arriving after it
+            return
+        await self._send(self.step(packet, ctx), ctx)
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, SourceStatus):
+            state = self._states.setdefault(packet.source_id, _SourceState())
+            if packet.state == "online":
+                state.online = True
+                return
+            state.online = False
+            await self._send(self._close(packet.source_id, state, "source_offline", ctx), ctx)
+        elif isinstance(packet, EndOfStream):
+            # The end of stream reaches this node once every upstream source has ended.
+            self._ended = True
+            for source_id, state in self._states.items():
+                await self._send(self._close(source_id, state, "end_of_stream", ctx), ctx)
+
+    async def _send(self, events: list[Event], ctx: Context) -> None:
+        for event in events:
             if self.snapshot and event.type != "end" and event.frame is not None:
                 jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
                 event = dataclasses.replace(event, snapshot_jpeg=jpeg)
             ctx.count(f"events_{event.type}")
             await ctx.emit("events", event)
 
-    async def on_control(self, packet: Packet, ctx: Context) -> None:
-        # The end of stream reaches this node once every upstream source has ended.
-        if isinstance(packet, EndOfStream):
-            for state in self._states.values():
-                if state.episode is not None and state.last is not None:
-                    ctx.count("events_end")
-                    await ctx.emit("events", self._end(state, state.last, "end_of_stream"))
+    def _close(self, source_id: str, state: _SourceState, reason: str, ctx: Context) -> list[Event]:
+        """A source stopped: its waiting questions go out now, with its last frame, and its
+        open episode ends."""
+        events = self._questions(source_id, state, state.last, ctx)
+        if state.episode is not None and state.last is not None:
+            events.append(self._end(state, state.last, reason))
+        state.above_since_ns = None
+        return events
 
     def set_enabled(self, source_id: str, enabled: bool) -> None:
         """Let a source open episodes, or not (its open episode ends at its next step)."""
@@ -126,27 +163,42 @@ class TriggerPolicy(Node):
 
     def ask(self, source_id: str, question: str) -> str:
         """Queue a question about a source; at its next salience an ``ask`` event carries it
-        (and calls the model, outside the budget). Returns that event's id."""
+        (and calls the model, outside the budget). Returns that event's id; raises
+        :class:`AskRefused` when it cannot be kept (no model, the source offline or ended,
+        too many questions still open)."""
+        if self.asks is None:
+            raise AskRefused("no model is configured to answer questions ([mllm] is missing)")
         state = self._states.setdefault(source_id, _SourceState())
-        event_id = f"{source_id}-{next(self._ids)}"
+        if not state.online or self._ended:
+            raise AskRefused(f"source '{source_id}' is {'offline' if not self._ended else 'ended'}: nothing to look at")
+        event_id = f"{source_id}-{time_ordered_id()}"
+        self.asks.reserve(source_id, event_id)
         state.questions.append((event_id, question))
         return event_id
+
+    def _questions(self, source_id: str, state: _SourceState, s: Salience | None, ctx: Context) -> list[Event]:
+        """An ``ask`` event for each waiting question, about ``s`` (or, when the source never
+        sent anything, about nothing: the model is asked without a picture)."""
+        events = []
+        while state.questions:
+            event_id, question = state.questions.popleft()
+            ctx.count("asks")
+            pts, wall = (s.pts_ns, s.wall_ns) if s is not None else (0, ctx.clock.wall_ns())
+            events.append(
+                Event(
+                    source_id, self._seq.next(source_id, wall), pts, wall, "ask", event_id, pts, None,
+                    s.score if s else 0.0, s.score if s else 0.0, dict(s.components) if s else {},
+                    s.regions if s else (), True, "ask", question, None, s.frame if s else None,
+                )
+            )  # fmt: skip
+        return events
 
     def step(self, s: Salience, ctx: Context) -> list[Event]:
         """The events that salience ``s`` causes (often none)."""
         state = self._states.setdefault(s.source_id, _SourceState())
         state.last = s
         now = s.pts_ns
-        events: list[Event] = []
-        while state.questions:
-            event_id, question = state.questions.popleft()
-            ctx.count("asks")
-            events.append(
-                Event(
-                    s.source_id, s.seq, now, s.wall_ns, "ask", event_id, now, None, s.score, s.score,
-                    dict(s.components), s.regions, True, "ask", question, None, s.frame,
-                )
-            )  # fmt: skip
+        events = self._questions(s.source_id, state, s, ctx)
         episode = state.episode
         on = self.on if state.on is None else state.on
         off = self.off if state.off is None else state.off
@@ -177,7 +229,7 @@ class TriggerPolicy(Node):
             if now - state.above_since_ns < self.confirm_ns:
                 ctx.count("skip_confirming")
                 return events
-            episode = state.episode = _Episode(f"{s.source_id}-{next(self._ids)}", now, now, s.score)
+            episode = state.episode = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
             events.append(self._event("new", state, s, self._budget(state, now, ctx)))
             return events
         if now - episode.last_update_ns < self.update_ns:
@@ -208,7 +260,7 @@ class TriggerPolicy(Node):
         episode = state.episode
         assert episode is not None
         return Event(
-            s.source_id, s.seq, s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
+            s.source_id, self._seq.next(s.source_id, s.wall_ns), s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
             episode.event_id, episode.start_ns, s.pts_ns if kind == "end" else None,
             s.score, episode.peak, dict(s.components), s.regions, call, reason, None, None, s.frame,
         )  # fmt: skip

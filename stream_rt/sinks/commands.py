@@ -5,7 +5,9 @@
 - ``<source>/trigger/set``: a JSON object with any of ``on``, ``off`` (0..1, off <= on):
   that source's trigger thresholds.
 - ``<source>/ask/set``: a JSON object ``{"question": "..."}``: ask the model about the
-  source now; the reply names the event id its answer will carry.
+  source now; the reply names the event id its event and answer will carry. A question
+  the target cannot promise to answer (no model, the source offline, too many questions
+  still open) is refused, not acknowledged.
 
 A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
 source or feature changes nothing and is answered with an error message.
@@ -49,7 +51,9 @@ class CommandTarget(Protocol):
 
     def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None: ...
 
-    def ask(self, source_id: str, question: str) -> str: ...
+    def ask(self, source_id: str, question: str) -> str:
+        """Queue the question; returns its event id, raises ValueError (one line) to refuse."""
+        ...
 
 
 def apply_command(
@@ -85,7 +89,10 @@ def apply_command(
             question = Question.model_validate(json.loads(text)).question.strip()
         except (json.JSONDecodeError, ValidationError, ValueError) as exc:
             raise CommandError(f'\'ask\' takes a JSON object like {{"question": "..."}}: {_first_line(exc)}') from None
-        event_id = target.ask(source, question)
+        try:
+            event_id = target.ask(source, question)
+        except ValueError as exc:  # refused: the promise of an answer could not be kept
+            raise CommandError(str(exc)) from None
         return {"applied": f"ask queued as event {event_id}", "event_id": event_id}
     raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger, ask)")
 

@@ -3,14 +3,16 @@
 Topics, under a configurable prefix (default ``stream_rt``), in the conventions Frigate
 users know:
 
-- ``<prefix>/available``: ``online`` (retained) on every (re)connect; the broker
-  publishes ``offline`` (the Last Will, retained) if the connection is lost;
+- ``<prefix>/available``: ``online`` (retained) on every (re)connect; ``offline``
+  (retained) when the sink stops cleanly, before it disconnects; the broker publishes
+  ``offline`` (the Last Will, retained) if the connection is lost;
 - ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end,
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
 - ``<prefix>/<source>/answers``: the model's answers (:class:`MllmAnswer`), keyed by the
   ``event_id`` of the event they answer, QoS 1;
 - ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
-  retained, QoS 1;
+  retained, QoS 1; a source whose stream ends (end of file, the daemon stopping) is
+  published ``offline`` then, so a dashboard never shows a stopped daemon's cameras up;
 - ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
   ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
 
@@ -18,6 +20,7 @@ Each message is committed to the :class:`~stream_rt.sinks.outbox.Outbox` first a
 removed only once the broker has acknowledged it (PUBACK), so an unreachable broker, a
 broker restart or a crash of this process loses nothing; the connection is retried with
 backoff for as long as the sink runs, and starting while the broker is down is fine.
+:meth:`MqttSink.health` reports a broker unreachable for longer than a grace time.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class MqttSink(Sink):
         self.drain_timeout_s = drain_timeout_s
         self.connected = False
         self.published = 0
+        self.down_since_ns: int | None = None  # when the broker was last lost (or the sink started), on the graph clock
+        self._ended: set[str] = set()  # sources whose end was published
+        self._closing = asyncio.Event()  # stop(): say goodbye once the outbox is empty, then disconnect
         self._outbox: Outbox | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -98,6 +104,8 @@ class MqttSink(Sink):
             if left:
                 log.info("outbox %s holds %d messages from before: delivering them first", self.settings.outbox, left)
         if self._task is None:
+            self.down_since_ns = ctx.clock.now_ns()
+            self._closing.clear()
             self._task = asyncio.create_task(self._run(ctx), name=f"stream_rt:{self.name}:mqtt")
 
     async def process(self, packet: Packet, ctx: Context) -> None:
@@ -113,19 +121,34 @@ class MqttSink(Sink):
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):
-            record = {"state": packet.state, "detail": packet.detail, "wall_ns": packet.wall_ns}
-            self._enqueue(self.topic(packet.source_id, "status"), record, retain=True)
-        elif isinstance(packet, EndOfStream):
-            self._wakeup.set()
+            self._status(packet.source_id, packet.state, packet.detail, packet.wall_ns, packet.streams)
+        elif isinstance(packet, EndOfStream) and packet.source_id in self.sources - self._ended:
+            # A source's stream ended (end of file, or the daemon stopping): it is offline now.
+            self._ended.add(packet.source_id)
+            detail = "end of stream" if packet.reason == "eof" else f"stream {packet.reason}"
+            self._status(packet.source_id, "offline", detail, ctx.clock.wall_ns())
+
+    def _status(self, source: str, state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> None:
+        record = {"state": state, "detail": detail, "streams": list(streams), "wall_ns": wall_ns}
+        self._enqueue(self.topic(source, "status"), record, retain=True)
 
     async def stop(self, ctx: Context) -> None:
-        """Give the outbox up to ``drain_timeout_s`` to empty, then disconnect; whatever is
-        left stays in the outbox for the next start."""
+        """Give the outbox up to ``drain_timeout_s`` to empty, publish ``available``
+        ``offline`` (retained) and disconnect cleanly; whatever is left stays in the outbox
+        for the next start."""
         assert self._outbox is not None
-        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
-        while self._outbox.depth() and asyncio.get_running_loop().time() < deadline:
+        for source in sorted(self.sources - self._ended):  # not ended by their stream: stopped with us
+            self._ended.add(source)
+            self._status(source, "offline", "stopped", ctx.clock.wall_ns())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout_s
+        while self._outbox.depth() and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self._task is not None:
+            self._closing.set()
+            self._wakeup.set()
+            if self.connected:  # the goodbye needs the broker's acknowledgement: a moment more
+                await asyncio.wait({self._task}, timeout=max(1.0, deadline - loop.time()))
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -176,15 +199,30 @@ class MqttSink(Sink):
                         for helper in helpers:
                             helper.cancel()
                         await asyncio.gather(*helpers, return_exceptions=True)
+                log.info("disconnected from MQTT broker %s:%d", s.host, s.port)
+                return  # _drain returns only once the goodbye is out
             except aiomqtt.MqttError as exc:
                 self._report(exc, failures, ctx)
-                self.connected = False
+                self._lost(ctx)
                 ctx.count("mqtt_reconnects")
                 await ctx.clock.sleep(s.backoff.delay(failures, self._rng))
                 failures += 1
             finally:
-                self.connected = False
+                self._lost(ctx)
                 _consume_disconnect(client)
+
+    def _lost(self, ctx: Context) -> None:
+        if self.connected:
+            self.connected = False
+            self.down_since_ns = ctx.clock.now_ns()
+
+    def health(self, now_ns: int, grace_ns: int) -> str | None:
+        """``None`` while the broker is reachable (or lost for less than ``grace_ns``); else
+        one line saying for how long it has not been."""
+        if self.connected or self.down_since_ns is None or now_ns - self.down_since_ns < grace_ns:
+            return None
+        s, down_s = self.settings, (now_ns - self.down_since_ns) / 1e9
+        return f"{self.name} (MQTT broker {s.host}:{s.port} unreachable for {down_s:.0f} s)"
 
     def _report(self, exc: aiomqtt.MqttError, failures: int, ctx: Context) -> None:
         """One clear line per outage (not per retry); refused credentials are an error."""
@@ -237,6 +275,10 @@ class MqttSink(Sink):
             self._wakeup.clear()
             batch = outbox.pending(self.settings.publish_window)
             if not batch:
+                if self._closing.is_set():
+                    goodbye = client.publish(self.topic("available"), b"offline", qos=1, retain=True, timeout=10)
+                    await _unless_disconnected(client, asyncio.ensure_future(goodbye))
+                    return
                 await self._wakeup.wait()
                 continue
             # Publish a window at once (the broker acknowledges in order), then forget
@@ -252,7 +294,7 @@ class MqttSink(Sink):
             ctx.counters["outbox_depth"] = outbox.depth()
 
 
-async def _unless_disconnected(client: aiomqtt.Client, publishes: asyncio.Future[list[None]]) -> None:
+async def _unless_disconnected(client: aiomqtt.Client, publishes: asyncio.Future[Any]) -> None:
     """Wait for ``publishes``, but give up the moment the connection dies: aiomqtt lets a
     publish wait for its acknowledgement until its own timeout even after the broker went
     away, which would stall the outbox for that long before reconnecting."""
