@@ -256,7 +256,7 @@ def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -
         if ops is not None and ops.http:
             host, _, port = ops.http.rpartition(":")
             server = OpsServer(pipeline.graph.statistics, pipeline.sources, pipeline.graph.clock, host, int(port),
-                               ops.offline_grace_s)  # fmt: skip
+                               ops.offline_grace_s, pipeline.health_checks)  # fmt: skip
             await server.start()
         try:
             await pipeline.graph.run(handle_signals=True)

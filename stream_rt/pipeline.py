@@ -4,8 +4,8 @@ The CLI stays thin: ``stream-rt run``, ``replay`` and ``eval`` call :func:`build
 and programs can do the same and then add their own nodes to ``pipeline.graph``::
 
     source.video -> change ---+
-                              +-> salience -> trigger -> events ---------> JSONL, MQTT
-    source.audio -> audio ----+                         +-> mllm -> answers -> JSONL, MQTT
+    source.audio -> audio ----+-> salience -> trigger -> events ---------> JSONL, MQTT
+    source.status ------------+                         +-> mllm -> answers -> JSONL, MQTT
     source.status ----------------------------------------------------------> JSONL, MQTT
 
 One change detector, audio analyser, fusion and trigger serve every source (each keeps
@@ -31,6 +31,7 @@ from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
+from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
@@ -49,6 +50,12 @@ class Pipeline:
     trigger: TriggerPolicy | None
     mllm: MllmStage | None
     jsonl: JsonlSink | None
+    mqtt: MqttSink | None = None
+
+    @property
+    def health_checks(self) -> list[MllmStage | MqttSink]:
+        """What ``/healthz`` checks besides the sources."""
+        return [c for c in (self.mllm, self.mqtt) if c is not None]
 
 
 def build_source(cfg: SourceConfig) -> StatusSource:
@@ -106,10 +113,11 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
 
-    trigger = _build_gates(graph, config, sources)
+    asks = AskLedger() if config.mllm is not None else None
+    trigger = _build_gates(graph, config, sources, asks)
     mllm = None
     if config.mllm is not None and trigger is not None:
-        mllm = _build_mllm(config.mllm)
+        mllm = _build_mllm(config.mllm, asks)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
@@ -122,7 +130,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     jsonl = None
     if config.sinks.jsonl is not None:
         jsonl_cfg = config.sinks.jsonl
-        jsonl = JsonlSink("jsonl", jsonl_cfg.path, snapshots_dir=jsonl_cfg.snapshots_dir)
+        names = {s.name for s in sources}
+        jsonl = JsonlSink("jsonl", jsonl_cfg.path, snapshots_dir=jsonl_cfg.snapshots_dir, sources=names)
         graph.add(jsonl)
         _feed(graph, "jsonl", trigger, mllm, sources)
         for source in sources:
@@ -130,10 +139,12 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
             if jsonl_cfg.audio and source.has_audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
+    mqtt = None
     if config.sinks.mqtt is not None:
-        graph.add(build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources}))
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources})
+        graph.add(mqtt)
         _feed(graph, "mqtt", trigger, mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt)
 
 
 def _feed(
@@ -178,7 +189,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(cfg: MllmConfig) -> MllmStage:
+def _build_mllm(cfg: MllmConfig, asks: AskLedger | None) -> MllmStage:
     clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
     m = cfg.memory
     memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
@@ -186,7 +197,7 @@ def _build_mllm(cfg: MllmConfig) -> MllmStage:
         "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
         max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
         reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
-        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s,
+        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, asks=asks,
     )  # fmt: skip
 
 
@@ -215,7 +226,9 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
     )
 
 
-def _build_gates(graph: Graph, config: Config, sources: list[StatusSource]) -> TriggerPolicy | None:
+def _build_gates(
+    graph: Graph, config: Config, sources: list[StatusSource], asks: AskLedger | None
+) -> TriggerPolicy | None:
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
     with_video = [s for s in sources if s.has_video] if config.change.enabled else []
     with_audio = [s for s in sources if s.has_audio] if config.audio.enabled else []
@@ -224,6 +237,9 @@ def _build_gates(graph: Graph, config: Config, sources: list[StatusSource]) -> T
     # The config sections mirror the constructors' keyword arguments one to one.
     fusion = SalienceFusion("salience", **config.salience.model_dump())
     graph.add(fusion)
+    for source in sources:  # fusion waits only for what is wired, and hears when a source goes offline
+        fusion.expect(source.name, video=source in with_video, audio=source in with_audio)
+        graph.connect(f"{source.name}.status", "salience.status")
     if with_video:
         graph.add(ChangeDetector("change", **config.change.model_dump(exclude={"enabled"})))
         for source in with_video:
@@ -239,7 +255,7 @@ def _build_gates(graph: Graph, config: Config, sources: list[StatusSource]) -> T
         for source in with_audio:
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
-    trigger = TriggerPolicy("trigger", **config.trigger.model_dump())
+    trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     graph.add(trigger)
     graph.connect("salience.salience", "trigger.salience", capacity=64)
     return trigger

@@ -1,17 +1,24 @@
 """The interface every MLLM backend implements, and its errors.
 
 A backend answers one :class:`~stream_rt.graph.packets.MllmRequest` at a time with
-``await backend.answer(request, on_text)``: the work runs off the event loop (a thread for
-local models, a socket for servers), text is streamed to ``on_text`` as it is decoded, and
-cancelling the awaiting task stops the generation at the next token. Timeouts, flow
-limiting and answer reuse belong to :class:`~stream_rt.mllm.stage.MllmStage`, so every
-backend gets them.
+``await backend.answer(request, on_text)``: the work runs off the event loop (a socket for
+servers; for local models the backend's **own thread**, :meth:`Backend.in_model_thread`,
+never the loop's default pool that snapshots, request building and frame decoding share,
+so a model that hangs cannot starve perception), text is streamed to ``on_text`` as it is
+decoded, and cancelling the awaiting task stops the generation at the next token. Work
+that cannot be interrupted (a vision encoder or a prefill that hangs) keeps the model's
+thread after its caller gave up: ``busy_since`` says since when, and the stage reports
+the backend stuck until it returns. Timeouts, flow limiting and answer reuse belong to
+:class:`~stream_rt.mllm.stage.MllmStage`, so every backend gets them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,12 +37,32 @@ class MissingWeights(BackendError):
     """The model's weights are not on this machine and cannot be downloaded."""
 
 
+T = TypeVar("T")
+
+
 class Backend:
     """``name`` identifies the model in answers and metrics; ``smoke`` marks a backend
-    whose answers are not meaningful (the smoke model)."""
+    whose answers are not meaningful (the smoke model). ``busy_since``: the monotonic
+    time (``time.monotonic()``) at which the model's thread took its current work, or
+    ``None`` while it is idle."""
 
     name: str = "backend"
     smoke: bool = False
+    busy_since: float | None = None
+    _thread: ThreadPoolExecutor | None = None
+
+    async def in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model's one thread (created on first use) and wait for it."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"stream_rt-model-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._busy, fn, *args)
+
+    def _busy(self, fn: Callable[..., T], *args: Any) -> T:
+        self.busy_since = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_since = None
 
     async def start(self) -> None:
         """Load what the backend needs (weights, connections); called once before use."""
@@ -44,8 +71,20 @@ class Backend:
         """Answer one request. Raises :class:`BackendError` (or anything else) on failure."""
         raise NotImplementedError
 
+    def counters(self) -> dict[str, int]:
+        """Totals the backend keeps (e.g. token-reuse cache evictions), shown with the stage's counters."""
+        return {}
+
+    def gauges(self) -> dict[str, float]:
+        """Levels the backend holds now (e.g. the token-reuse cache's size), shown with the stage's gauges."""
+        return {}
+
     async def close(self) -> None:
-        """Release what :meth:`start` took."""
+        """Release what :meth:`start` took (subclasses call this too): the model's thread
+        is let go without waiting for work it may still be stuck in."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
 
 
 def answer_from_text(

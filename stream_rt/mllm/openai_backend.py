@@ -63,6 +63,7 @@ class OpenAIBackend(Backend):
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await super().close()
 
     async def answer(self, request: MllmRequest, on_text: OnText | None = None) -> MllmAnswer:
         await self.start()

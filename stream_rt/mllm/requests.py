@@ -42,12 +42,14 @@ def context_line(event: Event, clip_start_ns: int | None = None) -> str:
     """What the event is; ``clip_start_ns``: the images are frames from then to the event."""
     parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items()))
     when = f"at {event.pts_ns / 1e9:.1f} s"
-    if clip_start_ns is not None:
+    if event.frame is None:
+        images = " There is no picture: the source has no video, only what its sound scores say."
+    elif clip_start_ns is not None:
         images = f" The images are frames from {clip_start_ns / 1e9:.1f} s to the event, in time order."
     else:
         images = " The second image, if any, enlarges where it changed."
     if event.type == "ask":
-        return f"Source '{event.source_id}', {when}." + (images if clip_start_ns is not None else "")
+        return f"Source '{event.source_id}', {when}." + (images if clip_start_ns is not None or not event.frame else "")
     return (
         f"Source '{event.source_id}', event '{event.type}' {when} (episode since {event.start_pts_ns / 1e9:.1f} s), "
         f"salience {event.score:.2f} ({parts})." + images
@@ -55,9 +57,11 @@ def context_line(event: Event, clip_start_ns: int | None = None) -> str:
 
 
 def build_request(event: Event, question: str, *, max_side: int = 768, crop_regions: bool = True) -> MllmRequest:
-    """The request for ``event`` (its ``question`` if it is an ``ask``); needs its frame."""
+    """The request for ``event`` (its ``question`` if it is an ``ask``); an event without a
+    frame (an audio-only source) is asked about in words alone."""
     if event.frame is None:
-        raise ValueError(f"event {event.event_id} has no frame to ask about")
+        return MllmRequest(event.source_id, event.seq, event.pts_ns, event.wall_ns, event.event_id,
+                           event.question or question, (), context_line(event))  # fmt: skip
     rgb = event.frame.rgb()
     images = [resize(rgb, max_side)]
     crop = region_crop(rgb, event.regions) if crop_regions else None

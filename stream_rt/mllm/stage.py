@@ -1,18 +1,28 @@
-"""The MLLM stage: events in, answers out, without ever holding up perception.
+"""The MLLM stage: events in, answers out, without ever holding up perception — and every
+event that asked for the model gets exactly one answer record, whatever fails.
 
 For each event that calls the model (``call_model``: ``new`` / ``update`` within the
 trigger's budget, and every ``ask``), and for each :class:`MllmRequest` sent to it
 directly, the stage:
 
-1. builds the request (keyframe, region crop, question, context) off the event loop;
+1. builds the request (keyframe, region crop, question, context) off the event loop; an
+   event without a picture (an audio-only source) is asked about in words alone;
 2. **reuses** the last answer when the scene and question have not changed
    (:class:`~stream_rt.policies.answer_reuse.AnswerReuse`; status ``reused``, no call);
-3. **limits the flow**: one call in flight, one waiting; with ``flow="latest"`` (live) a
-   newer request replaces the waiting one, which is answered with status ``dropped`` (so
-   every event that asked gets exactly one answer record); with ``flow="block"``
+3. **limits the flow**: one call in flight; routine requests keep one waiting place, and
+   with ``flow="latest"`` (live) a newer one replaces the waiting one, which is answered
+   ``dropped``; questions someone asked (``ask`` events) wait in order ahead of them and
+   are never replaced (the trigger bounds how many are open); with ``flow="block"``
    (replays) a newer request waits for room instead, slowing the graph to the model;
-4. calls the backend with a **timeout**; a backend that raises or hangs yields an answer
-   with status ``error`` or ``timeout`` and the next request goes ahead.
+4. calls the backend with a **timeout**: a call past ``timeout_s`` is answered ``timeout``
+   at once. The model works on a thread of its own (:class:`~stream_rt.mllm.backend.Backend`),
+   so a call that hangs there cannot take perception's threads; while that thread is still
+   busy with a call given up on, the backend is **stuck**: requests are answered ``error``
+   at once, and :meth:`MllmStage.health` says so until it returns.
+
+Any exception on the way (building, reuse, the call, the memory) answers that request
+``error`` and the next goes ahead: the call task cannot die. When the stage stops (or is
+restarted by its supervision) with requests still waiting, each is answered ``dropped``.
 
 With a :class:`~stream_rt.mllm.clips.ClipBuffer`, requests are clips: the frames sampled
 before the event (from the ``video`` input) with the audio features of that span (from
@@ -54,9 +64,23 @@ from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.requests import build_request
 from stream_rt.policies.answer_reuse import AnswerReuse
+from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.flow import FlowLimiter
 
 log = logging.getLogger("stream_rt.mllm")
+
+STUCK_GRACE_S = 1.0
+"""How long a call waits for the model's thread to finish a call given up on before it is
+answered ``error`` (the thread is stuck)."""
+
+FAILING_AFTER = 3
+"""This many calls in a row that ended ``error`` or ``timeout`` make the stage unhealthy."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Queued:
+    request: MllmRequest
+    queued_at: float  # time.perf_counter()
 
 
 class MllmStage(Node):
@@ -79,6 +103,7 @@ class MllmStage(Node):
         memory: StreamingMemory | None = None,
         memory_snapshot: Path | None = None,
         snapshot_interval_s: float = 60.0,
+        asks: AskLedger | None = None,
     ) -> None:
         super().__init__(name)
         self.backend = backend
@@ -87,14 +112,16 @@ class MllmStage(Node):
         self.max_side = max_side
         self.crop_regions = crop_regions
         self.reuse = AnswerReuse(reuse_threshold, reuse_max_age_s)
-        self.flow: FlowLimiter[tuple[MllmRequest, float]] = FlowLimiter()
+        self.flow: FlowLimiter[_Queued] = FlowLimiter()
         self.block = flow == "block"
         self.clip = clip
         self.memory = memory
         self.memory_snapshot = memory_snapshot
         self.snapshot_interval_s = snapshot_interval_s
+        self.asks = asks
+        self.failures_in_a_row = 0  # calls that ended error or timeout, since the last that did not
         self._saved_at = time.monotonic()
-        self._room = asyncio.Event()  # set whenever the waiting slot is free
+        self._room = asyncio.Event()  # set whenever nothing waits
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -146,38 +173,43 @@ class MllmStage(Node):
                 self.clip.add_audio(packet)
             return
         if isinstance(packet, Event):
-            if not packet.call_model or packet.frame is None:
+            if not packet.call_model:
                 return
             try:
-                if self.clip is not None:
-                    request = await asyncio.to_thread(self.clip.request, packet, self.question, self.max_side)
-                else:
-                    request = await asyncio.to_thread(
-                        build_request, packet, self.question, max_side=self.max_side, crop_regions=self.crop_regions
-                    )
+                request = await asyncio.to_thread(self._request_for, packet)
             except Exception as exc:
-                ctx.count("request_errors")
                 log.warning("cannot build a request for %s: %s", packet.event_id, describe_error(exc))
+                ctx.count("request_errors")
+                await self._answer(_failed(_bare_request(packet, self.question), "error", describe_error(exc)), ctx)
                 return
+            ask = packet.type == "ask"
         else:
             assert isinstance(packet, MllmRequest)
-            request = packet
+            request, ask = packet, False
         ctx.count("requests")
-        reused = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
+        try:
+            reused = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
+        except Exception as exc:
+            log.warning("answer reuse failed for %s: %s", request.event_id, describe_error(exc))
+            reused = None
         if reused is not None:
-            ctx.count("answers_reused")
-            await ctx.emit("answers", _reused(request, reused))
+            await self._answer(_reused(request, reused), ctx)
             return
-        while self.block and self.flow.waiting is not None:
+        while self.block and self.flow.queued:
             self._room.clear()
             await self._room.wait()
-        start_now, replaced = self.flow.offer((request, time.perf_counter()))
+        start_now, replaced = self.flow.offer(_Queued(request, time.perf_counter()), priority=ask)
         if replaced is not None:
             ctx.count("requests_replaced")
-            await ctx.emit("answers", _failed(replaced[0], "dropped", "replaced by a newer request while waiting"))
+            await self._answer(_failed(replaced.request, "dropped", "replaced by a newer request while waiting"), ctx)
         if start_now:
             self._idle.clear()
             self._worker = asyncio.create_task(self._work(ctx), name=f"stream_rt:{self.name}:calls")
+
+    def _request_for(self, event: Event) -> MllmRequest:
+        if self.clip is not None and event.frame is not None:
+            return self.clip.request(event, self.question, self.max_side)
+        return build_request(event, self.question, max_side=self.max_side, crop_regions=self.crop_regions)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, EndOfStream):
@@ -188,17 +220,113 @@ class MllmStage(Node):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        for item in self.flow.clear():  # promised an answer, never called
+            await self._answer(_failed(item.request, "dropped", "the stage stopped before the model answered"), ctx)
+        self._room.set()
+        self._idle.set()
         await self.backend.close()
         if self.memory is not None and self.memory_snapshot is not None:
             await asyncio.to_thread(self._save_memory, self.memory, self.memory_snapshot)
 
+    def stuck_s(self) -> float | None:
+        """How long the model's thread has been busy with a call that was given up on (timed
+        out), or ``None`` when it is not stuck."""
+        since = self.backend.busy_since
+        if since is None:
+            return None
+        busy = time.monotonic() - since
+        return busy if busy > self.timeout_s else None
+
+    def health(self, now_ns: int = 0, grace_ns: int = 0) -> str | None:
+        """``None`` while the model answers; else one line saying what is wrong (the stuck
+        and failing rules have their own thresholds, so the grace is not used)."""
+        stuck = self.stuck_s()
+        if stuck is not None:
+            return f"{self.name} (the model has been stuck in one call for {stuck:.0f} s)"
+        if self.failures_in_a_row >= FAILING_AFTER:
+            return f"{self.name} (the last {self.failures_in_a_row} model calls failed)"
+        return None
+
     def gauges(self, now_ns: int) -> dict[str, float]:
-        gauges = {"in_flight": float(self.flow.in_flight is not None), "waiting": float(self.flow.waiting is not None)}
+        gauges = {"in_flight": float(self.flow.in_flight is not None), "waiting": float(self.flow.queued),
+                  "stuck_s": round(self.stuck_s() or 0.0, 1)}  # fmt: skip
+        gauges.update(self.backend.gauges())
         if self.memory is not None:
             entries = [e for source in self.memory.sources for e in self.memory.entries(source)]
             gauges["memory_entries"] = float(len(entries))
             gauges["memory_visual_tokens"] = float(sum(e.visual.shape[0] for e in entries))
         return gauges
+
+    async def _answer(self, answer: MllmAnswer, ctx: Context) -> None:
+        """Send one answer record: the only way answers leave the stage."""
+        ctx.count(f"answers_{answer.status}")
+        for kind, n in answer.tokens.items():
+            ctx.count(f"tokens_{kind}", n)
+        if self.asks is not None:
+            self.asks.release(answer.source_id, answer.event_id)
+        await ctx.emit("answers", answer)
+
+    async def _work(self, ctx: Context) -> None:
+        """Answer the in-flight request, then the next, until none is left. Nothing but
+        cancellation ends it early."""
+        item = self.flow.in_flight
+        try:
+            while item is not None:
+                try:
+                    answer = await self._call(item, ctx)
+                except Exception as exc:
+                    log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
+                    answer = _failed(item.request, "error", describe_error(exc), self.backend)
+                await self._answer(answer, ctx)
+                item = self.flow.done()
+                self._room.set()
+        finally:
+            if self.flow.in_flight is None:
+                self._room.set()
+                self._idle.set()
+
+    async def _call(self, item: _Queued, ctx: Context) -> MllmAnswer:
+        request = item.request
+        if self.memory is not None:
+            memory = tuple(self.memory.entries(request.source_id))
+            request = dataclasses.replace(request, memory=memory, summary_tokens=self.memory.tokens)
+        busy = await self._busy_after(STUCK_GRACE_S)
+        if busy is not None:
+            ctx.count("refused_stuck")
+            return _failed(request, "error", f"the model is still busy with a call given up on {busy:.0f} s ago")
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.wait_for(self.backend.answer(request), self.timeout_s)
+        except TimeoutError:
+            log.warning("MLLM call for %s timed out after %.0f s", request.event_id, self.timeout_s)
+            answer = _failed(request, "timeout", f"no answer within {self.timeout_s:g} s", self.backend, started)
+        except Exception as exc:
+            log.warning("MLLM call for %s failed: %s", request.event_id, describe_error(exc))
+            answer = _failed(request, "error", describe_error(exc), self.backend, started)
+        else:
+            ctx.count("model_calls")
+        self.failures_in_a_row = self.failures_in_a_row + 1 if answer.status in ("error", "timeout") else 0
+        queued = max(0.0, time.perf_counter() - item.queued_at - answer.timings.get("total", 0.0))
+        answer = dataclasses.replace(answer, timings={**answer.timings, "queued": queued})
+        ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)))
+        ctx.counters.update(self.backend.counters())
+        try:
+            self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)
+            await self._remember(answer, request, ctx)
+        except Exception as exc:  # the answer stands; what is kept of it for later is lost
+            log.error("cannot keep the answer to %s for later calls: %s", request.event_id, describe_error(exc))
+            ctx.count("memory_errors")
+        return answer
+
+    async def _busy_after(self, grace_s: float) -> float | None:
+        """Wait up to ``grace_s`` for the model's thread to be free (a call given up on stops
+        at its next token); ``None`` once it is, else how long it has been busy."""
+        deadline = time.monotonic() + grace_s
+        while (since := self.backend.busy_since) is not None:
+            if time.monotonic() >= deadline:
+                return time.monotonic() - since
+            await asyncio.sleep(0.02)
+        return None
 
     async def _remember(self, answer: MllmAnswer, request: MllmRequest, ctx: Context) -> None:
         """A call's keyframe tokens become a memory entry, with the answer's summary when the
@@ -219,43 +347,11 @@ class MllmStage(Node):
             self._saved_at = time.monotonic()
             await asyncio.to_thread(self._save_memory, memory, self.memory_snapshot)
 
-    async def _work(self, ctx: Context) -> None:
-        """Answer the in-flight request, then the waiting one, until none is left."""
-        item = self.flow.in_flight
-        try:
-            while item is not None:
-                request, queued_at = item
-                answer = await self._call(request, ctx)
-                timings = {"queued": max(0.0, time.perf_counter() - queued_at - answer.timings.get("total", 0.0))}
-                answer = dataclasses.replace(answer, timings={**answer.timings, **timings})
-                self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)
-                await self._remember(answer, request, ctx)
-                ctx.count(f"answers_{answer.status}")
-                for kind, n in answer.tokens.items():
-                    ctx.count(f"tokens_{kind}", n)
-                ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)))
-                await ctx.emit("answers", answer)
-                item = self.flow.done()
-                self._room.set()
-        finally:
-            self._room.set()
-            self._idle.set()
 
-    async def _call(self, request: MllmRequest, ctx: Context) -> MllmAnswer:
-        started = time.perf_counter()
-        if self.memory is not None:
-            memory = tuple(self.memory.entries(request.source_id))
-            request = dataclasses.replace(request, memory=memory, summary_tokens=self.memory.tokens)
-        try:
-            answer = await asyncio.wait_for(self.backend.answer(request), self.timeout_s)
-        except TimeoutError:
-            log.warning("MLLM call for %s timed out after %.0f s", request.event_id, self.timeout_s)
-            return _failed(request, "timeout", f"no answer within {self.timeout_s:g} s", self.backend, started)
-        except Exception as exc:
-            log.warning("MLLM call for %s failed: %s", request.event_id, describe_error(exc))
-            return _failed(request, "error", describe_error(exc), self.backend, started)
-        ctx.count("model_calls")
-        return answer
+def _bare_request(event: Event, question: str) -> MllmRequest:
+    """What an event asked, without its pictures (to answer it when building failed)."""
+    return MllmRequest(event.source_id, event.seq, event.pts_ns, event.wall_ns, event.event_id,
+                       event.question or question)  # fmt: skip
 
 
 def _reused(request: MllmRequest, answer: MllmAnswer) -> MllmAnswer:

@@ -1,7 +1,7 @@
 """Local Hugging Face vision-language models (Qwen2-VL / Qwen2.5-VL, SmolVLM / Idefics3,
 LLaVA) on CPU or CUDA.
 
-The model runs in a worker thread with a greedy decoding loop of its own rather than
+The model runs in the backend's own thread with a greedy decoding loop of its own rather than
 ``generate()``: the vision encoder, prefill and each decoded token are timed apart, text
 streams out as it is decoded, a cancel flag is checked at every token, and decoding stops
 the moment the answer contract's JSON object closes (``stop="contract"``).
@@ -101,7 +101,7 @@ class TransformersBackend(Backend):
 
     async def start(self) -> None:
         if self.model is None:
-            await asyncio.to_thread(self.load)
+            await self.in_model_thread(self.load)
 
     def load(self) -> None:
         """Load the weights (blocking). Raises :class:`MissingWeights` if they are not here."""
@@ -167,11 +167,11 @@ class TransformersBackend(Backend):
 
         started = time.perf_counter()
         images, text = list(request.images), request_text(request)
-        reuse = ((request.source_id, request.question), request.event_id)
+        reuse = ((request.source_id, request.question), request.event_id) if images else None  # nothing to reuse
         clip = (list(request.frame_pts), list(request.audio)) if len(request.frame_pts) == len(images) > 1 else None
         memory = (request.source_id, request.memory) if request.memory else None
         task = asyncio.ensure_future(
-            asyncio.to_thread(
+            self.in_model_thread(
                 self.generate, images, text, cancel, stream, None, reuse, clip, memory, request.summary_tokens
             )
         )
@@ -192,6 +192,17 @@ class TransformersBackend(Backend):
             tokens={"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids),
                     **extra},
         )  # fmt: skip
+
+    def counters(self) -> dict[str, int]:
+        if self.token_reuse is None:
+            return {}
+        return {f"reuse_evicted_{bound}": n for bound, n in self.token_reuse.evictions.items()}
+
+    def gauges(self) -> dict[str, float]:
+        if self.token_reuse is None:
+            return {}
+        return {"reuse_cache_entries": self.token_reuse.entries,
+                "reuse_cache_mib": round(self.token_reuse.nbytes / 2**20, 1)}  # fmt: skip
 
     def generate(
         self,
@@ -249,7 +260,7 @@ class TransformersBackend(Backend):
                     prepared, prefix, memory_tokens = after_prefix(prepared, state.length), state, state.length
                 logits, cache = self.prefill(prepared, features, prefix)
                 encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
-            logged = len(self.layer_exit.depths) if self.layer_exit is not None else 0
+            exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
             t2 = time.perf_counter()
             ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)
             decode_s = time.perf_counter() - t2
@@ -257,8 +268,8 @@ class TransformersBackend(Backend):
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
             reuse=outcome, memory_tokens=memory_tokens, summary=summary, visual_dropped=visual_dropped,
         )  # fmt: skip
-        if self.layer_exit is not None and len(self.layer_exit.depths) > logged:
-            gen.exit_depth = float(np.mean(self.layer_exit.depths[logged:]))
+        if self.layer_exit is not None and self.layer_exit.decoded > exited[0]:
+            gen.exit_depth = (self.layer_exit.layers_run - exited[1]) / (self.layer_exit.decoded - exited[0])
         return gen
 
     def _image_rows(self, prepared: Prepared, image: int, images: int) -> torch.Tensor:

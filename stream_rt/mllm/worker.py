@@ -139,7 +139,7 @@ class Worker:
 
         async def generate() -> Generation:
             try:
-                return await asyncio.to_thread(self.backend.generate, images, text, cancel, on_text, limit)
+                return await self.backend.in_model_thread(self.backend.generate, images, text, cancel, on_text, limit)
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
