@@ -34,6 +34,7 @@ from stream_rt.graph import (
     Sink,
     Source,
     SourceStatus,
+    StreamEnded,
     Supervision,
     VideoFrame,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceStatus",
+    "StreamEnded",
     "Supervision",
     "SyntheticSource",
     "TransformersBackend",

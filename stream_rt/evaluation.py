@@ -20,7 +20,8 @@ the video on, so the media-time alignment of audio and video is what is scored:
 - **precision**: share of episodes that overlap a labelled interval (within ``tolerance_s``);
 - **onset latency**: media time from a label's start to the start of the first episode
   overlapping it (negative when the episode opened slightly before the label);
-- **call share**: model calls the trigger would make, per decoded video frame.
+- **call share**: model calls the trigger would make, per decoded video frame (with
+  ``component``: the calls of that component's episodes alone, not the pipeline's).
 
 Beside it, the fixed-interval baseline (one call per second, as a naive agent would do)
 is scored on the same labels.
@@ -37,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from stream_rt.config import Config, ConfigError, for_replay, parse_config
-from stream_rt.graph.packets import Event, Salience
+from stream_rt.graph.node import Context, Node
+from stream_rt.graph.packets import Event, Packet, Salience, SourceStatus, StreamEnded
 from stream_rt.operators.salience import DEFAULT_WEIGHTS
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.callback import CallbackSink
-from stream_rt.testing import run_node
 
 
 @dataclass(frozen=True)
@@ -108,30 +109,42 @@ async def run_scenario(scenario: Scenario) -> tuple[list[Event], int, float]:
     if pipeline.trigger is None:
         raise ConfigError(f"{scenario.name}: the pipeline has no gates enabled, so nothing can trigger")
     events: list[Event] = []
-    steps: list[Salience] = []
+    pipeline.graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
     if scenario.component is None:
-        pipeline.graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
         pipeline.graph.connect("trigger.events", "evaluation.in", capacity=64)
-    else:
-        pipeline.graph.add(CallbackSink("evaluation", steps.append))  # type: ignore[arg-type]
-        pipeline.graph.connect("salience.salience", "evaluation.in", capacity=64)
+    else:  # the same trigger, on one component of the same fused salience
+        pipeline.graph.add(ComponentOnly(f"{scenario.component}_only", scenario.component, config))
+        pipeline.graph.add(TriggerPolicy(f"{scenario.component}_trigger", **config.trigger.model_dump()))
+        pipeline.graph.connect("salience.salience", f"{scenario.component}_only.salience", capacity=64)
+        pipeline.graph.connect(f"{scenario.component}_only.salience", f"{scenario.component}_trigger.salience")
+        pipeline.graph.connect(f"{scenario.component}_trigger.events", "evaluation.in", capacity=64)
     await pipeline.graph.run()
-    if scenario.component is not None:
-        events = await component_episodes(steps, scenario.component, config)
     frames = int(pipeline.graph.statistics()["nodes"][scenario.name].get("frames", 0))
     return events, frames, pipeline.sources[0].position_s
 
 
-async def component_episodes(steps: list[Salience], component: str, config: Config) -> list[Event]:
-    """The events the trigger (with ``config``'s settings) makes from one component of the
-    fused salience alone, weighted as the fusion weighs it."""
-    weights = {**DEFAULT_WEIGHTS, **{str(k): v for k, v in config.salience.weights.items()}}
-    weight = weights.get(component)
-    if weight is None:
-        raise ConfigError(f"unknown salience component '{component}' (components: {', '.join(DEFAULT_WEIGHTS)})")
-    alone = [dataclasses.replace(s, score=min(1.0, weight * s.components[component])) for s in steps]
-    out = await run_node(TriggerPolicy("component", **config.trigger.model_dump()), alone)
-    return [e for e in out["events"] if isinstance(e, Event)]
+class ComponentOnly(Node):
+    """Salience reduced to one component (weighted as the fusion weighs it), with the
+    sources' statuses and ends passed on."""
+
+    inputs = {"salience": (Salience,)}
+    outputs = {"salience": (Salience,)}
+
+    def __init__(self, name: str, component: str, config: Config) -> None:
+        super().__init__(name)
+        weights = {**DEFAULT_WEIGHTS, **{str(k): v for k, v in config.salience.weights.items()}}
+        if component not in weights:
+            raise ConfigError(f"unknown salience component '{component}' (components: {', '.join(DEFAULT_WEIGHTS)})")
+        self.component, self.weight = component, weights[component]
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        assert isinstance(packet, Salience)
+        score = min(1.0, self.weight * packet.components[self.component])
+        await ctx.emit("salience", dataclasses.replace(packet, score=score))
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, SourceStatus | StreamEnded):
+            await ctx.emit("salience", packet)
 
 
 def episodes_of(events: list[Event]) -> list[tuple[float, float, int]]:
@@ -188,6 +201,7 @@ async def evaluate(path: str | Path) -> dict[str, Any]:
     return {
         "scenario": scenario.name,
         "description": scenario.description,
+        "component": scenario.component,
         "labels": len(scenario.intervals),
         "media_s": round(duration, 2),
         "stream_rt": {k: _round(v) for k, v in asdict(ours).items()},
@@ -199,10 +213,11 @@ def format_report(result: dict[str, Any]) -> str:
     ours, base = result["stream_rt"], result["baseline_1hz"]
     lines = [f"{result['scenario']}: {result['description']} ({result['labels']} labelled intervals, "
              f"{result['media_s']} s)"]  # fmt: skip
-    lines.append(f"  {'':12} {'recall':>7} {'precision':>9} {'p95 onset':>10} {'calls':>6} {'calls/frame':>12}")
-    for name, s in (("stream_rt", ours), ("1 call/s", base)):
+    lines.append(f"  {'':18} {'recall':>7} {'precision':>9} {'p95 onset':>10} {'calls':>6} {'calls/frame':>12}")
+    component = result.get("component")
+    for name, s in ((f"stream_rt[{component}]" if component else "stream_rt", ours), ("1 call/s", base)):
         lines.append(
-            f"  {name:12} {s['recall']:7.3f} {s['precision']:9.3f} {s['latency_p95_s']:9.3f}s "
+            f"  {name:18} {s['recall']:7.3f} {s['precision']:9.3f} {s['latency_p95_s']:9.3f}s "
             f"{s['calls']:6d} {s['call_share']:12.2%}"
         )
     return "\n".join(lines)

@@ -15,7 +15,7 @@ PUBLIC = {
     "build_smoke_model",
     "JsonlSink", "ManualClock", "MqttSink", "MqttSource", "Node", "NodeFailed", "Packet", "Pipeline", "PushSource",
     "RealtimeClock", "ReplayClock", "Salience", "SalienceFusion", "Sink", "Source", "SourceError",
-    "SourceStatus", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",
+    "SourceStatus", "StreamEnded", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",
     "load_config", "parse_config",
 }  # fmt: skip
 

@@ -20,6 +20,7 @@ from stream_rt.graph.packets import (
     Packet,
     Salience,
     SourceStatus,
+    StreamEnded,
     VideoFrame,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "Sink",
     "Source",
     "SourceStatus",
+    "StreamEnded",
     "Supervision",
     "VideoFrame",
 ]

@@ -328,6 +328,21 @@ class EndOfStream(ControlPacket):
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEnded(ControlPacket):
+    """One source's stream ended. A node that serves several sources (change detection,
+    audio analysis, fusion) sees a source's end as the end of one of its inputs; it emits
+    this after that source's last output, so the nodes after it can close the source (its
+    episode, its questions) without waiting for every other source to end."""
+
+    reason: str = "eof"
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record["reason"] = self.reason
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class Flush(ControlPacket):
     """Discard queued data packets ahead of this one in every channel it passes."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, Packet
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, EndOfStream, Packet, StreamEnded
 from stream_rt.operators.vad import WINDOW, SileroVad
 
 NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
@@ -68,6 +68,11 @@ class AudioAnalyzer(Node):
         assert isinstance(packet, AudioChunk)
         for features in self.analyse(packet, ctx):
             await ctx.emit("features", features)
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, EndOfStream):  # one source's audio ended: forget it, tell those after
+            self._sources.pop(packet.source_id, None)
+            await ctx.emit("features", StreamEnded(packet.source_id, -1, -1, packet.wall_ns, packet.reason))
 
     def analyse(self, chunk: AudioChunk, ctx: Context | None = None) -> list[AudioFeatures]:
         state = self._sources.get(chunk.source_id)

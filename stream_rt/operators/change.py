@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import Box, ChangeMap, Packet, VideoFrame
+from stream_rt.graph.packets import Box, ChangeMap, EndOfStream, Packet, StreamEnded, VideoFrame
 from stream_rt.operators.kernels import blend_background, classify_patches, connected_boxes, patch_mad
 
 
@@ -54,6 +54,12 @@ class ChangeDetector(Node):
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, VideoFrame)
         await ctx.emit("changes", self.detect(packet, ctx))
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, EndOfStream):  # one source's video ended: forget it, tell those after
+            self._backgrounds.pop(packet.source_id, None)
+            self._noise.pop(packet.source_id, None)
+            await ctx.emit("changes", StreamEnded(packet.source_id, -1, -1, packet.wall_ns, packet.reason))
 
     def detect(self, frame: VideoFrame, ctx: Context | None = None) -> ChangeMap:
         """The change map of ``frame`` against its source's background (updated here)."""

@@ -18,43 +18,85 @@ salient); all components are kept for explanation.
 change map): the step at media time ``t`` holds the audio windows that start before
 ``t``. Audio and video reach this node by different paths and may be skewed (a live
 camera's audio arriving late, a busier analyser), so per source the node keeps the steps
-and audio it has not fused yet and fuses a step once the audio has passed ``t`` (a
-window starting at ``t`` or later has arrived). A modality is waited for only while it
-is expected: the pipeline says which modalities are wired for a source (:meth:`expect`),
-each :class:`~stream_rt.graph.packets.SourceStatus` says which streams it delivers, and
-a modality that has been seen is expected from then on. Waiting is bounded: a step is
-fused without the audio once the video has run ``max_lateness_s`` of media time past it
-(counted as ``late_steps``); audio that arrives for time already fused joins the next
-step (``late_audio``). A source with no video, or whose video has stopped for
-``max_lateness_s`` while its audio goes on, makes a step every ``audio_step_s`` of audio,
-carrying its last frame. Emitted times are strictly increasing per source.
+and the audio it has not fused yet, and fuses a step once the audio has passed ``t`` (a
+window starting at ``t`` or later has arrived).
 
-Status packets arrive on ``status``: ``offline`` fuses everything pending for that source
-(nothing waits for a dead stream), then the status is passed on to ``salience`` so the
-trigger sees it after the source's last steps.
+A modality is waited for only while it is expected: the pipeline says which modalities
+are wired for a source (:meth:`SalienceFusion.expect`), its
+:class:`~stream_rt.graph.packets.SourceStatus` says which streams it delivers, and a
+modality seen once is expected from then on — until its stream ends
+(:class:`~stream_rt.graph.packets.StreamEnded`), or until nothing of it has arrived for
+``max_lateness_s`` on the graph's clock while the other modality goes on: then it is
+**stalled** (counted once, ``stalled_audio`` / ``stalled_video``) and not waited for
+until it arrives again. Waiting is bounded in media time too: a step is fused without its
+audio once the video has run ``max_lateness_s`` past it (``late_steps``); audio arriving
+for time already fused joins the next step (``late_audio``).
+
+A source with no video, or whose video is stalled, ended, or more than
+``max_lateness_s`` of media time behind its audio, makes steps from its audio: each holds
+``audio_step_s`` of it (in whole 32 ms windows) and is stamped at the end of that audio,
+with the source's last frame. A change map that arrives for time already covered is not
+stamped anew: its visual score and regions join the next step (``late_video``). Emitted
+times are strictly increasing per source.
+
+``offline`` on ``status`` fuses everything pending for that source (nothing waits for a
+dead stream) and passes the status on, after the source's last steps; a source's
+:class:`StreamEnded` is passed on once each of its modalities has ended, after its last
+steps, so the trigger can close it while other sources go on.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import AudioFeatures, ChangeMap, EndOfStream, Packet, Salience, SourceStatus, VideoFrame
+from stream_rt.graph.packets import (
+    AudioFeatures,
+    Box,
+    ChangeMap,
+    EndOfStream,
+    Packet,
+    Salience,
+    SourceStatus,
+    StreamEnded,
+    VideoFrame,
+)
+from stream_rt.operators.audio import WINDOW_NS
 
 DEFAULT_WEIGHTS = {"visual": 1.0, "speech": 1.0, "onset": 0.6, "loudness": 0.5}
+
+Kind = Literal["video", "audio"]
+
+
+@dataclass
+class _Modality:
+    wired: bool | None = None  # connected for this source (None: nobody said)
+    reached_ns: int | None = None  # media time it has reached (its last packet)
+    arrived_ns: int | None = None  # when that packet arrived, on the graph's clock
+    stalled: bool = False
+    ended: bool = False
 
 
 @dataclass
 class _Source:
-    steps: deque[ChangeMap] = field(default_factory=deque)  # video steps waiting for audio
-    audio: deque[AudioFeatures] = field(default_factory=deque)  # audio not fused yet, in media-time order
-    video_ns: int | None = None  # media time the video has reached (last change map)
-    audio_ns: int | None = None  # media time the audio has reached (last window's start)
-    emitted_ns: int | None = None  # time of the last step emitted
-    frame: VideoFrame | None = field(default=None, repr=False)
-    wired: tuple[bool, bool] | None = None  # (video, audio) connected for this source, if known
+    source_id: str
+    video: _Modality = field(default_factory=_Modality)
+    audio: _Modality = field(default_factory=_Modality)
     streams: tuple[str, ...] | None = None  # what the source says it delivers, if it said
+    started_ns: int | None = None  # when its first packet arrived, on the graph's clock
+    steps: deque[ChangeMap] = field(default_factory=deque)  # video steps waiting for audio
+    sound: deque[AudioFeatures] = field(default_factory=deque)  # audio not fused yet, in media-time order
+    emitted_ns: int | None = None  # time of the last step emitted
+    frame: VideoFrame | None = field(default=None, repr=False)  # the last frame fused
+    late_visual: float = 0.0  # of change maps that arrived for time already covered
+    late_regions: tuple[Box, ...] = ()
+    end_reason: str = ""  # why its streams ended, once one has
+    closed: bool = False  # its StreamEnded was passed on
+
+    def modality(self, kind: Kind) -> _Modality:
+        return self.video if kind == "video" else self.audio
 
 
 class SalienceFusion(Node):
@@ -80,100 +122,149 @@ class SalienceFusion(Node):
         self.audio_step_ns = int(audio_step_s * 1e9)
         self.max_lateness_ns = int(max_lateness_s * 1e9)
         self._sources: dict[str, _Source] = {}
-        self._ended: set[str] = set()  # input ports whose stream has ended
+        self._ended: set[str] = set()  # input ports whose every stream has ended
 
     def expect(self, source_id: str, *, video: bool, audio: bool) -> None:
         """Say which modalities are wired for ``source_id`` (the pipeline does): one that is
         not is never waited for."""
-        self._of(source_id).wired = (video, audio)
+        state = self._of(source_id)
+        state.video.wired, state.audio.wired = video, audio
 
     def _of(self, source_id: str) -> _Source:
         state = self._sources.get(source_id)
         if state is None:
-            state = self._sources[source_id] = _Source()
+            state = self._sources[source_id] = _Source(source_id)
         return state
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         state = self._of(packet.source_id)
+        now = ctx.clock.now_ns()
+        if state.started_ns is None:
+            state.started_ns = now
         if isinstance(packet, ChangeMap):
-            state.steps.append(packet)
-            state.video_ns = packet.pts_ns
-        elif isinstance(packet, AudioFeatures):
+            self._arrived(state, "video", packet.pts_ns, now)
             if state.emitted_ns is not None and packet.pts_ns <= state.emitted_ns:
+                ctx.count("late_video")  # its time was covered by audio steps: it joins the next step
+                state.late_visual = max(state.late_visual, self._visual(packet))
+                state.late_regions = packet.regions or state.late_regions
+                state.frame = packet.frame
+            else:
+                state.steps.append(packet)
+        elif isinstance(packet, AudioFeatures):
+            self._arrived(state, "audio", packet.pts_ns, now)
+            if state.emitted_ns is not None and packet.pts_ns < state.emitted_ns:
                 ctx.count("late_audio")
-            state.audio.append(packet)
-            state.audio_ns = packet.pts_ns
+            state.sound.append(packet)
         await self._release(state, ctx)
 
+    def _arrived(self, state: _Source, kind: Kind, pts_ns: int, now: int) -> None:
+        m = state.modality(kind)
+        m.reached_ns, m.arrived_ns, m.stalled = pts_ns, now, False
+
     async def on_control(self, packet: Packet, ctx: Context) -> None:
+        state = self._of(packet.source_id)
         if isinstance(packet, SourceStatus):
-            state = self._of(packet.source_id)
             if packet.state == "online":
                 state.streams = packet.streams or None
             else:
                 await self._release(state, ctx, flush=True)
             await ctx.emit("salience", packet)  # after the source's last steps
-        elif isinstance(packet, EndOfStream) and ctx.port in ("changes", "audio"):
-            self._ended.add(ctx.port)
-            for state in self._sources.values():
-                done = not self._expects(state, "video") and not self._expects(state, "audio")
-                await self._release(state, ctx, flush=done)
+        elif isinstance(packet, StreamEnded) and ctx.port in ("changes", "audio"):
+            state.modality("video" if ctx.port == "changes" else "audio").ended = True
+            state.end_reason = packet.reason
+            await self._release(state, ctx, flush=self._done(state))
+            if self._done(state):
+                await self._close(state, ctx)
+        elif isinstance(packet, EndOfStream):
+            if ctx.port in ("changes", "audio"):
+                self._ended.add(ctx.port)
+                for source in self._sources.values():
+                    await self._release(source, ctx, flush=self._done(source))
+            elif not (state.video.wired or state.audio.wired):  # nothing of it is fused: its own end is all there is
+                state.end_reason = packet.reason
+                await self._close(state, ctx)
 
-    def _expects(self, state: _Source, kind: str) -> bool:
-        port = "changes" if kind == "video" else "audio"
-        if port in self._ended:
-            return False
-        seen = (state.video_ns if kind == "video" else state.audio_ns) is not None
-        if state.wired is not None and not state.wired[kind == "audio"]:
+    def _done(self, state: _Source) -> bool:
+        return not self._expects(state, "video") and not self._expects(state, "audio")
+
+    async def _close(self, state: _Source, ctx: Context) -> None:
+        """Pass the source's end on, once, after its last steps."""
+        if not state.closed:
+            state.closed = True
+            await ctx.emit("salience", StreamEnded(state.source_id, -1, -1, ctx.clock.wall_ns(), state.end_reason))
+
+    def _expects(self, state: _Source, kind: Kind) -> bool:
+        """Whether ``kind`` may still come for this source (so steps wait for it)."""
+        m = state.modality(kind)
+        if m.ended or m.wired is False or ("changes" if kind == "video" else "audio") in self._ended:
             return False
         if state.streams is not None:
-            return kind in state.streams or seen
-        return seen or state.wired is not None
+            return kind in state.streams or m.reached_ns is not None
+        return m.reached_ns is not None or m.wired is True
+
+    def _waits_for(self, state: _Source, kind: Kind, ctx: Context) -> bool:
+        """Whether to wait for ``kind``: expected, and not stalled (nothing arrived for
+        ``max_lateness_s`` on the clock while the other modality went on)."""
+        if not self._expects(state, kind):
+            return False
+        m = state.modality(kind)
+        if m.stalled:
+            return False
+        since = m.arrived_ns if m.arrived_ns is not None else state.started_ns
+        if since is not None and ctx.clock.now_ns() - since >= self.max_lateness_ns:
+            m.stalled = True
+            ctx.count(f"stalled_{kind}")
+            return False
+        return True
 
     async def _release(self, state: _Source, ctx: Context, flush: bool = False) -> None:
         """Fuse every step of ``state`` that is due (all of them with ``flush``)."""
         while state.steps:
             t = state.steps[0].pts_ns
-            audio_passed = state.audio_ns is not None and state.audio_ns >= t
-            if not (flush or audio_passed or not self._expects(state, "audio")):
-                assert state.video_ns is not None
-                if state.video_ns - t < self.max_lateness_ns:
+            passed = state.audio.reached_ns is not None and state.audio.reached_ns >= t
+            if not (flush or passed) and self._waits_for(state, "audio", ctx):
+                assert state.video.reached_ns is not None
+                if state.video.reached_ns - t < self.max_lateness_ns:
                     return
                 ctx.count("late_steps")
             step = state.steps.popleft()
-            await self._emit(state, step, self._take_audio(state, before_ns=t), ctx)
-        # No video step waits: audio makes its own steps where there is no video to wait for.
-        while state.audio:
-            if self._expects(state, "video") and not flush:
-                assert state.audio_ns is not None
-                reached = state.video_ns if state.video_ns is not None else state.audio[0].pts_ns
-                if state.audio_ns - reached < self.max_lateness_ns:
+            await self._emit(state, step, self._take_sound(state, before_ns=t), ctx)
+        # No video step waits: the audio makes its own steps where there is no video to wait for.
+        while state.sound:
+            if not flush and self._waits_for(state, "video", ctx):
+                reached = state.video.reached_ns if state.video.reached_ns is not None else state.sound[0].pts_ns
+                assert state.audio.reached_ns is not None
+                if state.audio.reached_ns - reached < self.max_lateness_ns:
                     return
-            start = state.audio[0].pts_ns
-            closing = next((a for a in state.audio if a.pts_ns - start >= self.audio_step_ns), None)
+            start = state.sound[0].pts_ns
+            closing = next((a for a in state.sound if a.pts_ns + WINDOW_NS - start >= self.audio_step_ns), None)
             if closing is None:
                 if not flush:
                     return
-                closing = state.audio[-1]
-            await self._emit(state, closing, self._take_audio(state, before_ns=closing.pts_ns + 1), ctx)
+                closing = state.sound[-1]
+            taken = self._take_sound(state, before_ns=closing.pts_ns + 1)
+            await self._emit(state, None, taken, ctx, at_ns=closing.pts_ns + WINDOW_NS)
 
-    def _take_audio(self, state: _Source, before_ns: int) -> list[AudioFeatures]:
+    def _take_sound(self, state: _Source, before_ns: int) -> list[AudioFeatures]:
         taken = []
-        while state.audio and state.audio[0].pts_ns < before_ns:
-            taken.append(state.audio.popleft())
+        while state.sound and state.sound[0].pts_ns < before_ns:
+            taken.append(state.sound.popleft())
         return taken
 
+    def _visual(self, changes: ChangeMap) -> float:
+        area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in changes.regions)
+        return min(1.0, area / (changes.frame.width * changes.frame.height) / self.visual_full)
+
     async def _emit(
-        self, state: _Source, step: ChangeMap | AudioFeatures, audio: list[AudioFeatures], ctx: Context
+        self, state: _Source, step: ChangeMap | None, audio: list[AudioFeatures], ctx: Context, at_ns: int = 0
     ) -> None:
-        visual = 0.0
-        regions: tuple[tuple[int, int, int, int], ...] = ()
-        frame = state.frame
-        if isinstance(step, ChangeMap):
-            regions, frame = step.regions, step.frame
-            state.frame = frame
-            area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in regions)
-            visual = min(1.0, area / (frame.width * frame.height) / self.visual_full)
+        """One step: a change map with the audio before it, or (``step`` None) audio alone,
+        stamped ``at_ns``."""
+        visual, regions = state.late_visual, state.late_regions
+        if step is not None:
+            visual, regions = max(visual, self._visual(step)), step.regions or regions
+            state.frame, at_ns = step.frame, step.pts_ns
+        state.late_visual, state.late_regions = 0.0, ()
         components = {
             "visual": visual,
             "speech": max((a.speech for a in audio if a.speech is not None), default=0.0),
@@ -184,7 +275,8 @@ class SalienceFusion(Node):
             ),
         }
         score = min(1.0, max(self.weights[name] * value for name, value in components.items()))
-        pts = step.pts_ns if state.emitted_ns is None else max(step.pts_ns, state.emitted_ns + 1)
+        pts = at_ns if state.emitted_ns is None else max(at_ns, state.emitted_ns + 1)
         state.emitted_ns = pts
-        salience = Salience(step.source_id, step.seq, pts, step.wall_ns, score, components, regions, frame)
+        source = step if step is not None else audio[-1]
+        salience = Salience(source.source_id, source.seq, pts, source.wall_ns, score, components, regions, state.frame)
         await ctx.emit("salience", salience)

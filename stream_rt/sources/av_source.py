@@ -107,7 +107,8 @@ class AvSource(StatusSource):
         while True:
             detail = await self._connection(ctx)
             if detail is None:
-                return  # a file ended
+                self.end(ctx)  # a file ended
+                return
             await self.set_state(ctx, "offline", detail)
             failures = 0 if self._delivered else failures + 1
             delay = self.backoff.delay(failures, self._rng)

@@ -11,7 +11,8 @@ camera wants the newest picture) and counted (``frames_replaced``). A payload th
 decode is counted (``corrupt_frames``), skipped and logged at warning: the first at once,
 then at most one line a minute saying how many were skipped since, with the last reason.
 The connection is retried with backoff; ``online`` / ``offline`` status goes out on the
-``status`` port like any source's.
+``status`` port like any source's: ``offline`` too when no frame came for
+``stall_timeout_s`` (the publisher stopped), ``online`` again with the next frame.
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ class MqttSource(StatusSource):
         height: int | None = None,
         backoff: Backoff | None = None,
         queued: int = 2,
+        stall_timeout_s: float = 10.0,
     ) -> None:
         if queued < 1:
             raise ValueError(f"source '{name}': queued must be >= 1, got {queued}")
         super().__init__(name, has_video=True, has_audio=False)
         self.queued = queued
+        self.stall_timeout_s = stall_timeout_s
         self.topic, self.host, self.port = topic, host, port
         self.username, self.password = username, password
         self.format, self.width, self.height = format, width, height
@@ -117,7 +120,13 @@ class MqttSource(StatusSource):
                     await client.subscribe(self.topic, qos=0)
                     failures = 0
                     await self.set_state(ctx, "online", f"subscribed to {self.topic}")
-                    async for message in client.messages:
+                    while True:
+                        try:
+                            message = await asyncio.wait_for(anext(client.messages), self.stall_timeout_s)
+                        except TimeoutError:  # subscribed, but the camera sends nothing
+                            await self.set_state(ctx, "offline", f"no frame for {self.stall_timeout_s:g} s")
+                            continue
+                        await self.set_state(ctx, "online", f"frames on {self.topic}")
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         await self._frame(ctx, payload, ctx.clock.now_ns() - start_ns)
             except aiomqtt.MqttError as exc:

@@ -6,7 +6,9 @@
 is given. The luma plane is computed in the pushing thread, so the event loop only
 hands frames on. When the graph is behind, at most ``max_pending`` frames wait and the oldest
 are dropped (counted as ``frames_dropped``): a robot wants the newest view, not a
-backlog.
+backlog. A program that pushes nothing for ``stall_timeout_s`` makes the source
+``offline`` (its episode ends, its questions are asked about the last frame); the next
+frame brings it back ``online``.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ _END = object()
 class PushSource(StatusSource):
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
-    def __init__(self, name: str, *, max_pending: int = 4) -> None:
+    def __init__(self, name: str, *, max_pending: int = 4, stall_timeout_s: float = 10.0) -> None:
         super().__init__(name, has_video=True, has_audio=False)
         self.description = "frames pushed by the program"
         self._pending: deque[object] = deque()
         self._max_pending = max_pending
+        self.stall_timeout_s = stall_timeout_s
         self._lock = threading.Lock()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -75,10 +78,15 @@ class PushSource(StatusSource):
             if item is None:
                 self._wakeup.clear()
                 if not self._pending:
-                    await self._wakeup.wait()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), self.stall_timeout_s)
+                    except TimeoutError:
+                        await self.set_state(ctx, "offline", f"no frame pushed for {self.stall_timeout_s:g} s")
                 continue
             if item is _END:
+                self.end(ctx)
                 return
+            await self.set_state(ctx, "online", self.description)
             assert isinstance(item, tuple)
             pts, rgb, y = item
             frame = VideoFrame(self.name, seq, sanitiser(pts, 1), ctx.clock.wall_ns(), y, _constant(rgb))

@@ -9,7 +9,7 @@ from typing import Literal
 from stream_rt.graph.node import Context, Source
 from stream_rt.graph.packets import SourceStatus
 
-State = Literal["connecting", "online", "offline"]
+State = Literal["connecting", "online", "offline", "ended"]
 
 
 class FrameRate:
@@ -55,7 +55,9 @@ class StatusSource(Source):
     connection delivers (``streams``, sent with ``online``), what they are connected to
     (``description``) and, for recordings, how far they are (``position_s`` of
     ``duration_s``). ``state_since_ns`` is when the state last changed (the graph clock's
-    ``now_ns()``; for ``connecting``, when the source started)."""
+    ``now_ns()``; a source that never connected counts from its start). A source whose
+    stream ended for good (a file) is ``ended`` (:meth:`end`): not online, and not a
+    failure either."""
 
     state: State = "connecting"
 
@@ -76,15 +78,21 @@ class StatusSource(Source):
     async def set_state(self, ctx: Context, state: Literal["online", "offline"], detail: str) -> None:
         if self.state == state:
             return
+        if not (self.state == "connecting" and state == "offline"):  # never connected: down since the start
+            self.state_since_ns = ctx.clock.now_ns()
         self.state = state
-        self.state_since_ns = ctx.clock.now_ns()
         streams = self.streams if state == "online" else ()
         await ctx.emit("status", SourceStatus(self.name, -1, -1, ctx.clock.wall_ns(), state, detail, streams))
 
+    def end(self, ctx: Context) -> None:
+        """The stream ended for good (end of file): the graph sends its end of stream."""
+        self.state, self.state_since_ns = "ended", ctx.clock.now_ns()
+
     def health(self, now_ns: int, grace_ns: int) -> str | None:
-        """``None`` while online (or down for less than ``grace_ns``); else one line saying
-        for how long the source has been ``offline`` or, never connected, ``connecting``."""
-        if self.state == "online" or self.state_since_ns is None or now_ns - self.state_since_ns < grace_ns:
+        """``None`` while online or ended (or down for less than ``grace_ns``); else one line
+        saying for how long the source has been ``offline`` or, never connected,
+        ``connecting``."""
+        if self.state in ("online", "ended") or self.state_since_ns is None or now_ns - self.state_since_ns < grace_ns:
             return None
         return f"{self.name} ({self.state} for {(now_ns - self.state_since_ns) / 1e9:.0f} s)"
 

@@ -119,3 +119,4 @@ class SyntheticSource(StatusSource):
             if self.audio:
                 samples = tone if self.sounding(t) else silence
                 await ctx.emit("audio", AudioChunk(self.name, next(seq), pts, ctx.clock.wall_ns(), samples))
+        self.end(ctx)
