@@ -55,7 +55,9 @@ class SourceConfig(_Strict):
     video: bool = Field(True, description="decode the first video stream")
     audio: bool = Field(True, description="decode the first audio stream (resampled to 16 kHz mono)")
     options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg options")
-    stall_timeout_s: float = Field(10.0, gt=0, description="reconnect a live source after this long without a frame")
+    stall_timeout_s: float = Field(
+        10.0, gt=0, description="a live source without a frame this long is offline (and reconnected)"
+    )
     timeout_s: float = Field(10.0, gt=0, description="network open/read timeout of a live source")
     reconnect: BackoffConfig = Field(default_factory=BackoffConfig)
     on_error: Literal["restart", "stop"] | None = Field(
@@ -170,6 +172,12 @@ class TriggerConfig(_Strict):
     cooldown_s: float = Field(2.0, ge=0, description="least time between two model calls of a source")
     max_calls_per_min: float = Field(6.0, gt=0, description="most model calls per source per minute")
     snapshot: bool = Field(False, description="attach a JPEG of the frame to new and update events")
+    ask_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="an ask command waits at most this long for the source's next step, then is asked "
+        "about its last frame",
+    )
 
 
 class TokenReuseConfig(_Strict):

@@ -79,6 +79,7 @@ def build_source(cfg: SourceConfig) -> StatusSource:
             width=cfg.width,
             height=cfg.height,
             backoff=backoff,
+            stall_timeout_s=cfg.stall_timeout_s,
         )
     return AvSource(
         cfg.id,

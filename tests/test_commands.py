@@ -146,7 +146,7 @@ def test_a_question_that_cannot_be_kept_is_refused_not_acknowledged() -> None:
     ledger = AskLedger(max_open=3)
     trigger = TriggerPolicy("trigger", asks=ledger)
     ids = [apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)["event_id"] for _ in range(3)]
-    with pytest.raises(CommandError, match=r"3 questions about 'gate' are still waiting for the model"):
+    with pytest.raises(CommandError, match=r"3 questions about 'gate' are still waiting for their answers"):
         apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)
     assert apply_command(trigger, {"gate", "door"}, "door", "ask", ask)["event_id"], "another source has room"
     ledger.release("gate", ids[0])  # its answer went out

@@ -192,3 +192,68 @@ async def test_a_clean_stop_or_the_end_of_the_stream_leaves_offline_retained(
             ), (how, status)
     finally:
         broker.kill()
+
+
+async def test_a_source_that_ends_is_closed_while_the_others_go_on(samples: Path) -> None:
+    """A file ends in a daemon that also has a camera still up: the file's open episode ends
+    then (end_of_stream), not when the daemon stops, and it refuses new questions."""
+    from stream_rt import CallbackSink, Event, PushSource
+    from stream_rt.policies.asks import AskRefused
+
+    camera = PushSource("robot")  # up, sending nothing
+    config = parse_config({"sources": [{"id": "file", "url": str(samples / "vtest.avi"), "audio": False}],
+                           "mllm": {"model": "smoke"}})  # fmt: skip
+    pipeline = build_pipeline(config, speed=None, sources=[camera])
+    events: list[Event] = []
+    pipeline.graph.add(CallbackSink("events", events.append))  # type: ignore[arg-type]
+    pipeline.graph.connect("trigger.events", "events.in", capacity=64)
+    run = asyncio.create_task(pipeline.graph.run())
+    file = next(s for s in pipeline.sources if s.name == "file")
+    trigger = pipeline.trigger
+    assert trigger is not None
+    try:
+        await wait_for(lambda: any(e.type == "end" for e in events), 60, "the file's episode to end")
+        assert file.state == "ended" and not run.done(), "the daemon goes on with its camera"
+        end = next(e for e in events if e.type == "end")
+        assert end.reason == "end_of_stream" and end.source_id == "file" and end.end_pts_ns > 79e9
+        try:
+            trigger.ask("file", "What is there?")
+            raise AssertionError("a question about an ended source was acknowledged")
+        except AskRefused as exc:
+            assert "has ended" in str(exc)
+    finally:
+        pipeline.graph.stop()
+        await asyncio.wait_for(run, 20)
+    assert [e.type for e in events].count("end") == 1
+
+
+async def test_a_clean_stop_with_a_backlog_in_the_outbox_still_leaves_offline_retained(
+    samples: Path, free_port: int, tmp_path: Path
+) -> None:
+    from stream_rt.sinks.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox.sqlite")  # what an earlier run could not deliver
+    for i in range(20_000):
+        outbox.add(f"stream_rt/old/events/{i % 10}", b"x" * 200)
+    outbox.close()
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    topics = ["stream_rt/available", "stream_rt/walkway/status"]
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        f'[[sources]]\nid = "walkway"\nurl = "{samples / "vtest.avi"}"\n[graph]\ndrain_timeout_s = 1\n'
+        f'[sinks.mqtt]\nport = {free_port}\noutbox = "{tmp_path / "outbox.sqlite"}"\n'
+    )
+    daemon = subprocess.Popen([sys.executable, "-m", "stream_rt.cli", "run", str(config)], stderr=subprocess.PIPE)
+    try:
+        await wait_until(lambda: retained(free_port, topics[:1]).get(topics[0]) == b"online", 30, "the daemon")
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, stderr.decode()[-2000:]
+        assert b"never retrieved" not in stderr, stderr.decode()[-2000:]
+        left = await asyncio.to_thread(retained, free_port, topics)
+    finally:
+        broker.kill()
+    assert Outbox(tmp_path / "outbox.sqlite").depth() > 0, "the backlog was still there at the stop"
+    assert left["stream_rt/available"] == b"offline"
+    assert json.loads(left["stream_rt/walkway/status"])["state"] == "offline"

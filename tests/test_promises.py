@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
@@ -74,7 +75,7 @@ async def test_an_ask_flood_gets_one_event_and_one_answer_per_acknowledged_quest
         acknowledged = {r["event_id"] for r in replies() if r["ok"]}
         refused = [r for r in replies() if not r["ok"]]
         assert len(acknowledged) >= 8 and len(acknowledged) + len(refused) == 300
-        assert all("still waiting for the model: ask again later" in r["error"] for r in refused)
+        assert all("still waiting for their answers: ask again later" in r["error"] for r in refused)
 
         def answered() -> set[str]:
             return {str(a["event_id"]) for a in subscriber.payloads("/walkway/answers")} & acknowledged
@@ -198,3 +199,107 @@ async def test_events_of_a_source_without_video_are_answered_in_words(samples: P
     answers = one_answer_per_asking_event(records(tmp_path / "events.jsonl"))
     assert len(answers) == 5, "one per speech episode"
     assert all(a["status"] in ("ok", "invalid") and a["tokens"]["visual"] == 0 for a in answers)
+
+
+async def test_a_question_about_a_camera_that_sends_nothing_is_still_answered(free_port: int, tmp_path: Path) -> None:
+    """An MQTT camera whose broker is up but whose publisher sends nothing: the questions
+    go out after ask_wait_s with no picture, each answered; the camera is offline after
+    stall_timeout_s, and then refuses new questions."""
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    config = parse_config({
+        "sources": [{"id": "robot", "url": f"mqtt://127.0.0.1:{free_port}/robot/camera", "stall_timeout_s": 3}],
+        "trigger": {"ask_wait_s": 0.5},
+        "mllm": smoke(),
+        "sinks": {"mqtt": {"port": free_port, "outbox": str(tmp_path / "outbox.sqlite")}},
+    })  # fmt: skip
+    pipeline = build_pipeline(config)
+    subscriber = Subscriber(free_port, "stream_rt/#")
+    run = asyncio.create_task(pipeline.graph.run())
+    camera = pipeline.sources[0]
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        await wait_until(lambda: pipeline.mqtt is not None and pipeline.mqtt.connected, 10, "the daemon")
+        await wait_until(lambda: camera.state == "online", 10, "the subscription")
+        await asyncio.sleep(0.3)  # the sink subscribes to commands after it connects
+        send = lambda q: mqtt_publish.single("stream_rt/robot/ask/set", json.dumps({"question": q}), qos=1,  # noqa: E731
+                                             hostname="127.0.0.1", port=free_port)  # fmt: skip
+        for i in range(3):
+            await asyncio.to_thread(send, f"Is anyone there ({i})?")
+        replies = lambda: [r for r in subscriber.payloads("/robot/status") if r.get("command") == "ask"]  # noqa: E731
+        await wait_until(lambda: len(replies()) == 3, 10, "the replies")
+        asked = {r["event_id"] for r in replies() if r["ok"]}
+        assert len(asked) == 3
+        answered = lambda: {a["event_id"] for a in subscriber.payloads("/robot/answers")}  # noqa: E731
+        await wait_until(lambda: answered() >= asked, 30, "an answer to every question")
+        await wait_until(lambda: camera.state == "offline", 10, "the stall watchdog")
+        await asyncio.to_thread(send, "And now?")
+        await wait_until(lambda: len(replies()) == 4, 10, "the reply")
+        assert replies()[-1]["ok"] is False and "offline" in replies()[-1]["error"]
+    finally:
+        pipeline.graph.stop()
+        await asyncio.wait_for(run, 20)
+        await subscriber.close()
+        broker.kill()
+    asks = [e for e in subscriber.payloads("/robot/events") if e["type"] == "ask"]
+    assert sorted(e["event_id"] for e in asks) == sorted(asked), "one ask event each"
+    states = [
+        json.loads(p)["state"] for t, p, _ in subscriber.messages if t == "stream_rt/robot/status" and b"state" in p
+    ]
+    assert states[:2] == ["online", "offline"], "no frame for stall_timeout_s: offline"
+
+
+def test_stopping_a_replay_that_asks_the_model_answers_every_event(samples: Path, tmp_path: Path) -> None:
+    """SIGINT in the middle of a replay whose model is slower than its events (as fast as
+    possible, flow 'block'): those still waiting are answered 'dropped', none is left
+    without an answer."""
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "busy.toml"
+    config.write_text(
+        "[trigger]\nupdate_interval_s = 0.5\ncooldown_s = 0.5\nmax_calls_per_min = 600\n"
+        f'[mllm]\nmodel = "{build_smoke_model()}"\nreuse_threshold = 0\n[graph]\ndrain_timeout_s = 2\n'
+    )
+    out = tmp_path / "events.jsonl"
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "stream_rt.cli", "replay", str(samples / "walkway_speech.mkv"), "--config", str(config),
+         "--out", str(out), "--speed", "max", "--no-progress"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out.exists() and sum(1 for r in records(out) if r["kind"] == "MllmAnswer") >= 3):
+        assert time.monotonic() < deadline and replay.poll() is None, "the replay did not get going"
+        time.sleep(0.2)
+    replay.send_signal(signal.SIGINT)
+    _, stderr = replay.communicate(timeout=60)
+    assert replay.returncode == 0, stderr.decode()[-2000:]
+    rows = records(out)
+    answers = one_answer_per_asking_event(rows)
+    assert {a["status"] for a in answers} >= {"dropped"}, "some were still waiting when it stopped"
+    assert rows[-1]["kind"] == "EndOfStream" and rows[-1]["reason"] == "stopped"
+
+
+async def test_the_model_runs_on_one_daemon_thread_kept_while_a_call_is_stuck() -> None:
+    """A stage restarted while its model is stuck in a call must not start the model on a
+    second thread: later work waits behind the stuck call, on the same (daemon) thread."""
+    import threading
+
+    from stream_rt.mllm.backend import Backend
+
+    backend = Backend()
+    release = threading.Event()
+    stuck = asyncio.ensure_future(backend.in_model_thread(release.wait, 10))
+    await wait_until(lambda: backend.busy_since is not None, 5, "the call to start")
+    thread = backend._thread
+    assert thread is not None and thread._thread.daemon, "a hung call never keeps the daemon from exiting"
+    await backend.close()  # as a restart does
+    assert backend._thread is thread
+    after = asyncio.ensure_future(backend.in_model_thread(threading.get_ident))
+    await asyncio.sleep(0.2)
+    assert not after.done(), "it waits behind the stuck call"
+    release.set()
+    assert await stuck is True and await after == thread._thread.ident
+    await backend.close()
+    assert backend._thread is None and backend.busy_since is None

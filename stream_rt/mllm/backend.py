@@ -3,21 +3,19 @@
 A backend answers one :class:`~stream_rt.graph.packets.MllmRequest` at a time with
 ``await backend.answer(request, on_text)``: the work runs off the event loop (a socket for
 servers; for local models the backend's **own thread**, :meth:`Backend.in_model_thread`,
-never the loop's default pool that snapshots, request building and frame decoding share,
-so a model that hangs cannot starve perception), text is streamed to ``on_text`` as it is
-decoded, and cancelling the awaiting task stops the generation at the next token. Work
-that cannot be interrupted (a vision encoder or a prefill that hangs) keeps the model's
-thread after its caller gave up: ``busy_since`` says since when, and the stage reports
-the backend stuck until it returns. Timeouts, flow limiting and answer reuse belong to
-:class:`~stream_rt.mllm.stage.MllmStage`, so every backend gets them.
+:mod:`stream_rt.mllm.model_thread`), text is streamed to ``on_text`` as it is decoded,
+and cancelling the awaiting task stops the generation at the next token. Work that cannot
+be interrupted (a vision encoder or a prefill that hangs) keeps the model's thread after
+its caller gave up: ``busy_since`` says since when, and the stage reports the backend
+stuck until it returns; later work waits behind it, never on a second thread. Timeouts,
+flow limiting and answer reuse belong to :class:`~stream_rt.mllm.stage.MllmStage`, so
+every backend gets them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy.typing as npt
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
 from stream_rt.mllm.contract import parse_answer
+from stream_rt.mllm.model_thread import ModelThread
 
 OnText = Callable[[str], None]
 
@@ -48,21 +47,17 @@ class Backend:
 
     name: str = "backend"
     smoke: bool = False
-    busy_since: float | None = None
-    _thread: ThreadPoolExecutor | None = None
+    _thread: ModelThread | None = None
+
+    @property
+    def busy_since(self) -> float | None:
+        return self._thread.busy_since if self._thread is not None else None
 
     async def in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model's one thread (created on first use) and wait for it."""
+        """Run ``fn(*args)`` on the model's one thread (started on first use) and wait for it."""
         if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"stream_rt-model-{self.name}")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._busy, fn, *args)
-
-    def _busy(self, fn: Callable[..., T], *args: Any) -> T:
-        self.busy_since = time.monotonic()
-        try:
-            return fn(*args)
-        finally:
-            self.busy_since = None
+            self._thread = ModelThread(f"stream_rt-model-{self.name}"[:60])
+        return await self._thread.run(fn, *args)
 
     async def start(self) -> None:
         """Load what the backend needs (weights, connections); called once before use."""
@@ -80,10 +75,11 @@ class Backend:
         return {}
 
     async def close(self) -> None:
-        """Release what :meth:`start` took (subclasses call this too): the model's thread
-        is let go without waiting for work it may still be stuck in."""
-        if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
+        """Release what :meth:`start` took (subclasses call this too). An idle model thread
+        ends; one still stuck in a call is kept, so that work after a restart waits behind
+        it instead of running the model on a second thread."""
+        if self._thread is not None and self._thread.busy_since is None:
+            self._thread.close()
             self._thread = None
 
 

@@ -43,7 +43,7 @@ def context_line(event: Event, clip_start_ns: int | None = None) -> str:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items()))
     when = f"at {event.pts_ns / 1e9:.1f} s"
     if event.frame is None:
-        images = " There is no picture: the source has no video, only what its sound scores say."
+        images = " There is no picture from this source (it has no video, or none has arrived): only these scores."
     elif clip_start_ns is not None:
         images = f" The images are frames from {clip_start_ns / 1e9:.1f} s to the event, in time order."
     else:

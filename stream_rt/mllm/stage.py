@@ -44,8 +44,9 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import (
@@ -77,10 +78,11 @@ FAILING_AFTER = 3
 """This many calls in a row that ended ``error`` or ``timeout`` make the stage unhealthy."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Queued:
     request: MllmRequest
     queued_at: float  # time.perf_counter()
+    answered: bool = False  # its answer is on its way out
 
 
 class MllmStage(Node):
@@ -125,6 +127,8 @@ class MllmStage(Node):
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet
+        self._interrupted: list[MllmRequest] = []  # ...when the stage was stopped
 
     async def start(self, ctx: Context) -> None:
         """Load the backend. Missing weights stop the graph (a configuration to fix); any
@@ -175,17 +179,36 @@ class MllmStage(Node):
         if isinstance(packet, Event):
             if not packet.call_model:
                 return
+            taken = _bare_request(packet, self.question)
+        else:
+            assert isinstance(packet, MllmRequest)
+            taken = packet
+        self._taking = taken
+        try:
+            await self._take(packet, taken, ctx)
+        except asyncio.CancelledError:  # stopped while building or waiting: it is still owed its answer
+            if self._taking is not None:
+                self._interrupted.append(self._taking)
+            raise
+        finally:
+            self._taking = None
+
+    async def _take(self, packet: Event | MllmRequest, taken: MllmRequest, ctx: Context) -> None:
+        """Build, reuse or queue one request: every path ends in one answer or in the queue
+        (``self._taking`` is cleared the moment it does)."""
+        if ctx.stopping.is_set():  # draining: nothing new is asked, but everything is answered
+            await self._settle(_failed(taken, "dropped", "the daemon is stopping"), ctx)
+            return
+        request, ask = taken, False
+        if isinstance(packet, Event):
             try:
                 request = await asyncio.to_thread(self._request_for, packet)
             except Exception as exc:
                 log.warning("cannot build a request for %s: %s", packet.event_id, describe_error(exc))
                 ctx.count("request_errors")
-                await self._answer(_failed(_bare_request(packet, self.question), "error", describe_error(exc)), ctx)
+                await self._settle(_failed(taken, "error", describe_error(exc)), ctx)
                 return
             ask = packet.type == "ask"
-        else:
-            assert isinstance(packet, MllmRequest)
-            request, ask = packet, False
         ctx.count("requests")
         try:
             reused = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
@@ -193,11 +216,15 @@ class MllmStage(Node):
             log.warning("answer reuse failed for %s: %s", request.event_id, describe_error(exc))
             reused = None
         if reused is not None:
-            await self._answer(_reused(request, reused), ctx)
+            await self._settle(_reused(request, reused), ctx)
             return
-        while self.block and self.flow.queued:
+        while self.block and self.flow.queued and not ctx.stopping.is_set():
             self._room.clear()
-            await self._room.wait()
+            await _first(self._room.wait(), ctx.stopping.wait())
+        if ctx.stopping.is_set() and self.block and self.flow.queued:
+            await self._settle(_failed(request, "dropped", "the daemon is stopping"), ctx)
+            return
+        self._taking = None
         start_now, replaced = self.flow.offer(_Queued(request, time.perf_counter()), priority=ask)
         if replaced is not None:
             ctx.count("requests_replaced")
@@ -220,8 +247,10 @@ class MllmStage(Node):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        for item in self.flow.clear():  # promised an answer, never called
-            await self._answer(_failed(item.request, "dropped", "the stage stopped before the model answered"), ctx)
+        owed = [item.request for item in self.flow.clear() if not item.answered] + self._interrupted
+        self._interrupted = []
+        for request in owed:  # promised an answer, never called
+            await self._answer(_failed(request, "dropped", "the stage stopped before the model answered"), ctx)
         self._room.set()
         self._idle.set()
         await self.backend.close()
@@ -257,6 +286,11 @@ class MllmStage(Node):
             gauges["memory_visual_tokens"] = float(sum(e.visual.shape[0] for e in entries))
         return gauges
 
+    async def _settle(self, answer: MllmAnswer, ctx: Context) -> None:
+        """The answer to the request being taken in: it is no longer owed."""
+        self._taking = None
+        await self._answer(answer, ctx)
+
     async def _answer(self, answer: MllmAnswer, ctx: Context) -> None:
         """Send one answer record: the only way answers leave the stage."""
         ctx.count(f"answers_{answer.status}")
@@ -277,6 +311,7 @@ class MllmStage(Node):
                 except Exception as exc:
                     log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
                     answer = _failed(item.request, "error", describe_error(exc), self.backend)
+                item.answered = True  # from here on it is not answered again, even if stopped mid-way
                 await self._answer(answer, ctx)
                 item = self.flow.done()
                 self._room.set()
@@ -346,6 +381,16 @@ class MllmStage(Node):
         if self.memory_snapshot is not None and time.monotonic() - self._saved_at >= self.snapshot_interval_s:
             self._saved_at = time.monotonic()
             await asyncio.to_thread(self._save_memory, memory, self.memory_snapshot)
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _bare_request(event: Event, question: str) -> MllmRequest:

@@ -111,6 +111,7 @@ class TokenReuse:
         self.settings = settings or ReuseSettings()
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # least recently used first
         self.evictions: Counter[str] = Counter()
+        self.size = (0, 0)  # (entries, bytes) after the last change: safe to read from another thread
         self.last = ReuseOutcome("none")
 
     @property
@@ -128,6 +129,7 @@ class TokenReuse:
             self._entries.clear()
         else:
             self._entries.pop(key, None)
+        self.size = (self.entries, self.nbytes)
 
     def encode_and_prefill(
         self,
@@ -215,6 +217,7 @@ class TokenReuse:
             self._evict(next(iter(self._entries)), "entries")
         while self.nbytes > limit:
             self._evict(next(iter(self._entries)), "bytes")
+        self.size = (self.entries, self.nbytes)
         return sum(self.evictions.values()) - before
 
     def _evict(self, key: tuple[str, str], bound: str) -> None:

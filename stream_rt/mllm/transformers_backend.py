@@ -196,13 +196,13 @@ class TransformersBackend(Backend):
     def counters(self) -> dict[str, int]:
         if self.token_reuse is None:
             return {}
-        return {f"reuse_evicted_{bound}": n for bound, n in self.token_reuse.evictions.items()}
+        return {f"reuse_evicted_{bound}": n for bound, n in self.token_reuse.evictions.copy().items()}
 
     def gauges(self) -> dict[str, float]:
         if self.token_reuse is None:
             return {}
-        return {"reuse_cache_entries": self.token_reuse.entries,
-                "reuse_cache_mib": round(self.token_reuse.nbytes / 2**20, 1)}  # fmt: skip
+        entries, nbytes = self.token_reuse.size  # the model thread may be changing the cache
+        return {"reuse_cache_entries": entries, "reuse_cache_mib": round(nbytes / 2**20, 1)}
 
     def generate(
         self,

@@ -27,13 +27,10 @@ class AskLedger:
         open_ = self._open.setdefault(source_id, set())
         if len(open_) >= self.max_open:
             raise AskRefused(
-                f"{len(open_)} questions about '{source_id}' are still waiting for the model: ask again later"
+                f"{len(open_)} questions about '{source_id}' are still waiting for their answers: ask again later"
             )
         open_.add(event_id)
 
     def release(self, source_id: str, event_id: str) -> None:
         """The answer to ``event_id`` is out (unknown ids are ignored)."""
         self._open.get(source_id, set()).discard(event_id)
-
-    def open(self, source_id: str) -> int:
-        return len(self._open.get(source_id, ()))

@@ -21,7 +21,9 @@ update and ask events carry a JPEG of their frame.
 
 Episodes follow the source's life: a :class:`~stream_rt.graph.packets.SourceStatus`
 ``offline`` ends its open episode (reason ``source_offline``) and nothing opens until it
-is back ``online``; the next activity is a new episode.
+is back ``online``; the next activity is a new episode. A source's
+:class:`~stream_rt.graph.packets.StreamEnded` ends its episode (``end_of_stream``) while
+other sources go on.
 
 Identity: every event id is ``<source>-<ULID>`` (time-ordered, unique across sources,
 restarts and daemons: :mod:`stream_rt.graph.ids`), shared by an episode's ``new``,
@@ -30,23 +32,28 @@ not even after a restart, so consumers can drop re-sent duplicates by ``event_id
 ``seq``.
 
 A question asked with :meth:`TriggerPolicy.ask` becomes an ``ask`` event at the source's
-next salience, with its own event id, whatever the episode state — or at once, with the
-last frame, when the source goes offline or the stream ends, so every acknowledged
-question gets its event. Questions need an :class:`~stream_rt.policies.asks.AskLedger`
-(the pipeline gives one when a model is configured): a source with too many questions
-still open, or one that is offline, refuses the next (:class:`AskRefused`).
+next salience, with its own event id, whatever the episode state; when no step comes
+within ``ask_wait_s`` (a camera that is up but sends nothing, a source no gate watches),
+or the source goes offline or ends, it goes out with the source's last frame (none if it
+never sent one), so every acknowledged question gets its event. Questions need an
+:class:`~stream_rt.policies.asks.AskLedger` shared with whatever answers them (the
+pipeline gives the trigger and the MLLM stage the same one when a model is configured):
+a source with too many questions still open, or one that is offline or ended, refuses
+the next (:class:`AskRefused`) instead of acknowledging what it could not keep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
+from stream_rt.graph.clock import Clock
 from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus
+from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
 from stream_rt.operators.snapshot import encode_jpeg
 from stream_rt.policies.asks import AskLedger, AskRefused
 
@@ -67,11 +74,19 @@ class _SourceState:
     calls: deque[int] = field(default_factory=deque)
     enabled: bool = True
     online: bool = True  # until the source says otherwise
+    ended: bool = False  # its stream ended for good
     on: float | None = None
     off: float | None = None
     last_call_ns: int | None = None
     last: Salience | None = None
-    questions: deque[tuple[str, str]] = field(default_factory=deque)  # (event id, question), bounded by the ledger
+    questions: deque[_Question] = field(default_factory=deque)  # bounded by the ledger
+
+
+@dataclass
+class _Question:
+    event_id: str
+    question: str
+    asked_ns: int | None  # on the graph clock (None: asked before the graph started)
 
 
 class TriggerPolicy(Node):
@@ -91,6 +106,7 @@ class TriggerPolicy(Node):
         cooldown_s: float = 2.0,
         max_calls_per_min: float = 6.0,
         snapshot: bool = False,
+        ask_wait_s: float = 2.0,
         asks: AskLedger | None = None,
     ) -> None:
         super().__init__(name)
@@ -104,10 +120,40 @@ class TriggerPolicy(Node):
         self.cooldown_ns = int(cooldown_s * 1e9)
         self.max_calls_per_min = max_calls_per_min
         self.snapshot = snapshot
+        self.ask_wait_ns = int(ask_wait_s * 1e9)
         self.asks = asks
         self._states: dict[str, _SourceState] = {}
         self._seq = SequenceNumbers()
         self._ended = False
+        self._clock: Clock | None = None
+        self._waiting: asyncio.Task[None] | None = None
+
+    async def start(self, ctx: Context) -> None:
+        self._clock = ctx.clock
+        if self.asks is not None and self._waiting is None:
+            self._waiting = asyncio.create_task(self._ask_deadlines(ctx), name=f"stream_rt:{self.name}:asks")
+
+    async def stop(self, ctx: Context) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
+            self._waiting = None
+
+    async def _ask_deadlines(self, ctx: Context) -> None:
+        """A question whose source sends no step within ``ask_wait_s`` (a camera that is up
+        but sends nothing, a source with no gate) is asked about its last frame anyway."""
+        while True:
+            await ctx.clock.sleep(max(0.05, self.ask_wait_ns / 4e9))
+            now = ctx.clock.now_ns()
+            for source_id, state in self._states.items():
+                for question in state.questions:
+                    if question.asked_ns is None:
+                        question.asked_ns = now
+                asked = state.questions[0].asked_ns if state.questions else None
+                if asked is not None and now - asked >= self.ask_wait_ns:
+                    ctx.count("asks_without_step")
+                    await self._send(self._questions(source_id, state, state.last, ctx), ctx)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, Salience)
@@ -125,6 +171,10 @@ class TriggerPolicy(Node):
                 return
             state.online = False
             await self._send(self._close(packet.source_id, state, "source_offline", ctx), ctx)
+        elif isinstance(packet, StreamEnded):  # this source ended; others may go on
+            state = self._states.setdefault(packet.source_id, _SourceState())
+            state.ended = True
+            await self._send(self._close(packet.source_id, state, "end_of_stream", ctx), ctx)
         elif isinstance(packet, EndOfStream):
             # The end of stream reaches this node once every upstream source has ended.
             self._ended = True
@@ -169,26 +219,29 @@ class TriggerPolicy(Node):
         if self.asks is None:
             raise AskRefused("no model is configured to answer questions ([mllm] is missing)")
         state = self._states.setdefault(source_id, _SourceState())
-        if not state.online or self._ended:
-            raise AskRefused(f"source '{source_id}' is {'offline' if not self._ended else 'ended'}: nothing to look at")
+        if state.ended or self._ended:
+            raise AskRefused(f"source '{source_id}' has ended: nothing to look at")
+        if not state.online:
+            raise AskRefused(f"source '{source_id}' is offline: nothing to look at")
         event_id = f"{source_id}-{time_ordered_id()}"
         self.asks.reserve(source_id, event_id)
-        state.questions.append((event_id, question))
+        state.questions.append(_Question(event_id, question, self._clock.now_ns() if self._clock else None))
         return event_id
 
     def _questions(self, source_id: str, state: _SourceState, s: Salience | None, ctx: Context) -> list[Event]:
         """An ``ask`` event for each waiting question, about ``s`` (or, when the source never
         sent anything, about nothing: the model is asked without a picture)."""
+        if s is None:
+            s = Salience(source_id, -1, 0, ctx.clock.wall_ns(), 0.0, {})
         events = []
         while state.questions:
-            event_id, question = state.questions.popleft()
+            q = state.questions.popleft()
             ctx.count("asks")
-            pts, wall = (s.pts_ns, s.wall_ns) if s is not None else (0, ctx.clock.wall_ns())
             events.append(
                 Event(
-                    source_id, self._seq.next(source_id, wall), pts, wall, "ask", event_id, pts, None,
-                    s.score if s else 0.0, s.score if s else 0.0, dict(s.components) if s else {},
-                    s.regions if s else (), True, "ask", question, None, s.frame if s else None,
+                    source_id, self._seq.next(source_id, s.wall_ns), s.pts_ns, s.wall_ns, "ask", q.event_id,
+                    s.pts_ns, None, s.score, s.score, dict(s.components), s.regions, True, "ask", q.question, None,
+                    s.frame,
                 )
             )  # fmt: skip
         return events

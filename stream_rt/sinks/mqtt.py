@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
 from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
+
+GOODBYE_S = 1.0
+"""How long a stopping sink waits for the broker to acknowledge its goodbye."""
 
 # CONNACK codes for refused credentials: MQTT 3.1.1 (4, 5) and MQTT 5 (134, 135).
 _REFUSED_CREDENTIALS = {4, 5, 134, 135}
@@ -87,8 +90,8 @@ class MqttSink(Sink):
         self.connected = False
         self.published = 0
         self.down_since_ns: int | None = None  # when the broker was last lost (or the sink started), on the graph clock
-        self._ended: set[str] = set()  # sources whose end was published
-        self._closing = asyncio.Event()  # stop(): say goodbye once the outbox is empty, then disconnect
+        self._ended: dict[str, str] = {}  # sources whose stream ended, with why
+        self._closing = asyncio.Event()  # stop(): say goodbye, then disconnect
         self._outbox: Outbox | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -122,10 +125,9 @@ class MqttSink(Sink):
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):
             self._status(packet.source_id, packet.state, packet.detail, packet.wall_ns, packet.streams)
-        elif isinstance(packet, EndOfStream) and packet.source_id in self.sources - self._ended:
+        elif isinstance(packet, EndOfStream) and packet.source_id in self.sources - self._ended.keys():
             # A source's stream ended (end of file, or the daemon stopping): it is offline now.
-            self._ended.add(packet.source_id)
-            detail = "end of stream" if packet.reason == "eof" else f"stream {packet.reason}"
+            detail = self._ended[packet.source_id] = "end of stream" if packet.reason == "eof" else "stream stopped"
             self._status(packet.source_id, "offline", detail, ctx.clock.wall_ns())
 
     def _status(self, source: str, state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> None:
@@ -133,22 +135,30 @@ class MqttSink(Sink):
         self._enqueue(self.topic(source, "status"), record, retain=True)
 
     async def stop(self, ctx: Context) -> None:
-        """Give the outbox up to ``drain_timeout_s`` to empty, publish ``available``
-        ``offline`` (retained) and disconnect cleanly; whatever is left stays in the outbox
-        for the next start."""
+        """Give the outbox up to ``drain_timeout_s`` (less the goodbye's second) to empty,
+        then say goodbye — each source's status ``offline`` and ``available`` ``offline``,
+        retained, published at once, ahead of anything still queued — and disconnect
+        cleanly; whatever is left stays in the outbox for the next start. The goodbye is
+        tried even when the graph cancels the wait."""
         assert self._outbox is not None
-        for source in sorted(self.sources - self._ended):  # not ended by their stream: stopped with us
-            self._ended.add(source)
-            self._status(source, "offline", "stopped", ctx.clock.wall_ns())
+        for source in self.sources - self._ended.keys():  # not ended by their stream: stopped with us
+            self._ended[source] = "stream stopped"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.drain_timeout_s
-        while self._outbox.depth() and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        deadline = loop.time() + max(0.0, self.drain_timeout_s - GOODBYE_S)
+        cancelled = False
+        try:
+            while self._outbox.depth() and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            cancelled = True
         if self._task is not None:
             self._closing.set()
             self._wakeup.set()
-            if self.connected:  # the goodbye needs the broker's acknowledgement: a moment more
-                await asyncio.wait({self._task}, timeout=max(1.0, deadline - loop.time()))
+            if self.connected:  # the goodbye needs the broker's acknowledgement
+                try:
+                    await asyncio.wait({self._task}, timeout=GOODBYE_S)
+                except asyncio.CancelledError:
+                    cancelled = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -158,6 +168,8 @@ class MqttSink(Sink):
             log.warning("%d messages not yet acknowledged stay in %s for the next start", left, self.settings.outbox)
         self._outbox.close()
         self._outbox = None
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _enqueue(self, topic: str, record: dict[str, object], retain: bool) -> None:
         assert self._outbox is not None, "MqttSink used before start()"
@@ -210,6 +222,18 @@ class MqttSink(Sink):
             finally:
                 self._lost(ctx)
                 _consume_disconnect(client)
+
+    async def _goodbye(self, client: aiomqtt.Client, ctx: Context) -> None:
+        """Each source ``offline`` and ``available`` ``offline``, retained, straight to the
+        broker (a backlog in the outbox must not keep a stopped daemon looking up)."""
+        wall_ns = ctx.clock.wall_ns()
+        statuses = {
+            self.topic(source, "status"): {"state": "offline", "detail": detail, "streams": [], "wall_ns": wall_ns}
+            for source, detail in self._ended.items()
+        }
+        publishing = (client.publish(t, json.dumps(r).encode(), qos=1, retain=True) for t, r in statuses.items())
+        await _unless_disconnected(client, *publishing)
+        await _unless_disconnected(client, client.publish(self.topic("available"), b"offline", qos=1, retain=True))
 
     def _lost(self, ctx: Context) -> None:
         if self.connected:
@@ -273,20 +297,18 @@ class MqttSink(Sink):
         outbox = self._outbox
         while True:
             self._wakeup.clear()
+            if self._closing.is_set():
+                await self._goodbye(client, ctx)
+                return
             batch = outbox.pending(self.settings.publish_window)
             if not batch:
-                if self._closing.is_set():
-                    goodbye = client.publish(self.topic("available"), b"offline", qos=1, retain=True, timeout=10)
-                    await _unless_disconnected(client, asyncio.ensure_future(goodbye))
-                    return
                 await self._wakeup.wait()
                 continue
             # Publish a window at once (the broker acknowledges in order), then forget
             # each message only after its acknowledgement arrived.
-            publishes = asyncio.gather(
-                *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
+            await _unless_disconnected(
+                client, *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
             )
-            await _unless_disconnected(client, publishes)
             for message in batch:
                 outbox.ack(message.id)
             self.published += len(batch)
@@ -294,22 +316,33 @@ class MqttSink(Sink):
             ctx.counters["outbox_depth"] = outbox.depth()
 
 
-async def _unless_disconnected(client: aiomqtt.Client, publishes: asyncio.Future[Any]) -> None:
-    """Wait for ``publishes``, but give up the moment the connection dies: aiomqtt lets a
-    publish wait for its acknowledgement until its own timeout even after the broker went
-    away, which would stall the outbox for that long before reconnecting."""
+async def _unless_disconnected(client: aiomqtt.Client, *publishing: Coroutine[Any, Any, None]) -> None:
+    """Wait for the ``publishing`` calls, but give up the moment the connection dies: aiomqtt
+    lets a publish wait for its acknowledgement until its own timeout even after the broker
+    went away, which would stall the outbox for that long before reconnecting."""
+    publishes = asyncio.gather(*publishing)
+    publishes.add_done_callback(_retrieve)  # however this ends (cancelled too), nothing is left unread
     disconnected = _disconnect_future(client)
     if disconnected is None:
         await publishes
         return
     waiting: set[asyncio.Future[Any]] = {publishes, disconnected}
-    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        publishes.cancel()
+        raise
     if publishes.done():
         publishes.result()
         return
     publishes.cancel()
     await asyncio.gather(publishes, return_exceptions=True)
     raise aiomqtt.MqttError("the connection to the broker was lost")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _consume_disconnect(client: aiomqtt.Client) -> None:
