@@ -56,7 +56,10 @@ class SourceConfig(_Strict):
     audio: bool = Field(True, description="decode the first audio stream (resampled to 16 kHz mono)")
     options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg options")
     stall_timeout_s: float = Field(
-        10.0, gt=0, description="a live source without a frame this long is offline (and reconnected)"
+        10.0,
+        gt=0,
+        description="a live source without a frame this long is offline (network and device sources are "
+        "reconnected; mqtt:// sources stay subscribed and are back online with the next frame)",
     )
     timeout_s: float = Field(10.0, gt=0, description="network open/read timeout of a live source")
     reconnect: BackoffConfig = Field(default_factory=BackoffConfig)
@@ -157,8 +160,9 @@ class SalienceConfig(_Strict):
     max_lateness_s: float = Field(
         1.0,
         ge=0,
-        description="steps are fused by media time once both audio and video have passed them; a modality more "
-        "than this far behind the other (live skew, a stalled stream) is not waited for (counted as late_steps)",
+        description="steps are fused by media time once both audio and video have passed them; a step waits at "
+        "most this long of media time for the other modality (late_steps), and a modality that sends nothing "
+        "this long while the other goes on is not waited for (stalled_audio, stalled_video)",
     )
 
 
@@ -348,6 +352,15 @@ class Config(_Strict):
     ops: OpsConfig = Field(default_factory=OpsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    @model_validator(mode="after")
+    def _asks_outwait_fusion(self) -> Config:
+        if self.trigger.ask_wait_s <= self.salience.max_lateness_s:
+            raise ValueError(
+                f"trigger.ask_wait_s ({self.trigger.ask_wait_s:g}) must exceed salience.max_lateness_s "
+                f"({self.salience.max_lateness_s:g}): fusion may hold a source's steps that long"
+            )
+        return self
+
     @field_validator("sources")
     @classmethod
     def _unique_ids(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
@@ -403,6 +416,8 @@ def _describe(exc: ValidationError) -> list[str]:
             lines.append(f"{where}: unknown key{suggestion}")
         elif error["type"] == "missing":
             lines.append(f"{where}: required key is missing")
+        elif error["type"] == "value_error":  # a check of ours: its message says it all
+            lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
     return lines

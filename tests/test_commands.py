@@ -188,3 +188,56 @@ async def test_an_outage_ends_the_episode_and_sends_the_waiting_questions() -> N
     seqs = [e.seq for e in events]
     assert seqs == sorted(set(seqs)), "every event has its own, increasing sequence number"
     assert len({e.event_id for e in events}) == 3
+
+
+async def test_questions_without_steps_go_out_after_ask_wait_s_and_none_is_lost_at_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A source sends one step, then nothing: its questions go out after ask_wait_s about
+    that step's frame — while other sources appear meanwhile (the deadline pass must not
+    trip over them) and while the graph stops (what is being sent still goes out)."""
+    import time
+
+    import numpy as np
+
+    import stream_rt.policies.trigger as trigger_module
+    from stream_rt import CallbackSink, VideoFrame
+
+    encode = trigger_module.encode_jpeg
+
+    def slow_encode(frame: VideoFrame) -> bytes:
+        time.sleep(0.3)  # a snapshot of a big frame on a busy machine
+        return encode(frame)
+
+    monkeypatch.setattr(trigger_module, "encode_jpeg", slow_encode)
+    frame = VideoFrame("gate", 0, 0, 0, np.full((48, 64), 128, np.uint8))
+
+    class OneStep(ListSource):
+        outputs = {"out": (Salience,)}
+
+        async def run(self, ctx: Context) -> None:
+            await ctx.emit("out", Salience("gate", 0, 0, 0, 0.1, {"visual": 0.1}, (), frame))
+            await asyncio.Event().wait()  # up, silent, until stopped
+
+    trigger = TriggerPolicy("trigger", ask_wait_s=0.2, snapshot=True, asks=AskLedger())
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=3)
+    got: list[Event] = []
+    graph.add(OneStep("feed", []))
+    graph.add(trigger)
+    graph.add(CallbackSink("sink", got.append))  # type: ignore[arg-type]
+    graph.connect("feed.out", "trigger.salience")
+    graph.connect("trigger.events", "sink.in")
+    run = asyncio.create_task(graph.run())
+    await wait_until(lambda: "gate" in trigger._states, 5, "the step")
+    first = trigger.ask("gate", "Is the gate open?")
+    await asyncio.sleep(0.35)  # the deadline pass is encoding the snapshot now
+    trigger.set_enabled("door", True)  # another source appears meanwhile
+    await wait_until(lambda: [e.event_id for e in got] == [first], 5, "the first question")
+    second = trigger.ask("gate", "And now?")
+    await asyncio.sleep(0.35)
+    graph.stop()  # while its snapshot is being encoded
+    await asyncio.wait_for(run, 10)
+    asks = [e for e in got if e.type == "ask"]
+    assert [e.event_id for e in asks] == [first, second], "every acknowledged question went out"
+    assert all(e.frame is frame and e.snapshot_jpeg for e in asks), "about the last frame the source sent"
+    assert graph.statistics()["nodes"]["trigger"]["asks_without_step"] == 2

@@ -96,3 +96,8 @@ def test_the_config_reference_is_generated_and_covers_every_key() -> None:
         row = next((line for line in sections[heading].splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row is not None and not row.endswith("|  |"), f"{key} is missing or undescribed"
     assert len(all_keys()) > 100 and {"mllm.memory.max_entries", "sinks.mqtt.tls_ca", "sources.url"} <= set(all_keys())
+
+
+def test_questions_must_outwait_the_fusion() -> None:
+    with pytest.raises(ConfigError, match=r"trigger.ask_wait_s \(0.5\) must exceed salience.max_lateness_s \(1\)"):
+        parse_config({"trigger": {"ask_wait_s": 0.5}})

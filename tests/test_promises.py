@@ -209,7 +209,7 @@ async def test_a_question_about_a_camera_that_sends_nothing_is_still_answered(fr
     broker.start()
     config = parse_config({
         "sources": [{"id": "robot", "url": f"mqtt://127.0.0.1:{free_port}/robot/camera", "stall_timeout_s": 3}],
-        "trigger": {"ask_wait_s": 0.5},
+        "trigger": {"ask_wait_s": 1.5},
         "mllm": smoke(),
         "sinks": {"mqtt": {"port": free_port, "outbox": str(tmp_path / "outbox.sqlite")}},
     })  # fmt: skip

@@ -78,7 +78,7 @@ class Backend:
         """Release what :meth:`start` took (subclasses call this too). An idle model thread
         ends; one still stuck in a call is kept, so that work after a restart waits behind
         it instead of running the model on a second thread."""
-        if self._thread is not None and self._thread.busy_since is None:
+        if self._thread is not None and self._thread.idle:
             self._thread.close()
             self._thread = None
 

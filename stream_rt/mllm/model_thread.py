@@ -39,6 +39,11 @@ class ModelThread:
         self._jobs.put((fn, args, future, loop))
         return await future
 
+    @property
+    def idle(self) -> bool:
+        """Nothing under way and nothing queued."""
+        return self.busy_since is None and self._jobs.empty()
+
     def close(self) -> None:
         """Let the thread end once the work queued before now is done."""
         self._jobs.put(None)

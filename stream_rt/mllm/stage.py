@@ -239,8 +239,8 @@ class MllmStage(Node):
         return build_request(event, self.question, max_side=self.max_side, crop_regions=self.crop_regions)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
-        if isinstance(packet, EndOfStream):
-            await self._idle.wait()
+        if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests"):
+            await self._idle.wait()  # what asked is answered before the end goes on
 
     async def stop(self, ctx: Context) -> None:
         if self._worker is not None and not self._worker.done():

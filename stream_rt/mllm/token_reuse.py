@@ -145,6 +145,7 @@ class TokenReuse:
         ``embed(prepared, features)`` builds the input embeddings."""
         s = self.settings
         entry = self._entries.pop(key, None)  # removed until this call succeeds
+        self.size = (self.entries, self.nbytes)
         grids = family.token_grids(prepared)
         patches = token_patches(lumas, grids)
         why = _full_reason(entry, prepared, event_id, patches)

@@ -47,15 +47,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stream_rt.graph.clock import Clock
 from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
-from stream_rt.graph.node import Context, Node
+from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
 from stream_rt.operators.snapshot import encode_jpeg
 from stream_rt.policies.asks import AskLedger, AskRefused
+
+log = logging.getLogger("stream_rt.trigger")
 
 
 @dataclass
@@ -127,6 +131,7 @@ class TriggerPolicy(Node):
         self._ended = False
         self._clock: Clock | None = None
         self._waiting: asyncio.Task[None] | None = None
+        self._sending = asyncio.Lock()
 
     async def start(self, ctx: Context) -> None:
         self._clock = ctx.clock
@@ -135,7 +140,8 @@ class TriggerPolicy(Node):
 
     async def stop(self, ctx: Context) -> None:
         if self._waiting is not None:
-            self._waiting.cancel()
+            async with self._sending:  # questions being sent go out first
+                self._waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._waiting
             self._waiting = None
@@ -145,15 +151,23 @@ class TriggerPolicy(Node):
         but sends nothing, a source with no gate) is asked about its last frame anyway."""
         while True:
             await ctx.clock.sleep(max(0.05, self.ask_wait_ns / 4e9))
-            now = ctx.clock.now_ns()
-            for source_id, state in self._states.items():
-                for question in state.questions:
-                    if question.asked_ns is None:
-                        question.asked_ns = now
-                asked = state.questions[0].asked_ns if state.questions else None
-                if asked is not None and now - asked >= self.ask_wait_ns:
-                    ctx.count("asks_without_step")
-                    await self._send(self._questions(source_id, state, state.last, ctx), ctx)
+            try:
+                await self._send(lambda: self._overdue(ctx), ctx)
+            except Exception as exc:  # never let the deadlines stop: acknowledged questions depend on them
+                log.error("trigger: cannot send overdue questions: %s", describe_error(exc))
+
+    def _overdue(self, ctx: Context) -> list[Event]:
+        now = ctx.clock.now_ns()
+        events = []
+        for source_id, state in list(self._states.items()):
+            for question in state.questions:
+                if question.asked_ns is None:
+                    question.asked_ns = now
+            asked = state.questions[0].asked_ns if state.questions else None
+            if asked is not None and now - asked >= self.ask_wait_ns:
+                ctx.count("asks_without_step")
+                events += self._questions(source_id, state, state.last, ctx)
+        return events
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, Salience)
@@ -161,7 +175,7 @@ class TriggerPolicy(Node):
         if not state.online:
             ctx.count("skip_offline")  # a step decoded before the outage, arriving after it
             return
-        await self._send(self.step(packet, ctx), ctx)
+        await self._send(lambda: self.step(packet, ctx), ctx)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):
@@ -170,24 +184,29 @@ class TriggerPolicy(Node):
                 state.online = True
                 return
             state.online = False
-            await self._send(self._close(packet.source_id, state, "source_offline", ctx), ctx)
+            await self._send(lambda: self._close(packet.source_id, state, "source_offline", ctx), ctx)
         elif isinstance(packet, StreamEnded):  # this source ended; others may go on
             state = self._states.setdefault(packet.source_id, _SourceState())
             state.ended = True
-            await self._send(self._close(packet.source_id, state, "end_of_stream", ctx), ctx)
+            await self._send(lambda: self._close(packet.source_id, state, "end_of_stream", ctx), ctx)
         elif isinstance(packet, EndOfStream):
             # The end of stream reaches this node once every upstream source has ended.
             self._ended = True
-            for source_id, state in self._states.items():
-                await self._send(self._close(source_id, state, "end_of_stream", ctx), ctx)
+            await self._send(lambda: self._close_all(ctx), ctx)
 
-    async def _send(self, events: list[Event], ctx: Context) -> None:
-        for event in events:
-            if self.snapshot and event.type != "end" and event.frame is not None:
-                jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
-                event = dataclasses.replace(event, snapshot_jpeg=jpeg)
-            ctx.count(f"events_{event.type}")
-            await ctx.emit("events", event)
+    def _close_all(self, ctx: Context) -> list[Event]:
+        return [e for sid, st in list(self._states.items()) for e in self._close(sid, st, "end_of_stream", ctx)]
+
+    async def _send(self, make: Callable[[], list[Event]], ctx: Context) -> None:
+        """Emit the events ``make()`` returns. The packet loop and the deadlines both send:
+        one at a time, so events leave in the order they were made."""
+        async with self._sending:
+            for event in make():
+                if self.snapshot and event.type != "end" and event.frame is not None:
+                    jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
+                    event = dataclasses.replace(event, snapshot_jpeg=jpeg)
+                ctx.count(f"events_{event.type}")
+                await ctx.emit("events", event)
 
     def _close(self, source_id: str, state: _SourceState, reason: str, ctx: Context) -> list[Event]:
         """A source stopped: its waiting questions go out now, with its last frame, and its
@@ -232,7 +251,14 @@ class TriggerPolicy(Node):
         """An ``ask`` event for each waiting question, about ``s`` (or, when the source never
         sent anything, about nothing: the model is asked without a picture)."""
         if s is None:
-            s = Salience(source_id, -1, 0, ctx.clock.wall_ns(), 0.0, {})
+            s = Salience(
+                source_id,
+                -1,
+                0,
+                ctx.clock.wall_ns(),
+                0.0,
+                dict.fromkeys(("visual", "speech", "onset", "loudness"), 0.0),
+            )
         events = []
         while state.questions:
             q = state.questions.popleft()

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,16 +136,18 @@ class MqttSink(Sink):
         self._enqueue(self.topic(source, "status"), record, retain=True)
 
     async def stop(self, ctx: Context) -> None:
-        """Give the outbox up to ``drain_timeout_s`` (less the goodbye's second) to empty,
-        then say goodbye — each source's status ``offline`` and ``available`` ``offline``,
+        """Give the outbox up to ``drain_timeout_s`` (less the goodbye's time) to empty,
+        then say goodbye — ``available`` ``offline`` and each source's status ``offline``,
         retained, published at once, ahead of anything still queued — and disconnect
-        cleanly; whatever is left stays in the outbox for the next start. The goodbye is
-        tried even when the graph cancels the wait."""
+        cleanly; whatever is left stays in the outbox for the next start. A goodbye that
+        cannot be acknowledged in time drops the connection instead, so that the broker
+        publishes the Last Will; it is tried even when the graph cancels the wait."""
         assert self._outbox is not None
         for source in self.sources - self._ended.keys():  # not ended by their stream: stopped with us
             self._ended[source] = "stream stopped"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, self.drain_timeout_s - GOODBYE_S)
+        goodbye_s = min(GOODBYE_S + 0.5, self.drain_timeout_s / 3)  # kept for the goodbye, out of the drain time
+        deadline = loop.time() + self.drain_timeout_s - goodbye_s
         cancelled = False
         try:
             while self._outbox.depth() and loop.time() < deadline:
@@ -156,7 +159,7 @@ class MqttSink(Sink):
             self._wakeup.set()
             if self.connected:  # the goodbye needs the broker's acknowledgement
                 try:
-                    await asyncio.wait({self._task}, timeout=GOODBYE_S)
+                    await asyncio.wait({self._task}, timeout=goodbye_s)
                 except asyncio.CancelledError:
                     cancelled = True
             self._task.cancel()
@@ -207,6 +210,10 @@ class MqttSink(Sink):
                         helpers.append(asyncio.create_task(self._listen(client, ctx)))
                     try:
                         await self._drain(client, ctx)
+                    except asyncio.CancelledError:
+                        if self._closing.is_set():  # stopped before the goodbye was out: let the Will say it
+                            _drop_connection(client)
+                        raise
                     finally:
                         for helper in helpers:
                             helper.cancel()
@@ -214,6 +221,8 @@ class MqttSink(Sink):
                 log.info("disconnected from MQTT broker %s:%d", s.host, s.port)
                 return  # _drain returns only once the goodbye is out
             except aiomqtt.MqttError as exc:
+                if self._closing.is_set():
+                    return  # stopping: no reconnect (a goodbye that failed left the Last Will to the broker)
                 self._report(exc, failures, ctx)
                 self._lost(ctx)
                 ctx.count("mqtt_reconnects")
@@ -224,16 +233,31 @@ class MqttSink(Sink):
                 _consume_disconnect(client)
 
     async def _goodbye(self, client: aiomqtt.Client, ctx: Context) -> None:
-        """Each source ``offline`` and ``available`` ``offline``, retained, straight to the
-        broker (a backlog in the outbox must not keep a stopped daemon looking up)."""
+        """``available`` ``offline`` and each source ``offline``, retained, straight to the
+        broker (a backlog in the outbox must not keep a stopped daemon looking up). When the
+        broker does not acknowledge them within ``GOODBYE_S`` (a slow link), the connection
+        is dropped without a DISCONNECT, so that the broker publishes the Last Will
+        (``available`` ``offline``) instead."""
         wall_ns = ctx.clock.wall_ns()
         statuses = {
             self.topic(source, "status"): {"state": "offline", "detail": detail, "streams": [], "wall_ns": wall_ns}
             for source, detail in self._ended.items()
         }
-        publishing = (client.publish(t, json.dumps(r).encode(), qos=1, retain=True) for t, r in statuses.items())
-        await _unless_disconnected(client, *publishing)
-        await _unless_disconnected(client, client.publish(self.topic("available"), b"offline", qos=1, retain=True))
+        publishing = [
+            client.publish(self.topic("available"), b"offline", qos=1, retain=True),
+            *(
+                client.publish(t, json.dumps(r, separators=(",", ":")).encode(), qos=1, retain=True)
+                for t, r in statuses.items()
+            ),
+        ]
+        try:
+            await asyncio.wait_for(_unless_disconnected(client, *publishing), GOODBYE_S)
+        except (TimeoutError, aiomqtt.MqttError):
+            log.warning(
+                "the MQTT broker did not acknowledge the goodbye within %g s: dropping the connection so that it "
+                "publishes the Last Will ('available' offline)", GOODBYE_S,
+            )  # fmt: skip
+            _drop_connection(client)
 
     def _lost(self, ctx: Context) -> None:
         if self.connected:
@@ -305,10 +329,11 @@ class MqttSink(Sink):
                 await self._wakeup.wait()
                 continue
             # Publish a window at once (the broker acknowledges in order), then forget
-            # each message only after its acknowledgement arrived.
-            await _unless_disconnected(
-                client, *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
-            )
+            # each message only after its acknowledgement arrived; stopping does not wait
+            # for a window (it stays in the outbox).
+            publishing = (client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain, timeout=10) for m in batch)
+            if not await _unless_disconnected(client, *publishing, give_up=self._closing):
+                continue
             for message in batch:
                 outbox.ack(message.id)
             self.published += len(batch)
@@ -316,28 +341,43 @@ class MqttSink(Sink):
             ctx.counters["outbox_depth"] = outbox.depth()
 
 
-async def _unless_disconnected(client: aiomqtt.Client, *publishing: Coroutine[Any, Any, None]) -> None:
-    """Wait for the ``publishing`` calls, but give up the moment the connection dies: aiomqtt
-    lets a publish wait for its acknowledgement until its own timeout even after the broker
-    went away, which would stall the outbox for that long before reconnecting."""
+async def _unless_disconnected(
+    client: aiomqtt.Client, *publishing: Coroutine[Any, Any, None], give_up: asyncio.Event | None = None
+) -> bool:
+    """Wait for the ``publishing`` calls, but not after the connection died (raises
+    MqttError): aiomqtt lets a publish wait for its acknowledgement until its own timeout
+    even after the broker went away, which would stall the outbox for that long before
+    reconnecting. False when ``give_up`` was set first (nothing more is waited for)."""
     publishes = asyncio.gather(*publishing)
     publishes.add_done_callback(_retrieve)  # however this ends (cancelled too), nothing is left unread
+    waiting: set[asyncio.Future[Any]] = {publishes}
     disconnected = _disconnect_future(client)
-    if disconnected is None:
-        await publishes
-        return
-    waiting: set[asyncio.Future[Any]] = {publishes, disconnected}
+    if disconnected is not None:
+        waiting.add(disconnected)
+    giving_up = asyncio.ensure_future(give_up.wait()) if give_up is not None else None
+    if giving_up is not None:
+        waiting.add(giving_up)
     try:
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        publishes.cancel()
-        raise
-    if publishes.done():
+    finally:
+        if giving_up is not None:
+            giving_up.cancel()
+        if not publishes.done():
+            publishes.cancel()
+    if publishes.done() and not publishes.cancelled():
         publishes.result()
-        return
-    publishes.cancel()
-    await asyncio.gather(publishes, return_exceptions=True)
+        return True
+    if give_up is not None and give_up.is_set():
+        return False
     raise aiomqtt.MqttError("the connection to the broker was lost")
+
+
+def _drop_connection(client: aiomqtt.Client) -> None:
+    """Cut the connection without a DISCONNECT (the broker then publishes the Will)."""
+    sock = client._client.socket()  # paho's socket: aiomqtt has no public way to do this
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -120,22 +120,27 @@ class MqttSource(StatusSource):
                     await client.subscribe(self.topic, qos=0)
                     failures = 0
                     await self.set_state(ctx, "online", f"subscribed to {self.topic}")
+                    loop = asyncio.get_running_loop()
+                    last_frame = loop.time()
                     while True:
+                        waited = loop.time() - last_frame
                         try:
-                            message = await asyncio.wait_for(anext(client.messages), self.stall_timeout_s)
-                        except TimeoutError:  # subscribed, but the camera sends nothing
+                            message = await asyncio.wait_for(anext(client.messages), self.stall_timeout_s - waited)
+                        except TimeoutError:  # subscribed, but the camera sends nothing (that decodes)
                             await self.set_state(ctx, "offline", f"no frame for {self.stall_timeout_s:g} s")
+                            last_frame = loop.time()
                             continue
-                        await self.set_state(ctx, "online", f"frames on {self.topic}")
                         payload = message.payload if isinstance(message.payload, bytes) else b""
-                        await self._frame(ctx, payload, ctx.clock.now_ns() - start_ns)
+                        if await self._frame(ctx, payload, ctx.clock.now_ns() - start_ns):
+                            last_frame = loop.time()
             except aiomqtt.MqttError as exc:
                 await self.set_state(ctx, "offline", str(exc))
                 ctx.count("reconnects")
                 await ctx.clock.sleep(self.backoff.delay(failures, self._rng))
                 failures += 1
 
-    async def _frame(self, ctx: Context, payload: bytes, arrival_ns: int) -> None:
+    async def _frame(self, ctx: Context, payload: bytes, arrival_ns: int) -> bool:
+        """Emit the frame ``payload`` holds; False when it is not one (counted, logged)."""
         try:
             y, rgb = await asyncio.to_thread(decode_frame, payload, self.format, self.width, self.height)
         except ValueError as exc:
@@ -143,8 +148,9 @@ class MqttSource(StatusSource):
             self._corrupt_unlogged += 1
             self._corrupt_reason = str(exc)
             self._log_corrupt(ctx)
-            return
+            return False
         self._log_corrupt(ctx)
+        await self.set_state(ctx, "online", f"frames on {self.topic}")
         pts = self._pts(arrival_ns, 1)
         frame = VideoFrame(
             self.name, self._seq, pts, ctx.clock.wall_ns(), y, (lambda: rgb) if rgb is not None else None
@@ -153,6 +159,7 @@ class MqttSource(StatusSource):
         self.frame_rate.tick(ctx.clock.now_ns())
         await ctx.emit("video", frame)
         ctx.count("frames")
+        return True
 
     def _log_corrupt(self, ctx: Context) -> None:
         """Log the skipped payloads not logged yet: the first at once, later ones together
