@@ -174,6 +174,17 @@ def outbox_ids(path: Path) -> list[str]:
     return [f"{r['event_id']}:{r['seq']}" for r in map(json.loads, payloads) if r.get("kind") == "Event"]
 
 
+def busy_daemon(tmp_path: Path, port: int, outbox: Path) -> Path:
+    """A daemon config whose synthetic camera opens an episode every 2 s, into ``outbox``."""
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        '[[sources]]\nid = "cam"\nurl = "synthetic:?frames=100000&fps=25&width=64&height=48&active_s=1&period_s=2"\n'
+        f'[sinks.mqtt]\nport = {port}\noutbox = "{outbox}"\n'
+        "[trigger]\nconfirm_s = 0.1\ncutoff_s = 0.3\n"
+    )
+    return config
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 async def test_a_daemon_stopped_mid_run_delivers_everything_its_outbox_took_after_a_restart(
     free_port: int, tmp_path: Path, sig: signal.Signals, record_property: RecordProperty
@@ -181,12 +192,7 @@ async def test_a_daemon_stopped_mid_run_delivers_everything_its_outbox_took_afte
     """`stream-rt run` with the broker away, killed (or terminated) mid-run; the next start,
     with the broker back, delivers every event the outbox had taken, by id."""
     outbox = tmp_path / "outbox.sqlite"
-    config = tmp_path / "daemon.toml"
-    config.write_text(
-        '[[sources]]\nid = "cam"\nurl = "synthetic:?frames=100000&fps=25&width=64&height=48&active_s=1&period_s=2"\n'
-        f'[sinks.mqtt]\nport = {free_port}\noutbox = "{outbox}"\n'
-        "[trigger]\nconfirm_s = 0.1\ncutoff_s = 0.3\n"
-    )
+    config = busy_daemon(tmp_path, free_port, outbox)
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stream_rt.cli", "run", str(config), stderr=asyncio.subprocess.PIPE
     )

@@ -20,7 +20,7 @@ from stream_rt.config import parse_config
 from stream_rt.pipeline import build_pipeline
 
 from .processes import Broker, StreamServer
-from .test_faults import outbox_ids
+from .test_faults import busy_daemon, outbox_ids
 from .test_live import wait_for
 from .test_mqtt import Subscriber, wait_until
 
@@ -67,13 +67,7 @@ async def test_a_daemon_killed_and_restarted_with_its_outbox_full_never_reuses_a
     free_port: int, tmp_path: Path
 ) -> None:
     outbox = tmp_path / "outbox.sqlite"
-    config = tmp_path / "daemon.toml"
-    config.write_text(
-        '[[sources]]\nid = "cam"\nurl = "synthetic:?frames=100000&fps=25&width=64&height=48&active_s=1&period_s=2"\n'
-        f'[sinks.mqtt]\nport = {free_port}\noutbox = "{outbox}"\n'
-        "[trigger]\nconfirm_s = 0.1\ncutoff_s = 0.3\n"
-    )
-    run = [sys.executable, "-m", "stream_rt.cli", "run", str(config)]
+    run = [sys.executable, "-m", "stream_rt.cli", "run", str(busy_daemon(tmp_path, free_port, outbox))]
     daemon = subprocess.Popen(run, stderr=subprocess.DEVNULL)  # the broker is not there yet
     try:
         await wait_until(lambda: outbox.exists() and len(outbox_ids(outbox)) >= 12, 60, "events in the outbox")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,15 @@ import numpy as np
 from stream_rt import AudioChunk, AvSource, Backoff, CallbackSink, Graph, Packet, VideoFrame
 
 from .processes import LaggingAvServer, RecordProperty, free_port
+
+
+async def served(servers: Iterable[LaggingAvServer]) -> None:
+    """Wait until each server has sent its cut (once) and exited, and a moment more."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while not all(s.proc is not None and s.proc.poll() is not None for s in servers):
+        assert asyncio.get_running_loop().time() < deadline, "the servers did not finish their cut"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
 
 
 def arrival_lag_s(got: list[Packet], skip_s: float, tail_s: float) -> tuple[float, int]:
@@ -49,12 +59,7 @@ async def test_audio_of_a_lagging_server_arrives_half_a_second_after_its_video(
         graph.connect(f"{name}.audio", f"{name}_sink.in", capacity=256)
     run = asyncio.create_task(graph.run())
     try:
-        # Each server sends its 5 s cut once and exits; the source then goes offline.
-        deadline = asyncio.get_running_loop().time() + 20
-        while not all(s.proc is not None and s.proc.poll() is not None for s in servers.values()):
-            assert asyncio.get_running_loop().time() < deadline, "the servers did not finish their cut"
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+        await served(servers.values())
     finally:
         graph.stop()
         await asyncio.wait_for(run, 10)
@@ -97,11 +102,7 @@ async def test_a_live_source_whose_audio_lags_its_video_is_fused_by_media_time(
         server.start()
     run = asyncio.create_task(pipeline.graph.run())
     try:
-        deadline = asyncio.get_running_loop().time() + 20
-        while not all(s.proc is not None and s.proc.poll() is not None for s in servers.values()):
-            assert asyncio.get_running_loop().time() < deadline, "the servers did not finish their cut"
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+        await served(servers.values())
     finally:
         pipeline.graph.stop()
         await asyncio.wait_for(run, 10)
