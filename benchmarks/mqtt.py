@@ -20,20 +20,15 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiomqtt
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from stream_rt.graph import Backoff  # noqa: E402
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink  # noqa: E402
-from tests.processes import Broker, free_port  # noqa: E402
-from tests.test_mqtt import Subscriber, event, feed_graph  # noqa: E402
+from stream_rt.graph import Backoff
+from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.testing import Broker, Subscriber, feed_graph, free_port, numbered_event
 
 WINDOW = 64
 
@@ -50,7 +45,9 @@ async def through_sink(port: int, workdir: Path, count: int, offset: int) -> flo
 
 
 async def raw_aiomqtt(port: int, count: int, offset: int) -> float:
-    payloads = [json.dumps(event(offset + i).to_record(), separators=(",", ":")).encode() for i in range(count)]
+    payloads = [
+        json.dumps(numbered_event(offset + i).to_record(), separators=(",", ":")).encode() for i in range(count)
+    ]
     started = time.perf_counter()
     async with aiomqtt.Client("127.0.0.1", port) as client:
         for start in range(0, count, WINDOW):

@@ -26,21 +26,17 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import rss_growth, rss_mb
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.ops.http import OpsServer
 from stream_rt.pipeline import build_pipeline
-from tests.processes import Broker, free_port
-from tests.test_mqtt import Subscriber
+from stream_rt.testing import Broker, Subscriber, free_port
 
 COLUMNS = ["wall_s", "frames", "rss_mb", "fds", "threads", "queue_max", "queue_total", "outbox_depth",
            "memory_entries", "model_calls", "events"]  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stream_rt import Config, build_pipeline
 from stream_rt.config import MllmConfig, SourceConfig, for_replay
-from stream_rt.sinks.report import attach_report
+from stream_rt.pipeline import attach_report
 
 MEDIA = {".avi", ".mkv", ".mp4", ".mov", ".ts", ".webm", ".wav", ".mp3", ".flac"}
 

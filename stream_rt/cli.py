@@ -31,8 +31,7 @@ from stream_rt.mllm.backend import MissingWeights
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
-from stream_rt.pipeline import Pipeline, build_pipeline
-from stream_rt.sinks.report import attach_report
+from stream_rt.pipeline import Pipeline, attach_report, build_pipeline
 from stream_rt.sources.av_source import SourceError
 
 log = logging.getLogger("stream_rt.cli")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig
@@ -35,6 +36,7 @@ from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.report import ReportSink
 from stream_rt.sources.av_source import AvSource
 from stream_rt.sources.mqtt_source import MqttSource
 from stream_rt.sources.status import StatusSource
@@ -260,3 +262,18 @@ def _build_gates(
     graph.add(trigger)
     graph.connect("salience.salience", "trigger.salience", capacity=64)
     return trigger
+
+
+def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
+    """Record ``pipeline``'s salience, events and answers for a report written into
+    ``directory`` when the stream ends."""
+    graph = pipeline.graph
+    report = ReportSink("report", directory, title, thresholds)
+    graph.add(report)
+    if "salience" in graph:
+        graph.connect("salience.salience", "report.salience", capacity=64)
+    if pipeline.trigger is not None:
+        graph.connect("trigger.events", "report.events", capacity=64)
+    if pipeline.mllm is not None:
+        graph.connect("mllm.answers", "report.answers", capacity=64)
+    return report

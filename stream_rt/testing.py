@@ -8,21 +8,37 @@ emitted, per output port::
 
 Time-based behaviour runs on :class:`~stream_rt.graph.clock.ManualClock`; generated
 frames and audio come from :class:`~stream_rt.sources.synthetic.SyntheticSource`.
+
+For what crosses a network: :class:`Broker` runs a real mosquitto on a loopback port
+(killed and started again at will), :class:`Subscriber` records every message under a
+topic with paho-mqtt, :func:`feed_graph` feeds numbered events to a sink under test, and
+:func:`free_port` / :func:`wait_listening` find and wait for ports.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from stream_rt.graph.clock import Clock, ManualClock
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from stream_rt.graph.clock import Clock, ManualClock, ReplayClock
 from stream_rt.graph.graph import Graph
 from stream_rt.graph.node import Context, Node, Source, Supervision
-from stream_rt.graph.packets import Packet
+from stream_rt.graph.packets import Event, Packet, Salience
 from stream_rt.sinks.callback import CallbackSink
 from stream_rt.sources.synthetic import SyntheticSource
 
-__all__ = ["ListSource", "ManualClock", "SyntheticSource", "run_node"]
+__all__ = ["Broker", "ListSource", "ManualClock", "PacedEvents", "Subscriber", "SyntheticSource", "feed_graph",
+           "free_port", "numbered_event", "run_node", "wait_listening"]  # fmt: skip
 
 
 class ListSource(Source):
@@ -65,3 +81,130 @@ async def run_node(
         graph.connect(f"{node.name}.{port}", f"collect_{port}.in")
     await graph.run()
     return outputs
+
+
+def listening(port: int) -> bool:
+    """True once a TCP port on this machine is in LISTEN state (read from /proc, because a
+    probe connection could take a one-client server's only accept)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                return True
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Wait until ``proc`` listens on ``port``; raises RuntimeError if it exits or takes
+    longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"process {proc.pid} ({proc.args!r}) did not start listening on port {port}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """A real mosquitto on a loopback port, which tests can kill and start again."""
+
+    def __init__(
+        self, port: int, workdir: Path, persistent: bool = False, auth: Path | None = None, tls: Path | None = None
+    ) -> None:
+        self.port = port
+        self.config = workdir / "mosquitto.conf"
+        # persistent: sessions and queued messages are saved on every change, so a test
+        # subscriber's session survives a kill; messages go to subscribers at once (no
+        # in-flight window), so what the broker acknowledged is already on its way to them.
+        persistence = (
+            f"persistence true\npersistence_location {workdir}/\n"
+            "autosave_interval 1\nautosave_on_changes true\nmax_inflight_messages 0\n"
+        )
+        self.config.write_text(
+            # user root: stay able to read files in the test's private tmp dir when run as root.
+            f"listener {port} 127.0.0.1\nlog_dest none\nuser root\n"
+            + (f"allow_anonymous false\npassword_file {auth}\n" if auth else "allow_anonymous true\n")
+            + (persistence if persistent else "persistence false\n")
+            + (
+                f"cafile {tls}/ca.crt\ncertfile {tls}/server.crt\nkeyfile {tls}/server.key\nrequire_certificate true\n"
+                if tls
+                else ""
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdin=subprocess.DEVNULL)
+        wait_listening(self.port, self.proc)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(5)
+
+
+class Subscriber:
+    """Collects every message under a prefix with paho-mqtt in its own thread: a message is
+    recorded in the callback, before its acknowledgement goes back, and the session is
+    persistent (QoS 1) and reconnects by itself, so nothing is lost on this side."""
+
+    def __init__(self, port: int, topic: str = "stream_rt/#") -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.connected = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-subscriber-{port}", clean_session=False)
+        client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # paho takes fractions of a second too
+
+        def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+            c.subscribe(topic, qos=1)
+            loop.call_soon_threadsafe(self.connected.set)
+
+        def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+            self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
+
+        client.on_connect, client.on_message = on_connect, on_message
+        client.connect_async("127.0.0.1", port)
+        client.loop_start()
+        self._client = client
+
+    def payloads(self, suffix: str) -> list[dict[str, object]]:
+        return [json.loads(p) for t, p, _ in list(self.messages) if t.endswith(suffix)]
+
+    async def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def numbered_event(i: int) -> Event:
+    """Update event ``i`` of source ``cam`` (id ``cam-<i>``), for sink tests."""
+    s = Salience("cam", i, i * 1_000_000, 0, 0.9, {"visual": 0.9})
+    return Event("cam", i, s.pts_ns, 0, "update", f"cam-{i}", 0, None, 0.9, 0.9, s.components, (), True)
+
+
+def feed_graph(sink: Node, ids: range, drain_timeout_s: float = 5.0, feed: type[ListSource] | None = None) -> Graph:
+    """A graph that feeds the numbered events ``ids`` to ``sink``'s ``in`` port (through a
+    ``feed``, by default :class:`PacedEvents`)."""
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=drain_timeout_s)
+    graph.add((feed or PacedEvents)("feed", [numbered_event(i) for i in ids]))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    return graph
+
+
+class PacedEvents(ListSource):
+    """Emits its events at a steady pace (a pause after every 50), so that a broker outage
+    falls in the middle of the stream."""
+
+    outputs = {"out": (Event,)}
+
+    async def run(self, ctx: Context) -> None:
+        for i, packet in enumerate(self.packets):
+            await ctx.emit("out", packet)
+            if i % 50 == 49:
+                await asyncio.sleep(0.01)

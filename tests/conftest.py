@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from . import processes
+from stream_rt.testing import free_port as free_port_now
+
 from .processes import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def ffmpeg() -> str:
 
 @pytest.fixture
 def free_port() -> int:
-    return processes.free_port()
+    return free_port_now()
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,9 @@ from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy, _SourceState
 from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
 from stream_rt.sinks.mqtt import MqttSink
-from stream_rt.testing import ListSource
+from stream_rt.testing import Broker, ListSource, Subscriber
 
-from .processes import Broker
-from .test_mqtt import Subscriber, settings, wait_until
+from .test_mqtt import settings, wait_until
 
 
 def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float | None, bool]:

@@ -10,9 +10,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from .processes import Broker, StreamServer
-from .processes import free_port as free_port_now
-from .test_mqtt import Subscriber, wait_until
+from stream_rt.testing import Broker, Subscriber
+from stream_rt.testing import free_port as free_port_now
+
+from .processes import StreamServer
+from .test_mqtt import wait_until
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

@@ -18,9 +18,10 @@ from stream_rt import CallbackSink
 from stream_rt.graph import Context
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.outbox import Outbox
+from stream_rt.testing import Broker, PacedEvents, Subscriber, feed_graph
 
-from .processes import Broker, RecordProperty
-from .test_mqtt import SlowFeed, Subscriber, feed_graph, settings, wait_until
+from .processes import RecordProperty
+from .test_mqtt import settings, wait_until
 
 
 def fill_up(outbox: Outbox) -> None:
@@ -55,7 +56,7 @@ async def test_events_go_on_reaching_the_broker_while_the_outbox_disk_is_full(fr
     await asyncio.wait_for(subscriber.connected.wait(), 5)
     sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=10)
 
-    class FillingFeed(SlowFeed):
+    class FillingFeed(PacedEvents):
         async def run(self, ctx: Context) -> None:
             for i, packet in enumerate(self.packets):
                 if i == 100:
@@ -78,7 +79,7 @@ async def test_events_go_on_reaching_the_broker_while_the_outbox_disk_is_full(fr
 async def test_a_removed_outbox_file_is_written_anew_and_nothing_is_lost(free_port: int, tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite"
 
-    class RemovingFeed(SlowFeed):
+    class RemovingFeed(PacedEvents):
         async def run(self, ctx: Context) -> None:
             for i, packet in enumerate(self.packets):
                 if i == 50:

@@ -18,11 +18,12 @@ import paho.mqtt.client as mqtt
 
 from stream_rt.config import parse_config
 from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import Broker, Subscriber
 
-from .processes import Broker, StreamServer
+from .processes import StreamServer
 from .test_faults import busy_daemon, outbox_ids
 from .test_live import wait_for
-from .test_mqtt import Subscriber, wait_until
+from .test_mqtt import wait_until
 
 
 def records(path: Path) -> list[dict[str, Any]]:

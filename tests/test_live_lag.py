@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from stream_rt import AudioChunk, AvSource, Backoff, CallbackSink, Graph, Packet, VideoFrame
+from stream_rt.testing import free_port
 
-from .processes import LaggingAvServer, RecordProperty, free_port
+from .processes import LaggingAvServer, RecordProperty
 
 
 async def served(servers: Iterable[LaggingAvServer]) -> None:

@@ -29,10 +29,9 @@ from stream_rt.mllm.stage import MllmStage
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.av_decode import y_plane
-from stream_rt.testing import ListSource
+from stream_rt.testing import Broker, ListSource, Subscriber
 
-from .processes import Broker
-from .test_mqtt import Subscriber, wait_until
+from .test_mqtt import wait_until
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ broker goes away."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -12,18 +11,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from stream_rt import Event, Graph, MllmAnswer, ReplayClock, Salience
+from stream_rt import Event, Graph, MllmAnswer, ReplayClock
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
-from stream_rt.graph import Backoff, Context
+from stream_rt.graph import Backoff
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
-from stream_rt.testing import ListSource
+from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
-from .processes import Broker, RecordProperty, make_certificates
+from .processes import RecordProperty, make_certificates
 
 
 @pytest.fixture
@@ -32,38 +30,6 @@ def broker(free_port: int, tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.kill()
-
-
-class Subscriber:
-    """Collects every message under a prefix with paho-mqtt in its own thread: a message is
-    recorded in the callback, before its acknowledgement goes back, and the session is
-    persistent (QoS 1) and reconnects by itself, so nothing is lost on this side."""
-
-    def __init__(self, port: int, topic: str = "stream_rt/#") -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.connected = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-subscriber-{port}", clean_session=False)
-        client.reconnect_delay_set(0.05, 0.2)
-
-        def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
-            c.subscribe(topic, qos=1)
-            loop.call_soon_threadsafe(self.connected.set)
-
-        def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-            self.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
-
-        client.on_connect, client.on_message = on_connect, on_message
-        client.connect_async("127.0.0.1", port)
-        client.loop_start()
-        self._client = client
-
-    def payloads(self, suffix: str) -> list[dict[str, object]]:
-        return [json.loads(p) for t, p, _ in list(self.messages) if t.endswith(suffix)]
-
-    async def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
 
 
 def settings(port: int, tmp_path: Path) -> MqttSettings:
@@ -103,33 +69,6 @@ async def test_a_replay_publishes_its_events_and_status_with_the_documented_topi
     assert {"start_pts_ns", "pts_ns", "wall_ns", "score", "components", "regions", "call_model"} <= set(first)
     status = subscriber.payloads("/walkway/status")
     assert status[0]["state"] == "online"
-
-
-def event(i: int) -> Event:
-    s = Salience("cam", i, i * 1_000_000, 0, 0.9, {"visual": 0.9})
-    return Event("cam", i, s.pts_ns, 0, "update", f"cam-{i}", 0, None, 0.9, 0.9, s.components, (), True)
-
-
-def feed_graph(sink: MqttSink, ids: range, drain_timeout_s: float = 5.0, feed: type[ListSource] | None = None) -> Graph:
-    """A graph that feeds the events with these ids to ``sink`` (through a ``feed``, by
-    default :class:`SlowFeed`)."""
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=drain_timeout_s)
-    graph.add((feed or SlowFeed)("feed", [event(i) for i in ids]))
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in", capacity=64)
-    return graph
-
-
-class SlowFeed(ListSource):
-    """Emits events at a steady pace, so a broker outage falls in the middle of the burst."""
-
-    outputs = {"out": (Event,)}
-
-    async def run(self, ctx: Context) -> None:
-        for i, packet in enumerate(self.packets):
-            await ctx.emit("out", packet)
-            if i % 50 == 49:
-                await asyncio.sleep(0.01)
 
 
 async def test_broker_killed_mid_burst_loses_no_event(
@@ -282,7 +221,7 @@ async def test_answers_go_to_the_answers_topic_keyed_by_event_id(broker: Broker,
     await asyncio.wait_for(subscriber.connected.wait(), 5)
     answer = MllmAnswer("cam", 7, 0, 0, "cam-3", "What moved?", "ok", {"summary": "a person"}, "{}", "m", smoke=True)
     graph = Graph(clock=ReplayClock(None))
-    feed = ListSource("feed", [event(3), answer])
+    feed = ListSource("feed", [numbered_event(3), answer])
     feed.outputs = {"out": (Event, MllmAnswer)}
     graph.add(feed)
     graph.add(MqttSink("mqtt", settings(broker.port, tmp_path)))

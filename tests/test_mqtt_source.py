@@ -18,9 +18,9 @@ from stream_rt.operators.snapshot import encode_jpeg
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.sources.mqtt_source import MqttSource
+from stream_rt.testing import Broker, Subscriber
 
-from .processes import Broker
-from .test_mqtt import Subscriber, wait_until
+from .test_mqtt import wait_until
 
 
 async def test_jpeg_and_raw_frames_over_mqtt(samples: Path, free_port: int, tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ import pytest
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import Broker, Subscriber
 
-from .processes import Broker
-from .test_mqtt import Subscriber, wait_until
+from .test_mqtt import wait_until
 
 
 def records(path: Path) -> list[dict[str, Any]]:

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-
-if TYPE_CHECKING:
-    from stream_rt.memory.streaming import MemoryEntry
 
 AUDIO_SAMPLE_RATE = 16_000
 """Sample rate of every :class:`AudioChunk`, in Hz (sources resample to it)."""
@@ -241,7 +238,7 @@ class MllmRequest(Packet):
     signature: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     frame_pts: tuple[int, ...] = field(default=(), compare=False)
     audio: tuple[AudioFeatures, ...] = field(default=(), repr=False, compare=False)
-    memory: tuple[MemoryEntry, ...] = field(default=(), repr=False, compare=False)
+    memory: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # MemoryEntry (the graph knows no memory)
     summary_tokens: int = 0
 
     def to_record(self) -> dict[str, Any]:

@@ -132,8 +132,7 @@ class MqttSink(Sink):
             self._status(packet.source_id, "offline", detail, ctx.clock.wall_ns())
 
     def _status(self, source: str, state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> None:
-        record = {"state": state, "detail": detail, "streams": list(streams), "wall_ns": wall_ns}
-        self._enqueue(self.topic(source, "status"), record, retain=True)
+        self._enqueue(self.topic(source, "status"), _status_record(state, detail, wall_ns, streams), retain=True)
 
     async def stop(self, ctx: Context) -> None:
         """Give the outbox up to ``drain_timeout_s`` (less the goodbye's time) to empty,
@@ -176,7 +175,7 @@ class MqttSink(Sink):
 
     def _enqueue(self, topic: str, record: dict[str, object], retain: bool) -> None:
         assert self._outbox is not None, "MqttSink used before start()"
-        self._outbox.add(topic, json.dumps(record, separators=(",", ":")).encode(), qos=1, retain=retain)
+        self._outbox.add(topic, _encode(record), qos=1, retain=retain)
         self._wakeup.set()
 
     async def _run(self, ctx: Context) -> None:
@@ -239,17 +238,14 @@ class MqttSink(Sink):
         is dropped without a DISCONNECT, so that the broker publishes the Last Will
         (``available`` ``offline``) instead."""
         wall_ns = ctx.clock.wall_ns()
-        statuses = {
-            self.topic(source, "status"): {"state": "offline", "detail": detail, "streams": [], "wall_ns": wall_ns}
-            for source, detail in self._ended.items()
-        }
         publishing = [
             client.publish(self.topic("available"), b"offline", qos=1, retain=True),
             *(
-                client.publish(t, json.dumps(r, separators=(",", ":")).encode(), qos=1, retain=True)
-                for t, r in statuses.items()
+                client.publish(self.topic(source, "status"), _encode(_status_record("offline", detail, wall_ns)),
+                               qos=1, retain=True)
+                for source, detail in self._ended.items()
             ),
-        ]
+        ]  # fmt: skip
         try:
             await asyncio.wait_for(_unless_disconnected(client, *publishing), GOODBYE_S)
         except (TimeoutError, aiomqtt.MqttError):
@@ -378,6 +374,14 @@ def _drop_connection(client: aiomqtt.Client) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _status_record(state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> dict[str, object]:
+    return {"state": state, "detail": detail, "streams": list(streams), "wall_ns": wall_ns}
+
+
+def _encode(record: dict[str, object]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

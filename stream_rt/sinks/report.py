@@ -19,14 +19,11 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import Event, MllmAnswer, Packet, Salience
 from stream_rt.operators.snapshot import rgb_to_jpeg, scale_image
-
-if TYPE_CHECKING:
-    from stream_rt.pipeline import Pipeline
 
 THUMB_WIDTH = 240
 MAX_THUMBS_PER_EPISODE = 4
@@ -98,21 +95,6 @@ class ReportSink(Sink):
 
     async def stop(self, ctx: Context) -> None:
         write_report(self)
-
-
-def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
-    """Record ``pipeline``'s salience, events and answers for a report written into
-    ``directory`` when the stream ends."""
-    graph = pipeline.graph
-    report = ReportSink("report", directory, title, thresholds)
-    graph.add(report)
-    if "salience" in graph:
-        graph.connect("salience.salience", "report.salience", capacity=64)
-    if pipeline.trigger is not None:
-        graph.connect("trigger.events", "report.events", capacity=64)
-    if pipeline.mllm is not None:
-        graph.connect("mllm.answers", "report.answers", capacity=64)
-    return report
 
 
 def write_report(report: ReportSink) -> None:

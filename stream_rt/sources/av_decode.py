@@ -89,8 +89,8 @@ class Failed:
 @dataclass(frozen=True)
 class DecodeSpec:
     """What to open and how (built by :class:`AvSource` from its settings). ``live``: a
-    network stream or a device, which can be opened and read only once at a time (a file
-    is opened once per stream it decodes)."""
+    network stream or a device, which can be opened and read only once at a time; a file
+    is opened once per stream it decodes, and its video is decoded with threads."""
 
     url: str
     format: str | None
@@ -98,7 +98,6 @@ class DecodeSpec:
     video: bool
     audio: bool
     timeout_s: tuple[float, float] | None
-    threaded_decode: bool
     live: bool
 
 
@@ -286,7 +285,7 @@ class Decoder:
             streams = [s for s in (video, audio) if s is not None]
             items = opened.enter_context(contextlib.closing(self._decoded(container, streams)))
         if video is not None:
-            if self.spec.threaded_decode:
+            if not self.spec.live:
                 video.thread_type = "AUTO"
             rate = video.average_rate or video.guessed_rate
             if rate:

@@ -89,7 +89,6 @@ class AvSource(StatusSource):
             video=video,
             audio=audio,
             timeout_s=(timeout_s, timeout_s) if self.live else None,
-            threaded_decode=not self.live,
             live=self.live,
         )
         self.stall_timeout_s = stall_timeout_s
