@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     reference.set_defaults(handler=_config_reference)
     validate = sub.add_parser("validate", help="check a config file and name every problem")
     validate.add_argument("config", type=Path)
+    validate.add_argument(
+        "--effective", action="store_true", help="print each source's resolved settings (defaults, then its own keys)"
+    )
     validate.set_defaults(handler=_validate)
     return parser
 
@@ -178,7 +181,23 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     ids = ", ".join(s.id for s in config.sources) or "none"
     print(f"{args.config}: OK ({len(config.sources)} sources: {ids})")
+    if args.effective:
+        for source in config.sources:
+            print(f"\n[sources.{source.id}]  # effective settings")
+            settings = config.settings(source.id).model_dump(mode="json", exclude_none=True)
+            settings.setdefault("question", None)
+            for key, value in settings.items():
+                print(f"{key} = {_toml(value)}" if value is not None else f"# {key}: not set (the built-in default)")
     return 0
+
+
+def _toml(value: object) -> str:
+    """A value as TOML writes it (JSON's form is TOML's, but for tables)."""
+    import json
+
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 def _eval(args: argparse.Namespace) -> int:

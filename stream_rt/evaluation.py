@@ -1,4 +1,5 @@
-"""Score the perception gates and the trigger against labelled intervals of real media.
+"""Score the perception gates and the trigger against labelled intervals of real media,
+side by side with the baselines users compare them with.
 
 A scenario is a TOML file::
 
@@ -6,7 +7,10 @@ A scenario is a TOML file::
     media = "../samples/walkway_speech.mkv"        # relative to the scenario file
     labels = { file = "../samples/walkway_speech.json", key = "speech" }
     # or: intervals = [[20.0, 26.0], [51.0, 59.0]]
+    non_events = { light = [[30.0, 34.0]], foliage = [[0.0, 20.0]] }   # optional
     component = "speech"                           # optional: score one modality's episodes
+    objects = ["person"]                           # optional: what the detector baseline looks for
+    source = { masks = [[[0, 0], [0.2, 0], [0.2, 0.2]]] }   # optional: the source's own keys
     [pipeline]                                     # any pipeline config, without sources
     trigger = { cutoff_s = 2.0 }
 
@@ -14,17 +18,29 @@ The media is replayed as fast as possible through the configured pipeline with l
 channels, and its episodes are compared with the labels. With ``component``, the
 episodes scored are those the trigger (same settings) opens on that component of the
 fused salience alone — e.g. the speech of a clip whose video is busy the whole time, with
-the video on, so the media-time alignment of audio and video is what is scored:
+the video on, so the media-time alignment of audio and video is what is scored.
+
+Every system is scored by the same rules with the same ``tolerance_s``; a baseline's
+model calls are its episodes (each an instant, or a detector's episode):
 
 - **recall**: share of labelled intervals overlapped by an episode (within ``tolerance_s``);
 - **precision**: share of episodes that overlap a labelled interval (within ``tolerance_s``);
+- **false episodes** on labelled non-events (light changes, foliage, people standing
+  still...): episodes that start inside one and overlap no label, by kind;
 - **onset latency**: media time from a label's start to the start of the first episode
   overlapping it (negative when the episode opened slightly before the label);
-- **call share**: model calls the trigger would make, per decoded video frame (with
-  ``component``: the calls of that component's episodes alone, not the pipeline's).
+- **call share**: model calls per decoded video frame (with ``component``: the calls of
+  that component's episodes alone); **detector share**: frames the object detector ran on.
 
-Beside it, the fixed-interval baseline (one call per second, as a naive agent would do)
-is scored on the same labels.
+The baselines, beside stream_rt on the same media:
+
+- ``1 call/s``: a frame to the model every second, whatever happens (a naive agent);
+- ``livekit``: LiveKit Agents' adaptive sampling: one frame a second while someone
+  speaks (Silero VAD, read from the same audio analysis), one every 3.3 s otherwise;
+- ``frigate``: a Frigate-style gate: plain motion (no light model, no busy patches) →
+  the same COCO detector at 5 frames a second on motion → an episode while an object of
+  ``objects`` (default person) moves, and one model call per episode (as Frigate's
+  GenAI describes each tracked object once). It runs only where the scenario has video.
 """
 
 from __future__ import annotations
@@ -45,28 +61,55 @@ from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.callback import CallbackSink
 
+Interval = tuple[float, float]
+
+FRIGATE_DETECT_FPS = 5.0
+"""Frigate's default detection rate."""
+LIVEKIT_SPEAKING_S, LIVEKIT_QUIET_S = 1.0, 1 / 0.3
+"""LiveKit Agents' video sampling: 1 frame/s while the user speaks, 0.3 frame/s otherwise."""
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
     media: Path
-    intervals: list[tuple[float, float]]
+    intervals: list[Interval]
     pipeline: dict[str, Any]
     tolerance_s: float = 1.0
     component: str | None = None
+    non_events: dict[str, list[Interval]] = dataclasses.field(default_factory=dict)
+    objects: tuple[str, ...] = ("person",)
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)  # the source's own keys (zones, objects...)
 
 
 @dataclass(frozen=True)
 class Score:
     recall: float
     precision: float
+    false_episodes: dict[str, int]
     latency_p95_s: float
     latency_mean_s: float
     calls: int
     frames: int
     call_share: float
     episodes: int
+    detector_share: float = 0.0
+
+
+@dataclass
+class Run:
+    """What one replay of a scenario gave."""
+
+    events: list[Event]
+    frames: int
+    duration_s: float
+    detector_runs: int
+    speech: list[tuple[float, float]]  # (media time, speech probability) of each fused step
+
+
+KEYS = {"description", "media", "labels", "intervals", "pipeline", "source", "tolerance_s", "component", "non_events",
+        "objects"}  # fmt: skip
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -75,7 +118,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read scenario: {exc}") from None
-    unknown = set(data) - {"description", "media", "labels", "intervals", "pipeline", "tolerance_s", "component"}
+    unknown = set(data) - KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown scenario keys: {', '.join(sorted(unknown))}")
     base = path.parent
@@ -86,6 +129,7 @@ def load_scenario(path: str | Path) -> Scenario:
         labels = data["labels"]
         rows = json.loads((base / labels["file"]).read_text())[labels["key"]]
         intervals = [(float(r["start_s"]), float(r["end_s"])) for r in rows]
+    non_events = {kind: [(float(a), float(b)) for a, b in spans] for kind, spans in data.get("non_events", {}).items()}
     return Scenario(
         name=path.stem,
         description=data.get("description", ""),
@@ -94,33 +138,41 @@ def load_scenario(path: str | Path) -> Scenario:
         pipeline=data.get("pipeline", {}),
         tolerance_s=float(data.get("tolerance_s", 1.0)),
         component=data.get("component"),
+        non_events=non_events,
+        objects=tuple(data.get("objects", ("person",))),
+        source=data.get("source", {}),
     )
 
 
-async def run_scenario(scenario: Scenario) -> tuple[list[Event], int, float]:
-    """Replay the scenario's media; return its events, the decoded frames and the media length."""
+async def run_scenario(scenario: Scenario) -> Run:
+    """Replay the scenario's media through its pipeline."""
     if not scenario.media.exists():
         raise ConfigError(f"{scenario.media} is missing: run 'python scripts/fetch_samples.py'")
-    config = for_replay(
-        parse_config({"sources": [{"id": scenario.name, "url": str(scenario.media)}], **scenario.pipeline},
-                     origin=scenario.name)
-    )  # fmt: skip
-    pipeline = build_pipeline(config, speed=None)
-    if pipeline.trigger is None:
+    source = {**scenario.source, "id": scenario.name, "url": str(scenario.media)}
+    config = for_replay(parse_config({"sources": [source], **scenario.pipeline}, origin=scenario.name))
+    built = build_pipeline(config, speed=None)
+    if built.trigger is None:
         raise ConfigError(f"{scenario.name}: the pipeline has no gates enabled, so nothing can trigger")
+    graph = built.graph
     events: list[Event] = []
-    pipeline.graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
+    speech: list[tuple[float, float]] = []
+    graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
+    graph.add(CallbackSink("steps", lambda s: speech.append((s.pts_ns / 1e9, s.components["speech"]))))  # type: ignore[attr-defined]
+    graph.connect("salience.salience", "steps.in", capacity=64)
     if scenario.component is None:
-        pipeline.graph.connect("trigger.events", "evaluation.in", capacity=64)
+        graph.connect("trigger.events", "evaluation.in", capacity=64)
     else:  # the same trigger, on one component of the same fused salience
-        pipeline.graph.add(ComponentOnly(f"{scenario.component}_only", scenario.component, config))
-        pipeline.graph.add(TriggerPolicy(f"{scenario.component}_trigger", **config.trigger.model_dump()))
-        pipeline.graph.connect("salience.salience", f"{scenario.component}_only.salience", capacity=64)
-        pipeline.graph.connect(f"{scenario.component}_only.salience", f"{scenario.component}_trigger.salience")
-        pipeline.graph.connect(f"{scenario.component}_trigger.events", "evaluation.in", capacity=64)
-    await pipeline.graph.run()
-    frames = int(pipeline.graph.statistics()["nodes"][scenario.name].get("frames", 0))
-    return events, frames, pipeline.sources[0].position_s
+        name = scenario.component
+        graph.add(ComponentOnly(f"{name}_only", name, config))
+        graph.add(TriggerPolicy(f"{name}_trigger", **config.trigger.model_dump()))
+        graph.connect("salience.salience", f"{name}_only.salience", capacity=64)
+        graph.connect(f"{name}_only.salience", f"{name}_trigger.salience")
+        graph.connect(f"{name}_trigger.events", "evaluation.in", capacity=64)
+    await graph.run()
+    nodes = graph.statistics()["nodes"]
+    frames = int(nodes[scenario.name].get("frames", 0))
+    runs = int(nodes.get("objects", {}).get("detector_runs", 0))
+    return Run(events, frames, built.sources[0].position_s, runs, speech)
 
 
 class ComponentOnly(Node):
@@ -160,9 +212,15 @@ def episodes_of(events: list[Event]) -> list[tuple[float, float, int]]:
 
 
 def score(
-    episodes: list[tuple[float, float]], calls: int, frames: int, intervals: list[tuple[float, float]], tol: float
+    episodes: list[Interval],
+    calls: int,
+    frames: int,
+    intervals: list[Interval],
+    tol: float,
+    non_events: dict[str, list[Interval]] | None = None,
+    detector_runs: int = 0,
 ) -> Score:
-    def overlaps(e: tuple[float, float], i: tuple[float, float]) -> bool:
+    def overlaps(e: Interval, i: Interval) -> bool:
         return e[0] <= i[1] + tol and e[1] >= i[0] - tol
 
     latencies = []
@@ -170,57 +228,115 @@ def score(
         hits = [e for e in episodes if overlaps(e, interval)]
         if hits:
             latencies.append(min(e[0] for e in hits) - interval[0])
-    precise = sum(1 for e in episodes if any(overlaps(e, i) for i in intervals))
+    precise = [e for e in episodes if any(overlaps(e, i) for i in intervals)]
+    false = {
+        kind: sum(1 for e in episodes if e not in precise and any(a <= e[0] <= b for a, b in spans))
+        for kind, spans in (non_events or {}).items()
+    }
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else math.nan
     return Score(
         recall=len(latencies) / len(intervals) if intervals else 1.0,
-        precision=precise / len(episodes) if episodes else 1.0,
+        precision=len(precise) / len(episodes) if episodes else 1.0,
+        false_episodes=false,
         latency_p95_s=p95,
         latency_mean_s=sum(latencies) / len(latencies) if latencies else math.nan,
         calls=calls,
         frames=frames,
         call_share=calls / frames if frames else math.nan,
         episodes=len(episodes),
+        detector_share=detector_runs / frames if frames else 0.0,
     )
 
 
-def fixed_interval_baseline(duration_s: float, frames: int, intervals: list[tuple[float, float]]) -> Score:
-    """One model call per second, whatever happens: each call is a one-instant 'episode'."""
-    calls = [(float(t), float(t)) for t in range(int(duration_s) + 1)]
-    return score(calls, len(calls), frames, intervals, tol=0.0)
+def fixed_interval_calls(duration_s: float) -> list[float]:
+    """One model call per second, whatever happens."""
+    return [float(t) for t in range(int(duration_s) + 1)]
+
+
+def adaptive_calls(duration_s: float, speech: list[tuple[float, float]]) -> list[float]:
+    """LiveKit's sampling: the next frame 1 s after one taken while someone speaks
+    (speech probability >= 0.5 at the latest step), 3.3 s after one taken otherwise."""
+    calls, t, i, speaking = [], 0.0, 0, False
+    while t <= duration_s:
+        calls.append(t)
+        while i < len(speech) and speech[i][0] <= t:
+            speaking = speech[i][1] >= 0.5
+            i += 1
+        t += LIVEKIT_SPEAKING_S if speaking else LIVEKIT_QUIET_S
+    return calls
+
+
+def frigate_pipeline(scenario: Scenario) -> dict[str, Any]:
+    """The scenario's pipeline as a Frigate-style motion -> detector gate."""
+    pipeline = {k: v for k, v in scenario.pipeline.items() if k not in ("change", "detect", "audio")}
+    pipeline["change"] = {**scenario.pipeline.get("change", {}), "light": False, "busy_share": 0.0}
+    pipeline["detect"] = {"enabled": True, "detect_fps": FRIGATE_DETECT_FPS, "stationary_s": 10.0}
+    pipeline["audio"] = {"enabled": False}
+    return pipeline
 
 
 async def evaluate(path: str | Path) -> dict[str, Any]:
     scenario = load_scenario(path)
-    events, frames, duration = await run_scenario(scenario)
-    episodes = episodes_of(events)
-    ours = score([(a, b) for a, b, _ in episodes], sum(c for *_, c in episodes), frames, scenario.intervals,
-                 scenario.tolerance_s)  # fmt: skip
-    baseline = fixed_interval_baseline(duration, frames, scenario.intervals)
+    tol, labels, non_events = scenario.tolerance_s, scenario.intervals, scenario.non_events
+    ours_run = await run_scenario(scenario)
+    episodes = episodes_of(ours_run.events)
+    frames = ours_run.frames
+    ours = [(a, b) for a, b, _ in episodes]
+    results = {
+        "stream_rt": score(ours, sum(c for *_, c in episodes), frames, labels, tol, non_events, ours_run.detector_runs)
+    }
+    for name, instants in (
+        ("1 call/s", fixed_interval_calls(ours_run.duration_s)),
+        ("livekit", adaptive_calls(ours_run.duration_s, ours_run.speech)),
+    ):
+        results[name] = score([(t, t) for t in instants], len(instants), frames, labels, tol, non_events)
+    if frames:
+        frigate = dataclasses.replace(
+            scenario, component=None, pipeline=frigate_pipeline(scenario),
+            source={**scenario.source, "objects": list(scenario.objects)},
+        )  # fmt: skip
+        frigate_run = await run_scenario(frigate)
+        theirs = [(a, b) for a, b, _ in episodes_of(frigate_run.events)]
+        results["frigate"] = score(theirs, len(theirs), frames, labels, tol, non_events, frigate_run.detector_runs)
     return {
         "scenario": scenario.name,
         "description": scenario.description,
         "component": scenario.component,
-        "labels": len(scenario.intervals),
-        "media_s": round(duration, 2),
-        "stream_rt": {k: _round(v) for k, v in asdict(ours).items()},
-        "baseline_1hz": {k: _round(v) for k, v in asdict(baseline).items()},
+        "labels": len(labels),
+        "non_events": {kind: len(spans) for kind, spans in non_events.items()},
+        "media_s": round(ours_run.duration_s, 2),
+        **{name: _rounded(asdict(result)) for name, result in results.items()},
     }
 
 
+SYSTEMS = ("stream_rt", "1 call/s", "livekit", "frigate")
+
+
 def format_report(result: dict[str, Any]) -> str:
-    ours, base = result["stream_rt"], result["baseline_1hz"]
-    lines = [f"{result['scenario']}: {result['description']} ({result['labels']} labelled intervals, "
-             f"{result['media_s']} s)"]  # fmt: skip
-    lines.append(f"  {'':18} {'recall':>7} {'precision':>9} {'p95 onset':>10} {'calls':>6} {'calls/frame':>12}")
+    non_events = ", ".join(f"{n} {k}" for k, n in result.get("non_events", {}).items())
+    lines = [f"{result['scenario']}: {result['description']} ({result['labels']} labelled intervals"
+             f"{', non-events: ' + non_events if non_events else ''}; {result['media_s']} s)"]  # fmt: skip
+    lines.append(
+        f"  {'':18} {'recall':>7} {'precision':>9} {'false':>6} {'p95 onset':>10} {'calls':>6} {'calls/frame':>12} "
+        f"{'detector/frame':>15}"
+    )
     component = result.get("component")
-    for name, s in ((f"stream_rt[{component}]" if component else "stream_rt", ours), ("1 call/s", base)):
+    for name in SYSTEMS:
+        s = result.get(name)
+        if s is None:
+            continue
+        label = f"stream_rt[{component}]" if name == "stream_rt" and component else name
+        false = sum(s["false_episodes"].values())
         lines.append(
-            f"  {name:18} {s['recall']:7.3f} {s['precision']:9.3f} {s['latency_p95_s']:9.3f}s "
-            f"{s['calls']:6d} {s['call_share']:12.2%}"
+            f"  {label:18} {s['recall']:7.3f} {s['precision']:9.3f} {false:6d} {s['latency_p95_s']:9.3f}s "
+            f"{s['calls']:6d} {s['call_share']:12.2%} {s['detector_share']:15.2%}"
         )
     return "\n".join(lines)
+
+
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: _round(v) for k, v in record.items()}
 
 
 def _round(value: float | int) -> float | int:

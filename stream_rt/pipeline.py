@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig
+from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
 from stream_rt.memory.streaming import StreamingMemory
@@ -30,8 +30,11 @@ from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
+from stream_rt.operators.detectors import Detector, load_detector
+from stream_rt.operators.objects import DetectSettings, ObjectGate
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
+from stream_rt.operators.zones import SceneLayout
 from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.jsonl import JsonlSink
@@ -65,7 +68,7 @@ def build_source(cfg: SourceConfig) -> StatusSource:
     from ``$STREAM_RT_MQTT_USERNAME`` / ``$STREAM_RT_MQTT_PASSWORD``), or a
     :class:`SyntheticSource` for ``synthetic:`` URLs."""
     if cfg.url.startswith("synthetic:"):
-        return SyntheticSource.from_url(cfg.id, cfg.url, audio=cfg.audio)
+        return SyntheticSource.from_url(cfg.id, cfg.url, audio=cfg.decodes_audio)
     backoff = Backoff(cfg.reconnect.initial_s, cfg.reconnect.max_s, cfg.reconnect.jitter)
     topic = cfg.mqtt_topic
     if topic is not None:
@@ -87,7 +90,7 @@ def build_source(cfg: SourceConfig) -> StatusSource:
         cfg.id,
         cfg.url,
         video=cfg.video,
-        audio=cfg.audio,
+        audio=cfg.decodes_audio,
         live=cfg.live,
         format=cfg.format,
         options=dict(cfg.options),
@@ -120,7 +123,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     trigger = _build_gates(graph, config, sources, asks)
     mllm = None
     if config.mllm is not None and trigger is not None:
-        mllm = _build_mllm(config.mllm, asks)
+        questions = {s.id: s.question for s in config.sources if s.question}
+        mllm = _build_mllm(config.mllm, asks, questions)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
@@ -192,7 +196,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(cfg: MllmConfig, asks: AskLedger | None) -> MllmStage:
+def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str]) -> MllmStage:
     clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
     m = cfg.memory
     memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
@@ -200,7 +204,7 @@ def _build_mllm(cfg: MllmConfig, asks: AskLedger | None) -> MllmStage:
         "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
         max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
         reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
-        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, asks=asks,
+        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, asks=asks, questions=questions,
     )  # fmt: skip
 
 
@@ -233,35 +237,77 @@ def _build_gates(
     graph: Graph, config: Config, sources: list[StatusSource], asks: AskLedger | None
 ) -> TriggerPolicy | None:
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
-    with_video = [s for s in sources if s.has_video] if config.change.enabled else []
-    with_audio = [s for s in sources if s.has_audio] if config.audio.enabled else []
+    settings = {s.name: config.settings(s.name) for s in sources}
+    with_video = [s for s in sources if s.has_video and settings[s.name].change.enabled]
+    with_audio = [s for s in sources if s.has_audio and settings[s.name].audio.enabled]
     if not with_video and not with_audio:
         return None
     # The config sections mirror the constructors' keyword arguments one to one.
     fusion = SalienceFusion("salience", **config.salience.model_dump())
     graph.add(fusion)
+    trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     for source in sources:  # fusion waits only for what is wired, and hears when a source goes offline
+        own = settings[source.name]
         fusion.expect(source.name, video=source in with_video, audio=source in with_audio)
+        fusion.configure(source.name, **own.salience.model_dump())
+        trigger.configure(source.name, require_zones=tuple(own.require_zones), **own.trigger.model_dump())
         graph.connect(f"{source.name}.status", "salience.status")
     if with_video:
-        graph.add(ChangeDetector("change", **config.change.model_dump(exclude={"enabled"})))
+        change = ChangeDetector("change", **config.change.model_dump(exclude={"enabled"}))
+        graph.add(change)
         for source in with_video:
+            own = settings[source.name]
+            change.configure(source.name, scene_layout(own), **own.change.model_dump(exclude={"enabled"}))
             graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
-        graph.connect("change.changes", "salience.changes", capacity=8)
+        detecting = [s for s in with_video if settings[s.name].detect.enabled]
+        if detecting:
+            objects = _build_object_gate([settings[s.name] for s in detecting], lossless=video_ch.policy == "block")
+            for source in detecting:
+                own = settings[source.name]
+                d = own.detect
+                objects.configure(
+                    source.name, DetectSettings(d.model, d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s),
+                    scene_layout(own),
+                )  # fmt: skip
+            graph.add(objects)
+            graph.connect("change.changes", "objects.changes", capacity=8)
+            graph.connect("objects.changes", "salience.changes", capacity=8)
+        else:
+            graph.connect("change.changes", "salience.changes", capacity=8)
     if with_audio:
-        a = config.audio
-        vad = vad_available() if a.vad is None else a.vad
-        if not vad:
-            why = "[audio] vad = false" if a.vad is False else "the 'vad' extra is not installed"
-            log.info("speech detection is off (%s)", why)
-        graph.add(AudioAnalyzer("audio", vad=vad, **a.model_dump(exclude={"enabled", "vad"})))
+        vad_installed = vad_available()
+        vad = {s.name: vad_installed if (v := settings[s.name].audio.vad) is None else v for s in with_audio}
+        if not all(vad.values()):
+            why = "the 'vad' extra is not installed" if not vad_installed else "[audio] vad = false"
+            log.info("speech detection is off for %s (%s)", ", ".join(n for n, on in vad.items() if not on), why)
+        analyzer = AudioAnalyzer("audio", vad=False, **config.audio.model_dump(exclude={"enabled", "vad"}))
+        graph.add(analyzer)
         for source in with_audio:
+            analyzer.configure(source.name, vad=vad[source.name],
+                               **settings[source.name].audio.model_dump(exclude={"enabled", "vad"}))  # fmt: skip
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
-    trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     graph.add(trigger)
     graph.connect("salience.salience", "trigger.salience", capacity=64)
     return trigger
+
+
+def scene_layout(settings: SourceSettings) -> SceneLayout:
+    """A source's masks, zones and required zones."""
+    return SceneLayout(settings.masks, settings.zones, settings.require_zones)
+
+
+def _build_object_gate(detecting: list[SourceSettings], lossless: bool) -> ObjectGate:
+    """The object gate, with one detector per model the sources name (loaded when it starts)."""
+    options = {s.detect.model: s.detect for s in detecting}
+
+    def load(model: str) -> Detector:
+        d = options[model]
+        return load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
+
+    for model, d in options.items():  # fail at build time, in one line, when the detector cannot load
+        load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
+    return ObjectGate("objects", load, wait=lossless)
 
 
 def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_rt.evaluation import fixed_interval_baseline, score
+from stream_rt.evaluation import adaptive_calls, fixed_interval_calls, score
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -24,11 +24,16 @@ def test_score_counts_hits_misses_false_alarms_and_latency() -> None:
     assert result.call_share == pytest.approx(4 / 800)
 
 
-def test_fixed_interval_baseline_calls_every_second() -> None:
-    result = fixed_interval_baseline(79.5, 795, [(8.25, 14.7), (24.5, 24.9)])
-    assert result.calls == 80 and result.call_share == pytest.approx(80 / 795)
-    assert result.recall == 0.5  # a 0.4 s label between two whole seconds is never seen
-    assert result.latency_mean_s == pytest.approx(0.75)
+def test_the_baselines_are_scored_by_the_same_rules() -> None:
+    calls = fixed_interval_calls(79.5)
+    assert calls[:3] == [0.0, 1.0, 2.0] and len(calls) == 80
+    exact = score([(t, t) for t in calls], len(calls), 795, [(8.25, 14.7), (24.5, 24.9)], tol=0.0)
+    assert exact.recall == 0.5 and exact.latency_mean_s == pytest.approx(0.75)  # 24.5-24.9 falls between calls
+    tolerant = score([(t, t) for t in calls], len(calls), 795, [(8.25, 14.7), (24.5, 24.9)], tol=1.0,
+                     non_events={"light": [(40.0, 45.0)]})  # fmt: skip
+    assert tolerant.recall == 1.0 and tolerant.false_episodes == {"light": 6}
+    speech = [(t / 10, 0.9 if 10 <= t / 10 < 14 else 0.0) for t in range(300)]
+    assert adaptive_calls(30.0, speech)[:8] == pytest.approx([0.0, 10 / 3, 20 / 3, 10.0, 11.0, 12.0, 13.0, 14.0])
 
 
 def test_gates_meet_their_targets_on_the_real_scenarios(samples: Path) -> None:

@@ -340,13 +340,16 @@ class Graph:
     # ----------------------------------------------------------------- statistics
 
     def statistics(self) -> dict[str, Any]:
-        """Counters of every node and channel (processed, errors, restarts, drops by reason)
-        and the gauges of the nodes that have any."""
-        nodes = {}
+        """Counters of every node and channel (processed, errors, restarts, drops by reason),
+        each node's counters per source where it counts them so (``by_source``), and the
+        gauges of the nodes that have any."""
+        nodes, by_source = {}, {}
         for name, runner in self._runners.items():
             counters = dict(runner.stats)
             if runner.ctx is not None:
                 counters.update(runner.ctx.counters)
+                if runner.ctx.source_counters:
+                    by_source[name] = {source: dict(c) for source, c in runner.ctx.source_counters.items()}
             nodes[name] = counters
         edges = {}
         for channel in self._channels:
@@ -354,7 +357,7 @@ class Graph:
             edges[channel.name] = {**asdict(channel_stats), "dropped_total": channel_stats.dropped_total}
         now_ns = self.clock.now_ns()
         gauges = {name: levels for name, runner in self._runners.items() if (levels := runner.node.gauges(now_ns))}
-        return {"nodes": nodes, "edges": edges, "gauges": gauges}
+        return {"nodes": nodes, "by_source": by_source, "edges": edges, "gauges": gauges}
 
 
 async def _wait_then_cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:

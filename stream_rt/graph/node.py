@@ -88,6 +88,7 @@ class Context:
         self.port = ""
         self.stopping = stopping
         self.counters: Counter[str] = Counter()
+        self.source_counters: dict[str, Counter[str]] = {}
         self._outputs = outputs
         self._declared = declared
         self._allowed = {port: (*types, ControlPacket) for port, types in declared.items()}
@@ -109,9 +110,12 @@ class Context:
             else:
                 await channel.put(packet)
 
-    def count(self, name: str, n: int = 1) -> None:
-        """Add to one of this node's counters (shown in ``Graph.statistics()`` and metrics)."""
+    def count(self, name: str, n: int = 1, source: str | None = None) -> None:
+        """Add to one of this node's counters (shown in ``Graph.statistics()`` and metrics);
+        with ``source``, also to that source's share of it (metrics label it)."""
         self.counters[name] += n
+        if source is not None:
+            self.source_counters.setdefault(source, Counter())[name] += n
 
 
 class Node:
@@ -140,7 +144,8 @@ class Node:
         """Called once at the end (after the last packet), and before each restart."""
 
     def gauges(self, now_ns: int) -> dict[str, float]:
-        """Current levels worth exporting (frames per second, items held...); default none."""
+        """Current levels worth exporting (frames per second, items held...); default none.
+        A level of one source is named ``<gauge>/<source>`` (metrics label it)."""
         return {}
 
 

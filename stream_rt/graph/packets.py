@@ -100,13 +100,41 @@ Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
+class DetectedObject:
+    """An object the detector found and the tracker follows: its COCO ``label``, ``score``,
+    ``box`` (pixels), ``track_id`` (the same while the tracker follows it), the ``zones``
+    it stands in, and whether it is ``stationary`` (has not moved for a while: a parked
+    car, a person standing still)."""
+
+    label: str
+    score: float
+    box: Box
+    track_id: int
+    zones: tuple[str, ...] = ()
+    stationary: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "score": round(self.score, 3),
+            "box": list(self.box),
+            "track_id": self.track_id,
+            "zones": list(self.zones),
+            "stationary": self.stationary,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeMap(Packet):
     """Where a frame differs from the running background, per ``patch x patch`` patch.
 
     ``mad``: mean absolute luma difference per patch (0..255), shape ``(rows, cols)``;
     ``changed``: patches above the threshold; ``regions``: bounding boxes of connected
     changed patches, largest first; ``recalibrated``: the background was reset to this
-    frame (a global illumination change), so nothing counts as changed.
+    frame (a cut, or a change of most of the frame the light model could not follow), so
+    nothing counts as changed. ``zones``: the source's zones its regions (and objects)
+    touched; ``objects``: what the object gate saw (when it runs); ``busy``: the patches
+    that change most of the time and need more to count (leaves, water, screens).
     """
 
     patch: int
@@ -116,6 +144,9 @@ class ChangeMap(Packet):
     regions: tuple[Box, ...]
     recalibrated: bool
     frame: VideoFrame = field(repr=False, compare=False)
+    zones: tuple[str, ...] = ()
+    objects: tuple[DetectedObject, ...] = ()
+    busy: npt.NDArray[np.bool_] | None = field(default=None, repr=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -123,6 +154,8 @@ class ChangeMap(Packet):
             changed_fraction=round(self.changed_fraction, 5),
             regions=[list(box) for box in self.regions],
             recalibrated=self.recalibrated,
+            zones=list(self.zones),
+            objects=[o.to_record() for o in self.objects],
         )
         return record
 
@@ -159,13 +192,16 @@ class Salience(Packet):
 
     ``components`` holds each modality's own score (``visual``, ``speech``, ``onset``,
     ``loudness``), so an event can say why it fired. ``frame`` is the latest video frame
-    (for snapshots and requests), ``regions`` its changed regions.
+    (for snapshots and requests), ``regions`` its changed regions, ``zones`` the zones they
+    touched, ``objects`` the objects in view.
     """
 
     score: float
     components: dict[str, float]
     regions: tuple[Box, ...] = ()
     frame: VideoFrame | None = field(default=None, repr=False, compare=False)
+    zones: tuple[str, ...] = ()
+    objects: tuple[DetectedObject, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -173,6 +209,8 @@ class Salience(Packet):
             score=round(self.score, 4),
             components={k: round(v, 4) for k, v in self.components.items()},
             regions=[list(box) for box in self.regions],
+            zones=list(self.zones),
+            objects=[o.to_record() for o in self.objects],
         )
         return record
 
@@ -184,7 +222,8 @@ class Event(Packet):
     ``start_pts_ns``/``end_pts_ns`` bound the episode (``end_pts_ns`` only on ``end``).
     ``call_model``: the trigger policy would ask the MLLM about this event (budget allowing).
     An ``ask`` event carries a ``question`` someone asked about the source (the MQTT
-    ``ask`` command); it is outside any episode and always calls the model.
+    ``ask`` command); it is outside any episode and always calls the model. ``zones``: the
+    zones the activity touched; ``objects``: the objects in view (with the object gate).
     """
 
     type: Literal["new", "update", "end", "ask"]
@@ -200,6 +239,8 @@ class Event(Packet):
     question: str | None = None
     snapshot_jpeg: bytes | None = field(default=None, repr=False, compare=False)
     frame: VideoFrame | None = field(default=None, repr=False, compare=False)
+    zones: tuple[str, ...] = ()
+    objects: tuple[DetectedObject, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -216,6 +257,8 @@ class Event(Packet):
             reason=self.reason,
             question=self.question,
             snapshot_bytes=len(self.snapshot_jpeg) if self.snapshot_jpeg else 0,
+            zones=list(self.zones),
+            objects=[o.to_record() for o in self.objects],
         )
         return record
 

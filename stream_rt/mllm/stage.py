@@ -106,10 +106,13 @@ class MllmStage(Node):
         memory_snapshot: Path | None = None,
         snapshot_interval_s: float = 60.0,
         asks: AskLedger | None = None,
+        questions: dict[str, str] | None = None,
     ) -> None:
+        """``questions``: the question of each source that has its own (``question`` for the rest)."""
         super().__init__(name)
         self.backend = backend
         self.question = question
+        self.questions = dict(questions or {})
         self.timeout_s = timeout_s
         self.max_side = max_side
         self.crop_regions = crop_regions
@@ -179,7 +182,7 @@ class MllmStage(Node):
         if isinstance(packet, Event):
             if not packet.call_model:
                 return
-            taken = _bare_request(packet, self.question)
+            taken = _bare_request(packet, self.question_for(packet.source_id))
         else:
             assert isinstance(packet, MllmRequest)
             taken = packet
@@ -233,10 +236,15 @@ class MllmStage(Node):
             self._idle.clear()
             self._worker = asyncio.create_task(self._work(ctx), name=f"stream_rt:{self.name}:calls")
 
+    def question_for(self, source_id: str) -> str:
+        """The question asked about ``source_id``'s events (its own, else the stage's)."""
+        return self.questions.get(source_id, self.question)
+
     def _request_for(self, event: Event) -> MllmRequest:
+        question = self.question_for(event.source_id)
         if self.clip is not None and event.frame is not None:
-            return self.clip.request(event, self.question, self.max_side)
-        return build_request(event, self.question, max_side=self.max_side, crop_regions=self.crop_regions)
+            return self.clip.request(event, question, self.max_side)
+        return build_request(event, question, max_side=self.max_side, crop_regions=self.crop_regions)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests"):

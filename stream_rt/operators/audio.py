@@ -14,7 +14,9 @@ Chunks of any size are cut into 512-sample windows (32 ms at 16 kHz). For each w
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -27,8 +29,22 @@ NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
 WINDOW_NS = WINDOW * NS_PER_SAMPLE
 
 
+@dataclass(frozen=True)
+class AudioSettings:
+    vad: bool = True
+    vad_gate_db: float = 6.0
+    vad_min_dbfs: float = -55.0
+    onset_sigma: float = 3.0
+    floor_rise_db_per_s: float = 0.5
+
+    @property
+    def floor_rise_per_window(self) -> float:
+        return self.floor_rise_db_per_s * WINDOW / AUDIO_SAMPLE_RATE
+
+
 class _SourceState:
-    def __init__(self) -> None:
+    def __init__(self, settings: AudioSettings) -> None:
+        self.p = settings
         self.pending = np.zeros(0, np.float32)
         self.next_pts: int | None = None
         self.floor: float | None = None
@@ -54,15 +70,21 @@ class AudioAnalyzer(Node):
         floor_rise_db_per_s: float = 0.5,
     ) -> None:
         super().__init__(name)
-        self.use_vad = vad
-        self.vad_gate_db = vad_gate_db
-        self.vad_min_dbfs = vad_min_dbfs
-        self.onset_sigma = onset_sigma
-        self.floor_rise_per_window = floor_rise_db_per_s * WINDOW / AUDIO_SAMPLE_RATE
+        self.defaults = AudioSettings(vad, vad_gate_db, vad_min_dbfs, onset_sigma, floor_rise_db_per_s)
+        self._settings: dict[str, AudioSettings] = {}
         self._hann = np.hanning(WINDOW).astype(np.float32)
         self._sources: dict[str, _SourceState] = {}
         if vad:
             SileroVad()  # fail at build time, in one line, if the model cannot be loaded
+
+    def configure(self, source_id: str, **settings: float | bool) -> None:
+        """Give ``source_id`` settings of its own (the keys given; the rest are the defaults)."""
+        self._settings[source_id] = dataclasses.replace(self.defaults, **settings)  # type: ignore[arg-type]
+        if self._settings[source_id].vad:
+            SileroVad()
+
+    def settings(self, source_id: str) -> AudioSettings:
+        return self._settings.get(source_id, self.defaults)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, AudioChunk)
@@ -77,8 +99,8 @@ class AudioAnalyzer(Node):
     def analyse(self, chunk: AudioChunk, ctx: Context | None = None) -> list[AudioFeatures]:
         state = self._sources.get(chunk.source_id)
         if state is None:
-            state = self._sources[chunk.source_id] = _SourceState()
-            if self.use_vad:
+            state = self._sources[chunk.source_id] = _SourceState(self.settings(chunk.source_id))
+            if state.p.vad:
                 state.vad = SileroVad()
         next_pts = state.next_pts
         if next_pts is None or abs(chunk.pts_ns - (next_pts + len(state.pending) * NS_PER_SAMPLE)) > 50_000_000:
@@ -102,14 +124,14 @@ class AudioAnalyzer(Node):
         rms = float(np.sqrt(np.mean(window * window)))
         level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
         floor = state.floor
-        state.floor = level if floor is None or level < floor else min(level, floor + self.floor_rise_per_window)
+        state.floor = level if floor is None or level < floor else min(level, floor + state.p.floor_rise_per_window)
 
         spectrum = np.log1p(100 * np.abs(np.fft.rfft(window * self._hann))).astype(np.float32)
         onset = 0.0
         if state.prev_spectrum is not None:
             flux = float(np.maximum(spectrum - state.prev_spectrum, 0).mean())
             z = (flux - state.flux_mean) / math.sqrt(state.flux_var)
-            if z > self.onset_sigma and level > state.floor + self.vad_gate_db:
+            if z > state.p.onset_sigma and level > state.floor + state.p.vad_gate_db:
                 onset = z
             state.flux_mean += 0.05 * (flux - state.flux_mean)
             state.flux_var += 0.05 * ((flux - state.flux_mean) ** 2 - state.flux_var)
@@ -117,7 +139,7 @@ class AudioAnalyzer(Node):
         state.prev_spectrum = spectrum
 
         speech: float | None = None
-        sound = level >= self.vad_min_dbfs and level >= state.floor + self.vad_gate_db
+        sound = level >= state.p.vad_min_dbfs and level >= state.floor + state.p.vad_gate_db
         if state.vad is not None:
             if sound:
                 if state.quiet_windows > 15:  # ~0.5 s of quiet: start the model afresh

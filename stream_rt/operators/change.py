@@ -3,53 +3,112 @@
 For each frame, :func:`~stream_rt.operators.kernels.patch_mad` compares the Y plane with
 a background plane; a patch is *changed* when its mean absolute difference exceeds both
 ``threshold`` and ``noise_k`` times that patch's own noise level (a running average of
-its difference while unchanged, so busy texture, foliage or a codec's keyframe pulsing
-raise the bar only where they occur). Groups of at least ``min_region_patches``
-connected changed patches become regions. The background follows the scene slowly (1/16 of the difference every
-``background_every`` frames), so something that stops moving is absorbed within seconds
-and stops firing. When at least ``recalibrate_fraction`` of the patches change at once
-(lights switched, camera gain jump, a cut) the background is reset to the frame instead
-of reporting a change.
+its difference while unchanged, so sensor noise and a codec's keyframe pulsing raise the
+bar only where they occur). Groups of at least ``min_region_patches`` connected changed
+patches become regions. The background follows the scene slowly (1/16 of the difference
+every ``background_every`` frames), so something that stops moving is absorbed within
+seconds and stops firing.
 
-The kernels cost about 0.1 ms per 720p frame, so they run inline on the event loop;
-handing each frame to a thread would cost more than the work.
+What is not activity:
+
+- **Light** (``light``): before comparing, the background is mapped through the tone
+  curve that takes it to the frame (:mod:`stream_rt.operators.light`) once that curve
+  moves luma by more than ``light_tolerance``: brightness and contrast changes of the
+  whole frame, sudden or spread over seconds, are followed (``light_adjustments``) while
+  whatever moved meanwhile still differs. When at least ``recalibrate_fraction`` of the
+  patches still change (a cut, the camera moved) the background is reset to the frame.
+- **Busy patches** (``busy_share``): a patch that would change in at least that share of
+  the frames of the last ``busy_window_s`` of media time (leaves, water, rain, a screen)
+  is busy and changes only above ``busy_k`` times its usual difference, so a person
+  crossing it still counts (gauge ``busy_patches/<source>``). The share starts as a plain
+  average over the first frames, and a source's first ``CALIBRATION_FRAMES`` frames
+  report no change, so leaves in view at start-up are learned, not reported.
+- **Masks**: patches under a source's mask polygons never change.
+
+Each change map names the source's zones its regions touched; with ``require_zones`` the
+regions outside them are dropped (activity elsewhere is not activity).
+
+Every setting can differ per source (:meth:`ChangeDetector.configure`). The kernels cost
+about 0.1 ms per 720p frame, so they run inline on the event loop; handing each frame to
+a thread would cost more than the work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
+import numpy.typing as npt
 
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import Box, ChangeMap, EndOfStream, Packet, StreamEnded, VideoFrame
-from stream_rt.operators.kernels import blend_background, classify_patches, connected_boxes, patch_mad
+from stream_rt.operators.kernels import (
+    apply_lut,
+    blend_background,
+    classify_patches,
+    connected_boxes,
+    patch_mad,
+    patch_means,
+)
+from stream_rt.operators.light import tone_curve
+from stream_rt.operators.zones import SceneLayout
+
+CALIBRATION_FRAMES = 8
+"""A source's first frames only teach the noise and busy levels; they report no change."""
+
+
+@dataclass(frozen=True)
+class ChangeSettings:
+    patch: int = 16
+    threshold: float = 12.0
+    min_region_patches: int = 2
+    recalibrate_fraction: float = 0.6
+    background_every: int = 2
+    noise_k: float = 3.0
+    light: bool = True
+    light_tolerance: float = 3.0
+    busy_share: float = 0.4
+    busy_k: float = 2.0
+    busy_window_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.patch < 4 or self.threshold <= 0 or not 0 < self.recalibrate_fraction <= 1 or self.background_every < 1:
+            raise ValueError("change detector: need patch >= 4, threshold > 0, 0 < recalibrate_fraction <= 1")
+
+
+@dataclass
+class _State:
+    background: npt.NDArray[np.uint8]
+    frames_seen: int = 0  # since the background was last reset
+    frames_total: int = 0
+    noise: npt.NDArray[np.float32] | None = None
+    activity: npt.NDArray[np.float32] | None = None
+    level: npt.NDArray[np.float32] | None = None
+    last_pts: int | None = None
+    busy: int = 0
 
 
 class ChangeDetector(Node):
     inputs = {"video": (VideoFrame,)}
     outputs = {"changes": (ChangeMap,)}
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        patch: int = 16,
-        threshold: float = 12.0,
-        min_region_patches: int = 2,
-        recalibrate_fraction: float = 0.6,
-        background_every: int = 2,
-        noise_k: float = 3.0,
-    ) -> None:
+    def __init__(self, name: str, **settings: float | int | bool) -> None:
         super().__init__(name)
-        if patch < 4 or threshold <= 0 or not 0 < recalibrate_fraction <= 1 or background_every < 1:
-            raise ValueError("change detector: need patch >= 4, threshold > 0, 0 < recalibrate_fraction <= 1")
-        self.patch = patch
-        self.threshold = threshold
-        self.min_region_patches = min_region_patches
-        self.recalibrate_fraction = recalibrate_fraction
-        self.background_every = background_every
-        self.noise_k = noise_k
-        self._backgrounds: dict[str, tuple[np.ndarray, int]] = {}
-        self._noise: dict[str, np.ndarray] = {}
+        self.defaults = ChangeSettings(**settings)  # type: ignore[arg-type]
+        self._settings: dict[str, ChangeSettings] = {}
+        self._layouts: dict[str, SceneLayout] = {}
+        self._states: dict[str, _State] = {}
+
+    def configure(self, source_id: str, layout: SceneLayout | None = None, **settings: float | int | bool) -> None:
+        """Give ``source_id`` settings of its own (the keys given; the rest are the
+        defaults) and its masks and zones."""
+        self._settings[source_id] = dataclasses.replace(self.defaults, **settings)  # type: ignore[arg-type]
+        if layout is not None:
+            self._layouts[source_id] = layout
+
+    def settings(self, source_id: str) -> ChangeSettings:
+        return self._settings.get(source_id, self.defaults)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, VideoFrame)
@@ -57,53 +116,96 @@ class ChangeDetector(Node):
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, EndOfStream):  # one source's video ended: forget it, tell those after
-            self._backgrounds.pop(packet.source_id, None)
-            self._noise.pop(packet.source_id, None)
+            self._states.pop(packet.source_id, None)
             await ctx.emit("changes", StreamEnded(packet.source_id, -1, -1, packet.wall_ns, packet.reason))
+
+    def gauges(self, now_ns: int) -> dict[str, float]:
+        return {f"busy_patches/{source}": state.busy for source, state in self._states.items()}
 
     def detect(self, frame: VideoFrame, ctx: Context | None = None) -> ChangeMap:
         """The change map of ``frame`` against its source's background (updated here)."""
+        source = frame.source_id
+        p = self.settings(source)
         y = frame.y
-        state = self._backgrounds.get(frame.source_id)
-        if state is None or state[0].shape != y.shape:
+        state = self._states.get(source)
+        if state is None or state.background.shape != y.shape:
             # First frame of a source (or a new resolution): it becomes the background.
-            self._backgrounds[frame.source_id] = (np.ascontiguousarray(y).copy(), 0)
-            return self._empty(frame, recalibrated=True)
-        background, frames_seen = state
-        mad = patch_mad(y, background, self.patch)
-        noise = self._noise.get(frame.source_id)
-        if noise is None or noise.shape != mad.shape:
+            self._states[source] = _State(np.ascontiguousarray(y).copy(), last_pts=frame.pts_ns)
+            return self._empty(frame, p, recalibrated=True)
+        layout = self._layouts.get(source)
+        masked, zones = layout.grids(frame.width, frame.height, p.patch) if layout else (None, {})
+        background = state.background
+        if p.light:
+            table = tone_curve(
+                patch_means(background, p.patch), patch_means(y, p.patch), p.light_tolerance,
+                None if masked is None else ~masked,
+            )  # fmt: skip
+            if table is not None:
+                apply_lut(background, table)
+                self._count(ctx, "light_adjustments", source)
+        mad = patch_mad(y, background, p.patch)
+        if state.noise is None or state.noise.shape != mad.shape:
             # Start no higher than the plain threshold asks for: no blind spots at start-up.
-            noise = self._noise[frame.source_id] = np.minimum(mad, self.threshold / max(self.noise_k, 1e-6))
-        changed, changed_patches = classify_patches(mad, noise, self.threshold, self.noise_k)
-        fraction = changed_patches / changed.size
-        if fraction >= self.recalibrate_fraction:
+            state.noise = np.minimum(mad, p.threshold / max(p.noise_k, 1e-6))
+            state.activity = np.zeros_like(mad)
+            state.level = mad.copy()
+        assert state.activity is not None and state.level is not None
+        dt_s = max(0.0, (frame.pts_ns - (state.last_pts or frame.pts_ns)) / 1e9)
+        state.last_pts = frame.pts_ns
+        state.frames_seen += 1
+        state.frames_total += 1
+        busy_rate = min(1.0, max(dt_s / p.busy_window_s, 1.0 / state.frames_total))
+        changed, changed_patches, state.busy = classify_patches(
+            mad, state.noise, p.threshold, p.noise_k, activity=state.activity, level=state.level, ignored=masked,
+            busy_share=p.busy_share, busy_k=p.busy_k, busy_rate=busy_rate,
+        )  # fmt: skip
+        usable = changed.size - (int(masked.sum()) if masked is not None else 0)
+        fraction = changed_patches / max(1, usable)
+        if fraction >= p.recalibrate_fraction:
             background[:] = y
-            self._backgrounds[frame.source_id] = (background, 0)
-            if ctx is not None:
-                ctx.count("recalibrations")
-            return self._empty(frame, recalibrated=True, mad=mad)
-        frames_seen += 1
-        if frames_seen % self.background_every == 0:
+            state.frames_seen = 0
+            self._count(ctx, "recalibrations", source)
+            return self._empty(frame, p, recalibrated=True, mad=mad)
+        if state.frames_seen % p.background_every == 0:
             blend_background(background, y)
-        self._backgrounds[frame.source_id] = (background, frames_seen)
-        regions = self._regions(changed) if changed_patches else ()
+        if state.frames_total < CALIBRATION_FRAMES:
+            changed[:] = False
+            changed_patches = 0
+        regions = self._regions(changed, p) if changed_patches else ()
+        touched: list[str] = []
+        if regions and zones:
+            assert layout is not None
+            kept = []
+            for region in regions:
+                named = layout.region_zones(changed, region, p.patch, zones)
+                if not layout.require_zones or set(named) & set(layout.require_zones):
+                    kept.append(region)
+                    touched += [z for z in named if z not in touched]
+            regions = tuple(kept)
+        busy = state.activity >= p.busy_share if p.busy_share > 0 and state.busy else None
         return ChangeMap(
-            frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, self.patch,
-            mad, changed, fraction, regions, False, frame,
+            source, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
+            mad, changed, fraction, regions, False, frame, tuple(touched), (), busy,
         )  # fmt: skip
 
-    def _regions(self, changed: np.ndarray) -> tuple[Box, ...]:
-        p = self.patch
-        boxes = [b for b in connected_boxes(changed).tolist() if b[4] >= self.min_region_patches]
-        boxes.sort(key=lambda b: -b[4])
-        return tuple((b[0] * p, b[1] * p, b[2] * p, b[3] * p) for b in boxes)
+    @staticmethod
+    def _count(ctx: Context | None, name: str, source: str) -> None:
+        if ctx is not None:
+            ctx.count(name, source=source)
 
-    def _empty(self, frame: VideoFrame, recalibrated: bool, mad: np.ndarray | None = None) -> ChangeMap:
-        shape = (frame.height // self.patch, frame.width // self.patch)
+    def _regions(self, changed: npt.NDArray[np.bool_], p: ChangeSettings) -> tuple[Box, ...]:
+        size = p.patch
+        boxes = [b for b in connected_boxes(changed).tolist() if b[4] >= p.min_region_patches]
+        boxes.sort(key=lambda b: -b[4])
+        return tuple((b[0] * size, b[1] * size, b[2] * size, b[3] * size) for b in boxes)
+
+    def _empty(
+        self, frame: VideoFrame, p: ChangeSettings, recalibrated: bool, mad: npt.NDArray[np.float32] | None = None
+    ) -> ChangeMap:
+        shape = (frame.height // p.patch, frame.width // p.patch)
         if mad is None:
             mad = np.zeros(shape, np.float32)
         return ChangeMap(
-            frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, self.patch,
+            frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
             mad, np.zeros(shape, np.bool_), 0.0, (), recalibrated, frame,
         )  # fmt: skip

@@ -211,27 +211,113 @@ def connected_boxes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
 
 @njit(nogil=True, cache=True)
 def _classify(
-    mad: F32, noise: F32, threshold: float, noise_k: float, rate: float, changed: npt.NDArray[np.bool_]
-) -> int:
+    mad: F32,
+    noise: F32,
+    activity: F32,
+    level: F32,
+    ignored: npt.NDArray[np.bool_],
+    threshold: float,
+    noise_k: float,
+    rate: float,
+    busy_share: float,
+    busy_k: float,
+    busy_rate: float,
+    changed: npt.NDArray[np.bool_],
+) -> tuple[int, int]:
     count = 0
+    busy = 0
     for r in range(mad.shape[0]):
         for c in range(mad.shape[1]):
             m = mad[r, c]
+            if ignored[r, c]:
+                changed[r, c] = False
+                continue
             hit = m > threshold and m > noise_k * noise[r, c]
-            changed[r, c] = hit
-            if hit:
+            is_busy = busy_share > 0 and activity[r, c] >= busy_share
+            if is_busy:
+                busy += 1
+            changed[r, c] = hit and not (is_busy and m <= busy_k * level[r, c])
+            if changed[r, c]:
                 count += 1
-            else:
+            if not hit:
                 noise[r, c] += rate * (m - noise[r, c])
-    return count
+            activity[r, c] += busy_rate * ((1.0 if hit else 0.0) - activity[r, c])
+            level[r, c] += busy_rate * (m - level[r, c])
+    return count, busy
 
 
 def classify_patches(
-    mad: F32, noise: F32, threshold: float, noise_k: float, rate: float = 0.05
-) -> tuple[npt.NDArray[np.bool_], int]:
+    mad: F32,
+    noise: F32,
+    threshold: float,
+    noise_k: float,
+    rate: float = 0.05,
+    *,
+    activity: F32 | None = None,
+    level: F32 | None = None,
+    ignored: npt.NDArray[np.bool_] | None = None,
+    busy_share: float = 0.0,
+    busy_k: float = 2.0,
+    busy_rate: float = 0.0,
+) -> tuple[npt.NDArray[np.bool_], int, int]:
     """Mark the patches whose difference exceeds both ``threshold`` and ``noise_k`` times
     their noise level; move the noise level of every other patch ``rate`` of the way
-    towards its difference (in place). Returns the mask and how many patches changed."""
+    towards its difference (in place). ``ignored`` patches (masks) never change.
+
+    Busy patches: ``activity`` (the share of recent frames a patch would have changed in)
+    and ``level`` (its usual difference) move ``busy_rate`` of the way towards this
+    frame's, in place; a patch whose activity is at least ``busy_share`` (0: never) is
+    busy, and changes only above ``busy_k`` times its level. Returns the mask, how many
+    patches changed, and how many are busy."""
     changed = np.empty(mad.shape, np.bool_)
-    count = _classify(mad, noise, float(threshold), float(noise_k), float(rate), changed)
-    return changed, int(count)
+    activity = np.zeros(mad.shape, np.float32) if activity is None else activity
+    level = np.zeros(mad.shape, np.float32) if level is None else level
+    ignored = np.zeros(mad.shape, np.bool_) if ignored is None else ignored
+    count, busy = _classify(
+        mad, noise, activity, level, ignored, float(threshold), float(noise_k), float(rate),
+        float(busy_share), float(busy_k), float(busy_rate), changed,
+    )  # fmt: skip
+    return changed, int(count), int(busy)
+
+
+@njit(nogil=True, cache=True)
+def _patch_means(plane: U8, patch: int, out: F32) -> None:
+    rows, cols = out.shape
+    width = cols * patch
+    acc = np.zeros(width, np.uint32)
+    area = np.float32(patch * patch)
+    for py in range(rows):
+        acc[:] = 0
+        for y in range(py * patch, (py + 1) * patch):
+            row = plane[y]
+            for x in range(width):
+                acc[x] += row[x]
+        for px in range(cols):
+            total = np.uint32(0)
+            for x in range(px * patch, (px + 1) * patch):
+                total += acc[x]
+            out[py, px] = np.float32(total) / area
+
+
+def patch_means(plane: U8, patch: int = 16) -> F32:
+    """The mean luma of each patch (0..255)."""
+    _check(plane, plane, patch)
+    out = np.empty((plane.shape[0] // patch, plane.shape[1] // patch), np.float32)
+    _patch_means(plane, patch, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _apply_lut(plane: U8, lut: U8) -> None:
+    for y in range(plane.shape[0]):
+        row = plane[y]
+        for x in range(plane.shape[1]):
+            row[x] = lut[row[x]]
+
+
+def apply_lut(plane: U8, lut: U8) -> None:
+    """Map every pixel of ``plane`` through the 256-entry ``lut``, in place."""
+    if lut.shape != (256,) or lut.dtype != np.uint8:
+        raise ValueError("apply_lut needs a uint8 table of 256 entries")
+    _check(plane, plane, 1)
+    _apply_lut(plane, lut)

@@ -47,15 +47,17 @@ steps, so the trigger can close it while other sources go on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import (
     AudioFeatures,
     Box,
     ChangeMap,
+    DetectedObject,
     EndOfStream,
     Packet,
     Salience,
@@ -82,6 +84,7 @@ class _Modality:
 @dataclass
 class _Source:
     source_id: str
+    p: SalienceSettings
     video: _Modality = field(default_factory=_Modality)
     audio: _Modality = field(default_factory=_Modality)
     streams: tuple[str, ...] | None = None  # what the source says it delivers, if it said
@@ -92,11 +95,31 @@ class _Source:
     frame: VideoFrame | None = field(default=None, repr=False)  # the last frame fused
     late_visual: float = 0.0  # of change maps that arrived for time already covered
     late_regions: tuple[Box, ...] = ()
+    late_zones: tuple[str, ...] = ()
+    objects: tuple[DetectedObject, ...] = ()  # of the last change map
     end_reason: str = ""  # why its streams ended, once one has
     closed: bool = False  # its StreamEnded was passed on
 
     def modality(self, kind: Kind) -> _Modality:
         return self.video if kind == "video" else self.audio
+
+
+@dataclass(frozen=True)
+class SalienceSettings:
+    visual_full: float = 0.02
+    onset_full: float = 8.0
+    loudness_full_db: float = 30.0
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    audio_step_s: float = 0.1
+    max_lateness_s: float = 1.0
+
+    @property
+    def max_lateness_ns(self) -> int:
+        return int(self.max_lateness_s * 1e9)
+
+    @property
+    def audio_step_ns(self) -> int:
+        return int(self.audio_step_s * 1e9)
 
 
 class SalienceFusion(Node):
@@ -115,14 +138,21 @@ class SalienceFusion(Node):
         max_lateness_s: float = 1.0,
     ) -> None:
         super().__init__(name)
-        self.visual_full = visual_full
-        self.onset_full = onset_full
-        self.loudness_full_db = loudness_full_db
-        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
-        self.audio_step_ns = int(audio_step_s * 1e9)
-        self.max_lateness_ns = int(max_lateness_s * 1e9)
+        self.defaults = SalienceSettings(
+            visual_full, onset_full, loudness_full_db, {**DEFAULT_WEIGHTS, **(weights or {})}, audio_step_s,
+            max_lateness_s,
+        )  # fmt: skip
         self._sources: dict[str, _Source] = {}
         self._ended: set[str] = set()  # input ports whose every stream has ended
+
+    def configure(self, source_id: str, **settings: Any) -> None:
+        """Give ``source_id`` settings of its own (the keys given; the rest are the defaults)."""
+        if "weights" in settings:
+            settings["weights"] = {**DEFAULT_WEIGHTS, **(settings["weights"] or {})}
+        self._of(source_id).p = dataclasses.replace(self.defaults, **settings)
+
+    def settings(self, source_id: str) -> SalienceSettings:
+        return self._of(source_id).p
 
     def expect(self, source_id: str, *, video: bool, audio: bool) -> None:
         """Say which modalities are wired for ``source_id`` (the pipeline does): one that is
@@ -133,7 +163,7 @@ class SalienceFusion(Node):
     def _of(self, source_id: str) -> _Source:
         state = self._sources.get(source_id)
         if state is None:
-            state = self._sources[source_id] = _Source(source_id)
+            state = self._sources[source_id] = _Source(source_id, self.defaults)
         return state
 
     async def process(self, packet: Packet, ctx: Context) -> None:
@@ -145,8 +175,10 @@ class SalienceFusion(Node):
             self._arrived(state, "video", packet.pts_ns, now)
             if state.emitted_ns is not None and packet.pts_ns <= state.emitted_ns:
                 ctx.count("late_video")  # its time was covered by audio steps: it joins the next step
-                state.late_visual = max(state.late_visual, self._visual(packet))
+                state.late_visual = max(state.late_visual, self._visual(state, packet))
                 state.late_regions = packet.regions or state.late_regions
+                state.late_zones = tuple(dict.fromkeys(state.late_zones + packet.zones))
+                state.objects = packet.objects
                 state.frame = packet.frame
             else:
                 state.steps.append(packet)
@@ -211,7 +243,7 @@ class SalienceFusion(Node):
         if m.stalled:
             return False
         since = m.arrived_ns if m.arrived_ns is not None else state.started_ns
-        if since is not None and ctx.clock.now_ns() - since >= self.max_lateness_ns:
+        if since is not None and ctx.clock.now_ns() - since >= state.p.max_lateness_ns:
             m.stalled = True
             ctx.count(f"stalled_{kind}")
             return False
@@ -224,7 +256,7 @@ class SalienceFusion(Node):
             passed = state.audio.reached_ns is not None and state.audio.reached_ns >= t
             if not (flush or passed) and self._waits_for(state, "audio", ctx):
                 assert state.video.reached_ns is not None
-                if state.video.reached_ns - t < self.max_lateness_ns:
+                if state.video.reached_ns - t < state.p.max_lateness_ns:
                     return
                 ctx.count("late_steps")
             step = state.steps.popleft()
@@ -234,10 +266,10 @@ class SalienceFusion(Node):
             if not flush and self._waits_for(state, "video", ctx):
                 reached = state.video.reached_ns if state.video.reached_ns is not None else state.sound[0].pts_ns
                 assert state.audio.reached_ns is not None
-                if state.audio.reached_ns - reached < self.max_lateness_ns:
+                if state.audio.reached_ns - reached < state.p.max_lateness_ns:
                     return
             start = state.sound[0].pts_ns
-            closing = next((a for a in state.sound if a.pts_ns + WINDOW_NS - start >= self.audio_step_ns), None)
+            closing = next((a for a in state.sound if a.pts_ns + WINDOW_NS - start >= state.p.audio_step_ns), None)
             if closing is None:
                 if not flush:
                     return
@@ -251,32 +283,38 @@ class SalienceFusion(Node):
             taken.append(state.sound.popleft())
         return taken
 
-    def _visual(self, changes: ChangeMap) -> float:
+    @staticmethod
+    def _visual(state: _Source, changes: ChangeMap) -> float:
         area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in changes.regions)
-        return min(1.0, area / (changes.frame.width * changes.frame.height) / self.visual_full)
+        return min(1.0, area / (changes.frame.width * changes.frame.height) / state.p.visual_full)
 
     async def _emit(
         self, state: _Source, step: ChangeMap | None, audio: list[AudioFeatures], ctx: Context, at_ns: int = 0
     ) -> None:
         """One step: a change map with the audio before it, or (``step`` None) audio alone,
         stamped ``at_ns``."""
-        visual, regions = state.late_visual, state.late_regions
+        p = state.p
+        visual, regions, zones = state.late_visual, state.late_regions, state.late_zones
         if step is not None:
-            visual, regions = max(visual, self._visual(step)), step.regions or regions
-            state.frame, at_ns = step.frame, step.pts_ns
-        state.late_visual, state.late_regions = 0.0, ()
+            visual, regions = max(visual, self._visual(state, step)), step.regions or regions
+            zones = tuple(dict.fromkeys(zones + step.zones))
+            state.frame, state.objects, at_ns = step.frame, step.objects, step.pts_ns
+        state.late_visual, state.late_regions, state.late_zones = 0.0, (), ()
         components = {
             "visual": visual,
             "speech": max((a.speech for a in audio if a.speech is not None), default=0.0),
-            "onset": max((min(1.0, a.onset / self.onset_full) for a in audio), default=0.0),
+            "onset": max((min(1.0, a.onset / p.onset_full) for a in audio), default=0.0),
             "loudness": max(
-                (min(1.0, max(0.0, (a.level_dbfs - a.floor_dbfs) / self.loudness_full_db)) for a in audio),
+                (min(1.0, max(0.0, (a.level_dbfs - a.floor_dbfs) / p.loudness_full_db)) for a in audio),
                 default=0.0,
             ),
         }
-        score = min(1.0, max(self.weights[name] * value for name, value in components.items()))
+        score = min(1.0, max(p.weights[name] * value for name, value in components.items()))
         pts = at_ns if state.emitted_ns is None else max(at_ns, state.emitted_ns + 1)
         state.emitted_ns = pts
         source = step if step is not None else audio[-1]
-        salience = Salience(source.source_id, source.seq, pts, source.wall_ns, score, components, regions, state.frame)
+        salience = Salience(
+            source.source_id, source.seq, pts, source.wall_ns, score, components, regions, state.frame, zones,
+            state.objects,
+        )  # fmt: skip
         await ctx.emit("salience", salience)

@@ -7,9 +7,11 @@
   for longer than the grace time. Anything with a ``health(now_ns, grace_ns)`` method
   (returning ``None`` or a one-line problem) can be checked.
 - ``/metrics``: Prometheus text format: every counter of every node
-  (``stream_rt_node_total{node,counter}``), each channel's depth and drops by reason,
-  each source's state (``stream_rt_source_online``) and every node's gauges
-  (``stream_rt_node_gauge{node,gauge}``, e.g. a source's ``fps`` over the last 5 s).
+  (``stream_rt_node_total{node,counter}``; a counter a node keeps per source, such as the
+  trigger's events or change detection's light adjustments, once per source with a
+  ``source`` label), each channel's depth and drops by reason, each source's state
+  (``stream_rt_source_online``) and every node's gauges (``stream_rt_node_gauge{node,gauge}``,
+  e.g. a source's ``fps`` over the last 5 s; per source with ``source``).
 
 A tiny asyncio server: the runtime needs two read-only endpoints, not a web framework.
 """
@@ -69,13 +71,10 @@ class OpsServer:
 
     def metrics(self) -> str:
         stats = self.statistics()
+        by_source = stats.get("by_source", {})
         lines = [
             "# TYPE stream_rt_node_total counter",
-            *(
-                f'stream_rt_node_total{{node="{node}",counter="{name}"}} {value}'
-                for node, counters in stats["nodes"].items()
-                for name, value in counters.items()
-            ),
+            *(_node_totals(node, counters, by_source.get(node, {})) for node, counters in stats["nodes"].items()),
             "# TYPE stream_rt_channel_depth gauge",
             *(f'stream_rt_channel_depth{{edge="{edge}"}} {e["depth"]}' for edge, e in stats["edges"].items()),
             "# TYPE stream_rt_channel_dropped_total counter",
@@ -88,12 +87,12 @@ class OpsServer:
             *(f'stream_rt_source_online{{source="{s.name}"}} {int(s.state == "online")}' for s in self.sources),
             "# TYPE stream_rt_node_gauge gauge",
             *(
-                f'stream_rt_node_gauge{{node="{node}",gauge="{name}"}} {value}'
+                f'stream_rt_node_gauge{{node="{node}",{_gauge_labels(name)}}} {value}'
                 for node, levels in stats["gauges"].items()
                 for name, value in levels.items()
             ),
         ]
-        return "\n".join(lines) + "\n"
+        return "\n".join(line for line in lines if line) + "\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -120,3 +119,20 @@ class OpsServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+def _node_totals(node: str, counters: dict[str, int], by_source: dict[str, dict[str, int]]) -> str:
+    """A node's counters: those it counts per source once per source, the others once."""
+    split = {name for counts in by_source.values() for name in counts}
+    lines = [f'stream_rt_node_total{{node="{node}",counter="{n}"}} {v}' for n, v in counters.items() if n not in split]
+    lines += [
+        f'stream_rt_node_total{{node="{node}",counter="{n}",source="{source}"}} {v}'
+        for source, counts in by_source.items()
+        for n, v in counts.items()
+    ]
+    return "\n".join(lines)
+
+
+def _gauge_labels(name: str) -> str:
+    gauge, _, source = name.partition("/")
+    return f'gauge="{gauge}",source="{source}"' if source else f'gauge="{gauge}"'

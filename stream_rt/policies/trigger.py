@@ -16,8 +16,12 @@ Per source, on media time (so replays behave exactly like live runs):
 The budget: ``new`` and ``update`` events would call the model (``call_model``) unless
 less than ``cooldown_s`` passed since the last call or the last minute already had
 ``max_calls_per_min`` calls. Every opportunity that is skipped is counted by reason
-(``confirming``, ``below_on``, ``cooldown``, ``rate_limit``). With ``snapshot``, new,
-update and ask events carry a JPEG of their frame.
+(``confirming``, ``below_on``, ``cooldown``, ``rate_limit``), per source. With
+``snapshot``, new, update and ask events carry a JPEG of their frame. With
+``require_zones``, only a step whose activity touched one of those zones opens an
+episode (``outside_zones``): a sound alone, or motion elsewhere, opens none. Events carry
+the zones and objects of their step. Every setting can differ per source
+(:meth:`TriggerPolicy.configure`).
 
 Episodes follow the source's life: a :class:`~stream_rt.graph.packets.SourceStatus`
 ``offline`` ends its open episode (reason ``source_offline``) and nothing opens until it
@@ -62,6 +66,28 @@ from stream_rt.policies.asks import AskLedger, AskRefused
 log = logging.getLogger("stream_rt.trigger")
 
 
+@dataclass(frozen=True)
+class TriggerSettings:
+    on: float = 0.5
+    off: float = 0.3
+    confirm_s: float = 0.1
+    cutoff_s: float = 3.0
+    update_interval_s: float = 10.0
+    max_episode_s: float = 600.0
+    cooldown_s: float = 2.0
+    max_calls_per_min: float = 6.0
+    snapshot: bool = False
+    ask_wait_s: float = 2.0
+    require_zones: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.off <= self.on <= 1:
+            raise ValueError(f"trigger thresholds need 0 <= off <= on <= 1, got on={self.on}, off={self.off}")
+
+    def ns(self, seconds: float) -> int:
+        return int(seconds * 1e9)
+
+
 @dataclass
 class _Episode:
     event_id: str
@@ -73,6 +99,8 @@ class _Episode:
 
 @dataclass
 class _SourceState:
+    source_id: str
+    p: TriggerSettings
     above_since_ns: int | None = None
     episode: _Episode | None = None
     calls: deque[int] = field(default_factory=deque)
@@ -114,17 +142,10 @@ class TriggerPolicy(Node):
         asks: AskLedger | None = None,
     ) -> None:
         super().__init__(name)
-        if not 0 <= off <= on <= 1:
-            raise ValueError(f"trigger thresholds need 0 <= off <= on <= 1, got on={on}, off={off}")
-        self.on, self.off = on, off
-        self.confirm_ns = int(confirm_s * 1e9)
-        self.cutoff_ns = int(cutoff_s * 1e9)
-        self.update_ns = int(update_interval_s * 1e9)
-        self.max_episode_ns = int(max_episode_s * 1e9)
-        self.cooldown_ns = int(cooldown_s * 1e9)
-        self.max_calls_per_min = max_calls_per_min
-        self.snapshot = snapshot
-        self.ask_wait_ns = int(ask_wait_s * 1e9)
+        self.defaults = TriggerSettings(
+            on, off, confirm_s, cutoff_s, update_interval_s, max_episode_s, cooldown_s, max_calls_per_min, snapshot,
+            ask_wait_s,
+        )  # fmt: skip
         self.asks = asks
         self._states: dict[str, _SourceState] = {}
         self._seq = SequenceNumbers()
@@ -132,6 +153,22 @@ class TriggerPolicy(Node):
         self._clock: Clock | None = None
         self._waiting: asyncio.Task[None] | None = None
         self._sending = asyncio.Lock()
+
+    def configure(self, source_id: str, require_zones: tuple[str, ...] = (), **settings: float | bool) -> None:
+        """Give ``source_id`` settings of its own (the keys given; the rest are the
+        defaults); with ``require_zones``, only steps whose activity touched one of them
+        open its episodes."""
+        p = dataclasses.replace(self.defaults, require_zones=tuple(require_zones), **settings)  # type: ignore[arg-type]
+        self._state(source_id).p = p
+
+    def settings(self, source_id: str) -> TriggerSettings:
+        return self._state(source_id).p
+
+    def _state(self, source_id: str) -> _SourceState:
+        state = self._states.get(source_id)
+        if state is None:
+            state = self._states[source_id] = _SourceState(source_id, self.defaults)
+        return state
 
     async def start(self, ctx: Context) -> None:
         self._clock = ctx.clock
@@ -150,7 +187,8 @@ class TriggerPolicy(Node):
         """A question whose source sends no step within ``ask_wait_s`` (a camera that is up
         but sends nothing, a source with no gate) is asked about its last frame anyway."""
         while True:
-            await ctx.clock.sleep(max(0.05, self.ask_wait_ns / 4e9))
+            shortest = min((st.p.ask_wait_s for st in list(self._states.values())), default=self.defaults.ask_wait_s)
+            await ctx.clock.sleep(max(0.05, shortest / 4))
             try:
                 await self._send(lambda: self._overdue(ctx), ctx)
             except Exception as exc:  # never let the deadlines stop: acknowledged questions depend on them
@@ -164,29 +202,29 @@ class TriggerPolicy(Node):
                 if question.asked_ns is None:
                     question.asked_ns = now
             asked = state.questions[0].asked_ns if state.questions else None
-            if asked is not None and now - asked >= self.ask_wait_ns:
-                ctx.count("asks_without_step")
+            if asked is not None and now - asked >= state.p.ns(state.p.ask_wait_s):
+                ctx.count("asks_without_step", source=source_id)
                 events += self._questions(source_id, state, state.last, ctx)
         return events
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         assert isinstance(packet, Salience)
-        state = self._states.setdefault(packet.source_id, _SourceState())
+        state = self._state(packet.source_id)
         if not state.online:
-            ctx.count("skip_offline")  # a step decoded before the outage, arriving after it
+            ctx.count("skip_offline", source=packet.source_id)  # a step decoded before the outage, arriving after it
             return
         await self._send(lambda: self.step(packet, ctx), ctx)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, SourceStatus):
-            state = self._states.setdefault(packet.source_id, _SourceState())
+            state = self._state(packet.source_id)
             if packet.state == "online":
                 state.online = True
                 return
             state.online = False
             await self._send(lambda: self._close(packet.source_id, state, "source_offline", ctx), ctx)
         elif isinstance(packet, StreamEnded):  # this source ended; others may go on
-            state = self._states.setdefault(packet.source_id, _SourceState())
+            state = self._state(packet.source_id)
             state.ended = True
             await self._send(lambda: self._close(packet.source_id, state, "end_of_stream", ctx), ctx)
         elif isinstance(packet, EndOfStream):
@@ -202,10 +240,10 @@ class TriggerPolicy(Node):
         one at a time, so events leave in the order they were made."""
         async with self._sending:
             for event in make():
-                if self.snapshot and event.type != "end" and event.frame is not None:
+                if self._state(event.source_id).p.snapshot and event.type != "end" and event.frame is not None:
                     jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
                     event = dataclasses.replace(event, snapshot_jpeg=jpeg)
-                ctx.count(f"events_{event.type}")
+                ctx.count(f"events_{event.type}", source=event.source_id)
                 await ctx.emit("events", event)
 
     def _close(self, source_id: str, state: _SourceState, reason: str, ctx: Context) -> list[Event]:
@@ -219,13 +257,13 @@ class TriggerPolicy(Node):
 
     def set_enabled(self, source_id: str, enabled: bool) -> None:
         """Let a source open episodes, or not (its open episode ends at its next step)."""
-        self._states.setdefault(source_id, _SourceState()).enabled = enabled
+        self._state(source_id).enabled = enabled
 
     def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None:
         """Override a source's on/off thresholds (``None`` keeps the current one)."""
-        state = self._states.setdefault(source_id, _SourceState())
-        new_on = on if on is not None else (state.on if state.on is not None else self.on)
-        new_off = off if off is not None else (state.off if state.off is not None else self.off)
+        state = self._state(source_id)
+        new_on = on if on is not None else (state.on if state.on is not None else state.p.on)
+        new_off = off if off is not None else (state.off if state.off is not None else state.p.off)
         if not 0 <= new_off <= new_on <= 1:
             raise ValueError(f"thresholds need 0 <= off <= on <= 1, got on={new_on}, off={new_off}")
         state.on, state.off = new_on, new_off
@@ -237,7 +275,7 @@ class TriggerPolicy(Node):
         too many questions still open)."""
         if self.asks is None:
             raise AskRefused("no model is configured to answer questions ([mllm] is missing)")
-        state = self._states.setdefault(source_id, _SourceState())
+        state = self._state(source_id)
         if state.ended or self._ended:
             raise AskRefused(f"source '{source_id}' has ended: nothing to look at")
         if not state.online:
@@ -262,77 +300,82 @@ class TriggerPolicy(Node):
         events = []
         while state.questions:
             q = state.questions.popleft()
-            ctx.count("asks")
+            ctx.count("asks", source=source_id)
             events.append(
                 Event(
                     source_id, self._seq.next(source_id, s.wall_ns), s.pts_ns, s.wall_ns, "ask", q.event_id,
                     s.pts_ns, None, s.score, s.score, dict(s.components), s.regions, True, "ask", q.question, None,
-                    s.frame,
+                    s.frame, s.zones, s.objects,
                 )
             )  # fmt: skip
         return events
 
     def step(self, s: Salience, ctx: Context) -> list[Event]:
         """The events that salience ``s`` causes (often none)."""
-        state = self._states.setdefault(s.source_id, _SourceState())
+        state = self._state(s.source_id)
         state.last = s
         now = s.pts_ns
         events = self._questions(s.source_id, state, s, ctx)
         episode = state.episode
-        on = self.on if state.on is None else state.on
-        off = self.off if state.off is None else state.off
+        p = state.p
+        on = p.on if state.on is None else state.on
+        off = p.off if state.off is None else state.off
         if not state.enabled:
-            ctx.count("skip_disabled")
+            ctx.count("skip_disabled", source=s.source_id)
             if episode is not None:
                 events.append(self._end(state, s, "disabled"))
             return events
         if episode is not None:
             episode.peak = max(episode.peak, s.score)
-            if now - episode.start_ns >= self.max_episode_ns:
+            if now - episode.start_ns >= p.ns(p.max_episode_s):
                 events.append(self._end(state, s, "max_duration"))
                 episode = None
             elif s.score < off:
                 if episode.below_since_ns is None:
                     episode.below_since_ns = now
-                if now - episode.below_since_ns >= self.cutoff_ns:
+                if now - episode.below_since_ns >= p.ns(p.cutoff_s):
                     events.append(self._end(state, s, "quiet"))
                     return events
             else:
                 episode.below_since_ns = None
         if episode is None:
+            if p.require_zones and s.score >= on and not set(s.zones) & set(p.require_zones):
+                ctx.count("skip_outside_zones", source=s.source_id)
+                state.above_since_ns = None
+                return events
             if s.score < on:
                 state.above_since_ns = None
                 return events
             if state.above_since_ns is None:
                 state.above_since_ns = now
-            if now - state.above_since_ns < self.confirm_ns:
-                ctx.count("skip_confirming")
+            if now - state.above_since_ns < p.ns(p.confirm_s):
+                ctx.count("skip_confirming", source=s.source_id)
                 return events
             episode = state.episode = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
             events.append(self._event("new", state, s, self._budget(state, now, ctx)))
             return events
-        if now - episode.last_update_ns < self.update_ns:
+        if now - episode.last_update_ns < p.ns(p.update_interval_s):
             return events
         episode.last_update_ns = now
         if s.score < on:
-            ctx.count("skip_below_on")
+            ctx.count("skip_below_on", source=s.source_id)
             return events
         events.append(self._event("update", state, s, self._budget(state, now, ctx)))
         return events
 
     def _budget(self, state: _SourceState, now: int, ctx: Context) -> bool:
         """Whether a model call fits the budget now; records it if so."""
-        if state.last_call_ns is not None and now - state.last_call_ns < self.cooldown_ns:
-            ctx.count("skip_cooldown")
+        if state.last_call_ns is not None and now - state.last_call_ns < state.p.ns(state.p.cooldown_s):
+            ctx.count("skip_cooldown", source=state.source_id)
             return False
         while state.calls and now - state.calls[0] >= 60_000_000_000:
             state.calls.popleft()
-        if len(state.calls) >= self.max_calls_per_min:
-            ctx.count("skip_rate_limit")
+        if len(state.calls) >= state.p.max_calls_per_min:
+            ctx.count("skip_rate_limit", source=state.source_id)
             return False
         state.calls.append(now)
         state.last_call_ns = now
-        ctx.count("model_calls")
+        ctx.count("model_calls", source=state.source_id)
         return True
 
     def _event(self, kind: str, state: _SourceState, s: Salience, call: bool, reason: str = "") -> Event:
@@ -341,7 +384,7 @@ class TriggerPolicy(Node):
         return Event(
             s.source_id, self._seq.next(s.source_id, s.wall_ns), s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
             episode.event_id, episode.start_ns, s.pts_ns if kind == "end" else None,
-            s.score, episode.peak, dict(s.components), s.regions, call, reason, None, None, s.frame,
+            s.score, episode.peak, dict(s.components), s.regions, call, reason, None, None, s.frame, s.zones, s.objects,
         )  # fmt: skip
 
     def _end(self, state: _SourceState, s: Salience, reason: str) -> Event:

@@ -1,0 +1,62 @@
+"""Light changes of the whole frame: the tone curve that maps the background onto a frame.
+
+Auto-exposure, a cloud, lights switched on or off, or a camera's infrared day/night
+switch change the brightness and contrast of most of the frame at once, suddenly or over
+a few seconds; compared pixel by pixel with the background, that is change everywhere.
+It is one smooth, monotonic curve from old luma to new luma, though, which moving things
+do not follow: :func:`tone_curve` fits that curve to the patches' mean luma (piecewise
+linear through the median shift of each band of 16 luma levels, so clipping at white
+bends it as it should and people and cars in view, a minority of every band, do not) and
+returns it as a 256-entry table once it moves luma by more than a tolerance. Change
+detection maps its background through the table and compares again: what the light did
+is gone, what moved is still there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+BIN = 16
+"""Luma levels per bin of the curve."""
+MIN_PATCHES = 6
+"""Patches a bin needs before it shapes the curve."""
+
+
+def tone_curve(
+    background_means: npt.NDArray[np.float32],
+    frame_means: npt.NDArray[np.float32],
+    tolerance: float,
+    valid: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.uint8] | None:
+    """The table mapping background luma to frame luma, or ``None`` while the fitted
+    curve stays within ``tolerance`` levels of unchanged over the luma the scene has.
+    ``valid`` selects the patches to fit (masks left out)."""
+    x = background_means.ravel()
+    y = frame_means.ravel()
+    if valid is not None:
+        keep = valid.ravel()
+        x, y = x[keep], y[keep]
+    bins = np.minimum((x // BIN).astype(np.int64), 255 // BIN)
+    knots_x, knots_y = [], []
+    for b in np.unique(bins):
+        inside = bins == b
+        if inside.sum() >= MIN_PATCHES:
+            knots_x.append(float(np.median(x[inside])))
+            knots_y.append(float(np.median(y[inside] - x[inside])) + knots_x[-1])
+    if not knots_x:
+        return None
+    levels = np.arange(256, dtype=np.float64)
+    kx, ky = np.asarray(knots_x), np.asarray(knots_y)
+    curve = np.interp(levels, kx, ky)
+    if len(kx) >= 2:  # beyond the scene's luma (bright or dark pixels of its patches): the end segments go on
+        low, high = levels < kx[0], levels > kx[-1]
+        curve[low] = ky[0] + (levels[low] - kx[0]) * (ky[1] - ky[0]) / (kx[1] - kx[0])
+        curve[high] = ky[-1] + (levels[high] - kx[-1]) * (ky[-1] - ky[-2]) / (kx[-1] - kx[-2])
+    else:
+        curve = levels + (ky[0] - kx[0])  # one band: the same shift everywhere
+    shift = curve - levels
+    if np.abs(shift[int(knots_x[0]) : int(knots_x[-1]) + 1]).max(initial=0.0) <= tolerance:
+        return None
+    table: npt.NDArray[np.uint8] = np.maximum.accumulate(np.clip(np.rint(curve), 0, 255)).astype(np.uint8)
+    return table
