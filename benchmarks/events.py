@@ -94,7 +94,7 @@ def alignment() -> dict[str, Any]:
         for late_s in (1.0, 3.0):
             media[f"late_{late_s:g}s"] = remux_audio_late(media["interleaved"], Path(tmp) / f"{late_s}.mkv", late_s)
         for name, path in media.items():
-            events, _, _ = uvloop.run(run_scenario(dataclasses.replace(scenario, media=path)))
+            events = uvloop.run(run_scenario(dataclasses.replace(scenario, media=path))).events
             starts = [start for start, _, _ in episodes_of(events)]
             errors = [s - label for s, label in zip(starts, labels, strict=False)]
             out[name] = {

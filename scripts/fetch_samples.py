@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch the real recordings that stream_rt's tests, evaluations and benchmarks use.
 
-They come from two Debian packages, downloaded with ``apt-get download`` and unpacked
+They come from three Debian packages, downloaded with ``apt-get download`` and unpacked
 with ``dpkg -x`` (nothing is installed):
 
 - ``opencv-doc``: real camera clips (``vtest.avi``: a fixed camera over a walkway with
@@ -9,6 +9,8 @@ with ``dpkg -x`` (nothing is installed):
   audio; ``Megamind_bugy.avi``: the same clip with damaged packets; ``tree.avi``: a
   handheld camera moving along a tree).
 - ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
+- ``node-opencv`` (MIT): ``pen.mov``, a real camera over a table: a pen comes in, pushes
+  a coin about and leaves, while auto-exposure drifts (568x320, 30 fps, 8 s).
 
 Then it builds ``walkway_speech.mkv``: the vtest video, untouched, with an audio track of
 quiet background noise and real speech clips placed at known times, its audio and video
@@ -19,7 +21,9 @@ stored after all the video (see :func:`remux_audio_late`), as a recorder that wr
 large chunks may leave them: a reader must not let file order stand for media time.
 
 It also builds ``still_motion.mkv`` (see :func:`build_still_motion`), the evaluation clip
-of long still stretches cut with real motion.
+of long still stretches cut with real motion, and ``walkway_light.mkv`` (see
+:func:`build_walkway_light`): the walkway moving and standing still in turns under light
+that changes at known times.
 
 Usage: ``python scripts/fetch_samples.py [--dest DIR]`` (default ``samples/`` in the repo,
 or ``$STREAM_RT_SAMPLES``). Files already present are kept; ``--force`` rebuilds.
@@ -49,6 +53,7 @@ PACKAGES = {
         "usr/share/doc/opencv-doc/examples/data/Megamind_bugy.avi": "Megamind_bugy.avi",
         "usr/share/doc/opencv-doc/examples/data/tree.avi": "tree.avi",
     },
+    "node-opencv": {"usr/share/doc/node-opencv/examples/files/motion.mov": "pen.mov"},
     "pocketsphinx-testdata": {
         f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{n:04d}.wav": f"speech_{n:04d}.wav"
         for n in (870, 880, 890, 920, 930)
@@ -282,6 +287,70 @@ def build_still_motion(dest: Path, force: bool) -> None:
     print(f"  still_motion.mkv: {t:.0f} s, motion at " + ", ".join(f"{m['start_s']:g} s" for m in labels))
 
 
+# Segments of walkway_light.mkv: the walkway held still (people standing) or moving on,
+# from where it stopped; and the light of the whole frame changing at known times:
+# (start s, seconds, gain, offset, grey) moved to linearly from the light before.
+LIGHT_PLAN = [("still", 8), ("motion", 5), ("still", 12), ("motion", 6), ("still", 12), ("motion", 5),
+              ("still", 12), ("motion", 6), ("still", 12), ("motion", 6), ("still", 10), ("motion", 5),
+              ("still", 8)]  # fmt: skip
+LIGHT_CHANGES = [
+    (17.0, 1.0, 1.3, 0.0, 0.0),  # clouds clear over a second: 30 % brighter
+    (35.0, 0.0, 0.6, 0.0, 0.0),  # lights off at once
+    (51.0, 3.0, 1.0, 0.0, 0.0),  # auto-exposure brings it back over 3 s
+    (62.0, 2.0, 1.25, 0.0, 0.0),  # brighter over 2 s while people walk
+    (70.0, 0.0, 0.8, 40.0, 1.0),  # the camera switches to infrared: grey, flatter, brighter
+    (89.0, 0.5, 1.0, 0.0, 0.0),  # and back to colour
+]
+
+
+def light_at(t: float) -> tuple[float, float, float]:
+    """(gain, offset, grey share) of :data:`LIGHT_CHANGES` at media time ``t``."""
+    light = (1.0, 0.0, 0.0)
+    for start, seconds, *target in LIGHT_CHANGES:
+        if t < start:
+            break
+        share = 1.0 if seconds == 0 else min(1.0, (t - start) / seconds)
+        light = tuple(a + (b - a) * share for a, b in zip(light, target, strict=True))  # type: ignore[assignment]
+    return light
+
+
+def build_walkway_light(dest: Path, force: bool) -> None:
+    """``walkway_light.mkv``: the real walkway moving and standing still in turns, under
+    light that changes at known times (:data:`LIGHT_CHANGES`); ``walkway_light.json`` lists
+    the motion intervals, the light changes and the stretches where people stand still."""
+    out_path, labels_path = dest / "walkway_light.mkv", dest / "walkway_light.json"
+    if not force and out_path.exists() and labels_path.exists():
+        print("  walkway_light.mkv: already here")
+        return
+    with av.open(str(dest / "vtest.avi")) as src:
+        frames = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
+    rng = np.random.default_rng(20261201)
+    motion, standing, t, index = [], [], 0.0, 0
+    tmp_path = out_path.with_suffix(".tmp.mkv")
+    with av.open(str(tmp_path), "w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.options = {"qscale": "3"}
+        stream.codec_context.thread_count = 1
+        for kind, seconds in LIGHT_PLAN:
+            (motion if kind == "motion" else standing).append({"start_s": t, "end_s": t + seconds})
+            for i in range(seconds * 10):
+                if kind == "motion":
+                    index += 1
+                image = frames[index].astype(np.float32)
+                gain, offset, grey = light_at(t + i / 10)
+                image = image * (1 - grey) + image.mean(axis=2, keepdims=True) * grey
+                noisy = image * (gain + rng.normal(0, 0.005)) + offset + rng.normal(0, STILL_NOISE_SIGMA, image.shape)
+                frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), format="rgb24")
+                out.mux(stream.encode(frame))
+            t += seconds
+        out.mux(stream.encode(None))
+    tmp_path.replace(out_path)
+    light = [{"start_s": start, "end_s": start + seconds} for start, seconds, *_ in LIGHT_CHANGES]
+    labels_path.write_text(json.dumps({"motion": motion, "light": light, "standing": standing}, indent=2) + "\n")
+    print(f"  walkway_light.mkv: {t:.0f} s, {len(motion)} stretches of motion, {len(light)} light changes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=default_dest())
@@ -293,6 +362,7 @@ def main() -> None:
     rebuilt = build_av_sample(args.dest, args.force)
     build_late_sample(args.dest, args.force or rebuilt)
     build_still_motion(args.dest, args.force)
+    build_walkway_light(args.dest, args.force)
 
 
 if __name__ == "__main__":

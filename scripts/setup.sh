@@ -28,7 +28,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0"
   .venv/bin/pip install -q torch==2.13.0
 fi
-echo "setup: installing stream-rt with speech detection and its dev tools"
-.venv/bin/pip install -q -e ".[dev,vad,mllm,memory]"
+echo "setup: installing stream-rt with speech detection, the object gate and its dev tools"
+.venv/bin/pip install -q -e ".[dev,vad,mllm,memory,detect]"
 
 .venv/bin/python scripts/fetch_samples.py

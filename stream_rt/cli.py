@@ -60,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="replay a recorded file through the pipeline")
     replay.add_argument("file", type=Path)
-    replay.add_argument("--config", type=Path, help="pipeline config (TOML); channels it leaves unset stay lossless")
+    replay.add_argument(
+        "--config",
+        type=Path,
+        help="pipeline config (TOML); channels it leaves unset stay lossless; its source of the file's name (or its "
+        "only source) lends the file its own keys (zones, masks, question...)",
+    )
     replay.add_argument(
         "--speed",
         type=_speed,
@@ -223,6 +228,9 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     base = load_config(args.config) if args.config else Config()
     source = SourceConfig(id=_source_id(args.file), url=str(args.file), live=False)
+    own = [s for s in base.sources if s.id == source.id] or (base.sources if len(base.sources) == 1 else [])
+    if own:  # the config's camera (its zones, masks, question...) watching this file
+        source = own[0].model_copy(update={"url": str(args.file), "live": False})
     sinks = base.sinks
     if args.out is not None:
         sinks = sinks.model_copy(update={"jsonl": JsonlSinkConfig(path=args.out)})

@@ -40,7 +40,8 @@ The baselines, beside stream_rt on the same media:
 - ``frigate``: a Frigate-style gate: plain motion (no light model, no busy patches) →
   the same COCO detector at 5 frames a second on motion → an episode while an object of
   ``objects`` (default person) moves, and one model call per episode (as Frigate's
-  GenAI describes each tracked object once). It runs only where the scenario has video.
+  GenAI describes each tracked object once). It runs where the scenario has video and
+  scores the whole pipeline (not one ``component``).
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ async def evaluate(path: str | Path) -> dict[str, Any]:
         ("livekit", adaptive_calls(ours_run.duration_s, ours_run.speech)),
     ):
         results[name] = score([(t, t) for t in instants], len(instants), frames, labels, tol, non_events)
-    if frames:
+    if frames and scenario.component is None:  # a detector gate is scored on what it can see
         frigate = dataclasses.replace(
             scenario, component=None, pipeline=frigate_pipeline(scenario),
             source={**scenario.source, "objects": list(scenario.objects)},

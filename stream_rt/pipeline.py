@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -56,6 +56,7 @@ class Pipeline:
     mllm: MllmStage | None
     jsonl: JsonlSink | None
     mqtt: MqttSink | None = None
+    layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
@@ -151,7 +152,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         mqtt = build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources})
         graph.add(mqtt)
         _feed(graph, "mqtt", trigger, mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt)
+    layouts = {s.name: scene_layout(config.settings(s.name)) for s in sources}
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts)
 
 
 def _feed(
@@ -312,9 +314,9 @@ def _build_object_gate(detecting: list[SourceSettings], lossless: bool) -> Objec
 
 def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
     """Record ``pipeline``'s salience, events and answers for a report written into
-    ``directory`` when the stream ends."""
+    ``directory`` when the stream ends (the thumbnails show each source's masks and zones)."""
     graph = pipeline.graph
-    report = ReportSink("report", directory, title, thresholds)
+    report = ReportSink("report", directory, title, thresholds, pipeline.layouts)
     graph.add(report)
     if "salience" in graph:
         graph.connect("salience.salience", "report.salience", capacity=64)

@@ -36,22 +36,45 @@ def test_the_baselines_are_scored_by_the_same_rules() -> None:
     assert adaptive_calls(30.0, speech)[:8] == pytest.approx([0.0, 10 / 3, 20 / 3, 10.0, 11.0, 12.0, 13.0, 14.0])
 
 
+SLOW_ONSETS = {
+    "walkway": "people walk from the first frame, and a source's first 8 frames only teach the detector",
+    "tree": "2.3 frames a second: the episode is confirmed one frame (0.43 s) after the fingertips",
+    "pen": "the pen's tip at the edge covers under 1 % of the frame; the pen itself comes 0.8 s later",
+}
+
+
 def test_gates_meet_their_targets_on_the_real_scenarios(samples: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stream_rt.cli", "eval", *sorted(str(p) for p in SCENARIOS.glob("*.toml"))],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
-    reports = json.loads(result.stdout.splitlines()[-1])
-    assert {r["scenario"] for r in reports} == {"still_motion", "walkway", "walkway_speech", "walkway_speech_late"}
-    for report in reports:
+    reports = {r["scenario"]: r for r in json.loads(result.stdout.splitlines()[-1])}
+    assert set(reports) == {p.stem for p in SCENARIOS.glob("*.toml")}
+    for name, report in reports.items():
         ours = report["stream_rt"]
-        assert ours["recall"] >= 0.95 and ours["precision"] >= 0.8, report
-        assert ours["latency_p95_s"] <= 0.3, report
-        assert ours["call_share"] <= 0.05, report
-        assert ours["call_share"] < report["baseline_1hz"]["call_share"]
+        assert ours["recall"] >= 0.95 and ours["precision"] >= 0.9, report
+        assert ours["false_episodes"].get("light", 0) == 0, report
+        assert ours["latency_p95_s"] <= (1.0 if name in SLOW_ONSETS else 0.3), (SLOW_ONSETS.get(name), report)
+        assert ours["call_share"] <= 0.02, report
+        assert ours["call_share"] < report["1 call/s"]["call_share"]
+    assert 0 < reports["walkway"]["stream_rt"]["detector_share"] <= 0.10, "the detector on a busy scene"
+    light = reports["walkway_light"]
+    assert sum(light["1 call/s"]["false_episodes"].values()) > 0, "the non-events are there to be failed"
+
+
+def test_the_light_scenario_fails_a_detector_without_the_light_model(tmp_path: Path) -> None:
+    import asyncio
+
+    from stream_rt.evaluation import evaluate
+
+    text = (SCENARIOS / "walkway_light.toml").read_text().replace("../samples/", f"{SCENARIOS.parent}/samples/")
+    scenario = tmp_path / "walkway_light.toml"
+    scenario.write_text(text + "\n[pipeline.change]\nlight = false\n")
+    report = asyncio.run(evaluate(scenario))
+    assert report["stream_rt"]["false_episodes"]["light"] > 0, report
 
 
 async def test_speech_episodes_follow_media_time_however_the_file_is_muxed(samples: Path, tmp_path: Path) -> None:
@@ -73,8 +96,8 @@ async def test_speech_episodes_follow_media_time_however_the_file_is_muxed(sampl
         assert max(audio_lag_s(media[f"{late_s:g} s late"])) >= late_s - 0.1, "really stored late"
     starts = {}
     for name, path in media.items():
-        events, _, _ = await run_scenario(dataclasses.replace(scenario, media=path))
-        starts[name] = [round(start, 3) for start, _, _ in episodes_of(events)]
+        run = await run_scenario(dataclasses.replace(scenario, media=path))
+        starts[name] = [round(start, 3) for start, _, _ in episodes_of(run.events)]
         assert len(starts[name]) == len(scenario.intervals), (name, starts[name])
         for start, (label, _) in zip(starts[name], scenario.intervals, strict=True):
             assert -0.1 <= start - label <= 0.3, (name, start, label)

@@ -5,6 +5,8 @@ Chunks of any size are cut into 512-sample windows (32 ms at 16 kHz). For each w
 - ``level_dbfs``: RMS level in dB relative to full scale (floored at -100 dBFS);
 - ``floor_dbfs``: the noise floor, which follows the level down at once and rises by at
   most ``floor_rise_db_per_s`` (so a minute of speech does not become "background");
+  digital silence (at most -90 dBFS: a muted input, an encoder's priming samples) leaves
+  it where it is, so the room's noise after it is not heard as loud;
 - ``onset``: spectral flux (half-wave rectified increase of the log-magnitude spectrum)
   above its running mean, in running standard deviations, when above ``onset_sigma``;
 - ``speech``: Silero VAD probability — run only when the level is at least
@@ -26,6 +28,8 @@ from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures
 from stream_rt.operators.vad import WINDOW, SileroVad
 
 NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
+DIGITAL_SILENCE_DBFS = -90.0
+"""Windows at or below this level are digital silence: they never move the noise floor."""
 WINDOW_NS = WINDOW * NS_PER_SAMPLE
 
 
@@ -123,15 +127,18 @@ class AudioAnalyzer(Node):
     ) -> AudioFeatures:
         rms = float(np.sqrt(np.mean(window * window)))
         level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
-        floor = state.floor
-        state.floor = level if floor is None or level < floor else min(level, floor + state.p.floor_rise_per_window)
+        previous = state.floor
+        if level > DIGITAL_SILENCE_DBFS:  # digital silence says nothing of the room's noise
+            rise = state.p.floor_rise_per_window
+            state.floor = level if previous is None or level < previous else min(level, previous + rise)
+        floor = state.floor if state.floor is not None else level
 
         spectrum = np.log1p(100 * np.abs(np.fft.rfft(window * self._hann))).astype(np.float32)
         onset = 0.0
         if state.prev_spectrum is not None:
             flux = float(np.maximum(spectrum - state.prev_spectrum, 0).mean())
             z = (flux - state.flux_mean) / math.sqrt(state.flux_var)
-            if z > state.p.onset_sigma and level > state.floor + state.p.vad_gate_db:
+            if z > state.p.onset_sigma and level > floor + state.p.vad_gate_db:
                 onset = z
             state.flux_mean += 0.05 * (flux - state.flux_mean)
             state.flux_var += 0.05 * ((flux - state.flux_mean) ** 2 - state.flux_var)
@@ -139,7 +146,7 @@ class AudioAnalyzer(Node):
         state.prev_spectrum = spectrum
 
         speech: float | None = None
-        sound = level >= state.p.vad_min_dbfs and level >= state.floor + state.p.vad_gate_db
+        sound = level >= state.p.vad_min_dbfs and level >= floor + state.p.vad_gate_db
         if state.vad is not None:
             if sound:
                 if state.quiet_windows > 15:  # ~0.5 s of quiet: start the model afresh
@@ -152,4 +159,4 @@ class AudioAnalyzer(Node):
                 state.quiet_windows += 1
                 if ctx is not None:
                     ctx.count("vad_skipped")
-        return AudioFeatures(chunk.source_id, chunk.seq, pts_ns, chunk.wall_ns, level, state.floor, onset, speech)
+        return AudioFeatures(chunk.source_id, chunk.seq, pts_ns, chunk.wall_ns, level, floor, onset, speech)

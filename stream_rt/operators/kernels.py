@@ -321,3 +321,43 @@ def apply_lut(plane: U8, lut: U8) -> None:
         raise ValueError("apply_lut needs a uint8 table of 256 entries")
     _check(plane, plane, 1)
     _apply_lut(plane, lut)
+
+
+@njit(nogil=True, cache=True)
+def _band_medians(
+    x: F32, y: F32, valid: npt.NDArray[np.bool_], width: float, least: int, knots: npt.NDArray[np.float64]
+) -> int:
+    bands = knots.shape[0]
+    band_of = np.empty(x.size, np.int64)
+    sizes = np.zeros(bands + 1, np.int64)
+    for i in range(x.size):
+        band_of[i] = int(x[i] // width) if valid[i] else -1
+        if band_of[i] >= 0:
+            sizes[band_of[i] + 1] += 1
+    starts = np.cumsum(sizes)  # band b's values are at starts[b]:starts[b + 1]
+    filled = starts[:-1].copy()
+    xs = np.empty(x.size, np.float32)
+    ds = np.empty(x.size, np.float32)
+    for i in range(x.size):
+        b = band_of[i]
+        if b >= 0:
+            xs[filled[b]] = x[i]
+            ds[filled[b]] = y[i] - x[i]
+            filled[b] += 1
+    count = 0
+    for b in range(bands):
+        if starts[b + 1] - starts[b] >= least:
+            knots[count, 0] = np.median(xs[starts[b] : starts[b + 1]])
+            knots[count, 1] = np.median(ds[starts[b] : starts[b + 1]])
+            count += 1
+    return count
+
+
+def band_medians(x: F32, y: F32, valid: npt.NDArray[np.bool_], width: float, least: int) -> npt.NDArray[np.float64]:
+    """For each band of ``width`` levels of ``x`` holding at least ``least`` valid values:
+    the median ``x`` and the median ``y - x`` in it, as rows, in order of ``x``."""
+    flat_x, flat_y = np.ascontiguousarray(x.ravel()), np.ascontiguousarray(y.ravel())
+    flat_valid = np.ascontiguousarray(valid.ravel())
+    knots = np.empty((int(256 // width) + 1, 2), np.float64)
+    count = _band_medians(flat_x, flat_y, flat_valid, float(width), int(least), knots)
+    return knots[:count]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from stream_rt.operators.kernels import band_medians
+
 BIN = 16
 """Luma levels per bin of the curve."""
 MIN_PATCHES = 6
@@ -32,22 +34,12 @@ def tone_curve(
     """The table mapping background luma to frame luma, or ``None`` while the fitted
     curve stays within ``tolerance`` levels of unchanged over the luma the scene has.
     ``valid`` selects the patches to fit (masks left out)."""
-    x = background_means.ravel()
-    y = frame_means.ravel()
-    if valid is not None:
-        keep = valid.ravel()
-        x, y = x[keep], y[keep]
-    bins = np.minimum((x // BIN).astype(np.int64), 255 // BIN)
-    knots_x, knots_y = [], []
-    for b in np.unique(bins):
-        inside = bins == b
-        if inside.sum() >= MIN_PATCHES:
-            knots_x.append(float(np.median(x[inside])))
-            knots_y.append(float(np.median(y[inside] - x[inside])) + knots_x[-1])
-    if not knots_x:
+    usable = np.ones(background_means.shape, np.bool_) if valid is None else valid
+    knots = band_medians(background_means, frame_means, usable, BIN, MIN_PATCHES)
+    if not len(knots) or np.abs(knots[:, 1]).max() <= tolerance:  # between the knots it moves no more
         return None
+    kx, ky = knots[:, 0], knots[:, 0] + knots[:, 1]
     levels = np.arange(256, dtype=np.float64)
-    kx, ky = np.asarray(knots_x), np.asarray(knots_y)
     curve = np.interp(levels, kx, ky)
     if len(kx) >= 2:  # beyond the scene's luma (bright or dark pixels of its patches): the end segments go on
         low, high = levels < kx[0], levels > kx[-1]
@@ -55,8 +47,5 @@ def tone_curve(
         curve[high] = ky[-1] + (levels[high] - kx[-1]) * (ky[-1] - ky[-2]) / (kx[-1] - kx[-2])
     else:
         curve = levels + (ky[0] - kx[0])  # one band: the same shift everywhere
-    shift = curve - levels
-    if np.abs(shift[int(knots_x[0]) : int(knots_x[-1]) + 1]).max(initial=0.0) <= tolerance:
-        return None
     table: npt.NDArray[np.uint8] = np.maximum.accumulate(np.clip(np.rint(curve), 0, 255)).astype(np.uint8)
     return table

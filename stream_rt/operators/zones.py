@@ -35,7 +35,7 @@ def inside(polygon: Polygon, xs: npt.NDArray[np.float64], ys: npt.NDArray[np.flo
     return result
 
 
-def _in_pixels(polygon: Polygon, width: int, height: int) -> list[tuple[float, float]]:
+def polygon_in_pixels(polygon: Polygon, width: int, height: int) -> list[tuple[float, float]]:
     if all(0 <= x <= 1 and 0 <= y <= 1 for x, y in polygon):
         return [(x * width, y * height) for x, y in polygon]
     return [(float(x), float(y)) for x, y in polygon]
@@ -70,9 +70,9 @@ class SceneLayout:
             xs, ys = (xs + 0.5) * patch, (ys + 0.5) * patch
             masked = None
             for polygon in self.masks:
-                grid = inside(_in_pixels(polygon, width, height), xs, ys)
+                grid = inside(polygon_in_pixels(polygon, width, height), xs, ys)
                 masked = grid if masked is None else masked | grid
-            zones = {name: inside(_in_pixels(p, width, height), xs, ys) for name, p in self.zones.items()}
+            zones = {name: inside(polygon_in_pixels(p, width, height), xs, ys) for name, p in self.zones.items()}
             cached = self._grids[key] = (masked, zones)
         return cached
 
@@ -85,4 +85,6 @@ class SceneLayout:
     def box_zones(self, box: Box, width: int, height: int) -> list[str]:
         """The zones an object with this box stands in (the middle of its bottom edge)."""
         foot_x, foot_y = np.array([(box[0] + box[2]) / 2]), np.array([box[3] - 1.0])
-        return [name for name, p in self.zones.items() if inside(_in_pixels(p, width, height), foot_x, foot_y)[0]]
+        return [
+            name for name, p in self.zones.items() if inside(polygon_in_pixels(p, width, height), foot_x, foot_y)[0]
+        ]

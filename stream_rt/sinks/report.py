@@ -10,7 +10,9 @@ the stream :func:`write_report` writes into a directory:
   prefix) drawn as inline SVG — no script, no network — then one card per episode
   with its keyframe thumbnails and answers;
 - ``summary.json``: the same in machine-readable form;
-- ``thumbs/``: the keyframes, as small JPEGs.
+- ``thumbs/``: the keyframes, as small JPEGs, with the source's masks shaded, its zones
+  outlined (yellow), the changed regions (red) and the detected objects (green; grey
+  when stationary) drawn on them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import Event, MllmAnswer, Packet, Salience
 from stream_rt.operators.snapshot import rgb_to_jpeg, scale_image
+from stream_rt.operators.zones import SceneLayout, inside, polygon_in_pixels
 
 THUMB_WIDTH = 240
 MAX_THUMBS_PER_EPISODE = 4
@@ -47,8 +53,17 @@ class Episode:
 class ReportSink(Sink):
     inputs = {"salience": (Salience,), "events": (Event,), "answers": (MllmAnswer,)}
 
-    def __init__(self, name: str, directory: Path, title: str, thresholds: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        title: str,
+        thresholds: tuple[float, float],
+        layouts: dict[str, SceneLayout] | None = None,
+    ) -> None:
+        """``layouts``: each source's masks and zones, drawn on its thumbnails."""
         super().__init__(name)
+        self.layouts = dict(layouts or {})
         self.directory = Path(directory)
         self.title = title
         self.thresholds = thresholds
@@ -87,7 +102,7 @@ class ReportSink(Sink):
         if event.call_model:
             episode.calls += 1
         if event.frame is not None and event.type != "end" and len(episode.thumbs) < MAX_THUMBS_PER_EPISODE:
-            rgb = event.frame.rgb()
+            rgb = overlay(event.frame.rgb(), event, self.layouts.get(event.source_id))
             height = max(2, round(rgb.shape[0] * THUMB_WIDTH / rgb.shape[1] / 2) * 2)
             name = f"{event.event_id}-{len(episode.thumbs)}.jpg"
             (self.directory / "thumbs" / name).write_bytes(rgb_to_jpeg(scale_image(rgb, THUMB_WIDTH, height)))
@@ -95,6 +110,46 @@ class ReportSink(Sink):
 
     async def stop(self, ctx: Context) -> None:
         write_report(self)
+
+
+MASK_SHADE, ZONE, REGION, OBJECT, STILL = (40, 40, 40), (255, 210, 0), (230, 40, 40), (40, 200, 70), (160, 160, 160)
+
+
+def overlay(rgb: npt.NDArray[np.uint8], event: Event, layout: SceneLayout | None) -> npt.NDArray[np.uint8]:
+    """A copy of ``rgb`` with the masks shaded, the zones outlined, the event's changed
+    regions and its objects boxed."""
+    out = rgb.copy()
+    height, width = out.shape[:2]
+    if layout is not None:
+        ys, xs = np.mgrid[0:height:2, 0:width:2].astype(np.float64)
+        for polygon in layout.masks:
+            hit = inside(polygon_in_pixels(polygon, width, height), xs + 0.5, ys + 0.5)
+            shade = np.repeat(np.repeat(hit, 2, axis=0), 2, axis=1)[:height, :width]
+            out[shade] = (out[shade] // 3 + np.array(MASK_SHADE, np.uint8) // 2).astype(np.uint8)
+        for polygon in layout.zones.values():
+            corners = polygon_in_pixels(polygon, width, height)
+            for a, b in zip(corners, corners[1:] + corners[:1], strict=True):
+                _line(out, a, b, ZONE)
+    for x0, y0, x1, y1 in event.regions:
+        _rectangle(out, (x0, y0, x1, y1), REGION)
+    for o in event.objects:
+        _rectangle(out, o.box, STILL if o.stationary else OBJECT)
+    return out
+
+
+def _line(rgb: npt.NDArray[np.uint8], a: tuple[float, float], b: tuple[float, float], colour: tuple[int, ...]) -> None:
+    steps = int(max(abs(b[0] - a[0]), abs(b[1] - a[1]))) + 1
+    xs = np.clip(np.linspace(a[0], b[0], steps).round().astype(int), 0, rgb.shape[1] - 2)
+    ys = np.clip(np.linspace(a[1], b[1], steps).round().astype(int), 0, rgb.shape[0] - 2)
+    for dy in (0, 1):  # two pixels wide, so the line survives the thumbnail's scaling
+        for dx in (0, 1):
+            rgb[ys + dy, xs + dx] = colour
+
+
+def _rectangle(rgb: npt.NDArray[np.uint8], box: tuple[int, int, int, int], colour: tuple[int, ...]) -> None:
+    x0, y0, x1, y1 = box
+    for a, b in (((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x1, y1), (x0, y1)), ((x0, y1), (x0, y0))):
+        _line(rgb, a, b, colour)
 
 
 def write_report(report: ReportSink) -> None:
