@@ -17,6 +17,7 @@ from stream_rt.graph import (
     Clock,
     Context,
     ControlPacket,
+    DetectedObject,
     EndOfStream,
     Event,
     Flush,
@@ -41,7 +42,10 @@ from stream_rt.graph import (
 from stream_rt.mllm import Backend, MissingWeights, MllmStage, OpenAIBackend
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
+from stream_rt.operators.detectors import load_detector
+from stream_rt.operators.objects import ObjectGate
 from stream_rt.operators.salience import SalienceFusion
+from stream_rt.operators.zones import SceneLayout
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks import CallbackSink, JsonlSink, MqttSink
@@ -77,6 +81,7 @@ __all__ = [
     "ConfigError",
     "Context",
     "ControlPacket",
+    "DetectedObject",
     "EndOfStream",
     "Event",
     "Flush",
@@ -92,6 +97,7 @@ __all__ = [
     "MqttSource",
     "Node",
     "NodeFailed",
+    "ObjectGate",
     "OpenAIBackend",
     "Packet",
     "Pipeline",
@@ -100,6 +106,7 @@ __all__ = [
     "ReplayClock",
     "Salience",
     "SalienceFusion",
+    "SceneLayout",
     "Sink",
     "Source",
     "SourceError",
@@ -113,5 +120,6 @@ __all__ = [
     "build_pipeline",
     "build_smoke_model",
     "load_config",
+    "load_detector",
     "parse_config",
 ]

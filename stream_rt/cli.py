@@ -28,6 +28,7 @@ from stream_rt.config import (
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
 from stream_rt.mllm.backend import MissingWeights
+from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except VadUnavailable as exc:
         print(f"stream-rt: {exc} (or set [audio] vad = false)", file=sys.stderr)
+        return 2
+    except DetectorUnavailable as exc:
+        print(f"stream-rt: {exc} (or set [detect] enabled = false)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -229,8 +233,9 @@ def _replay(args: argparse.Namespace) -> int:
     base = load_config(args.config) if args.config else Config()
     source = SourceConfig(id=_source_id(args.file), url=str(args.file), live=False)
     own = [s for s in base.sources if s.id == source.id] or (base.sources if len(base.sources) == 1 else [])
-    if own:  # the config's camera (its zones, masks, question...) watching this file
-        source = own[0].model_copy(update={"url": str(args.file), "live": False})
+    if own:  # the config's camera (its zones, masks, question, settings) watching this file, not its capture keys
+        analysis = {k: getattr(own[0], k) for k in ANALYSIS_KEYS if k in own[0].model_fields_set}
+        source = source.model_copy(update=analysis)
     sinks = base.sinks
     if args.out is not None:
         sinks = sinks.model_copy(update={"jsonl": JsonlSinkConfig(path=args.out)})
@@ -303,6 +308,10 @@ def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+ANALYSIS_KEYS = ("change", "salience", "trigger", "detect", "question", "masks", "zones", "require_zones", "objects")
+"""The keys of a configured camera that a replay of a file takes over (not how to capture it)."""
 
 
 def _source_id(path: Path) -> str:

@@ -448,7 +448,9 @@ def _merged(default: _Section, override: _Section | None) -> _Section:
     if override is None or not override.model_fields_set:
         return default
     data = default.model_dump()
-    data.update({k: getattr(override, k) for k in override.model_fields_set})
+    for key in override.model_fields_set:
+        value = getattr(override, key)
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data[key], dict) else value
     return type(default).model_validate(data)
 
 

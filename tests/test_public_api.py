@@ -16,7 +16,7 @@ PUBLIC = {
     "JsonlSink", "ManualClock", "MqttSink", "MqttSource", "Node", "NodeFailed", "Packet", "Pipeline", "PushSource",
     "RealtimeClock", "ReplayClock", "Salience", "SalienceFusion", "Sink", "Source", "SourceError",
     "SourceStatus", "StreamEnded", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",
-    "load_config", "parse_config",
+    "load_config", "parse_config", "DetectedObject", "ObjectGate", "SceneLayout", "load_detector",
 }  # fmt: skip
 
 
