@@ -294,7 +294,7 @@ LIGHT_PLAN = [("still", 8), ("motion", 5), ("still", 12), ("motion", 6), ("still
               ("still", 12), ("motion", 6), ("still", 12), ("motion", 6), ("still", 10), ("motion", 5),
               ("still", 8)]  # fmt: skip
 LIGHT_CHANGES = [
-    (17.0, 1.0, 1.3, 0.0, 0.0),  # clouds clear over a second: 30 % brighter
+    (17.0, 0.5, 1.3, 0.0, 0.0),  # clouds clear in half a second: 30 % brighter
     (35.0, 0.0, 0.6, 0.0, 0.0),  # lights off at once
     (51.0, 3.0, 1.0, 0.0, 0.0),  # auto-exposure brings it back over 3 s
     (62.0, 2.0, 1.25, 0.0, 0.0),  # brighter over 2 s while people walk
