@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import wave
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import av
@@ -252,6 +253,27 @@ STILL_MOTION_PLAN = [("still", 20, 0), ("motion", 6, 100), ("still", 25, 300), (
 STILL_NOISE_SIGMA = 2.5
 
 
+def write_camera_clip(path: Path, images: Iterable[tuple[np.ndarray, float, float]], rng: np.random.Generator) -> None:
+    """Encode ``(rgb float image, gain, offset)`` at 10 fps into ``path`` (MPEG-4 in
+    Matroska), each frame as a camera gives it: ``image * gain + offset`` with a little gain
+    flicker and fresh sensor noise. Written beside ``path`` first, then moved into place."""
+    tmp_path = path.with_suffix(".tmp.mkv")
+    with av.open(str(tmp_path), "w", format="matroska") as out:
+        stream = None
+        for image, gain, offset in images:
+            if stream is None:
+                stream = out.add_stream("mpeg4", rate=10)
+                stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "yuv420p"
+                stream.options = {"qscale": "3"}
+                stream.codec_context.thread_count = 1
+            noisy = image * (gain + rng.normal(0, 0.005)) + offset + rng.normal(0, STILL_NOISE_SIGMA, image.shape)
+            frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        if stream is not None:
+            out.mux(stream.encode(None))
+    tmp_path.replace(path)
+
+
 def build_still_motion(dest: Path, force: bool) -> None:
     """``still_motion.mkv``: long still stretches of the real walkway (one real frame held,
     with fresh sensor noise and a little gain flicker on every frame, as a camera gives)
@@ -263,26 +285,18 @@ def build_still_motion(dest: Path, force: bool) -> None:
         return
     with av.open(str(dest / "vtest.avi")) as src:
         frames = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
-    rng = np.random.default_rng(20261124)
     labels, t = [], 0.0
-    tmp_path = out_path.with_suffix(".tmp.mkv")
-    with av.open(str(tmp_path), "w", format="matroska") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        stream.options = {"qscale": "3"}
-        stream.codec_context.thread_count = 1
+    for kind, seconds, _ in STILL_MOTION_PLAN:
+        if kind == "motion":
+            labels.append({"start_s": t, "end_s": t + seconds})
+        t += seconds
+
+    def images() -> Iterator[tuple[np.ndarray, float, float]]:
         for kind, seconds, first in STILL_MOTION_PLAN:
-            if kind == "motion":
-                labels.append({"start_s": t, "end_s": t + seconds})
             for i in range(seconds * 10):
-                image = frames[first + i] if kind == "motion" else frames[first]
-                gain = 1.0 + rng.normal(0, 0.005)
-                noisy = image.astype(np.float32) * gain + rng.normal(0, STILL_NOISE_SIGMA, image.shape)
-                frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), format="rgb24")
-                out.mux(stream.encode(frame))
-            t += seconds
-        out.mux(stream.encode(None))
-    tmp_path.replace(out_path)
+                yield (frames[first + i] if kind == "motion" else frames[first]).astype(np.float32), 1.0, 0.0
+
+    write_camera_clip(out_path, images(), np.random.default_rng(20261124))
     labels_path.write_text(json.dumps({"motion": labels, "noise_sigma": STILL_NOISE_SIGMA}, indent=2) + "\n")
     print(f"  still_motion.mkv: {t:.0f} s, motion at " + ", ".join(f"{m['start_s']:g} s" for m in labels))
 
@@ -324,28 +338,23 @@ def build_walkway_light(dest: Path, force: bool) -> None:
         return
     with av.open(str(dest / "vtest.avi")) as src:
         frames = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
-    rng = np.random.default_rng(20261201)
-    motion, standing, t, index = [], [], 0.0, 0
-    tmp_path = out_path.with_suffix(".tmp.mkv")
-    with av.open(str(tmp_path), "w", format="matroska") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        stream.options = {"qscale": "3"}
-        stream.codec_context.thread_count = 1
+    motion, standing, t = [], [], 0.0
+    for kind, seconds in LIGHT_PLAN:
+        (motion if kind == "motion" else standing).append({"start_s": t, "end_s": t + seconds})
+        t += seconds
+
+    def images() -> Iterator[tuple[np.ndarray, float, float]]:
+        index, start = 0, 0.0
         for kind, seconds in LIGHT_PLAN:
-            (motion if kind == "motion" else standing).append({"start_s": t, "end_s": t + seconds})
             for i in range(seconds * 10):
                 if kind == "motion":
                     index += 1
                 image = frames[index].astype(np.float32)
-                gain, offset, grey = light_at(t + i / 10)
-                image = image * (1 - grey) + image.mean(axis=2, keepdims=True) * grey
-                noisy = image * (gain + rng.normal(0, 0.005)) + offset + rng.normal(0, STILL_NOISE_SIGMA, image.shape)
-                frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), format="rgb24")
-                out.mux(stream.encode(frame))
-            t += seconds
-        out.mux(stream.encode(None))
-    tmp_path.replace(out_path)
+                gain, offset, grey = light_at(start + i / 10)
+                yield image * (1 - grey) + image.mean(axis=2, keepdims=True) * grey, gain, offset
+            start += seconds
+
+    write_camera_clip(out_path, images(), np.random.default_rng(20261201))
     light = [{"start_s": start, "end_s": start + seconds} for start, seconds, *_ in LIGHT_CHANGES]
     labels_path.write_text(json.dumps({"motion": motion, "light": light, "standing": standing}, indent=2) + "\n")
     print(f"  walkway_light.mkv: {t:.0f} s, {len(motion)} stretches of motion, {len(light)} light changes")

@@ -478,11 +478,13 @@ class Config(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    def _all_settings(self) -> list[tuple[str, SourceSettings]]:
-        defaults = SourceSettings(
+    def _defaults(self) -> SourceSettings:
+        return SourceSettings(
             change=self.change, audio=self.audio, salience=self.salience, trigger=self.trigger, detect=self.detect
         )
-        out = [("", defaults)]
+
+    def _all_settings(self) -> list[tuple[str, SourceSettings]]:
+        out = [("", self._defaults())]
         for i, source in enumerate(self.sources):
             try:
                 out.append((f"sources[{i}] ({source.id}): ", self._merge(source)))
@@ -497,7 +499,7 @@ class Config(_Strict):
         for source in self.sources:
             if source.id == source_id:
                 return self._merge(source)
-        return self._all_settings()[0][1]
+        return self._defaults()
 
     def _merge(self, source: SourceConfig) -> SourceSettings:
         audio = source.audio if isinstance(source.audio, AudioGateConfig) else None

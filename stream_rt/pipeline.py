@@ -121,7 +121,9 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         sources.append(source)
 
     asks = AskLedger() if config.mllm is not None else None
-    trigger = _build_gates(graph, config, sources, asks)
+    settings = {s.name: config.settings(s.name) for s in sources}
+    layouts = {name: SceneLayout(own.masks, own.zones, own.require_zones) for name, own in settings.items()}
+    trigger = _build_gates(graph, config, sources, asks, settings, layouts)
     mllm = None
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
@@ -152,7 +154,6 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         mqtt = build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources})
         graph.add(mqtt)
         _feed(graph, "mqtt", trigger, mllm, sources)
-    layouts = {s.name: scene_layout(config.settings(s.name)) for s in sources}
     return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts)
 
 
@@ -236,10 +237,14 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
 
 
 def _build_gates(
-    graph: Graph, config: Config, sources: list[StatusSource], asks: AskLedger | None
+    graph: Graph,
+    config: Config,
+    sources: list[StatusSource],
+    asks: AskLedger | None,
+    settings: dict[str, SourceSettings],
+    layouts: dict[str, SceneLayout],
 ) -> TriggerPolicy | None:
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
-    settings = {s.name: config.settings(s.name) for s in sources}
     with_video = [s for s in sources if s.has_video and settings[s.name].change.enabled]
     with_audio = [s for s in sources if s.has_audio and settings[s.name].audio.enabled]
     if not with_video and not with_audio:
@@ -259,18 +264,17 @@ def _build_gates(
         graph.add(change)
         for source in with_video:
             own = settings[source.name]
-            change.configure(source.name, scene_layout(own), **own.change.model_dump(exclude={"enabled"}))
+            change.configure(source.name, layouts[source.name], **own.change.model_dump(exclude={"enabled"}))
             graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
         detecting = [s for s in with_video if settings[s.name].detect.enabled]
         if detecting:
-            objects = _build_object_gate([settings[s.name] for s in detecting], lossless=video_ch.policy == "block")
+            detectors = _load_detectors([settings[s.name] for s in detecting])
+            objects = ObjectGate("objects", wait=video_ch.policy == "block")
             for source in detecting:
                 own = settings[source.name]
                 d = own.detect
-                objects.configure(
-                    source.name, DetectSettings(d.model, d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s),
-                    scene_layout(own),
-                )  # fmt: skip
+                gate = DetectSettings(d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s)
+                objects.configure(source.name, detectors[d.model], gate, layouts[source.name])
             graph.add(objects)
             graph.connect("change.changes", "objects.changes", capacity=8)
             graph.connect("objects.changes", "salience.changes", capacity=8)
@@ -294,22 +298,14 @@ def _build_gates(
     return trigger
 
 
-def scene_layout(settings: SourceSettings) -> SceneLayout:
-    """A source's masks, zones and required zones."""
-    return SceneLayout(settings.masks, settings.zones, settings.require_zones)
-
-
-def _build_object_gate(detecting: list[SourceSettings], lossless: bool) -> ObjectGate:
-    """The object gate, with one detector per model the sources name (loaded when it starts)."""
+def _load_detectors(detecting: list[SourceSettings]) -> dict[str, Detector]:
+    """One detector per model the sources name, loaded now: one that cannot load fails the
+    build in one line."""
     options = {s.detect.model: s.detect for s in detecting}
-
-    def load(model: str) -> Detector:
-        d = options[model]
-        return load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
-
-    for model, d in options.items():  # fail at build time, in one line, when the detector cannot load
-        load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
-    return ObjectGate("objects", load, wait=lossless)
+    return {
+        model: load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
+        for model, d in options.items()
+    }
 
 
 def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:

@@ -21,7 +21,15 @@ SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """The real recordings fetched by scripts/fetch_samples.py (CI fetches them first)."""
-    needed = ("vtest.avi", "walkway_speech.mkv", "walkway_speech_late.mkv", "still_motion.mkv")
+    needed = (
+        "vtest.avi",
+        "tree.avi",
+        "pen.mov",
+        "walkway_speech.mkv",
+        "walkway_speech_late.mkv",
+        "still_motion.mkv",
+        "walkway_light.mkv",
+    )
     if not all((SAMPLES / name).exists() for name in needed):
         pytest.fail(f"sample media missing in {SAMPLES}: run 'python scripts/fetch_samples.py'", pytrace=False)
     return SAMPLES

@@ -19,7 +19,9 @@ from stream_rt.operators.kernels import (
     patch_cosine,
     patch_cosine_reference,
     patch_mad,
+    patch_mad_means,
     patch_mad_reference,
+    patch_means_reference,
 )
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
@@ -45,6 +47,10 @@ def test_kernels_equal_their_numpy_references_on_real_frames(samples: Path, clip
     for a, b in itertools.pairwise(planes):
         for patch in (8, 14, 16):
             assert np.array_equal(patch_mad(a, b, patch), patch_mad_reference(a, b, patch))
+            mad, a_means, b_means = patch_mad_means(a, b, patch)
+            assert np.array_equal(mad, patch_mad_reference(a, b, patch))
+            np.testing.assert_allclose(a_means, patch_means_reference(a, patch), rtol=1e-6)
+            np.testing.assert_allclose(b_means, patch_means_reference(b, patch), rtol=1e-6)
             np.testing.assert_allclose(patch_cosine(a, b, patch), patch_cosine_reference(a, b, patch), atol=1e-6)
         ours, ref = np.ascontiguousarray(b).copy(), np.ascontiguousarray(b).copy()
         blend_background(ours, a)

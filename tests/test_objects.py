@@ -9,14 +9,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from stream_rt import build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.operators.detectors import COCO_LABELS, OnnxDetector, SsdMobileNet
 from stream_rt.operators.tracking import Tracker
-
-pytest.importorskip("cv2", reason="the 'detect' extra is not installed")
 
 
 def vtest_frame(samples: Path, index: int = 100) -> np.ndarray:
@@ -141,7 +138,6 @@ def yolo_model(path: Path, boxes: list[tuple[float, float, float, float, int, fl
 
 
 def test_an_onnx_detector_of_the_yolo_family_is_letterboxed_and_suppressed(tmp_path: Path) -> None:
-    pytest.importorskip("onnx")
     path = tmp_path / "yolo.onnx"
     # A 1280x720 frame is scaled by 0.5 into 640x360, centred 140 px down the 640x640 input.
     yolo_model(path, [(320, 320, 100, 200, 0, 0.9), (322, 318, 100, 200, 0, 0.8), (100, 200, 40, 40, 2, 0.3)])

@@ -133,8 +133,7 @@ class ChangeMap(Packet):
     changed patches, largest first; ``recalibrated``: the background was reset to this
     frame (a cut, or a change of most of the frame the light model could not follow), so
     nothing counts as changed. ``zones``: the source's zones its regions (and objects)
-    touched; ``objects``: what the object gate saw (when it runs); ``busy``: the patches
-    that change most of the time and need more to count (leaves, water, screens).
+    touched; ``objects``: what the object gate saw (when it runs).
     """
 
     patch: int
@@ -146,7 +145,6 @@ class ChangeMap(Packet):
     frame: VideoFrame = field(repr=False, compare=False)
     zones: tuple[str, ...] = ()
     objects: tuple[DetectedObject, ...] = ()
-    busy: npt.NDArray[np.bool_] | None = field(default=None, repr=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)

@@ -49,7 +49,7 @@ from stream_rt.operators.kernels import (
     classify_patches,
     connected_boxes,
     patch_mad,
-    patch_means,
+    patch_mad_means,
 )
 from stream_rt.operators.light import tone_curve
 from stream_rt.operators.zones import SceneLayout
@@ -135,15 +135,16 @@ class ChangeDetector(Node):
         layout = self._layouts.get(source)
         masked, zones = layout.grids(frame.width, frame.height, p.patch) if layout else (None, {})
         background = state.background
-        if p.light:
-            table = tone_curve(
-                patch_means(background, p.patch), patch_means(y, p.patch), p.light_tolerance,
-                None if masked is None else ~masked,
-            )  # fmt: skip
+        if p.light:  # one pass gives the difference and what the tone curve is fitted to
+            mad, frame_means, background_means = patch_mad_means(y, background, p.patch)
+            valid = None if masked is None else ~masked
+            table = tone_curve(background_means, frame_means, p.light_tolerance, valid)
             if table is not None:
                 apply_lut(background, table)
+                mad = patch_mad(y, background, p.patch)
                 self._count(ctx, "light_adjustments", source)
-        mad = patch_mad(y, background, p.patch)
+        else:
+            mad = patch_mad(y, background, p.patch)
         if state.noise is None or state.noise.shape != mad.shape:
             # Start no higher than the plain threshold asks for: no blind spots at start-up.
             state.noise = np.minimum(mad, p.threshold / max(p.noise_k, 1e-6))
@@ -182,10 +183,9 @@ class ChangeDetector(Node):
                     kept.append(region)
                     touched += [z for z in named if z not in touched]
             regions = tuple(kept)
-        busy = state.activity >= p.busy_share if p.busy_share > 0 and state.busy else None
         return ChangeMap(
             source, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
-            mad, changed, fraction, regions, False, frame, tuple(touched), (), busy,
+            mad, changed, fraction, regions, False, frame, tuple(touched),
         )  # fmt: skip
 
     @staticmethod

@@ -281,30 +281,56 @@ def classify_patches(
 
 
 @njit(nogil=True, cache=True)
-def _patch_means(plane: U8, patch: int, out: F32) -> None:
-    rows, cols = out.shape
+def _patch_mad_means(cur: U8, bg: U8, patch: int, mad: F32, cur_means: F32, bg_means: F32) -> None:
+    rows, cols = mad.shape
     width = cols * patch
-    acc = np.zeros(width, np.uint32)
+    # uint16 holds a column of up to 257 rows of luma (or of |difference|) exactly.
+    diff = np.zeros(width, np.uint16)
+    a = np.zeros(width, np.uint16)
+    b = np.zeros(width, np.uint16)
     area = np.float32(patch * patch)
     for py in range(rows):
-        acc[:] = 0
+        diff[:] = 0
+        a[:] = 0
+        b[:] = 0
         for y in range(py * patch, (py + 1) * patch):
-            row = plane[y]
+            c = cur[y]
+            g = bg[y]
             for x in range(width):
-                acc[x] += row[x]
+                diff[x] += max(c[x], g[x]) - min(c[x], g[x])
+                a[x] += c[x]
+                b[x] += g[x]
         for px in range(cols):
-            total = np.uint32(0)
+            d_total = np.int32(0)
+            a_total = np.int32(0)
+            b_total = np.int32(0)
             for x in range(px * patch, (px + 1) * patch):
-                total += acc[x]
-            out[py, px] = np.float32(total) / area
+                d_total += diff[x]
+                a_total += a[x]
+                b_total += b[x]
+            mad[py, px] = np.float32(d_total) / area
+            cur_means[py, px] = np.float32(a_total) / area
+            bg_means[py, px] = np.float32(b_total) / area
 
 
-def patch_means(plane: U8, patch: int = 16) -> F32:
-    """The mean luma of each patch (0..255)."""
-    _check(plane, plane, patch)
-    out = np.empty((plane.shape[0] // patch, plane.shape[1] // patch), np.float32)
-    _patch_means(plane, patch, out)
-    return out
+def patch_mad_means(cur: U8, bg: U8, patch: int = 16) -> tuple[F32, F32, F32]:
+    """In one pass: :func:`patch_mad` of ``cur`` against ``bg``, and each plane's mean
+    luma per patch (what the light model fits its tone curve to)."""
+    _check(cur, bg, patch)
+    if patch > 257:
+        raise ValueError("patch_mad_means supports patches of at most 257 pixels")
+    shape = (cur.shape[0] // patch, cur.shape[1] // patch)
+    mad, cur_means, bg_means = (np.empty(shape, np.float32) for _ in range(3))
+    _patch_mad_means(cur, bg, patch, mad, cur_means, bg_means)
+    return mad, cur_means, bg_means
+
+
+def patch_means_reference(plane: U8, patch: int = 16) -> F32:
+    """The plain numpy definition of the per-patch means :func:`patch_mad_means` gives."""
+    rows, cols = plane.shape[0] // patch, plane.shape[1] // patch
+    sums = plane[: rows * patch, : cols * patch].astype(np.float64).reshape(rows, patch, cols, patch).mean(axis=(1, 3))
+    means: F32 = sums.astype(np.float32)
+    return means
 
 
 @njit(nogil=True, cache=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,7 +44,6 @@ of its size on every side (it moves between detections)."""
 
 @dataclass(frozen=True)
 class DetectSettings:
-    model: str
     detect_fps: float = 1.0
     objects: tuple[str, ...] = ()
     stationary_s: float = 2.0
@@ -54,6 +52,7 @@ class DetectSettings:
 
 @dataclass
 class _Source:
+    detector: Detector
     settings: DetectSettings
     layout: SceneLayout
     tracker: Tracker
@@ -65,25 +64,18 @@ class ObjectGate(Node):
     inputs = {"changes": (ChangeMap,)}
     outputs = {"changes": (ChangeMap,)}
 
-    def __init__(self, name: str, load: Callable[[str], Detector], *, wait: bool = True) -> None:
-        """``load(model)`` makes the detector a model name stands for (called once per model,
-        on the detector's thread, when the gate starts)."""
+    def __init__(self, name: str, *, wait: bool = True) -> None:
         super().__init__(name)
-        self.load = load
         self.wait = wait
         self._sources: dict[str, _Source] = {}
-        self._detectors: dict[str, Detector] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stream_rt-detector")
 
-    def configure(self, source_id: str, settings: DetectSettings, layout: SceneLayout | None = None) -> None:
-        """Run the detector for ``source_id``."""
+    def configure(
+        self, source_id: str, detector: Detector, settings: DetectSettings, layout: SceneLayout | None = None
+    ) -> None:
+        """Run ``detector`` (loaded; sources may share one) for ``source_id``."""
         tracker = Tracker(stationary_s=settings.stationary_s, lost_s=settings.lost_s)
-        self._sources[source_id] = _Source(settings, layout or SceneLayout(), tracker)
-
-    async def start(self, ctx: Context) -> None:
-        loop = asyncio.get_running_loop()
-        for model in {s.settings.model for s in self._sources.values()} - set(self._detectors):
-            self._detectors[model] = await loop.run_in_executor(self._executor, self.load, model)
+        self._sources[source_id] = _Source(detector, settings, layout or SceneLayout(), tracker)
 
     async def stop(self, ctx: Context) -> None:
         for source in self._sources.values():
@@ -121,7 +113,7 @@ class ObjectGate(Node):
             await ctx.emit("changes", packet)
 
     async def _detect(self, source: _Source, frame: VideoFrame, pts_ns: int, ctx: Context) -> None:
-        detector = self._detectors[source.settings.model]
+        detector = source.detector
 
         def run() -> list[Detection]:
             return detector.detect(frame.rgb())
