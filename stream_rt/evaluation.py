@@ -277,7 +277,9 @@ def frigate_pipeline(scenario: Scenario) -> dict[str, Any]:
     return pipeline
 
 
-async def evaluate(path: str | Path) -> dict[str, Any]:
+async def evaluate(path: str | Path, frigate: bool = True) -> dict[str, Any]:
+    """Score the scenario at ``path``: stream_rt and the baselines (``frigate``: with the
+    Frigate-style one)."""
     scenario = load_scenario(path)
     tol, labels, non_events = scenario.tolerance_s, scenario.intervals, scenario.non_events
     ours_run = await run_scenario(scenario)
@@ -292,12 +294,12 @@ async def evaluate(path: str | Path) -> dict[str, Any]:
         ("livekit", adaptive_calls(ours_run.duration_s, ours_run.speech)),
     ):
         results[name] = score([(t, t) for t in instants], len(instants), frames, labels, tol, non_events)
-    if frames and scenario.component is None:  # a detector gate is scored on what it can see
-        frigate = dataclasses.replace(
+    if frigate and frames and scenario.component is None:  # a detector gate is scored on what it can see
+        gate = dataclasses.replace(
             scenario, component=None, pipeline=frigate_pipeline(scenario),
             source={**scenario.source, "objects": list(scenario.objects)},
         )  # fmt: skip
-        frigate_run = await run_scenario(frigate)
+        frigate_run = await run_scenario(gate)
         theirs = [(a, b) for a, b, _ in episodes_of(frigate_run.events)]
         results["frigate"] = score(theirs, len(theirs), frames, labels, tol, non_events, frigate_run.detector_runs)
     return {

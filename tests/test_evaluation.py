@@ -43,9 +43,13 @@ SLOW_ONSETS = {
 }
 
 
+@pytest.mark.timeout(600)
 def test_gates_meet_their_targets_on_the_real_scenarios(samples: Path) -> None:
+    # The Frigate-style baseline's detector at 5 fps would triple the time; it is a figure of
+    # benchmarks/RESULTS.md, not a target of stream_rt's.
+    scenarios = sorted(str(p) for p in SCENARIOS.glob("*.toml"))
     result = subprocess.run(
-        [sys.executable, "-m", "stream_rt.cli", "eval", *sorted(str(p) for p in SCENARIOS.glob("*.toml"))],
+        [sys.executable, "-m", "stream_rt.cli", "eval", "--no-frigate", *scenarios],
         capture_output=True,
         text=True,
         timeout=900,
@@ -63,6 +67,15 @@ def test_gates_meet_their_targets_on_the_real_scenarios(samples: Path) -> None:
     assert 0 < reports["walkway"]["stream_rt"]["detector_share"] <= 0.10, "the detector on a busy scene"
     light = reports["walkway_light"]
     assert sum(light["1 call/s"]["false_episodes"].values()) > 0, "the non-events are there to be failed"
+
+
+async def test_the_frigate_style_baseline_runs_its_detector_on_motion(samples: Path) -> None:
+    from stream_rt.evaluation import evaluate
+
+    report = await evaluate(SCENARIOS / "tree.toml")
+    frigate, ours = report["frigate"], report["stream_rt"]
+    assert frigate["detector_share"] > 0.5, "wind in the leaves is motion everywhere: it detects on most frames"
+    assert ours["detector_share"] == 0 and frigate["frames"] == ours["frames"]
 
 
 async def test_speech_episodes_follow_media_time_however_the_file_is_muxed(samples: Path, tmp_path: Path) -> None:
