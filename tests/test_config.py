@@ -101,3 +101,52 @@ def test_the_config_reference_is_generated_and_covers_every_key() -> None:
 def test_questions_must_outwait_the_fusion() -> None:
     with pytest.raises(ConfigError, match=r"trigger.ask_wait_s \(0.5\) must exceed salience.max_lateness_s \(1\)"):
         parse_config({"trigger": {"ask_wait_s": 0.5}})
+
+
+def test_per_camera_settings_take_effect_and_are_counted_per_source(tmp_path: Path) -> None:
+    """Two synthetic cameras in one daemon: one with the defaults, one whose trigger never
+    confirms and whose question is its own; each counts its own events in /metrics."""
+    import asyncio
+
+    from stream_rt import build_pipeline
+    from stream_rt.config import LOSSLESS_CHANNELS
+    from stream_rt.ops.http import OpsServer
+
+    url = "synthetic:?frames=600&fps=25&width=64&height=48&active_s=1&period_s=2"
+    data = {
+        "sources": [{"id": "yard", "url": url},
+                    {"id": "door", "url": url, "trigger": {"confirm_s": 60}, "question": "Who is at the door?"}],
+        "graph": LOSSLESS_CHANNELS, "trigger": {"cutoff_s": 0.3},
+    }  # fmt: skip
+    asking = build_pipeline(parse_config({**data, "mllm": {"question": "What happens?"}}), speed=None)
+    assert asking.mllm is not None  # built, not started: no model is loaded
+    assert asking.mllm.question_for("door") == "Who is at the door?"
+    assert asking.mllm.question_for("yard") == "What happens?"
+    config = parse_config(data)
+    assert config.settings("door").trigger.confirm_s == 60 and config.settings("door").trigger.cutoff_s == 0.3
+    pipeline = build_pipeline(config, speed=None)
+    graph = pipeline.graph
+    asyncio.run(graph.run())
+    by_source = graph.statistics()["by_source"]["trigger"]
+    assert by_source["yard"]["events_new"] >= 5 and "events_new" not in by_source.get("door", {})
+    metrics = OpsServer(graph.statistics, pipeline.sources, graph.clock).metrics()
+    assert 'stream_rt_node_total{node="trigger",counter="events_new",source="yard"}' in metrics
+    assert 'stream_rt_node_total{node="trigger",counter="events_new"}' not in metrics, "counted per source only"
+
+
+def test_validate_effective_prints_each_sources_own_settings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tomllib
+
+    path = tmp_path / "cams.toml"
+    path.write_text(
+        '[trigger]\non = 0.6\n[[sources]]\nid = "gate"\nurl = "a.mp4"\ntrigger = { on = 0.8 }\n'
+        'zones.door = [[0, 0], [0.5, 0], [0.5, 1]]\nrequire_zones = ["door"]\n[[sources]]\nid = "yard"\nurl = "b.mp4"\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "stream_rt.cli", "validate", "--effective", str(path)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    sections = out.split("\n[sources.")[1:]
+    parsed = {s.split("]")[0]: tomllib.loads(s.split("\n", 1)[1]) for s in sections}
+    assert parsed["gate"]["trigger"]["on"] == 0.8 and parsed["yard"]["trigger"]["on"] == 0.6
+    assert parsed["gate"]["require_zones"] == ["door"] and parsed["yard"]["zones"] == {}

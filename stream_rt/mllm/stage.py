@@ -208,11 +208,11 @@ class MllmStage(Node):
                 request = await asyncio.to_thread(self._request_for, packet)
             except Exception as exc:
                 log.warning("cannot build a request for %s: %s", packet.event_id, describe_error(exc))
-                ctx.count("request_errors")
+                ctx.count("request_errors", source=packet.source_id)
                 await self._settle(_failed(taken, "error", describe_error(exc)), ctx)
                 return
             ask = packet.type == "ask"
-        ctx.count("requests")
+        ctx.count("requests", source=request.source_id)
         try:
             reused = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
         except Exception as exc:
@@ -230,7 +230,7 @@ class MllmStage(Node):
         self._taking = None
         start_now, replaced = self.flow.offer(_Queued(request, time.perf_counter()), priority=ask)
         if replaced is not None:
-            ctx.count("requests_replaced")
+            ctx.count("requests_replaced", source=replaced.request.source_id)
             await self._answer(_failed(replaced.request, "dropped", "replaced by a newer request while waiting"), ctx)
         if start_now:
             self._idle.clear()
@@ -301,9 +301,9 @@ class MllmStage(Node):
 
     async def _answer(self, answer: MllmAnswer, ctx: Context) -> None:
         """Send one answer record: the only way answers leave the stage."""
-        ctx.count(f"answers_{answer.status}")
+        ctx.count(f"answers_{answer.status}", source=answer.source_id)
         for kind, n in answer.tokens.items():
-            ctx.count(f"tokens_{kind}", n)
+            ctx.count(f"tokens_{kind}", n, source=answer.source_id)
         if self.asks is not None:
             self.asks.release(answer.source_id, answer.event_id)
         await ctx.emit("answers", answer)
@@ -335,7 +335,7 @@ class MllmStage(Node):
             request = dataclasses.replace(request, memory=memory, summary_tokens=self.memory.tokens)
         busy = await self._busy_after(STUCK_GRACE_S)
         if busy is not None:
-            ctx.count("refused_stuck")
+            ctx.count("refused_stuck", source=request.source_id)
             return _failed(request, "error", f"the model is still busy with a call given up on {busy:.0f} s ago")
         started = time.perf_counter()
         try:
@@ -347,11 +347,11 @@ class MllmStage(Node):
             log.warning("MLLM call for %s failed: %s", request.event_id, describe_error(exc))
             answer = _failed(request, "error", describe_error(exc), self.backend, started)
         else:
-            ctx.count("model_calls")
+            ctx.count("model_calls", source=request.source_id)
         self.failures_in_a_row = self.failures_in_a_row + 1 if answer.status in ("error", "timeout") else 0
         queued = max(0.0, time.perf_counter() - item.queued_at - answer.timings.get("total", 0.0))
         answer = dataclasses.replace(answer, timings={**answer.timings, "queued": queued})
-        ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)))
+        ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)), source=request.source_id)
         ctx.counters.update(self.backend.counters())
         try:
             self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)

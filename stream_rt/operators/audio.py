@@ -155,9 +155,9 @@ class AudioAnalyzer(Node):
                 state.quiet_windows = 0
                 speech = state.vad(window)
                 if ctx is not None:
-                    ctx.count("vad_runs")
+                    ctx.count("vad_runs", source=chunk.source_id)
             else:
                 state.quiet_windows += 1
                 if ctx is not None:
-                    ctx.count("vad_skipped")
+                    ctx.count("vad_skipped", source=chunk.source_id)
         return AudioFeatures(chunk.source_id, chunk.seq, pts_ns, chunk.wall_ns, level, floor, onset, speech)

@@ -174,7 +174,8 @@ class SalienceFusion(Node):
         if isinstance(packet, ChangeMap):
             self._arrived(state, "video", packet.pts_ns, now)
             if state.emitted_ns is not None and packet.pts_ns <= state.emitted_ns:
-                ctx.count("late_video")  # its time was covered by audio steps: it joins the next step
+                # Its time was covered by audio steps: it joins the next step.
+                ctx.count("late_video", source=state.source_id)
                 state.late_visual = max(state.late_visual, self._visual(state, packet))
                 state.late_regions = packet.regions or state.late_regions
                 state.late_zones = tuple(dict.fromkeys(state.late_zones + packet.zones))
@@ -185,7 +186,7 @@ class SalienceFusion(Node):
         elif isinstance(packet, AudioFeatures):
             self._arrived(state, "audio", packet.pts_ns, now)
             if state.emitted_ns is not None and packet.pts_ns < state.emitted_ns:
-                ctx.count("late_audio")
+                ctx.count("late_audio", source=state.source_id)
             state.sound.append(packet)
         await self._release(state, ctx)
 
@@ -245,7 +246,7 @@ class SalienceFusion(Node):
         since = m.arrived_ns if m.arrived_ns is not None else state.started_ns
         if since is not None and ctx.clock.now_ns() - since >= state.p.max_lateness_ns:
             m.stalled = True
-            ctx.count(f"stalled_{kind}")
+            ctx.count(f"stalled_{kind}", source=state.source_id)
             return False
         return True
 
@@ -258,7 +259,7 @@ class SalienceFusion(Node):
                 assert state.video.reached_ns is not None
                 if state.video.reached_ns - t < state.p.max_lateness_ns:
                     return
-                ctx.count("late_steps")
+                ctx.count("late_steps", source=state.source_id)
             step = state.steps.popleft()
             await self._emit(state, step, self._take_sound(state, before_ns=t), ctx)
         # No video step waits: the audio makes its own steps where there is no video to wait for.
