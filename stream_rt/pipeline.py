@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from stream_rt.config import Config, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
+from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
 from stream_rt.memory.streaming import StreamingMemory
@@ -274,7 +274,7 @@ def _build_gates(
                 own = settings[source.name]
                 d = own.detect
                 gate = DetectSettings(d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s)
-                objects.configure(source.name, detectors[d.model], gate, layouts[source.name])
+                objects.configure(source.name, detectors[_detector_key(d)], gate, layouts[source.name])
             graph.add(objects)
             graph.connect("change.changes", "objects.changes", capacity=8)
             graph.connect("objects.changes", "salience.changes", capacity=8)
@@ -298,14 +298,20 @@ def _build_gates(
     return trigger
 
 
-def _load_detectors(detecting: list[SourceSettings]) -> dict[str, Detector]:
-    """One detector per model the sources name, loaded now: one that cannot load fails the
-    build in one line."""
-    options = {s.detect.model: s.detect for s in detecting}
-    return {
-        model: load_detector(model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels)
-        for model, d in options.items()
-    }
+def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...], Detector]:
+    """One detector per distinct way the sources load one (:func:`_detector_key`), loaded
+    now: one that cannot load fails the build in one line."""
+    loaded: dict[tuple[object, ...], Detector] = {}
+    for d in (s.detect for s in detecting):
+        if _detector_key(d) not in loaded:
+            loaded[_detector_key(d)] = load_detector(
+                d.model, min_score=d.min_score, input_size=d.input_size, threads=d.threads, labels=d.labels
+            )
+    return loaded
+
+
+def _detector_key(d: DetectConfig) -> tuple[object, ...]:
+    return (d.model, d.min_score, d.input_size, d.threads, d.labels)
 
 
 def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:

@@ -148,3 +148,16 @@ def test_an_onnx_detector_of_the_yolo_family_is_letterboxed_and_suppressed(tmp_p
     assert [d.label for d in OnnxDetector(path, min_score=0.2).detect(np.zeros((720, 1280, 3), np.uint8))] == [
         "person", "car",
     ]  # fmt: skip
+
+
+def test_each_camera_gets_the_detector_its_own_settings_ask_for(samples: Path) -> None:
+    clip = str(samples / "vtest.avi")
+    config = parse_config({
+        "sources": [{"id": "a", "url": clip, "detect": {"min_score": 0.3}}, {"id": "b", "url": clip},
+                    {"id": "c", "url": clip}],
+        "detect": {"enabled": True, "min_score": 0.7},
+    })  # fmt: skip
+    gate = build_pipeline(config, speed=None).graph._runners["objects"].node  # type: ignore[attr-defined]
+    detectors = {name: gate._sources[name].detector for name in ("a", "b", "c")}  # type: ignore[attr-defined]
+    assert detectors["a"].min_score == 0.3 and detectors["b"].min_score == 0.7  # type: ignore[attr-defined]
+    assert detectors["b"] is detectors["c"], "cameras with the same settings share one loaded detector"
