@@ -163,6 +163,24 @@ async def test_people_walking_during_a_light_change_are_still_found(samples: Pat
     assert sum(bool(m.regions) for m in ramped[50:]) >= 0.95 * len(ramped[50:])
 
 
+@pytest.mark.parametrize("luma", [10, 250])
+@pytest.mark.parametrize("box", [(300, 200, 400, 450), (100, 100, 500, 500)])
+async def test_something_that_comes_and_stays_is_not_taken_for_light(
+    samples: Path, luma: int, box: tuple[int, int, int, int]
+) -> None:
+    """A dark or bright object, up to a third of the frame, comes into a still scene and
+    stays: found on the same frames as without the light model (its patches bend no curve)."""
+    base = np.ascontiguousarray(real_planes(samples / "vtest.avi", 1)[0])
+    planes = noisy_still(base, 120)
+    x0, y0, x1, y1 = box
+    for i in range(20, 120):
+        planes[i] = planes[i].copy()
+        planes[i][y0:y1, x0:x1] = luma
+    with_light = [bool(m.regions) for m in await detect(planes)]
+    without = [bool(m.regions) for m in await detect(planes, light=False)]
+    assert with_light == without and with_light[20]
+
+
 def decoded(path: Path) -> list[VideoFrame]:
     """Every frame of a real clip, with its own media time."""
     with av.open(str(path)) as container:

@@ -23,6 +23,9 @@ BIN = 16
 """Luma levels per bin of the curve."""
 MIN_PATCHES = 6
 """Patches a bin needs before it shapes the curve."""
+CLEARLY = 3
+"""A curve is applied only if it brings this many times more patches closer to the frame
+than it takes away from it (each by more than the tolerance)."""
 
 
 def tone_curve(
@@ -32,8 +35,10 @@ def tone_curve(
     valid: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.uint8] | None:
     """The table mapping background luma to frame luma, or ``None`` while the fitted
-    curve stays within ``tolerance`` levels of unchanged over the luma the scene has.
-    ``valid`` selects the patches to fit (masks left out)."""
+    curve stays within ``tolerance`` levels of unchanged over the luma the scene has, or
+    when it would not bring most patches closer to the frame (something big in view, not
+    light). ``valid`` selects the patches to fit (masks, and patches that changed lately,
+    left out)."""
     usable = np.ones(background_means.shape, np.bool_) if valid is None else valid
     knots = band_medians(background_means, frame_means, usable, BIN, MIN_PATCHES)
     if not len(knots) or np.abs(knots[:, 1]).max() <= tolerance:  # between the knots it moves no more
@@ -47,5 +52,11 @@ def tone_curve(
         curve[high] = ky[-1] + (levels[high] - kx[-1]) * (ky[-1] - ky[-2]) / (kx[-1] - kx[-2])
     else:
         curve = levels + (ky[0] - kx[0])  # one band: the same shift everywhere
+    # Light moves every patch its way; a curve bent by something big in view takes the rest
+    # of the scene away from the frame.
+    x, y = background_means[usable], frame_means[usable]
+    gain = np.abs(y - x) - np.abs(y - np.interp(x, levels, curve))
+    if np.count_nonzero(gain > tolerance) < CLEARLY * np.count_nonzero(gain < -tolerance):
+        return None
     table: npt.NDArray[np.uint8] = np.maximum.accumulate(np.clip(np.rint(curve), 0, 255)).astype(np.uint8)
     return table
