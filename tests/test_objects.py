@@ -111,6 +111,22 @@ def test_the_tracker_follows_a_walker_and_marks_a_parked_car_stationary() -> Non
     assert [t.track_id for t in tracker.tracks] == [by_label["car"].track_id]
 
 
+def test_a_person_walking_towards_the_camera_is_moving_and_a_car_parking_slowly_is_kept() -> None:
+    from stream_rt.operators.detectors import Detection
+
+    tracker = Tracker(stationary_s=2.0, lost_s=3.0)
+    for second in range(6):  # the same centre, a box 20 % bigger every second
+        grow = int(20 * 1.2**second)
+        tracker.update([Detection("person", 0.9, (300 - grow, 200 - 2 * grow, 300 + grow, 200 + 2 * grow))],
+                       int(second * 1e9))  # fmt: skip
+    assert not tracker.is_stationary(tracker.tracks[0], int(5e9))
+    parking = Tracker(stationary_s=2.0, lost_s=3.0)
+    for second, x in enumerate((0, 60, 100, 120, 126)):  # slows down into its space, then is not seen again
+        parking.update([Detection("car", 0.8, (x, 40, x + 100, 100))], int(second * 1e9))
+    parking.update([Detection("car", 0.8, (127, 40, 227, 100))], int(40e9))
+    assert len(parking.tracks) == 1 and parking.tracks[0].hits == 6, "known again after 36 s unseen"
+
+
 def yolo_model(path: Path, boxes: list[tuple[float, float, float, float, int, float]], size: int = 640) -> None:
     """An ONNX model in the YOLOv8 export's shape whose output is ``boxes`` (centre x, y,
     width, height in input pixels, class, score) whatever the image."""

@@ -11,7 +11,7 @@ is kept for ``STILL_KEEP_S``: the detector runs only where change fires, so a pa
 may go unseen for long, and must be known again when it is.
 
 A track is **stationary** once its box has stayed within ``move_share`` of its size of
-where it was ``stationary_s`` ago: a parked car, a person standing or sitting still. A
+where it was, and of the size it had, ``stationary_s`` ago: a parked car, a person standing or sitting still. A
 stationary object does not make activity (the object gate drops the changes on it), so
 it cannot open episodes again and again; once it moves it is active again, with the
 same ``track_id``.
@@ -114,15 +114,17 @@ class Tracker:
         track.box, track.score, track.seen_ns = detection.box, detection.score, at_ns
         track.hits += 1
         (ax, ay), (bx, by) = _centre(track.anchor), _centre(detection.box)
-        size = max(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1], 1)
-        if max(abs(bx - ax), abs(by - ay)) > self.move_share * size:
+        size = _size(detection.box)
+        grown = abs(size - _size(track.anchor))  # coming towards the camera, or going away
+        if max(abs(bx - ax), abs(by - ay), grown) > self.move_share * size:
             track.anchor, track.anchor_ns = detection.box, at_ns  # it moved: stationary counts from here
         if track.stationary(at_ns, int(self.stationary_s * 1e9)):
             track.velocity = (0.0, 0.0)
 
     def _kept(self, track: Track, at_ns: int) -> bool:
         unseen = at_ns - track.seen_ns
-        still = track.velocity == (0.0, 0.0)  # last seen standing (a moving one that left is forgotten)
+        # Last seen standing or creeping (a parked car, a person still); one that walked out is forgotten.
+        still = max(abs(v) for v in track.velocity) <= self.move_share * _size(track.box)
         return unseen <= self.lost_s * 1e9 or (still and unseen <= STILL_KEEP_S * 1e9)
 
     def is_stationary(self, track: Track, at_ns: int) -> bool:
