@@ -163,7 +163,8 @@ def main() -> None:
     d_ratios, d_gated, d_bare = alternate(args.clip, args.detector_rounds, detect=True)
     frames_seen, _ = bare_decode(args.clip)
     runs = LAST_DETECTOR_RUNS[0]
-    media_s = frames_seen / 10
+    with av.open(str(args.clip)) as container:
+        media_s = frames_seen / float(container.streams.video[0].average_rate or 10)
     core_share = runs * ssd_ms / 1000 / media_s
     print(f"object gate: SSD-MobileNet-v2 {ssd_ms:.0f} ms per frame (one thread); it ran on {runs} of "
           f"{frames_seen} frames; gated replay with it {statistics.median(d_gated):.0f} fps vs bare "

@@ -249,7 +249,10 @@ def _replay(args: argparse.Namespace) -> int:
         mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
     config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm}))
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
-    pipeline = build_pipeline(config, speed=args.speed)
+    try:
+        pipeline = build_pipeline(config, speed=args.speed)
+    except ValueError as exc:
+        raise ConfigError(f"{args.config or 'replay'}: {exc}") from None
     if args.report is not None:
         attach_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()

@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PolicyName = Literal["block", "drop_oldest", "drop_newest", "latest"]
 
@@ -74,7 +74,16 @@ class GraphConfig(_Strict):
 
 
 Point = tuple[float, float]
-Polygon = Annotated[list[Point], Field(min_length=3)]
+
+
+def _has_area(corners: list[Point]) -> list[Point]:
+    doubled = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1], strict=True))
+    if abs(doubled) < 1e-9:
+        raise ValueError(f"the polygon {corners} has no area")
+    return corners
+
+
+Polygon = Annotated[list[Point], Field(min_length=3), AfterValidator(_has_area)]
 """A polygon's corners ``[[x, y], ...]``: pixels, or all within 0..1 for shares of the frame."""
 
 
@@ -437,6 +446,8 @@ class SourceSettings(_Strict):
             )
         if self.objects and not self.detect.enabled:
             out.append("objects need the detector: set [detect] enabled = true (or detect = { enabled = true })")
+        if (self.objects or self.detect.enabled) and not self.change.enabled:
+            out.append("the detector runs where change fired: it needs change.enabled = true")
         return out
 
 

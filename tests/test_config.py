@@ -103,6 +103,26 @@ def test_questions_must_outwait_the_fusion() -> None:
         parse_config({"trigger": {"ask_wait_s": 0.5}})
 
 
+def test_camera_settings_that_cannot_work_are_refused_at_validation() -> None:
+    cam = {"id": "cam", "url": "a.mp4"}
+    for data, error in [
+        ({"trigger": {"off": 0.6}}, r"^config: trigger.off \(0.6\) must be at most trigger.on \(0.5\)$"),
+        ({"sources": [{**cam, "trigger": {"on": 0.2}}]}, r"sources\[0\] \(cam\): trigger.off \(0.3\) must be at most"),
+        ({"trigger": {"off": 0.1}, "sources": [{**cam, "trigger": {"on": 0.2}}]}, None),  # merged: 0.1 <= 0.2
+        ({"sources": [{**cam, "trigger": {"onn": 0.2}}]}, r"sources\[0\].trigger.onn: unknown key \(did you mean"),
+        ({"sources": [{**cam, "require_zones": ["door"]}]}, "require_zones names 'door', which is not one of zones"),
+        ({"sources": [{**cam, "objects": ["person"]}]}, "objects need the detector"),
+        ({"sources": [{**cam, "objects": ["person"], "detect": {"enabled": True}, "change": {"enabled": False}}]},
+         "the detector runs where change fired"),
+        ({"sources": [{**cam, "zones": {"line": [[0, 0], [0.5, 0.5], [1, 1]]}}]}, "has no area"),
+    ]:  # fmt: skip
+        if error is None:
+            parse_config(data)
+            continue
+        with pytest.raises(ConfigError, match=error):
+            parse_config(data)
+
+
 def test_per_camera_settings_take_effect_and_are_counted_per_source(tmp_path: Path) -> None:
     """Two synthetic cameras in one daemon: one with the defaults, one whose trigger never
     confirms and whose question is its own; each counts its own events in /metrics."""

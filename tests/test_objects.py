@@ -9,10 +9,11 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from stream_rt import build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
-from stream_rt.operators.detectors import COCO_LABELS, OnnxDetector, SsdMobileNet
+from stream_rt.operators.detectors import COCO_LABELS, DetectorUnavailable, OnnxDetector, SsdMobileNet
 from stream_rt.operators.tracking import Tracker
 
 
@@ -161,6 +162,8 @@ def test_an_onnx_detector_of_the_yolo_family_is_letterboxed_and_suppressed(tmp_p
     found = detector.detect(np.zeros((720, 1280, 3), np.uint8))
     assert [(d.label, round(d.score, 2)) for d in found] == [("person", 0.9)], "the overlapping box is suppressed"
     assert found[0].box == (540, 160, 740, 560)
+    with pytest.raises(DetectorUnavailable, match=r"is not \(4 \+ 3 classes\) x boxes"):
+        OnnxDetector(path, labels=("cat", "dog", "bird"))
     assert [d.label for d in OnnxDetector(path, min_score=0.2).detect(np.zeros((720, 1280, 3), np.uint8))] == [
         "person", "car",
     ]  # fmt: skip
@@ -177,3 +180,21 @@ def test_each_camera_gets_the_detector_its_own_settings_ask_for(samples: Path) -
     detectors = {name: gate._sources[name].detector for name in ("a", "b", "c")}  # type: ignore[attr-defined]
     assert detectors["a"].min_score == 0.3 and detectors["b"].min_score == 0.7  # type: ignore[attr-defined]
     assert detectors["b"] is detectors["c"], "cameras with the same settings share one loaded detector"
+
+
+def test_cameras_that_ask_for_what_the_detector_cannot_give_are_refused(samples: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "cam.toml"
+    config.write_text(
+        f'[[sources]]\nid = "cam"\nurl = "{samples / "vtest.avi"}"\nobjects = ["persn"]\n[detect]\nenabled = true\n'
+    )
+    done = subprocess.run([sys.executable, "-m", "stream_rt.cli", "replay", str(samples / "vtest.avi"), "--config",
+                           str(config)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "objects 'persn' (did you mean 'person'?)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    missing = tmp_path / "missing.toml"
+    missing.write_text(config.read_text().replace("[detect]", '[detect]\nmodel = "nowhere.onnx"'))
+    done = subprocess.run([sys.executable, "-m", "stream_rt.cli", "run", str(missing)], capture_output=True, text=True)
+    assert done.returncode == 2 and "nowhere.onnx does not exist" in done.stderr and "Traceback" not in done.stderr

@@ -130,6 +130,9 @@ class ChangeDetector(Node):
         source = frame.source_id
         p = self.settings(source)
         y = frame.y
+        if frame.width < p.patch or frame.height < p.patch:  # not one whole patch: nothing to compare
+            self._count(ctx, "frames_too_small", source)
+            return self._empty(frame, p, recalibrated=False)
         state = self._states.get(source)
         if state is None or state.background.shape != y.shape:
             # First frame of a source (or a new resolution): it becomes the background.

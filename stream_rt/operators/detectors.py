@@ -60,6 +60,7 @@ class Detection:
 
 class Detector(Protocol):
     name: str
+    labels: tuple[str, ...]  # the names it may give
 
     def detect(self, rgb: npt.NDArray[np.uint8]) -> list[Detection]: ...
 
@@ -107,6 +108,7 @@ def ssd_model_files() -> tuple[Path, Path]:
 
 class SsdMobileNet:
     name = DEFAULT_MODEL
+    labels: tuple[str, ...] = COCO_LABELS
 
     def __init__(self, *, min_score: float = 0.5, input_size: int = 300, threads: int = 1) -> None:
         cv2 = _cv2()
@@ -165,6 +167,12 @@ class OnnxDetector:
         self._input_name = model_input.name
         self.name = path.name
         self.labels = labels
+        out_shape = [d for d in self._session.get_outputs()[0].shape[1:] if isinstance(d, int)]
+        if len(out_shape) == 2 and 4 + len(labels) not in out_shape:  # checked once here, not at every frame
+            raise DetectorUnavailable(
+                f"{path.name}: output {out_shape} is not (4 + {len(labels)} classes) x boxes; give its class names "
+                "in [detect] labels"
+            )
         self.min_score = min_score
         self.iou = iou
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,7 +74,15 @@ class ObjectGate(Node):
     def configure(
         self, source_id: str, detector: Detector, settings: DetectSettings, layout: SceneLayout | None = None
     ) -> None:
-        """Run ``detector`` (loaded; sources may share one) for ``source_id``."""
+        """Run ``detector`` (loaded; sources may share one) for ``source_id``. Raises
+        ``ValueError`` when it wants objects the detector cannot name."""
+        unknown = [label for label in settings.objects if label not in detector.labels]
+        if unknown:
+            hints = [difflib.get_close_matches(label.replace(" ", "_"), detector.labels, n=1) for label in unknown]
+            named = ", ".join(
+                f"'{u}'" + (f" (did you mean '{h[0]}'?)" if h else "") for u, h in zip(unknown, hints, strict=True)
+            )
+            raise ValueError(f"source '{source_id}': objects {named}: not a label of the detector {detector.name}")
         tracker = Tracker(stationary_s=settings.stationary_s, lost_s=settings.lost_s)
         self._sources[source_id] = _Source(detector, settings, layout or SceneLayout(), tracker)
 
@@ -151,8 +160,9 @@ class ObjectGate(Node):
             grids = layout.grids(width, height, changes.patch)[1]
             named = (z for r in regions for z in layout.region_zones(changes.changed, r, changes.patch, grids))
             zones = list(dict.fromkeys(named))
-        for o in objects:
-            zones += [z for z in o.zones if z not in zones and not o.stationary]
+        for o in objects:  # where the moving objects that made this map's activity stand
+            if not o.stationary and any(_overlaps(r, _grown(o.box)) for r in regions):
+                zones += [z for z in o.zones if z not in zones]
         return dataclasses.replace(changes, regions=regions, objects=tuple(objects), zones=tuple(zones))
 
 
