@@ -28,7 +28,8 @@ model calls are its episodes (each an instant, or a detector's episode):
 - **false episodes** on labelled non-events (light changes, foliage, people standing
   still...): episodes that start inside one and overlap no label, by kind;
 - **onset latency**: media time from a label's start to the start of the first episode
-  overlapping it (negative when the episode opened slightly before the label);
+  overlapping it (0 when an episode opened before the label: it cannot be seen earlier
+  than it starts, and a call made before it did not see it);
 - **call share**: model calls per decoded video frame (with ``component``: the calls of
   that component's episodes alone); **detector share**: frames the object detector ran on.
 
@@ -228,7 +229,7 @@ def score(
     for interval in intervals:
         hits = [e for e in episodes if overlaps(e, interval)]
         if hits:
-            latencies.append(min(e[0] for e in hits) - interval[0])
+            latencies.append(max(0.0, min(e[0] for e in hits) - interval[0]))
     precise = [e for e in episodes if any(overlaps(e, i) for i in intervals)]
     false = {
         kind: sum(1 for e in episodes if e not in precise and any(a <= e[0] <= b for a, b in spans))
