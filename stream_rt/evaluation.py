@@ -28,8 +28,8 @@ model calls are its episodes (each an instant, or a detector's episode):
 - **false episodes** on labelled non-events (light changes, foliage, people standing
   still...): episodes that start inside one and overlap no label, by kind;
 - **onset latency**: media time from a label's start to the start of the first episode
-  overlapping it (0 when an episode opened before the label: it cannot be seen earlier
-  than it starts, and a call made before it did not see it);
+  overlapping it (0 when one opened within the tolerance before the label: nothing is
+  seen sooner than it starts);
 - **call share**: model calls per decoded video frame (with ``component``: the calls of
   that component's episodes alone); **detector share**: frames the object detector ran on.
 
