@@ -192,7 +192,15 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from stream_rt.operators.detectors import COCO_LABELS, DEFAULT_MODEL
+
     config = load_config(args.config)
+    for source in config.sources:  # the packaged detector's names are known before anything loads
+        own = config.settings(source.id)
+        unknown = [o for o in own.objects if own.detect.model == DEFAULT_MODEL and o not in COCO_LABELS]
+        if unknown:
+            raise ConfigError(f"{args.config}: sources ({source.id}): objects {unknown} are not COCO labels "
+                              f"(such as {', '.join(COCO_LABELS[:3])}, traffic_light)")  # fmt: skip
     ids = ", ".join(s.id for s in config.sources) or "none"
     print(f"{args.config}: OK ({len(config.sources)} sources: {ids})")
     if args.effective:

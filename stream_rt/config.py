@@ -18,6 +18,7 @@ file, the key path (``sources[0].stall_timout_s``) and what is wrong.
 from __future__ import annotations
 
 import difflib
+import itertools
 import tomllib
 import types
 import typing
@@ -77,8 +78,9 @@ Point = tuple[float, float]
 
 
 def _has_area(corners: list[Point]) -> list[Point]:
-    doubled = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1], strict=True))
-    if abs(doubled) < 1e-9:
+    (ax, ay), rest = corners[0], corners[1:]  # a fan of triangles: a crossed outline has area too
+    doubled = sum(abs((x0 - ax) * (y1 - ay) - (x1 - ax) * (y0 - ay)) for (x0, y0), (x1, y1) in itertools.pairwise(rest))
+    if doubled < 1e-9:
         raise ValueError(f"the polygon {corners} has no area")
     return corners
 
@@ -121,7 +123,9 @@ class DetectConfig(_Strict):
     input_size: int = Field(0, ge=0, description="side of the detector's square input (0: 300 for SSD, 640 for ONNX)")
     detect_fps: float = Field(1.0, gt=0, description="most detector runs per source per second of media time")
     min_score: float = Field(0.5, gt=0, le=1, description="least detection score kept")
-    threads: int = Field(1, ge=1, description="CPU threads of the detector")
+    threads: int = Field(
+        1, ge=1, description="CPU threads of the detector (OpenCV's for the SSD model are one setting for the process)"
+    )
     stationary_s: float = Field(
         2.0, gt=0, description="a tracked object that has not moved for this long is stationary: it opens no episode"
     )

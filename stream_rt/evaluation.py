@@ -28,8 +28,9 @@ model calls are its episodes (each an instant, or a detector's episode):
 - **false episodes** on labelled non-events (light changes, foliage, people standing
   still...): episodes that start inside one and overlap no label, by kind;
 - **onset latency**: media time from a label's start to the start of the first episode
-  overlapping it (0 when one opened within the tolerance before the label: nothing is
-  seen sooner than it starts);
+  overlapping it: 0 when an episode is open as the label starts; an instant (a baseline's
+  call) before the start sees nothing, so it is the next one at or after the start that
+  counts (a label seen only by calls before it: the tolerance);
 - **call share**: model calls per decoded video frame (with ``component``: the calls of
   that component's episodes alone); **detector share**: frames the object detector ran on.
 
@@ -228,8 +229,9 @@ def score(
     latencies = []
     for interval in intervals:
         hits = [e for e in episodes if overlaps(e, interval)]
-        if hits:
-            latencies.append(max(0.0, min(e[0] for e in hits) - interval[0]))
+        if hits:  # open at the label's start: 0; else from the start to the first that opens after it
+            seen = [max(0.0, e[0] - interval[0]) for e in hits if e[1] >= interval[0]]
+            latencies.append(min(seen) if seen else tol)
     precise = [e for e in episodes if any(overlaps(e, i) for i in intervals)]
     false = {
         kind: sum(1 for e in episodes if e not in precise and any(a <= e[0] <= b for a, b in spans))

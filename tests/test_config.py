@@ -115,6 +115,7 @@ def test_camera_settings_that_cannot_work_are_refused_at_validation() -> None:
         ({"sources": [{**cam, "objects": ["person"], "detect": {"enabled": True}, "change": {"enabled": False}}]},
          "the detector runs where change fired"),
         ({"sources": [{**cam, "zones": {"line": [[0, 0], [0.5, 0.5], [1, 1]]}}]}, "has no area"),
+        ({"sources": [{**cam, "zones": {"bow": [[0, 0], [1, 1], [1, 0], [0, 1]]}}]}, None),  # crossed: has area
     ]:  # fmt: skip
         if error is None:
             parse_config(data)

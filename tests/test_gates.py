@@ -135,6 +135,18 @@ async def test_noise_below_the_floor_margin_does_not_fire(tmp_path: Path) -> Non
     assert stats["nodes"]["audio"].get("vad_runs", 0) == 0
 
 
+@pytest.mark.parametrize("silence_at", [0.0, 8.0], ids=["priming", "mute"])
+async def test_digital_silence_does_not_make_the_room_loud(tmp_path: Path, silence_at: float) -> None:
+    """Two seconds of exact zeros (an encoder's priming at the start, a muted input later)
+    in a quiet room's noise: the noise after them opens nothing."""
+    rng = np.random.default_rng(6)
+    room = rng.normal(0, 10 ** (-60 / 20), 16_000 * 20)
+    start = int(silence_at * 16_000)
+    room[start : start + 32_000] = 0.0
+    events, _ = await run_pipeline(audio_only(write_audio(tmp_path / "room.mkv", room)))
+    assert events == []
+
+
 async def test_a_person_who_stops_moving_does_not_cause_an_update_storm(samples: Path, tmp_path: Path) -> None:
     # Real footage: an empty-looking frame of the walkway, then a real pedestrian patch
     # pasted in and left standing still for 60 s, with sensor noise throughout.

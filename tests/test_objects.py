@@ -194,6 +194,9 @@ def test_cameras_that_ask_for_what_the_detector_cannot_give_are_refused(samples:
                            str(config)], capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "objects 'persn' (did you mean 'person'?)" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    checked = subprocess.run([sys.executable, "-m", "stream_rt.cli", "validate", str(config)], capture_output=True,
+                             text=True)  # fmt: skip
+    assert checked.returncode == 2 and "objects ['persn'] are not COCO labels" in checked.stderr, checked.stderr
     missing = tmp_path / "missing.toml"
     missing.write_text(config.read_text().replace("[detect]", '[detect]\nmodel = "nowhere.onnx"'))
     done = subprocess.run([sys.executable, "-m", "stream_rt.cli", "run", str(missing)], capture_output=True, text=True)

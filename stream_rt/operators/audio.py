@@ -5,9 +5,8 @@ Chunks of any size are cut into 512-sample windows (32 ms at 16 kHz). For each w
 - ``level_dbfs``: RMS level in dB relative to full scale (floored at -100 dBFS);
 - ``floor_dbfs``: the noise floor, which follows the level down at once and rises by at
   most ``floor_rise_db_per_s`` (so a minute of speech does not become "background");
-  digital silence (at most -90 dBFS) at the very start of a stream, an encoder's priming
-  samples, does not set it, so the room's noise after it is not heard as loud (silence
-  later, between sounds, lowers it as any quiet does);
+  digital silence (at most -90 dBFS: an encoder's priming samples, a muted input, a
+  dropout) leaves it where it was, so the room's noise after it is not heard as loud;
 - ``onset``: spectral flux (half-wave rectified increase of the log-magnitude spectrum)
   above its running mean, in running standard deviations, when above ``onset_sigma``;
 - ``speech``: Silero VAD probability — run only when the level is at least
@@ -30,7 +29,7 @@ from stream_rt.operators.vad import WINDOW, SileroVad
 
 NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
 DIGITAL_SILENCE_DBFS = -90.0
-"""Windows at or below this level are digital silence: before any sound, they do not set the noise floor."""
+"""Windows at or below this level are digital silence: they never move the noise floor."""
 WINDOW_NS = WINDOW * NS_PER_SAMPLE
 
 
@@ -129,7 +128,7 @@ class AudioAnalyzer(Node):
         rms = float(np.sqrt(np.mean(window * window)))
         level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
         previous = state.floor
-        if previous is not None or level > DIGITAL_SILENCE_DBFS:  # leading silence: an encoder's priming
+        if level > DIGITAL_SILENCE_DBFS:  # digital silence (priming, a mute, a dropout) says nothing of the room
             rise = state.p.floor_rise_per_window
             state.floor = level if previous is None or level < previous else min(level, previous + rise)
         floor = state.floor if state.floor is not None else level

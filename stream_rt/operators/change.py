@@ -57,6 +57,8 @@ from stream_rt.operators.zones import SceneLayout
 RECENTLY_CHANGED = 0.05
 """Patches that changed in at least this share of recent frames are left out of the light
 model's fit (an object that stopped there, leaves): what moved is not light."""
+FIT_SHARE = 0.3
+"""...unless fewer than this share of the patches are left to fit."""
 CALIBRATION_FRAMES = 8
 """A source's first frames only teach the noise and busy levels; they report no change."""
 
@@ -144,10 +146,13 @@ class ChangeDetector(Node):
         if p.light:  # one pass gives the difference and what the tone curve is fitted to
             mad, frame_means, background_means = patch_mad_means(y, background, p.patch)
             valid = None if masked is None else ~masked
+            fit = valid
             if state.activity is not None and state.activity.shape == mad.shape:  # what moved lately is not light
                 still = state.activity < RECENTLY_CHANGED
-                valid = still if valid is None else valid & still
-            table = tone_curve(background_means, frame_means, p.light_tolerance, valid)
+                still = still if valid is None else valid & still
+                if still.sum() >= FIT_SHARE * (still.size if valid is None else valid.sum()):
+                    fit = still  # (rain or a crowd over most of the frame: fit to all of it)
+            table = tone_curve(background_means, frame_means, p.light_tolerance, fit, judged_on=valid)
             if table is not None:
                 apply_lut(background, table)
                 mad = patch_mad(y, background, p.patch)

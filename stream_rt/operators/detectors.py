@@ -168,7 +168,7 @@ class OnnxDetector:
         self.name = path.name
         self.labels = labels
         out_shape = [d for d in self._session.get_outputs()[0].shape[1:] if isinstance(d, int)]
-        if len(out_shape) == 2 and 4 + len(labels) not in out_shape:  # checked once here, not at every frame
+        if out_shape and 4 + len(labels) not in out_shape:  # checked once here, not at every frame
             raise DetectorUnavailable(
                 f"{path.name}: output {out_shape} is not (4 + {len(labels)} classes) x boxes; give its class names "
                 "in [detect] labels"

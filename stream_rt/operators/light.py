@@ -33,12 +33,13 @@ def tone_curve(
     frame_means: npt.NDArray[np.float32],
     tolerance: float,
     valid: npt.NDArray[np.bool_] | None = None,
+    judged_on: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.uint8] | None:
     """The table mapping background luma to frame luma, or ``None`` while the fitted
     curve stays within ``tolerance`` levels of unchanged over the luma the scene has, or
     when it would not bring most patches closer to the frame (something big in view, not
     light). ``valid`` selects the patches to fit (masks, and patches that changed lately,
-    left out)."""
+    left out); ``judged_on`` those it must help (default: all)."""
     usable = np.ones(background_means.shape, np.bool_) if valid is None else valid
     knots = band_medians(background_means, frame_means, usable, BIN, MIN_PATCHES)
     if not len(knots) or np.abs(knots[:, 1]).max() <= tolerance:  # between the knots it moves no more
@@ -54,9 +55,10 @@ def tone_curve(
         curve = levels + (ky[0] - kx[0])  # one band: the same shift everywhere
     # Light moves every patch its way; a curve bent by something big in view takes the rest
     # of the scene away from the frame.
-    x, y = background_means[usable], frame_means[usable]
-    gain = np.abs(y - x) - np.abs(y - np.interp(x, levels, curve))
+    table: npt.NDArray[np.uint8] = np.maximum.accumulate(np.clip(np.rint(curve), 0, 255)).astype(np.uint8)
+    judged = np.ones(background_means.shape, np.bool_) if judged_on is None else judged_on
+    x, y = background_means[judged], frame_means[judged]
+    gain = np.abs(y - x) - np.abs(y - np.interp(x, levels, table.astype(np.float64)))
     if np.count_nonzero(gain > tolerance) < CLEARLY * np.count_nonzero(gain < -tolerance):
         return None
-    table: npt.NDArray[np.uint8] = np.maximum.accumulate(np.clip(np.rint(curve), 0, 255)).astype(np.uint8)
     return table

@@ -31,6 +31,8 @@ from stream_rt.operators.detectors import Detection, box_iou
 
 STILL_KEEP_S = 60.0
 """How long a track that was not moving is kept without being detected."""
+REACH_SIZES = 3.0
+"""The farthest a detection may be from a track's predicted box to join it, in box sizes."""
 
 
 @dataclass
@@ -45,8 +47,9 @@ class Track:
     anchor_ns: int = 0
     hits: int = 1
 
-    def predicted(self, at_ns: int) -> Box:
-        dt = max(0.0, (at_ns - self.seen_ns) / 1e9)
+    def predicted(self, at_ns: int, horizon_s: float = 3.0) -> Box:
+        """Where it is by now, moving on as it last moved, for at most ``horizon_s``."""
+        dt = min(horizon_s, max(0.0, (at_ns - self.seen_ns) / 1e9))
         dx, dy = self.velocity[0] * dt, self.velocity[1] * dt
         x0, y0, x1, y1 = self.box
         return (round(x0 + dx), round(y0 + dy), round(x1 + dx), round(y1 + dy))
@@ -69,7 +72,7 @@ class Tracker:
         self.tracks = [t for t in self.tracks if self._kept(t, at_ns)]
         pairs = sorted(
             (
-                (box_iou(t.predicted(at_ns), d.box), ti, di)
+                (box_iou(t.predicted(at_ns, self.lost_s), d.box), ti, di)
                 for ti, t in enumerate(self.tracks)
                 for di, d in enumerate(detections)
                 if t.label == d.label
@@ -87,14 +90,14 @@ class Tracker:
         # Fast walkers seen a second apart may not overlap their last box: the nearest of the
         # same label within one box size per second of media time joins instead.
         near = sorted(
-            (_distance(t.predicted(at_ns), d.box), ti, di)
+            (_distance(t.predicted(at_ns, self.lost_s), d.box), ti, di)
             for ti, t in enumerate(self.tracks)
             for di, d in enumerate(detections)
             if t.label == d.label and ti not in used_tracks and di not in used_detections
         )
         for distance, ti, di in near:
             track = self.tracks[ti]
-            reach = _size(track.box) * max(1.0, (at_ns - track.seen_ns) / 1e9)
+            reach = _size(track.box) * min(REACH_SIZES, max(1.0, (at_ns - track.seen_ns) / 1e9))
             if distance > reach or ti in used_tracks or di in used_detections:
                 continue
             used_tracks.add(ti)
@@ -124,7 +127,7 @@ class Tracker:
     def _kept(self, track: Track, at_ns: int) -> bool:
         unseen = at_ns - track.seen_ns
         # Last seen standing or creeping (a parked car, a person still); one that walked out is forgotten.
-        still = max(abs(v) for v in track.velocity) <= self.move_share * _size(track.box)
+        still = max(abs(v) for v in track.velocity) <= self.move_share * _size(track.box) / self.stationary_s
         return unseen <= self.lost_s * 1e9 or (still and unseen <= STILL_KEEP_S * 1e9)
 
     def is_stationary(self, track: Track, at_ns: int) -> bool:

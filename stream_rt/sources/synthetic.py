@@ -1,8 +1,8 @@
 """A deterministic source of generated frames and audio, for tests and load runs.
 
 Frames show a static textured background with a bright square that moves while
-``moving(t)`` says so; audio is a sine tone while ``sounding(t)`` says so, silence
-otherwise. Media time advances by exactly one frame period per frame, so what a test
+``moving(t)`` says so; audio is a sine tone while ``sounding(t)`` says so, a quiet
+room's noise (-60 dBFS, seeded) otherwise. Media time advances by exactly one frame period per frame, so what a test
 expects can be computed from the arguments alone.
 
 In a config it is a URL: ``synthetic:?frames=1000000&fps=10&width=64&height=48`` with
@@ -96,7 +96,8 @@ class SyntheticSource(StatusSource):
         period_ns = int(1e9 / self.fps)
         samples_per_frame = round(AUDIO_SAMPLE_RATE / self.fps)
         tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples_per_frame) / AUDIO_SAMPLE_RATE)).astype(np.float32)
-        silence = np.zeros(samples_per_frame, np.float32)
+        # Between tones, a quiet room (-60 dBFS of noise), as a microphone hears it.
+        silence = (0.001 * np.random.default_rng(7).standard_normal(samples_per_frame)).astype(np.float32)
         span = self._background.shape[1] - self._box
         box_x = 0
         seq = itertools.count()
