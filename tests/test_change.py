@@ -153,6 +153,25 @@ async def test_an_infrared_switch_to_grey_is_followed_not_reported(samples: Path
     assert not any(m.regions for m in await detect(planes))
 
 
+async def test_a_switch_to_infrared_starts_again_and_people_walking_in_are_found(samples: Path) -> None:
+    """On the walkway, whose yellow paper and vans no luma curve takes to grey, the switch
+    moves most patches by more than the threshold at once: the background starts again
+    from that frame, and people walking in right after are found."""
+    with av.open(str(samples / "vtest.avi")) as container:
+        frames = itertools.islice(container.decode(video=0), 40)
+        rgb = [f.to_ndarray(format="rgb24").astype(np.float32) for f in frames]
+    colour = (rgb[0] @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+
+    def infrared(image: np.ndarray) -> np.ndarray:
+        return (image.mean(axis=2) * 0.8 + 40).astype(np.uint8)
+
+    walking = [np.clip(infrared(f) + np.random.default_rng(i).normal(0, 3, colour.shape), 0, 255).astype(np.uint8)
+               for i, f in enumerate(rgb[1:])]  # fmt: skip
+    maps = await detect(noisy_still(colour, 30) + noisy_still(infrared(rgb[0]), 30, seed=1) + walking)
+    assert maps[30].recalibrated and not any(m.regions for m in maps[:60]), [m.seq for m in maps[:60] if m.regions]
+    assert sum(bool(m.regions) for m in maps[62:]) >= 0.9 * len(maps[62:])
+
+
 async def test_people_walking_during_a_light_change_are_still_found(samples: Path) -> None:
     planes = [np.ascontiguousarray(p) for p in real_planes(samples / "vtest.avi", 150)]
     plain = await detect(planes)

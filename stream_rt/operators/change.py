@@ -15,8 +15,12 @@ What is not activity:
   curve that takes it to the frame (:mod:`stream_rt.operators.light`) once that curve
   moves luma by more than ``light_tolerance``: brightness and contrast changes of the
   whole frame, sudden or spread over seconds, are followed (``light_adjustments``) while
-  whatever moved meanwhile still differs. When at least ``recalibrate_fraction`` of the
-  patches still change (a cut, the camera moved) the background is reset to the frame.
+  whatever moved meanwhile still differs. A light change that takes a quarter of the
+  patches past ``threshold`` in one frame, most of them explained by the curve (lights
+  switched off, a switch to infrared, which also changes how colours look in grey), resets
+  the background to the frame (``light_recalibrations``), as does a frame
+  of which at least ``recalibrate_fraction`` of the patches still change (a cut, the
+  camera moved: ``recalibrations``).
 - **Busy patches** (``busy_share``): a patch that would change in at least that share of
   the frames of the last ``busy_window_s`` of media time (leaves, water, rain, a screen)
   is busy and changes only above ``busy_k`` times its usual difference, so a person
@@ -59,6 +63,11 @@ RECENTLY_CHANGED = 0.05
 model's fit (an object that stopped there, leaves): what moved is not light."""
 FIT_SHARE = 0.3
 """...unless fewer than this share of the patches are left to fit."""
+LIGHT_JUMP = 0.25
+"""A light change that takes this share of the patches past the threshold in one frame, of
+which the tone curve explains three in four, is a jump (lights switched off, a switch to
+infrared, which also changes how colours look in grey): the background starts again from
+the frame, since what the curve left there is the colours, not activity."""
 CALIBRATION_FRAMES = 8
 """A source's first frames only teach the noise and busy levels; they report no change."""
 
@@ -154,8 +163,12 @@ class ChangeDetector(Node):
                     fit = still  # (rain or a crowd over most of the frame: fit to all of it)
             table = tone_curve(background_means, frame_means, p.light_tolerance, fit, judged_on=valid)
             if table is not None:
+                before = np.count_nonzero(mad > p.threshold)
                 apply_lut(background, table)
                 mad = patch_mad(y, background, p.patch)
+                if before >= LIGHT_JUMP * mad.size and np.count_nonzero(mad > p.threshold) * 4 <= before:
+                    # The light jumped (switched off, to infrared): what the curve left is not to be trusted.
+                    return self._restart(state, y, frame, p, ctx, "light_recalibrations")
                 self._count(ctx, "light_adjustments", source)
         else:
             mad = patch_mad(y, background, p.patch)
@@ -177,10 +190,7 @@ class ChangeDetector(Node):
         usable = changed.size - (int(masked.sum()) if masked is not None else 0)
         fraction = changed_patches / max(1, usable)
         if fraction >= p.recalibrate_fraction:
-            background[:] = y
-            state.frames_seen = 0
-            self._count(ctx, "recalibrations", source)
-            return self._empty(frame, p, recalibrated=True, mad=mad)
+            return self._restart(state, y, frame, p, ctx, "recalibrations", mad)
         if state.frames_seen % p.background_every == 0:
             blend_background(background, y)
         if state.frames_total < CALIBRATION_FRAMES:
@@ -201,6 +211,16 @@ class ChangeDetector(Node):
             source, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
             mad, changed, fraction, regions, False, frame, tuple(touched),
         )  # fmt: skip
+
+    def _restart(
+        self, state: _State, y: npt.NDArray[np.uint8], frame: VideoFrame, p: ChangeSettings, ctx: Context | None,
+        counter: str, mad: npt.NDArray[np.float32] | None = None,
+    ) -> ChangeMap:  # fmt: skip
+        """The frame becomes the background: no change is reported for it."""
+        state.background[:] = y
+        state.frames_seen = 0
+        self._count(ctx, counter, frame.source_id)
+        return self._empty(frame, p, recalibrated=True, mad=mad)
 
     @staticmethod
     def _count(ctx: Context | None, name: str, source: str) -> None:
