@@ -24,9 +24,12 @@ Every system is scored by the same rules with the same ``tolerance_s``; a baseli
 model calls are its episodes (each an instant, or a detector's episode):
 
 - **recall**: share of labelled intervals overlapped by an episode (within ``tolerance_s``);
-- **precision**: share of episodes that overlap a labelled interval (within ``tolerance_s``);
+- **precision**: share of episodes that are for a labelled interval: they overlap it and
+  open no sooner than ``tolerance_s`` before it (one opened sooner, by something else, and
+  running on into the label is not for it);
 - **false episodes** on labelled non-events (light changes, foliage, people standing
-  still...): episodes that start inside one and overlap no label, by kind;
+  still, activity outside the watched zone...): episodes that start inside one and are for
+  no label, by kind;
 - **onset latency**: media time from a label's start to the start of the first episode
   overlapping it: 0 when an episode is open as the label starts; an instant (a baseline's
   call) before the start sees nothing, so it is the next one at or after the start that
@@ -232,7 +235,9 @@ def score(
         if hits:  # open at the label's start: 0; else from the start to the first that opens after it
             seen = [max(0.0, e[0] - interval[0]) for e in hits if e[1] >= interval[0]]
             latencies.append(min(seen) if seen else tol)
-    precise = [e for e in episodes if any(overlaps(e, i) for i in intervals)]
+    # An episode is for a label it overlaps if it opened no sooner than the tolerance before
+    # it; one opened sooner (by a non-event, running on into the label) is false.
+    precise = [e for e in episodes if any(overlaps(e, i) and e[0] >= i[0] - tol for i in intervals)]
     false = {
         kind: sum(1 for e in episodes if e not in precise and any(a <= e[0] <= b for a, b in spans))
         for kind, spans in (non_events or {}).items()
