@@ -303,17 +303,21 @@ def build_still_motion(dest: Path, force: bool) -> None:
 
 # Segments of walkway_light.mkv: the walkway held still (people standing) or moving on,
 # from where it stopped; and the light of the whole frame changing at known times:
-# (start s, seconds, gain, offset, grey) moved to linearly from the light before.
-LIGHT_PLAN = [("still", 8), ("motion", 5), ("still", 12), ("motion", 6), ("still", 12), ("motion", 5),
-              ("still", 12), ("motion", 6), ("still", 12), ("motion", 6), ("still", 10), ("motion", 5),
-              ("still", 8)]  # fmt: skip
+# (start s, seconds, gain, offset, grey) moved to linearly from the light before. Each
+# still stretch lasts long enough for the episode of the motion before it to have ended
+# when its light changes, so an episode the light opens is seen as one.
+LIGHT_PLAN = [("still", 8)] + [("motion", 5), ("still", 20)] * 8 + [("motion", 5), ("still", 8)]
 LIGHT_CHANGES = [
-    (17.0, 0.5, 1.3, 0.0, 0.0),  # clouds clear in half a second: 30 % brighter
-    (35.0, 0.0, 0.6, 0.0, 0.0),  # lights off at once
-    (51.0, 3.0, 1.0, 0.0, 0.0),  # auto-exposure brings it back over 3 s
-    (62.0, 2.0, 1.25, 0.0, 0.0),  # brighter over 2 s while people walk
-    (70.0, 0.0, 0.8, 40.0, 1.0),  # the camera switches to infrared: grey, flatter, brighter
-    (89.0, 0.5, 1.0, 0.0, 0.0),  # and back to colour
+    (25.0, 0.5, 1.3, 0.0, 0.0),  # clouds clear in half a second: 30 % brighter
+    (50.0, 0.0, 0.6, 0.0, 0.0),  # lights off at once
+    (75.0, 3.0, 1.0, 0.0, 0.0),  # auto-exposure brings it back over 3 s
+    (82.0, 2.0, 1.25, 0.0, 0.0),  # brighter over 2 s as people walk in (from 83 s)
+    (100.0, 0.0, 0.8, 40.0, 1.0),  # the camera switches to infrared: grey, flatter, brighter
+    (125.0, 0.5, 1.0, 0.0, 0.0),  # and back to colour
+    # Changes too small for a whole-frame recalibration, but change to a pixel test:
+    (150.0, 0.0, 1.12, 0.0, 0.0),  # a cloud clears: 12 % brighter at once
+    (175.0, 2.0, 0.9, 20.0, 0.0),  # haze over 2 s: flatter, the dark parts lighter
+    (200.0, 0.5, 0.8, 12.0, 0.0),  # a cloud passes: darker over half a second
 ]
 
 
