@@ -126,7 +126,9 @@ class Tracker:
 
     def _kept(self, track: Track, at_ns: int) -> bool:
         unseen = at_ns - track.seen_ns
-        # Last seen standing or creeping (a parked car, a person still); one that walked out is forgotten.
+        # Last seen standing or creeping (a parked car, a person still); one that walked out is
+        # forgotten. One seen once counts as still: under flickering light a person standing
+        # is detected once a flicker, seconds apart, and must stay the same person.
         still = max(abs(v) for v in track.velocity) <= self.move_share * _size(track.box) / self.stationary_s
         return unseen <= self.lost_s * 1e9 or (still and unseen <= STILL_KEEP_S * 1e9)
 
