@@ -314,7 +314,7 @@ LIGHT_CHANGES = [
     (82.0, 2.0, 1.25, 0.0, 0.0),  # brighter over 2 s as people walk in (from 83 s)
     (100.0, 0.0, 0.8, 40.0, 1.0),  # the camera switches to infrared: grey, flatter, brighter
     (125.0, 0.5, 1.0, 0.0, 0.0),  # and back to colour
-    # Changes too small for a whole-frame recalibration, but change to a pixel test:
+    # Changes too small for a pixel test's whole-frame recalibration (recalibrate_fraction):
     (150.0, 0.0, 1.12, 0.0, 0.0),  # a cloud clears: 12 % brighter at once
     (175.0, 2.0, 0.9, 20.0, 0.0),  # haze over 2 s: flatter, the dark parts lighter
     (200.0, 0.5, 0.8, 12.0, 0.0),  # a cloud passes: darker over half a second

@@ -94,7 +94,9 @@ class ChangeConfig(_Strict):
     patch: int = Field(16, ge=4, le=64, description="patch size in pixels")
     threshold: float = Field(12.0, gt=0, description="mean absolute luma difference that marks a patch changed")
     min_region_patches: int = Field(2, ge=1, description="smallest group of changed patches that counts as a region")
-    recalibrate_fraction: float = Field(0.6, gt=0, le=1, description="share of changed patches treated as lighting")
+    recalibrate_fraction: float = Field(
+        0.6, gt=0, le=1, description="share of patches still changed that resets the background (a cut, a moved camera)"
+    )
     background_every: int = Field(2, ge=1, description="blend the background 1/16 towards the frame every N frames")
     noise_k: float = Field(3.0, ge=0, description="a patch must also exceed this many times its own noise level")
     light: bool = Field(

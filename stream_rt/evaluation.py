@@ -23,15 +23,16 @@ the video on, so the media-time alignment of audio and video is what is scored.
 Every system is scored by the same rules with the same ``tolerance_s``; a baseline's
 model calls are its episodes (each an instant, or a detector's episode):
 
-- **recall**: share of labelled intervals overlapped by an episode (within ``tolerance_s``);
-- **precision**: share of episodes that are for a labelled interval: they overlap it and
-  open no sooner than ``tolerance_s`` before it (one opened sooner, by something else, and
-  running on into the label is not for it);
+- An episode is **for** a labelled interval when it overlaps it (within ``tolerance_s``)
+  and opens no sooner than ``tolerance_s`` before it: one opened sooner, by something
+  else, and running on into the label is not for it (its first call saw something else);
+- **recall**: share of labelled intervals some episode is for;
+- **precision**: share of episodes that are for a labelled interval;
 - **false episodes** on labelled non-events (light changes, foliage, people standing
   still, activity outside the watched zone...): episodes that start inside one and are for
-  no label, by kind;
+  no label, by kind (kinds may overlap) and in all (``false_total``, distinct episodes);
 - **onset latency**: media time from a label's start to the start of the first episode
-  overlapping it: 0 when an episode is open as the label starts; an instant (a baseline's
+  for it: 0 when an episode is open as the label starts; an instant (a baseline's
   call) before the start sees nothing, so it is the next one at or after the start that
   counts (a label seen only by calls before it: the tolerance);
 - **call share**: model calls per decoded video frame (with ``component``: the calls of
@@ -93,7 +94,8 @@ class Scenario:
 class Score:
     recall: float
     precision: float
-    false_episodes: dict[str, int]
+    false_episodes: dict[str, int]  # by kind (kinds may overlap: a light change while people stand)
+    false_total: int  # distinct episodes
     latency_p95_s: float
     latency_mean_s: float
     calls: int
@@ -217,6 +219,10 @@ def episodes_of(events: list[Event]) -> list[tuple[float, float, int]]:
     return [(a, b, int(c)) for a, b, c in out.values()]
 
 
+def _starts_in(episode: Interval, spans: list[Interval]) -> bool:
+    return any(a <= episode[0] <= b for a, b in spans)
+
+
 def score(
     episodes: list[Interval],
     calls: int,
@@ -226,28 +232,29 @@ def score(
     non_events: dict[str, list[Interval]] | None = None,
     detector_runs: int = 0,
 ) -> Score:
-    def overlaps(e: Interval, i: Interval) -> bool:
-        return e[0] <= i[1] + tol and e[1] >= i[0] - tol
+    def is_for(e: Interval, i: Interval) -> bool:
+        """``e`` overlaps ``i`` and opened no sooner than the tolerance before it (one opened
+        sooner, by something else, and running on into it is not for it)."""
+        return e[0] <= i[1] + tol and e[1] >= i[0] - tol and e[0] >= i[0] - tol
 
     latencies = []
     for interval in intervals:
-        hits = [e for e in episodes if overlaps(e, interval)]
+        hits = [e for e in episodes if is_for(e, interval)]
         if hits:  # open at the label's start: 0; else from the start to the first that opens after it
             seen = [max(0.0, e[0] - interval[0]) for e in hits if e[1] >= interval[0]]
             latencies.append(min(seen) if seen else tol)
-    # An episode is for a label it overlaps if it opened no sooner than the tolerance before
-    # it; one opened sooner (by a non-event, running on into the label) is false.
-    precise = [e for e in episodes if any(overlaps(e, i) and e[0] >= i[0] - tol for i in intervals)]
-    false = {
-        kind: sum(1 for e in episodes if e not in precise and any(a <= e[0] <= b for a, b in spans))
-        for kind, spans in (non_events or {}).items()
-    }
+    precise = [e for e in episodes if any(is_for(e, i) for i in intervals)]
+    unmatched = [e for e in episodes if e not in precise]
+    spans_of = non_events or {}
+    false = {kind: sum(1 for e in unmatched if _starts_in(e, spans)) for kind, spans in spans_of.items()}
+    false_total = sum(1 for e in unmatched if any(_starts_in(e, spans) for spans in spans_of.values()))
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else math.nan
     return Score(
         recall=len(latencies) / len(intervals) if intervals else 1.0,
         precision=len(precise) / len(episodes) if episodes else 1.0,
         false_episodes=false,
+        false_total=false_total,
         latency_p95_s=p95,
         latency_mean_s=sum(latencies) / len(latencies) if latencies else math.nan,
         calls=calls,
@@ -338,7 +345,7 @@ def format_report(result: dict[str, Any]) -> str:
         if s is None:
             continue
         label = f"stream_rt[{component}]" if name == "stream_rt" and component else name
-        false = sum(s["false_episodes"].values())
+        false = s["false_total"]
         lines.append(
             f"  {label:18} {s['recall']:7.3f} {s['precision']:9.3f} {false:6d} {s['latency_p95_s']:9.3f}s "
             f"{s['calls']:6d} {s['call_share']:12.2%} {s['detector_share']:15.2%}"

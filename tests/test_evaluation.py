@@ -25,8 +25,11 @@ def test_score_counts_hits_misses_false_alarms_and_latency() -> None:
     # Opened by something else 30 s before the label and running on into it: not for it.
     early = score([(20.0, 60.0)], calls=1, frames=800, intervals=[(50.0, 55.0)], tol=0.5,
                   non_events={"path": [(0.0, 49.5)]})  # fmt: skip
-    assert early.precision == 0.0 and early.false_episodes == {"path": 1}
-    assert early.recall == 1.0 and early.latency_mean_s == 0.0, "open as the label starts: the label is seen"
+    assert early.precision == 0.0 and early.false_episodes == {"path": 1} and early.false_total == 1
+    assert early.recall == 0.0, "its first call saw the path, not the label"
+    both = score([(20.0, 21.0)], calls=1, frames=800, intervals=[(50.0, 55.0)], tol=0.5,
+                 non_events={"light": [(19.0, 22.0)], "standing": [(10.0, 30.0)]})  # fmt: skip
+    assert both.false_episodes == {"light": 1, "standing": 1} and both.false_total == 1, "one episode, two kinds"
 
 
 def test_the_baselines_are_scored_by_the_same_rules() -> None:
@@ -48,10 +51,11 @@ LIGHT_FAILURES = {
     "their luma rises less than the tone curve says (one episode)",
 }
 
-SLOW_ONSETS = {
-    "walkway": "people walk from the first frame, and a source's first 8 frames only teach the detector",
-    "tree": "2.3 frames a second: the episode is confirmed one frame (0.43 s) after the fingertips",
-    "pen": "the pen's tip at the edge covers under 1 % of the frame; the pen itself comes 0.8 s later",
+SLOW_ONSETS = {  # p95 onset at most (s), and why it is over 0.3 s
+    "walkway": (1.0, "people walk from the first frame, and a source's first 8 frames only teach the detector"),
+    "tree": (1.0, "2.3 frames a second: the episode is confirmed one frame (0.43 s) after the fingertips"),
+    "pen": (1.0, "the pen's tip at the edge covers under 1 % of the frame; the pen itself comes 0.8 s later"),
+    "lawn_detect": (1.2, "detect_fps = 1: the person on the grass is confirmed at the next detection"),
 }
 
 
@@ -72,13 +76,17 @@ def test_gates_meet_their_targets_on_the_real_scenarios(samples: Path) -> None:
     for name, report in reports.items():
         ours = report["stream_rt"]
         assert ours["recall"] >= 0.95 and ours["precision"] >= 0.9, report
-        assert ours["false_episodes"].get("light", 0) <= (1 if name in LIGHT_FAILURES else 0), report
-        assert ours["latency_p95_s"] <= (1.0 if name in SLOW_ONSETS else 0.3), (SLOW_ONSETS.get(name), report)
+        assert ours["false_episodes"].get("light", 0) <= (1 if name in LIGHT_FAILURES else 0), (
+            LIGHT_FAILURES.get(name),
+            report,
+        )
+        limit, why = SLOW_ONSETS.get(name, (0.3, ""))
+        assert ours["latency_p95_s"] <= limit, (why, report)
         assert ours["call_share"] <= 0.02, report
         assert ours["call_share"] < report["1 call/s"]["call_share"]
     assert 0 < reports["walkway"]["stream_rt"]["detector_share"] <= 0.10, "the detector on a busy scene"
     light = reports["walkway_light"]
-    assert sum(light["1 call/s"]["false_episodes"].values()) > 0, "the non-events are there to be failed"
+    assert light["1 call/s"]["false_total"] > 0, "the non-events are there to be failed"
 
 
 def without(scenario: str, tmp_path: Path, drop: str = "", add: str = "") -> dict:

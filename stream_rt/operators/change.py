@@ -16,9 +16,11 @@ What is not activity:
   moves luma by more than ``light_tolerance``: brightness and contrast changes of the
   whole frame, sudden or spread over seconds, are followed (``light_adjustments``) while
   whatever moved meanwhile still differs. A light change that takes a quarter of the
-  patches past ``threshold`` in one frame, most of them explained by the curve (lights
-  switched off, a switch to infrared, which also changes how colours look in grey), resets
-  the background to the frame (``light_recalibrations``), as does a frame
+  patches past ``threshold`` in one frame, most of them explained by the curve, is a jump
+  (lights switched off, a switch to infrared, which also changes how colours look in grey):
+  what the curve leaves is taken into the background from the frame except where
+  something moved lately (``light_recalibrations``), so people walking, or arriving and
+  stopping, as it happens are still found. The background is reset to a frame
   of which at least ``recalibrate_fraction`` of the patches still change (a cut, the
   camera moved: ``recalibrations``).
 - **Busy patches** (``busy_share``): a patch that would change in at least that share of
@@ -64,10 +66,13 @@ model's fit (an object that stopped there, leaves): what moved is not light."""
 FIT_SHARE = 0.3
 """...unless fewer than this share of the patches are left to fit."""
 LIGHT_JUMP = 0.25
-"""A light change that takes this share of the patches past the threshold in one frame, of
-which the tone curve explains three in four, is a jump (lights switched off, a switch to
-infrared, which also changes how colours look in grey): the background starts again from
-the frame, since what the curve left there is the colours, not activity."""
+"""A light change that takes this share of the patches past the threshold in one frame..."""
+JUMP_LEFT = 0.25
+"""...and leaves no more than this share of them past it once the tone curve is applied is a
+jump (lights switched off, a switch to infrared, which also changes how colours look in
+grey): what the curve left is taken from the frame, except where something moved lately."""
+JUMP_GAP_S = 2.0
+"""At most one jump in this much media time (a light flickering is followed by the curve)."""
 CALIBRATION_FRAMES = 8
 """A source's first frames only teach the noise and busy levels; they report no change."""
 
@@ -101,6 +106,7 @@ class _State:
     level: npt.NDArray[np.float32] | None = None
     last_pts: int | None = None
     busy: int = 0
+    light_jump_ns: int | None = None  # media time of the last light jump
 
 
 class ChangeDetector(Node):
@@ -163,13 +169,14 @@ class ChangeDetector(Node):
                     fit = still  # (rain or a crowd over most of the frame: fit to all of it)
             table = tone_curve(background_means, frame_means, p.light_tolerance, fit, judged_on=valid)
             if table is not None:
-                before = np.count_nonzero(mad > p.threshold)
+                before = mad
                 apply_lut(background, table)
                 mad = patch_mad(y, background, p.patch)
-                if before >= LIGHT_JUMP * mad.size and np.count_nonzero(mad > p.threshold) * 4 <= before:
-                    # The light jumped (switched off, to infrared): what the curve left is not to be trusted.
-                    return self._restart(state, y, frame, p, ctx, "light_recalibrations")
-                self._count(ctx, "light_adjustments", source)
+                if self._jumped(state, frame, before, mad, valid, p):
+                    mad = patch_mad(y, background, p.patch)
+                    self._count(ctx, "light_recalibrations", source)
+                else:
+                    self._count(ctx, "light_adjustments", source)
         else:
             mad = patch_mad(y, background, p.patch)
         if state.noise is None or state.noise.shape != mad.shape:
@@ -190,7 +197,10 @@ class ChangeDetector(Node):
         usable = changed.size - (int(masked.sum()) if masked is not None else 0)
         fraction = changed_patches / max(1, usable)
         if fraction >= p.recalibrate_fraction:
-            return self._restart(state, y, frame, p, ctx, "recalibrations", mad)
+            background[:] = y
+            state.frames_seen = 0
+            self._count(ctx, "recalibrations", source)
+            return self._empty(frame, p, recalibrated=True, mad=mad)
         if state.frames_seen % p.background_every == 0:
             blend_background(background, y)
         if state.frames_total < CALIBRATION_FRAMES:
@@ -212,15 +222,28 @@ class ChangeDetector(Node):
             mad, changed, fraction, regions, False, frame, tuple(touched),
         )  # fmt: skip
 
-    def _restart(
-        self, state: _State, y: npt.NDArray[np.uint8], frame: VideoFrame, p: ChangeSettings, ctx: Context | None,
-        counter: str, mad: npt.NDArray[np.float32] | None = None,
-    ) -> ChangeMap:  # fmt: skip
-        """The frame becomes the background: no change is reported for it."""
-        state.background[:] = y
-        state.frames_seen = 0
-        self._count(ctx, counter, frame.source_id)
-        return self._empty(frame, p, recalibrated=True, mad=mad)
+    @staticmethod
+    def _jumped(
+        state: _State, frame: VideoFrame, before: npt.NDArray[np.float32], after: npt.NDArray[np.float32],
+        valid: npt.NDArray[np.bool_] | None, p: ChangeSettings,
+    ) -> bool:  # fmt: skip
+        """Whether the light change from ``before`` (the difference to the background) to
+        ``after`` (once re-toned) is a jump; if so, the background takes the frame where
+        the curve left a difference and nothing moved lately."""
+        usable = valid if valid is not None else np.ones(before.shape, np.bool_)
+        was = np.count_nonzero((before > p.threshold) & usable)
+        left = (after > p.threshold) & usable
+        recovered = state.light_jump_ns is None or frame.pts_ns - state.light_jump_ns >= JUMP_GAP_S * 1e9
+        if not recovered or was < LIGHT_JUMP * usable.sum() or np.count_nonzero(left) > JUMP_LEFT * was:
+            return False
+        # Where nothing moved lately, what the curve left is how colours look now (the
+        # frame); where something did, it may be that thing.
+        moving = np.zeros_like(left)
+        if state.activity is not None and state.activity.shape == left.shape:
+            moving = left & _near(state.activity >= RECENTLY_CHANGED)
+        _take_frame(state.background, frame.y, moving, p.patch)
+        state.light_jump_ns = frame.pts_ns
+        return True
 
     @staticmethod
     def _count(ctx: Context | None, name: str, source: str) -> None:
@@ -243,3 +266,24 @@ class ChangeDetector(Node):
             frame.source_id, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
             mad, np.zeros(shape, np.bool_), 0.0, (), recalibrated, frame,
         )  # fmt: skip
+
+
+def _near(patches: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``patches`` and their eight neighbours (where someone walking goes next)."""
+    out = patches.copy()
+    out[1:] |= patches[:-1]
+    out[:-1] |= patches[1:]
+    grown = out.copy()
+    grown[:, 1:] |= out[:, :-1]
+    grown[:, :-1] |= out[:, 1:]
+    return grown
+
+
+def _take_frame(background: npt.NDArray[np.uint8], y: npt.NDArray[np.uint8], keep: npt.NDArray[np.bool_],
+                patch: int) -> None:  # fmt: skip
+    """The background becomes the frame, except in the ``keep`` patches."""
+    rows, cols = keep.shape
+    pixels = np.repeat(np.repeat(keep, patch, axis=0), patch, axis=1)
+    kept = background[: rows * patch, : cols * patch][pixels]
+    background[:] = y
+    background[: rows * patch, : cols * patch][pixels] = kept
