@@ -376,11 +376,26 @@ class MllmConfig(_Strict):
         0.02, ge=0, le=1, description="reuse the last answer while at most this share of the scene changed (0: never)"
     )
     reuse_max_age_s: float = Field(120.0, gt=0, description="...and the last answer is younger than this")
+    max_in_flight: int | None = Field(
+        None, ge=1, description="model calls at once across sources, taken round-robin (default: 1 for "
+        "'transformers', which runs one call at a time, 4 for 'openai')",
+    )  # fmt: skip
+    calls_per_minute: int = Field(
+        0, ge=0, description="routine model calls a minute across all sources, beyond which they are answered "
+        "'dropped' (0: only the trigger's budget per source); asked questions are not counted",
+    )  # fmt: skip
+
+    @property
+    def in_flight(self) -> int:
+        """:attr:`max_in_flight`, or the backend's default."""
+        return self.max_in_flight or (4 if self.backend == "openai" else 1)
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> MllmConfig:
         if self.backend == "openai" and not self.url:
             raise ValueError("the 'openai' backend needs url (e.g. 'http://127.0.0.1:8000/v1')")
+        if self.in_flight > 1 and self.backend != "openai":
+            raise ValueError("max_in_flight > 1 needs the 'openai' backend (a local model runs one call at a time)")
         if self.memory.enabled and self.backend != "transformers":
             raise ValueError("memory needs the 'transformers' backend (it feeds the model visual tokens)")
         if self.token_reuse.enabled and (self.memory.enabled or self.clip.frames > 1):

@@ -9,11 +9,16 @@ directly, the stage:
    event without a picture (an audio-only source) is asked about in words alone;
 2. **reuses** the last answer when the scene and question have not changed
    (:class:`~stream_rt.policies.answer_reuse.AnswerReuse`; status ``reused``, no call);
-3. **limits the flow**: one call in flight; routine requests keep one waiting place, and
-   with ``flow="latest"`` (live) a newer one replaces the waiting one, which is answered
-   ``dropped``; questions someone asked (``ask`` events) wait in order ahead of them and
-   are never replaced (the trigger bounds how many are open); with ``flow="block"``
-   (replays) a newer request waits for room instead, slowing the graph to the model;
+3. **limits the flow, fairly across sources** (:class:`~stream_rt.policies.flow.FairFlow`):
+   up to ``max_in_flight`` calls at once, the next taken round-robin by source; each
+   source's routine requests keep one waiting place of their own, and with
+   ``flow="latest"`` (live) a newer one replaces that source's waiting one, which is
+   answered ``dropped`` (a busy camera never replaces a quiet one's); questions someone
+   asked (``ask`` events) go before routine requests and are never replaced (the trigger
+   bounds how many are open); with ``calls_per_minute``, a routine request that would
+   start beyond that many calls in the last minute, across sources, is answered
+   ``dropped``; with ``flow="block"`` (replays) a newer request waits for room instead,
+   slowing the graph to the model;
 4. calls the backend with a **timeout**: a call past ``timeout_s`` is answered ``timeout``
    at once. The model works on a thread of its own (:class:`~stream_rt.mllm.backend.Backend`),
    so a call that hangs there cannot take perception's threads; while that thread is still
@@ -66,7 +71,7 @@ from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.requests import build_request
 from stream_rt.policies.answer_reuse import AnswerReuse
 from stream_rt.policies.asks import AskLedger
-from stream_rt.policies.flow import FlowLimiter
+from stream_rt.policies.flow import FairFlow
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -107,8 +112,11 @@ class MllmStage(Node):
         snapshot_interval_s: float = 60.0,
         asks: AskLedger | None = None,
         questions: dict[str, str] | None = None,
+        max_in_flight: int = 1,
+        calls_per_minute: int = 0,
     ) -> None:
-        """``questions``: the question of each source that has its own (``question`` for the rest)."""
+        """``questions``: the question of each source that has its own (``question`` for the
+        rest); ``calls_per_minute``: the budget of routine calls across sources (0: none)."""
         super().__init__(name)
         self.backend = backend
         self.question = question
@@ -117,7 +125,8 @@ class MllmStage(Node):
         self.max_side = max_side
         self.crop_regions = crop_regions
         self.reuse = AnswerReuse(reuse_threshold, reuse_max_age_s)
-        self.flow: FlowLimiter[_Queued] = FlowLimiter()
+        self.flow: FairFlow[_Queued] = FairFlow(max_in_flight, calls_per_minute)
+        self.calls_per_minute = calls_per_minute
         self.block = flow == "block"
         self.clip = clip
         self.memory = memory
@@ -127,7 +136,7 @@ class MllmStage(Node):
         self.failures_in_a_row = 0  # calls that ended error or timeout, since the last that did not
         self._saved_at = time.monotonic()
         self._room = asyncio.Event()  # set whenever nothing waits
-        self._worker: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet
@@ -228,13 +237,29 @@ class MllmStage(Node):
             await self._settle(_failed(request, "dropped", "the daemon is stopping"), ctx)
             return
         self._taking = None
-        start_now, replaced = self.flow.offer(_Queued(request, time.perf_counter()), priority=ask)
+        self._idle.clear()
+        started, replaced, refused = self.flow.offer(request.source_id, _Queued(request, time.perf_counter()), ask)
         if replaced is not None:
             ctx.count("requests_replaced", source=replaced.request.source_id)
-            await self._answer(_failed(replaced.request, "dropped", "replaced by a newer request while waiting"), ctx)
-        if start_now:
-            self._idle.clear()
-            self._worker = asyncio.create_task(self._work(ctx), name=f"stream_rt:{self.name}:calls")
+            why = "replaced by a newer request of its source while waiting"
+            await self._answer(_failed(replaced.request, "dropped", why), ctx)
+        await self._start(started, refused, ctx)
+
+    async def _start(self, started: list[_Queued], refused: list[_Queued], ctx: Context) -> None:
+        """Call for each ``started`` item on a task of its own; answer each one the budget
+        ``refused``."""
+        for item in started:
+            task = asyncio.create_task(self._work(item, ctx), name=f"stream_rt:{self.name}:call")
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        for item in refused:
+            ctx.count("requests_over_budget", source=item.request.source_id)
+            why = f"over the budget of {self.calls_per_minute} model calls a minute across sources"
+            await self._answer(_failed(item.request, "dropped", why), ctx)
+        if self.flow.in_flight or self.flow.queued:
+            return
+        self._room.set()
+        self._idle.set()
 
     def question_for(self, source_id: str) -> str:
         """The question asked about ``source_id``'s events (its own, else the stage's)."""
@@ -251,10 +276,10 @@ class MllmStage(Node):
             await self._idle.wait()  # what asked is answered before the end goes on
 
     async def stop(self, ctx: Context) -> None:
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        for task in list(self._calls):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await task
         owed = [item.request for item in self.flow.clear() if not item.answered] + self._interrupted
         self._interrupted = []
         for request in owed:  # promised an answer, never called
@@ -285,7 +310,7 @@ class MllmStage(Node):
         return None
 
     def gauges(self, now_ns: int) -> dict[str, float]:
-        gauges = {"in_flight": float(self.flow.in_flight is not None), "waiting": float(self.flow.queued),
+        gauges = {"in_flight": float(len(self.flow.in_flight)), "waiting": float(self.flow.queued),
                   "stuck_s": round(self.stuck_s() or 0.0, 1)}  # fmt: skip
         gauges.update(self.backend.gauges())
         if self.memory is not None:
@@ -308,25 +333,19 @@ class MllmStage(Node):
             self.asks.release(answer.source_id, answer.event_id)
         await ctx.emit("answers", answer)
 
-    async def _work(self, ctx: Context) -> None:
-        """Answer the in-flight request, then the next, until none is left. Nothing but
-        cancellation ends it early."""
-        item = self.flow.in_flight
+    async def _work(self, item: _Queued, ctx: Context) -> None:
+        """Answer ``item``, then start what the flow lets start. Nothing but cancellation
+        ends it early."""
         try:
-            while item is not None:
-                try:
-                    answer = await self._call(item, ctx)
-                except Exception as exc:
-                    log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
-                    answer = _failed(item.request, "error", describe_error(exc), self.backend)
-                item.answered = True  # from here on it is not answered again, even if stopped mid-way
-                await self._answer(answer, ctx)
-                item = self.flow.done()
-                self._room.set()
-        finally:
-            if self.flow.in_flight is None:
-                self._room.set()
-                self._idle.set()
+            answer = await self._call(item, ctx)
+        except Exception as exc:
+            log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
+            answer = _failed(item.request, "error", describe_error(exc), self.backend)
+        item.answered = True  # from here on it is not answered again, even if stopped mid-way
+        await self._answer(answer, ctx)
+        started, refused = self.flow.done(item)
+        self._room.set()
+        await self._start(started, refused, ctx)
 
     async def _call(self, item: _Queued, ctx: Context) -> MllmAnswer:
         request = item.request
