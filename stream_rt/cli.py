@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 import time
@@ -116,6 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="default 127.0.0.1:8000")
     worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     worker.add_argument("--max-new-tokens", type=int, default=128)
+    worker.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model id clients ask for (default: 'smoke' for the smoke model, else --model)",
+    )
+    worker.add_argument("--api-key", default=None,
+                        help="bearer token every /v1 request must carry (default $STREAM_RT_WORKER_API_KEY; "
+                             "required to listen beyond loopback)")  # fmt: skip
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_worker)
 
@@ -150,7 +160,7 @@ def _worker(args: argparse.Namespace) -> int:
     import uvloop
 
     from stream_rt.mllm.transformers_backend import TransformersBackend
-    from stream_rt.mllm.worker import Worker
+    from stream_rt.mllm.worker import RequestError, Worker
 
     setup_logging(args.log_level)
     host, _, port = args.listen.rpartition(":")
@@ -159,10 +169,16 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     backend = TransformersBackend(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
 
+    try:
+        worker = Worker(backend, host, int(port), api_key=args.api_key or os.environ.get("STREAM_RT_WORKER_API_KEY"),
+                        served_name=args.served_model_name)  # fmt: skip
+    except RequestError as exc:
+        print(f"stream-rt: {exc}", file=sys.stderr)
+        return 2
+
     async def serve() -> None:
-        worker = Worker(backend, host, int(port))
         await worker.start()
-        print(f"serving {backend.name} on http://{host}:{worker.port}/v1", file=sys.stderr, flush=True)
+        print(f"serving {worker.model_id} on http://{host}:{worker.port}/v1", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

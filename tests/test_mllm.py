@@ -282,6 +282,7 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
         assert (answer.status, answer.text, answer.event_id) == ("ok", SMOKE_ANSWER, "cam-9"), answer.error
         assert answer.smoke and "".join(streamed) == SMOKE_ANSWER and answer.stop in ("contract", "eos")
         assert answer.tokens["generated"] > 0 and answer.timings["first_token"] > 0
+        assert answer.tokens["prompt"] > 0, "the worker's prompt count reaches the daemon's answer"
         # [mllm] contract_stop = false reaches the HTTP backend: it reads the stream to its
         # end (here the worker's own contract stop ends it) instead of closing it itself.
         from stream_rt.config import MllmConfig

@@ -75,7 +75,9 @@ class OpenAIBackend(Backend):
             "max_tokens": self.max_new_tokens,
             "temperature": 0,
             "stream": True,
-            "stream_options": {"include_usage": True},
+            # continuous_usage_stats (vLLM's, and stream-rt worker's): the prompt's length
+            # arrives with the first tokens, though the contract stop closes the stream early.
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }
         started = time.perf_counter()
         first_token: float | None = None

@@ -20,6 +20,7 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,13 +216,15 @@ class TransformersBackend(Backend):
         clip: tuple[list[int], list[AudioFeatures]] | None = None,
         memory: tuple[str, tuple[MemoryEntry, ...]] | None = None,
         summary_tokens: int = 0,
+        on_prompt: Callable[[int], None] | None = None,
     ) -> Generation:
         """Answer ``text`` about ``images`` (one user turn) in the calling thread. With token
         reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
         changed (:mod:`stream_rt.mllm.token_reuse`). ``clip`` = (frame times, audio
         features) compresses a multi-frame request when compression is on. ``memory`` =
         (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.memory_prefix`).
-        ``summary_tokens``: also return the keyframe's visual tokens pooled to that many."""
+        ``summary_tokens``: also return the keyframe's visual tokens pooled to that many.
+        ``on_prompt`` is told the prompt's length in tokens before decoding starts."""
         if self.model is None:
             self.load()
         assert self.family is not None
@@ -260,6 +263,8 @@ class TransformersBackend(Backend):
                     prepared, prefix, memory_tokens = after_prefix(prepared, state.length), state, state.length
                 logits, cache = self.prefill(prepared, features, prefix)
                 encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
+            if on_prompt is not None:
+                on_prompt(prepared.length)
             exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
             t2 = time.perf_counter()
             ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)

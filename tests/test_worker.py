@@ -1,0 +1,111 @@
+"""`stream-rt worker` as an OpenAI-compatible server, checked with the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import av
+import openai
+import pytest
+
+from stream_rt.mllm.smoke import SMOKE_ANSWER
+
+from .test_mllm import smoke_model  # noqa: F401  (the fixture)
+
+KEY = "test-key-0123"
+
+
+@pytest.fixture
+async def worker(smoke_model: Path, free_port: int) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:  # noqa: F811
+    """A real worker process serving the smoke model with an API key, and its base URL."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(smoke_model), "--listen",
+        f"127.0.0.1:{free_port}", "--api-key", KEY, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
+        assert line, "the worker exited before serving"
+    try:
+        yield f"http://127.0.0.1:{free_port}/v1", proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+def jpeg_url(samples: Path) -> str:
+    with av.open(str(samples / "vtest.avi")) as container:
+        frame = next(container.decode(video=0))
+    import io
+
+    out = io.BytesIO()
+    frame.to_image().save(out, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+async def test_the_official_client_gets_what_openai_would_give(worker: tuple[str, object], samples: Path) -> None:
+    url, _ = worker
+    client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
+    models = (await client.models.list()).data
+    assert [m.id for m in models] == ["smoke"] and models[0].owned_by and models[0].created > 0
+    content = [
+        {"type": "text", "text": "What is happening?"},
+        {"type": "image_url", "image_url": {"url": jpeg_url(samples)}},
+    ]
+    messages = [{"role": "user", "content": content}]
+    reply = await client.chat.completions.create(model="smoke", messages=messages)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == SMOKE_ANSWER and reply.usage and reply.usage.prompt_tokens > 0
+    stream = await client.chat.completions.create(model="smoke", messages=messages, stream=True)  # type: ignore[arg-type]
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant", "the first delta names the role"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == SMOKE_ANSWER
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.chat.completions.create(model="gpt-4o", messages=messages)  # type: ignore[arg-type]
+    assert missing.value.code == "model_not_found"
+    for unsupported in (
+        {"n": 2},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    ):
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="smoke", messages=messages, **unsupported)  # type: ignore[call-overload]
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        for method, path, status in (("GET", "/nothing", 404), ("GET", "/chat/completions", 405)):
+            async with http.request(method, url + path) as response:
+                assert response.status == status and "message" in (await response.json())["error"]
+    # Four at once: each answered (they take the model's thread in turn).
+    replies = await asyncio.gather(*(client.chat.completions.create(model="smoke", messages=messages)  # type: ignore[arg-type]
+                                     for _ in range(4)))  # fmt: skip
+    assert [r.choices[0].message.content for r in replies] == [SMOKE_ANSWER] * 4
+    await client.close()
+
+
+async def test_a_client_that_leaves_mid_stream_is_one_log_line(worker: tuple[str, asyncio.subprocess.Process]) -> None:
+    url, proc = worker
+    body = {"model": "smoke", "messages": [{"role": "user", "content": "Describe the scene at length."}],
+            "stream": True, "max_tokens": 100000}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession(headers=headers) as http, http.post(url + "/chat/completions", json=body) as r:
+        await r.content.readline()  # the first chunk, then hang up
+    await asyncio.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    log = (await asyncio.wait_for(proc.stderr.read(), 10)).decode()
+    assert await proc.wait() == 0
+    assert "went away" in log and "Traceback" not in log, log
+
+
+def test_listening_beyond_loopback_needs_an_api_key(smoke_model: Path) -> None:  # noqa: F811
+    result = subprocess.run([sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(smoke_model),
+                             "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 2 and "needs an API key" in result.stderr and len(result.stderr.splitlines()) == 1
