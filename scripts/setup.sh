@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in ffmpeg mosquitto chromium; do  # chromium: the tests render the HTML report headless
-  command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+# command:package; chromium: the tests render the HTML report headless; promtool: they lint /metrics
+for pair in ffmpeg:ffmpeg mosquitto:mosquitto chromium:chromium promtool:prometheus; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

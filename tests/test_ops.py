@@ -50,7 +50,7 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
         assert 'stream_rt_channel_depth{edge="walkway.video->sink_walkway.in"}' in metrics
         await asyncio.sleep(1.0)  # two whole seconds of a 10 fps clip played in real time
         metrics = (await asyncio.to_thread(get, server.port, "/metrics"))[1]
-        fps = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines() if 'gauge="fps"' in line}
+        fps = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines() if 'level="fps"' in line}
         assert fps["gate"] == 0 and 8 <= fps["walkway"] <= 12, fps
         assert (await asyncio.to_thread(get, server.port, "/"))[0] == 404
     finally:
@@ -137,3 +137,30 @@ def test_frame_rate_counts_whole_seconds_in_its_window() -> None:
         rate.tick(second + i * second // 10)
     assert rate.rate(4 * second) == 10  # seconds 2 and 3: 10 frames each
     assert rate.rate(7 * second) == 0  # nothing in the last two seconds
+
+
+async def test_metrics_pass_promtool_with_latency_histograms(samples: Path) -> None:
+    """A replay with the model on: `promtool check metrics` (Prometheus' own linter) has
+    nothing to say, and the model's latencies are histograms."""
+    import shutil
+    import subprocess
+
+    from stream_rt.config import for_replay, parse_config
+    from stream_rt.pipeline import build_pipeline
+
+    config = for_replay(parse_config({
+        "sources": [{"id": "walkway", "url": str(samples / "still_motion.mkv"), "audio": False}],
+        "trigger": {"update_interval_s": 2}, "mllm": {"model": "smoke"},
+    }))  # fmt: skip
+    pipeline = build_pipeline(config, speed=None)
+    await pipeline.graph.run()
+    text = OpsServer(pipeline.graph.statistics, pipeline.sources, pipeline.graph.clock, port=0).metrics()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (scripts/setup.sh installs it)"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
+    calls = int(
+        next(line.split()[-1] for line in text.splitlines() if line.startswith("stream_rt_model_call_seconds_count"))
+    )
+    assert calls >= 1 and 'stream_rt_event_answer_seconds_bucket{node="mllm",le="+Inf"}' in text
+    assert 'counter="answers_ok",source="walkway"' in text, "counters labelled by source"

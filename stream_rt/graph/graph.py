@@ -342,7 +342,7 @@ class Graph:
     def statistics(self) -> dict[str, Any]:
         """Counters of every node and channel (processed, errors, restarts, drops by reason),
         each node's counters per source where it counts them so (``by_source``), and the
-        gauges of the nodes that have any."""
+        gauges and histograms of the nodes that have any."""
         nodes, by_source = {}, {}
         for name, runner in self._runners.items():
             counters = dict(runner.stats)
@@ -357,7 +357,8 @@ class Graph:
             edges[channel.name] = {**asdict(channel_stats), "dropped_total": channel_stats.dropped_total}
         now_ns = self.clock.now_ns()
         gauges = {name: levels for name, runner in self._runners.items() if (levels := runner.node.gauges(now_ns))}
-        return {"nodes": nodes, "by_source": by_source, "edges": edges, "gauges": gauges}
+        histograms = {name: h for name, runner in self._runners.items() if (h := runner.node.histograms())}
+        return {"nodes": nodes, "by_source": by_source, "edges": edges, "gauges": gauges, "histograms": histograms}
 
 
 async def _wait_then_cancel(tasks: list[asyncio.Task[None]], timeout: float) -> None:

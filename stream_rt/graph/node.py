@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from stream_rt.graph.channel import Channel
+from stream_rt.graph.histogram import Histogram
 from stream_rt.graph.packets import ControlPacket, Packet
 
 if TYPE_CHECKING:
@@ -146,6 +147,10 @@ class Node:
     def gauges(self, now_ns: int) -> dict[str, float]:
         """Current levels worth exporting (frames per second, items held...); default none.
         A level of one source is named ``<gauge>/<source>`` (metrics label it)."""
+        return {}
+
+    def histograms(self) -> dict[str, Histogram]:
+        """Distributions worth exporting (latencies), by name; default none."""
         return {}
 
 

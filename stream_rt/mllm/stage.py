@@ -53,6 +53,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
+from stream_rt.graph.histogram import Histogram
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import (
     AnswerStatus,
@@ -137,6 +138,8 @@ class MllmStage(Node):
         self._saved_at = time.monotonic()
         self._room = asyncio.Event()  # set whenever nothing waits
         self._calls: set[asyncio.Task[None]] = set()
+        self.call_latency = Histogram()  # model calls that answered, seconds
+        self.answer_latency = Histogram()  # from the event to its answer record, whatever its status
         self._idle = asyncio.Event()
         self._idle.set()
         self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet
@@ -209,7 +212,7 @@ class MllmStage(Node):
         """Build, reuse or queue one request: every path ends in one answer or in the queue
         (``self._taking`` is cleared the moment it does)."""
         if ctx.stopping.is_set():  # draining: nothing new is asked, but everything is answered
-            await self._settle(_failed(taken, "dropped", "the daemon is stopping"), ctx)
+            await self._settle(_failed(taken, "dropped", "the daemon is stopping"), ctx, taken)
             return
         request, ask = taken, False
         if isinstance(packet, Event):
@@ -218,7 +221,7 @@ class MllmStage(Node):
             except Exception as exc:
                 log.warning("cannot build a request for %s: %s", packet.event_id, describe_error(exc))
                 ctx.count("request_errors", source=packet.source_id)
-                await self._settle(_failed(taken, "error", describe_error(exc)), ctx)
+                await self._settle(_failed(taken, "error", describe_error(exc)), ctx, taken)
                 return
             ask = packet.type == "ask"
         ctx.count("requests", source=request.source_id)
@@ -228,13 +231,13 @@ class MllmStage(Node):
             log.warning("answer reuse failed for %s: %s", request.event_id, describe_error(exc))
             reused = None
         if reused is not None:
-            await self._settle(_reused(request, reused), ctx)
+            await self._settle(_reused(request, reused), ctx, request)
             return
         while self.block and self.flow.queued and not ctx.stopping.is_set():
             self._room.clear()
             await _first(self._room.wait(), ctx.stopping.wait())
         if ctx.stopping.is_set() and self.block and self.flow.queued:
-            await self._settle(_failed(request, "dropped", "the daemon is stopping"), ctx)
+            await self._settle(_failed(request, "dropped", "the daemon is stopping"), ctx, request)
             return
         self._taking = None
         self._idle.clear()
@@ -242,7 +245,7 @@ class MllmStage(Node):
         if replaced is not None:
             ctx.count("requests_replaced", source=replaced.request.source_id)
             why = "replaced by a newer request of its source while waiting"
-            await self._answer(_failed(replaced.request, "dropped", why), ctx)
+            await self._answer(_failed(replaced.request, "dropped", why), ctx, replaced.request)
         await self._start(started, refused, ctx)
 
     async def _start(self, started: list[_Queued], refused: list[_Queued], ctx: Context) -> None:
@@ -255,7 +258,7 @@ class MllmStage(Node):
         for item in refused:
             ctx.count("requests_over_budget", source=item.request.source_id)
             why = f"over the budget of {self.calls_per_minute} model calls a minute across sources"
-            await self._answer(_failed(item.request, "dropped", why), ctx)
+            await self._answer(_failed(item.request, "dropped", why), ctx, item.request)
         if self.flow.in_flight or self.flow.queued:
             return
         self._room.set()
@@ -283,7 +286,7 @@ class MllmStage(Node):
         owed = [item.request for item in self.flow.clear() if not item.answered] + self._interrupted
         self._interrupted = []
         for request in owed:  # promised an answer, never called
-            await self._answer(_failed(request, "dropped", "the stage stopped before the model answered"), ctx)
+            await self._answer(_failed(request, "dropped", "the stage stopped before the model answered"), ctx, request)
         self._room.set()
         self._idle.set()
         await self.backend.close()
@@ -319,13 +322,18 @@ class MllmStage(Node):
             gauges["memory_visual_tokens"] = float(sum(e.visual.shape[0] for e in entries))
         return gauges
 
-    async def _settle(self, answer: MllmAnswer, ctx: Context) -> None:
+    def histograms(self) -> dict[str, Histogram]:
+        return {"model_call_seconds": self.call_latency, "event_answer_seconds": self.answer_latency}
+
+    async def _settle(self, answer: MllmAnswer, ctx: Context, request: MllmRequest) -> None:
         """The answer to the request being taken in: it is no longer owed."""
         self._taking = None
-        await self._answer(answer, ctx)
+        await self._answer(answer, ctx, request)
 
-    async def _answer(self, answer: MllmAnswer, ctx: Context) -> None:
-        """Send one answer record: the only way answers leave the stage."""
+    async def _answer(self, answer: MllmAnswer, ctx: Context, request: MllmRequest) -> None:
+        """Send one answer record (to ``request``): the only way answers leave the stage."""
+        if request.wall_ns:
+            self.answer_latency.observe(max(0.0, (time.time_ns() - request.wall_ns) / 1e9))
         ctx.count(f"answers_{answer.status}", source=answer.source_id)
         for kind, n in answer.tokens.items():
             ctx.count(f"tokens_{kind}", n, source=answer.source_id)
@@ -342,7 +350,7 @@ class MllmStage(Node):
             log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
             answer = _failed(item.request, "error", describe_error(exc), self.backend)
         item.answered = True  # from here on it is not answered again, even if stopped mid-way
-        await self._answer(answer, ctx)
+        await self._answer(answer, ctx, item.request)
         started, refused = self.flow.done(item)
         self._room.set()
         await self._start(started, refused, ctx)
@@ -367,6 +375,7 @@ class MllmStage(Node):
             answer = _failed(request, "error", describe_error(exc), self.backend, started)
         else:
             ctx.count("model_calls", source=request.source_id)
+            self.call_latency.observe(time.perf_counter() - started)
         self.failures_in_a_row = self.failures_in_a_row + 1 if answer.status in ("error", "timeout") else 0
         queued = max(0.0, time.perf_counter() - item.queued_at - answer.timings.get("total", 0.0))
         answer = dataclasses.replace(answer, timings={**answer.timings, "queued": queued})

@@ -10,8 +10,11 @@
   (``stream_rt_node_total{node,counter}``; a counter a node keeps per source, such as the
   trigger's events or change detection's light adjustments, once per source with a
   ``source`` label), each channel's depth and drops by reason, each source's state
-  (``stream_rt_source_online``) and every node's gauges (``stream_rt_node_gauge{node,gauge}``,
-  e.g. a source's ``fps`` over the last 5 s; per source with ``source``).
+  (``stream_rt_source_online``) and every node's levels (``stream_rt_node_level{node,level}``,
+  e.g. a source's ``fps`` over the last 5 s; per source with ``source``), and the
+  nodes' latency histograms (``stream_rt_model_call_seconds``,
+  ``stream_rt_event_answer_seconds``). Every family has HELP and TYPE: ``promtool check
+  metrics`` finds nothing to say.
 
 A tiny asyncio server: the runtime needs two read-only endpoints, not a web framework.
 """
@@ -25,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from stream_rt.graph.clock import Clock
+from stream_rt.graph.histogram import Histogram
 from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.ops")
@@ -70,28 +74,42 @@ class OpsServer:
         return (not problems), ("ok" if not problems else "unhealthy: " + "; ".join(problems))
 
     def metrics(self) -> str:
+        """The Prometheus text exposition: HELP and TYPE for every family, counters ending
+        in ``_total``, levels as gauges, latencies as histograms (``promtool check metrics``
+        is clean)."""
         stats = self.statistics()
         by_source = stats.get("by_source", {})
         lines = [
-            "# TYPE stream_rt_node_total counter",
+            *_family("stream_rt_node_total", "counter", "what a node counted (label counter), by source if it can"),
             *(_node_totals(node, counters, by_source.get(node, {})) for node, counters in stats["nodes"].items()),
-            "# TYPE stream_rt_channel_depth gauge",
+            *_family("stream_rt_channel_depth", "gauge", "packets waiting in a channel between two nodes"),
             *(f'stream_rt_channel_depth{{edge="{edge}"}} {e["depth"]}' for edge, e in stats["edges"].items()),
-            "# TYPE stream_rt_channel_dropped_total counter",
+            *_family("stream_rt_channel_dropped_total", "counter", "packets a channel dropped, by reason"),
             *(
                 f'stream_rt_channel_dropped_total{{edge="{edge}",reason="{reason}"}} {n}'
                 for edge, e in stats["edges"].items()
                 for reason, n in e["dropped"].items()
             ),
-            "# TYPE stream_rt_source_online gauge",
+            *_family("stream_rt_source_online", "gauge", "1 while a source delivers media, else 0"),
             *(f'stream_rt_source_online{{source="{s.name}"}} {int(s.state == "online")}' for s in self.sources),
-            "# TYPE stream_rt_node_gauge gauge",
+            *_family("stream_rt_node_level", "gauge", "a level a node reports (label level: fps, in_flight...)"),
             *(
-                f'stream_rt_node_gauge{{node="{node}",{_gauge_labels(name)}}} {value}'
+                f'stream_rt_node_level{{node="{node}",{_level_labels(name)}}} {value}'
                 for node, levels in stats["gauges"].items()
                 for name, value in levels.items()
             ),
         ]
+        histograms: dict[str, list[tuple[str, Histogram]]] = {}
+        for node, named in stats.get("histograms", {}).items():
+            for name, histogram in named.items():
+                histograms.setdefault(name, []).append((node, histogram))
+        for name, series in sorted(histograms.items()):
+            family = f"stream_rt_{name}"
+            lines += _family(family, "histogram", HISTOGRAM_HELP.get(name, name.replace("_", " ")))
+            for node, histogram in series:
+                lines += [f'{family}_bucket{{node="{node}",le="{_bound(b)}"}} {n}' for b, n in histogram.cumulative()]
+                lines += [f'{family}_sum{{node="{node}"}} {histogram.total:.6f}',
+                          f'{family}_count{{node="{node}"}} {histogram.count}']  # fmt: skip
         return "\n".join(line for line in lines if line) + "\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -133,6 +151,20 @@ def _node_totals(node: str, counters: dict[str, int], by_source: dict[str, dict[
     return "\n".join(lines)
 
 
-def _gauge_labels(name: str) -> str:
-    gauge, _, source = name.partition("/")
-    return f'gauge="{gauge}",source="{source}"' if source else f'gauge="{gauge}"'
+HISTOGRAM_HELP = {
+    "model_call_seconds": "seconds a model call took, of the calls that answered",
+    "event_answer_seconds": "seconds from an event to its answer record (any status)",
+}
+
+
+def _family(name: str, kind: str, help_text: str) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:g}"
+
+
+def _level_labels(name: str) -> str:
+    level, _, source = name.partition("/")
+    return f'level="{level}",source="{source}"' if source else f'level="{level}"'

@@ -1,0 +1,37 @@
+"""A latency histogram in Prometheus' shape: cumulative counts per upper bound, a sum and a
+count. Nodes keep them (:meth:`~stream_rt.graph.node.Node.histograms`); ``/metrics``
+exports them."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Upper bounds for latencies from a fast model call to a slow one (seconds)."""
+
+
+@dataclass
+class Histogram:
+    bounds: tuple[float, ...] = SECONDS
+    counts: list[int] = field(default_factory=list)  # per bucket, the last one past every bound
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations at most it)``, ending with ``(inf, count)``."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
