@@ -422,6 +422,8 @@ class MqttSinkConfig(_Strict):
     tls_ca: Path | None = Field(None, description="CA certificate: connect with TLS and verify the broker against it")
     tls_cert: Path | None = Field(None, description="client certificate, for brokers that require one")
     tls_key: Path | None = Field(None, description="the client certificate's private key")
+    home_assistant: bool = Field(False, description="publish Home Assistant MQTT discovery for each source")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[^#+]+$", description="Home Assistant's discovery prefix")
 
 
 class SinksConfig(_Strict):

@@ -226,6 +226,8 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
         tls_ca=cfg.tls_ca,
         tls_cert=cfg.tls_cert,
         tls_key=cfg.tls_key,
+        home_assistant=cfg.home_assistant,
+        discovery_prefix=cfg.discovery_prefix,
     )
     return MqttSink(
         "mqtt",

@@ -259,6 +259,9 @@ class TriggerPolicy(Node):
         """Let a source open episodes, or not (its open episode ends at its next step)."""
         self._state(source_id).enabled = enabled
 
+    def is_enabled(self, source_id: str) -> bool:
+        return self._state(source_id).enabled
+
     def set_thresholds(self, source_id: str, on: float | None, off: float | None) -> None:
         """Override a source's on/off thresholds (``None`` keeps the current one)."""
         state = self._state(source_id)

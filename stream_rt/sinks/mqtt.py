@@ -13,8 +13,16 @@ users know:
 - ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
   retained, QoS 1; a source whose stream ends (end of file, the daemon stopping) is
   published ``offline`` then, so a dashboard never shows a stopped daemon's cameras up;
+- ``<prefix>/<source>/available``: ``online`` | ``offline``, retained, as its status;
+- ``<prefix>/<source>/activity``: ``ON`` when an episode opens, ``OFF`` when it ends,
+  retained;
+- ``<prefix>/<source>/enabled/state``: ``ON`` | ``OFF``, retained, on connect and after
+  each ``enabled`` command;
 - ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
   ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
+
+With ``home_assistant`` the sink also publishes Home Assistant's MQTT discovery messages
+on every connect (:mod:`stream_rt.sinks.home_assistant`).
 
 Each message is committed to the :class:`~stream_rt.sinks.outbox.Outbox` first and
 removed only once the broker has acknowledged it (PUBACK), so an unreachable broker, a
@@ -42,6 +50,7 @@ from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus
 from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
+from stream_rt.sinks.home_assistant import discovery_messages
 from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
@@ -68,6 +77,8 @@ class MqttSettings:
     publish_window: int = 64
     stats_interval_s: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0, 0.2))
+    home_assistant: bool = False
+    discovery_prefix: str = "homeassistant"
 
 
 class MqttSink(Sink):
@@ -116,6 +127,8 @@ class MqttSink(Sink):
         if isinstance(packet, Event | MllmAnswer):
             feature = "events" if isinstance(packet, Event) else "answers"
             self._enqueue(self.topic(packet.source_id, feature), packet.to_record(), retain=False)
+            if isinstance(packet, Event) and packet.type in ("new", "end"):
+                self._enqueue_text(self.topic(packet.source_id, "activity"), "ON" if packet.type == "new" else "OFF")
             outbox = self._outbox
             assert outbox is not None
             ctx.counters["outbox_depth"] = outbox.depth()
@@ -133,6 +146,7 @@ class MqttSink(Sink):
 
     def _status(self, source: str, state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> None:
         self._enqueue(self.topic(source, "status"), _status_record(state, detail, wall_ns, streams), retain=True)
+        self._enqueue_text(self.topic(source, "available"), state)
 
     async def stop(self, ctx: Context) -> None:
         """Give the outbox up to ``drain_timeout_s`` (less the goodbye's time) to empty,
@@ -174,9 +188,27 @@ class MqttSink(Sink):
             raise asyncio.CancelledError
 
     def _enqueue(self, topic: str, record: dict[str, object], retain: bool) -> None:
+        self._enqueue_payload(topic, _encode(record), retain)
+
+    def _enqueue_text(self, topic: str, text: str) -> None:
+        """A retained state in plain text (``ON``, ``online``...), as Home Assistant reads it."""
+        self._enqueue_payload(topic, text.encode(), retain=True)
+
+    def _enqueue_payload(self, topic: str, payload: bytes, retain: bool) -> None:
         assert self._outbox is not None, "MqttSink used before start()"
-        self._outbox.add(topic, _encode(record), qos=1, retain=retain)
+        self._outbox.add(topic, payload, qos=1, retain=retain)
         self._wakeup.set()
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        """On connect: each source's enabled state, and Home Assistant's discovery messages."""
+        if self.commands is not None:
+            for source in sorted(self.sources):
+                state = b"ON" if self.commands.is_enabled(source) else b"OFF"
+                await client.publish(self.topic(source, "enabled", "state"), state, qos=1, retain=True)
+        if self.settings.home_assistant:
+            for topic, payload in discovery_messages(self.settings.prefix, sorted(self.sources),
+                                                     self.settings.discovery_prefix):  # fmt: skip
+                await client.publish(topic, _encode(payload), qos=1, retain=True)
 
     async def _run(self, ctx: Context) -> None:
         s = self.settings
@@ -198,6 +230,7 @@ class MqttSink(Sink):
             try:
                 async with client:
                     await client.publish(self.topic("available"), b"online", qos=1, retain=True)
+                    await self._announce(client)
                     self.connected = True
                     failures = 0
                     log.info("connected to MQTT broker %s:%d", s.host, s.port)
@@ -245,6 +278,7 @@ class MqttSink(Sink):
                                qos=1, retain=True)
                 for source, detail in self._ended.items()
             ),
+            *(client.publish(self.topic(s, "available"), b"offline", qos=1, retain=True) for s in self._ended),
         ]  # fmt: skip
         try:
             await asyncio.wait_for(_unless_disconnected(client, *publishing), GOODBYE_S)
@@ -298,6 +332,9 @@ class MqttSink(Sink):
                 reply: dict[str, object] = {"command": feature, "ok": True, **done}
                 log.info("command for '%s': %s", source, done["applied"])
                 ctx.count("commands_applied")
+                if feature == "enabled":
+                    state = b"ON" if self.commands.is_enabled(source) else b"OFF"
+                    await client.publish(self.topic(source, "enabled", "state"), state, qos=1, retain=True)
             except CommandError as exc:
                 reply = {"command": feature, "ok": False, "error": str(exc)}
                 log.warning("rejected a command on %s: %s", message.topic, exc)
