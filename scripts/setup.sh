@@ -10,6 +10,13 @@ need=()
 for pair in ffmpeg:ffmpeg mosquitto:mosquitto chromium:chromium promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+# GStreamer's RTSP server for the tests' RTSP camera, run by the system python3 with python3-gi
+/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null ||
+  need+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+         gstreamer1.0-plugins-ugly gstreamer1.0-libav)
+/usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0'); from gi.repository import Gst; Gst.init(None);
+assert Gst.ElementFactory.find('x264enc') and Gst.ElementFactory.find('avenc_aac')" 2>/dev/null ||
+  need+=(gstreamer1.0-plugins-ugly gstreamer1.0-libav)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]}: install them with 'sudo apt-get install ${need[*]}' and run again" >&2

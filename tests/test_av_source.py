@@ -251,5 +251,47 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
     rng = random.Random(0)
     for failures, base in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
         delays = [backoff.delay(failures, rng) for _ in range(50)]
-        assert all(0.8 * base <= d <= 1.2 * base for d in delays)
+        assert all(0.8 * base <= d <= min(1.2 * base, 4.0) for d in delays), "never past max_s, jitter included"
         assert len(set(delays)) > 1, "jitter spreads a fleet's reconnects"
+
+
+async def test_a_server_that_accepts_but_never_answers_is_a_timeout_not_invalid_data(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    from stream_rt import CallbackSink, Graph
+
+    silent, garbage = socket.socket(), socket.socket()
+    for server in (silent, garbage):
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+
+    async def babble() -> None:  # answers every connection with bytes that are no RTSP
+        loop = asyncio.get_running_loop()
+        garbage.setblocking(False)
+        while True:
+            client, _ = await loop.sock_accept(garbage)
+            await loop.sock_sendall(client, b"\x00\xff" * 4096)
+            client.close()
+
+    graph = Graph(drain_timeout_s=1)
+    for name, server in (("silent", silent), ("garbage", garbage)):
+        url = f"rtsp://127.0.0.1:{server.getsockname()[1]}/stream"
+        graph.add(AvSource(name, url, audio=False, backoff=Backoff(0.2, 0.5, 0.1), timeout_s=1))
+        graph.add(CallbackSink(f"sink_{name}", lambda p: None))
+        graph.connect(f"{name}.video", f"sink_{name}.in")
+    babbling = asyncio.create_task(babble())
+    run = asyncio.create_task(graph.run())
+    try:
+        await asyncio.sleep(3)
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+        babbling.cancel()
+        silent.close()
+        garbage.close()
+    lines = {name: [r.getMessage() for r in caplog.records if f"source '{name}' offline" in r.getMessage()]
+             for name in ("silent", "garbage")}  # fmt: skip
+    assert lines["silent"] and all("no answer within 1 s (timeout)" in m for m in lines["silent"]), lines
+    assert lines["garbage"] and not any("timeout" in m for m in lines["garbage"]), lines

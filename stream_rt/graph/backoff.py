@@ -9,7 +9,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Backoff:
     """Reconnect delays: ``initial_s`` doubling up to ``max_s``, each scaled by a random
-    factor in ``[1 - jitter, 1 + jitter]`` so a fleet does not reconnect in lockstep."""
+    factor in ``[1 - jitter, 1 + jitter]`` so a fleet does not reconnect in lockstep, and
+    never more than ``max_s`` (jitter included: at the cap it only shortens the wait)."""
 
     initial_s: float = 0.5
     max_s: float = 30.0
@@ -17,4 +18,4 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         base = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt))
-        return float(base * rng.uniform(1 - self.jitter, 1 + self.jitter))
+        return float(min(self.max_s, base * rng.uniform(1 - self.jitter, 1 + self.jitter)))

@@ -22,6 +22,7 @@ import contextlib
 import heapq
 import io
 import itertools
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -239,10 +240,11 @@ class Decoder:
 
     def run(self) -> None:
         with contextlib.ExitStack() as opened:  # every container and demuxer, closed on every path
+            started = time.monotonic()
             try:
                 container = opened.enter_context(self._open())
             except Exception as exc:
-                self.bridge.put(Failed(_one_line(exc), at_open=True), last=True)
+                self.bridge.put(Failed(self._open_failure(exc, time.monotonic() - started), at_open=True), last=True)
                 return
             try:
                 self._demux(container, opened)
@@ -250,6 +252,15 @@ class Decoder:
                 self.bridge.put(Failed(_one_line(exc), at_open=False), last=True)
             else:
                 self.bridge.put(Ended(), last=True)
+
+    def _open_failure(self, exc: Exception, waited_s: float) -> str:
+        """Why opening failed, in one line. A live server that accepts the connection but
+        never answers makes FFmpeg give up at the timeout with "invalid data": it is a
+        timeout, and said so."""
+        limit_s = self.spec.timeout_s[0] if self.spec.timeout_s else None
+        if self.spec.live and limit_s and isinstance(exc, av.error.InvalidDataError) and waited_s >= 0.9 * limit_s:
+            return f"no answer within {limit_s:g} s (timeout)"
+        return _one_line(exc)
 
     def _open(self) -> Any:
         return av.open(
