@@ -169,10 +169,11 @@ def outbox_ids(path: Path) -> list[str]:
     created its table)."""
     with sqlite3.connect(path) as db:
         try:
-            payloads = [bytes(p) for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+            rows = db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
         except sqlite3.OperationalError:
             return []
-    return [f"{r['event_id']}:{r['seq']}" for r in map(json.loads, payloads) if r.get("kind") == "Event"]
+    records = [json.loads(bytes(p)) for topic, p in rows if topic.endswith("/events")]  # the others: states, answers
+    return [f"{r['event_id']}:{r['seq']}" for r in records]
 
 
 def busy_daemon(tmp_path: Path, port: int, outbox: Path) -> Path:

@@ -14,6 +14,7 @@ every backend gets them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,6 +27,10 @@ from stream_rt.mllm.contract import parse_answer
 from stream_rt.mllm.model_thread import ModelThread
 
 OnText = Callable[[str], None]
+
+
+CLOSE_GRACE_S = 2.0
+"""How long closing a backend waits for a call under way on its model thread."""
 
 
 class BackendError(RuntimeError):
@@ -75,9 +80,14 @@ class Backend:
         return {}
 
     async def close(self) -> None:
-        """Release what :meth:`start` took (subclasses call this too). An idle model thread
-        ends; one still stuck in a call is kept, so that work after a restart waits behind
-        it instead of running the model on a second thread."""
+        """Release what :meth:`start` took (subclasses call this too). A call under way
+        gets up to ``CLOSE_GRACE_S`` to finish (a process that exits while its model thread
+        is inside the model can abort: "terminate called without an active exception").
+        An idle model thread ends; one still stuck in a call is kept, so that work after a
+        restart waits behind it instead of running the model on a second thread."""
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        while self._thread is not None and self._thread.busy_since is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self._thread is not None and self._thread.idle:
             self._thread.close()
             self._thread = None
