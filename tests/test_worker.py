@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import subprocess
 import sys
@@ -109,3 +110,43 @@ def test_listening_beyond_loopback_needs_an_api_key(smoke_model: Path) -> None: 
                              "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert result.returncode == 2 and "needs an API key" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+async def test_a_server_that_refuses_continuous_usage_stats_is_asked_again_without(free_port: int) -> None:
+    """A strict OpenAI-compatible server (as OpenAI's own API may be) answers 400 to an
+    unknown stream option: the daemon's backend asks again without it, and keeps to that."""
+    from aiohttp import web
+
+    from stream_rt.graph.packets import MllmRequest
+    from stream_rt.mllm.openai_backend import OpenAIBackend
+
+    bodies: list[dict[str, object]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        if "continuous_usage_stats" in body["stream_options"]:
+            error = {"message": "Unrecognized request argument: stream_options.continuous_usage_stats"}
+            return web.json_response({"error": error}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": SMOKE_ANSWER}, "finish_reason": "stop"}]
+        }
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", free_port).start()
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "strict")
+    try:
+        for n in range(2):
+            answer = await backend.answer(MllmRequest("cam", n, 0, 0, f"cam-{n}", "Anyone there?"))
+            assert answer.status == "ok", answer.error
+    finally:
+        await backend.close()
+        await runner.cleanup()
+    assert ["continuous_usage_stats" in b["stream_options"] for b in bodies] == [True, False, False]  # type: ignore[operator]

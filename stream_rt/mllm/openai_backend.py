@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from stream_rt.mllm.backend import Backend, BackendError, OnText, answer_from_te
 from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.prompt import request_text
 from stream_rt.operators.snapshot import rgb_to_jpeg
+
+log = logging.getLogger("stream_rt.mllm")
 
 
 def openai_messages(request: MllmRequest) -> list[dict[str, Any]]:
@@ -52,6 +55,7 @@ class OpenAIBackend(Backend):
         self.contract_stop = contract_stop
         self.connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._usage_on_every_chunk = True  # until a server refuses continuous_usage_stats
 
     async def start(self) -> None:
         if self._session is None:
@@ -75,10 +79,12 @@ class OpenAIBackend(Backend):
             "max_tokens": self.max_new_tokens,
             "temperature": 0,
             "stream": True,
-            # continuous_usage_stats (vLLM's, and stream-rt worker's): the prompt's length
-            # arrives with the first tokens, though the contract stop closes the stream early.
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "stream_options": {"include_usage": True},
         }
+        if self._usage_on_every_chunk:
+            # vLLM's (and stream-rt worker's) continuous_usage_stats: the prompt's length
+            # arrives with the first tokens, though the contract stop closes the stream early.
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         started = time.perf_counter()
         first_token: float | None = None
         text, stop, chunks = "", "max_tokens", 0
@@ -89,6 +95,10 @@ class OpenAIBackend(Backend):
             async with self._session.post(f"{self.url}/chat/completions", json=body) as response:
                 if response.status != 200:
                     detail = (await response.text())[:200].replace("\n", " ")
+                    if response.status == 400 and self._usage_on_every_chunk and "continuous_usage_stats" in detail:
+                        log.info("%s does not take continuous_usage_stats: prompt token counts may read 0", self.url)
+                        self._usage_on_every_chunk = False
+                        return await self.answer(request, on_text)
                     raise BackendError(f"{self.url} answered HTTP {response.status}: {detail}")
                 async for data in _events(response):
                     if data.get("usage"):
