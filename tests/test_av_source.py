@@ -253,6 +253,8 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
         delays = [backoff.delay(failures, rng) for _ in range(50)]
         assert all(0.8 * base <= d <= min(1.2 * base, 4.0) for d in delays), "never past max_s, jitter included"
         assert len(set(delays)) > 1, "jitter spreads a fleet's reconnects"
+    at_cap = [backoff.delay(3000, rng) for _ in range(200)]  # hours of outage: no overflow, no lockstep
+    assert all(3.2 <= d <= 4.0 for d in at_cap) and at_cap.count(4.0) < 5
 
 
 async def test_a_server_that_accepts_but_never_answers_is_a_timeout_not_invalid_data(

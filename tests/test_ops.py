@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -154,6 +155,7 @@ async def test_metrics_pass_promtool_with_latency_histograms(samples: Path) -> N
     }))  # fmt: skip
     pipeline = build_pipeline(config, speed=None)
     await pipeline.graph.run()
+    assert json.loads(json.dumps(pipeline.graph.statistics()))["histograms"]["mllm"], "the stats topic's JSON"
     text = OpsServer(pipeline.graph.statistics, pipeline.sources, pipeline.graph.clock, port=0).metrics()
     promtool = shutil.which("promtool")
     assert promtool, "promtool comes with Debian's prometheus package (scripts/setup.sh installs it)"

@@ -124,3 +124,36 @@ def test_more_than_one_call_at_once_needs_a_server() -> None:
     remote = {"backend": "openai", "url": "http://127.0.0.1:9/v1", "model": "m"}
     assert parse_config({"sources": [{"id": "a", "url": "x.mp4"}], "mllm": remote}).mllm.in_flight == 4
     assert asyncio.iscoroutinefunction(MllmStage.process)
+
+
+class SlowToCancel(CountingBackend):
+    """A call that takes a moment to give up when cancelled (a stream being released)."""
+
+    async def answer(self, request: MllmRequest, on_text: OnText | None = None) -> MllmAnswer:
+        try:
+            return await super().answer(request, on_text)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.1)
+            raise
+
+
+async def test_stopping_with_calls_in_flight_answers_each_request_once() -> None:
+    from stream_rt.graph.channel import Channel
+    from stream_rt.graph.clock import RealtimeClock
+    from stream_rt.graph.node import Context
+
+    out = Channel("answers", "block", 64)
+    ctx = Context("mllm", RealtimeClock(), {"answers": [out]}, MllmStage.outputs, asyncio.Event())
+    backend = SlowToCancel(delay_s=0.05)
+    stage = MllmStage("mllm", backend, reuse_threshold=0, max_in_flight=2)
+    await stage.start(ctx)
+    for source in ("a", "b", "c", "d"):
+        await stage.process(MllmRequest(source, 0, 0, 0, f"{source}-0", "q"), ctx)
+    await asyncio.sleep(0.01)
+    await stage.stop(ctx)  # while it cancels one call, another may finish and start the next
+    await asyncio.sleep(0.3)
+    answers = []
+    while (packet := out.get_nowait()) is not None:
+        answers.append(packet.event_id)
+    assert sorted(answers) == ["a-0", "b-0", "c-0", "d-0"], "each request answered once, none after stop"
+    assert len(backend.calls) == 2 and not stage._calls, "nothing started once stopping"

@@ -17,5 +17,7 @@ class Backoff:
     jitter: float = 0.2
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * 2.0 ** max(0, attempt))
-        return float(min(self.max_s, base * rng.uniform(1 - self.jitter, 1 + self.jitter)))
+        base = min(self.max_s, self.initial_s * 2.0 ** min(max(0, attempt), 64))  # 2**1024 overflows a float
+        delay = base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+        # At the cap the jitter spreads below it, so a fleet there does not reconnect in lockstep.
+        return float(delay if delay <= self.max_s else self.max_s * rng.uniform(1 - self.jitter, 1))

@@ -357,7 +357,11 @@ class Graph:
             edges[channel.name] = {**asdict(channel_stats), "dropped_total": channel_stats.dropped_total}
         now_ns = self.clock.now_ns()
         gauges = {name: levels for name, runner in self._runners.items() if (levels := runner.node.gauges(now_ns))}
-        histograms = {name: h for name, runner in self._runners.items() if (h := runner.node.histograms())}
+        histograms = {
+            name: {key: h.to_record() for key, h in named.items()}
+            for name, runner in self._runners.items()
+            if (named := runner.node.histograms())
+        }
         return {"nodes": nodes, "by_source": by_source, "edges": edges, "gauges": gauges, "histograms": histograms}
 
 

@@ -28,6 +28,12 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def to_record(self) -> dict[str, object]:
+        """Plain data (for ``Graph.statistics()``, which goes out as JSON): the upper bounds,
+        the cumulative counts (the last for +inf), the sum and the count."""
+        return {"bounds": list(self.bounds), "cumulative": [n for _, n in self.cumulative()], "sum": self.total,
+                "count": self.count}  # fmt: skip
+
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations at most it)``, ending with ``(inf, count)``."""
         out, running = [], 0

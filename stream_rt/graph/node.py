@@ -56,7 +56,7 @@ class Supervision:
     max_backoff_s: float = 30.0
 
     def backoff(self, restarts: int) -> float:
-        return float(min(self.max_backoff_s, self.backoff_s * 2 ** max(0, restarts - 1)))
+        return float(min(self.max_backoff_s, self.backoff_s * 2.0 ** min(max(0, restarts - 1), 64)))
 
 
 class NodeFailed(RuntimeError):

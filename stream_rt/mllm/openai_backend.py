@@ -101,6 +101,8 @@ class OpenAIBackend(Backend):
                         return await self.answer(request, on_text)
                     raise BackendError(f"{self.url} answered HTTP {response.status}: {detail}")
                 async for data in _events(response):
+                    if isinstance(data.get("error"), dict):  # the server failed mid-stream
+                        raise BackendError(f"{self.url}: {str(data['error'].get('message', ''))[:200]}")
                     if data.get("usage"):
                         usage = data["usage"]
                     smoke = smoke or bool(data.get("smoke"))

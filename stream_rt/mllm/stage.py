@@ -45,7 +45,6 @@ end on, so a replay's answers all reach the sinks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -84,7 +83,7 @@ FAILING_AFTER = 3
 """This many calls in a row that ended ``error`` or ``timeout`` make the stage unhealthy."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # the flow finds it by identity
 class _Queued:
     request: MllmRequest
     queued_at: float  # time.perf_counter()
@@ -138,6 +137,7 @@ class MllmStage(Node):
         self._saved_at = time.monotonic()
         self._room = asyncio.Event()  # set whenever nothing waits
         self._calls: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self.call_latency = Histogram()  # model calls that answered, seconds
         self.answer_latency = Histogram()  # from the event to its answer record, whatever its status
         self._idle = asyncio.Event()
@@ -148,6 +148,7 @@ class MllmStage(Node):
     async def start(self, ctx: Context) -> None:
         """Load the backend. Missing weights stop the graph (a configuration to fix); any
         other failure is logged and each call then reports it, while perception goes on."""
+        self._stopping = False
         try:
             await self.backend.start()
         except MissingWeights:
@@ -251,6 +252,8 @@ class MllmStage(Node):
     async def _start(self, started: list[_Queued], refused: list[_Queued], ctx: Context) -> None:
         """Call for each ``started`` item on a task of its own; answer each one the budget
         ``refused``."""
+        if self._stopping:
+            return  # what was started stays in the flow: stop() answers it
         for item in started:
             task = asyncio.create_task(self._work(item, ctx), name=f"stream_rt:{self.name}:call")
             self._calls.add(task)
@@ -279,10 +282,12 @@ class MllmStage(Node):
             await self._idle.wait()  # what asked is answered before the end goes on
 
     async def stop(self, ctx: Context) -> None:
-        for task in list(self._calls):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True  # nothing new starts from here on
+        while tasks := [task for task in self._calls if not task.done()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._calls.clear()
         owed = [item.request for item in self.flow.clear() if not item.answered] + self._interrupted
         self._interrupted = []
         for request in owed:  # promised an answer, never called
@@ -345,15 +350,18 @@ class MllmStage(Node):
         """Answer ``item``, then start what the flow lets start. Nothing but cancellation
         ends it early."""
         try:
-            answer = await self._call(item, ctx)
-        except Exception as exc:
-            log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
-            answer = _failed(item.request, "error", describe_error(exc), self.backend)
-        item.answered = True  # from here on it is not answered again, even if stopped mid-way
-        await self._answer(answer, ctx, item.request)
-        started, refused = self.flow.done(item)
-        self._room.set()
-        await self._start(started, refused, ctx)
+            try:
+                answer = await self._call(item, ctx)
+            except Exception as exc:
+                log.error("MLLM stage failed on %s: %s", item.request.event_id, describe_error(exc))
+                answer = _failed(item.request, "error", describe_error(exc), self.backend)
+            await self._answer(answer, ctx, item.request)
+            item.answered = True  # from here on it is not answered again, even if stopped mid-way
+        finally:
+            if not self._stopping:  # (stopping: the item stays in the flow, answered there if owed)
+                started, refused = self.flow.done(item)
+                self._room.set()
+                await self._start(started, refused, ctx)
 
     async def _call(self, item: _Queued, ctx: Context) -> MllmAnswer:
         request = item.request

@@ -235,6 +235,7 @@ class Worker:
 
         task = asyncio.ensure_future(generate())
         ident = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        response: web.StreamResponse | None = None
         try:
             if not body.stream:
                 gen = await task
@@ -268,7 +269,15 @@ class Worker:
         except Exception as exc:
             cancel.set()
             log.warning("worker: generation failed: %s", exc)
-            return _error(500, f"generation failed: {exc}")
+            if response is None or not response.prepared:
+                return _error(500, f"generation failed: {exc}")
+            # Mid-stream: say so in the stream and end it, or the client waits for its timeout.
+            failed = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                                "code": None}}  # fmt: skip
+            await response.write(_sse(failed))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
 
     def _base(self, ident: str, kind: str) -> dict[str, Any]:
         base: dict[str, Any] = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id}

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from stream_rt.graph.clock import Clock
-from stream_rt.graph.histogram import Histogram
 from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.ops")
@@ -99,17 +98,21 @@ class OpsServer:
                 for name, value in levels.items()
             ),
         ]
-        histograms: dict[str, list[tuple[str, Histogram]]] = {}
+        histograms: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for node, named in stats.get("histograms", {}).items():
-            for name, histogram in named.items():
-                histograms.setdefault(name, []).append((node, histogram))
+            for name, record in named.items():
+                histograms.setdefault(name, []).append((node, record))
         for name, series in sorted(histograms.items()):
             family = f"stream_rt_{name}"
             lines += _family(family, "histogram", HISTOGRAM_HELP.get(name, name.replace("_", " ")))
-            for node, histogram in series:
-                lines += [f'{family}_bucket{{node="{node}",le="{_bound(b)}"}} {n}' for b, n in histogram.cumulative()]
-                lines += [f'{family}_sum{{node="{node}"}} {histogram.total:.6f}',
-                          f'{family}_count{{node="{node}"}} {histogram.count}']  # fmt: skip
+            for node, h in series:
+                bounds = [*h["bounds"], float("inf")]
+                lines += [f'{family}_bucket{{node="{node}",le="{_bound(b)}"}} {n}'
+                          for b, n in zip(bounds, h["cumulative"], strict=True)]  # fmt: skip
+                lines += [
+                    f'{family}_sum{{node="{node}"}} {h["sum"]:.6f}',
+                    f'{family}_count{{node="{node}"}} {h["count"]}',
+                ]
         return "\n".join(line for line in lines if line) + "\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

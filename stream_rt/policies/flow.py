@@ -94,7 +94,8 @@ class FairFlow(Generic[T]):
                     refused.append(item)
                     self._served(source)
                     continue
-                self._routine_starts.append(self._clock())
+                if self.per_minute:
+                    self._routine_starts.append(self._clock())
             self._served(source)
             self.in_flight.append(item)
             started.append(item)

@@ -29,12 +29,13 @@ def object_id(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", text)
 
 
-def discovery_messages(prefix: str, sources: list[str], discovery_prefix: str = "homeassistant",
-                       node: str = "stream_rt") -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
-    """``(topic, payload)`` of every discovery message for ``sources``."""
+def discovery_messages(prefix: str, sources: list[str], discovery_prefix: str = "homeassistant"
+                       ) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """``(topic, payload)`` of every discovery message for ``sources``; ids come from the
+    topic prefix and the source, so daemons with their own prefixes on one broker differ."""
     messages = []
     for source in sources:
-        device_id = object_id(f"{node}_{source}")
+        device_id = object_id(f"{prefix}_{source}")
         common: dict[str, Any] = {
             "availability": [{"topic": f"{prefix}/available"}, {"topic": f"{prefix}/{source}/available"}],
             "availability_mode": "all",
