@@ -30,21 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from stream_rt.config import parse_config  # noqa: E402
 from stream_rt.pipeline import build_pipeline  # noqa: E402
-from stream_rt.testing import free_port  # noqa: E402
+from stream_rt.testing import free_port, start_worker  # noqa: E402
 
 CLIPS = ["vtest.avi", "walkway_light.mkv", "still_motion.mkv", "walkway_speech.mkv"]  # each longer than a run
-
-
-async def start_worker(port: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream_rt.cli", "worker", "--model", "smoke", "--listen", f"127.0.0.1:{port}",
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert proc.stderr is not None
-    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 120)):
-        if not line:
-            raise RuntimeError("the worker exited before serving")
-    return proc
 
 
 async def run(cameras: int, in_flight: int, seconds: float, port: int, samples: Path) -> dict[str, float]:
@@ -98,7 +86,7 @@ async def main() -> None:
     args = parser.parse_args()
     samples = ROOT / "samples"
     port = free_port()
-    worker = await start_worker(port)
+    worker = await start_worker("smoke", port, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout_s=120)
     results = []
     try:
         for cameras in args.cameras:

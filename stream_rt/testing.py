@@ -11,8 +11,9 @@ frames and audio come from :class:`~stream_rt.sources.synthetic.SyntheticSource`
 
 For what crosses a network: :class:`Broker` runs a real mosquitto on a loopback port
 (killed and started again at will), :class:`Subscriber` records every message under a
-topic with paho-mqtt, :func:`feed_graph` feeds numbered events to a sink under test, and
-:func:`free_port` / :func:`wait_listening` find and wait for ports.
+topic with paho-mqtt, :func:`feed_graph` feeds numbered events to a sink under test,
+:func:`start_worker` starts a real ``stream-rt worker`` process, and :func:`free_port` /
+:func:`wait_listening` find and wait for ports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -109,6 +111,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def start_worker(model: str | Path, port: int, *args: str, env: Mapping[str, str] | None = None,
+                       timeout_s: float = 60.0) -> asyncio.subprocess.Process:  # fmt: skip
+    """A real ``stream-rt worker`` serving ``model`` on ``127.0.0.1:port`` (more options in
+    ``args``), once it says it is serving; its stderr stays piped for the caller to read."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(model), "--listen", f"127.0.0.1:{port}",
+        *args, stderr=asyncio.subprocess.PIPE, env=None if env is None else dict(env),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), timeout_s)):
+        if not line:
+            raise RuntimeError("the worker exited before serving")
+    return proc
 
 
 class Broker:

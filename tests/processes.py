@@ -44,7 +44,7 @@ class StreamServer:
         self.proc.send_signal(signal.SIGSTOP)
 
 
-class RtspCamera:
+class RtspCamera(StreamServer):
     """A real RTSP server (GStreamer's, run by ``tests/rtsp_camera.py`` with the system
     Python, which has ``python3-gi``) on a loopback port: ``/video`` (H.264) and ``/av``
     (H.264 + AAC), live at 10 fps. Tests kill it and start it again on the same port."""
@@ -52,20 +52,12 @@ class RtspCamera:
     SCRIPT = Path(__file__).with_name("rtsp_camera.py")
 
     def __init__(self, port: int, python: str = "/usr/bin/python3") -> None:
-        self.port, self.python = port, python
+        self.cmd = [python, str(self.SCRIPT), str(port)]
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, mount: str = "video") -> str:
         return f"rtsp://127.0.0.1:{self.port}/{mount}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.python, str(self.SCRIPT), str(self.port)], stdin=subprocess.DEVNULL)
-        wait_listening(self.port, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class LaggingAvServer(StreamServer):

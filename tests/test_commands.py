@@ -15,7 +15,7 @@ from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
 from stream_rt.sinks.mqtt import MqttSink
-from stream_rt.testing import Broker, ListSource, Subscriber
+from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph
 
 from .test_mqtt import settings, wait_until
 
@@ -78,11 +78,8 @@ async def test_commands_over_a_real_broker(free_port: int, tmp_path: Path) -> No
     broker = Broker(free_port, tmp_path)
     broker.start()
     trigger = TriggerPolicy("trigger")
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
     sink = MqttSink("mqtt", settings(free_port, tmp_path), commands=trigger, sources={"gate"})
-    graph.add(Waiting("feed", []))
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in")
+    graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Waiting)
     run = asyncio.create_task(graph.run())
     subscriber = Subscriber(free_port, "stream_rt/#")
     try:

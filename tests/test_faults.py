@@ -18,7 +18,7 @@ from stream_rt import CallbackSink
 from stream_rt.graph import Context
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.outbox import Outbox
-from stream_rt.testing import Broker, PacedEvents, Subscriber, feed_graph
+from stream_rt.testing import Broker, PacedEvents, Subscriber, feed_graph, start_worker
 
 from .processes import RecordProperty
 from .test_mqtt import settings, wait_until
@@ -104,17 +104,6 @@ async def test_a_removed_outbox_file_is_written_anew_and_nothing_is_lost(free_po
     finally:
         broker.kill()
     assert [e["event_id"] for e in subscriber.payloads("/events")] == [f"cam-{i}" for i in range(100)]
-
-
-async def start_worker(model: Path, port: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(model), "--listen", f"127.0.0.1:{port}",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
-        assert line, "the worker exited before serving"
-    return proc
 
 
 async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_once_it_is_back(

@@ -15,11 +15,11 @@ import paho.mqtt.publish as mqtt_publish
 import paho.mqtt.subscribe as mqtt_subscribe
 from pydantic import BaseModel, ConfigDict, Field
 
-from stream_rt import Event, Graph, ReplayClock, SourceStatus
+from stream_rt import Event, SourceStatus
 from stream_rt.graph import Context
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.mqtt import MqttSink
-from stream_rt.testing import Broker, ListSource, Subscriber, numbered_event
+from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
 from .test_mqtt import settings, wait_until
 
@@ -89,10 +89,7 @@ async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp
     trigger = TriggerPolicy("trigger")
     sink = MqttSink("mqtt", dataclasses.replace(settings(free_port, tmp_path), home_assistant=True),
                     commands=trigger, sources={"gate", "back_yard"})  # fmt: skip
-    graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
-    graph.add(Camera("feed", []))
-    graph.add(sink)
-    graph.connect("feed.out", "mqtt.in")
+    graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Camera)
     run = asyncio.create_task(graph.run())
     subscriber = Subscriber(free_port, "#")
     try:

@@ -8,7 +8,6 @@ import asyncio
 import itertools
 import json
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from stream_rt.mllm.stage import MllmStage
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.av_decode import y_plane
-from stream_rt.testing import Broker, ListSource, Subscriber
+from stream_rt.testing import Broker, ListSource, Subscriber, start_worker
 
 from .test_mqtt import wait_until
 
@@ -266,15 +265,9 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
     backend asks it about a real frame, streamed, and the contract stop works remotely."""
     from stream_rt.mllm.openai_backend import OpenAIBackend
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(smoke_model), "--listen",
-        f"127.0.0.1:{free_port}", stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await start_worker(smoke_model, free_port)
     backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "smoke")
     try:
-        assert proc.stderr is not None
-        while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
-            assert line, "the worker exited before serving"
         [frame] = clip_frames(samples, [200])
         request = MllmRequest("cam", 0, 0, 0, "cam-9", "What is happening?", (frame.rgb(),), "event at 20 s")
         streamed: list[str] = []

@@ -17,6 +17,8 @@ import openai
 import pytest
 
 from stream_rt.mllm.smoke import SMOKE_ANSWER
+from stream_rt.operators.snapshot import rgb_to_jpeg
+from stream_rt.testing import start_worker
 
 from .test_mllm import smoke_model  # noqa: F401  (the fixture)
 
@@ -26,13 +28,7 @@ KEY = "test-key-0123"
 @pytest.fixture
 async def worker(smoke_model: Path, free_port: int) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:  # noqa: F811
     """A real worker process serving the smoke model with an API key, and its base URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream_rt.cli", "worker", "--model", str(smoke_model), "--listen",
-        f"127.0.0.1:{free_port}", "--api-key", KEY, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    while b"serving" not in (line := await asyncio.wait_for(proc.stderr.readline(), 60)):
-        assert line, "the worker exited before serving"
+    proc = await start_worker(smoke_model, free_port, "--api-key", KEY)
     try:
         yield f"http://127.0.0.1:{free_port}/v1", proc
     finally:
@@ -43,12 +39,8 @@ async def worker(smoke_model: Path, free_port: int) -> AsyncIterator[tuple[str, 
 
 def jpeg_url(samples: Path) -> str:
     with av.open(str(samples / "vtest.avi")) as container:
-        frame = next(container.decode(video=0))
-    import io
-
-    out = io.BytesIO()
-    frame.to_image().save(out, format="JPEG")
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+        rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    return "data:image/jpeg;base64," + base64.b64encode(rgb_to_jpeg(rgb)).decode()
 
 
 async def test_the_official_client_gets_what_openai_would_give(worker: tuple[str, object], samples: Path) -> None:

@@ -13,6 +13,7 @@ SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 @dataclass
 class Histogram:
+    help: str  # what it measures, for ``/metrics``
     bounds: tuple[float, ...] = SECONDS
     counts: list[int] = field(default_factory=list)  # per bucket, the last one past every bound
     total: float = 0.0
@@ -29,10 +30,10 @@ class Histogram:
         return sum(self.counts)
 
     def to_record(self) -> dict[str, object]:
-        """Plain data (for ``Graph.statistics()``, which goes out as JSON): the upper bounds,
-        the cumulative counts (the last for +inf), the sum and the count."""
-        return {"bounds": list(self.bounds), "cumulative": [n for _, n in self.cumulative()], "sum": self.total,
-                "count": self.count}  # fmt: skip
+        """Plain data (for ``Graph.statistics()``, which goes out as JSON): the help, the
+        upper bounds, the cumulative counts (the last for +inf), the sum and the count."""
+        return {"help": self.help, "bounds": list(self.bounds), "cumulative": [n for _, n in self.cumulative()],
+                "sum": self.total, "count": self.count}  # fmt: skip
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations at most it)``, ending with ``(inf, count)``."""

@@ -96,9 +96,7 @@ class OpenAIBackend(Backend):
                 if response.status != 200:
                     detail = (await response.text())[:200].replace("\n", " ")
                     if response.status == 400 and self._usage_on_every_chunk and "continuous_usage_stats" in detail:
-                        log.info("%s does not take continuous_usage_stats: prompt token counts may read 0", self.url)
-                        self._usage_on_every_chunk = False
-                        return await self.answer(request, on_text)
+                        raise _RefusedUsageOption
                     raise BackendError(f"{self.url} answered HTTP {response.status}: {detail}")
                 async for data in _events(response):
                     if isinstance(data.get("error"), dict):  # the server failed mid-stream
@@ -123,6 +121,10 @@ class OpenAIBackend(Backend):
                         break  # closing the stream makes the server stop generating
         except aiohttp.ClientError as exc:
             raise BackendError(f"cannot reach {self.url}: {exc}") from None
+        except _RefusedUsageOption:  # asked again without it, the refused response released
+            log.info("%s does not take continuous_usage_stats: prompt token counts may read 0", self.url)
+            self._usage_on_every_chunk = False
+            return await self.answer(request, on_text)
         ended = time.perf_counter()
         first = (first_token or ended) - started
         return answer_from_text(
@@ -131,6 +133,10 @@ class OpenAIBackend(Backend):
             tokens={"prompt": int(usage.get("prompt_tokens", 0)),
                     "generated": int(usage.get("completion_tokens", chunks))},
         )  # fmt: skip
+
+
+class _RefusedUsageOption(Exception):
+    """The server answered 400 to ``stream_options.continuous_usage_stats``."""
 
 
 async def _events(response: aiohttp.ClientResponse) -> Any:

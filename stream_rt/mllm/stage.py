@@ -138,8 +138,8 @@ class MllmStage(Node):
         self._room = asyncio.Event()  # set whenever nothing waits
         self._calls: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.call_latency = Histogram()  # model calls that answered, seconds
-        self.answer_latency = Histogram()  # from the event to its answer record, whatever its status
+        self.call_latency = Histogram("seconds a model call took, of the calls that answered")
+        self.answer_latency = Histogram("seconds from an event to its answer record (any status)")
         self._idle = asyncio.Event()
         self._idle.set()
         self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet

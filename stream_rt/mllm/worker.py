@@ -219,13 +219,14 @@ class Worker:
 
         prompt = [0]  # its length in tokens, once the model knows it
 
+        def on_prompt(tokens: int) -> None:
+            prompt[0] = tokens
+
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         def run() -> Generation:
-            return self.backend.generate(
-                images, text, cancel, on_text, limit, on_prompt=lambda n: prompt.__setitem__(0, n)
-            )
+            return self.backend.generate(images, text, cancel, on_text, limit, on_prompt=on_prompt)
 
         async def generate() -> Generation:
             try:

@@ -160,12 +160,11 @@ class ChangeDetector(Node):
         background = state.background
         if p.light:  # one pass gives the difference and what the tone curve is fitted to
             mad, frame_means, background_means = patch_mad_means(y, background, p.patch)
-            valid = None if masked is None else ~masked
+            valid = np.ones(mad.shape, np.bool_) if masked is None else ~masked
             fit = valid
             if state.activity is not None and state.activity.shape == mad.shape:  # what moved lately is not light
-                still = state.activity < RECENTLY_CHANGED
-                still = still if valid is None else valid & still
-                if still.sum() >= FIT_SHARE * (still.size if valid is None else valid.sum()):
+                still = valid & (state.activity < RECENTLY_CHANGED)
+                if still.sum() >= FIT_SHARE * valid.sum():
                     fit = still  # (rain or a crowd over most of the frame: fit to all of it)
             table = tone_curve(background_means, frame_means, p.light_tolerance, fit, judged_on=valid)
             if table is not None:
@@ -225,16 +224,16 @@ class ChangeDetector(Node):
     @staticmethod
     def _jumped(
         state: _State, frame: VideoFrame, before: npt.NDArray[np.float32], after: npt.NDArray[np.float32],
-        valid: npt.NDArray[np.bool_] | None, p: ChangeSettings,
+        valid: npt.NDArray[np.bool_], p: ChangeSettings,
     ) -> bool:  # fmt: skip
         """Whether the light change from ``before`` (the difference to the background) to
-        ``after`` (once re-toned) is a jump; if so, the background takes the frame where
-        the curve left a difference and nothing moved lately."""
-        usable = valid if valid is not None else np.ones(before.shape, np.bool_)
-        was = np.count_nonzero((before > p.threshold) & usable)
-        left = (after > p.threshold) & usable
+        ``after`` (once re-toned) is a jump, counted over the ``valid`` (unmasked) patches;
+        if so, the background takes the frame where the curve left a difference and nothing
+        moved lately."""
+        was = np.count_nonzero((before > p.threshold) & valid)
+        left = (after > p.threshold) & valid
         recovered = state.light_jump_ns is None or frame.pts_ns - state.light_jump_ns >= JUMP_GAP_S * 1e9
-        if not recovered or was < LIGHT_JUMP * usable.sum() or np.count_nonzero(left) > JUMP_LEFT * was:
+        if not recovered or was < LIGHT_JUMP * valid.sum() or np.count_nonzero(left) > JUMP_LEFT * was:
             return False
         # Where nothing moved lately, what the curve left is how colours look now (the
         # frame); where something did, it may be that thing.

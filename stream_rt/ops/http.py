@@ -104,7 +104,7 @@ class OpsServer:
                 histograms.setdefault(name, []).append((node, record))
         for name, series in sorted(histograms.items()):
             family = f"stream_rt_{name}"
-            lines += _family(family, "histogram", HISTOGRAM_HELP.get(name, name.replace("_", " ")))
+            lines += _family(family, "histogram", series[0][1]["help"])
             for node, h in series:
                 bounds = [*h["bounds"], float("inf")]
                 lines += [f'{family}_bucket{{node="{node}",le="{_bound(b)}"}} {n}'
@@ -152,12 +152,6 @@ def _node_totals(node: str, counters: dict[str, int], by_source: dict[str, dict[
         for n, v in counts.items()
     ]
     return "\n".join(lines)
-
-
-HISTOGRAM_HELP = {
-    "model_call_seconds": "seconds a model call took, of the calls that answered",
-    "event_answer_seconds": "seconds from an event to its answer record (any status)",
-}
 
 
 def _family(name: str, kind: str, help_text: str) -> list[str]:

@@ -203,8 +203,7 @@ class MqttSink(Sink):
         """On connect: each source's enabled state, and Home Assistant's discovery messages."""
         if self.commands is not None:
             for source in sorted(self.sources):
-                state = b"ON" if self.commands.is_enabled(source) else b"OFF"
-                await client.publish(self.topic(source, "enabled", "state"), state, qos=1, retain=True)
+                await self._publish_enabled(client, source)
         if self.settings.home_assistant:
             for topic, payload in discovery_messages(self.settings.prefix, sorted(self.sources),
                                                      self.settings.discovery_prefix):  # fmt: skip
@@ -333,14 +332,19 @@ class MqttSink(Sink):
                 log.info("command for '%s': %s", source, done["applied"])
                 ctx.count("commands_applied")
                 if feature == "enabled":
-                    state = b"ON" if self.commands.is_enabled(source) else b"OFF"
-                    await client.publish(self.topic(source, "enabled", "state"), state, qos=1, retain=True)
+                    await self._publish_enabled(client, source)
             except CommandError as exc:
                 reply = {"command": feature, "ok": False, "error": str(exc)}
                 log.warning("rejected a command on %s: %s", message.topic, exc)
                 ctx.count("commands_rejected")
             topic = self.topic(source, "status") if source in self.sources else self.topic("status")
             await client.publish(topic, json.dumps(reply).encode(), qos=1)
+
+    async def _publish_enabled(self, client: aiomqtt.Client, source: str) -> None:
+        """``<source>/enabled/state``, retained: what the trigger holds now."""
+        assert self.commands is not None
+        state = b"ON" if self.commands.is_enabled(source) else b"OFF"
+        await client.publish(self.topic(source, "enabled", "state"), state, qos=1, retain=True)
 
     async def _publish_stats(self, client: aiomqtt.Client, ctx: Context) -> None:
         assert self.stats is not None
