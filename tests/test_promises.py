@@ -303,3 +303,32 @@ async def test_the_model_runs_on_one_daemon_thread_kept_while_a_call_is_stuck() 
     assert await stuck is True and await after == thread._thread.ident
     await backend.close()
     assert backend._thread is None and backend.busy_since is None
+
+
+def test_a_program_that_ends_while_its_model_is_inside_torch_exits_cleanly() -> None:
+    """The model thread is a daemon; one still inside a torch op when the interpreter
+    finalizes aborts the process ("terminate called without an active exception"), so the
+    exit waits for the call under way."""
+    import subprocess
+    import sys
+
+    program = """
+import asyncio, torch
+from stream_rt.mllm.model_thread import ModelThread
+
+def call():
+    a = torch.randn(1200, 1200)
+    for _ in range(12):
+        a = (a @ a).clamp(-1, 1)
+    print("call ended", flush=True)
+
+async def main():
+    asyncio.ensure_future(ModelThread("model").run(call))
+    await asyncio.sleep(0.3)
+
+asyncio.run(main())
+print("main ended", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["main", "ended", "call", "ended"]

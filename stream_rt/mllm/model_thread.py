@@ -7,12 +7,18 @@ encoder or a prefill that hangs) never keeps the daemon from exiting: the worker
 ``ThreadPoolExecutor`` are joined at interpreter exit, this thread is not. ``busy_since``
 says since when the thread has been on its current work (``time.monotonic()``), ``None``
 while it is idle.
+
+A daemon thread still inside the model when the interpreter finalizes aborts the process
+("terminate called without an active exception": torch's GIL release cannot run then), so
+at exit the process waits up to ``EXIT_GRACE_S`` for the calls under way to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -20,6 +26,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+EXIT_GRACE_S = 30.0
+
+log = logging.getLogger(__name__)
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
@@ -30,6 +40,7 @@ class ModelThread:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        _register(self)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the thread, after the work before it. Cancelling the awaiting
@@ -71,3 +82,24 @@ def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], val
 
     with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
         loop.call_soon_threadsafe(settle)
+
+
+_live: list[ModelThread] = []
+
+
+def _register(thread: ModelThread) -> None:
+    atexit.unregister(_wait_for_calls_under_way)  # registered last, it runs first (before torch's own)
+    atexit.register(_wait_for_calls_under_way)
+    _live[:] = [t for t in _live if t._thread.is_alive()] + [thread]
+
+
+def _wait_for_calls_under_way() -> None:
+    deadline = time.monotonic() + EXIT_GRACE_S
+    busy = [t for t in _live if not t.idle]
+    if busy:
+        log.info("waiting up to %.0f s for the model call under way to end", EXIT_GRACE_S)
+    for thread in busy:
+        thread.close()
+        thread._thread.join(max(0.0, deadline - time.monotonic()))
+        if thread._thread.is_alive():
+            log.warning("exiting with a model call still under way; the process may abort")
