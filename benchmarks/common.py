@@ -38,7 +38,7 @@ def bare_decode(clip: Path) -> tuple[int, float]:
 
 def copy_cache(backend: Any, cache: Any) -> Any:
     """A second KV cache with the same contents (decoding grows the first one)."""
-    return backend._cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+    return backend.cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
 
 
 def answer_fidelity(
@@ -59,5 +59,5 @@ def _teacher_forced(backend: Any, prepared: Any, first: Any, cache: Any, tokens:
     if prepared.position_ids is not None and prepared.position_ids.dim() == 3:
         positions = positions.expand(3, 1, -1)  # M-RoPE: text positions on all three axes
     out = backend.model.get_decoder()(inputs_embeds=backend.model.get_input_embeddings()(ids), position_ids=positions,
-                                      use_cache=True, **{backend._cache_kw: cache})  # fmt: skip
+                                      use_cache=True, **{backend.cache_kw: cache})  # fmt: skip
     return torch.cat([first, backend.model.lm_head(out.last_hidden_state[0]).float()])

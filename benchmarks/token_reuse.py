@@ -78,7 +78,7 @@ def one_call(backend: TransformersBackend, frame: np.ndarray, text: str, reuse: 
         else:
             result, encode_s, prefill_s = reuse.encode_and_prefill(model, family, prepared, [rgb_luma(frame)], key,
                                                                    "episode-1", backend.embed)  # fmt: skip
-            logits, cache = result.logits, backend._cache_of(result.keys, result.values)
+            logits, cache = result.logits, backend.cache_of(result.keys, result.values)
         kept = copy_cache(backend, cache)
         t2 = time.perf_counter()
         ids, _, _ = backend.decode(prepared, logits, cache, None, None, NEW_TOKENS)

@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="default 127.0.0.1:8000")
     worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     worker.add_argument("--max-new-tokens", type=int, default=128)
+    worker.add_argument("--max-batch", type=_positive, default=None, metavar="N",
+                        help="requests decoded together at most (continuous batching; default 8)")  # fmt: skip
     worker.add_argument(
         "--served-model-name",
         default=None,
@@ -140,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(handler=_validate)
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _speed(text: str) -> float | None:
@@ -171,7 +179,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     try:
         worker = Worker(backend, host, int(port), api_key=args.api_key or os.environ.get("STREAM_RT_WORKER_API_KEY"),
-                        served_name=args.served_model_name)  # fmt: skip
+                        served_name=args.served_model_name, max_batch=args.max_batch)  # fmt: skip
     except RequestError as exc:
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 2

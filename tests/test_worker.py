@@ -16,7 +16,8 @@ import av
 import openai
 import pytest
 
-from stream_rt.mllm.smoke import SMOKE_ANSWER
+from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
+from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.operators.snapshot import rgb_to_jpeg
 from stream_rt.testing import start_worker
 
@@ -142,3 +143,80 @@ async def test_a_server_that_refuses_continuous_usage_stats_is_asked_again_witho
         await backend.close()
         await runner.cleanup()
     assert ["continuous_usage_stats" in b["stream_options"] for b in bodies] == [True, False, False]  # type: ignore[operator]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "idefics3"])
+def unfitted_backend(request: pytest.FixtureRequest) -> TransformersBackend:
+    """The tiny smoke model with seeded noise on every weight: it no longer says one fixed
+    answer, so its tokens follow the prompt, the image and any slip in the batch's padding."""
+    import torch
+
+    backend = TransformersBackend(str(build_smoke_model(family=request.param)))
+    backend.load()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in backend.model.parameters():
+            weight.add_(torch.randn(weight.shape, generator=generator) * weight.std().nan_to_num(0.02))
+    return backend
+
+
+async def test_requests_decoded_together_get_the_answers_each_gets_alone(
+    unfitted_backend: TransformersBackend, samples: Path
+) -> None:
+    """Continuous batching: requests that join a batch under way (at other steps, with other
+    prompt lengths and token limits) and one whose client leaves get what each gets alone."""
+    import threading
+
+    from stream_rt.mllm.batching import ContinuousBatch
+
+    with av.open(str(samples / "vtest.avi")) as container:
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(60), container.decode(video=0), strict=False)]
+    questions = ["What is happening?", "Describe the scene in a few words.", "Is anyone there?"]
+    jobs = [([frames[i * 11]] if i % 4 else [], questions[i % 3], 96 if i % 2 else 24) for i in range(6)]
+    alone = [unfitted_backend.generate(images, text, max_new_tokens=limit) for images, text, limit in jobs]
+    assert len({tuple(g.token_ids) for g in alone}) > 2, "the answers differ, so a mixed-up row would show"
+    batch = ContinuousBatch(unfitted_backend, max_batch=4)
+    leaving = threading.Event()
+
+    async def one(k: int, images: list[object], text: str, limit: int) -> object:
+        await asyncio.sleep(0.03 * k)  # later ones join a batch under way
+        cancel = leaving if k == 5 else threading.Event()
+        return await batch.generate(images, text, cancel, None, limit)  # type: ignore[arg-type]
+
+    async def leave_soon() -> None:
+        await asyncio.sleep(0.3)
+        leaving.set()
+
+    together = await asyncio.gather(*(one(k, *job) for k, job in enumerate(jobs)), leave_soon())
+    for k, (gen, own) in enumerate(zip(together[:5], alone[:5], strict=True)):
+        assert gen.token_ids == own.token_ids and gen.stop == own.stop, k  # type: ignore[attr-defined]
+    left = together[5]
+    assert left.stop == "cancelled" and left.token_ids == alone[5].token_ids[: len(left.token_ids)]  # type: ignore[attr-defined]
+    assert batch.largest == 4, "four decoded in one step"
+
+
+async def test_concurrent_streams_progress_together(worker: tuple[str, object], samples: Path) -> None:
+    """With continuous batching each of four streamed answers starts before any finishes
+    (served one at a time, the fourth would start after the third ended)."""
+    url, _ = worker
+    client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
+    content = [
+        {"type": "text", "text": "What is happening?"},
+        {"type": "image_url", "image_url": {"url": jpeg_url(samples)}},
+    ]
+    messages = [{"role": "user", "content": content}]
+    loop = asyncio.get_running_loop()
+
+    async def streamed() -> tuple[float, float, str]:
+        stream = await client.chat.completions.create(model="smoke", messages=messages, stream=True, max_tokens=48)  # type: ignore[call-overload]
+        first, text = 0.0, ""
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or loop.time()
+                text += chunk.choices[0].delta.content
+        return first, loop.time(), text
+
+    runs = await asyncio.gather(*(streamed() for _ in range(4)))
+    assert max(first for first, _, _ in runs) < min(last for _, last, _ in runs), runs
+    assert len({text for _, _, text in runs}) == 1 and runs[0][2].startswith(SMOKE_ANSWER[:10])
+    await client.close()

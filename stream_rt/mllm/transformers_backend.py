@@ -32,7 +32,7 @@ import torch
 from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText, answer_from_text
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.contract import JsonObjectEnd
+from stream_rt.mllm.decoding import TokenStream
 from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit, decode_step
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, pooled_tokens
@@ -97,7 +97,7 @@ class TransformersBackend(Backend):
         self.name = model
         self.model: Any = None
         self.family: Family | None = None
-        self._cache_kw = "past_key_values"
+        self.cache_kw = "past_key_values"
         self._lock = threading.Lock()  # one generation at a time
 
     async def start(self) -> None:
@@ -125,7 +125,7 @@ class TransformersBackend(Backend):
         self.family = family(path, config)
         # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.x.
         parameters = inspect.signature(self.model.get_decoder().forward).parameters
-        self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
         log.info("MLLM: %s (%s family) on %s, %s", self.name, family.name, self.device, dtype)
 
     def _resolve(self) -> Path:
@@ -230,7 +230,7 @@ class TransformersBackend(Backend):
         assert self.family is not None
         summary, memory_tokens, visual_dropped = None, 0, 0
         with self._lock, torch.inference_mode():
-            prepared = _to(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
+            prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
             if self.token_reuse is not None and reuse is not None:
                 if memory is not None or summary_tokens:
                     raise BackendError("token reuse cannot be combined with the streaming memory yet")
@@ -243,7 +243,7 @@ class TransformersBackend(Backend):
                 except Exception:
                     self.token_reuse.reset(key)  # a model error starts the next call afresh
                     raise
-                logits, cache = result.logits, self._cache_of(result.keys, result.values)
+                logits, cache = result.logits, self.cache_of(result.keys, result.values)
                 outcome: ReuseOutcome | None = self.token_reuse.last
             else:
                 outcome = None
@@ -259,7 +259,7 @@ class TransformersBackend(Backend):
                     visual_dropped = before - features.shape[0]
                 prefix = None
                 if memory is not None:
-                    state = self.memory_prefix.state(self.model, self.family, *memory, self._cache_kw)
+                    state = self.memory_prefix.state(self.model, self.family, *memory, self.cache_kw)
                     prepared, prefix, memory_tokens = after_prefix(prepared, state.length), state, state.length
                 logits, cache = self.prefill(prepared, features, prefix)
                 encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
@@ -292,7 +292,7 @@ class TransformersBackend(Backend):
             offset += grid.size
         return torch.cat(rows)
 
-    def _cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
+    def cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config.get_text_config())
@@ -317,12 +317,12 @@ class TransformersBackend(Backend):
         from transformers import DynamicCache
 
         if prefix is not None:
-            cache = self._cache_of(prefix.keys, prefix.values)
+            cache = self.cache_of(prefix.keys, prefix.values)
         else:
             cache = DynamicCache(config=self.model.config.get_text_config())
         position_ids = prepared.position_ids.to(self.device) if prepared.position_ids is not None else None
         out = self.model.get_decoder()(
-            inputs_embeds=self.embed(prepared, features), position_ids=position_ids, **{self._cache_kw: cache},
+            inputs_embeds=self.embed(prepared, features), position_ids=position_ids, **{self.cache_kw: cache},
             use_cache=True,
         )  # fmt: skip
         return self.model.lm_head(out.last_hidden_state[:, -1]).float(), cache
@@ -339,45 +339,25 @@ class TransformersBackend(Backend):
         """Greedy decoding from the prefill's logits; (token ids, text, why it stopped)."""
         assert self.family is not None
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        eos = self.family.eos_ids
-        contract = JsonObjectEnd()
+        stream = TokenStream(self.family.tokenizer, self.family.eos_ids, limit, contract_stop=self.contract_stop,
+                             cancel=cancel, on_text=on_text)  # fmt: skip
         decoder = self.model.get_decoder()
         embed = self.model.get_input_embeddings()
-        ids: list[int] = []
-        text = ""
-        stop = "max_tokens"
         three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
-        for step in range(limit):
-            if cancel is not None and cancel.is_set():
-                stop = "cancelled"
-                break
-            token = int(logits[0].argmax())
-            if token in eos:
-                stop = "eos"
-                break
-            ids.append(token)
-            new_text = str(self.family.tokenizer.decode(ids, skip_special_tokens=True))
-            piece, text = new_text[len(text) :], new_text
-            if piece and on_text is not None:
-                on_text(piece)
-            if self.contract_stop and contract.feed(piece):
-                stop = "contract"
-                break
-            if step == limit - 1:
-                break
-            position = torch.tensor([[prepared.next_position + step]], device=self.device)
+        while (token := stream.take(logits[0])) is not None:
+            position = torch.tensor([[prepared.next_position + len(stream.ids) - 1]], device=self.device)
             position = position.expand(3, 1, 1) if three_d else position
             next_input = torch.tensor([[token]], device=self.device)
             if self.layer_exit is not None:
-                logits = decode_step(self.model, next_input, position, cache, self.layer_exit, self._cache_kw)
+                logits = decode_step(self.model, next_input, position, cache, self.layer_exit, self.cache_kw)
                 continue
             out = decoder(inputs_embeds=embed(next_input), position_ids=position, use_cache=True,
-                          **{self._cache_kw: cache})  # fmt: skip
+                          **{self.cache_kw: cache})  # fmt: skip
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
-        return ids, text, stop
+        return stream.ids, stream.text, stream.stop
 
 
-def _to(prepared: Prepared, device: torch.device) -> Prepared:
+def on_device(prepared: Prepared, device: torch.device) -> Prepared:
     prepared.vision = {k: v.to(device) for k, v in prepared.vision.items()}
     return prepared
 

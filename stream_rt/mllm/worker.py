@@ -9,9 +9,11 @@ nothing), ``GET /v1/models``, ``GET /healthz``. Errors are OpenAI's JSON error o
 cannot do is refused with 400 rather than ignored (``n`` > 1, ``tools``, a
 ``response_format`` other than text). With an API key (``--api-key`` or
 ``$STREAM_RT_WORKER_API_KEY``; required to listen beyond loopback) every ``/v1`` request
-must carry it as a bearer token. Requests are served concurrently: generations take the
-model's thread in turn, at most ``max_waiting`` wait for it (more are answered 429), and a
-client that disconnects cancels its generation at the next token (one log line). Answers
+must carry it as a bearer token. Requests are served concurrently and decoded together
+(:mod:`stream_rt.mllm.batching`: up to ``max_batch`` in one forward pass per token, a new
+request joining at the next step); at most ``max_waiting`` more wait for a place (more
+are answered 429), and a client that disconnects ends its generation at the next token
+(one log line). Answers
 of the smoke model carry ``"smoke": true``.
 """
 
@@ -34,6 +36,7 @@ import numpy.typing as npt
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stream_rt.mllm.batching import MAX_BATCH, ContinuousBatch
 from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
 from stream_rt.sources.av_decode import decode_image
 
@@ -114,23 +117,24 @@ def images_and_text(request: ChatRequest) -> tuple[list[npt.NDArray[np.uint8]], 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 MAX_WAITING = 16
-"""Generations that may wait for the model's thread; more are answered 429."""
+"""Generations that may wait for a place in the batch; more are answered 429."""
 
 
 class Worker:
     def __init__(self, backend: TransformersBackend, host: str = "127.0.0.1", port: int = 8000, *,
-                 api_key: str | None = None, max_waiting: int = MAX_WAITING,
+                 api_key: str | None = None, max_waiting: int = MAX_WAITING, max_batch: int | None = None,
                  served_name: str | None = None) -> None:  # fmt: skip
         if host not in LOOPBACK and not api_key:
             raise RequestError(f"listening on {host} needs an API key (--api-key or $STREAM_RT_WORKER_API_KEY)")
         self.backend = backend
+        self.batch = ContinuousBatch(backend, max_batch or MAX_BATCH)
         self.host, self.port = host, port
         self.api_key = api_key
         self.max_waiting = max_waiting
         self._served_name = served_name
         self.served = 0
         self.created = int(time.time())
-        self._generations = 0  # running or waiting for the model's thread
+        self._generations = 0  # decoding or waiting for a place in the batch
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -200,7 +204,7 @@ class Worker:
             return _error(400, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}")
         except RequestError as exc:
             return _error(400, str(exc))
-        if self._generations >= self.max_waiting + 1:
+        if self._generations >= self.max_waiting + self.batch.max_batch:
             return _error(429, f"{self._generations} generations are running or waiting; try again later",
                           "rate_limit_error")  # fmt: skip
         self._generations += 1
@@ -225,12 +229,9 @@ class Worker:
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        def run() -> Generation:
-            return self.backend.generate(images, text, cancel, on_text, limit, on_prompt=on_prompt)
-
         async def generate() -> Generation:
             try:
-                return await self.backend.in_model_thread(run)
+                return await self.batch.generate(images, text, cancel, on_text, limit, on_prompt)
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
