@@ -13,18 +13,27 @@
    one run per second of media, only on frames with change) against bare decode, same
    alternating rounds. Target >= 0.7. Also the detector's share of one core when the clip
    plays at its own pace (its runs x their cost / the clip's length).
-4. Streams per machine: ``--streams`` copies of a 720p 10 fps clip (the walkway scaled and
-   re-encoded to H.264) gated at once in one process, as fast as possible; the sum of
-   their frame rates over 10 fps is how many such live cameras this machine keeps up with.
+4. Streams per machine, as fast as possible: ``--streams`` copies of a 720p 10 fps clip
+   (the walkway scaled and re-encoded to H.264) gated at once in one process; the sum of
+   their frame rates over 10 fps (an upper bound for live cameras).
+5. Live cameras, measured: N real RTSP cameras on loopback (GStreamer's RTSP server
+   sending that 720p H.264 clip at its pace, 10 fps, no encoding on this machine) in
+   one daemon with the gates on, for each N of ``--live`` (``--live-seconds`` within the
+   clip's 79 s, after 5 s to connect): the daemon's CPU per camera,
+   frames lost (not decoded at the camera's pace, or dropped before the gates), and the
+   largest N with none lost.
 
 Usage: python benchmarks/gates.py [--rounds 9] [--detector-rounds 3] [--streams 4]
+       [--live 4 8 12 16] [--live-seconds 20] [--parts kernels replay detector streams live]
 The last line printed is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -159,69 +168,144 @@ def make_720p_clip(clip: Path, out: Path) -> Path:
     return out
 
 
+CAMERA = ROOT / "tests" / "rtsp_camera.py"
+
+
+def live_cameras(clip: Path, count: int, seconds: float) -> dict[str, float]:
+    """``count`` live RTSP cameras sending ``clip`` (H.264, 10 fps) gated in one daemon."""
+    import subprocess
+
+    from stream_rt.testing import free_port
+
+    port = free_port()
+    server = subprocess.Popen(["/usr/bin/python3", str(CAMERA), str(port), "--file", str(clip), str(count)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        sources = [{"id": f"cam{i}", "url": f"rtsp://127.0.0.1:{port}/file{i}", "audio": False} for i in range(count)]
+        pipeline = build_pipeline(parse_config({"sources": sources}))
+
+        def totals() -> tuple[int, int]:
+            stats = pipeline.graph.statistics()
+            frames = sum(int(stats["nodes"][s.name].get("frames", 0)) for s in pipeline.sources)
+            return frames, sum(int(e["dropped_total"]) for e in stats["edges"].values())
+
+        async def watch() -> dict[str, float]:
+            task = asyncio.create_task(pipeline.graph.run())
+            await asyncio.sleep(5)  # connected and past the first frames
+            frames0, dropped0 = totals()
+            cpu0, wall0, server0 = time.process_time(), time.perf_counter(), _cpu_s(server.pid)
+            await asyncio.sleep(seconds)
+            frames, dropped_total = totals()
+            cpu, wall, server_cpu = time.process_time() - cpu0, time.perf_counter() - wall0, _cpu_s(server.pid)
+            pipeline.graph.stop()
+            await asyncio.wait_for(task, 60)
+            expected, decoded, dropped = round(10 * wall * count), frames - frames0, dropped_total - dropped0
+            return {
+                "cameras": count, "seconds": round(wall, 1), "frames": decoded, "expected": expected,
+                # short of the cameras' pace beyond one frame each (the window's edges), or dropped before the gates
+                "lost": max(0, expected - count - decoded) + dropped, "dropped": dropped,
+                "cpu_per_camera": round(cpu / wall / count, 3), "server_cpu": round((server_cpu - server0) / wall, 3),
+            }  # fmt: skip
+
+        return uvloop.run(watch())
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", type=Path, default=ROOT / "samples" / "vtest.avi")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--detector-rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--live", type=int, nargs="+", default=[4, 8, 12, 16], metavar="N")
+    parser.add_argument("--live-seconds", type=float, default=20.0)
+    parts = ["kernels", "replay", "detector", "streams", "live"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     args = parser.parse_args()
     if not args.clip.exists():
         sys.exit(f"{args.clip} is missing: run 'python scripts/fetch_samples.py' first")
 
-    kernels = kernel_figures(args.clip)
-    print(f"change map, 720p, one thread: numba {kernels['mad_numba_us']} us, numpy {kernels['mad_numpy_us']} us "
-          f"({kernels['mad_speedup']}x); background blend {kernels['blend_numba_us']} us")  # fmt: skip
-    variants: dict[str, dict[str, bool | float]] = {
-        "full": {}, "no_light": {"light": False}, "plain": {"light": False, "busy_share": 0.0},
-    }  # fmt: skip
-    change_us = {name: round(detector_us(args.clip, **settings), 1) for name, settings in variants.items()}
-    print(f"change detector per real frame: {change_us['full']} us with the light model and busy patches, "
-          f"{change_us['no_light']} us without the light model, {change_us['plain']} us with neither")  # fmt: skip
+    figures: dict[str, object] = {}
+    if "kernels" in args.parts:
+        kernels = kernel_figures(args.clip)
+        print(f"change map, 720p, one thread: numba {kernels['mad_numba_us']} us, numpy {kernels['mad_numpy_us']} "
+              f"us ({kernels['mad_speedup']}x); background blend {kernels['blend_numba_us']} us")  # fmt: skip
+        variants: dict[str, dict[str, bool | float]] = {
+            "full": {}, "no_light": {"light": False}, "plain": {"light": False, "busy_share": 0.0},
+        }  # fmt: skip
+        change_us = {name: round(detector_us(args.clip, **settings), 1) for name, settings in variants.items()}
+        print(f"change detector per real frame: {change_us['full']} us with the light model and busy patches, "
+              f"{change_us['no_light']} us without the light model, {change_us['plain']} us with neither")  # fmt: skip
+        figures |= kernels | {f"change_detector_us_{name}": us for name, us in change_us.items()}
 
-    replay_gated([args.clip])  # warm up
-    ratios, gated_fps, bare_fps = alternate(args.clip, args.rounds, detect=False)
-    ratio = statistics.median(ratios)
-    print(f"replay with gates: {statistics.median(gated_fps):.0f} fps vs bare decode "
-          f"{statistics.median(bare_fps):.0f} fps: ratio {ratio:.3f} (target >= 0.8)")  # fmt: skip
+    if "replay" in args.parts:
+        replay_gated([args.clip])  # warm up
+        ratios, gated_fps, bare_fps = alternate(args.clip, args.rounds, detect=False)
+        ratio = statistics.median(ratios)
+        print(f"replay with gates: {statistics.median(gated_fps):.0f} fps vs bare decode "
+              f"{statistics.median(bare_fps):.0f} fps: ratio {ratio:.3f} (target >= 0.8)")  # fmt: skip
+        figures |= {
+            "replay_gated_fps": round(statistics.median(gated_fps), 1),
+            "replay_bare_fps": round(statistics.median(bare_fps), 1),
+            "replay_ratio": round(ratio, 3), "replay_ratio_min": round(min(ratios), 3),
+            "replay_ratio_max": round(max(ratios), 3),
+        }  # fmt: skip
 
-    ssd_ms = detector_ms(args.clip)
-    d_ratios, d_gated, d_bare = alternate(args.clip, args.detector_rounds, detect=True)
-    frames_seen, _ = bare_decode(args.clip)
-    runs = LAST_DETECTOR_RUNS[0]
-    with av.open(str(args.clip)) as container:
-        media_s = float(container.duration or 0) / 1e6 or frames_seen / 10  # the clip's length, frame rate aside
-    core_share = runs * ssd_ms / 1000 / media_s
-    print(f"object gate: SSD-MobileNet-v2 {ssd_ms:.0f} ms per frame (one thread); it ran on {runs} of "
-          f"{frames_seen} frames; gated replay with it {statistics.median(d_gated):.0f} fps vs bare "
-          f"{statistics.median(d_bare):.0f} fps: ratio {statistics.median(d_ratios):.3f} (target >= 0.7); at the "
-          f"clip's own pace it takes {core_share:.0%} of one core")  # fmt: skip
+    if "detector" in args.parts:
+        ssd_ms = detector_ms(args.clip)
+        d_ratios, d_gated, d_bare = alternate(args.clip, args.detector_rounds, detect=True)
+        frames_seen, _ = bare_decode(args.clip)
+        runs = LAST_DETECTOR_RUNS[0]
+        with av.open(str(args.clip)) as container:
+            media_s = float(container.duration or 0) / 1e6 or frames_seen / 10  # the clip's length, frame rate aside
+        core_share = runs * ssd_ms / 1000 / media_s
+        print(f"object gate: SSD-MobileNet-v2 {ssd_ms:.0f} ms per frame (one thread); it ran on {runs} of "
+              f"{frames_seen} frames; gated replay with it {statistics.median(d_gated):.0f} fps vs bare "
+              f"{statistics.median(d_bare):.0f} fps: ratio {statistics.median(d_ratios):.3f} (target >= 0.7); at "
+              f"the clip's own pace it takes {core_share:.0%} of one core")  # fmt: skip
+        figures |= {
+            "detector_ms": round(ssd_ms, 1), "detector_runs": runs, "detector_frames": frames_seen,
+            "replay_detect_gated_fps": round(statistics.median(d_gated), 1),
+            "replay_detect_ratio": round(statistics.median(d_ratios), 3),
+            "detector_core_share_at_pace": round(core_share, 3),
+        }  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
-        hd = make_720p_clip(args.clip, Path(tmp) / "walkway_720p.mp4")
-        frames, seconds = replay_gated([hd] * args.streams)
-        hd_bare = bare_decode(hd)
-    total_fps = frames / seconds
-    print(f"{args.streams} x 720p H.264 gated at once: {total_fps:.0f} fps in all -> {total_fps / 10:.0f} live "
-          f"10 fps streams on this machine (bare decode of one: {hd_bare[0] / hd_bare[1]:.0f} fps)")  # fmt: skip
+        hd = (
+            make_720p_clip(args.clip, Path(tmp) / "walkway_720p.mp4") if {"streams", "live"} & set(args.parts) else None
+        )
+        if hd is not None and "streams" in args.parts:
+            frames, seconds = replay_gated([hd] * args.streams)
+            hd_bare = bare_decode(hd)
+            total_fps = frames / seconds
+            print(f"{args.streams} x 720p H.264 gated at once, as fast as possible: {total_fps:.0f} fps in all "
+                  f"(an upper bound of {total_fps / 10:.0f} live 10 fps streams; bare decode of one: "
+                  f"{hd_bare[0] / hd_bare[1]:.0f} fps)")  # fmt: skip
+            figures |= {
+                "streams_720p_10fps_upper_bound": int(total_fps // 10),
+                "gated_720p_total_fps": round(total_fps, 1),
+            }
+        if hd is not None and "live" in args.parts:
+            live = []
+            for count in args.live:
+                run = live_cameras(hd, count, args.live_seconds)
+                live.append(run)
+                print(f"{count} live 720p RTSP cameras: {run['frames']} of {run['expected']} frames decoded, "
+                      f"{run['lost']} lost; daemon CPU {run['cpu_per_camera']:.3f} cores per camera "
+                      f"(the RTSP server: {run['server_cpu']:.2f} cores)")  # fmt: skip
+            held = [run["cameras"] for run in live if run["lost"] == 0]
+            figures |= {"live_cameras": live, "live_cameras_held_no_loss": max(held, default=0)}
 
-    print(json.dumps({
-        **kernels,
-        **{f"change_detector_us_{name}": us for name, us in change_us.items()},
-        "replay_gated_fps": round(statistics.median(gated_fps), 1),
-        "replay_bare_fps": round(statistics.median(bare_fps), 1),
-        "replay_ratio": round(ratio, 3),
-        "replay_ratio_min": round(min(ratios), 3),
-        "replay_ratio_max": round(max(ratios), 3),
-        "detector_ms": round(ssd_ms, 1),
-        "detector_runs": runs,
-        "detector_frames": frames_seen,
-        "replay_detect_gated_fps": round(statistics.median(d_gated), 1),
-        "replay_detect_ratio": round(statistics.median(d_ratios), 3),
-        "detector_core_share_at_pace": round(core_share, 3),
-        "streams_720p_10fps": int(total_fps // 10),
-        "gated_720p_total_fps": round(total_fps, 1),
-    }))  # fmt: skip
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """A real RTSP camera on loopback, for tests: GStreamer's RTSP server (Debian's
 ``gir1.2-gst-rtsp-server-1.0`` through ``python3-gi``), run with the system Python.
 
-``python3 tests/rtsp_camera.py PORT [--scene ON_S OFF_S] [--size WxH]`` serves, live
-at 10 fps, 640x360 unless ``--size`` says otherwise:
+``python3 tests/rtsp_camera.py PORT [--scene ON_S OFF_S] [--size WxH] [--file MP4 N]``
+serves, live at 10 fps, 640x360 unless ``--size`` says otherwise:
 
 - ``/video``: H.264 of a moving test picture;
 - ``/av``: the same with AAC audio (a tick a second);
 - ``/scene`` (with ``--scene``): a still grey picture in which a white ball (~3 % of the
   picture) appears and moves for ``ON_S`` seconds every ``ON_S + OFF_S``; for each change the camera prints
   ``appeared T`` or ``left T``, T being the wall-clock time (``time.time()``) at which
-  the first frame showing it was captured.
+  the first frame showing it was captured;
+- ``/file0`` ... ``/file<N-1>`` (with ``--file``): the H.264 video of MP4, played once
+  at its own pace from when a client connects, sent as it is (no encoding here, so N
+  cameras cost this process little).
 
 It prints ``ready`` once it listens, and serves until killed.
 """
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("port")
     parser.add_argument("--scene", nargs=2, type=float, metavar=("ON_S", "OFF_S"))
     parser.add_argument("--size", default="640x360")
+    parser.add_argument("--file", nargs=2, metavar=("MP4", "N"))
     args = parser.parse_args()
     width, height = args.size.split("x")
     caps = f"video/x-raw,width={width},height={height},framerate=10/1"
@@ -91,6 +95,12 @@ def main() -> None:
         factory.set_shared(True)
         factory.connect("media-configure", scene.attach)
         mounts.add_factory("/scene", factory)
+    if args.file:
+        for index in range(int(args.file[1])):
+            factory = GstRtspServer.RTSPMediaFactory()
+            factory.set_launch(f"( filesrc location={args.file[0]} ! qtdemux ! h264parse "
+                               "! rtph264pay name=pay0 pt=96 config-interval=1 )")
+            mounts.add_factory(f"/file{index}", factory)
     if server.attach(None) == 0:
         sys.exit(f"cannot listen on 127.0.0.1:{args.port}")
     print("ready", flush=True)
