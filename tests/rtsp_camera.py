@@ -98,8 +98,10 @@ def main() -> None:
     if args.file:
         for index in range(int(args.file[1])):
             factory = GstRtspServer.RTSPMediaFactory()
-            factory.set_launch(f"( filesrc location={args.file[0]} ! qtdemux ! h264parse "
-                               "! rtph264pay name=pay0 pt=96 config-interval=1 )")
+            factory.set_launch(
+                f"( filesrc location={args.file[0]} ! qtdemux ! h264parse "
+                "! rtph264pay name=pay0 pt=96 config-interval=1 )"
+            )
             mounts.add_factory(f"/file{index}", factory)
     if server.attach(None) == 0:
         sys.exit(f"cannot listen on 127.0.0.1:{args.port}")
