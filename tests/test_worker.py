@@ -84,18 +84,23 @@ async def test_the_official_client_gets_what_openai_would_give(worker: tuple[str
 
 
 async def test_a_client_that_leaves_mid_stream_is_one_log_line(worker: tuple[str, asyncio.subprocess.Process]) -> None:
+    """Streamed or not, a client that hangs up ends its generation with one log line."""
     url, proc = worker
     body = {"model": "smoke", "messages": [{"role": "user", "content": "Describe the scene at length."}],
             "stream": True, "max_tokens": 100000}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY}"}
-    async with aiohttp.ClientSession(headers=headers) as http, http.post(url + "/chat/completions", json=body) as r:
-        await r.content.readline()  # the first chunk, then hang up
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(url + "/chat/completions", json=body) as r:
+            await r.content.readline()  # the first chunk, then hang up
+        with pytest.raises(asyncio.TimeoutError):  # not streamed: give up waiting for the whole answer
+            await http.post(url + "/chat/completions", json={**body, "stream": False},
+                            timeout=aiohttp.ClientTimeout(total=0.05))  # fmt: skip
     await asyncio.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     assert proc.stderr is not None
     log = (await asyncio.wait_for(proc.stderr.read(), 10)).decode()
     assert await proc.wait() == 0
-    assert "went away" in log and "Traceback" not in log, log
+    assert log.count("went away") == 2 and "Traceback" not in log, log
 
 
 def test_listening_beyond_loopback_needs_an_api_key(smoke_model: Path) -> None:  # noqa: F811

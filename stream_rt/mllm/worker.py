@@ -143,7 +143,8 @@ class Worker:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/healthz", self._health)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A client that hangs up cancels its handler, so an unstreamed generation stops too.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
