@@ -2,8 +2,9 @@
 one source recompute only what changed, without forking transformers.
 
 Per cache key (source, question) the previous call leaves: its prompt's token ids, each
-visual token's reference patch (the 14x14 luma it was last computed from), the K/V of
-every layer for the whole prompt, the question's attention to each visual token, and
+visual token's reference patch (its footprint's luma, area-downscaled to 14x14, as last
+computed), the K/V of every layer for the whole prompt, the question's attention to each
+visual token, and
 (tiled families) each tile's pixels and encoder output. The next call:
 
 1. finds the **static** visual tokens (cosine similarity to their reference patch >=

@@ -3,11 +3,13 @@
 A model's visual tokens each cover a rectangle of the picture: a :class:`TokenGrid` says
 which part of the frame a block of tokens covers and how many rows and columns of tokens
 it has (one grid per image for Qwen2-VL, one per tile plus the global view for SmolVLM).
-:func:`token_patches` cuts each token's rectangle of luma, resized to 14x14 pixels, and
-:func:`patch_similarity` compares two such stacks with the per-patch cosine similarity
-kernel of the change detector; :func:`static_tokens` calls a token static when its patch
-is still close to the one its cached state was computed from (VLA-Cache's cosine >= 0.996
-on raw 14x14 patches, and a small mean difference).
+:func:`token_patches` cuts each token's rectangle of luma, area-downscaled to 14x14
+pixels, and :func:`patch_similarity` compares two such stacks with the per-patch cosine
+similarity kernel of the change detector; :func:`static_tokens` calls a token static when
+its patch is still close to the one its cached state was computed from (after VLA-Cache's
+cosine >= 0.996, which VLA-Cache takes on the raw 14x14 patches of its encoder; here a
+token's whole footprint is downscaled first, so detail finer than that can pass as
+static, hence also a small mean difference).
 
 The model-specific part — which layers, the K/V cache, the encoder — is in
 :mod:`stream_rt.mllm.token_reuse`.
