@@ -45,8 +45,8 @@ class Scene:
         self.to_tell = False
 
     def attach(self, factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
-        source = media.get_element().get_by_name("scene")
-        self.next_change = time.time() + self.off_s
+        source = media.get_element().get_by_name("scene")  # a new media starts without the ball
+        self.shown, self.to_tell, self.next_change = False, False, time.time() + self.off_s
         source.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, self._frame, source)
 
     def _frame(self, pad: Gst.Pad, info: Gst.PadProbeInfo, source: Gst.Element) -> Gst.PadProbeReturn:

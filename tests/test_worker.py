@@ -225,3 +225,44 @@ async def test_concurrent_streams_progress_together(worker: tuple[str, object], 
     assert max(first for first, _, _ in runs) < min(last for _, last, _ in runs), runs
     assert len({text for _, _, text in runs}) == 1 and runs[0][2].startswith(SMOKE_ANSWER[:10])
     await client.close()
+
+
+async def test_the_batch_leaves_no_request_unanswered_and_prefills_none_abandoned(
+    unfitted_backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while a request joins the batch answers it with the error and the others
+    as usual; requests whose clients left before their turn cost no prefill; stopping ends
+    a long generation at its next step."""
+    import threading
+
+    from stream_rt.mllm.batching import ContinuousBatch
+
+    # Generations run to their token limit: no end of sequence, no contract stop.
+    monkeypatch.setattr(type(unfitted_backend.family), "eos_ids", property(lambda self: set()))
+    monkeypatch.setattr(unfitted_backend, "contract_stop", False)
+    batch = ContinuousBatch(unfitted_backend, max_batch=1)
+    prefills: list[str] = []
+    prefill, joined = batch._prefill, batch._joined
+    batch._prefill = lambda job: (prefills.append(job.text), prefill(job))[1]  # type: ignore[method-assign]
+
+    def join_fails_once(*args: object) -> object:
+        batch._joined = joined  # type: ignore[method-assign]
+        raise RuntimeError("out of memory")
+
+    batch._joined = join_fails_once  # type: ignore[method-assign,assignment]
+    asks = [batch.generate([], f"question {n}", threading.Event(), None, 8) for n in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 60)
+    assert isinstance(results[0], RuntimeError) and all(r.stop == "max_tokens" for r in results[1:])  # type: ignore[union-attr]
+
+    prefills.clear()
+    long = asyncio.ensure_future(batch.generate([], "long", threading.Event(), None, 100000))
+    gone = [threading.Event() for _ in range(3)]
+    left = [asyncio.ensure_future(batch.generate([], f"gone {n}", g, None, 8)) for n, g in enumerate(gone)]
+    await asyncio.sleep(0.2)
+    for g in gone:
+        g.set()  # their clients hang up while they wait for a place
+    await asyncio.sleep(0.3)
+    batch.cancel_all()
+    ended = await asyncio.wait_for(long, 10)
+    assert ended.stop == "cancelled" and 0 < len(ended.token_ids) < 100000
+    assert [(await f).stop for f in left] == ["cancelled"] * 3 and prefills == ["long"]

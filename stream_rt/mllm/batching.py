@@ -27,7 +27,6 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.mllm.decoding import TokenStream
-from stream_rt.mllm.families import Prepared
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.transformers_backend import Generation, TransformersBackend, on_device
 
@@ -47,6 +46,11 @@ class _Job:
     on_prompt: Callable[[int], None] | None
     result: concurrent.futures.Future[Generation] = field(default_factory=concurrent.futures.Future)
 
+    @property
+    def abandoned(self) -> bool:
+        """Its client has gone, or its answer is settled already."""
+        return self.cancel.is_set() or self.result.done()
+
     def settle(self, value: Generation | BaseException) -> None:
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # its client gave up on it
             if isinstance(value, BaseException):
@@ -57,10 +61,14 @@ class _Job:
 
 @dataclass
 class _Row:
-    """A request in the batch: its decoding so far and the token it feeds next."""
+    """A request in the batch: its decoding so far and the token it feeds next (of its
+    prompt only what decoding needs, so the images and pixel tensors are let go)."""
 
     job: _Job
-    prepared: Prepared
+    length: int  # the prompt's tokens
+    image_tokens: int
+    next_position: int
+    three_d: bool  # multimodal rotary positions (three axes)
     stream: TokenStream
     encode_s: float
     prefill_s: float
@@ -70,7 +78,10 @@ class _Row:
 
 class ContinuousBatch:
     """Generations for ``backend`` (its plain path: no token reuse, memory or layer exit),
-    run on the backend's model thread, at most ``max_batch`` decoding at once."""
+    run on the backend's model thread, at most ``max_batch`` decoding at once. While some
+    decode, one new request is prefilled per step, so a burst of arrivals never stalls
+    the streams under way for more than one prefill at a time. A request whose client
+    has gone (its ``cancel`` set) is dropped before it costs a prefill."""
 
     def __init__(self, backend: TransformersBackend, max_batch: int = MAX_BATCH) -> None:
         if max_batch < 1:
@@ -80,6 +91,8 @@ class ContinuousBatch:
         self.largest = 0  # the most requests decoded in one step so far
         self._lock = threading.Lock()
         self._waiting: list[_Job] = []
+        self._joining: list[_Job] = []  # taken from the waiting, not yet in the batch
+        self._rows: list[_Row] = []
         self._running = False
         self._runs: set[asyncio.Future[None]] = set()
 
@@ -93,7 +106,8 @@ class ContinuousBatch:
         on_prompt: Callable[[int], None] | None = None,
     ) -> Generation:
         """What :meth:`TransformersBackend.generate` gives for these, decoded in the batch.
-        ``on_text`` and ``on_prompt`` are called on the model thread."""
+        ``on_text`` and ``on_prompt`` are called on the model thread. Cancelling the
+        awaiting task ends the generation at its next step."""
         job = _Job(images, text, cancel, on_text, max_new_tokens, on_prompt)
         with self._lock:
             self._waiting.append(job)
@@ -101,41 +115,61 @@ class ContinuousBatch:
         if start:
             run = asyncio.ensure_future(self.backend.in_model_thread(self._run))
             self._runs.add(run)
-            run.add_done_callback(self._runs.discard)
-        return await asyncio.wrap_future(job.result)
+            run.add_done_callback(self._run_ended)
+        try:
+            return await asyncio.wrap_future(job.result)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def cancel_all(self) -> None:
+        """End every generation at its next step (the worker is stopping)."""
+        with self._lock:
+            for job in self._waiting + self._joining + [row.job for row in self._rows]:
+                job.cancel.set()
+
+    def _run_ended(self, run: asyncio.Future[None]) -> None:
+        self._runs.discard(run)
+        if run.cancelled():  # (it may never have started): the next request starts another
+            with self._lock:
+                self._running = False
 
     def _run(self) -> None:
-        rows: list[_Row] = []
         try:
             with torch.inference_mode():
-                self._loop(rows)
+                self._loop()
         except BaseException as exc:  # a fault of the batch itself: no request is left waiting
             log.exception("worker: the batch failed")
             with self._lock:
-                waiting, self._waiting, self._running = self._waiting, [], False
-            for job in [row.job for row in rows] + waiting:
+                jobs = self._waiting + self._joining + [row.job for row in self._rows]
+                self._waiting, self._joining, self._rows, self._running = [], [], [], False
+            for job in jobs:
                 job.settle(exc)
 
-    def _loop(self, rows: list[_Row]) -> None:
+    def _loop(self) -> None:
+        rows = self._rows
         cache: Any = None
         mask: torch.Tensor | None = None
         while True:
             with self._lock:
+                for job in [job for job in self._waiting if job.abandoned]:
+                    job.settle(Generation("", [], "cancelled", 0, 0, 0.0, 0.0, 0.0))  # never prefilled
+                    self._waiting.remove(job)
                 room = self.max_batch - len(rows)
-                joining, self._waiting = self._waiting[:room], self._waiting[room:]
-                if not rows and not joining:
+                admit = min(room, 1) if rows else room
+                self._joining, self._waiting = self._waiting[:admit], self._waiting[admit:]
+                if not rows and not self._joining:
                     self._running = False
                     return
-            for job in joining:
+            for job in self._joining:
                 try:
                     row, row_cache = self._prefill(job)
+                    if row is not None:
+                        cache, mask = self._joined(cache, mask, row_cache, row.length)
+                        rows.append(row)
                 except Exception as exc:
                     job.settle(exc)
-                    continue
-                if row is None:
-                    continue
-                cache, mask = self._joined(cache, mask, row_cache, row.prepared.length)
-                rows.append(row)
+            self._joining = []
             if not rows:
                 continue
             assert mask is not None
@@ -171,7 +205,9 @@ class ContinuousBatch:
         limit = backend.max_new_tokens if job.max_new_tokens is None else job.max_new_tokens
         stream = TokenStream(family.tokenizer, family.eos_ids, limit, contract_stop=backend.contract_stop,
                              cancel=job.cancel, on_text=job.on_text)  # fmt: skip
-        row = _Row(job, prepared, stream, encoded - started, prefilled - encoded, prefilled)
+        three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
+        row = _Row(job, prepared.length, int(prepared.image_mask.sum()), prepared.next_position, three_d, stream,
+                   encoded - started, prefilled - encoded, prefilled)  # fmt: skip
         return (row, cache) if self._advance(row, logits[0]) else (None, None)
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
@@ -180,10 +216,10 @@ class ContinuousBatch:
         if token is not None:
             row.token = token
             return True
-        prepared, stream = row.prepared, row.stream
+        stream = row.stream
         row.job.settle(Generation(
-            stream.text, stream.ids, stream.stop, prepared.length, int(prepared.image_mask.sum()), row.encode_s,
-            row.prefill_s, time.perf_counter() - row.joined,
+            stream.text, stream.ids, stream.stop, row.length, row.image_tokens, row.encode_s, row.prefill_s,
+            time.perf_counter() - row.joined,
         ))  # fmt: skip
         return False
 
@@ -192,10 +228,8 @@ class ContinuousBatch:
         backend = self.backend
         device = backend.device
         tokens = torch.tensor([[row.token] for row in rows], device=device)
-        positions = torch.tensor([[row.prepared.next_position + len(row.stream.ids) - 1] for row in rows],
-                                 device=device)  # fmt: skip
-        first = rows[0].prepared.position_ids
-        if first is not None and first.dim() == 3:  # multimodal rotary positions: three equal axes for text
+        positions = torch.tensor([[row.next_position + len(row.stream.ids) - 1] for row in rows], device=device)
+        if rows[0].three_d:  # multimodal rotary positions: three equal axes for text
             positions = positions.unsqueeze(0).expand(3, -1, -1)
         out = backend.model.get_decoder()(
             inputs_embeds=backend.model.get_input_embeddings()(tokens), position_ids=positions,

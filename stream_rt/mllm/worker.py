@@ -116,6 +116,9 @@ def images_and_text(request: ChatRequest) -> tuple[list[npt.NDArray[np.uint8]], 
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
+STOP_GRACE_S = 5.0
+"""How long a stopping worker gives its connections to finish."""
+
 MAX_WAITING = 16
 """Generations that may wait for a place in the batch; more are answered 429."""
 
@@ -144,7 +147,7 @@ class Worker:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/healthz", self._health)
         # A client that hangs up cancels its handler, so an unstreamed generation stops too.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -158,6 +161,9 @@ class Worker:
         return self._served_name or ("smoke" if self.backend.smoke else self.backend.name)
 
     async def stop(self) -> None:
+        """Stop serving: generations under way end at their next token (their clients get
+        what was generated so far) and connections get ``STOP_GRACE_S`` to finish."""
+        self.batch.cancel_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -237,6 +243,7 @@ class Worker:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         task = asyncio.ensure_future(generate())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a client that left never reads it
         ident = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         response: web.StreamResponse | None = None
         try:
