@@ -38,6 +38,7 @@ from stream_rt.graph import (
     StreamEnded,
     Supervision,
     VideoFrame,
+    WatchState,
 )
 from stream_rt.mllm import Backend, MissingWeights, MllmStage, OpenAIBackend
 from stream_rt.operators.audio import AudioAnalyzer
@@ -48,6 +49,7 @@ from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.zones import SceneLayout
 from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.watches import WatchBook
 from stream_rt.sinks import CallbackSink, JsonlSink, MqttSink
 from stream_rt.sources import AvSource, Backoff, MqttSource, PushSource, SourceError, SyntheticSource
 
@@ -117,6 +119,8 @@ __all__ = [
     "TransformersBackend",
     "TriggerPolicy",
     "VideoFrame",
+    "WatchBook",
+    "WatchState",
     "build_pipeline",
     "build_smoke_model",
     "load_config",

@@ -488,8 +488,20 @@ def _merged(default: _Section, override: _Section | None) -> _Section:
     return type(default).model_validate(data)
 
 
+class WatchConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the watch in topics and records")
+    source: str = Field(description="the source it watches")
+    condition: str = Field(min_length=1, max_length=1000, description="what the model checks, in words")
+    expires_s: float = Field(0.0, ge=0, description="the watch ends this long after it is set (0: never)")
+    confirm: int = Field(2, ge=1, description="answers in a row that must agree to flip its state")
+
+
 class Config(_Strict):
     sources: list[SourceConfig] = Field(default_factory=list)
+    watches: list[WatchConfig] = Field(
+        default_factory=list, description="standing conditions the model re-checks on every call (needs [mllm])"
+    )
+    watch_state: Path | None = Field(None, description="file that keeps the watches and their states across restarts")
     graph: GraphConfig = Field(default_factory=GraphConfig)
     change: ChangeConfig = Field(default_factory=ChangeConfig)
     audio: AudioGateConfig = Field(default_factory=AudioGateConfig)
@@ -506,11 +518,22 @@ class Config(_Strict):
         """The checks that span keys, on the defaults and on every source's own settings
         (a source's override is only a part: it is checked merged)."""
         (_, defaults), *sources = self._all_settings()
-        problems = defaults.problems()
+        problems = defaults.problems() + self._watch_problems()
         problems += [f"{where}{p}" for where, settings in sources for p in settings.problems() if p not in problems]
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _watch_problems(self) -> list[str]:
+        ids = {s.id for s in self.sources}
+        problems = [f"watches[{i}] ({w.id}): unknown source '{w.source}'" for i, w in enumerate(self.watches)
+                    if w.source not in ids]  # fmt: skip
+        watched = [w.source for w in self.watches]
+        problems += [f"watches: source '{s}' has more than one (one watch per source)"
+                     for s in sorted(set(watched)) if watched.count(s) > 1]  # fmt: skip
+        if self.watches and self.mllm is None:
+            problems.append("watches need [mllm]: the model answers them")
+        return problems
 
     def _defaults(self) -> SourceSettings:
         return SourceSettings(

@@ -37,6 +37,7 @@ from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
 from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.watches import WatchBook
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sinks.report import ReportSink
@@ -127,7 +128,11 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     mllm = None
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
-        mllm = _build_mllm(config.mllm, asks, questions)
+        watches = WatchBook(config.watch_state)  # restored, then the configured ones set
+        for watch in config.watches:
+            watches.set(watch.source, watch.id, watch.condition, watch.expires_s, watch.confirm)
+        trigger.watches = watches  # for the watch/set command
+        mllm = _build_mllm(config.mllm, asks, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
@@ -160,11 +165,12 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
 def _feed(
     graph: Graph, sink: str, trigger: TriggerPolicy | None, mllm: MllmStage | None, sources: list[StatusSource]
 ) -> None:
-    """What every sink receives: events, answers and each source's status."""
+    """What every sink receives: events, answers, watch transitions and each source's status."""
     if trigger is not None:
         graph.connect("trigger.events", f"{sink}.in", capacity=64)
     if mllm is not None:
         graph.connect("mllm.answers", f"{sink}.in", capacity=64)
+        graph.connect("mllm.watches", f"{sink}.in", capacity=64)
     for source in sources:
         graph.connect(f"{source.name}.status", f"{sink}.in")
 
@@ -199,7 +205,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str]) -> MllmStage:
+def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook) -> MllmStage:
     clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
     m = cfg.memory
     memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
@@ -208,7 +214,7 @@ def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, st
         max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
         reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
         memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, asks=asks, questions=questions,
-        max_in_flight=cfg.in_flight, calls_per_minute=cfg.calls_per_minute,
+        max_in_flight=cfg.in_flight, calls_per_minute=cfg.calls_per_minute, watches=watches,
     )  # fmt: skip
 
 

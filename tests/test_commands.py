@@ -42,14 +42,23 @@ def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float
         ("ask", b'{"question": ""}', "at least 1 character"),
         ("ask", b'{"question": 42}', "valid string"),
         ("ask", b'{"question": "' + b"why " * 300 + b'"}', "at most 1000 characters"),
+        ("watch", b"guests please", "takes OFF or a JSON object"),
+        ("watch", b'{"id": "guests"}', "condition: Field required"),
+        ("watch", b'{"id": "a b", "condition": "x"}', "id: String should match pattern"),
+        ("watch", b'{"id": "g", "condition": "x", "expires_s": -1}', "greater than or equal to 0"),
+        ("watch", b'{"id": "g", "condition": "x", "every": 3}', "Extra inputs are not permitted"),
+        ("watch", b"OFF", "has no watch"),
     ],
 )
 def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: bytes, error: str) -> None:
-    trigger = TriggerPolicy("trigger")
+    from stream_rt.policies.watches import WatchBook
+
+    trigger = TriggerPolicy("trigger", watches=WatchBook())
     with pytest.raises(CommandError, match=error.replace("(", r"\(").replace("[", r"\[")):
         apply_command(trigger, {"gate"}, "gate", feature, payload)
     assert thresholds(trigger, "gate") == (None, None, True)
     assert "gate" not in trigger._states or not trigger._states["gate"].questions
+    assert trigger.watches is not None and not trigger.watches.all() and not trigger.watches.take()
 
 
 def test_unknown_sources_are_rejected() -> None:

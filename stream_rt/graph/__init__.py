@@ -23,6 +23,7 @@ from stream_rt.graph.packets import (
     SourceStatus,
     StreamEnded,
     VideoFrame,
+    WatchState,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "StreamEnded",
     "Supervision",
     "VideoFrame",
+    "WatchState",
 ]

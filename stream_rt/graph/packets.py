@@ -349,6 +349,28 @@ class MllmAnswer(Packet):
 
 
 @dataclass(frozen=True, slots=True)
+class WatchState(Packet):
+    """A standing watch's transition (:mod:`stream_rt.policies.watches`): ``state`` is
+    ``unmet`` or ``met`` (``reason`` ``set`` when it was set, ``answers`` when the model's
+    answers flipped it), ``expired`` or ``removed``; ``since_ns`` (wall clock) when it took
+    that state; ``event_id`` and ``summary`` of the answer that made the last flip."""
+
+    watch_id: str
+    state: str
+    since_ns: int
+    event_id: str
+    summary: str
+    condition: str
+    reason: str
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(watch_id=self.watch_id, state=self.state, since_ns=self.since_ns, event_id=self.event_id,
+                      summary=self.summary, condition=self.condition, reason=self.reason)  # fmt: skip
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPacket(Packet):
     """Base of packets that steer the graph. Never dropped by a channel policy or a flush."""
 

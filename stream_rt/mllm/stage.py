@@ -63,6 +63,7 @@ from stream_rt.graph.packets import (
     MllmRequest,
     Packet,
     VideoFrame,
+    WatchState,
 )
 from stream_rt.memory.streaming import StreamingMemory
 from stream_rt.mllm.backend import Backend, MissingWeights
@@ -72,8 +73,11 @@ from stream_rt.mllm.requests import build_request
 from stream_rt.policies.answer_reuse import AnswerReuse
 from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.flow import FairFlow
+from stream_rt.policies.watches import WatchBook
 
 log = logging.getLogger("stream_rt.mllm")
+
+WATCH_TICK_S = 0.5
 
 STUCK_GRACE_S = 1.0
 """How long a call waits for the model's thread to finish a call given up on before it is
@@ -92,7 +96,7 @@ class _Queued:
 
 class MllmStage(Node):
     inputs = {"events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,)}
-    outputs = {"answers": (MllmAnswer,)}
+    outputs = {"answers": (MllmAnswer,), "watches": (WatchState,)}
 
     def __init__(
         self,
@@ -114,9 +118,12 @@ class MllmStage(Node):
         questions: dict[str, str] | None = None,
         max_in_flight: int = 1,
         calls_per_minute: int = 0,
+        watches: WatchBook | None = None,
     ) -> None:
         """``questions``: the question of each source that has its own (``question`` for the
-        rest); ``calls_per_minute``: the budget of routine calls across sources (0: none)."""
+        rest); ``calls_per_minute``: the budget of routine calls across sources (0: none);
+        ``watches``: standing conditions asked with each routine call of their source, whose
+        transitions the stage publishes on ``watches``."""
         super().__init__(name)
         self.backend = backend
         self.question = question
@@ -133,6 +140,8 @@ class MllmStage(Node):
         self.memory_snapshot = memory_snapshot
         self.snapshot_interval_s = snapshot_interval_s
         self.asks = asks
+        self.watches = watches
+        self._watch_clock: asyncio.Task[None] | None = None
         self.failures_in_a_row = 0  # calls that ended error or timeout, since the last that did not
         self._saved_at = time.monotonic()
         self._room = asyncio.Event()  # set whenever nothing waits
@@ -156,6 +165,8 @@ class MllmStage(Node):
         except Exception as exc:
             log.error("MLLM backend '%s' cannot start: %s", self.backend.name, describe_error(exc))
             ctx.count("backend_start_errors")
+        if self.watches is not None:
+            self._watch_clock = asyncio.create_task(self._tick_watches(ctx))
         if self.memory is not None and self.memory_snapshot is not None and self.memory_snapshot.exists():
             await asyncio.to_thread(self._restore_memory, self.memory, self.memory_snapshot)
 
@@ -268,8 +279,24 @@ class MllmStage(Node):
         self._idle.set()
 
     def question_for(self, source_id: str) -> str:
-        """The question asked about ``source_id``'s events (its own, else the stage's)."""
-        return self.questions.get(source_id, self.question)
+        """The question asked about ``source_id``'s events (its own, else the stage's), with
+        its standing watch's condition if it has one."""
+        question = self.questions.get(source_id, self.question)
+        return self.watches.question(source_id, question) if self.watches is not None else question
+
+    async def _tick_watches(self, ctx: Context) -> None:
+        """Expire watches and publish what commands and the clock changed, twice a second."""
+        assert self.watches is not None
+        while True:
+            self.watches.expire()
+            await self._publish_watches(ctx)
+            await asyncio.sleep(WATCH_TICK_S)
+
+    async def _publish_watches(self, ctx: Context) -> None:
+        if self.watches is not None:
+            for transition in self.watches.take():
+                ctx.count(f"watch_{transition.state}", source=transition.source_id)
+                await ctx.emit("watches", transition)
 
     def _request_for(self, event: Event) -> MllmRequest:
         question = self.question_for(event.source_id)
@@ -283,6 +310,10 @@ class MllmStage(Node):
 
     async def stop(self, ctx: Context) -> None:
         self._stopping = True  # nothing new starts from here on
+        if self._watch_clock is not None:
+            self._watch_clock.cancel()
+            await asyncio.gather(self._watch_clock, return_exceptions=True)
+            self._watch_clock = None
         while tasks := [task for task in self._calls if not task.done()]:
             for task in tasks:
                 task.cancel()
@@ -345,6 +376,9 @@ class MllmStage(Node):
         if self.asks is not None:
             self.asks.release(answer.source_id, answer.event_id)
         await ctx.emit("answers", answer)
+        if self.watches is not None:
+            self.watches.observe(answer)
+            await self._publish_watches(ctx)
 
     async def _work(self, item: _Queued, ctx: Context) -> None:
         """Answer ``item``, then start what the flow lets start. Nothing but cancellation

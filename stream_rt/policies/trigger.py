@@ -62,6 +62,7 @@ from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
 from stream_rt.operators.snapshot import encode_jpeg
 from stream_rt.policies.asks import AskLedger, AskRefused
+from stream_rt.policies.watches import WatchBook
 
 log = logging.getLogger("stream_rt.trigger")
 
@@ -140,6 +141,7 @@ class TriggerPolicy(Node):
         snapshot: bool = False,
         ask_wait_s: float = 2.0,
         asks: AskLedger | None = None,
+        watches: WatchBook | None = None,
     ) -> None:
         super().__init__(name)
         self.defaults = TriggerSettings(
@@ -147,6 +149,7 @@ class TriggerPolicy(Node):
             ask_wait_s,
         )  # fmt: skip
         self.asks = asks
+        self.watches = watches
         self._states: dict[str, _SourceState] = {}
         self._seq = SequenceNumbers()
         self._ended = False
@@ -270,6 +273,17 @@ class TriggerPolicy(Node):
         if not 0 <= new_off <= new_on <= 1:
             raise ValueError(f"thresholds need 0 <= off <= on <= 1, got on={new_on}, off={new_off}")
         state.on, state.off = new_on, new_off
+
+    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float) -> None:
+        """Set the source's standing watch (replacing the one it had)."""
+        if self.watches is None:
+            raise ValueError("no model is configured to check a watch ([mllm] is missing)")
+        self.watches.set(source_id, watch_id, condition, expires_s)
+
+    def remove_watch(self, source_id: str) -> None:
+        if self.watches is None:
+            raise ValueError("no model is configured to check a watch ([mllm] is missing)")
+        self.watches.remove(source_id)
 
     def ask(self, source_id: str, question: str) -> str:
         """Queue a question about a source; at its next salience an ``ask`` event carries it

@@ -8,6 +8,9 @@
   source now; the reply names the event id its event and answer will carry. A question
   the target cannot promise to answer (no model, the source offline, too many questions
   still open) is refused, not acknowledged.
+- ``<source>/watch/set``: a JSON object ``{"id": "...", "condition": "...", "expires_s":
+  N}`` (``expires_s`` optional, 0 = never): set the source's standing watch (replacing the
+  one it had); ``OFF`` removes it.
 
 A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
 source or feature changes nothing and is answered with an error message.
@@ -44,6 +47,13 @@ class Question(BaseModel):
     question: str = Field(min_length=1, max_length=1000)
 
 
+class WatchCommand(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    condition: str = Field(min_length=1, max_length=1000)
+    expires_s: float = Field(0.0, ge=0)
+
+
 class CommandTarget(Protocol):
     """What commands act on (the trigger policy implements it)."""
 
@@ -56,6 +66,10 @@ class CommandTarget(Protocol):
     def ask(self, source_id: str, question: str) -> str:
         """Queue the question; returns its event id, raises ValueError (one line) to refuse."""
         ...
+
+    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float) -> None: ...
+
+    def remove_watch(self, source_id: str) -> None: ...
 
 
 def apply_command(
@@ -96,7 +110,20 @@ def apply_command(
         except ValueError as exc:  # refused: the promise of an answer could not be kept
             raise CommandError(str(exc)) from None
         return {"applied": f"ask queued as event {event_id}", "event_id": event_id}
-    raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger, ask)")
+    if feature == "watch":
+        try:
+            if text.upper() == "OFF":
+                target.remove_watch(source)
+                return {"applied": "watch removed"}
+            watch = WatchCommand.model_validate(json.loads(text))
+            target.set_watch(source, watch.id, watch.condition.strip(), watch.expires_s)
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise CommandError(f'\'watch\' takes OFF or a JSON object like {{"id": "guests", "condition": "..."}}: '
+                               f"{_first_line(exc)}") from None  # fmt: skip
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return {"applied": f"watch '{watch.id}' set"}
+    raise CommandError(f"unknown feature '{feature}' (features: enabled, trigger, ask, watch)")
 
 
 def _first_line(exc: Exception) -> str:

@@ -18,6 +18,8 @@ users know:
   retained;
 - ``<prefix>/<source>/enabled/state``: ``ON`` | ``OFF``, retained, on connect and after
   each ``enabled`` command;
+- ``<prefix>/<source>/watch/<id>``: a standing watch's transitions (``state`` unmet, met,
+  expired or removed, ``since_ns``, ``event_id``, ``summary``), retained, QoS 1;
 - ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
   ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
 
@@ -48,7 +50,7 @@ import aiomqtt
 
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
-from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus
+from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, WatchState
 from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
 from stream_rt.sinks.home_assistant import discovery_messages
 from stream_rt.sinks.outbox import Outbox
@@ -82,7 +84,7 @@ class MqttSettings:
 
 
 class MqttSink(Sink):
-    inputs = {"in": (Event, MllmAnswer, SourceStatus)}
+    inputs = {"in": (Event, MllmAnswer, SourceStatus, WatchState)}
 
     def __init__(
         self,
@@ -124,7 +126,9 @@ class MqttSink(Sink):
             self._task = asyncio.create_task(self._run(ctx), name=f"stream_rt:{self.name}:mqtt")
 
     async def process(self, packet: Packet, ctx: Context) -> None:
-        if isinstance(packet, Event | MllmAnswer):
+        if isinstance(packet, WatchState):  # transitions only, retained: the watch's state now
+            self._enqueue(self.topic(packet.source_id, "watch", packet.watch_id), packet.to_record(), retain=True)
+        elif isinstance(packet, Event | MllmAnswer):
             feature = "events" if isinstance(packet, Event) else "answers"
             self._enqueue(self.topic(packet.source_id, feature), packet.to_record(), retain=False)
             if isinstance(packet, Event) and packet.type in ("new", "end"):

@@ -1,0 +1,148 @@
+"""Standing watches: a condition the model re-checks on every call for a source until it
+expires ("tell me when my guests arrive", as Frigate's camera monitor does).
+
+A watch has an ``id``, its ``source``, a ``condition`` in words and an optional expiry.
+While it is set, every model call for that source also asks the condition, and the answer
+contract's ``condition_met`` says whether it holds. The watch's state — ``unmet`` or
+``met`` — flips only once ``confirm`` answers in a row say the other (one odd answer does
+not flip it). Each flip is a :class:`~stream_rt.graph.packets.WatchState` transition; so
+are setting a watch (``unmet``), its expiry (``expired``) and its removal (``removed``).
+Transitions wait in the book until :meth:`WatchBook.take` hands them on (the MLLM stage
+publishes them), whoever made them: an answer, a command, the clock.
+Answers without a ``condition_met`` (invalid, dropped, refused) and answers to a question
+asked before the watch was set change nothing.
+
+One watch per source at a time: one call answers one ``condition_met``, so setting a
+watch on a source replaces the one it had (that one is ``removed``). With ``path`` the book
+is saved (JSON, written to a temporary file and renamed) on every change and loaded when
+it is made, so a restarted daemon keeps its watches and their states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stream_rt.graph.packets import MllmAnswer, WatchState
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Standing condition to check: {condition} — say in condition_met whether it holds now."
+
+
+@dataclass
+class Watch:
+    id: str
+    source_id: str
+    condition: str
+    expires_at_ns: int | None = None  # wall clock
+    confirm: int = 2
+    state: str = "unmet"
+    since_ns: int = 0  # wall clock of the last transition
+    event_id: str = ""  # of the answer that made the last flip
+    summary: str = ""
+    streak: int = 0  # answers in a row that disagree with the state
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT.format(condition=self.condition)
+
+
+class WatchBook:
+    def __init__(self, path: Path | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+        self.path = path
+        self._clock = clock
+        self._watches: dict[str, Watch] = {}  # by source
+        self._pending: list[WatchState] = []
+        if path is not None and path.exists():
+            try:
+                self._watches = {w["source_id"]: Watch(**w) for w in json.loads(path.read_text())}
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.warning("watches: cannot read %s (%s); starting with none", path, exc)
+
+    def take(self) -> list[WatchState]:
+        """The transitions made since the last call, oldest first."""
+        taken, self._pending = self._pending, []
+        return taken
+
+    def of(self, source_id: str) -> Watch | None:
+        return self._watches.get(source_id)
+
+    def all(self) -> list[Watch]:
+        return list(self._watches.values())
+
+    def question(self, source_id: str, question: str) -> str:
+        """``question``, with the source's standing condition if it has one."""
+        watch = self._watches.get(source_id)
+        return f"{question}\n{watch.prompt}" if watch is not None else question
+
+    def set(self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int = 2) -> None:
+        """Set the source's watch, replacing the one it had; the same watch set again (by a
+        configuration read at start) keeps its state."""
+        if confirm < 1 or expires_s < 0:
+            raise ValueError("a watch needs confirm >= 1 and expires_s >= 0")
+        old = self._watches.get(source_id)
+        if old is not None and (old.id, old.condition, old.confirm) == (watch_id, condition, confirm):
+            return
+        now = self._clock()
+        if old is not None:
+            self._drop(source_id, "removed", now)
+        expires = now + int(expires_s * 1e9) if expires_s else None
+        watch = Watch(watch_id, source_id, condition, expires, confirm, since_ns=now)
+        self._watches[source_id] = watch
+        self._save()
+        self._transition(watch, "set")
+
+    def remove(self, source_id: str) -> None:
+        if source_id not in self._watches:
+            raise ValueError(f"source '{source_id}' has no watch")
+        self._drop(source_id, "removed", self._clock())
+
+    def observe(self, answer: MllmAnswer) -> None:
+        """Count ``answer`` for its source's watch (a flip once ``confirm`` agree)."""
+        watch = self._watches.get(answer.source_id)
+        met = (answer.answer or {}).get("condition_met") if answer.status == "ok" else None
+        if watch is None or not isinstance(met, bool) or watch.prompt not in answer.question:
+            return
+        if met == (watch.state == "met"):
+            watch.streak = 0
+            return
+        watch.streak += 1
+        if watch.streak >= watch.confirm:
+            watch.state, watch.streak, watch.since_ns = ("met" if met else "unmet"), 0, self._clock()
+            watch.event_id, watch.summary = answer.event_id, str((answer.answer or {}).get("summary", ""))
+            self._transition(watch, "answers")
+        self._save()
+
+    def expire(self) -> None:
+        """End the watches whose time is up."""
+        now = self._clock()
+        for source in [w.source_id for w in self._watches.values() if w.expires_at_ns and w.expires_at_ns <= now]:
+            self._drop(source, "expired", now)
+
+    def _drop(self, source_id: str, state: str, now: int) -> None:
+        watch = self._watches.pop(source_id)
+        watch.state, watch.since_ns = state, now
+        self._save()
+        self._transition(watch, state)
+
+    def _transition(self, watch: Watch, reason: str) -> None:
+        self._pending.append(WatchState(
+            watch.source_id, -1, -1, self._clock(), watch.id, watch.state, watch.since_ns, watch.event_id,
+            watch.summary, watch.condition, reason,
+        ))  # fmt: skip
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        staging = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            staging.write_text(json.dumps([asdict(w) for w in self._watches.values()]))
+            os.replace(staging, self.path)
+        except OSError as exc:  # the watch still works; only a restart would forget it
+            log.warning("watches: cannot save %s: %s", self.path, exc)

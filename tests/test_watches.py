@@ -1,0 +1,140 @@
+"""Standing watches: the condition goes with every routine call of its source, the state
+flips only after N agreeing answers, transitions only are published (retained on the
+broker, in the JSONL), a watch expires, and a restarted daemon keeps its state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import paho.mqtt.subscribe as mqtt_subscribe
+import pytest
+from aiohttp import web
+
+from stream_rt.config import parse_config
+from stream_rt.graph.packets import MllmAnswer
+from stream_rt.pipeline import build_pipeline
+from stream_rt.policies.watches import PROMPT, WatchBook
+from stream_rt.testing import Broker, Subscriber
+
+from .test_mqtt import wait_until
+
+CONDITION = "two people are on the walkway"
+
+
+def answer(met: bool | None, question: str, event_id: str = "cam-1", status: str = "ok") -> MllmAnswer:
+    body = {"summary": f"met={met}", "condition_met": met, "action": "none", "confidence": 1.0}
+    return MllmAnswer("cam", 1, 0, 0, event_id, question, status, body, "", "m")  # type: ignore[arg-type]
+
+
+def test_a_watch_flips_only_after_agreeing_answers_and_expires(tmp_path: Path) -> None:
+    now = [1_000_000_000]
+    book = WatchBook(tmp_path / "watches.json", clock=lambda: now[0])
+    book.set("cam", "guests", CONDITION, expires_s=60, confirm=2)
+    asked = book.question("cam", "What is happening?")
+    assert asked.endswith(PROMPT.format(condition=CONDITION)) and book.question("other", "Q?") == "Q?"
+    assert [(t.state, t.reason) for t in book.take()] == [("unmet", "set")]
+    book.observe(answer(True, "an older question, asked before the watch"))  # does not count
+    for met in (True, False, True, None):  # never two in a row that agree on "met"
+        book.observe(answer(met, asked))
+    book.observe(answer(True, asked, status="invalid"))
+    assert not book.take() and book.of("cam").state == "unmet"  # type: ignore[union-attr]
+    book.observe(answer(True, asked, "cam-7"))
+    flips = book.take()
+    assert [(t.state, t.reason, t.event_id, t.summary) for t in flips] == [("met", "answers", "cam-7", "met=True")]
+    book.observe(answer(True, asked))  # agreeing with "met": nothing new to publish
+    assert not book.take()
+    restarted = WatchBook(tmp_path / "watches.json", clock=lambda: now[0])
+    watch = restarted.of("cam")
+    assert watch is not None and (watch.state, watch.event_id) == ("met", "cam-7")
+    restarted.set("cam", "guests", CONDITION, expires_s=60, confirm=2)  # the config read again: kept
+    assert restarted.of("cam").state == "met" and not restarted.take()  # type: ignore[union-attr]
+    now[0] += 59 * 10**9
+    restarted.expire()
+    assert not restarted.take()
+    now[0] += 2 * 10**9
+    restarted.expire()
+    assert [t.state for t in restarted.take()] == ["expired"] and restarted.of("cam") is None
+    assert restarted.question("cam", "Q?") == "Q?"
+    assert json.loads((tmp_path / "watches.json").read_text()) == []
+
+
+@pytest.fixture
+async def scripted_model(free_port: int) -> AsyncIterator[tuple[str, list[str], list[bool]]]:
+    """An OpenAI-compatible server whose answers' ``condition_met`` follow ``script`` (its
+    last value repeated); it records each question it was asked."""
+    questions: list[str] = []
+    script: list[bool] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        questions.append(next(p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text"))
+        met = script[min(len(questions), len(script)) - 1]
+        text = json.dumps({"summary": "two people" if met else "one person", "condition_met": met,
+                           "action": "none", "confidence": 0.9})  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", free_port).start()
+    try:
+        yield f"http://127.0.0.1:{free_port}/v1", questions, script
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_watch_is_asked_published_once_per_flip_and_survives_a_restart(
+    scripted_model: tuple[str, list[str], list[bool]], samples: Path, tmp_path: Path
+) -> None:
+    url, questions, script = scripted_model
+    from stream_rt.testing import free_port
+
+    broker = Broker(free_port(), tmp_path)
+    broker.start()
+    subscriber = Subscriber(broker.port, "stream_rt/#")
+    log = tmp_path / "events.jsonl"
+
+    def config() -> object:
+        return parse_config({
+            "sources": [{"id": "cam", "url": str(samples / "vtest.avi"), "audio": False}],
+            "trigger": {"update_interval_s": 2, "cooldown_s": 0, "max_calls_per_min": 600},
+            "mllm": {"backend": "openai", "url": url, "model": "scripted", "flow": "block", "reuse_threshold": 0},
+            "watches": [{"id": "guests", "source": "cam", "condition": CONDITION, "confirm": 2}],
+            "watch_state": str(tmp_path / "watches.json"),
+            "sinks": {"jsonl": {"path": str(log)}, "mqtt": {"port": broker.port, "outbox": str(tmp_path / "o.db")}},
+        })  # fmt: skip
+
+    def transitions() -> list[dict[str, object]]:
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        return [r for r in rows if r["kind"] == "WatchState"]
+
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        script[:] = [False, True]  # the first answer says unmet, every later one met
+        await build_pipeline(config(), speed=None).graph.run()  # type: ignore[arg-type]
+        assert len(questions) >= 3 and all(PROMPT.format(condition=CONDITION) in q for q in questions)
+        first = transitions()
+        assert [(t["state"], t["reason"]) for t in first] == [("unmet", "set"), ("met", "answers")]
+        topic = "stream_rt/cam/watch/guests"
+        await wait_until(lambda: any(t == topic for t, _, _ in subscriber.messages), 10, "the watch on the broker")
+        published = [json.loads(p) for t, p, _ in subscriber.messages if t == topic]
+        assert [p["state"] for p in published] == ["unmet", "met"] and published[-1]["event_id"] == first[1]["event_id"]
+        later = await asyncio.wait_for(asyncio.to_thread(  # a dashboard that connects later sees the state
+            mqtt_subscribe.simple, topic, hostname="127.0.0.1", port=broker.port, retained=True), 10)  # fmt: skip
+        assert later.retain and json.loads(later.payload)["state"] == "met"
+
+        log.unlink()
+        questions.clear()
+        script[:] = [False]  # after the restart: unmet from then on
+        await build_pipeline(config(), speed=None).graph.run()  # type: ignore[arg-type]
+        assert [(t["state"], t["reason"]) for t in transitions()] == [("unmet", "answers")], "restored as met"
+    finally:
+        broker.kill()
