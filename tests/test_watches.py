@@ -123,6 +123,12 @@ async def test_a_watch_is_asked_published_once_per_flip_and_survives_a_restart(
         assert len(questions) >= 3 and all(PROMPT.format(condition=CONDITION) in q for q in questions)
         first = transitions()
         assert [(t["state"], t["reason"]) for t in first] == [("unmet", "set"), ("met", "answers")]
+        # The same thing said again in one episode is marked a repeat, not news.
+        answers = [json.loads(line) for line in log.read_text().splitlines()]
+        answers = [a for a in answers if a["kind"] == "MllmAnswer"]
+        news = [(a["event_id"], a["answer"]["summary"]) for a in answers if not a["repeat"]]
+        assert len(answers) == len(questions) > len(news) and len(set(news)) == len(news), news
+        assert news[:2] == [(answers[0]["event_id"], "one person"), (answers[1]["event_id"], "two people")]
         topic = "stream_rt/cam/watch/guests"
         await wait_until(lambda: any(t == topic for t, _, _ in subscriber.messages), 10, "the watch on the broker")
         published = [json.loads(p) for t, p, _ in subscriber.messages if t == topic]

@@ -311,7 +311,8 @@ class MllmAnswer(Packet):
     (``prompt``, ``visual``, ``generated``). ``smoke``: the answer comes from the smoke
     model, whose random weights make it meaningless. ``visual_summary``: the keyframe's
     pooled visual tokens when the request asked for them (for the streaming memory; not
-    published).
+    published). ``repeat``: the answer says what the source's previous answer said, in the
+    same episode (``confidence`` aside): not news, so notifications can skip it.
     """
 
     event_id: str
@@ -327,6 +328,7 @@ class MllmAnswer(Packet):
     tokens: dict[str, int] = field(default_factory=dict)
     exit_depth: float | None = None
     visual_summary: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+    repeat: bool = False
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -342,6 +344,7 @@ class MllmAnswer(Packet):
             timings={k: round(v, 4) for k, v in self.timings.items()},
             tokens=dict(self.tokens),
             exit_depth=self.exit_depth,
+            repeat=self.repeat,
         )
         if self.smoke:
             record["smoke"] = "smoke model with random weights: this answer is not meaningful"

@@ -141,6 +141,7 @@ class MllmStage(Node):
         self.snapshot_interval_s = snapshot_interval_s
         self.asks = asks
         self.watches = watches
+        self._last_said: dict[str, tuple[str, dict[str, object]]] = {}  # per source: its last answer's say
         self._watch_clock: asyncio.Task[None] | None = None
         self.failures_in_a_row = 0  # calls that ended error or timeout, since the last that did not
         self._saved_at = time.monotonic()
@@ -375,10 +376,22 @@ class MllmStage(Node):
             ctx.count(f"tokens_{kind}", n, source=answer.source_id)
         if self.asks is not None:
             self.asks.release(answer.source_id, answer.event_id)
+        answer = self._marked_if_repeated(answer)
+        if answer.repeat:
+            ctx.count("answers_repeated", source=answer.source_id)
         await ctx.emit("answers", answer)
         if self.watches is not None:
             self.watches.observe(answer)
             await self._publish_watches(ctx)
+
+    def _marked_if_repeated(self, answer: MllmAnswer) -> MllmAnswer:
+        """``answer``, marked ``repeat`` when it says what the source's last answer said in
+        the same episode (its ``confidence`` aside)."""
+        if answer.status not in ("ok", "reused") or answer.answer is None:
+            return answer
+        said = (answer.event_id, {k: v for k, v in answer.answer.items() if k != "confidence"})
+        last, self._last_said[answer.source_id] = self._last_said.get(answer.source_id), said
+        return dataclasses.replace(answer, repeat=True) if last == said else answer
 
     async def _work(self, item: _Queued, ctx: Context) -> None:
         """Answer ``item``, then start what the flow lets start. Nothing but cancellation
