@@ -494,6 +494,9 @@ class WatchConfig(_Strict):
     condition: str = Field(min_length=1, max_length=1000, description="what the model checks, in words")
     expires_s: float = Field(0.0, ge=0, description="the watch ends this long after it is set (0: never)")
     confirm: int = Field(2, ge=1, description="answers in a row that must agree to flip its state")
+    recheck_s: float = Field(
+        0.0, ge=0, description="while unmet, ask the model about the view this often even without salience (0: never)"
+    )
 
 
 class Config(_Strict):

@@ -130,7 +130,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         questions = {s.id: s.question for s in config.sources if s.question}
         watches = WatchBook(config.watch_state)  # restored, then the configured ones set
         for watch in config.watches:
-            watches.set(watch.source, watch.id, watch.condition, watch.expires_s, watch.confirm)
+            watches.set(watch.source, watch.id, watch.condition, watch.expires_s, watch.confirm, watch.recheck_s)
         trigger.watches = watches  # for the watch/set command
         mllm = _build_mllm(config.mllm, asks, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))

@@ -144,3 +144,31 @@ async def test_a_watch_is_asked_published_once_per_flip_and_survives_a_restart(
         assert [(t["state"], t["reason"]) for t in transitions()] == [("unmet", "answers")], "restored as met"
     finally:
         broker.kill()
+
+
+async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
+    """Quiet view, watch with recheck_s = 1: a ``check`` event (calling the model) once a
+    second of media, sharing one id, within the budget; none once the watch is met, and an
+    episode's own calls replace them while it lasts."""
+    from stream_rt.graph.packets import Event, Salience
+    from stream_rt.policies.trigger import TriggerPolicy
+    from stream_rt.testing import run_node
+
+    book = WatchBook()
+    book.set("cam", "guests", CONDITION, confirm=1, recheck_s=1.0)
+    quiet = [Salience("cam", i, i * 100_000_000, 0, 0.0, {"visual": 0.0}) for i in range(35)]
+    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, max_calls_per_min=2, watches=book), quiet)
+    checks = [e for e in out["events"] if isinstance(e, Event)]
+    assert [(e.type, e.pts_ns // 10**8, e.call_model) for e in checks] == [("check", 0, True), ("check", 10, True)]
+    assert len({e.event_id for e in checks}) == 1, "one series; the budget of 2 a minute stopped the third"
+
+    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
+    assert [e.pts_ns // 10**8 for e in out["events"] if isinstance(e, Event)] == [0, 10, 20, 30]
+    book.observe(answer(True, book.question("cam", "Q?")))  # met: nothing more to re-check
+    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
+    assert not [e for e in out["events"] if isinstance(e, Event)]
+
+    book.set("cam", "cars", "a car is parked", confirm=1, recheck_s=1.0)
+    busy = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35)]
+    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, update_interval_s=2, watches=book), busy)
+    assert [e.type for e in out["events"] if isinstance(e, Event)] == ["new", "update", "end"], "the episode asks"

@@ -220,11 +220,13 @@ class Event(Packet):
     ``start_pts_ns``/``end_pts_ns`` bound the episode (``end_pts_ns`` only on ``end``).
     ``call_model``: the trigger policy would ask the MLLM about this event (budget allowing).
     An ``ask`` event carries a ``question`` someone asked about the source (the MQTT
-    ``ask`` command); it is outside any episode and always calls the model. ``zones``: the
+    ``ask`` command); it is outside any episode and always calls the model. A ``check``
+    event re-checks a source's unmet standing watch outside any episode (every
+    ``recheck_s``, budget permitting; successive checks share an id). ``zones``: the
     zones the activity touched; ``objects``: the objects in view (with the object gate).
     """
 
-    type: Literal["new", "update", "end", "ask"]
+    type: Literal["new", "update", "end", "ask", "check"]
     event_id: str
     start_pts_ns: int
     end_pts_ns: int | None

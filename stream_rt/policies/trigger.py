@@ -113,6 +113,7 @@ class _SourceState:
     last_call_ns: int | None = None
     last: Salience | None = None
     questions: deque[_Question] = field(default_factory=deque)  # bounded by the ledger
+    check: _Episode | None = None  # the watch re-checks under way outside episodes
 
 
 @dataclass
@@ -274,11 +275,11 @@ class TriggerPolicy(Node):
             raise ValueError(f"thresholds need 0 <= off <= on <= 1, got on={new_on}, off={new_off}")
         state.on, state.off = new_on, new_off
 
-    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float) -> None:
+    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float, recheck_s: float) -> None:
         """Set the source's standing watch (replacing the one it had)."""
         if self.watches is None:
             raise ValueError("no model is configured to check a watch ([mllm] is missing)")
-        self.watches.set(source_id, watch_id, condition, expires_s)
+        self.watches.set(source_id, watch_id, condition, expires_s, recheck_s=recheck_s)
 
     def remove_watch(self, source_id: str) -> None:
         if self.watches is None:
@@ -329,6 +330,38 @@ class TriggerPolicy(Node):
 
     def step(self, s: Salience, ctx: Context) -> list[Event]:
         """The events that salience ``s`` causes (often none)."""
+        events = self._step(s, ctx)
+        state = self._state(s.source_id)
+        if state.episode is None and state.above_since_ns is None and self.watches is not None:
+            events += self._recheck(state, s, ctx)  # (not while an episode is being confirmed)
+        return events
+
+    def _recheck(self, state: _SourceState, s: Salience, ctx: Context) -> list[Event]:
+        """A ``check`` event, outside any episode, when the source's watch is unmet, wants
+        re-checking every ``recheck_s`` and the model has not been asked about the source
+        for that long (budget permitting). Checks share an id until an episode opens or the
+        watch is met or gone."""
+        assert self.watches is not None
+        watch = self.watches.of(s.source_id)
+        if watch is None or watch.state != "unmet" or not watch.recheck_s or not state.enabled:
+            state.check = None
+            return []
+        now = s.pts_ns
+        if state.last_call_ns is not None and now - state.last_call_ns < int(watch.recheck_s * 1e9):
+            return []
+        if not self._budget(state, now, ctx):
+            return []
+        if state.check is None:
+            state.check = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
+        ctx.count("watch_checks", source=s.source_id)
+        check = state.check
+        return [Event(
+            s.source_id, self._seq.next(s.source_id, s.wall_ns), now, s.wall_ns, "check", check.event_id,
+            check.start_ns, None, s.score, s.score, dict(s.components), s.regions, True, "watch", None, None, s.frame,
+            s.zones, s.objects,
+        )]  # fmt: skip
+
+    def _step(self, s: Salience, ctx: Context) -> list[Event]:
         state = self._state(s.source_id)
         state.last = s
         now = s.pts_ns
@@ -369,6 +402,7 @@ class TriggerPolicy(Node):
                 ctx.count("skip_confirming", source=s.source_id)
                 return events
             episode = state.episode = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
+            state.check = None  # an episode's calls check the watch from here on
             events.append(self._event("new", state, s, self._budget(state, now, ctx)))
             return events
         if now - episode.last_update_ns < p.ns(p.update_interval_s):

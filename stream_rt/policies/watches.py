@@ -42,6 +42,7 @@ class Watch:
     condition: str
     expires_at_ns: int | None = None  # wall clock
     confirm: int = 2
+    recheck_s: float = 0.0  # while unmet, ask about the view this often even without salience
     state: str = "unmet"
     since_ns: int = 0  # wall clock of the last transition
     event_id: str = ""  # of the answer that made the last flip
@@ -81,19 +82,23 @@ class WatchBook:
         watch = self._watches.get(source_id)
         return f"{question}\n{watch.prompt}" if watch is not None else question
 
-    def set(self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int = 2) -> None:
+    def set(
+        self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int = 2,
+        recheck_s: float = 0.0,
+    ) -> None:  # fmt: skip
         """Set the source's watch, replacing the one it had; the same watch set again (by a
         configuration read at start) keeps its state."""
-        if confirm < 1 or expires_s < 0:
-            raise ValueError("a watch needs confirm >= 1 and expires_s >= 0")
+        if confirm < 1 or expires_s < 0 or recheck_s < 0:
+            raise ValueError("a watch needs confirm >= 1, expires_s >= 0 and recheck_s >= 0")
         old = self._watches.get(source_id)
         if old is not None and (old.id, old.condition, old.confirm) == (watch_id, condition, confirm):
+            old.recheck_s = recheck_s
             return
         now = self._clock()
         if old is not None:
             self._drop(source_id, "removed", now)
         expires = now + int(expires_s * 1e9) if expires_s else None
-        watch = Watch(watch_id, source_id, condition, expires, confirm, since_ns=now)
+        watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now)
         self._watches[source_id] = watch
         self._save()
         self._transition(watch, "set")

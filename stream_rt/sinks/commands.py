@@ -9,8 +9,8 @@
   the target cannot promise to answer (no model, the source offline, too many questions
   still open) is refused, not acknowledged.
 - ``<source>/watch/set``: a JSON object ``{"id": "...", "condition": "...", "expires_s":
-  N}`` (``expires_s`` optional, 0 = never): set the source's standing watch (replacing the
-  one it had); ``OFF`` removes it.
+  N, "recheck_s": M}`` (both optional, 0 = never): set the source's standing watch
+  (replacing the one it had); ``OFF`` removes it.
 
 A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
 source or feature changes nothing and is answered with an error message.
@@ -52,6 +52,7 @@ class WatchCommand(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     condition: str = Field(min_length=1, max_length=1000)
     expires_s: float = Field(0.0, ge=0)
+    recheck_s: float = Field(0.0, ge=0)
 
 
 class CommandTarget(Protocol):
@@ -67,7 +68,7 @@ class CommandTarget(Protocol):
         """Queue the question; returns its event id, raises ValueError (one line) to refuse."""
         ...
 
-    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float) -> None: ...
+    def set_watch(self, source_id: str, watch_id: str, condition: str, expires_s: float, recheck_s: float) -> None: ...
 
     def remove_watch(self, source_id: str) -> None: ...
 
@@ -116,7 +117,7 @@ def apply_command(
                 target.remove_watch(source)
                 return {"applied": "watch removed"}
             watch = WatchCommand.model_validate(json.loads(text))
-            target.set_watch(source, watch.id, watch.condition.strip(), watch.expires_s)
+            target.set_watch(source, watch.id, watch.condition.strip(), watch.expires_s, watch.recheck_s)
         except (json.JSONDecodeError, ValidationError) as exc:
             raise CommandError(f'\'watch\' takes OFF or a JSON object like {{"id": "guests", "condition": "..."}}: '
                                f"{_first_line(exc)}") from None  # fmt: skip

@@ -6,7 +6,7 @@ users know:
 - ``<prefix>/available``: ``online`` (retained) on every (re)connect; ``offline``
   (retained) when the sink stops cleanly, before it disconnects; the broker publishes
   ``offline`` (the Last Will, retained) if the connection is lost;
-- ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end,
+- ``<prefix>/<source>/events``: one JSON object per event (``type`` new|update|end|ask|check,
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
 - ``<prefix>/<source>/answers``: the model's answers (:class:`MllmAnswer`), keyed by the
   ``event_id`` of the event they answer, QoS 1;
