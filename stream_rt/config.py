@@ -488,15 +488,27 @@ def _merged(default: _Section, override: _Section | None) -> _Section:
     return type(default).model_validate(data)
 
 
+def _not_set(watch_id: str) -> str:
+    if watch_id == "set":  # its state is published on watch/<id>: "set" is the command topic
+        raise ValueError("'set' cannot be a watch id")
+    return watch_id
+
+
+WatchId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$"), AfterValidator(_not_set)]
+MAX_WATCH_S = 366 * 86400.0
+
+
 class WatchConfig(_Strict):
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="name of the watch in topics and records")
+    id: WatchId = Field(description="name of the watch in topics and records (not 'set')")
     source: str = Field(description="the source it watches")
-    condition: str = Field(min_length=1, max_length=1000, description="what the model checks, in words")
-    expires_s: float = Field(0.0, ge=0, description="the watch ends this long after it is set (0: never)")
+    condition: str = Field(min_length=1, max_length=1000, pattern=r"\S", description="what the model checks, in words")
+    expires_s: float = Field(0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False,
+                             description="the watch ends this long after it is set (0: never)")  # fmt: skip
     confirm: int = Field(2, ge=1, description="answers in a row that must agree to flip its state")
     recheck_s: float = Field(
-        0.0, ge=0, description="while unmet, ask the model about the view this often even without salience (0: never)"
-    )
+        0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False,
+        description="while unmet, ask the model about the view this often even without salience (0: never)",
+    )  # fmt: skip
 
 
 class Config(_Strict):

@@ -48,6 +48,10 @@ def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float
         ("watch", b'{"id": "g", "condition": "x", "expires_s": -1}', "greater than or equal to 0"),
         ("watch", b'{"id": "g", "condition": "x", "every": 3}', "Extra inputs are not permitted"),
         ("watch", b"OFF", "has no watch"),
+        ("watch", b'{"id": "g", "condition": "x", "recheck_s": 1e400}', "finite number"),
+        ("watch", b'{"id": "g", "condition": "x", "expires_s": 1e300}', "less than or equal to"),
+        ("watch", b'{"id": "set", "condition": "x"}', "'set' cannot be a watch id"),
+        ("watch", b'{"id": "g", "condition": "   "}', "should match pattern"),
     ],
 )
 def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: bytes, error: str) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from stream_rt.config import parse_config
 from stream_rt.graph.packets import MllmAnswer
 from stream_rt.pipeline import build_pipeline
-from stream_rt.policies.watches import PROMPT, WatchBook
+from stream_rt.policies.watches import WatchBook
 from stream_rt.testing import Broker, Subscriber
 
 from .test_mqtt import wait_until
@@ -34,9 +34,17 @@ def test_a_watch_flips_only_after_agreeing_answers_and_expires(tmp_path: Path) -
     book = WatchBook(tmp_path / "watches.json", clock=lambda: now[0])
     book.set("cam", "guests", CONDITION, expires_s=60, confirm=2)
     asked = book.question("cam", "What is happening?")
-    assert asked.endswith(PROMPT.format(condition=CONDITION)) and book.question("other", "Q?") == "Q?"
+    assert asked.endswith(f"to check: {CONDITION} — say in condition_met whether it holds now.")
+    assert book.question("other", "Q?") == "Q?"
     assert [(t.state, t.reason) for t in book.take()] == [("unmet", "set")]
     book.observe(answer(True, "an older question, asked before the watch"))  # does not count
+    book.remove("cam")
+    book.set("cam", "guests", CONDITION, expires_s=60, confirm=2)
+    assert [t.state for t in book.take()] == ["removed", "unmet"]
+    book.observe(answer(True, asked))  # asked of the watch set before: does not count either
+    book.observe(answer(True, asked))
+    assert book.of("cam").state == "unmet"  # type: ignore[union-attr]
+    asked = book.question("cam", "What is happening?")
     for met in (True, False, True, None):  # never two in a row that agree on "met"
         book.observe(answer(met, asked))
     book.observe(answer(True, asked, status="invalid"))
@@ -120,7 +128,7 @@ async def test_a_watch_is_asked_published_once_per_flip_and_survives_a_restart(
         await asyncio.wait_for(subscriber.connected.wait(), 5)
         script[:] = [False, True]  # the first answer says unmet, every later one met
         await build_pipeline(config(), speed=None).graph.run()  # type: ignore[arg-type]
-        assert len(questions) >= 3 and all(PROMPT.format(condition=CONDITION) in q for q in questions)
+        assert len(questions) >= 3 and all(f"to check: {CONDITION}" in q for q in questions)
         first = transitions()
         assert [(t["state"], t["reason"]) for t in first] == [("unmet", "set"), ("met", "answers")]
         # The same thing said again in one episode is marked a repeat, not news.
@@ -147,9 +155,9 @@ async def test_a_watch_is_asked_published_once_per_flip_and_survives_a_restart(
 
 
 async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
-    """Quiet view, watch with recheck_s = 1: a ``check`` event (calling the model) once a
-    second of media, sharing one id, within the budget; none once the watch is met, and an
-    episode's own calls replace them while it lasts."""
+    """Quiet view, watch with recheck_s = 1: a ``check`` event (calling the model) each
+    second of media, sharing one id, taking nothing from the budget the arrival needs;
+    none once the watch is met, and an episode's own calls replace them while it lasts."""
     from stream_rt.graph.packets import Event, Salience
     from stream_rt.policies.trigger import TriggerPolicy
     from stream_rt.testing import run_node
@@ -157,13 +165,15 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     book = WatchBook()
     book.set("cam", "guests", CONDITION, confirm=1, recheck_s=1.0)
     quiet = [Salience("cam", i, i * 100_000_000, 0, 0.0, {"visual": 0.0}) for i in range(35)]
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, max_calls_per_min=2, watches=book), quiet)
-    checks = [e for e in out["events"] if isinstance(e, Event)]
-    assert [(e.type, e.pts_ns // 10**8, e.call_model) for e in checks] == [("check", 0, True), ("check", 10, True)]
-    assert len({e.event_id for e in checks}) == 1, "one series; the budget of 2 a minute stopped the third"
+    arrival = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35, 40)]
+    out = await run_node(TriggerPolicy("trigger", max_calls_per_min=2, watches=book), quiet + arrival)
+    events = [e for e in out["events"] if isinstance(e, Event)]
+    checks = [e for e in events if e.type == "check"]
+    assert [(e.pts_ns // 10**8, e.call_model) for e in checks] == [(10, True), (20, True), (30, True)]
+    assert len({e.event_id for e in checks}) == 1
+    new = next(e for e in events if e.type == "new")
+    assert new.call_model and new.event_id != checks[0].event_id, "the checks left the budget to the arrival"
 
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
-    assert [e.pts_ns // 10**8 for e in out["events"] if isinstance(e, Event)] == [0, 10, 20, 30]
     book.observe(answer(True, book.question("cam", "Q?")))  # met: nothing more to re-check
     out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
     assert not [e for e in out["events"] if isinstance(e, Event)]

@@ -289,7 +289,10 @@ class MllmStage(Node):
         """Expire watches and publish what commands and the clock changed, twice a second."""
         assert self.watches is not None
         while True:
-            self.watches.expire()
+            try:
+                self.watches.expire()
+            except Exception as exc:  # a watch restored with bad values: said, and the clock goes on
+                log.error("watches: cannot expire: %s", describe_error(exc))
             await self._publish_watches(ctx)
             await asyncio.sleep(WATCH_TICK_S)
 
@@ -315,6 +318,7 @@ class MllmStage(Node):
             self._watch_clock.cancel()
             await asyncio.gather(self._watch_clock, return_exceptions=True)
             self._watch_clock = None
+            await self._publish_watches(ctx)  # what a command changed just before the stop
         while tasks := [task for task in self._calls if not task.done()]:
             for task in tasks:
                 task.cancel()

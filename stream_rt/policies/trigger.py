@@ -114,6 +114,7 @@ class _SourceState:
     last: Salience | None = None
     questions: deque[_Question] = field(default_factory=deque)  # bounded by the ledger
     check: _Episode | None = None  # the watch re-checks under way outside episodes
+    last_check_ns: int | None = None
 
 
 @dataclass
@@ -279,7 +280,7 @@ class TriggerPolicy(Node):
         """Set the source's standing watch (replacing the one it had)."""
         if self.watches is None:
             raise ValueError("no model is configured to check a watch ([mllm] is missing)")
-        self.watches.set(source_id, watch_id, condition, expires_s, recheck_s=recheck_s)
+        self.watches.set(source_id, watch_id, condition, expires_s, None, recheck_s)
 
     def remove_watch(self, source_id: str) -> None:
         if self.watches is None:
@@ -339,18 +340,22 @@ class TriggerPolicy(Node):
     def _recheck(self, state: _SourceState, s: Salience, ctx: Context) -> list[Event]:
         """A ``check`` event, outside any episode, when the source's watch is unmet, wants
         re-checking every ``recheck_s`` and the model has not been asked about the source
-        for that long (budget permitting). Checks share an id until an episode opens or the
-        watch is met or gone."""
+        for that long. Checks keep to that pace only: they take nothing from the source's
+        call budget or cooldown, which stay whole for the episode the watch is waiting for.
+        The first comes ``recheck_s`` after the watch is first seen. Checks share an id until
+        an episode opens or the watch is met or gone."""
         assert self.watches is not None
         watch = self.watches.of(s.source_id)
         if watch is None or watch.state != "unmet" or not watch.recheck_s or not state.enabled:
-            state.check = None
+            state.check, state.last_check_ns = None, None
             return []
         now = s.pts_ns
-        if state.last_call_ns is not None and now - state.last_call_ns < int(watch.recheck_s * 1e9):
+        if state.last_check_ns is None:
+            state.last_check_ns = now
+        asked = max(state.last_check_ns, state.last_call_ns or state.last_check_ns)
+        if now - asked < int(watch.recheck_s * 1e9):
             return []
-        if not self._budget(state, now, ctx):
-            return []
+        state.last_check_ns = now
         if state.check is None:
             state.check = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
         ctx.count("watch_checks", source=s.source_id)

@@ -32,7 +32,7 @@ from stream_rt.graph.packets import MllmAnswer, WatchState
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Standing condition to check: {condition} — say in condition_met whether it holds now."
+PROMPT = "Standing condition {tag} to check: {condition} — say in condition_met whether it holds now."
 
 
 @dataclass
@@ -48,10 +48,11 @@ class Watch:
     event_id: str = ""  # of the answer that made the last flip
     summary: str = ""
     streak: int = 0  # answers in a row that disagree with the state
+    serial: int = 0  # which setting of a watch this is: an answer to an earlier one never counts
 
     @property
     def prompt(self) -> str:
-        return PROMPT.format(condition=self.condition)
+        return PROMPT.format(tag=f"'{self.id}' #{self.serial}", condition=self.condition)
 
 
 class WatchBook:
@@ -60,9 +61,11 @@ class WatchBook:
         self._clock = clock
         self._watches: dict[str, Watch] = {}  # by source
         self._pending: list[WatchState] = []
+        self._serial = 0
         if path is not None and path.exists():
             try:
                 self._watches = {w["source_id"]: Watch(**w) for w in json.loads(path.read_text())}
+                self._serial = max((w.serial for w in self._watches.values()), default=0)
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 log.warning("watches: cannot read %s (%s); starting with none", path, exc)
 
@@ -83,22 +86,27 @@ class WatchBook:
         return f"{question}\n{watch.prompt}" if watch is not None else question
 
     def set(
-        self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int = 2,
+        self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int | None = None,
         recheck_s: float = 0.0,
     ) -> None:  # fmt: skip
-        """Set the source's watch, replacing the one it had; the same watch set again (by a
-        configuration read at start) keeps its state."""
+        """Set the source's watch, replacing the one it had; the same watch set again (same
+        id and condition: a configuration read at start, a command sent twice) keeps its
+        state and takes the new expiry and pace. ``confirm`` ``None``: the watch's own, else 2."""
+        old = self._watches.get(source_id)
+        same = old is not None and (old.id, old.condition) == (watch_id, condition)
+        confirm = confirm if confirm is not None else (old.confirm if old is not None and same else 2)
         if confirm < 1 or expires_s < 0 or recheck_s < 0:
             raise ValueError("a watch needs confirm >= 1, expires_s >= 0 and recheck_s >= 0")
-        old = self._watches.get(source_id)
-        if old is not None and (old.id, old.condition, old.confirm) == (watch_id, condition, confirm):
-            old.recheck_s = recheck_s
-            return
         now = self._clock()
+        expires = now + int(expires_s * 1e9) if expires_s else None
+        if old is not None and same and old.confirm == confirm:
+            old.expires_at_ns, old.recheck_s = expires, recheck_s
+            self._save()
+            return
         if old is not None:
             self._drop(source_id, "removed", now)
-        expires = now + int(expires_s * 1e9) if expires_s else None
-        watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now)
+        self._serial += 1
+        watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now, serial=self._serial)
         self._watches[source_id] = watch
         self._save()
         self._transition(watch, "set")
@@ -115,7 +123,9 @@ class WatchBook:
         if watch is None or not isinstance(met, bool) or watch.prompt not in answer.question:
             return
         if met == (watch.state == "met"):
-            watch.streak = 0
+            if watch.streak:
+                watch.streak = 0
+                self._save()
             return
         watch.streak += 1
         if watch.streak >= watch.confirm:

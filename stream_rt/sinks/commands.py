@@ -23,6 +23,8 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stream_rt.config import MAX_WATCH_S, WatchId
+
 MAX_PAYLOAD = 4096
 
 
@@ -49,10 +51,10 @@ class Question(BaseModel):
 
 class WatchCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    condition: str = Field(min_length=1, max_length=1000)
-    expires_s: float = Field(0.0, ge=0)
-    recheck_s: float = Field(0.0, ge=0)
+    id: WatchId
+    condition: str = Field(min_length=1, max_length=1000, pattern=r"\S")
+    expires_s: float = Field(0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False)
+    recheck_s: float = Field(0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False)
 
 
 class CommandTarget(Protocol):

@@ -49,7 +49,7 @@ from typing import Any
 import aiomqtt
 
 from stream_rt.graph.backoff import Backoff
-from stream_rt.graph.node import Context, Sink
+from stream_rt.graph.node import Context, Sink, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, WatchState
 from stream_rt.sinks.commands import CommandError, CommandTarget, apply_command
 from stream_rt.sinks.home_assistant import discovery_messages
@@ -341,6 +341,10 @@ class MqttSink(Sink):
                 reply = {"command": feature, "ok": False, "error": str(exc)}
                 log.warning("rejected a command on %s: %s", message.topic, exc)
                 ctx.count("commands_rejected")
+            except Exception as exc:  # a fault applying it: said, counted, and the next command still heard
+                reply = {"command": feature, "ok": False, "error": f"failed: {describe_error(exc)}"}
+                log.error("a command on %s failed: %s", message.topic, describe_error(exc))
+                ctx.count("commands_failed")
             topic = self.topic(source, "status") if source in self.sources else self.topic("status")
             await client.publish(topic, json.dumps(reply).encode(), qos=1)
 

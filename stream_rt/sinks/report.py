@@ -91,6 +91,8 @@ class ReportSink(Sink):
                 episode.answers.append(record)
 
     def _event(self, event: Event, t: float) -> None:
+        if event.type == "check":  # a watch's re-check outside any episode: not an episode
+            return
         episode = self.episodes.get(event.event_id)
         if episode is None:
             episode = self.episodes[event.event_id] = Episode(event.event_id, event.source_id, event.start_pts_ns / 1e9)
