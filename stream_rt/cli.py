@@ -279,7 +279,9 @@ def _replay(args: argparse.Namespace) -> int:
     mllm = base.mllm
     if args.model is not None:
         mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
-    config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm}))
+    # The camera's watch goes with it to the file's source; other cameras' watches are not replayed.
+    watches = [w.model_copy(update={"source": source.id}) for w in base.watches if own and w.source == own[0].id]
+    config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm, "watches": watches}))
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     try:
         pipeline = build_pipeline(config, speed=args.speed)
