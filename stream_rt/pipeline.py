@@ -129,8 +129,12 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
         watches = WatchBook(config.watch_state)  # restored, then the configured ones set
-        for watch in config.watches:
-            watches.set(watch.source, watch.id, watch.condition, watch.expires_s, watch.confirm, watch.recheck_s)
+        configured = {(w.source, w.id) for w in config.watches}
+        for kept in watches.all():  # a [[watches]] entry deleted since: its watch ends
+            if kept.origin == "config" and (kept.source_id, kept.id) not in configured:
+                watches.remove(kept.source_id)
+        for w in config.watches:
+            watches.set(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s, origin="config")
         trigger.watches = watches  # for the watch/set command
         mllm = _build_mllm(config.mllm, asks, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))

@@ -182,3 +182,39 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     busy = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35)]
     out = await run_node(TriggerPolicy("trigger", cooldown_s=0, update_interval_s=2, watches=book), busy)
     assert [e.type for e in out["events"] if isinstance(e, Event)] == ["new", "update", "end"], "the episode asks"
+
+
+def test_an_unreadable_watch_file_is_set_aside_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "watches.json"
+    for content in (
+        "not json",
+        json.dumps([{"id": "g", "source_id": "cam", "condition": "x", "expires_at_ns": "soon"}]),
+    ):
+        path.write_text(content)
+        book = WatchBook(path)
+        assert book.all() == [] and not path.exists()
+        kept = sorted(tmp_path.glob("watches.json.unreadable-*"))
+        assert kept and kept[-1].read_text() == content
+        book.set("cam", "g", "x")  # saved afresh; what was set aside stays as it was
+        assert json.loads(path.read_text())[0]["condition"] == "x" and kept[-1].read_text() == content
+        for old in kept:
+            old.unlink()
+
+
+def test_a_watch_deleted_from_the_config_ends_at_the_next_start_and_a_commanded_one_stays(tmp_path: Path) -> None:
+    state = tmp_path / "watches.json"
+
+    def book(watches: list[dict[str, object]]) -> WatchBook:
+        config = parse_config({
+            "sources": [{"id": "cam", "url": "rtsp://192.0.2.1/x"}, {"id": "door", "url": "rtsp://192.0.2.1/y"}],
+            "mllm": {"model": "smoke"}, "watches": watches, "watch_state": str(state),
+        })  # fmt: skip
+        pipeline = build_pipeline(config)
+        assert pipeline.mllm is not None and pipeline.mllm.watches is not None
+        return pipeline.mllm.watches
+
+    first = book([{"id": "guests", "source": "cam", "condition": CONDITION}])
+    first.set("door", "parcel", "a parcel lies at the door")  # by command
+    again = book([])
+    assert [(w.source_id, w.id) for w in again.all()] == [("door", "parcel")]
+    assert [(t.source_id, t.state) for t in again.take()] == [("cam", "removed")]

@@ -49,10 +49,26 @@ class Watch:
     summary: str = ""
     streak: int = 0  # answers in a row that disagree with the state
     serial: int = 0  # which setting of a watch this is: an answer to an earlier one never counts
+    origin: str = "command"  # or "config": set from [[watches]], removed when no longer configured
 
     @property
     def prompt(self) -> str:
         return PROMPT.format(tag=f"'{self.id}' #{self.serial}", condition=self.condition)
+
+
+def _restored(fields: dict[str, object]) -> Watch:
+    """A watch as saved, its values checked (a file from elsewhere must not break the clock)."""
+    watch = Watch(**fields)  # type: ignore[arg-type]
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "id": str, "source_id": str, "condition": str, "confirm": int, "recheck_s": (int, float), "state": str,
+        "since_ns": int, "event_id": str, "summary": str, "streak": int, "serial": int, "origin": str,
+    }  # fmt: skip
+    bad = [k for k, kind in kinds.items() if not isinstance(getattr(watch, k), kind)]
+    if watch.expires_at_ns is not None and not isinstance(watch.expires_at_ns, int):
+        bad.append("expires_at_ns")
+    if bad or watch.state not in ("unmet", "met"):
+        raise ValueError(f"watch {fields.get('id')!r}: bad {', '.join(bad) or 'state'}")
+    return watch
 
 
 class WatchBook:
@@ -64,10 +80,22 @@ class WatchBook:
         self._serial = 0
         if path is not None and path.exists():
             try:
-                self._watches = {w["source_id"]: Watch(**w) for w in json.loads(path.read_text())}
+                self._watches = {w.source_id: w for w in map(_restored, json.loads(path.read_text()))}
                 self._serial = max((w.serial for w in self._watches.values()), default=0)
             except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.warning("watches: cannot read %s (%s); starting with none", path, exc)
+                self._watches = {}
+                self._set_aside(path, exc)
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
+        """An unreadable file is kept beside for a person to look at, never overwritten; if
+        it cannot be moved, nothing is saved."""
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            path.rename(aside)
+            kept = f"kept it as {aside}"
+        except OSError as move:
+            self.path, kept = None, f"cannot move it ({move}): watches will not be saved"
+        log.error("watches: cannot read %s (%s); starting with none, %s", path, exc, kept)
 
     def take(self) -> list[WatchState]:
         """The transitions made since the last call, oldest first."""
@@ -87,7 +115,7 @@ class WatchBook:
 
     def set(
         self, source_id: str, watch_id: str, condition: str, expires_s: float = 0.0, confirm: int | None = None,
-        recheck_s: float = 0.0,
+        recheck_s: float = 0.0, origin: str = "command",
     ) -> None:  # fmt: skip
         """Set the source's watch, replacing the one it had; the same watch set again (same
         id and condition: a configuration read at start, a command sent twice) keeps its
@@ -100,13 +128,14 @@ class WatchBook:
         now = self._clock()
         expires = now + int(expires_s * 1e9) if expires_s else None
         if old is not None and same and old.confirm == confirm:
-            old.expires_at_ns, old.recheck_s = expires, recheck_s
+            old.expires_at_ns, old.recheck_s, old.origin = expires, recheck_s, origin
             self._save()
             return
         if old is not None:
             self._drop(source_id, "removed", now)
         self._serial += 1
-        watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now, serial=self._serial)
+        watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now, serial=self._serial,
+                      origin=origin)  # fmt: skip
         self._watches[source_id] = watch
         self._save()
         self._transition(watch, "set")
