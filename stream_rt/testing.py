@@ -25,11 +25,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 from stream_rt.graph.clock import Clock, ManualClock, ReplayClock
@@ -126,6 +127,29 @@ async def start_worker(model: str | Path, port: int, *args: str, env: Mapping[st
         if not line:
             raise RuntimeError("the worker exited before serving")
     return proc
+
+
+async def chat_server(port: int, reply: Callable[[dict[str, Any]], str | web.Response]) -> web.AppRunner:
+    """A minimal OpenAI-compatible chat server on a loopback port, for tests of clients:
+    each request's JSON body goes to ``reply``, whose text is streamed back as one chunk
+    (or whose response is sent as it is). ``cleanup()`` the runner to stop it."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        said = reply(await request.json())
+        if isinstance(said, web.Response):
+            return said
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": said}, "finish_reason": "stop"}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 class Broker:

@@ -8,16 +8,16 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.subscribe as mqtt_subscribe
 import pytest
-from aiohttp import web
 
 from stream_rt.config import parse_config
 from stream_rt.graph.packets import MllmAnswer
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.watches import WatchBook
-from stream_rt.testing import Broker, Subscriber
+from stream_rt.testing import Broker, Subscriber, chat_server
 
 from .test_mqtt import wait_until
 
@@ -76,23 +76,13 @@ async def scripted_model(free_port: int) -> AsyncIterator[tuple[str, list[str], 
     questions: list[str] = []
     script: list[bool] = []
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+    def reply(body: dict[str, Any]) -> str:
         questions.append(next(p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text"))
         met = script[min(len(questions), len(script)) - 1]
-        text = json.dumps({"summary": "two people" if met else "one person", "condition_met": met,
+        return json.dumps({"summary": "two people" if met else "one person", "condition_met": met,
                            "action": "none", "confidence": 0.9})  # fmt: skip
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
-        return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", free_port).start()
+    runner = await chat_server(free_port, reply)
     try:
         yield f"http://127.0.0.1:{free_port}/v1", questions, script
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.operators.snapshot import rgb_to_jpeg
-from stream_rt.testing import start_worker
+from stream_rt.testing import chat_server, start_worker
 
 from .test_mllm import smoke_model  # noqa: F401  (the fixture)
 
@@ -120,25 +119,14 @@ async def test_a_server_that_refuses_continuous_usage_stats_is_asked_again_witho
 
     bodies: list[dict[str, object]] = []
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+    def reply(body: dict[str, object]) -> str | web.Response:
         bodies.append(body)
-        if "continuous_usage_stats" in body["stream_options"]:
+        if "continuous_usage_stats" in body["stream_options"]:  # type: ignore[operator]
             error = {"message": "Unrecognized request argument: stream_options.continuous_usage_stats"}
             return web.json_response({"error": error}, status=400)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": SMOKE_ANSWER}, "finish_reason": "stop"}]
-        }
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
-        return response
+        return SMOKE_ANSWER
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", free_port).start()
+    runner = await chat_server(free_port, reply)
     backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "strict")
     try:
         for n in range(2):

@@ -359,12 +359,8 @@ class TriggerPolicy(Node):
         if state.check is None:
             state.check = _Episode(f"{s.source_id}-{time_ordered_id()}", now, now, s.score)
         ctx.count("watch_checks", source=s.source_id)
-        check = state.check
-        return [Event(
-            s.source_id, self._seq.next(s.source_id, s.wall_ns), now, s.wall_ns, "check", check.event_id,
-            check.start_ns, None, s.score, s.score, dict(s.components), s.regions, True, "watch", None, None, s.frame,
-            s.zones, s.objects,
-        )]  # fmt: skip
+        state.check.peak = s.score  # (a check's score is its own)
+        return [self._event("check", state, s, True, "watch", state.check)]
 
     def _step(self, s: Salience, ctx: Context) -> list[Event]:
         state = self._state(s.source_id)
@@ -434,8 +430,11 @@ class TriggerPolicy(Node):
         ctx.count("model_calls", source=state.source_id)
         return True
 
-    def _event(self, kind: str, state: _SourceState, s: Salience, call: bool, reason: str = "") -> Event:
-        episode = state.episode
+    def _event(
+        self, kind: str, state: _SourceState, s: Salience, call: bool, reason: str = "", episode: _Episode | None = None
+    ) -> Event:
+        """An event of ``episode`` (the source's open one unless given: a watch's checks)."""
+        episode = episode or state.episode
         assert episode is not None
         return Event(
             s.source_id, self._seq.next(s.source_id, s.wall_ns), s.pts_ns, s.wall_ns, kind,  # type: ignore[arg-type]
