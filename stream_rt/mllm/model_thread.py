@@ -94,11 +94,12 @@ def _register(thread: ModelThread) -> None:
 
 
 def _wait_for_calls_under_way() -> None:
+    """Join every model thread: a busy one (up to the grace) and an idle one too, whose
+    exit (torch's thread-local teardown) would otherwise race the interpreter's."""
     deadline = time.monotonic() + EXIT_GRACE_S
-    busy = [t for t in _live if not t.idle]
-    if busy:
+    if any(not t.idle for t in _live):
         log.info("waiting up to %.0f s for the model call under way to end", EXIT_GRACE_S)
-    for thread in busy:
+    for thread in _live:
         thread.close()
         thread._thread.join(max(0.0, deadline - time.monotonic()))
         if thread._thread.is_alive():
