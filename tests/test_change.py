@@ -22,6 +22,7 @@ from stream_rt.operators.kernels import (
     patch_mad_means,
     patch_mad_reference,
     patch_means_reference,
+    retone_patches,
 )
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
@@ -199,6 +200,58 @@ async def test_people_walking_during_a_light_change_are_still_found(samples: Pat
         assert bool(a.regions) == bool(b.regions), a.seq
         assert abs(b.changed_fraction - a.changed_fraction) < 0.02, a.seq
     assert sum(bool(m.regions) for m in ramped[50:]) >= 0.95 * len(ramped[50:])
+
+
+def colour_ramp(rgb: list[np.ndarray], start: int, frames: int, gain: float, noise: float = 0.0) -> list[np.ndarray]:
+    """The luma of colour frames whose light moves to ``gain`` over ``frames`` frames from
+    ``start``, applied to each colour channel and clipped there, then converted to YUV as
+    a camera's encoder does: white vans and yellow paper saturate, so their luma rises
+    less than the rest of the scene's."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, image in enumerate(rgb):
+        t = min(1.0, max(0.0, (i - start + 1) / max(1, frames)))
+        lit = image.astype(np.float32) * (1 + (gain - 1) * t) + rng.normal(0, noise, image.shape)
+        frame = av.VideoFrame.from_ndarray(np.clip(lit, 0, 255).astype(np.uint8), format="rgb24")
+        out.append(np.ascontiguousarray(y_plane(frame.reformat(format="yuv420p"))))
+    return out
+
+
+def colour_frames(path: Path, count: int) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in itertools.islice(container.decode(video=0), count)]
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5, 2.0])
+async def test_light_clipped_per_colour_channel_is_followed_not_reported(samples: Path, seconds: float) -> None:
+    """30 % brighter on the walkway's real colours: no one luma curve maps the saturated
+    patches and the rest, so those are re-toned on their own."""
+    still = colour_frames(samples / "vtest.avi", 1) * (40 + int(seconds * 10))
+    maps = await detect(colour_ramp(still, 20, int(seconds * 10), 1.3, noise=2.5))
+    assert not any(m.regions for m in maps), [m.seq for m in maps if m.regions]
+
+
+async def test_people_walking_as_light_clips_their_colours_are_still_found(samples: Path) -> None:
+    rgb = colour_frames(samples / "vtest.avi", 150)
+    plain = await detect(colour_ramp(rgb, 0, 0, 1.0))
+    ramped = await detect(colour_ramp(rgb, 50, 5, 1.3))  # 30 % brighter over 0.5 s, mid-clip
+    for a, b in zip(plain[10:], ramped[10:], strict=True):
+        assert bool(a.regions) == bool(b.regions), a.seq
+        assert abs(b.changed_fraction - a.changed_fraction) < 0.02, a.seq
+
+
+def test_retone_patches_copies_light_and_leaves_what_came() -> None:
+    rng = np.random.default_rng(0)
+    background = rng.integers(40, 200, (32, 48), dtype=np.uint8)
+    frame = np.clip(background * 0.8 + 30, 0, 255).astype(np.uint8)  # lighter, flatter everywhere...
+    frame[16:, 16:32] = rng.integers(0, 255, (16, 16), dtype=np.uint8)  # ...but something came here
+    frame[:16, 32:] = 120  # and a flat thing covers this one
+    todo = np.ones((2, 3), np.bool_)
+    work = background.copy()
+    assert retone_patches(frame, work, todo, 16) == 4
+    assert np.abs(work[:16, :32].astype(int) - frame[:16, :32]).max() <= 1
+    assert np.array_equal(work[16:, 16:32], background[16:, 16:32])
+    assert np.array_equal(work[:16, 32:], background[:16, 32:])
 
 
 @pytest.mark.parametrize("luma", [10, 250])

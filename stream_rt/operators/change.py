@@ -15,7 +15,11 @@ What is not activity:
   curve that takes it to the frame (:mod:`stream_rt.operators.light`) once that curve
   moves luma by more than ``light_tolerance``: brightness and contrast changes of the
   whole frame, sudden or spread over seconds, are followed (``light_adjustments``) while
-  whatever moved meanwhile still differs. A light change that takes a quarter of the
+  whatever moved meanwhile still differs. Patches the one curve leaves past ``threshold``
+  (strongly coloured or saturated ones: light clipped per colour channel moves their luma
+  less) are re-toned on their own where the frame's patch is a brighter or darker copy of
+  the background's (textured, correlated, a plausible gain); something that came into a
+  patch does not copy its texture. A light change that takes a quarter of the
   patches past ``threshold`` in one frame, most of them explained by the curve, is a jump
   (lights switched off, a switch to infrared, which also changes how colours look in grey):
   what the curve leaves is taken into the background from the frame except where
@@ -56,6 +60,7 @@ from stream_rt.operators.kernels import (
     connected_boxes,
     patch_mad,
     patch_mad_means,
+    retone_patches,
 )
 from stream_rt.operators.light import tone_curve
 from stream_rt.operators.zones import SceneLayout
@@ -171,6 +176,9 @@ class ChangeDetector(Node):
                 before = mad
                 apply_lut(background, table)
                 mad = patch_mad(y, background, p.patch)
+                left = (mad > p.threshold) & valid  # colours the one curve maps wrongly (clipped, saturated)
+                if left.any() and retone_patches(y, background, left, p.patch):
+                    mad = patch_mad(y, background, p.patch)
                 if self._jumped(state, frame, before, mad, valid, p):
                     mad = patch_mad(y, background, p.patch)
                     self._count(ctx, "light_recalibrations", source)

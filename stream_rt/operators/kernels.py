@@ -387,3 +387,52 @@ def band_medians(x: F32, y: F32, valid: npt.NDArray[np.bool_], width: float, lea
     knots = np.empty((int(256 // width) + 1, 2), np.float64)
     count = _band_medians(flat_x, flat_y, flat_valid, float(width), int(least), knots)
     return knots[:count]
+
+
+@njit(nogil=True, cache=True)
+def _retone_patches(
+    cur: U8, bg: U8, todo: npt.NDArray[np.bool_], patch: int, min_corr: float, min_std: float,
+    gains: tuple[float, float],
+) -> int:  # fmt: skip
+    area = float(patch * patch)
+    done = 0
+    for py in range(todo.shape[0]):
+        for px in range(todo.shape[1]):
+            if not todo[py, px]:
+                continue
+            sb = sf = sbb = sff = sbf = 0.0
+            for y in range(py * patch, (py + 1) * patch):
+                for x in range(px * patch, (px + 1) * patch):
+                    b, f = float(bg[y, x]), float(cur[y, x])
+                    sb += b
+                    sf += f
+                    sbb += b * b
+                    sff += f * f
+                    sbf += b * f
+            mb, mf = sb / area, sf / area
+            var_b, var_f = sbb / area - mb * mb, sff / area - mf * mf
+            if var_b < min_std * min_std or var_f < min_std * min_std:
+                continue  # a flat patch's gain says nothing: a uniform thing may have come
+            cov = sbf / area - mb * mf
+            gain = cov / var_b
+            if cov / np.sqrt(var_b * var_f) < min_corr or not gains[0] <= gain <= gains[1]:
+                continue
+            for y in range(py * patch, (py + 1) * patch):
+                for x in range(px * patch, (px + 1) * patch):
+                    bg[y, x] = np.uint8(min(255.0, max(0.0, round(mf + gain * (float(bg[y, x]) - mb)))))
+            done += 1
+    return done
+
+
+def retone_patches(
+    cur: U8, bg: U8, todo: npt.NDArray[np.bool_], patch: int = 16, min_corr: float = 0.9, min_std: float = 8.0,
+    gains: tuple[float, float] = (0.5, 2.0),
+) -> int:  # fmt: skip
+    """For each ``todo`` patch whose pixels in ``cur`` are a brighter or darker copy of
+    those in ``bg`` (both textured by at least ``min_std`` levels, correlated by at least
+    ``min_corr``, with a gain within ``gains``): ``bg``'s patch becomes that copy, in
+    place. Returns how many patches were re-toned."""
+    _check(cur, bg, patch)
+    if todo.shape != (cur.shape[0] // patch, cur.shape[1] // patch):
+        raise ValueError("retone_patches needs one flag per whole patch")
+    return int(_retone_patches(cur, bg, np.ascontiguousarray(todo), patch, min_corr, min_std, gains))
