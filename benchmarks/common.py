@@ -36,6 +36,11 @@ def bare_decode(clip: Path) -> tuple[int, float]:
     return frames, time.perf_counter() - started
 
 
+def kv_of(cache: Any) -> tuple[list[Any], list[Any]]:
+    """A transformers KV cache's K/V per layer, as the backend's decoding takes them."""
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
 def copy_cache(backend: Any, cache: Any) -> Any:
     """A second KV cache with the same contents (decoding grows the first one)."""
     return backend.cache_of([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])

@@ -41,7 +41,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from common import answer_fidelity, copy_cache, rss_growth, rss_mb
+from common import answer_fidelity, copy_cache, kv_of, rss_growth, rss_mb
 
 from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock
 from stream_rt.mllm.compression import Compression
@@ -89,11 +89,11 @@ def one(backend: TransformersBackend, images: list[np.ndarray], pts: list[int], 
         features = family.encode(model, prepared)
         t1 = time.perf_counter()
         if compression is not None:
-            prepared, features = compression.apply(family, prepared, features, pts, audio)
+            prepared, features, _ = compression.apply(family, prepared, features, pts, audio)
         logits, cache = backend.prefill(prepared, features)
         t2 = time.perf_counter()
         kept_cache = copy_cache(backend, cache)
-        ids, _, _ = backend.decode(prepared, logits, cache, None, None, NEW_TOKENS)
+        ids, _, _ = backend.decode(prepared, logits, kv_of(cache), None, None, NEW_TOKENS)
         total = time.perf_counter() - started
     return {"prepared": prepared, "first": logits, "cache": kept_cache, "ids": ids, "prefill_s": t2 - t1,
             "total_s": total, "visual": int(prepared.image_mask.sum())}  # fmt: skip

@@ -36,7 +36,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from common import answer_fidelity, copy_cache
+from common import answer_fidelity, copy_cache, kv_of
 
 from stream_rt.graph.packets import MllmRequest
 from stream_rt.mllm.prompt import chat_messages, request_text
@@ -81,7 +81,7 @@ def one_call(backend: TransformersBackend, frame: np.ndarray, text: str, reuse: 
             logits, cache = result.logits, backend.cache_of(result.keys, result.values)
         kept = copy_cache(backend, cache)
         t2 = time.perf_counter()
-        ids, _, _ = backend.decode(prepared, logits, cache, None, None, NEW_TOKENS)
+        ids, _, _ = backend.decode(prepared, logits, kv_of(cache), None, None, NEW_TOKENS)
         decode_s = time.perf_counter() - t2
         total = time.perf_counter() - started
     return {"prepared": prepared, "first": logits, "cache": kept, "ids": ids, "encode_s": encode_s,

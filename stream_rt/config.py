@@ -398,8 +398,6 @@ class MllmConfig(_Strict):
             raise ValueError("max_in_flight > 1 needs the 'openai' backend (a local model runs one call at a time)")
         if self.memory.enabled and self.backend != "transformers":
             raise ValueError("memory needs the 'transformers' backend (it feeds the model visual tokens)")
-        if self.token_reuse.enabled and (self.memory.enabled or self.clip.frames > 1):
-            raise ValueError("token_reuse cannot be combined with memory or clips (frames > 1) yet: turn one off")
         return self
 
 

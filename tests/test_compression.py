@@ -128,7 +128,8 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
     assert family_ is not None
     prepared = family_.prepare(images, chat_messages(len(images), "What happens?"), squeezed.model)
     features = family_.encode(squeezed.model, prepared)
-    compressed, kept_features = Compression(average=0.4).apply(family_, prepared, features, pts, audio)
+    compressed, kept_features, rows = Compression(average=0.4).apply(family_, prepared, features, pts, audio)
+    assert len(rows) == kept_features.shape[0] and torch.equal(features[torch.from_numpy(rows)], kept_features)
     original = prepared.position_ids if prepared.position_ids is not None else torch.arange(prepared.length)[None]
     kept_positions = compressed.position_ids
     assert kept_positions is not None and kept_features.shape[0] == int(compressed.image_mask.sum())

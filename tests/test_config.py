@@ -73,7 +73,6 @@ def test_memory_and_clip_settings_that_cannot_work_together_are_refused() -> Non
         ({"memory": {"enabled": True, "max_entries": 4, "anchors": 3}}, "anchors .3. must be below max_entries - 1"),
         ({"backend": "openai", "url": "http://127.0.0.1:1/v1", "memory": {"enabled": True}},
          "memory needs the 'transformers' backend"),
-        ({"token_reuse": {"enabled": True}, "clip": {"frames": 4}}, "token_reuse cannot be combined"),
         ({"clip": {"frames": 4, "compression": "loud"}}, "mllm.clip.compression"),
     ]:  # fmt: skip
         with pytest.raises(ConfigError, match=error):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.mllm.prefill import run_prefill
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
@@ -46,20 +45,6 @@ def backends(family: str, **settings: object) -> tuple[TransformersBackend, Tran
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
     return float((p.exp() * (p - q)).sum())
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
-    plain, _, _ = backends(family)
-    plain.load()
-    [frame] = frames(samples, [10])
-    with torch.inference_mode():
-        prepared = plain.family.prepare([frame], chat_messages(1, QUESTION), plain.model)  # type: ignore[union-attr]
-        features = plain.family.encode(plain.model, prepared)  # type: ignore[union-attr]
-        reference, cache = plain.prefill(prepared, features)
-        ours = run_prefill(plain.model, plain.embed(prepared, features), prepared.position_ids, prepared.image_mask)
-    assert torch.allclose(ours.logits, reference, atol=1e-4)
-    assert torch.allclose(ours.keys[-1], cache.layers[-1].keys, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures
@@ -30,8 +31,9 @@ class Compression:
         features: torch.Tensor,
         frame_pts: list[int],
         audio: list[AudioFeatures],
-    ) -> tuple[Prepared, torch.Tensor]:
-        """(the compressed request, its visual features) for one image per frame."""
+    ) -> tuple[Prepared, torch.Tensor, npt.NDArray[np.intp]]:
+        """(the compressed request, its visual features, which of the request's visual
+        tokens each kept one is) for one image per frame."""
         grids = family.token_grids(prepared)
         per_image = [sum(g.size for g in grids if g.image == i) for i in range(len(frame_pts))]
         visual = torch.nonzero(prepared.image_mask.cpu()).flatten().numpy()
@@ -60,4 +62,4 @@ class Compression:
             image_mask=prepared.image_mask[index.to(prepared.image_mask.device)],
             position_ids=positions,
         )
-        return compressed, features[rows.to(features.device)]
+        return compressed, features[rows.to(features.device)], rows.numpy()

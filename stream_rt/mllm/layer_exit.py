@@ -5,7 +5,8 @@ the final norm and the LM head; once two successive exits agree — the same top
 token distributions closer than that exit's threshold (L2 distance between probability
 vectors) — the token is taken from the exit and the remaining layers are skipped. The skipped layers still get
 K/V for this position (computed from the exit's hidden state, CALM's state propagation),
-so later tokens attend to a complete cache.
+so later tokens attend to a complete cache. The exits are evaluated inside the one layer
+loop every call runs (:func:`stream_rt.mllm.prefill.run_prefill`).
 
 Thresholds are calibrated on logged calls (:func:`calibrate`): run with thresholds
 ``None`` (every exit is measured, none taken) to log distances, then choose thresholds so
@@ -22,13 +23,9 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-
-from stream_rt.mllm.prefill import project
 
 MAX_DISTANCE = 2.0
 """Above any L2 distance between two probability vectors (at most sqrt(2))."""
@@ -78,55 +75,6 @@ class LayerExit:
     def mean_depth(self) -> float:
         """Mean layers run per decoded token (0 before the first)."""
         return self.layers_run / self.decoded if self.depth_counts else 0.0
-
-
-def decode_step(
-    model: Any, token: torch.Tensor, position_ids: torch.Tensor, cache: Any, exit: LayerExit, cache_kw: str
-) -> torch.Tensor:
-    """One decoding step through the layers with exits; returns the logits, and records the
-    token's depth (and on a measuring run its exits) in ``exit``."""
-    decoder = model.get_decoder()
-    layers = decoder.layers
-    hidden = model.get_input_embeddings()(token)
-    position_embeddings = decoder.rotary_emb(hidden, position_ids)
-    text_positions = position_ids if position_ids.dim() == 2 else None
-    exits = set(exit.exit_layers(len(layers)))
-    previous: torch.Tensor | None = None
-    distances: list[float] = []
-    tops: list[int] = []
-    depth = len(layers)
-    logits: torch.Tensor | None = None
-    for i, layer in enumerate(layers):
-        hidden = layer(hidden, attention_mask=None, position_ids=text_positions, use_cache=True,
-                       position_embeddings=position_embeddings, **{cache_kw: cache})  # fmt: skip
-        if i + 1 not in exits:
-            continue
-        exit_logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
-        probs = exit_logits.softmax(-1)
-        tops.append(int(probs.argmax()))
-        if previous is not None:
-            distance = float(torch.linalg.vector_norm(probs - previous))
-            distances.append(distance)
-            if tops[-1] == tops[-2] and distance < exit.threshold(len(distances) - 1):
-                depth = i + 1
-                logits = exit_logits
-                for j in range(i + 1, len(layers)):
-                    _fill_kv(layers[j], hidden, position_embeddings, cache)
-                break
-        previous = probs
-    if logits is None:
-        logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
-        tops.append(int(logits.argmax()))
-    exit.record(depth, distances, tops)
-    return logits
-
-
-def _fill_kv(
-    layer: Any, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any
-) -> None:
-    """Write this position's K/V into a skipped layer's cache, from the exit's hidden state."""
-    _, key, value = project(layer, hidden, *position_embeddings, queries=False)
-    cache.update(key, value, layer.self_attn.layer_idx)
 
 
 def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stream_rt.mllm.families import Family, Prepared
+from stream_rt.mllm.prefill import run_prefill
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry
@@ -52,24 +53,16 @@ class MemoryPrefix:
         else:
             self._kept.pop(source_id, None)
 
-    def state(
-        self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...], decoder_kw: str
-    ) -> PrefixState:
+    def state(self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...]) -> PrefixState:
         """The prefix K/V for ``entries``: kept from an earlier call if they are the same."""
         fingerprint = _fingerprint(entries)
         kept = self._kept.get(source_id)
         if kept is not None and kept.fingerprint == fingerprint:
             self.reused += 1
             return kept
-        from transformers import DynamicCache
-
         embeds = self.embeds(model, family, entries)
-        device = embeds.device
-        positions = prefix_positions(embeds.shape[1], family, device)
-        cache = DynamicCache(config=model.config.get_text_config())
-        model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{decoder_kw: cache})
-        layers: list[Any] = list(cache.layers)
-        state = PrefixState(fingerprint, embeds.shape[1], [la.keys for la in layers], [la.values for la in layers])
+        result = run_prefill(model, embeds, prefix_positions(embeds.shape[1], family, embeds.device))
+        state = PrefixState(fingerprint, embeds.shape[1], result.keys, result.values)
         self._kept[source_id] = state
         self.computed += 1
         return state

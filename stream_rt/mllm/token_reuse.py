@@ -51,7 +51,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.mllm.families import Family, Prepared, TileState
-from stream_rt.mllm.prefill import PrefillResult, run_prefill
+from stream_rt.mllm.prefill import KV, PrefillResult, run_prefill
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
@@ -85,7 +85,28 @@ class _Entry:
     tile_states: list[TileState | None] = field(default_factory=list)
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
     calls: int = 1  # calls under this key while it was cached
+    kept: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))  # per prompt visual token
+    prefix: str = ""  # fingerprint of what went before the prompt (the memory)
     nbytes: int = 0  # of the tensors and arrays above (:func:`_held_bytes`)
+
+
+@dataclass
+class ReuseCall:
+    """One call under way, between :meth:`TokenReuse.begin` and :meth:`TokenReuse.prefill`."""
+
+    key: tuple[str, str]
+    event_id: str
+    prefix: str
+    input_ids: torch.Tensor  # the request's, before compression
+    entry: _Entry | None
+    grids: list[TokenGrid]
+    patches: npt.NDArray[np.uint8]  # per visual token before compression
+    static: npt.NDArray[np.bool_]
+    why: str  # why it is a full call ("" when it may reuse)
+    tiles_reused: int = 0
+    tile_pixels: list[torch.Tensor] = field(default_factory=list)
+    tile_features: list[torch.Tensor] = field(default_factory=list)
+    tile_states: list[TileState | None] = field(default_factory=list)
 
 
 @dataclass
@@ -143,62 +164,112 @@ class TokenReuse:
         embed: Any,
     ) -> tuple[PrefillResult, float, float]:
         """Encode and prefill one request, reusing what it can; (result, encode s, prefill s).
-        ``embed(prepared, features)`` builds the input embeddings."""
+        ``embed(prepared, features)`` builds the input embeddings. (The three steps of
+        :meth:`begin`, :meth:`encode` and :meth:`prefill`, with nothing between them.)"""
+        call = self.begin(family, prepared, lumas, key, event_id)
+        t0 = time.perf_counter()
+        features = self.encode(call, model, family, prepared)
+        t1 = time.perf_counter()
+        result = self.prefill(call, model, prepared, embed(prepared, features))
+        return result, t1 - t0, time.perf_counter() - t1
+
+    def begin(
+        self,
+        family: Family,
+        prepared: Prepared,
+        lumas: list[npt.NDArray[np.uint8]],
+        key: tuple[str, str],
+        event_id: str,
+        prefix: str = "",
+    ) -> ReuseCall:
+        """Start a call for ``prepared`` (before compression, if any): which of its visual
+        tokens are static against the cached entry's, and whether it must be a full call.
+        ``prefix`` fingerprints what goes before the prompt (the memory): another prefix
+        makes a full call. The entry leaves the cache until :meth:`prefill` succeeds."""
         s = self.settings
-        entry = self._entries.pop(key, None)  # removed until this call succeeds
+        entry = self._entries.pop(key, None)
         self.size = (self.entries, self.nbytes)
         grids = family.token_grids(prepared)
         patches = token_patches(lumas, grids)
-        why = _full_reason(entry, prepared, event_id, patches)
+        why = _full_reason(entry, prepared, event_id, patches, prefix)
         static = np.zeros(len(patches), bool)
         if entry is not None and not why:
             static = static_tokens(entry.patches, patches, s.static_threshold, s.max_patch_difference)
             if 1 - static.mean() > s.max_changed:
                 why = "too much changed"
-        t0 = time.perf_counter()
-        features, tiles_reused, tile_pixels, tile_features, tile_states = self._encode(
-            model, family, prepared, entry, static, why, grids
+        return ReuseCall(key, event_id, prefix, prepared.input_ids, entry, grids, patches, static, why)
+
+    def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> torch.Tensor | None:
+        """The visual features of ``call``'s request, reusing the entry's tiles it can."""
+        features, call.tiles_reused, call.tile_pixels, call.tile_features, call.tile_states = self._encode(
+            model, family, prepared, call.entry, call.static, call.why, call.grids
         )
-        t1 = time.perf_counter()
-        embeds = embed(prepared, features)
-        mid = len(model.get_decoder().layers) // 2
-        n_layers = len(model.get_decoder().layers)
+        return features
+
+    def prefill(
+        self,
+        call: ReuseCall,
+        model: Any,
+        prepared: Prepared,
+        embeds: torch.Tensor,
+        kept: npt.NDArray[np.intp] | None = None,
+        prefix: KV | None = None,
+    ) -> PrefillResult:
+        """Prefill ``prepared`` — the request as it goes to the model: compressed (``kept``:
+        which of the tokens :meth:`begin` saw each visual token is) and after ``prefix``'s
+        K/V — reusing the entry's K/V of the positions that hold the same static token as
+        last time; then keep this call as the entry."""
+        s = self.settings
+        entry, why = call.entry, call.why
         visual = torch.nonzero(prepared.image_mask.cpu()).flatten()
+        kept = np.arange(len(call.patches)) if kept is None else np.asarray(kept)
+        n_layers = len(model.get_decoder().layers)
+        mid = n_layers // 2
+        same_layout = entry is not None and entry.keys[0].shape[2] == prepared.length and len(entry.kept) == len(kept)
+        if not why and not same_layout:
+            why = "layout changed"  # compression kept another number of tokens
         if why:
-            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, relevance_layer=mid,
-                                 entropy=s.schedule == "entropy")  # fmt: skip
+            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
+                                 relevance_layer=mid, entropy=s.schedule == "entropy")  # fmt: skip
             ratios = _entropy_schedule(result.entropy, s.start_layer) if result.entropy is not None else None
-            self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(tile_pixels), tiles_reused, 1.0)
+            reference = call.patches
+            self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
         else:
             assert entry is not None
-            reusable = static.copy()
+            # A position is reusable when it holds the same token as last time, and that token is static.
+            reusable = (entry.kept == kept) & call.static[kept]
             if entry.relevance is not None and s.relevant_share > 0 and len(reusable):
                 top = max(1, round(s.relevant_share * len(reusable)))
                 reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.cpu().numpy()] = False
             # Only a partial schedule needs to know which static tokens are the most static.
             order = (
-                np.argsort(-patch_similarity(entry.patches, patches), kind="stable")
+                np.argsort(-patch_similarity(entry.patches[kept], call.patches[kept]), kind="stable")
                 if entry.layer_ratios is not None
-                else np.arange(len(patches))
+                else np.arange(len(kept))
             )
             computed = _computed_positions(prepared.length, visual, reusable, order, n_layers, s.start_layer,
                                            entry.layer_ratios)  # fmt: skip
-            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, computed=computed,
-                                 previous=(entry.keys, entry.values), relevance_layer=mid)  # fmt: skip
+            result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
+                                 computed=computed, previous=(entry.keys, entry.values),
+                                 relevance_layer=mid)  # fmt: skip
             ratios = entry.layer_ratios
             # Tokens recomputed now take the current patch as their reference.
-            recomputed = ~reusable
-            patches = np.where(recomputed[:, None, None], patches, entry.patches)
-            self.last = ReuseOutcome("reuse", len(visual), int(static.sum()), int(reusable.sum()), len(tile_pixels),
-                                     tiles_reused, result.computed_share)  # fmt: skip
-        t2 = time.perf_counter()
+            reference = entry.patches.copy()
+            recomputed = kept[~reusable]
+            reference[recomputed] = call.patches[recomputed]
+            self.last = ReuseOutcome("reuse", len(visual), int(call.static[kept].sum()), int(reusable.sum()),
+                                     len(call.tile_pixels), call.tiles_reused, result.computed_share)  # fmt: skip
+        before = prefix[0][0].shape[2] if prefix is not None else 0
+        own = [k[:, :, before:].clone() for k in result.keys] if before else result.keys
+        own_values = [v[:, :, before:].clone() for v in result.values] if before else result.values
         stored = _Entry(
-            event_id, prepared.input_ids, patches, result.keys, result.values, result.relevance, tile_pixels,
-            tile_features, tile_states, ratios, entry.calls + 1 if entry is not None else 1,
+            call.event_id, call.input_ids, reference, own, own_values, result.relevance, call.tile_pixels,
+            call.tile_features, call.tile_states, ratios, entry.calls + 1 if entry is not None else 1,
+            kept=kept, prefix=call.prefix,
         )  # fmt: skip
         stored.nbytes = _held_bytes(stored)
-        self.last.evicted = self._store(key, stored)
-        return result, t1 - t0, t2 - t1
+        self.last.evicted = self._store(call.key, stored)
+        return result
 
     def _store(self, key: tuple[str, str], entry: _Entry) -> int:
         """Keep ``entry`` as the most recently used, evicting past the bounds; how many
@@ -244,21 +315,22 @@ class TokenReuse:
         comparable = entry is not None and len(entry.tile_pixels) == n_tiles
         for t in range(n_tiles):
             tile_static = static[starts[t] : starts[t + 1]]
-            if comparable and entry is not None:
-                exact = torch.equal(entry.tile_pixels[t], pixels[t])
-                if exact or (s.tiles == "static" and not why and bool(tile_static.all())):
-                    features.append(entry.tile_features[t])
-                    states.append(entry.tile_states[t])
-                    pixels[t] = entry.tile_pixels[t]  # the reference stays what the features came from
-                    reused += 1
-                    continue
-                if s.encoder_partial and not why and entry.tile_states[t] is not None:
-                    changed = torch.from_numpy(~tile_static)
-                    feats, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
-                                                              s.start_layer)  # fmt: skip
-                    features.append(feats)
-                    states.append(state)
-                    continue
+            same = _same_tile(entry, t, pixels[t], comparable)  # the same pixels, in this slot or another
+            if same is not None or (comparable and s.tiles == "static" and not why and bool(tile_static.all())):
+                assert entry is not None
+                j = t if same is None else same
+                features.append(entry.tile_features[j])
+                states.append(entry.tile_states[j])
+                pixels[t] = entry.tile_pixels[j]  # the reference stays what the features came from
+                reused += 1
+                continue
+            if comparable and entry is not None and s.encoder_partial and not why and entry.tile_states[t] is not None:
+                changed = torch.from_numpy(~tile_static)
+                feats, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
+                                                          s.start_layer)  # fmt: skip
+                features.append(feats)
+                states.append(state)
+                continue
             if s.encoder_partial:
                 feats, kept = family.encode_tile_reusing(model, prepared, t, None, None, s.start_layer)
                 features.append(feats)
@@ -267,6 +339,19 @@ class TokenReuse:
                 features.append(family.encode_tile(model, prepared, t))
                 states.append(None)
         return torch.cat(features), reused, pixels, features, states
+
+
+def _same_tile(entry: _Entry | None, t: int, pixels: torch.Tensor, comparable: bool) -> int | None:
+    """The entry's tile with exactly ``pixels`` — tile ``t`` first, then any other (a
+    frame a clip shares with the one before moves one slot along): its index, or ``None``."""
+    if entry is None:
+        return None
+    if comparable and torch.equal(entry.tile_pixels[t], pixels):
+        return t
+    for j, old in enumerate(entry.tile_pixels):
+        if old.shape == pixels.shape and torch.equal(old, pixels):
+            return j
+    return None
 
 
 def _held_bytes(entry: _Entry) -> int:
@@ -280,11 +365,15 @@ def _held_bytes(entry: _Entry) -> int:
     return sum(storages.values()) + entry.patches.nbytes
 
 
-def _full_reason(entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8]) -> str:
+def _full_reason(
+    entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8], prefix: str
+) -> str:
     if entry is None:
         return "first call"
     if entry.event_id != event_id:
         return "new episode"
+    if entry.prefix != prefix:
+        return "memory changed"
     if not torch.equal(entry.input_ids, prepared.input_ids) or entry.patches.shape != patches.shape:
         return "question or layout changed"
     return ""

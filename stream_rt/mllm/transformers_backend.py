@@ -34,8 +34,9 @@ from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.decoding import TokenStream
 from stream_rt.mllm.families import Family, Prepared, family_for
-from stream_rt.mllm.layer_exit import LayerExit, decode_step
+from stream_rt.mllm.layer_exit import LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, pooled_tokens
+from stream_rt.mllm.prefill import KV, run_prefill
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
@@ -228,47 +229,58 @@ class TransformersBackend(Backend):
         if self.model is None:
             self.load()
         assert self.family is not None
-        summary, memory_tokens, visual_dropped = None, 0, 0
+        summary, memory_tokens, visual_dropped, outcome = None, 0, 0, None
         with self._lock, torch.inference_mode():
+            # prepare -> encode (tile / encoder reuse) -> compress -> memory prefix -> prefill
+            # (token reuse) -> decode (contract stop, layer exit): each step whatever the others do.
             prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
+            call = None
+            memory_state = self.memory_prefix.state(self.model, self.family, *memory) if memory is not None else None
             if self.token_reuse is not None and reuse is not None:
-                if memory is not None or summary_tokens:
-                    raise BackendError("token reuse cannot be combined with the streaming memory yet")
                 key, event_id = reuse
-                try:
-                    lumas = [rgb_luma(image) for image in images]
-                    result, encode_s, prefill_s = self.token_reuse.encode_and_prefill(
-                        self.model, self.family, prepared, lumas, key, event_id, self.embed
-                    )
-                except Exception:
-                    self.token_reuse.reset(key)  # a model error starts the next call afresh
-                    raise
-                logits, cache = result.logits, self.cache_of(result.keys, result.values)
-                outcome: ReuseOutcome | None = self.token_reuse.last
-            else:
-                outcome = None
+                fingerprint = memory_state.fingerprint if memory_state is not None else ""
+                call = self.token_reuse.begin(self.family, prepared, [rgb_luma(i) for i in images], key, event_id,
+                                              fingerprint)  # fmt: skip
+            try:
                 t0 = time.perf_counter()
-                features = self.family.encode(self.model, prepared) if prepared.vision else None
+                features = None
+                if call is not None and self.token_reuse is not None:
+                    features = self.token_reuse.encode(call, self.model, self.family, prepared)
+                elif prepared.vision:
+                    features = self.family.encode(self.model, prepared)
                 t1 = time.perf_counter()
                 if summary_tokens and features is not None:
                     keyframe = len(images) - 1 if clip is not None else 0
                     summary = pooled_tokens(features[self._image_rows(prepared, keyframe, len(images))], summary_tokens)
+                kept = None
                 if self.compression is not None and clip is not None and features is not None:
                     before = features.shape[0]
-                    prepared, features = self.compression.apply(self.family, prepared, features, *clip)
+                    prepared, features, kept = self.compression.apply(self.family, prepared, features, *clip)
                     visual_dropped = before - features.shape[0]
                 prefix = None
-                if memory is not None:
-                    state = self.memory_prefix.state(self.model, self.family, *memory, self.cache_kw)
-                    prepared, prefix, memory_tokens = after_prefix(prepared, state.length), state, state.length
-                logits, cache = self.prefill(prepared, features, prefix)
-                encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
+                if memory_state is not None:
+                    prepared, memory_tokens = after_prefix(prepared, memory_state.length), memory_state.length
+                    prefix = (memory_state.keys, memory_state.values)
+                embeds = self.embed(prepared, features)
+                if call is not None:
+                    assert self.token_reuse is not None
+                    result = self.token_reuse.prefill(call, self.model, prepared, embeds, kept, prefix)
+                    outcome = self.token_reuse.last
+                else:
+                    result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix)
+            except Exception:
+                if call is not None and self.token_reuse is not None:
+                    self.token_reuse.reset(call.key)  # a model error starts the next call afresh
+                raise
+            encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
             if on_prompt is not None:
                 on_prompt(prepared.length)
             exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
             t2 = time.perf_counter()
-            ids, text, stop = self.decode(prepared, logits, cache, cancel, on_text, max_new_tokens)
+            ids, text, stop = self.decode(prepared, result.logits, (result.keys, result.values), cancel, on_text,
+                                          max_new_tokens)  # fmt: skip
             decode_s = time.perf_counter() - t2
+            logits = result.logits
         gen = Generation(
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
             reuse=outcome, memory_tokens=memory_tokens, summary=summary, visual_dropped=visual_dropped,
@@ -313,47 +325,36 @@ class TransformersBackend(Backend):
         self, prepared: Prepared, features: torch.Tensor | None, prefix: PrefixState | None = None
     ) -> tuple[torch.Tensor, Any]:
         """Run the prompt through the language model, after ``prefix``'s K/V if given;
-        (last-position logits, KV cache)."""
-        from transformers import DynamicCache
-
-        if prefix is not None:
-            cache = self.cache_of(prefix.keys, prefix.values)
-        else:
-            cache = DynamicCache(config=self.model.config.get_text_config())
-        position_ids = prepared.position_ids.to(self.device) if prepared.position_ids is not None else None
-        out = self.model.get_decoder()(
-            inputs_embeds=self.embed(prepared, features), position_ids=position_ids, **{self.cache_kw: cache},
-            use_cache=True,
-        )  # fmt: skip
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float(), cache
+        (last-position logits, a transformers KV cache of it, for batched decoding)."""
+        kv = (prefix.keys, prefix.values) if prefix is not None else None
+        result = run_prefill(self.model, self.embed(prepared, features), prepared.position_ids, prepared.image_mask,
+                             prefix=kv)  # fmt: skip
+        return result.logits, self.cache_of(result.keys, result.values)
 
     def decode(
         self,
         prepared: Prepared,
         logits: torch.Tensor,
-        cache: Any,
+        cache: KV,
         cancel: threading.Event | None,
         on_text: OnText | None,
         max_new_tokens: int | None = None,
     ) -> tuple[list[int], str, str]:
-        """Greedy decoding from the prefill's logits; (token ids, text, why it stopped)."""
+        """Greedy decoding from the prefill's logits and K/V (``cache``: per layer, the
+        whole sequence's); (token ids, text, why it stopped). Each token runs the same
+        layer loop as the prefill, with the layer exit when it is on."""
         assert self.family is not None
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         stream = TokenStream(self.family.tokenizer, self.family.eos_ids, limit, contract_stop=self.contract_stop,
                              cancel=cancel, on_text=on_text)  # fmt: skip
-        decoder = self.model.get_decoder()
         embed = self.model.get_input_embeddings()
         three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
         while (token := stream.take(logits[0])) is not None:
             position = torch.tensor([[prepared.next_position + len(stream.ids) - 1]], device=self.device)
             position = position.expand(3, 1, 1) if three_d else position
-            next_input = torch.tensor([[token]], device=self.device)
-            if self.layer_exit is not None:
-                logits = decode_step(self.model, next_input, position, cache, self.layer_exit, self.cache_kw)
-                continue
-            out = decoder(inputs_embeds=embed(next_input), position_ids=position, use_cache=True,
-                          **{self.cache_kw: cache})  # fmt: skip
-            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
+            step = run_prefill(self.model, embed(torch.tensor([[token]], device=self.device)), position, prefix=cache,
+                               exit=self.layer_exit)  # fmt: skip
+            logits, cache = step.logits, (step.keys, step.values)
         return stream.ids, stream.text, stream.stop
 
 

@@ -1,0 +1,215 @@
+"""One call path where every technique composes: the layer loop is the model's own
+forward (a prompt, a prompt after a prefix, a decoded token); every combination of token
+reuse, clips with compression, the memory prefix and the layer exit, with nothing reused
+or skipped, gives what transformers' own forward over the whole sequence gives; and with
+a still view they reuse together."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from stream_rt.graph.packets import AudioFeatures
+from stream_rt.memory.streaming import MemoryEntry
+from stream_rt.mllm.compression import Compression
+from stream_rt.mllm.layer_exit import LayerExit
+from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
+from stream_rt.mllm.prefill import run_prefill
+from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
+from stream_rt.mllm.transformers_backend import TransformersBackend
+
+FAMILIES = ["qwen2_vl", "idefics3"]
+QUESTION = "What is happening?"
+S = 1_000_000_000
+NEW_TOKENS = 6
+
+
+def frames(samples: Path, indices: list[int], clip: str = "still_motion.mkv") -> list[np.ndarray]:
+    wanted = set(indices)
+    out: dict[int, np.ndarray] = {}
+    with av.open(str(samples / clip)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                out[i] = frame.to_ndarray(format="rgb24")
+            if i >= max(indices):
+                break
+    return [out[i] for i in indices]
+
+
+def own_forward(backend: TransformersBackend, embeds: torch.Tensor, positions: torch.Tensor | None) -> tuple[Any, Any]:
+    """transformers' own decoder forward: (last logits, its KV cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=backend.model.config.get_text_config())
+    out = backend.model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                                      **{backend.cache_kw: cache})  # fmt: skip
+    return backend.model.lm_head(out.last_hidden_state[:, -1]).float(), cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
+    backend = TransformersBackend(str(build_smoke_model(family=family)))  # type: ignore[arg-type]
+    backend.load()
+    fam = backend.family
+    assert fam is not None
+    [frame] = frames(samples, [10])
+    with torch.inference_mode():
+        prepared = fam.prepare([frame], chat_messages(1, QUESTION), backend.model)
+        embeds = backend.embed(prepared, fam.encode(backend.model, prepared))
+        positions = prepared.position_ids
+        reference, cache = own_forward(backend, embeds, positions)
+        ours = run_prefill(backend.model, embeds, positions, prepared.image_mask)
+        assert torch.allclose(ours.logits, reference, atol=1e-4)
+        assert torch.allclose(ours.keys[-1], cache.layers[-1].keys, atol=1e-5)
+        # The same prompt in two parts: the second after the first's K/V (a memory prefix).
+        cut = prepared.length // 3
+        head = run_prefill(backend.model, embeds[:, :cut], None if positions is None else positions[..., :cut])
+        tail = run_prefill(backend.model, embeds[:, cut:], None if positions is None else positions[..., cut:],
+                           prefix=(head.keys, head.values))  # fmt: skip
+        assert torch.allclose(tail.logits, reference, atol=1e-4)
+        assert torch.allclose(tail.keys[-1], cache.layers[-1].keys, atol=1e-5)
+        # One decoded token after the whole prompt, with the layer exit measuring (never exits).
+        token = torch.tensor([[int(reference.argmax())]])
+        step_embeds = backend.model.get_input_embeddings()(token)
+        at = torch.tensor([[prepared.next_position]])
+        at = at.expand(3, 1, 1) if positions is not None and positions.dim() == 3 else at
+        exit = LayerExit(every=1)
+        step = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=exit)
+        out = backend.model.get_decoder()(inputs_embeds=step_embeds, position_ids=at, use_cache=True,
+                                          **{backend.cache_kw: cache})  # fmt: skip
+        expected = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
+    assert torch.allclose(step.logits, expected, atol=1e-4)
+    assert step.keys[0].shape[2] == prepared.length + 1
+    assert exit.decoded == 1 and exit.mean_depth == len(backend.model.get_decoder().layers)
+
+
+def memory_entries(backend: TransformersBackend) -> tuple[MemoryEntry, ...]:
+    rng = np.random.default_rng(0)
+    dim = backend.model.get_input_embeddings().weight.shape[1]
+    return tuple(MemoryEntry("cam", i * S, i * S + S // 2, rng.normal(0, 0.02, (4, dim)).astype(np.float32),
+                             f"people walk by ({i})") for i in range(3))  # fmt: skip
+
+
+def quiet_audio(seconds: float) -> list[AudioFeatures]:
+    return [AudioFeatures("cam", i, int(i * 0.1 * S), 0, -60.0, -60.0, 0.0, 0.0) for i in range(int(seconds * 10))]
+
+
+def full_computation(backend: TransformersBackend, images: list[np.ndarray], memory: tuple[MemoryEntry, ...] | None,
+                     clip: tuple[list[int], list[AudioFeatures]] | None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+    """The first logits and greedy tokens of transformers' own forward over the whole
+    sequence (the memory's embeddings, then the prompt's, compressed for a clip), nothing
+    kept between calls."""
+    fam = backend.family
+    assert fam is not None
+    with torch.inference_mode():
+        prepared = fam.prepare(images, chat_messages(len(images), QUESTION), backend.model)
+        features = fam.encode(backend.model, prepared)
+        if clip is not None:
+            prepared, features, _ = Compression(average=KEEP).apply(fam, prepared, features, *clip)
+        embeds = backend.embed(prepared, features)
+        positions = prepared.position_ids
+        next_position = prepared.next_position
+        if memory is not None:
+            prefix = MemoryPrefix().embeds(backend.model, fam, memory)
+            length = prefix.shape[1]
+            own = positions + length if positions is not None else torch.arange(length, length + prepared.length)[None]
+            positions = torch.cat([prefix_positions(length, fam, prefix.device), own], -1)
+            embeds = torch.cat([prefix, embeds], 1)
+            next_position += length
+        logits, cache = own_forward(backend, embeds, positions)
+        first, ids = logits, []
+        three_d = positions is not None and positions.dim() == 3
+        while len(ids) < NEW_TOKENS:
+            token = int(logits.argmax())
+            ids.append(token)
+            at = torch.tensor([[next_position + len(ids) - 1]])
+            out = backend.model.get_decoder()(
+                inputs_embeds=backend.model.get_input_embeddings()(torch.tensor([[token]])),
+                position_ids=at.expand(3, 1, 1) if three_d else at, use_cache=True, **{backend.cache_kw: cache},
+            )  # fmt: skip
+            logits = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
+    return first, ids
+
+
+KEEP = 0.4
+COMBINATIONS = list(itertools.product([False, True], repeat=4))  # token reuse, clip + compression, memory, exit
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_combination_with_nothing_reused_equals_full_computation(family: str, samples: Path) -> None:
+    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    still = frames(samples, [10, 20, 30, 40, 50])
+    reference_backend = TransformersBackend(path, contract_stop=False)
+    reference_backend.load()
+    entries = memory_entries(reference_backend)
+    references: dict[tuple[bool, bool], tuple[torch.Tensor, list[int]]] = {}
+    for reuse, clip, memory, exit in COMBINATIONS:
+        backend = TransformersBackend(
+            path, contract_stop=False, max_new_tokens=NEW_TOKENS,
+            # nothing is static, no exit is ever taken
+            token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
+            compression=Compression(average=KEEP) if clip else None,
+            layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
+        )  # fmt: skip
+        name = f"reuse={reuse} clip={clip} memory={memory} exit={exit}"
+        for call in range(2):  # the second call is the one that could reuse
+            images = still[call : call + 3] if clip else [still[call * 2]]
+            timing = ([i * S for i in range(call, call + 3)], quiet_audio(6.0)) if clip else None
+            got = backend.generate(images, QUESTION, reuse=(("cam", QUESTION), "cam-1") if reuse else None,
+                                   clip=timing, memory=("cam", entries) if memory else None)  # fmt: skip
+        assert (got.visual_dropped > 0) == clip, name
+        if reuse:
+            assert got.reuse is not None and got.reuse.mode == "reuse", (name, got.reuse)
+            assert got.reuse.reused_tokens == 0, name
+        if memory:
+            assert got.memory_tokens > 0 and backend.memory_prefix.reused == 1, name
+        if (clip, memory) not in references:
+            kept_memory = entries if memory else None
+            references[(clip, memory)] = full_computation(reference_backend, images, kept_memory, timing)
+        first, ids = references[(clip, memory)]
+        assert got.first_logits is not None
+        assert (got.first_logits - first).abs().max() < 1e-4, (name, float((got.first_logits - first).abs().max()))
+        assert got.token_ids == ids, name
+
+
+def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
+    """Token reuse with a sliding clip compressed by audio and the memory prefix: the frames
+    two consecutive clips share reuse their encoder output exactly, still tokens reuse
+    their K/V, and the answer's first token distribution stays the full computation's."""
+    path = str(build_smoke_model(family="idefics3"))
+    still = frames(samples, [10, 20, 30, 40])
+    reuse = TokenReuse()
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
+                                  compression=Compression(average=0.5), layer_exit=LayerExit(every=2))  # fmt: skip
+    plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS,
+                                compression=Compression(average=0.5))  # fmt: skip
+    backend.load()
+    entries = memory_entries(backend)
+    outcomes = []
+    for call in range(2):
+        kwargs: dict[str, Any] = {
+            "clip": ([i * S for i in range(call, call + 3)], quiet_audio(6.0)),
+            "memory": ("cam", entries),
+        }
+        got = backend.generate(still[call : call + 3], QUESTION, reuse=(("cam", QUESTION), "cam-1"), **kwargs)
+        outcomes.append(got.reuse)
+    full = plain.generate(still[1:4], QUESTION, **kwargs)
+    first, second = outcomes
+    assert first is not None and second is not None
+    assert first.mode == "full (first call)" and second.mode == "reuse"
+    tiles_per_frame = first.tiles // 3
+    assert second.tiles_reused >= 2 * tiles_per_frame, "the two frames both clips hold: their tiles, exactly"
+    assert second.reused_tokens > 0.5 * second.visual_tokens, "a still view: most tokens keep their K/V"
+    assert got.visual_dropped > 0 and got.memory_tokens > 0
+    assert got.first_logits is not None and full.first_logits is not None
+    p, q = full.first_logits.log_softmax(-1), got.first_logits.log_softmax(-1)
+    assert int(got.first_logits.argmax()) == int(full.first_logits.argmax())
+    assert float((p.exp() * (p - q)).sum()) < 0.05
