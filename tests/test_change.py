@@ -23,6 +23,7 @@ from stream_rt.operators.kernels import (
     patch_mad_reference,
     patch_means_reference,
     retone_patches,
+    retone_patches_reference,
 )
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
@@ -53,6 +54,13 @@ def test_kernels_equal_their_numpy_references_on_real_frames(samples: Path, clip
             np.testing.assert_allclose(a_means, patch_means_reference(a, patch), rtol=1e-6)
             np.testing.assert_allclose(b_means, patch_means_reference(b, patch), rtol=1e-6)
             np.testing.assert_allclose(patch_cosine(a, b, patch), patch_cosine_reference(a, b, patch), atol=1e-6)
+            # b darkened and flattened as a light change would, re-toned towards a (strided)
+            toned = np.clip(b * 0.7 + 20, 0, 255).astype(np.uint8)
+            every = np.ones((a.shape[0] // patch, a.shape[1] // patch), np.bool_)
+            ours, ref = toned.copy(), toned.copy()
+            count = retone_patches(a, ours, every, patch, min_corr=0.5)
+            assert count == retone_patches_reference(a, ref, every, patch, min_corr=0.5)
+            assert np.abs(ours.astype(int) - ref).max() <= 1  # float rounding of the gain
         ours, ref = np.ascontiguousarray(b).copy(), np.ascontiguousarray(b).copy()
         blend_background(ours, a)
         blend_background_reference(ref, a)
@@ -238,6 +246,27 @@ async def test_people_walking_as_light_clips_their_colours_are_still_found(sampl
     for a, b in zip(plain[10:], ramped[10:], strict=True):
         assert bool(a.regions) == bool(b.regions), a.seq
         assert abs(b.changed_fraction - a.changed_fraction) < 0.02, a.seq
+
+
+async def test_a_shadow_falling_as_the_light_brightens_is_found_and_leaves_no_ghost(samples: Path) -> None:
+    """A shadow (60 % of the light) on the brick front and windows as the scene brightens
+    by 30 % over 1 s, gone 4 s later: found while it falls, and once it has gone the
+    regions end as soon as they do without any light change (it is not taken for light)."""
+    [still] = colour_frames(samples / "vtest.avi", 1)
+    x0, y0, x1, y1 = 328, 20, 460, 100
+
+    def scene(i: int) -> np.ndarray:
+        image = still.astype(np.float32)
+        if 42 <= i < 82:
+            image[y0:y1, x0:x1] *= 0.6
+        return np.clip(image, 0, 255).astype(np.uint8)
+
+    images = [scene(i) for i in range(120)]
+    steady = await detect(colour_ramp(images, 0, 0, 1.0, noise=2.0))
+    lit = await detect(colour_ramp(images, 40, 10, 1.3, noise=2.0))
+    assert all(m.regions for m in lit[42:46]), "the shadow is found as it falls"
+    after = lambda maps: sum(bool(m.regions) for m in maps[82:])  # noqa: E731
+    assert after(lit) <= after(steady) + 1, (after(lit), after(steady))
 
 
 def test_retone_patches_copies_light_and_leaves_what_came() -> None:

@@ -15,11 +15,14 @@ What is not activity:
   curve that takes it to the frame (:mod:`stream_rt.operators.light`) once that curve
   moves luma by more than ``light_tolerance``: brightness and contrast changes of the
   whole frame, sudden or spread over seconds, are followed (``light_adjustments``) while
-  whatever moved meanwhile still differs. Patches the one curve leaves past ``threshold``
-  (strongly coloured or saturated ones: light clipped per colour channel moves their luma
-  less) are re-toned on their own where the frame's patch is a brighter or darker copy of
-  the background's (textured, correlated, a plausible gain); something that came into a
-  patch does not copy its texture. A light change that takes a quarter of the
+  whatever moved meanwhile still differs. A patch the one curve leaves past ``threshold``
+  that the light did not move against the light change (its mean luma since the change
+  began: the light's way, or back by under ``AGAINST``) — colours clipped per channel, a
+  strongly coloured or saturated patch, whose luma the light moves less than the rest —
+  is re-toned on its own where the frame's patch is a brighter or darker copy of the
+  background's (both textured, correlated, a plausible gain). A shadow falling as the
+  scene brightens moves against the light and stays change; a faint one (under
+  ``AGAINST`` darker than the brightening) is taken for light. A light change that takes a quarter of the
   patches past ``threshold`` in one frame, most of them explained by the curve, is a jump
   (lights switched off, a switch to infrared, which also changes how colours look in grey):
   what the curve leaves is taken into the background from the frame except where
@@ -78,6 +81,11 @@ jump (lights switched off, a switch to infrared, which also changes how colours 
 grey): what the curve left is taken from the frame, except where something moved lately."""
 JUMP_GAP_S = 2.0
 """At most one jump in this much media time (a light flickering is followed by the curve)."""
+AGAINST = 0.1
+"""A patch the tone curve leaves is re-toned on its own only if its luma moved against the
+light by at most this share since the light change began."""
+LIGHT_QUIET_S = 1.0
+"""A light change ends when the tone curve has not been needed for this long."""
 CALIBRATION_FRAMES = 8
 """A source's first frames only teach the noise and busy levels; they report no change."""
 
@@ -112,6 +120,8 @@ class _State:
     last_pts: int | None = None
     busy: int = 0
     light_jump_ns: int | None = None  # media time of the last light jump
+    light_ns: int | None = None  # media time the tone curve was last applied
+    light_start: npt.NDArray[np.float32] | None = None  # patch means of the background as that light change began
 
 
 class ChangeDetector(Node):
@@ -176,7 +186,7 @@ class ChangeDetector(Node):
                 before = mad
                 apply_lut(background, table)
                 mad = patch_mad(y, background, p.patch)
-                left = (mad > p.threshold) & valid  # colours the one curve maps wrongly (clipped, saturated)
+                left = (mad > p.threshold) & valid & self._with_the_light(state, frame, background_means, frame_means)
                 if left.any() and retone_patches(y, background, left, p.patch):
                     mad = patch_mad(y, background, p.patch)
                 if self._jumped(state, frame, before, mad, valid, p):
@@ -228,6 +238,29 @@ class ChangeDetector(Node):
             source, frame.seq, frame.pts_ns, frame.wall_ns, p.patch,
             mad, changed, fraction, regions, False, frame, tuple(touched),
         )  # fmt: skip
+
+    @staticmethod
+    def _with_the_light(
+        state: _State, frame: VideoFrame, background_means: npt.NDArray[np.float32],
+        frame_means: npt.NDArray[np.float32],
+    ) -> npt.NDArray[np.bool_]:  # fmt: skip
+        """The patches whose mean luma moved the light's way since the light change began,
+        or against it by at most ``AGAINST`` of their luma (clipping and a codec's
+        smoothing lower the brightest a little as the scene brightens): those the curve
+        leaves past the threshold may be re-toned on their own. A shadow falling as the
+        scene brightens, or a light coming on as it darkens, moves against the light."""
+        if (
+            state.light_ns is None
+            or frame.pts_ns - state.light_ns > LIGHT_QUIET_S * 1e9
+            or (state.light_start is None or state.light_start.shape != frame_means.shape)
+        ):
+            state.light_start = background_means.copy()  # a new light change starts here
+        state.light_ns = frame.pts_ns
+        start = state.light_start
+        brighter = float(np.median(frame_means - start)) >= 0
+        if brighter:
+            return frame_means >= start * (1 - AGAINST)
+        return frame_means <= start * (1 + AGAINST)
 
     @staticmethod
     def _jumped(

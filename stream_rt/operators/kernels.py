@@ -4,10 +4,11 @@ All kernels take luma planes as 2-D uint8 arrays (views with any row stride are 
 work on a grid of ``patch x patch`` pixel patches; a partial patch at the right or bottom
 edge is ignored. Results are per patch, shape ``(height // patch, width // patch)``.
 
-Each kernel makes one pass over its inputs with a *row accumulator*: the innermost loop
+Each per-frame kernel makes one pass over its inputs with a *row accumulator*: the innermost loop
 runs along a row and adds into one slot per pixel column, which the compiler vectorises;
 the per-patch sums are folded out of the accumulator once per patch row. The naive loop
-(indexing the patch sum per pixel) is about 20x slower.
+(indexing the patch sum per pixel) is about 20x slower. :func:`retone_patches`, which runs
+only on the few patches a light change leaves, loops per patch.
 """
 
 from __future__ import annotations
@@ -436,3 +437,23 @@ def retone_patches(
     if todo.shape != (cur.shape[0] // patch, cur.shape[1] // patch):
         raise ValueError("retone_patches needs one flag per whole patch")
     return int(_retone_patches(cur, bg, np.ascontiguousarray(todo), patch, min_corr, min_std, gains))
+
+
+def retone_patches_reference(
+    cur: U8, bg: U8, todo: npt.NDArray[np.bool_], patch: int = 16, min_corr: float = 0.9, min_std: float = 8.0,
+    gains: tuple[float, float] = (0.5, 2.0),
+) -> int:  # fmt: skip
+    """The plain numpy definition of :func:`retone_patches`."""
+    done = 0
+    for py, px in zip(*np.nonzero(todo), strict=True):
+        rows, cols = slice(py * patch, (py + 1) * patch), slice(px * patch, (px + 1) * patch)
+        b, f = bg[rows, cols].astype(np.float64), cur[rows, cols].astype(np.float64)
+        if b.std() < min_std or f.std() < min_std:
+            continue
+        cov = ((b - b.mean()) * (f - f.mean())).mean()
+        gain = cov / b.var()
+        if cov / (b.std() * f.std()) < min_corr or not gains[0] <= gain <= gains[1]:
+            continue
+        bg[rows, cols] = np.clip(np.rint(f.mean() + gain * (b - b.mean())), 0, 255).astype(np.uint8)
+        done += 1
+    return done
