@@ -157,3 +157,28 @@ async def test_the_batch_replay_reports_every_recording_of_a_folder(samples: Pat
     index = (out / "index.html").read_text()
     for name in ("still_motion", "walkway"):
         assert f'href="{name}/index.html"' in index and (out / name / "index.html").is_file()
+
+
+async def test_the_recent_frames_baseline_sends_the_last_four_frames_whole(samples: Path, tmp_path: Path) -> None:
+    async def replay(name: str, replacements: dict[str, str]) -> list[dict]:
+        out = tmp_path / f"{name}.jsonl"
+        config = example_config("recent_frames.toml", tmp_path, {
+            '"samples/walkway_speech.mkv"': f'"{samples / "walkway_speech.mkv"}"',
+            '"recent_frames.jsonl"': f'"{out}"', **replacements,
+        })  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stream_rt.cli", "run", str(config), "--speed", "max", stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        return [r for r in records if r["kind"] == "MllmAnswer" and r["status"] == "ok"]
+
+    recent = await replay("recent", {})
+    keyframe = await replay("keyframe", {"frames = 4 ": "frames = 1 "})
+    assert recent and keyframe
+    per_frame = keyframe[0]["tokens"]["visual"]
+    sent = [r["tokens"]["visual"] for r in recent]
+    # Every token of the last four frames (an event in the first 3 s has fewer frames before it).
+    assert max(sent) == 4 * per_frame and all(v % per_frame == 0 for v in sent), sent
+    assert sum(v == 4 * per_frame for v in sent) >= len(sent) - 1, sent

@@ -3,8 +3,8 @@
 about together with the moments that led to it (and compressed by audio guidance,
 :mod:`stream_rt.mllm.compression`).
 
-Only ``frames - 1`` sampled frames and ``frames * interval_s`` seconds of audio features
-are kept per source; the frames are converted to RGB only when a request is built.
+Only ``frames`` sampled frames (the one nearest the event may be too close to it to count)
+and ``frames * interval_s`` seconds of audio features are kept per source; the frames are converted to RGB only when a request is built.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ClipBuffer:
     def _of(self, source_id: str) -> _Recent:
         recent = self._recent.get(source_id)
         if recent is None:
-            recent = self._recent[source_id] = _Recent(deque(maxlen=self.frames - 1), deque())
+            recent = self._recent[source_id] = _Recent(deque(maxlen=self.frames), deque())
         return recent
 
     def add_frame(self, frame: VideoFrame) -> None:
@@ -53,7 +53,7 @@ class ClipBuffer:
         assert event.frame is not None
         request = build_request(event, question, max_side=max_side, crop_regions=False)
         recent = self._of(event.source_id)
-        before = [f for f in recent.frames if f.pts_ns < event.pts_ns - self.interval_ns // 2]
+        before = [f for f in recent.frames if f.pts_ns < event.pts_ns - self.interval_ns // 2][-(self.frames - 1) :]
         frames = [*before, event.frame]
         start = frames[0].pts_ns
         return replace(
