@@ -2,11 +2,14 @@
 forward (a prompt, a prompt after a prefix, a decoded token); every combination of token
 reuse, clips with compression, the memory prefix and the layer exit, with nothing reused
 or skipped, gives what transformers' own forward over the whole sequence gives; and with
-a still view they reuse together."""
+a still view they reuse together.
+
+``STREAM_RT_TEST_DEVICE=cuda`` runs the same checks on a GPU (``benchmarks/gpu.sh``)."""
 
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,23 @@ from stream_rt.mllm.prefill import run_prefill
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
+
+from .conftest import SAMPLES
 
 FAMILIES = ["qwen2_vl", "idefics3"]
 QUESTION = "What is happening?"
 S = 1_000_000_000
 NEW_TOKENS = 6
+DEVICE = os.environ.get("STREAM_RT_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def samples() -> Path:
+    """Only the static-camera clip (so the GPU check carries no more than it reads)."""
+    if not (SAMPLES / "still_motion.mkv").exists():
+        pytest.fail(f"still_motion.mkv missing in {SAMPLES}: run 'python scripts/fetch_samples.py'", pytrace=False)
+    return SAMPLES
 
 
 def frames(samples: Path, indices: list[int], clip: str = "still_motion.mkv") -> list[np.ndarray]:
@@ -56,13 +70,13 @@ def own_forward(backend: TransformersBackend, embeds: torch.Tensor, positions: t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
-    backend = TransformersBackend(str(build_smoke_model(family=family)))  # type: ignore[arg-type]
+    backend = TransformersBackend(str(build_smoke_model(family=family)), device=DEVICE)  # type: ignore[arg-type]
     backend.load()
     fam = backend.family
     assert fam is not None
     [frame] = frames(samples, [10])
     with torch.inference_mode():
-        prepared = fam.prepare([frame], chat_messages(1, QUESTION), backend.model)
+        prepared = on_device(fam.prepare([frame], chat_messages(1, QUESTION), backend.model), backend.device)
         embeds = backend.embed(prepared, fam.encode(backend.model, prepared))
         positions = prepared.position_ids
         reference, cache = own_forward(backend, embeds, positions)
@@ -77,9 +91,9 @@ def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) ->
         assert torch.allclose(tail.logits, reference, atol=1e-4)
         assert torch.allclose(tail.keys[-1], cache.layers[-1].keys, atol=1e-5)
         # One decoded token after the whole prompt, with the layer exit measuring (never exits).
-        token = torch.tensor([[int(reference.argmax())]])
+        token = torch.tensor([[int(reference.argmax())]], device=backend.device)
         step_embeds = backend.model.get_input_embeddings()(token)
-        at = torch.tensor([[prepared.next_position]])
+        at = torch.tensor([[prepared.next_position]], device=backend.device)
         at = at.expand(3, 1, 1) if positions is not None and positions.dim() == 3 else at
         exit = LayerExit(every=1)
         step = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=exit)
@@ -110,7 +124,7 @@ def full_computation(backend: TransformersBackend, images: list[np.ndarray], mem
     fam = backend.family
     assert fam is not None
     with torch.inference_mode():
-        prepared = fam.prepare(images, chat_messages(len(images), QUESTION), backend.model)
+        prepared = on_device(fam.prepare(images, chat_messages(len(images), QUESTION), backend.model), backend.device)
         features = fam.encode(backend.model, prepared)
         if clip is not None:
             prepared, features, _ = Compression(average=KEEP).apply(fam, prepared, features, *clip)
@@ -121,6 +135,7 @@ def full_computation(backend: TransformersBackend, images: list[np.ndarray], mem
             prefix = MemoryPrefix().embeds(backend.model, fam, memory)
             length = prefix.shape[1]
             own = positions + length if positions is not None else torch.arange(length, length + prepared.length)[None]
+            own = own.to(backend.device)
             positions = torch.cat([prefix_positions(length, fam, prefix.device), own], -1)
             embeds = torch.cat([prefix, embeds], 1)
             next_position += length
@@ -130,9 +145,9 @@ def full_computation(backend: TransformersBackend, images: list[np.ndarray], mem
         while len(ids) < NEW_TOKENS:
             token = int(logits.argmax())
             ids.append(token)
-            at = torch.tensor([[next_position + len(ids) - 1]])
+            at = torch.tensor([[next_position + len(ids) - 1]], device=backend.device)
             out = backend.model.get_decoder()(
-                inputs_embeds=backend.model.get_input_embeddings()(torch.tensor([[token]])),
+                inputs_embeds=backend.model.get_input_embeddings()(torch.tensor([[token]], device=backend.device)),
                 position_ids=at.expand(3, 1, 1) if three_d else at, use_cache=True, **{backend.cache_kw: cache},
             )  # fmt: skip
             logits = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
@@ -147,13 +162,13 @@ COMBINATIONS = list(itertools.product([False, True], repeat=4))  # token reuse, 
 def test_every_combination_with_nothing_reused_equals_full_computation(family: str, samples: Path) -> None:
     path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
     still = frames(samples, [10, 20, 30, 40, 50])
-    reference_backend = TransformersBackend(path, contract_stop=False)
+    reference_backend = TransformersBackend(path, contract_stop=False, device=DEVICE)
     reference_backend.load()
     entries = memory_entries(reference_backend)
     references: dict[tuple[bool, bool], tuple[torch.Tensor, list[int]]] = {}
     for reuse, clip, memory, exit in COMBINATIONS:
         backend = TransformersBackend(
-            path, contract_stop=False, max_new_tokens=NEW_TOKENS,
+            path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE,
             # nothing is static, no exit is ever taken
             token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
             compression=Compression(average=KEEP) if clip else None,
@@ -176,7 +191,8 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
             references[(clip, memory)] = full_computation(reference_backend, images, kept_memory, timing)
         first, ids = references[(clip, memory)]
         assert got.first_logits is not None
-        assert (got.first_logits - first).abs().max() < 1e-4, (name, float((got.first_logits - first).abs().max()))
+        difference = float((got.first_logits - first.to(got.first_logits.device)).abs().max())
+        assert difference < 1e-4, (name, difference)
         assert got.token_ids == ids, name
 
 
@@ -188,9 +204,10 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     still = frames(samples, [10, 20, 30, 40])
     reuse = TokenReuse()
     backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
-                                  compression=Compression(average=0.5), layer_exit=LayerExit(every=2))  # fmt: skip
+                                  compression=Compression(average=0.5), layer_exit=LayerExit(every=2),
+                                  device=DEVICE)  # fmt: skip
     plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS,
-                                compression=Compression(average=0.5))  # fmt: skip
+                                compression=Compression(average=0.5), device=DEVICE)  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     outcomes = []

@@ -81,10 +81,12 @@ def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]
     """Thresholds (one per exit after the first) for an average depth near ``target_depth``
     layers, on the distances a measuring run (thresholds ``None``) logged. An exit whose top
     token differs from the previous exit's can never be taken, whatever its distance."""
-    table = _exit_table(log, n_layers)
     exit_layers = log.exit_layers(n_layers)
     n_exits = len(exit_layers) - 1
-    if n_exits <= 0 or len(table) == 0:
+    if n_exits <= 0:  # one exit has nothing to agree with
+        return []
+    table = _exit_table(log, n_layers)
+    if len(table) == 0:
         return []
     depths = [*exit_layers[1:], n_layers]
 

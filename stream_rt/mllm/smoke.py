@@ -5,7 +5,7 @@ seeded random weights and a locally built byte-level tokenizer, so the whole MLL
 Its answers are NOT meaningful. Every answer it gives is labelled ``smoke`` (see
 :class:`~stream_rt.graph.packets.MllmAnswer`) and the CLI says so when it loads it.
 
-Two sizes:
+Three sizes:
 
 - ``tiny`` (well under 1M parameters): for tests and offline demos. After the random
   initialisation it is fitted for a few seconds to always answer with one fixed, valid
@@ -13,6 +13,9 @@ Two sizes:
   answer validation are exercised for real (a random model would never close a brace).
 - ``realistic`` (~250M parameters, shaped like SmolVLM-256M, or a Qwen2-VL-shaped model of
   similar size): random weights, for latency benchmarks only.
+- ``2b`` (Qwen2-VL only, ~2.2B parameters, shaped like Qwen2-VL-2B: a 32-layer 1280-wide
+  vision encoder, a 28-layer 1536-wide language model, its 151,936-token vocabulary): random
+  weights, for the GPU benchmark (``benchmarks/gpu.sh``); ~9 GB on disk.
 
 A built model is a normal Hugging Face model directory (config, safetensors, tokenizer,
 preprocessor config, chat template) plus ``stream_rt_smoke.json``; it is cached under
@@ -36,7 +39,7 @@ log = logging.getLogger("stream_rt.mllm")
 SMOKE_MARKER = "stream_rt_smoke.json"
 SMOKE_VERSION = 5
 Family = Literal["qwen2_vl", "idefics3", "llava"]
-Size = Literal["tiny", "realistic"]
+Size = Literal["tiny", "realistic", "2b"]
 
 SMOKE_ANSWER = '{"summary": "smoke test", "condition_met": false, "action": "none", "confidence": 0.0}'
 SMOKE_RAMBLE = " I hope this helps! Let me know if you need anything else about the scene."
@@ -117,11 +120,16 @@ def _byte_tokenizer(family: Family) -> Any:
 def _config(family: Family, size: Size, tokenizer: Any) -> Any:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIALS[family]}
     tiny = size == "tiny"
-    vocab = 512 if tiny else 49280
+    if size == "2b" and family != "qwen2_vl":
+        raise ValueError("the 2b smoke size is Qwen2-VL-2B shaped: family must be qwen2_vl")
+    vocab = 512 if tiny else 151936 if size == "2b" else 49280
     text: dict[str, Any] = (
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2}
         if tiny
+        else {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+              "num_key_value_heads": 2}
+        if size == "2b"
         else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
               "num_key_value_heads": 3}
     )  # fmt: skip
@@ -133,6 +141,8 @@ def _config(family: Family, size: Size, tokenizer: Any) -> Any:
         vision = (
             {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
             if tiny
+            else {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16}
+            if size == "2b"
             else {"depth": 12, "embed_dim": 768, "hidden_size": 576, "num_heads": 12}
         )
         head_dim = text["hidden_size"] // text["num_attention_heads"]

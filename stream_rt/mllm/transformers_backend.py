@@ -248,7 +248,7 @@ class TransformersBackend(Backend):
                     features = self.token_reuse.encode(call, self.model, self.family, prepared)
                 elif prepared.vision:
                     features = self.family.encode(self.model, prepared)
-                t1 = time.perf_counter()
+                t1 = self._now()
                 if summary_tokens and features is not None:
                     keyframe = len(images) - 1 if clip is not None else 0
                     summary = pooled_tokens(features[self._image_rows(prepared, keyframe, len(images))], summary_tokens)
@@ -272,7 +272,7 @@ class TransformersBackend(Backend):
                 if call is not None and self.token_reuse is not None:
                     self.token_reuse.reset(call.key)  # a model error starts the next call afresh
                 raise
-            encode_s, prefill_s = t1 - t0, time.perf_counter() - t1
+            encode_s, prefill_s = t1 - t0, self._now() - t1
             if on_prompt is not None:
                 on_prompt(prepared.length)
             exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
@@ -288,6 +288,12 @@ class TransformersBackend(Backend):
         if self.layer_exit is not None and self.layer_exit.decoded > exited[0]:
             gen.exit_depth = (self.layer_exit.layers_run - exited[1]) / (self.layer_exit.decoded - exited[0])
         return gen
+
+    def _now(self) -> float:
+        """The time, once the device has finished what it was given (CUDA runs ahead)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _image_rows(self, prepared: Prepared, image: int, images: int) -> torch.Tensor:
         """Indices of ``image``'s rows among the visual features (in prompt order)."""
