@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Every technique together: token reuse, clips with audio-guided compression and the
+memory prefix, in every combination, per episode, against full computation.
+
+On the realistic-size config (SmolVLM-256M shaped, random weights: the figures are costs
+and agreement with the full computation, not answer quality), each request is what the
+daemon sends during an episode: a clip of ``--frames`` frames every 0.5 s ending at the
+call, each frame one 512 px tile (SmolVLM's smallest image setting, as for video: 64
+visual tokens; with the clip's real audio features where the file has sound), after a memory of
+``--memory`` entries (each the pooled visual tokens of an earlier keyframe and a line of
+text), and a 16-token answer. An episode is ``--calls`` calls 1 s apart under one event
+id; the caches start cold at each episode (a new episode resets token reuse, and the
+memory has just changed: the episode before left an entry), so **the call that fills
+them is counted in the episode's time**.
+
+- ``full``: the same request computed whole every call (the clip uncompressed, the memory
+  prefix recomputed, nothing reused).
+- each combination of ``reuse`` (temporal token reuse, SmolVLM's tile and encoder reuse),
+  ``compress`` (OmniZip-style, 40 % of visual tokens kept on average) and ``prefix`` (the
+  memory prefix's K/V kept while the memory is unchanged).
+- ``all+exit``: all three and the layer exit, its thresholds calibrated on a measuring run
+  of other calls for 75 % of the layers (random weights: its exits say little).
+- ``recent``: the recent-frames baseline (SimpleStream, 2026): only the last ``--frames``
+  frames, no memory, no compression, nothing reused — what a user gives up the memory for.
+
+Clips: the static camera (``still_motion.mkv``: still stretches, then people walk in;
+episodes from 8 s and from 19 s, the second one with motion) and a film with cuts
+(``Megamind.avi``, episodes from 2 s and 6 s). Every system runs each episode in the same
+run, one after another (each call in another order, so that no system is always first),
+on one shared model. Fidelity is per call against ``full``'s
+call: top-1 agreement and KL of the first answer token's distribution, and the share of
+the 16 greedy tokens reproduced before the first difference.
+
+Usage: python benchmarks/compose.py [--calls 3] [--frames 4] [--memory 8]
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from stream_rt.graph.clock import ReplayClock
+from stream_rt.graph.graph import Graph
+from stream_rt.graph.packets import AudioFeatures, MllmRequest, Packet
+from stream_rt.memory.streaming import MemoryEntry
+from stream_rt.mllm.compression import Compression
+from stream_rt.mllm.layer_exit import LayerExit, calibrate
+from stream_rt.mllm.prompt import request_text
+from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.token_reuse import TokenReuse
+from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
+from stream_rt.operators.audio import AudioAnalyzer
+from stream_rt.sinks.callback import CallbackSink
+from stream_rt.sources.av_source import AvSource
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+NEW_TOKENS = 16
+INTERVAL_S = 0.5
+S = 1_000_000_000
+CLIPS = {"static": ("still_motion.mkv", [8.0, 19.0]), "film": ("Megamind.avi", [2.0, 6.0])}
+
+
+def decoded(path: Path) -> tuple[list[tuple[float, np.ndarray]], list[AudioFeatures]]:
+    """Every frame (media time, RGB) and the audio features the daemon computes of it."""
+    with av.open(str(path)) as container:
+        frames = [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    got: list[Packet] = []
+    graph = Graph(clock=ReplayClock(None))
+    graph.add(AvSource("cam", str(path)))
+    graph.add(AudioAnalyzer("audio"))
+    graph.add(CallbackSink("sink", got.append))
+    graph.connect("cam.audio", "audio.audio", policy="block", capacity=64)
+    graph.connect("audio.features", "sink.in", policy="block", capacity=64)
+    asyncio.run(graph.run())
+    return frames, [p for p in got if isinstance(p, AudioFeatures)]
+
+
+def at(frames: list[tuple[float, np.ndarray]], t: float) -> tuple[float, np.ndarray]:
+    return next((f for f in frames if f[0] >= t - 1e-6), frames[-1])
+
+
+def systems(with_exit: list[float]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {"full": {}}
+    for reuse, compress, prefix in itertools.product([False, True], repeat=3):
+        if reuse or compress or prefix:
+            name = "+".join(n for n, on in (("reuse", reuse), ("compress", compress), ("prefix", prefix)) if on)
+            out[name] = {"reuse": reuse, "compress": compress, "prefix": prefix}
+    out["all+exit"] = {"reuse": True, "compress": True, "prefix": True, "exit": with_exit}
+    out["recent"] = {"memory": False}
+    return out
+
+
+def backend_for(base: TransformersBackend, settings: dict[str, Any]) -> TransformersBackend:
+    backend = TransformersBackend(
+        base.model_ref, contract_stop=False, max_new_tokens=NEW_TOKENS,
+        token_reuse=TokenReuse() if settings.get("reuse") else None,
+        compression=Compression(average=0.4) if settings.get("compress") else None,
+        layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
+    )  # fmt: skip
+    backend.model, backend.family, backend.cache_kw, backend.smoke = base.model, base.family, base.cache_kw, True
+    return backend
+
+
+def memory_of(base: TransformersBackend, frames: list[tuple[float, np.ndarray]], count: int) -> tuple[MemoryEntry, ...]:
+    """Entries as the stage makes them: keyframes' visual tokens pooled to 16, and a line."""
+    entries = []
+    step = max(1, len(frames) // (count + 1))
+    for i in range(count):
+        t, image = frames[i * step]
+        gen = base.generate([image], "Describe the scene.", max_new_tokens=1, summary_tokens=16)
+        assert gen.summary is not None
+        entries.append(MemoryEntry("cam", int(t * S), int(t * S) + S // 2, gen.summary, f"moment {i}: people, a room"))
+    return tuple(entries)
+
+
+def call(
+    backend: TransformersBackend, settings: dict[str, Any], clip: list[tuple[float, np.ndarray]],
+    audio: list[AudioFeatures], memory: tuple[MemoryEntry, ...], text: str, event: str,
+) -> tuple[Generation, float]:  # fmt: skip
+    if not settings.get("prefix", False):
+        backend.memory_prefix.clear()  # computed again, as by a backend that keeps nothing
+    pts = [int(t * S) for t, _ in clip]
+    span = [a for a in audio if pts[0] - INTERVAL_S * S <= a.pts_ns <= pts[-1]]
+    started = time.perf_counter()
+    gen = backend.generate(
+        [image for _, image in clip], text, reuse=(("cam", text), event) if settings.get("reuse") else None,
+        clip=(pts, span) if backend.compression is not None else None,
+        memory=("cam", memory) if settings.get("memory", True) else None,
+    )  # fmt: skip
+    return gen, time.perf_counter() - started
+
+
+def split(gen: Generation) -> list[float]:
+    return [gen.encode_s, gen.prefill_s, gen.decode_s]
+
+
+def mean_split(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Mean seconds of vision encoding, prefill and decoding per call."""
+    return {"encode_prefill_decode_s": [round(statistics.mean(r["split"][i] for r in rows), 3) for i in range(3)]}
+
+
+def fidelity(got: Generation, ref: Generation) -> dict[str, float]:
+    assert got.first_logits is not None and ref.first_logits is not None
+    p, q = ref.first_logits.log_softmax(-1), got.first_logits.log_softmax(-1)
+    same = next((i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids, strict=False)) if a != b),
+                min(len(got.token_ids), len(ref.token_ids)))  # fmt: skip
+    return {"top1": float(int(p.argmax()) == int(q.argmax())), "kl": float((p.exp() * (p - q)).sum()),
+            "greedy_same": same / NEW_TOKENS}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3, help="calls per episode, 1 s apart")
+    parser.add_argument("--frames", type=int, default=4, help="frames per clip, 0.5 s apart")
+    parser.add_argument("--memory", type=int, default=8, help="memory entries before the prompt")
+    parser.add_argument("--family", default="idefics3", choices=["idefics3", "qwen2_vl"])
+    parser.add_argument("--size", default="realistic", choices=["tiny", "realistic"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = TransformersBackend(str(build_smoke_model(family=args.family, size=args.size)), contract_stop=False,
+                               max_new_tokens=NEW_TOKENS, device=args.device, dtype=args.dtype)  # type: ignore[arg-type]  # fmt: skip
+    base.load()
+    assert base.family is not None
+    if args.family == "idefics3":  # one 512 px tile per frame: SmolVLM's smallest image setting, as for video
+        image_processor = base.family.processor.image_processor  # type: ignore[attr-defined]
+        image_processor.do_image_splitting = False
+        image_processor.size = {"longest_edge": 512}
+    text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening in this scene?", (), ""))
+    n_layers = len(base.model.get_decoder().layers)
+    results: dict[str, Any] = {
+        "calls": args.calls, "frames": args.frames, "memory_entries": args.memory, "family": args.family,
+        "size": args.size, "device": args.device, "dtype": args.dtype, "clips": {},
+    }  # fmt: skip
+    exit_thresholds: list[float] | None = None
+    for clip_name, (file, starts) in CLIPS.items():
+        frames, audio = decoded(SAMPLES / file)
+        memory = memory_of(base, frames, args.memory)
+        if exit_thresholds is None:  # calibrate the exits on calls that are not measured
+            measuring = backend_for(base, {"exit": None})
+            for t in (1.0, 4.0, 10.0):
+                measuring.generate([at(frames, t)[1]], text)
+            assert measuring.layer_exit is not None
+            exit_thresholds = calibrate(measuring.layer_exit, n_layers, 0.75 * n_layers)
+        chosen = systems(exit_thresholds)
+        backends = {name: backend_for(base, settings) for name, settings in chosen.items()}
+        rows: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+        for e, start in enumerate(starts):
+            event = f"cam-{clip_name}-{e}"
+            for b in backends.values():  # a new episode: cold caches
+                if b.token_reuse is not None:
+                    b.token_reuse.reset()
+                b.memory_prefix.clear()
+            for c in range(args.calls):
+                t = start + c
+                clip = [at(frames, t - INTERVAL_S * (args.frames - 1 - k)) for k in range(args.frames)]
+                names = list(chosen)
+                turn = len(rows["full"]) % len(names)  # each system takes each place in the order in turn
+                done = {name: call(backends[name], chosen[name], clip, audio, memory, text, event)
+                        for name in names[turn:] + names[:turn]}  # fmt: skip
+                ref = done["full"][0]
+                for name, (gen, took) in done.items():
+                    row = {"episode": e, "call": c, "s": took, "split": split(gen), "prompt_tokens": gen.prompt_tokens,
+                           "reuse": gen.reuse.mode if gen.reuse is not None else None,
+                           **fidelity(gen, ref)}  # fmt: skip
+                    if gen.exit_depth is not None:
+                        row["exit_depth"] = round(gen.exit_depth, 2)
+                    rows[name].append(row)
+                took_s = {n: round(r[-1]["s"], 3) for n, r in rows.items()}
+                print(json.dumps({"clip": clip_name, "episode": e, "call": c, **took_s}), flush=True)
+        episodes = len(starts)
+        full_s = [sum(r["s"] for r in rows["full"] if r["episode"] == e) for e in range(episodes)]
+        summary: dict[str, Any] = {"full": {"episode_s": [round(x, 2) for x in full_s], **mean_split(rows["full"])}}
+        for name in chosen:
+            if name == "full":
+                continue
+            own = [sum(r["s"] for r in rows[name] if r["episode"] == e) for e in range(episodes)]
+            summary[name] = {
+                "episode_s": [round(x, 2) for x in own],
+                "speedup_per_episode": round(sum(full_s) / sum(own), 2),
+                "top1": round(statistics.mean(r["top1"] for r in rows[name]), 3),
+                "kl_mean": float(f"{statistics.mean(r['kl'] for r in rows[name]):.3g}"),
+                "greedy_same": round(statistics.mean(r["greedy_same"] for r in rows[name]), 3),
+                "calls_reusing": sum(1 for r in rows[name] if r["reuse"] == "reuse"),
+                "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in rows[name])),
+                **mean_split(rows[name]),
+            }
+            if name == "all+exit":
+                summary[name]["exit_depth_mean"] = round(statistics.mean(r["exit_depth"] for r in rows[name]), 2)
+        results["clips"][clip_name] = summary
+        print(json.dumps({clip_name: summary}), flush=True)
+    results["layers"] = n_layers
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
