@@ -66,7 +66,7 @@ def test_a_watch_flips_only_after_agreeing_answers_and_expires(tmp_path: Path) -
     restarted.expire()
     assert [t.state for t in restarted.take()] == ["expired"] and restarted.of("cam") is None
     assert restarted.question("cam", "Q?") == "Q?"
-    assert json.loads((tmp_path / "watches.json").read_text()) == []
+    assert json.loads((tmp_path / "watches.json").read_text()) == {"watches": [], "ended": []}
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_an_unreadable_watch_file_is_set_aside_not_overwritten(tmp_path: Path) -
         kept = sorted(tmp_path.glob("watches.json.unreadable-*"))
         assert kept and kept[-1].read_text() == content
         book.set("cam", "g", "x")  # saved afresh; what was set aside stays as it was
-        assert json.loads(path.read_text())[0]["condition"] == "x" and kept[-1].read_text() == content
+        assert json.loads(path.read_text())["watches"][0]["condition"] == "x" and kept[-1].read_text() == content
         for old in kept:
             old.unlink()
 
@@ -208,3 +208,26 @@ def test_a_watch_deleted_from_the_config_ends_at_the_next_start_and_a_commanded_
     again = book([])
     assert [(w.source_id, w.id) for w in again.all()] == [("door", "parcel")]
     assert [(t.source_id, t.state) for t in again.take()] == [("cam", "removed")]
+
+
+def test_a_configured_watch_keeps_its_expiry_across_restarts_and_once_expired_stays_ended(tmp_path: Path) -> None:
+    state, now = tmp_path / "watches.json", [1_000_000_000]
+
+    def start(condition: str = CONDITION) -> WatchBook:  # what a daemon start does with [[watches]]
+        book = WatchBook(state, clock=lambda: now[0])
+        book.set("cam", "guests", condition, expires_s=60, origin="config")
+        return book
+
+    first = start()
+    now[0] += 40 * 10**9
+    assert start().of("cam").expires_at_ns == first.of("cam").expires_at_ns  # type: ignore[union-attr]
+    now[0] += 30 * 10**9
+    expiring = start()
+    expiring.expire()
+    assert [t.state for t in expiring.take()][-1] == "expired" and expiring.of("cam") is None
+    assert start().of("cam") is None, "the same configuration at a later start does not bring it back"
+    changed = start("three people are on the walkway")
+    assert changed.of("cam") is not None and [t.state for t in changed.take()] == ["unmet"]
+    commanded = WatchBook(state, clock=lambda: now[0])
+    commanded.set("cam", "guests", CONDITION, expires_s=60)  # by command: a watch like any other
+    assert commanded.of("cam") is not None

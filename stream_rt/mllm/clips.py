@@ -4,7 +4,8 @@ about together with the moments that led to it (and compressed by audio guidance
 :mod:`stream_rt.mllm.compression`).
 
 Only ``frames`` sampled frames (the one nearest the event may be too close to it to count)
-and ``frames * interval_s`` seconds of audio features are kept per source; the frames are converted to RGB only when a request is built.
+and ``frames * interval_s`` seconds of audio features are kept per source; the frames are
+converted to RGB only when a request is built.
 """
 
 from __future__ import annotations

@@ -78,12 +78,18 @@ class WatchBook:
         self._watches: dict[str, Watch] = {}  # by source
         self._pending: list[WatchState] = []
         self._serial = 0
+        # Configured watches that ended (expired): [source, id, condition]; set again only
+        # once the configuration asks for another one.
+        self._ended: list[list[str]] = []
         if path is not None and path.exists():
             try:
-                self._watches = {w.source_id: w for w in map(_restored, json.loads(path.read_text()))}
+                saved = json.loads(path.read_text())
+                rows, ended = (saved, []) if isinstance(saved, list) else (saved["watches"], saved["ended"])
+                self._watches = {w.source_id: w for w in map(_restored, rows)}
+                self._ended = [[str(x) for x in e] for e in ended if isinstance(e, list) and len(e) == 3]
                 self._serial = max((w.serial for w in self._watches.values()), default=0)
             except (OSError, ValueError, TypeError, KeyError) as exc:
-                self._watches = {}
+                self._watches, self._ended = {}, []
                 self._set_aside(path, exc)
 
     def _set_aside(self, path: Path, exc: Exception) -> None:
@@ -125,12 +131,17 @@ class WatchBook:
         confirm = confirm if confirm is not None else (old.confirm if old is not None and same else 2)
         if confirm < 1 or expires_s < 0 or recheck_s < 0:
             raise ValueError("a watch needs confirm >= 1, expires_s >= 0 and recheck_s >= 0")
+        if origin == "config" and [source_id, watch_id, condition] in self._ended:
+            return  # it expired: the same configuration read at a later start does not bring it back
         now = self._clock()
         expires = now + int(expires_s * 1e9) if expires_s else None
         if old is not None and same and old.confirm == confirm:
-            old.expires_at_ns, old.recheck_s, old.origin = expires, recheck_s, origin
+            if not (origin == "config" == old.origin):  # a restart keeps a configured watch's first expiry
+                old.expires_at_ns = expires
+            old.recheck_s, old.origin = recheck_s, origin
             self._save()
             return
+        self._ended = [e for e in self._ended if e[0] != source_id]
         if old is not None:
             self._drop(source_id, "removed", now)
         self._serial += 1
@@ -172,6 +183,8 @@ class WatchBook:
     def _drop(self, source_id: str, state: str, now: int) -> None:
         watch = self._watches.pop(source_id)
         watch.state, watch.since_ns = state, now
+        if state == "expired" and watch.origin == "config":
+            self._ended.append([source_id, watch.id, watch.condition])
         self._save()
         self._transition(watch, state)
 
@@ -186,7 +199,8 @@ class WatchBook:
             return
         staging = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            staging.write_text(json.dumps([asdict(w) for w in self._watches.values()]))
+            watches = [asdict(w) for w in self._watches.values()]
+            staging.write_text(json.dumps({"watches": watches, "ended": self._ended}))
             os.replace(staging, self.path)
         except OSError as exc:  # the watch still works; only a restart would forget it
             log.warning("watches: cannot save %s: %s", self.path, exc)
