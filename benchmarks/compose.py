@@ -104,7 +104,7 @@ def systems(with_exit: list[float]) -> dict[str, dict[str, Any]]:
 
 def backend_for(base: TransformersBackend, settings: dict[str, Any]) -> TransformersBackend:
     backend = TransformersBackend(
-        base.model_ref, contract_stop=False, max_new_tokens=NEW_TOKENS,
+        base.model_ref, contract_stop=False, max_new_tokens=NEW_TOKENS, device=str(base.device), dtype=base.dtype,
         token_reuse=TokenReuse() if settings.get("reuse") else None,
         compression=Compression(average=0.4) if settings.get("compress") else None,
         layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4, help="frames per clip, 0.5 s apart")
     parser.add_argument("--memory", type=int, default=8, help="memory entries before the prompt")
     parser.add_argument("--family", default="idefics3", choices=["idefics3", "qwen2_vl"])
-    parser.add_argument("--size", default="realistic", choices=["tiny", "realistic"])
+    parser.add_argument("--size", default="realistic", choices=["tiny", "realistic", "2b"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()

@@ -325,6 +325,12 @@ class MemoryConfig(_Strict):
     text_tokens: int = Field(32, ge=0, description="tokens of each entry's text in the prompt")
     snapshot: Path | None = Field(None, description="restore the memory from this file at start; save it there")
     snapshot_interval_s: float = Field(60.0, gt=0, description="save the snapshot this often (and at stop)")
+    refresh: Literal["episode", "call"] = Field(
+        "episode",
+        description="'episode': every call of an episode sees the memory as the episode began (its prefix K/V and "
+        "token reuse carry through the episode; what the episode's answers leave shows from the next one); 'call': "
+        "every call sees the latest memory (each call recomputes the prefix)",
+    )
 
     @model_validator(mode="after")
     def _room_to_merge(self) -> MemoryConfig:

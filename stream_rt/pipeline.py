@@ -217,7 +217,8 @@ def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, st
         "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
         max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
         reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
-        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, asks=asks, questions=questions,
+        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, memory_refresh=m.refresh, asks=asks,
+        questions=questions,
         max_in_flight=cfg.in_flight, calls_per_minute=cfg.calls_per_minute, watches=watches,
     )  # fmt: skip
 

@@ -21,9 +21,9 @@ import torch
 from stream_rt.graph.packets import AudioFeatures
 from stream_rt.memory.streaming import MemoryEntry
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.layer_exit import LayerExit
+from stream_rt.mllm.layer_exit import MAX_DISTANCE, LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
-from stream_rt.mllm.prefill import run_prefill
+from stream_rt.mllm.prefill import project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
@@ -36,6 +36,9 @@ QUESTION = "What is happening?"
 S = 1_000_000_000
 NEW_TOKENS = 6
 DEVICE = os.environ.get("STREAM_RT_TEST_DEVICE", "cpu")
+if DEVICE == "cuda":  # float32 without TF32, so "equal" can mean 1e-4
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def own_forward(backend: TransformersBackend, embeds: torch.Tensor, positions: t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
-    backend = TransformersBackend(str(build_smoke_model(family=family)), device=DEVICE)  # type: ignore[arg-type]
+    backend = TransformersBackend(str(build_smoke_model(family=family)), device=DEVICE, dtype="float32")  # type: ignore[arg-type]
     backend.load()
     fam = backend.family
     assert fam is not None
@@ -98,11 +101,28 @@ def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) ->
         exit = LayerExit(every=1)
         step = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=exit)
         out = backend.model.get_decoder()(inputs_embeds=step_embeds, position_ids=at, use_cache=True,
-                                          **{backend.cache_kw: cache})  # fmt: skip
+                                          output_hidden_states=True, **{backend.cache_kw: cache})  # fmt: skip
         expected = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
+        # The same token leaving at the first exit that agrees with the one before (any distance).
+        leaving = LayerExit(every=1, thresholds=[MAX_DISTANCE] * 8)
+        early = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=leaving)
+    layers = backend.model.get_decoder().layers
     assert torch.allclose(step.logits, expected, atol=1e-4)
     assert step.keys[0].shape[2] == prepared.length + 1
-    assert exit.decoded == 1 and exit.mean_depth == len(backend.model.get_decoder().layers)
+    assert exit.decoded == 1 and exit.mean_depth == len(layers)
+    depth = max(leaving.depth_counts)
+    if depth < len(layers):  # (the tiny model's exits may never agree: then it runs every layer)
+        decoder = backend.model.get_decoder()
+        with torch.inference_mode():
+            after = out.hidden_states[depth]  # transformers' own hidden state after ``depth`` layers
+            assert torch.allclose(early.logits, backend.model.lm_head(decoder.norm(after[:, -1])).float(), atol=1e-4)
+            cos, sin = decoder.rotary_emb(after, at)
+            for j in range(depth, len(layers)):  # the skipped layers get K/V from the exit's hidden state
+                _, key, value = project(layers[j], after, cos, sin, queries=False)
+                assert torch.allclose(early.keys[j][:, :, -1:], key, atol=1e-5)
+                assert torch.allclose(early.values[j][:, :, -1:], value, atol=1e-5)
+    else:
+        assert torch.allclose(early.logits, expected, atol=1e-4)
 
 
 def memory_entries(backend: TransformersBackend) -> tuple[MemoryEntry, ...]:
@@ -162,13 +182,13 @@ COMBINATIONS = list(itertools.product([False, True], repeat=4))  # token reuse, 
 def test_every_combination_with_nothing_reused_equals_full_computation(family: str, samples: Path) -> None:
     path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
     still = frames(samples, [10, 20, 30, 40, 50])
-    reference_backend = TransformersBackend(path, contract_stop=False, device=DEVICE)
+    reference_backend = TransformersBackend(path, contract_stop=False, device=DEVICE, dtype="float32")
     reference_backend.load()
     entries = memory_entries(reference_backend)
     references: dict[tuple[bool, bool], tuple[torch.Tensor, list[int]]] = {}
     for reuse, clip, memory, exit in COMBINATIONS:
         backend = TransformersBackend(
-            path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE,
+            path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
             # nothing is static, no exit is ever taken
             token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
             compression=Compression(average=KEEP) if clip else None,
@@ -205,9 +225,10 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     reuse = TokenReuse()
     backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
                                   compression=Compression(average=0.5), layer_exit=LayerExit(every=2),
-                                  device=DEVICE)  # fmt: skip
+                                  device=DEVICE, dtype="float32")  # fmt: skip
     plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS,
-                                compression=Compression(average=0.5), device=DEVICE)  # fmt: skip
+                                compression=Compression(average=0.5), device=DEVICE,
+                                dtype="float32")  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     outcomes = []

@@ -167,7 +167,7 @@ def clip_and_memory_config(samples: Path, smoke_model: Path, tmp_path: Path) -> 
             "model": str(smoke_model), "reuse_threshold": 0, "flow": "block",
             "clip": {"frames": 6, "interval_s": 1.0, "keep": 0.4},
             "memory": {"enabled": True, "max_entries": 4, "anchors": 1, "tokens": 8,
-                       "snapshot": str(tmp_path / "memory.npz")},
+                       "snapshot": str(tmp_path / "memory.npz"), "refresh": "call"},
         },
         "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl")}},
     }  # fmt: skip
@@ -231,3 +231,43 @@ async def test_an_unreadable_memory_snapshot_is_set_aside_and_the_daemon_starts(
     restored = StreamingMemory(4, 1, 8)
     restored.load(tmp_path / "memory.npz")  # written anew at stop
     assert restored.entries("walkway")
+
+
+async def test_within_an_episode_the_memory_stays_as_it_began_so_prefix_and_token_reuse_carry(
+    samples: Path, tmp_path: Path
+) -> None:
+    """refresh = "episode" (the default): a watch re-checking the still view (one check
+    series, one id) sees the memory as the series began — its prefix K/V computed once,
+    token reuse reusing with the memory before the prompt — although every answer adds an
+    entry."""
+    import json
+
+    import numpy as np
+
+    from stream_rt.config import parse_config
+    from stream_rt.mllm.smoke import build_smoke_model
+    from stream_rt.pipeline import build_pipeline
+
+    snapshot = tmp_path / "memory.npz"
+    kept = StreamingMemory(4, 1, 8)
+    rng = np.random.default_rng(0)
+    for i in range(2):  # what an earlier run left (the tiny model's hidden size is 64)
+        kept.add("walkway", i * S, i * S + S // 2, rng.normal(0, 0.02, (8, 64)).astype(np.float32), f"earlier {i}")
+    kept.save(snapshot)
+    config = clip_and_memory_config(samples, build_smoke_model(), tmp_path)
+    config["sources"] = [{"id": "walkway", "url": str(samples / "still_motion.mkv"), "audio": False}]
+    config["mllm"] = {**config["mllm"], "clip": {"frames": 1}, "token_reuse": {"enabled": True},  # type: ignore[dict-item]
+                      "memory": {"enabled": True, "max_entries": 4, "anchors": 1, "tokens": 8,
+                                 "snapshot": str(snapshot)}}  # fmt: skip
+    config["watches"] = [{"id": "guests", "source": "walkway", "condition": "a guest is at the door", "recheck_s": 2}]
+    pipeline = build_pipeline(parse_config(config), speed=None)
+    await pipeline.graph.run()
+    records = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    checks = {r["event_id"] for r in records if r["kind"] == "Event" and r["type"] == "check" and r["pts_ns"] < 19e9}
+    assert len(checks) == 1, "one series of re-checks over the still view"
+    calls = [r for r in records if r["kind"] == "MllmAnswer" and r["event_id"] in checks]
+    assert len(calls) >= 5
+    assert {c["tokens"]["memory"] for c in calls} == {calls[0]["tokens"]["memory"]} and calls[0]["tokens"]["memory"] > 0
+    assert all(c["tokens"]["visual_reused"] > 0 for c in calls[1:]), "token reuse with the memory before the prompt"
+    stats = pipeline.graph.statistics()["nodes"]["mllm"]
+    assert stats["memory_added"] >= len(calls), "every answer still leaves an entry, for the next episode"

@@ -93,6 +93,7 @@ def run_prefill(
     before = prefix[0][0].shape[2] if prefix is not None else 0
     if position_ids is None:
         position_ids = torch.arange(before, before + length, device=device)[None]
+    position_ids = position_ids.to(device)
     cos_all, sin_all = decoder.rotary_emb(embeds, position_ids)
     visual = torch.nonzero(image_mask.to(device)).flatten() if image_mask is not None else torch.arange(0)
     question = torch.arange(int(visual.max()) + 1 if len(visual) else 0, length, device=device)
@@ -147,8 +148,7 @@ def run_prefill(
                 relevance = weights[..., before + visual].mean(dim=1).sum(dim=(0, 1)).float()
             if entropies is not None:
                 entropies.append(float(-(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()))
-        last_only = len(rows) == 1 and int(rows[0]) == length - 1  # a decoded token: it sees everything
-        mask = None if last_only else allowed[None, None]
+        mask = None if length == 1 else allowed[None, None]  # a decoded token sees everything
         out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=attn.scaling)
         out = attn.o_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
         hidden = hidden + out

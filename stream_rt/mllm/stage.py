@@ -65,7 +65,7 @@ from stream_rt.graph.packets import (
     VideoFrame,
     WatchState,
 )
-from stream_rt.memory.streaming import StreamingMemory
+from stream_rt.memory.streaming import MemoryEntry, StreamingMemory
 from stream_rt.mllm.backend import Backend, MissingWeights
 from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.prompt import DEFAULT_QUESTION
@@ -113,6 +113,7 @@ class MllmStage(Node):
         clip: ClipBuffer | None = None,
         memory: StreamingMemory | None = None,
         memory_snapshot: Path | None = None,
+        memory_refresh: str = "episode",
         snapshot_interval_s: float = 60.0,
         asks: AskLedger | None = None,
         questions: dict[str, str] | None = None,
@@ -138,6 +139,8 @@ class MllmStage(Node):
         self.clip = clip
         self.memory = memory
         self.memory_snapshot = memory_snapshot
+        self.memory_refresh = memory_refresh
+        self._episode_memory: dict[str, tuple[str, tuple[MemoryEntry, ...]]] = {}  # source -> (event id, entries)
         self.snapshot_interval_s = snapshot_interval_s
         self.asks = asks
         self.watches = watches
@@ -417,8 +420,7 @@ class MllmStage(Node):
     async def _call(self, item: _Queued, ctx: Context) -> MllmAnswer:
         request = item.request
         if self.memory is not None:
-            memory = tuple(self.memory.entries(request.source_id))
-            request = dataclasses.replace(request, memory=memory, summary_tokens=self.memory.tokens)
+            request = dataclasses.replace(request, memory=self._memory_for(request), summary_tokens=self.memory.tokens)
         busy = await self._busy_after(STUCK_GRACE_S)
         if busy is not None:
             ctx.count("refused_stuck", source=request.source_id)
@@ -447,6 +449,19 @@ class MllmStage(Node):
             log.error("cannot keep the answer to %s for later calls: %s", request.event_id, describe_error(exc))
             ctx.count("memory_errors")
         return answer
+
+    def _memory_for(self, request: MllmRequest) -> tuple[MemoryEntry, ...]:
+        """The memory ``request`` sees: the latest, or (``memory_refresh = "episode"``) the
+        memory as its episode began, so that the prefix's K/V and token reuse carry
+        through the episode."""
+        assert self.memory is not None
+        if self.memory_refresh == "call":
+            return tuple(self.memory.entries(request.source_id))
+        kept = self._episode_memory.get(request.source_id)
+        if kept is None or kept[0] != request.event_id:
+            kept = (request.event_id, tuple(self.memory.entries(request.source_id)))
+            self._episode_memory[request.source_id] = kept
+        return kept[1]
 
     async def _busy_after(self, grace_s: float) -> float | None:
         """Wait up to ``grace_s`` for the model's thread to be free (a call given up on stops

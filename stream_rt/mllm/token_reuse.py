@@ -27,8 +27,10 @@ visual token, and
    static token from ``start_layer`` on.
 
 The cache is reset — and the call is a plain full one — on a new episode (another event
-id), a changed question or prompt layout, a model error, or when more than
-``max_changed`` of the visual tokens changed.
+id), another memory before the prompt, a changed image layout (the prompt up to its last
+visual token: the visual tokens' K/V depend on nothing after them, so the event's context
+line and the question may change), a model error, or when more than ``max_changed`` of
+the visual tokens changed. The cache is kept per (source, question).
 
 The cache is bounded: at most ``max_entries`` keys, ``max_entries_per_source`` of them for
 one source, and ``max_mib`` MiB of the tensors and arrays the entries hold (K/V, patches,
@@ -75,7 +77,7 @@ class ReuseSettings:
 @dataclass
 class _Entry:
     event_id: str
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # the request's up to its last visual token (what the visual K/V depend on)
     patches: npt.NDArray[np.uint8]  # (visual tokens, 14, 14): what each token was computed from
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -86,6 +88,7 @@ class _Entry:
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
     calls: int = 1  # calls under this key while it was cached
     kept: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))  # per prompt visual token
+    at: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))  # its position in the prompt
     prefix: str = ""  # fingerprint of what went before the prompt (the memory)
     nbytes: int = 0  # of the tensors and arrays above (:func:`_held_bytes`)
 
@@ -97,7 +100,7 @@ class ReuseCall:
     key: tuple[str, str]
     event_id: str
     prefix: str
-    input_ids: torch.Tensor  # the request's, before compression
+    input_ids: torch.Tensor  # the request's up to its last visual token, before compression
     entry: _Entry | None
     grids: list[TokenGrid]
     patches: npt.NDArray[np.uint8]  # per visual token before compression
@@ -197,7 +200,7 @@ class TokenReuse:
             static = static_tokens(entry.patches, patches, s.static_threshold, s.max_patch_difference)
             if 1 - static.mean() > s.max_changed:
                 why = "too much changed"
-        return ReuseCall(key, event_id, prefix, prepared.input_ids, entry, grids, patches, static, why)
+        return ReuseCall(key, event_id, prefix, _head(prepared), entry, grids, patches, static, why)
 
     def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> torch.Tensor | None:
         """The visual features of ``call``'s request, reusing the entry's tiles it can."""
@@ -225,8 +228,7 @@ class TokenReuse:
         kept = np.arange(len(call.patches)) if kept is None else np.asarray(kept)
         n_layers = len(model.get_decoder().layers)
         mid = n_layers // 2
-        same_layout = entry is not None and entry.keys[0].shape[2] == prepared.length and len(entry.kept) == len(kept)
-        if not why and not same_layout:
+        if not why and entry is not None and len(entry.kept) != len(kept):
             why = "layout changed"  # compression kept another number of tokens
         if why:
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
@@ -237,7 +239,7 @@ class TokenReuse:
         else:
             assert entry is not None
             # A position is reusable when it holds the same token as last time, and that token is static.
-            reusable = (entry.kept == kept) & call.static[kept]
+            reusable = (entry.kept == kept) & (entry.at == visual.numpy()) & call.static[kept]
             if entry.relevance is not None and s.relevant_share > 0 and len(reusable):
                 top = max(1, round(s.relevant_share * len(reusable)))
                 reusable[torch.topk(entry.relevance, min(top, len(reusable))).indices.cpu().numpy()] = False
@@ -249,9 +251,11 @@ class TokenReuse:
             )
             computed = _computed_positions(prepared.length, visual, reusable, order, n_layers, s.start_layer,
                                            entry.layer_ratios)  # fmt: skip
+            # The text after the images (the event's context line, the question) may differ in
+            # length: those positions are computed anyway; only the visual ones are reused.
+            previous = (_fitted(entry.keys, prepared.length), _fitted(entry.values, prepared.length))
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
-                                 computed=computed, previous=(entry.keys, entry.values),
-                                 relevance_layer=mid)  # fmt: skip
+                                 computed=computed, previous=previous, relevance_layer=mid)  # fmt: skip
             ratios = entry.layer_ratios
             # Tokens recomputed now take the current patch as their reference.
             reference = entry.patches.copy()
@@ -265,7 +269,7 @@ class TokenReuse:
         stored = _Entry(
             call.event_id, call.input_ids, reference, own, own_values, result.relevance, call.tile_pixels,
             call.tile_features, call.tile_states, ratios, entry.calls + 1 if entry is not None else 1,
-            kept=kept, prefix=call.prefix,
+            kept=kept, at=visual.numpy(), prefix=call.prefix,
         )  # fmt: skip
         stored.nbytes = _held_bytes(stored)
         self.last.evicted = self._store(call.key, stored)
@@ -341,6 +345,26 @@ class TokenReuse:
         return torch.cat(features), reused, pixels, features, states
 
 
+def _head(prepared: Prepared) -> torch.Tensor:
+    """The prompt's token ids up to its last visual token: what the visual tokens' K/V
+    depend on (attention is causal; the text after them may change from call to call)."""
+    visual = torch.nonzero(prepared.image_mask.cpu()).flatten()
+    upto = int(visual.max()) + 1 if len(visual) else 0
+    return prepared.input_ids[:, :upto].cpu()
+
+
+def _fitted(tensors: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """Per layer K or V cut or padded (with zeros, never read: computed there) to ``length`` positions."""
+    out = []
+    for t in tensors:
+        if t.shape[2] >= length:
+            out.append(t[:, :, :length])
+        else:
+            pad = t.new_zeros((*t.shape[:2], length - t.shape[2], t.shape[3]))
+            out.append(torch.cat((t, pad), dim=2))
+    return out
+
+
 def _same_tile(entry: _Entry | None, t: int, pixels: torch.Tensor, comparable: bool) -> int | None:
     """The entry's tile with exactly ``pixels`` — tile ``t`` first, then any other (a
     frame a clip shares with the one before moves one slot along): its index, or ``None``."""
@@ -374,8 +398,8 @@ def _full_reason(
         return "new episode"
     if entry.prefix != prefix:
         return "memory changed"
-    if not torch.equal(entry.input_ids, prepared.input_ids) or entry.patches.shape != patches.shape:
-        return "question or layout changed"
+    if not torch.equal(entry.input_ids, _head(prepared)) or entry.patches.shape != patches.shape:
+        return "images or layout changed"
     return ""
 
 
