@@ -37,7 +37,7 @@ from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
 from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
-from stream_rt.policies.watches import WatchBook
+from stream_rt.policies.watches import WatchBook, watch_entry
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sinks.report import ReportSink
@@ -133,6 +133,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         for kept in watches.all():  # a [[watches]] entry deleted since: its watch ends
             if kept.origin == "config" and (kept.source_id, kept.id) not in configured:
                 watches.remove(kept.source_id)
+        watches.forget_ended({watch_entry(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s)
+                              for w in config.watches})  # fmt: skip
         for w in config.watches:
             watches.set(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s, origin="config")
         trigger.watches = watches  # for the watch/set command

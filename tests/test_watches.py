@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,32 @@ def test_a_configured_watch_keeps_its_expiry_across_restarts_and_once_expired_st
     assert start().of("cam") is None, "the same configuration at a later start does not bring it back"
     changed = start("three people are on the walkway")
     assert changed.of("cam") is not None and [t.state for t in changed.take()] == ["unmet"]
+    now[0] += 30 * 10**9
+    longer = WatchBook(state, clock=lambda: now[0])  # the entry's expiry raised in the config: a new expiry
+    longer.set("cam", "guests", "three people are on the walkway", expires_s=600, origin="config")
+    assert longer.of("cam").expires_at_ns == now[0] + 600 * 10**9  # type: ignore[union-attr]
     commanded = WatchBook(state, clock=lambda: now[0])
     commanded.set("cam", "guests", CONDITION, expires_s=60)  # by command: a watch like any other
     assert commanded.of("cam") is not None
+
+
+def test_an_expired_configured_watch_deleted_and_added_again_is_a_new_watch(tmp_path: Path) -> None:
+    state = tmp_path / "watches.json"
+
+    def start(watches: list[dict[str, object]]) -> WatchBook:
+        config = parse_config({
+            "sources": [{"id": "cam", "url": "rtsp://192.0.2.1/x"}], "mllm": {"model": "smoke"},
+            "watches": watches, "watch_state": str(state),
+        })  # fmt: skip
+        book = build_pipeline(config).mllm.watches  # type: ignore[union-attr]
+        assert book is not None
+        return book
+
+    entry = {"id": "guests", "source": "cam", "condition": CONDITION, "expires_s": 0.001}
+    first = start([entry])
+    time.sleep(0.01)  # past its expiry (wall clock)
+    first.expire()
+    assert first.of("cam") is None
+    assert start([entry]).of("cam") is None, "expired, and the entry unchanged: it stays ended"
+    start([])  # deleted from the config...
+    assert start([entry]).of("cam") is not None, "...and added again: a new watch"

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,10 +50,16 @@ class Watch:
     streak: int = 0  # answers in a row that disagree with the state
     serial: int = 0  # which setting of a watch this is: an answer to an earlier one never counts
     origin: str = "command"  # or "config": set from [[watches]], removed when no longer configured
+    entry: str = ""  # a configured watch: its [[watches]] entry, as set (see watch_entry)
 
     @property
     def prompt(self) -> str:
         return PROMPT.format(tag=f"'{self.id}' #{self.serial}", condition=self.condition)
+
+
+def watch_entry(source_id: str, watch_id: str, condition: str, expires_s: float, confirm: int, recheck_s: float) -> str:
+    """A [[watches]] entry as one string: a changed setting is another entry."""
+    return json.dumps([source_id, watch_id, condition, expires_s, confirm, recheck_s])
 
 
 def _restored(fields: dict[str, object]) -> Watch:
@@ -61,7 +67,7 @@ def _restored(fields: dict[str, object]) -> Watch:
     watch = Watch(**fields)  # type: ignore[arg-type]
     kinds: dict[str, type | tuple[type, ...]] = {
         "id": str, "source_id": str, "condition": str, "confirm": int, "recheck_s": (int, float), "state": str,
-        "since_ns": int, "event_id": str, "summary": str, "streak": int, "serial": int, "origin": str,
+        "since_ns": int, "event_id": str, "summary": str, "streak": int, "serial": int, "origin": str, "entry": str,
     }  # fmt: skip
     bad = [k for k, kind in kinds.items() if not isinstance(getattr(watch, k), kind)]
     if watch.expires_at_ns is not None and not isinstance(watch.expires_at_ns, int):
@@ -78,15 +84,15 @@ class WatchBook:
         self._watches: dict[str, Watch] = {}  # by source
         self._pending: list[WatchState] = []
         self._serial = 0
-        # Configured watches that ended (expired): [source, id, condition]; set again only
-        # once the configuration asks for another one.
-        self._ended: list[list[str]] = []
+        # The [[watches]] entries whose watch expired: not set again while the configuration
+        # holds them unchanged (forget_ended drops those it no longer holds).
+        self._ended: list[str] = []
         if path is not None and path.exists():
             try:
                 saved = json.loads(path.read_text())
                 rows, ended = (saved, []) if isinstance(saved, list) else (saved["watches"], saved["ended"])
                 self._watches = {w.source_id: w for w in map(_restored, rows)}
-                self._ended = [[str(x) for x in e] for e in ended if isinstance(e, list) and len(e) == 3]
+                self._ended = [e for e in ended if isinstance(e, str)]
                 self._serial = max((w.serial for w in self._watches.values()), default=0)
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 self._watches, self._ended = {}, []
@@ -131,14 +137,15 @@ class WatchBook:
         confirm = confirm if confirm is not None else (old.confirm if old is not None and same else 2)
         if confirm < 1 or expires_s < 0 or recheck_s < 0:
             raise ValueError("a watch needs confirm >= 1, expires_s >= 0 and recheck_s >= 0")
-        if origin == "config" and [source_id, watch_id, condition] in self._ended:
-            return  # it expired: the same configuration read at a later start does not bring it back
+        entry = watch_entry(source_id, watch_id, condition, expires_s, confirm, recheck_s)
+        if origin == "config" and entry in self._ended:
+            return  # it expired: the same [[watches]] entry read at a later start does not bring it back
         now = self._clock()
         expires = now + int(expires_s * 1e9) if expires_s else None
         if old is not None and same and old.confirm == confirm:
-            if not (origin == "config" == old.origin):  # a restart keeps a configured watch's first expiry
+            if not (origin == "config" == old.origin and old.entry == entry):  # a restart keeps the first expiry
                 old.expires_at_ns = expires
-            old.recheck_s, old.origin = recheck_s, origin
+            old.recheck_s, old.origin, old.entry = recheck_s, origin, entry if origin == "config" else ""
             self._save()
             return
         self._ended = [e for e in self._ended if e[0] != source_id]
@@ -146,10 +153,18 @@ class WatchBook:
             self._drop(source_id, "removed", now)
         self._serial += 1
         watch = Watch(watch_id, source_id, condition, expires, confirm, recheck_s, since_ns=now, serial=self._serial,
-                      origin=origin)  # fmt: skip
+                      origin=origin, entry=entry if origin == "config" else "")  # fmt: skip
         self._watches[source_id] = watch
         self._save()
         self._transition(watch, "set")
+
+    def forget_ended(self, entries: Collection[str]) -> None:
+        """Keep only the ended entries among ``entries`` (the configuration's now): one
+        deleted from the config and added again later is a new watch."""
+        kept = [e for e in self._ended if e in entries]
+        if kept != self._ended:
+            self._ended = kept
+            self._save()
 
     def remove(self, source_id: str) -> None:
         if source_id not in self._watches:
@@ -183,8 +198,8 @@ class WatchBook:
     def _drop(self, source_id: str, state: str, now: int) -> None:
         watch = self._watches.pop(source_id)
         watch.state, watch.since_ns = state, now
-        if state == "expired" and watch.origin == "config":
-            self._ended.append([source_id, watch.id, watch.condition])
+        if state == "expired" and watch.entry:
+            self._ended.append(watch.entry)
         self._save()
         self._transition(watch, state)
 
