@@ -55,7 +55,7 @@ class MemoryPrefix:
 
     def state(self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...]) -> PrefixState:
         """The prefix K/V for ``entries``: kept from an earlier call if they are the same."""
-        fingerprint = _fingerprint(entries)
+        fingerprint = memory_fingerprint(entries)
         kept = self._kept.get(source_id)
         if kept is not None and kept.fingerprint == fingerprint:
             self.reused += 1
@@ -106,7 +106,8 @@ def pooled_tokens(features: torch.Tensor, tokens: int) -> np.ndarray:
     return pooled.cpu().numpy().astype(np.float32)
 
 
-def _fingerprint(entries: tuple[MemoryEntry, ...]) -> str:
+def memory_fingerprint(entries: tuple[MemoryEntry, ...]) -> str:
+    """What identifies a memory's prefix: its entries' spans, weights, texts and tokens."""
     h = hashlib.blake2b(digest_size=16)
     for e in entries:
         h.update(f"{e.start_ns}:{e.end_ns}:{e.weight}:{e.text}\x00".encode())

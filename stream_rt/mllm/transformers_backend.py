@@ -35,7 +35,7 @@ from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.decoding import TokenStream
 from stream_rt.mllm.families import Family, Prepared, family_for
 from stream_rt.mllm.layer_exit import LayerExit
-from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, pooled_tokens
+from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
 from stream_rt.mllm.prefill import KV, run_prefill
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
@@ -235,10 +235,9 @@ class TransformersBackend(Backend):
             # (token reuse) -> decode (contract stop, layer exit): each step whatever the others do.
             prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
             call = None
-            memory_state = self.memory_prefix.state(self.model, self.family, *memory) if memory is not None else None
             if self.token_reuse is not None and reuse is not None:
                 key, event_id = reuse
-                fingerprint = memory_state.fingerprint if memory_state is not None else ""
+                fingerprint = memory_fingerprint(memory[1]) if memory is not None else ""
                 call = self.token_reuse.begin(self.family, prepared, [rgb_luma(i) for i in images], key, event_id,
                                               fingerprint)  # fmt: skip
             try:
@@ -258,7 +257,8 @@ class TransformersBackend(Backend):
                     prepared, features, kept = self.compression.apply(self.family, prepared, features, *clip)
                     visual_dropped = before - features.shape[0]
                 prefix = None
-                if memory_state is not None:
+                if memory is not None:
+                    memory_state = self.memory_prefix.state(self.model, self.family, *memory)
                     prepared, memory_tokens = after_prefix(prepared, memory_state.length), memory_state.length
                     prefix = (memory_state.keys, memory_state.values)
                 embeds = self.embed(prepared, features)
