@@ -216,6 +216,29 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
         assert got.token_ids == ids, name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reusing_an_identical_view_after_the_memory_equals_full_computation(family: str, samples: Path) -> None:
+    """The same clip and memory asked twice: the second call reuses the K/V of its static
+    tokens from an early layer on (the partial layer loop after a prefix), and since they
+    are what it would compute, its logits are the full computation's."""
+    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    still = frames(samples, [10, 20, 30])
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=TokenReuse(),
+                                  compression=Compression(average=KEEP), device=DEVICE, dtype="float32")  # fmt: skip
+    backend.load()
+    entries = memory_entries(backend)
+    timing = ([i * S for i in range(3)], quiet_audio(6.0))
+    for _ in range(2):
+        got = backend.generate(still, QUESTION, reuse=(("cam", QUESTION), "cam-1"), clip=timing,
+                               memory=("cam", entries))  # fmt: skip
+    assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
+    assert got.reuse.computed_share < 0.9
+    first, ids = full_computation(backend, still, entries, timing)
+    assert got.first_logits is not None
+    assert float((got.first_logits - first.to(got.first_logits.device)).abs().max()) < 1e-4
+    assert got.token_ids == ids
+
+
 def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     """Token reuse with a sliding clip compressed by audio and the memory prefix: the frames
     two consecutive clips share reuse their encoder output exactly, still tokens reuse
