@@ -37,6 +37,7 @@ fi
 device=cuda
 dtype=bfloat16
 if [ "${QUICK:-0}" = 1 ]; then
+  echo "gpu.sh: QUICK=1 — a check of the script on the tiny models: its timings mean nothing"
   sizes=(tiny tiny)
   $PY -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)" || { device=cpu; dtype=float32; }
 else
