@@ -8,8 +8,10 @@ daemon sends during an episode: a clip of ``--frames`` frames every 0.5 s ending
 call, each frame one 512 px tile (SmolVLM's smallest image setting, as for video: 64
 visual tokens; with the clip's real audio features where the file has sound), after a memory of
 ``--memory`` entries (each the pooled visual tokens of an earlier keyframe and a line of
-text), and a 16-token answer. An episode is ``--calls`` calls 1 s apart under one event
-id; the caches start cold at each episode (a new episode resets token reuse, and the
+text), and a 16-token answer. An episode is ``--calls`` calls ``--spacing`` s apart (1 s
+by default: consecutive clips share frames, as a robot polling or a watch re-checking
+gives; the daemon's own updates come every ``update_interval_s``, 10 s by default) under
+one event id; the caches start cold at each episode (a new episode resets token reuse, and the
 memory has just changed: the episode before left an entry), so **the call that fills
 them is counted in the episode's time**.
 
@@ -162,7 +164,14 @@ def fidelity(got: Generation, ref: Generation) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=3, help="calls per episode, 1 s apart")
+    parser.add_argument("--calls", type=int, default=3, help="calls per episode")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=1.0,
+        help="seconds between an episode's calls (the daemon's update_interval_s is 10 by default)",
+    )
+    parser.add_argument("--clips", nargs="*", choices=list(CLIPS), help="only these clips (default: both)")
     parser.add_argument("--frames", type=int, default=4, help="frames per clip, 0.5 s apart")
     parser.add_argument("--memory", type=int, default=8, help="memory entries before the prompt")
     parser.add_argument("--family", default="idefics3", choices=["idefics3", "qwen2_vl"])
@@ -182,11 +191,13 @@ def main() -> None:
     text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening in this scene?", (), ""))
     n_layers = len(base.model.get_decoder().layers)
     results: dict[str, Any] = {
-        "calls": args.calls, "frames": args.frames, "memory_entries": args.memory, "family": args.family,
-        "size": args.size, "device": args.device, "dtype": args.dtype, "clips": {},
+        "calls": args.calls, "spacing_s": args.spacing, "frames": args.frames, "memory_entries": args.memory,
+        "family": args.family, "size": args.size, "device": args.device, "dtype": args.dtype, "clips": {},
     }  # fmt: skip
     exit_thresholds: list[float] | None = None
     for clip_name, (file, starts) in CLIPS.items():
+        if args.clips and clip_name not in args.clips:
+            continue
         frames, audio = decoded(SAMPLES / file)
         memory = memory_of(base, frames, args.memory)
         if exit_thresholds is None:  # calibrate the exits on calls that are not measured
@@ -205,7 +216,7 @@ def main() -> None:
                     b.token_reuse.reset()
                 b.memory_prefix.clear()
             for c in range(args.calls):
-                t = start + c
+                t = start + c * args.spacing
                 clip = [at(frames, t - INTERVAL_S * (args.frames - 1 - k)) for k in range(args.frames)]
                 names = list(chosen)
                 turn = len(rows["full"]) % len(names)  # each system takes each place in the order in turn
