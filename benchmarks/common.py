@@ -36,6 +36,31 @@ def bare_decode(clip: Path) -> tuple[int, float]:
     return frames, time.perf_counter() - started
 
 
+def audio_features(clip: Path) -> list[Any]:
+    """The audio features the daemon computes of ``clip``'s sound (none without sound)."""
+    import asyncio
+
+    from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock
+    from stream_rt.operators.audio import AudioAnalyzer
+
+    got: list[Packet] = []
+    graph = Graph(clock=ReplayClock(None))
+    graph.add(AvSource("cam", str(clip), video=False))
+    graph.add(AudioAnalyzer("audio"))
+    graph.add(CallbackSink("sink", got.append))
+    graph.connect("cam.audio", "audio.audio", policy="block", capacity=64)
+    graph.connect("audio.features", "sink.in", policy="block", capacity=64)
+    asyncio.run(graph.run())
+    return [p for p in got if isinstance(p, AudioFeatures)]
+
+
+def one_tile_per_frame(backend: Any) -> None:
+    """SmolVLM's smallest image setting, as for video: each frame one 512 px tile (64 tokens)."""
+    image_processor = backend.family.processor.image_processor
+    image_processor.do_image_splitting = False
+    image_processor.size = {"longest_edge": 512}
+
+
 def kv_of(cache: Any) -> tuple[list[Any], list[Any]]:
     """A transformers KV cache's K/V per layer, as the backend's decoding takes them."""
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]

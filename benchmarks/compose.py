@@ -40,7 +40,6 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import statistics
@@ -51,10 +50,9 @@ from typing import Any
 import av
 import numpy as np
 import torch
+from common import audio_features, one_tile_per_frame
 
-from stream_rt.graph.clock import ReplayClock
-from stream_rt.graph.graph import Graph
-from stream_rt.graph.packets import AudioFeatures, MllmRequest, Packet
+from stream_rt.graph.packets import AudioFeatures, MllmRequest
 from stream_rt.memory.streaming import MemoryEntry
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.layer_exit import LayerExit, calibrate
@@ -62,9 +60,6 @@ from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import TokenReuse
 from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
-from stream_rt.operators.audio import AudioAnalyzer
-from stream_rt.sinks.callback import CallbackSink
-from stream_rt.sources.av_source import AvSource
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -74,19 +69,10 @@ S = 1_000_000_000
 CLIPS = {"static": ("still_motion.mkv", [8.0, 19.0]), "film": ("Megamind.avi", [2.0, 6.0])}
 
 
-def decoded(path: Path) -> tuple[list[tuple[float, np.ndarray]], list[AudioFeatures]]:
-    """Every frame (media time, RGB) and the audio features the daemon computes of it."""
+def decoded(path: Path) -> list[tuple[float, np.ndarray]]:
+    """Every frame of ``path``: (media time, RGB)."""
     with av.open(str(path)) as container:
-        frames = [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
-    got: list[Packet] = []
-    graph = Graph(clock=ReplayClock(None))
-    graph.add(AvSource("cam", str(path)))
-    graph.add(AudioAnalyzer("audio"))
-    graph.add(CallbackSink("sink", got.append))
-    graph.connect("cam.audio", "audio.audio", policy="block", capacity=64)
-    graph.connect("audio.features", "sink.in", policy="block", capacity=64)
-    asyncio.run(graph.run())
-    return frames, [p for p in got if isinstance(p, AudioFeatures)]
+        return [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
 
 
 def at(frames: list[tuple[float, np.ndarray]], t: float) -> tuple[float, np.ndarray]:
@@ -184,10 +170,8 @@ def main() -> None:
                                max_new_tokens=NEW_TOKENS, device=args.device, dtype=args.dtype)  # type: ignore[arg-type]  # fmt: skip
     base.load()
     assert base.family is not None
-    if args.family == "idefics3":  # one 512 px tile per frame: SmolVLM's smallest image setting, as for video
-        image_processor = base.family.processor.image_processor  # type: ignore[attr-defined]
-        image_processor.do_image_splitting = False
-        image_processor.size = {"longest_edge": 512}
+    if args.family == "idefics3":
+        one_tile_per_frame(base)
     text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening in this scene?", (), ""))
     n_layers = len(base.model.get_decoder().layers)
     results: dict[str, Any] = {
@@ -198,7 +182,7 @@ def main() -> None:
     for clip_name, (file, starts) in CLIPS.items():
         if args.clips and clip_name not in args.clips:
             continue
-        frames, audio = decoded(SAMPLES / file)
+        frames, audio = decoded(SAMPLES / file), audio_features(SAMPLES / file)
         memory = memory_of(base, frames, args.memory)
         if exit_thresholds is None:  # calibrate the exits on calls that are not measured
             measuring = backend_for(base, {"exit": None})

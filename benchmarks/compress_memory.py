@@ -41,32 +41,19 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from common import answer_fidelity, copy_cache, kv_of, rss_growth, rss_mb
+from common import answer_fidelity, audio_features, copy_cache, kv_of, one_tile_per_frame, rss_growth, rss_mb
 
-from stream_rt import AudioFeatures, AvSource, CallbackSink, Graph, Packet, ReplayClock
+from stream_rt import AudioFeatures
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.requests import resize
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.transformers_backend import TransformersBackend
-from stream_rt.operators.audio import AudioAnalyzer
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "samples" / "walkway_speech.mkv"
 NEW_TOKENS = 16
 QUESTION = "What is happening, and is anyone speaking?"
-
-
-def audio_features() -> list[AudioFeatures]:
-    got: list[Packet] = []
-    graph = Graph(clock=ReplayClock(None))
-    graph.add(AvSource("walkway", str(CLIP), video=False))
-    graph.add(AudioAnalyzer("audio"))
-    graph.add(CallbackSink("sink", got.append))
-    graph.connect("walkway.audio", "audio.audio", policy="block", capacity=64)
-    graph.connect("audio.features", "sink.in", policy="block", capacity=64)
-    asyncio.run(graph.run())
-    return [p for p in got if isinstance(p, AudioFeatures)]
 
 
 def clip_frames(seconds: list[float]) -> tuple[list[np.ndarray], list[int]]:
@@ -212,14 +199,11 @@ def main() -> None:
         long_replay_child(args.long_replay_child, args.series)
         return
     labels = json.loads(CLIP.with_suffix(".json").read_text())["speech"]
-    audio = audio_features()
+    audio = audio_features(CLIP)
     backend = TransformersBackend(str(build_smoke_model(family="idefics3", size="realistic")), contract_stop=False)
     backend.load()
     assert backend.family is not None
-    # One 512 px tile per frame (64 tokens): clips use SmolVLM's smallest image setting.
-    image_processor = backend.family.processor.image_processor  # type: ignore[attr-defined]
-    image_processor.do_image_splitting = False
-    image_processor.size = {"longest_edge": 512}
+    one_tile_per_frame(backend)  # clips use SmolVLM's smallest image setting
     rows = []
     for label in labels[: args.requests]:
         start = max(0.0, label["start_s"] - 4.0)

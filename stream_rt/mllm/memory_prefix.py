@@ -53,9 +53,12 @@ class MemoryPrefix:
         else:
             self._kept.pop(source_id, None)
 
-    def state(self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...]) -> PrefixState:
-        """The prefix K/V for ``entries``: kept from an earlier call if they are the same."""
-        fingerprint = memory_fingerprint(entries)
+    def state(
+        self, model: Any, family: Family, source_id: str, entries: tuple[MemoryEntry, ...], fingerprint: str = ""
+    ) -> PrefixState:
+        """The prefix K/V for ``entries`` (whose :func:`memory_fingerprint` the caller may
+        have): kept from an earlier call if they are the same."""
+        fingerprint = fingerprint or memory_fingerprint(entries)
         kept = self._kept.get(source_id)
         if kept is not None and kept.fingerprint == fingerprint:
             self.reused += 1

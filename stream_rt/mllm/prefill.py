@@ -105,8 +105,10 @@ def run_prefill(
     relevance = None
     entropies: list[float] | None = [] if entropy else None
     done = 0
-    causal = everything[None, :] <= rows[:, None]  # by position, among these
-    allowed = torch.cat((causal.new_ones(length, before), causal), dim=1) if before else causal
+    allowed: torch.Tensor | None = None  # one position (a decoded token) sees everything: no mask
+    if length > 1:
+        causal = everything[None, :] <= rows[:, None]  # by position, among these
+        allowed = torch.cat((causal.new_ones(length, before), causal), dim=1) if before else causal
     exits = set(exit.exit_layers(len(layers))) if exit is not None else set()
     last_probs: torch.Tensor | None = None
     distances: list[float] = []
@@ -123,6 +125,7 @@ def run_prefill(
         if len(wanted) != len(rows):
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)
+            assert allowed is not None
             hidden, rows, allowed = hidden[:, keep], rows[keep], allowed[keep]
         done += len(rows)
         attn = layer.self_attn
@@ -143,12 +146,13 @@ def run_prefill(
         if (index == relevance_layer or entropies is not None) and len(visual) and len(question):
             at = torch.isin(rows, question)
             scores = (q[:, :, at] @ k_rep.transpose(-1, -2)) * attn.scaling
-            weights = scores.masked_fill(~allowed[at], float("-inf")).softmax(dim=-1)  # (1, heads, queries, L)
+            scores = scores if allowed is None else scores.masked_fill(~allowed[at], float("-inf"))
+            weights = scores.softmax(dim=-1)  # (1, heads, queries, L)
             if index == relevance_layer:
                 relevance = weights[..., before + visual].mean(dim=1).sum(dim=(0, 1)).float()
             if entropies is not None:
                 entropies.append(float(-(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()))
-        mask = None if length == 1 else allowed[None, None]  # a decoded token sees everything
+        mask = None if allowed is None else allowed[None, None]
         out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=attn.scaling)
         out = attn.o_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
         hidden = hidden + out

@@ -194,13 +194,14 @@ class TokenReuse:
         self.size = (self.entries, self.nbytes)
         grids = family.token_grids(prepared)
         patches = token_patches(lumas, grids)
-        why = _full_reason(entry, prepared, event_id, patches, prefix)
+        head = _head(prepared)
+        why = _full_reason(entry, head, event_id, patches, prefix)
         static = np.zeros(len(patches), bool)
         if entry is not None and not why:
             static = static_tokens(entry.patches, patches, s.static_threshold, s.max_patch_difference)
             if 1 - static.mean() > s.max_changed:
                 why = "too much changed"
-        return ReuseCall(key, event_id, prefix, _head(prepared), entry, grids, patches, static, why)
+        return ReuseCall(key, event_id, prefix, head, entry, grids, patches, static, why)
 
     def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> torch.Tensor | None:
         """The visual features of ``call``'s request, reusing the entry's tiles it can."""
@@ -370,12 +371,14 @@ def _same_tile(entry: _Entry | None, t: int, pixels: torch.Tensor, comparable: b
     frame a clip shares with the one before moves one slot along): its index, or ``None``."""
     if entry is None:
         return None
-    if comparable and torch.equal(entry.tile_pixels[t], pixels):
+    sample = pixels[..., ::32, ::32]  # most tiles differ here already: a full compare only for those that do not
+
+    def same(old: torch.Tensor) -> bool:
+        return old.shape == pixels.shape and torch.equal(old[..., ::32, ::32], sample) and torch.equal(old, pixels)
+
+    if comparable and same(entry.tile_pixels[t]):
         return t
-    for j, old in enumerate(entry.tile_pixels):
-        if old.shape == pixels.shape and torch.equal(old, pixels):
-            return j
-    return None
+    return next((j for j, old in enumerate(entry.tile_pixels) if same(old)), None)
 
 
 def _held_bytes(entry: _Entry) -> int:
@@ -390,7 +393,7 @@ def _held_bytes(entry: _Entry) -> int:
 
 
 def _full_reason(
-    entry: _Entry | None, prepared: Prepared, event_id: str, patches: npt.NDArray[np.uint8], prefix: str
+    entry: _Entry | None, head: torch.Tensor, event_id: str, patches: npt.NDArray[np.uint8], prefix: str
 ) -> str:
     if entry is None:
         return "first call"
@@ -398,7 +401,7 @@ def _full_reason(
         return "new episode"
     if entry.prefix != prefix:
         return "memory changed"
-    if not torch.equal(entry.input_ids, _head(prepared)) or entry.patches.shape != patches.shape:
+    if not torch.equal(entry.input_ids, head) or entry.patches.shape != patches.shape:
         return "images or layout changed"
     return ""
 

@@ -235,9 +235,9 @@ class TransformersBackend(Backend):
             # (token reuse) -> decode (contract stop, layer exit): each step whatever the others do.
             prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
             call = None
+            fingerprint = memory_fingerprint(memory[1]) if memory is not None else ""
             if self.token_reuse is not None and reuse is not None:
                 key, event_id = reuse
-                fingerprint = memory_fingerprint(memory[1]) if memory is not None else ""
                 call = self.token_reuse.begin(self.family, prepared, [rgb_luma(i) for i in images], key, event_id,
                                               fingerprint)  # fmt: skip
             try:
@@ -258,7 +258,7 @@ class TransformersBackend(Backend):
                     visual_dropped = before - features.shape[0]
                 prefix = None
                 if memory is not None:
-                    memory_state = self.memory_prefix.state(self.model, self.family, *memory)
+                    memory_state = self.memory_prefix.state(self.model, self.family, *memory, fingerprint)
                     prepared, memory_tokens = after_prefix(prepared, memory_state.length), memory_state.length
                     prefix = (memory_state.keys, memory_state.values)
                 embeds = self.embed(prepared, features)

@@ -148,7 +148,6 @@ class WatchBook:
             old.recheck_s, old.origin, old.entry = recheck_s, origin, entry if origin == "config" else ""
             self._save()
             return
-        self._ended = [e for e in self._ended if e[0] != source_id]
         if old is not None:
             self._drop(source_id, "removed", now)
         self._serial += 1
