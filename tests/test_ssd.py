@@ -94,6 +94,15 @@ def test_a_bad_packaged_graph_is_one_clear_line(damage: str, tmp_path: Path, mon
     assert not (tmp_path / "cache" / "stream_rt").exists() or not any((tmp_path / "cache" / "stream_rt").iterdir())
 
 
+def test_without_onnx_the_first_use_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now fails; once converted it is not needed
+    with pytest.raises(
+        DetectorUnavailable, match=r"^SSD-MobileNet-v2: .* needs 'onnx': pip install 'stream-rt\[detect\]'$"
+    ):
+        SsdMobileNet()
+
+
 def test_a_text_graph_with_an_op_the_converter_lacks_is_refused_by_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

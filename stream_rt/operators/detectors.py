@@ -111,9 +111,12 @@ class SsdMobileNet:
     labels: tuple[str, ...] = COCO_LABELS
 
     def __init__(self, *, min_score: float = 0.5, input_size: int = 300, threads: int = 1) -> None:
+        _onnxruntime()  # before converting
         graph, text = ssd_model_files()
         try:
             model = ssd_convert.cached_model(graph, text, name=DEFAULT_MODEL)
+        except ssd_convert.ConverterMissing as exc:
+            raise DetectorUnavailable(f"SSD-MobileNet-v2: {exc}") from None
         except ssd_convert.ConversionError as exc:
             raise DetectorUnavailable(
                 f"cannot convert the SSD-MobileNet-v2 files in {graph.parent} ({exc}): "
@@ -157,11 +160,16 @@ class SsdMobileNet:
         return self._anchors[maps]
 
 
-def _onnx_session(model: Path | bytes, threads: int, what: str) -> Any:
+def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
         raise DetectorUnavailable("the object detector needs ONNX Runtime: pip install 'stream-rt[detect]'") from None
+    return onnxruntime
+
+
+def _onnx_session(model: Path | bytes, threads: int, what: str) -> Any:
+    onnxruntime = _onnxruntime()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

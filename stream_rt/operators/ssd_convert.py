@@ -83,6 +83,10 @@ class ConversionError(ValueError):
     """The graph cannot be converted: a file is not what it should be, or uses an op the converter lacks."""
 
 
+class ConverterMissing(ConversionError):
+    """The ``onnx`` package, needed to convert, is not installed."""
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "stream_rt"
@@ -116,8 +120,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # readable like any cached file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o644)  # readable like any cached file, not mkstemp's 0600
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -132,7 +136,7 @@ def convert(graph_bytes: bytes, text: str) -> bytes:
     try:
         import onnx
     except ImportError:
-        raise ConversionError("converting the packaged graph needs 'onnx': pip install 'stream-rt[detect]'") from None
+        raise ConverterMissing("converting the graph to ONNX needs 'onnx': pip install 'stream-rt[detect]'") from None
     try:
         nodes = read_text_graph(text)
     except GraphFileError as exc:
