@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Prepare a fresh machine for stream_rt: system packages, a virtual environment in .venv
-# (torch first, from the CPU wheel), the package with its dev tools, and the sample media.
-# Safe to run again: each step skips what is already there.
+# (torch first, from the CPU wheel), the package with its dev tools at the versions in
+# requirements.lock, and the sample media.
+# Safe to run again: each step skips what is already there, and a .venv whose packages
+# moved away from the lock is brought back to it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-# command:package; chromium: the tests render the HTML report headless; promtool: they lint /metrics
-for pair in ffmpeg:ffmpeg mosquitto:mosquitto chromium:chromium promtool:prometheus; do
+# command:package; mosquitto_sub/_pub (mosquitto-clients): the README's MQTT examples;
+# chromium: the tests render the HTML report headless; promtool: they lint /metrics
+for pair in ffmpeg:ffmpeg mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 # GStreamer's RTSP server for the tests' RTSP camera, run by the system python3 with python3-gi
@@ -31,12 +34,18 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-# torch before anything that depends on it, pinned, so pip never pulls a CUDA build.
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing torch==2.13.0"
-  .venv/bin/pip install -q torch==2.13.0
+# torch before anything that depends on it, pinned, so pip never pulls a CUDA build
+# (scripts/relock.py reads this pin too).
+torch_pin=torch==2.13.0
+have=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
+if [ "${have%%+*}" != "${torch_pin#torch==}" ]; then
+  echo "setup: installing $torch_pin"
+  .venv/bin/pip install -q "$torch_pin"
 fi
-echo "setup: installing stream-rt with speech detection, the object gate and its dev tools"
-.venv/bin/pip install -q -e ".[dev,vad,mllm,memory,detect]"
+# Every other package at the version in requirements.lock (made by scripts/relock.py; the
+# extras and the package itself come from pyproject.toml). pip moves any package that
+# differs from the lock to the locked version.
+echo "setup: installing stream-rt with speech detection, the object gate and its dev tools (requirements.lock)"
+.venv/bin/pip install -q -c requirements.lock -e ".[dev,vad,mllm,memory,detect]"
 
 .venv/bin/python scripts/fetch_samples.py
