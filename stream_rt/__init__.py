@@ -40,7 +40,7 @@ from stream_rt.graph import (
     VideoFrame,
     WatchState,
 )
-from stream_rt.mllm import Backend, MissingWeights, MllmStage, OpenAIBackend
+from stream_rt.mllm import Backend, MissingWeights, MllmStage, ModelUnavailable, OpenAIBackend
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.detectors import load_detector
@@ -95,6 +95,7 @@ __all__ = [
     "MllmAnswer",
     "MllmRequest",
     "MllmStage",
+    "ModelUnavailable",
     "MqttSink",
     "MqttSource",
     "Node",

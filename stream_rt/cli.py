@@ -28,7 +28,7 @@ from stream_rt.config import (
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
-from stream_rt.mllm.backend import MissingWeights
+from stream_rt.mllm.backend import ModelUnavailable
 from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
@@ -199,7 +199,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(serve())
-    except MissingWeights as exc:
+    except ModelUnavailable as exc:
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -344,7 +344,7 @@ def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -
     try:
         uvloop.run(go())
     except NodeFailed as exc:
-        if isinstance(exc.error, SourceError | MissingWeights):
+        if isinstance(exc.error, SourceError | ModelUnavailable):
             print(f"stream-rt: {exc.error}", file=sys.stderr)
             return 2
         print(f"stream-rt: {exc}", file=sys.stderr)

@@ -241,7 +241,7 @@ def test_missing_weights_is_one_clear_line(tmp_path: Path) -> None:
             TransformersBackend(ref).load()
         message = str(err.value)
         assert expected in message and "\n" not in message, message
-    with pytest.raises(MissingWeights, match="huggingface-cli download a/b"):
+    with pytest.raises(MissingWeights, match="`hf download a/b`"):
         TransformersBackend("a/b").load()
 
 

@@ -154,18 +154,21 @@ def unfitted_backend(request: pytest.FixtureRequest) -> TransformersBackend:
 
 
 async def test_requests_decoded_together_get_the_answers_each_gets_alone(
-    unfitted_backend: TransformersBackend, samples: Path
+    unfitted_backend: TransformersBackend, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Continuous batching: requests that join a batch under way (at other steps, with other
-    prompt lengths and token limits) and one whose client leaves get what each gets alone."""
+    prompt lengths and token limits) and one whose client leaves get what each gets alone.
+    (No end of sequence, so each runs to its limit and the one leaving is still decoding.)"""
     import threading
 
     from stream_rt.mllm.batching import ContinuousBatch
 
+    monkeypatch.setattr(type(unfitted_backend.family), "eos_ids", property(lambda self: set()))
     with av.open(str(samples / "vtest.avi")) as container:
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(60), container.decode(video=0), strict=False)]
     questions = ["What is happening?", "Describe the scene in a few words.", "Is anyone there?"]
-    jobs = [([frames[i * 11]] if i % 4 else [], questions[i % 3], 96 if i % 2 else 24) for i in range(6)]
+    jobs = [([frames[i * 11]] if i % 4 else [], questions[i % 3], 96 if i % 2 else 24) for i in range(5)]
+    jobs.append(([frames[55]], questions[2], 400))
     alone = [unfitted_backend.generate(images, text, max_new_tokens=limit) for images, text, limit in jobs]
     assert len({tuple(g.token_ids) for g in alone}) > 2, "the answers differ, so a mixed-up row would show"
     batch = ContinuousBatch(unfitted_backend, max_batch=4)
@@ -184,7 +187,8 @@ async def test_requests_decoded_together_get_the_answers_each_gets_alone(
     for k, (gen, own) in enumerate(zip(together[:5], alone[:5], strict=True)):
         assert gen.token_ids == own.token_ids and gen.stop == own.stop, k  # type: ignore[attr-defined]
     left = together[5]
-    assert left.stop == "cancelled" and left.token_ids == alone[5].token_ids[: len(left.token_ids)]  # type: ignore[attr-defined]
+    assert left.stop == "cancelled" and 0 < len(left.token_ids) < 400  # type: ignore[attr-defined]
+    assert left.token_ids == alone[5].token_ids[: len(left.token_ids)]  # type: ignore[attr-defined]
     assert batch.largest == 4, "four decoded in one step"
 
 

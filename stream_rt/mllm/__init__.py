@@ -6,7 +6,7 @@ Importing this package does not import torch: :class:`TransformersBackend` and
 
 from typing import Any
 
-from stream_rt.mllm.backend import Backend, BackendError, MissingWeights
+from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, ModelUnavailable
 from stream_rt.mllm.openai_backend import OpenAIBackend
 from stream_rt.mllm.stage import MllmStage
 
@@ -15,6 +15,7 @@ __all__ = [
     "BackendError",
     "MissingWeights",
     "MllmStage",
+    "ModelUnavailable",
     "OpenAIBackend",
     "TransformersBackend",
     "build_smoke_model",

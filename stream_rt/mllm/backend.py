@@ -37,11 +37,22 @@ class BackendError(RuntimeError):
     """A backend cannot answer; ``str()`` says why in one line."""
 
 
-class MissingWeights(BackendError):
+class ModelUnavailable(BackendError):
+    """The model cannot be used here (its weights are missing, transformers cannot load
+    it, or a configured technique does not work with it): a configuration to fix, which
+    stops the daemon at start."""
+
+
+class MissingWeights(ModelUnavailable):
     """The model's weights are not on this machine and cannot be downloaded."""
 
 
 T = TypeVar("T")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 class Backend:

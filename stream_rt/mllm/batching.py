@@ -26,9 +26,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.decoding import TokenStream
+from stream_rt.mllm.decoding import Generation, TokenStream
 from stream_rt.mllm.prompt import chat_messages
-from stream_rt.mllm.transformers_backend import Generation, TransformersBackend, on_device
+from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,16 @@
-"""What differs between the supported model families: how images become pixel tensors
-and placeholder tokens, how the prompt is templated, how visual features are computed and
-which positions the tokens get.
+"""How a model family turns (images, messages) into model inputs, and — for the families
+with an adapter — how its visual features are computed and which positions the tokens get.
 
-Each :class:`Family` turns (images, messages) into a :class:`Prepared` input whose
-``image_mask`` marks the visual tokens, and computes the visual features that replace
-them. The language model then runs on embeddings, so the backend can time the vision
-encoder apart from prefill, and later stages can reuse or drop visual tokens.
-
-Processors are assembled from the model directory's tokenizer, image processor settings
-(the PIL implementation, which needs no torchvision) and chat template, so every family
-loads the same way for a real checkpoint and for the smoke model.
+Every family goes through the model's own processor and chat template
+(:mod:`stream_rt.mllm.processors`), into a :class:`Prepared` input whose ``image_mask``
+marks the visual tokens. An adapter also computes the visual features that replace them,
+so the language model runs on embeddings in stream_rt's own layer loop: the backend times
+the vision encoder apart from prefill, and the techniques reuse or drop visual tokens.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,8 +18,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stream_rt.mllm.processors import load_processor
 from stream_rt.operators.token_reuse import TokenGrid
 
 Message = dict[str, Any]
@@ -48,28 +44,37 @@ class Prepared:
 
 
 class Family:
-    """Base of the family adapters. ``model_types`` are the ``config.model_type`` values
-    it handles."""
+    """Every model ``AutoModelForImageTextToText`` loads, through its own processor: the
+    chat template renders the turn, the processor expands each image into its placeholder
+    tokens and pixel tensors. Subclasses are the **adapters** of the families whose layers
+    stream_rt runs itself (:mod:`stream_rt.mllm.prefill`), where the efficiency techniques
+    live; the base class alone (``adapter`` false) is the generic path, which calls the
+    model's own ``generate``. ``model_types`` are the ``config.model_type`` values an
+    adapter handles."""
 
-    name: ClassVar[str]
+    name: ClassVar[str] = "generic"
+    adapter: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
-    model_types: ClassVar[tuple[str, ...]]
-    default_template: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, path: Path, config: Any) -> None:
+    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
         self.path = path
         self.config = config
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(path))
-        self.template = _chat_template(path, self.tokenizer) or self.default_template
+        self.processor = processor if processor is not None else load_processor(path, config.model_type)
+        self.tokenizer: PreTrainedTokenizerBase = self.processor.tokenizer
+        self.template = str(self.processor.chat_template)
+        self.image_token_id = image_token_id(config, self.processor)
 
     @property
     def eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        for token in ("<|im_end|>", "<end_of_utterance>", "<|endoftext|>", "</s>"):
+        generation = getattr(self.config, "eos_token_id", None)
+        ids.update(generation if isinstance(generation, list) else [generation])
+        for token in ("<|im_end|>", "<end_of_utterance>", "<|endoftext|>", "</s>", "<end_of_turn>", "<eos>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
                 ids.add(token_id)
-        return {i for i in ids if i is not None}
+        return {i for i in ids if isinstance(i, int)}
 
     def render(self, messages: list[Message]) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -78,12 +83,27 @@ class Family:
         assert isinstance(text, str)
         return text
 
+    def inputs(self, images: list[npt.NDArray[np.uint8]], messages: list[Message]) -> dict[str, torch.Tensor]:
+        """What the model's processor makes of one user turn: ``input_ids``,
+        ``attention_mask`` and the tensors its vision tower takes."""
+        out = self.processor(text=[self.render(messages)], images=[Image.fromarray(i) for i in images] or None,
+                             return_tensors="pt")  # fmt: skip
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
     def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        raise NotImplementedError
+        out = self.inputs(images, messages)
+        ids = out["input_ids"]
+        vision = {k: v for k, v in out.items() if k not in TEXT_INPUTS} if images else {}
+        prepared = Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
+        return self.positioned(prepared, model)
+
+    def positioned(self, prepared: Prepared, model: PreTrainedModel) -> Prepared:
+        """``prepared`` with its position ids, where they are not simply 0..L-1."""
+        return prepared
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
         """The visual features, (number of visual tokens, hidden size), in prompt order."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} family has no adapter")
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Which part of which image each visual token covers, in prompt order (for token
@@ -111,46 +131,43 @@ class Family:
         raise NotImplementedError
 
 
+TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+"""Processor outputs that follow the prompt's tokens rather than its images."""
+
+
+def image_token_id(config: Any, processor: Any) -> int:
+    """The id of the token each visual feature replaces in the prompt."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    value = getattr(processor, "image_token_id", None)
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"the config of model type '{config.model_type}' names no image token")
+
+
 class Qwen2VL(Family):
     """Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2x2 patch merge, M-RoPE positions."""
 
     name = "qwen2_vl"
+    adapter = True
     mrope = True
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    default_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-        "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
 
-    def __init__(self, path: Path, config: Any) -> None:
-        super().__init__(path, config)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-        self.image_token_id = int(config.image_token_id)
+    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
+        super().__init__(path, config, processor)
         self.merge = int(config.vision_config.spatial_merge_size)
 
-    def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        text = self.render(messages)
-        vision: dict[str, torch.Tensor] = {}
-        if images:
-            out = self.image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
-            vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-            pieces = text.split("<|image_pad|>")
-            if len(pieces) != len(images) + 1:
-                raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders for {len(images)} images")
-            counts = (out["image_grid_thw"].prod(-1) // self.merge**2).tolist()
-            text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:], strict=True))
-        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
-        mask = ids[0] == self.image_token_id
-        if not images:
-            return Prepared(ids, vision, mask, None, ids.shape[1])
+    def positioned(self, prepared: Prepared, model: PreTrainedModel) -> Prepared:
+        if not prepared.vision:
+            return prepared
+        ids = prepared.input_ids
         position_ids, _ = model.model.get_rope_index(
-            ids, mask[None].int(), image_grid_thw=vision["image_grid_thw"], attention_mask=torch.ones_like(ids)
-        )
-        return Prepared(ids, vision, mask, position_ids, int(position_ids.max()) + 1)
+            ids, prepared.image_mask[None].int(), image_grid_thw=prepared.vision["image_grid_thw"],
+            attention_mask=torch.ones_like(ids),
+        )  # fmt: skip
+        return replace(prepared, position_ids=position_ids, next_position=int(position_ids.max()) + 1)
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
         return _flatten(
@@ -169,35 +186,8 @@ class Idefics3(Family):
     each tile is encoded on its own and pixel-shuffled into ``image_seq_len`` tokens."""
 
     name = "idefics3"
+    adapter = True
     model_types = ("idefics3", "smolvlm")
-    default_template = (
-        "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
-        "{% if m['content'] is string %}: {{ m['content'] }}{% else %}:{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-        "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-    )
-
-    def __init__(self, path: Path, config: Any) -> None:
-        super().__init__(path, config)
-        from transformers import Idefics3Processor
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-        vision = config.vision_config
-        seq_len = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
-        self.processor = Idefics3Processor(
-            image_processor=Idefics3ImageProcessorPil.from_pretrained(str(path)),
-            tokenizer=self.tokenizer,
-            image_seq_len=seq_len,
-        )
-        self.image_token_id = int(config.image_token_id)
-
-    def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        text = self.render(messages)
-        pil = [Image.fromarray(i) for i in images]
-        out = self.processor(text=[text], images=[pil] if pil else None, return_tensors="pt")
-        ids = out["input_ids"]
-        vision = {k: out[k] for k in ("pixel_values", "pixel_attention_mask") if k in out}
-        return Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
         out = model.model.get_image_features(
@@ -273,7 +263,7 @@ class Idefics3(Family):
         """Each run of visual tokens follows the token naming its tile (``<row_r_col_c>``)
         or the global view (``<global-img>``), which closes that image."""
         ids = prepared.input_ids[0].tolist()
-        side = round(self.processor.image_seq_len**0.5)
+        side = round(int(getattr(self.processor, "image_seq_len", 0)) ** 0.5)
         images: list[list[tuple[int, int]]] = [[]]  # per image, (row, col) per run; (0, 0) global
         for i, token in enumerate(ids):
             if token == self.image_token_id and (i == 0 or ids[i - 1] != self.image_token_id):
@@ -300,33 +290,8 @@ class Llava(Family):
     """LLaVA 1.5 style: one fixed-size image, every vision patch a token."""
 
     name = "llava"
+    adapter = True
     model_types = ("llava",)
-    default_template = (
-        "{% for m in messages %}{{ m['role'] | upper }}: {% if m['content'] is string %}{{ m['content'] }}"
-        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}"
-        "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
-
-    def __init__(self, path: Path, config: Any) -> None:
-        super().__init__(path, config)
-        from transformers import LlavaProcessor
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-        self.processor = LlavaProcessor(
-            image_processor=LlavaImageProcessorPil.from_pretrained(str(path)),
-            tokenizer=self.tokenizer,
-            patch_size=config.vision_config.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            num_additional_image_tokens=1 if config.vision_feature_select_strategy == "default" else 0,
-        )
-        self.image_token_id = int(config.image_token_id)
-
-    def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        text = self.render(messages)
-        out = self.processor(text=[text], images=[Image.fromarray(i) for i in images] or None, return_tensors="pt")
-        ids = out["input_ids"]
-        vision = {"pixel_values": out["pixel_values"]} if "pixel_values" in out else {}
-        return Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
         out = model.model.get_image_features(
@@ -337,15 +302,13 @@ class Llava(Family):
         return _flatten(out)
 
 
-FAMILIES: tuple[type[Family], ...] = (Qwen2VL, Idefics3, Llava)
+ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Idefics3, Llava)
 
 
 def family_for(model_type: str) -> type[Family]:
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
-    known = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise ValueError(f"model type '{model_type}' is not supported (supported: {known})")
+    """The adapter for ``model_type``, or the generic path (:class:`Family`) for any other
+    model transformers loads."""
+    return next((f for f in ADAPTERS if model_type in f.model_types), Family)
 
 
 def _flatten(out: Any) -> torch.Tensor:
@@ -355,18 +318,3 @@ def _flatten(out: Any) -> torch.Tensor:
     if isinstance(features, list | tuple):
         features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     return features.reshape(-1, features.shape[-1])
-
-
-def _chat_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The model's own chat template: chat_template.jinja, chat_template.json, or the
-    tokenizer's."""
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    js = path / "chat_template.json"
-    if js.is_file():
-        template = json.loads(js.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, str):
-            return template
-    template = getattr(tokenizer, "chat_template", None)
-    return template if isinstance(template, str) else None

@@ -81,11 +81,20 @@ class MemoryPrefix:
 
         parts = [text(HEADER)]
         for entry in entries:
-            line = f"[{entry.start_ns / 1e9:.1f}-{entry.end_ns / 1e9:.1f} s] {entry.text}".strip()
-            parts.append(text(line, self.text_tokens))
+            parts.append(text(entry_line(entry), self.text_tokens))
             parts.append(torch.from_numpy(entry.visual).to(device=device, dtype=dtype))
             parts.append(text("\n"))
         return torch.cat(parts)[None]
+
+
+def entry_line(entry: MemoryEntry) -> str:
+    """An entry's text line: its time span and what was said or summarised then."""
+    return f"[{entry.start_ns / 1e9:.1f}-{entry.end_ns / 1e9:.1f} s] {entry.text}".strip()
+
+
+def memory_lines(entries: tuple[MemoryEntry, ...]) -> str:
+    """The memory as text (for models without the K/V prefix): the header, a line per entry."""
+    return HEADER + "".join(entry_line(e) + "\n" for e in entries)
 
 
 def prefix_positions(length: int, family: Family, device: torch.device) -> torch.Tensor:

@@ -66,7 +66,7 @@ from stream_rt.graph.packets import (
     WatchState,
 )
 from stream_rt.memory.streaming import MemoryEntry, StreamingMemory
-from stream_rt.mllm.backend import Backend, MissingWeights
+from stream_rt.mllm.backend import Backend, ModelUnavailable
 from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.requests import build_request
@@ -159,12 +159,14 @@ class MllmStage(Node):
         self._interrupted: list[MllmRequest] = []  # ...when the stage was stopped
 
     async def start(self, ctx: Context) -> None:
-        """Load the backend. Missing weights stop the graph (a configuration to fix); any
-        other failure is logged and each call then reports it, while perception goes on."""
+        """Load the backend. A model that cannot be used (missing weights, a model
+        transformers cannot load, a technique it does not support) stops the graph: a
+        configuration to fix. Any other failure is logged and each call then reports it,
+        while perception goes on."""
         self._stopping = False
         try:
             await self.backend.start()
-        except MissingWeights:
+        except ModelUnavailable:
             raise
         except Exception as exc:
             log.error("MLLM backend '%s' cannot start: %s", self.backend.name, describe_error(exc))

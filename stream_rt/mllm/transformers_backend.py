@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,42 +29,31 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
-from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, OnText, answer_from_text
+from stream_rt.mllm.backend import (
+    Backend,
+    BackendError,
+    MissingWeights,
+    ModelUnavailable,
+    OnText,
+    answer_from_text,
+    first_line,
+)
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.decoding import TokenStream
-from stream_rt.mllm.families import Family, Prepared, family_for
+from stream_rt.mllm.decoding import Generation, TokenStream
+from stream_rt.mllm.families import ADAPTERS, Family, Prepared, family_for
+from stream_rt.mllm.generic import generate_generic
 from stream_rt.mllm.layer_exit import LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
 from stream_rt.mllm.prefill import KV, run_prefill
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
-from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
+from stream_rt.mllm.token_reuse import TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry
 
 log = logging.getLogger("stream_rt.mllm")
-
-
-@dataclass
-class Generation:
-    """What one call produced, with where the time went."""
-
-    text: str
-    token_ids: list[int]
-    stop: str  # contract | eos | max_tokens | cancelled
-    prompt_tokens: int
-    visual_tokens: int
-    encode_s: float
-    prefill_s: float
-    decode_s: float
-    first_logits: torch.Tensor | None = None
-    exit_depth: float | None = None  # mean layers run per decoded token, with the layer exit
-    reuse: ReuseOutcome | None = None  # what token reuse saved, when it is on
-    memory_tokens: int = 0  # length of the memory prefix before the prompt
-    visual_dropped: int = 0  # visual tokens compression left out
-    summary: npt.NDArray[np.float32] | None = None  # the keyframe's pooled visual tokens
 
 
 class TransformersBackend(Backend):
@@ -106,56 +94,42 @@ class TransformersBackend(Backend):
             await self.in_model_thread(self.load)
 
     def load(self) -> None:
-        """Load the weights (blocking). Raises :class:`MissingWeights` if they are not here."""
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        """Load the weights (blocking). Raises :class:`ModelUnavailable` (one line) if the
+        model is not here, transformers cannot load it, or a configured technique does not
+        work with it."""
+        from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         if self.threads:
             torch.set_num_threads(self.threads)
-        path = self._resolve()
+        path, self.name = resolve_model(self.model_ref, self.allow_download)
         self.smoke = is_smoke_model(path)
         if self.smoke:
             log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
-        config = AutoConfig.from_pretrained(str(path))
-        family = family_for(config.model_type)
+        config, family, processor = inspect_model(path, self.techniques)
         dtype = _dtype(self.dtype, self.device)
-        with _quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
-            self.model = model.to(self.device).eval()  # type: ignore[arg-type]
-        self.family = family(path, config)
-        # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.x.
-        parameters = inspect.signature(self.model.get_decoder().forward).parameters
-        self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
-        log.info("MLLM: %s (%s family) on %s, %s", self.name, family.name, self.device, dtype)
-
-    def _resolve(self) -> Path:
-        if self.model_ref == "smoke":
-            self.name = "smoke"
-            return build_smoke_model()
-        local = Path(self.model_ref).expanduser()
-        if local.is_dir():
-            if not (local / "config.json").is_file():
-                raise MissingWeights(f"'{local}' is not a model directory (no config.json)")
-            return local
-        if local.suffix or self.model_ref.startswith((".", "/", "~")):
-            raise MissingWeights(f"model directory '{self.model_ref}' does not exist")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
         try:
-            return Path(snapshot_download(self.model_ref, local_files_only=not self.allow_download))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-            how = (
-                "it is not in the local Hugging Face cache and downloads are off; run "
-                f"`huggingface-cli download {self.model_ref}` where there is network (or copy the model "
-                'directory here and give its path), or use model = "smoke"'
-            )
-            raise MissingWeights(
-                f"cannot load model '{self.model_ref}': {how}"
-                if not self.allow_download
-                else f"cannot download model '{self.model_ref}': {str(exc).splitlines()[0]}"
-            ) from None
+            with _quiet_transformers():
+                model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+                self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+            self.family = family(path, config, processor)
+        except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+            self.model = None
+            raise ModelUnavailable(f"cannot load model '{self.model_ref}': {first_line(exc)}") from None
+        if family.adapter:
+            # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.x.
+            parameters = inspect.signature(self.model.get_decoder().forward).parameters
+            self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
+        how = f"{family.name} adapter" if family.adapter else "generic path"
+        log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
+
+    @property
+    def techniques(self) -> list[str]:
+        """The techniques this backend was configured with that need a family adapter."""
+        wanted = {"token reuse": self.token_reuse, "clip compression": self.compression,
+                  "layer exit": self.layer_exit}  # fmt: skip
+        return [name for name, setting in wanted.items() if setting is not None]
 
     async def answer(self, request: MllmRequest, on_text: OnText | None = None) -> MllmAnswer:
         if self.model is None:
@@ -189,8 +163,8 @@ class TransformersBackend(Backend):
             extra["visual_dropped"] = gen.visual_dropped
         return answer_from_text(
             request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth, visual_summary=gen.summary,
-            timings={"encode": gen.encode_s, "prefill": gen.prefill_s, "decode": gen.decode_s,
-                     "total": time.perf_counter() - started},
+            timings={**({"encode": gen.encode_s} if gen.encode_s is not None else {}), "prefill": gen.prefill_s,
+                     "decode": gen.decode_s, "total": time.perf_counter() - started},
             tokens={"prompt": gen.prompt_tokens, "visual": gen.visual_tokens, "generated": len(gen.token_ids),
                     **extra},
         )  # fmt: skip
@@ -229,6 +203,16 @@ class TransformersBackend(Backend):
         if self.model is None:
             self.load()
         assert self.family is not None
+        if not self.family.adapter:
+            with self._lock, torch.inference_mode():
+                limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+                stream = TokenStream(self.family.tokenizer, self.family.eos_ids, limit,
+                                     contract_stop=self.contract_stop, cancel=cancel, on_text=on_text)  # fmt: skip
+                return generate_generic(
+                    self.model, self.family, images, text, stream, limit=limit, now=self._now,
+                    memory=memory[1] if memory is not None else (), summary_tokens=summary_tokens,
+                    keyframe=len(images) - 1 if clip is not None else 0, on_prompt=on_prompt,
+                )  # fmt: skip
         summary, memory_tokens, visual_dropped, outcome = None, 0, 0, None
         with self._lock, torch.inference_mode():
             # prepare -> encode (tile / encoder reuse) -> compress -> memory prefix -> prefill
@@ -362,6 +346,82 @@ class TransformersBackend(Backend):
                                exit=self.layer_exit)  # fmt: skip
             logits, cache = step.logits, (step.keys, step.values)
         return stream.ids, stream.text, stream.stop
+
+
+def resolve_model(ref: str, allow_download: bool = False) -> tuple[Path, str]:
+    """(the model's directory, its name) for ``ref``: ``"smoke"``, a local directory, or a
+    hub id (from the local cache only, unless ``allow_download``). Raises
+    :class:`MissingWeights` saying how to provide it."""
+    if ref == "smoke":
+        return build_smoke_model(), "smoke"
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise MissingWeights(f"'{local}' is not a model directory (no config.json)")
+        return local, ref
+    if local.suffix or ref.startswith((".", "/", "~")):
+        raise MissingWeights(f"model directory '{ref}' does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=not allow_download)), ref
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        if allow_download:
+            raise MissingWeights(f"cannot download model '{ref}': {first_line(exc)}") from None
+        raise MissingWeights(
+            f"cannot load model '{ref}': it is not in the local Hugging Face cache and downloads are off; run "
+            f"`{download_command()} {ref}` where there is network (or copy the model directory here and give its "
+            'path), or use model = "smoke"'
+        ) from None
+
+
+def download_command() -> str:
+    """The command the installed huggingface_hub provides to download a model."""
+    import importlib.metadata
+
+    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")}
+    return "hf download" if "hf" in scripts or "huggingface-cli" not in scripts else "huggingface-cli download"
+
+
+def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any, type[Family], Any]:
+    """(the model's config, the family that runs it, its processor), checked before any
+    weight is read:
+    transformers knows the model type and loads it as an image-text-to-text model, its
+    processor can be assembled here, and every technique in ``techniques`` (names, as
+    :attr:`TransformersBackend.techniques` gives them) has the family adapter it needs.
+    Raises :class:`ModelUnavailable` saying which of these fails."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from stream_rt.mllm.processors import ProcessorUnavailable, load_processor
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelUnavailable(
+            f"transformers {transformers.__version__} cannot read the config of {path}: {first_line(exc)}"
+        ) from None
+    model_type = str(config.model_type)
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ModelUnavailable(
+            f"{path} is a '{model_type}' model, which transformers {transformers.__version__} does not load as an "
+            "image-text-to-text (vision-language) model"
+        )
+    family = family_for(model_type)
+    refused = [t for t in techniques or [] if not family.adapter]
+    if refused:
+        adapters = ", ".join(t for f in ADAPTERS for t in f.model_types)
+        raise ModelUnavailable(
+            f"{' and '.join(refused)} need a family adapter, and model type '{model_type}' has none (it runs on the "
+            f"generic path; adapters: {adapters}): turn them off or use a model of those types"
+        )
+    try:
+        processor = load_processor(path, model_type)
+    except ProcessorUnavailable as exc:
+        raise ModelUnavailable(str(exc)) from None
+    return config, family, processor
 
 
 def on_device(prepared: Prepared, device: torch.device) -> Prepared:

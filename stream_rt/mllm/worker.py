@@ -37,7 +37,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_rt.mllm.batching import MAX_BATCH, ContinuousBatch
-from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
+from stream_rt.mllm.decoding import Generation
+from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.sources.av_decode import decode_image
 
 log = logging.getLogger("stream_rt.worker")

@@ -1,0 +1,427 @@
+"""Small random-weight models of the vision-language families people run, built offline.
+
+:func:`build_tiny_model` writes a normal Hugging Face model directory for a model type —
+``config.json`` shaped like the family's real checkpoints but small, seeded random
+weights, a byte-level tokenizer with the family's special tokens, the image processor's
+settings, the processor's settings and a chat template in the family's layout — so the
+whole path (processor, vision encoder, language model, decoding) runs with no download.
+Its answers are NOT meaningful. ``size="tiny"`` is for tests (well under 1M parameters);
+``"realistic"`` is shaped like the family's small checkpoints (a few hundred million
+parameters), for latency benchmarks.
+
+Each family's recipe says only what differs: its special tokens, its chat template, the
+config fields naming the image tokens, and how small its image processor's images are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger("stream_rt.mllm")
+
+Size = Literal["tiny", "realistic"]
+MARKER = "stream_rt_tiny.json"
+VERSION = 1
+
+Ids = dict[str, int]
+"""Special token -> id in the built tokenizer."""
+
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _chatml(image: str) -> str:
+    return _CHATML.replace("IMAGE", image)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a family's tiny model needs besides its config class's defaults."""
+
+    specials: dict[str, str]  # tokenizer attribute -> token (image_token, boi_token, ...)
+    others: tuple[str, ...]  # further special tokens
+    eos: str
+    template: str
+    config: Callable[[Ids, Size], dict[str, Any]]  # config kwargs from the tokens' ids
+    image_processor: Callable[[Size], dict[str, Any]]  # the image processor's settings
+    processor: Callable[[Size], dict[str, Any]] = field(default=lambda size: {})  # processor_config.json
+    bos: str | None = None
+
+
+def _text(size: Size, **extra: Any) -> dict[str, Any]:
+    """A decoder's dimensions: tiny, or about SmolLM2-360M's (~250-400M with the vision tower)."""
+    dims = (
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16}
+        if size == "tiny"
+        else {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 28, "num_attention_heads": 15,
+              "num_key_value_heads": 5, "head_dim": 64}
+    )  # fmt: skip
+    return dims | {"max_position_embeddings": 8192, "tie_word_embeddings": True} | extra
+
+
+def _siglip(size: Size, image_size: int, patch_size: int, **extra: Any) -> dict[str, Any]:
+    dims = (
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        if size == "tiny"
+        else {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+    )
+    return dims | {"image_size": image_size, "patch_size": patch_size} | extra
+
+
+def _mrope_section(text: dict[str, Any]) -> list[int]:
+    """M-RoPE's split of the rotary half into time, height and width (about 1:1.5:1.5)."""
+    half = text["head_dim"] // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _qwen2_vl(ids: Ids, size: Size) -> dict[str, Any]:
+    text = _text(size)
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(text)}
+    vision = (
+        {"depth": 2, "embed_dim": 32, "num_heads": 2}
+        if size == "tiny"
+        else {"depth": 12, "embed_dim": 768, "num_heads": 12}
+    )
+    return {
+        "text_config": text | {"rope_parameters": rope},
+        "vision_config": vision | {"hidden_size": text["hidden_size"], "mlp_ratio": 4, "patch_size": 14,
+                                   "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+    }  # fmt: skip
+
+
+def _qwen2_5_vl(ids: Ids, size: Size) -> dict[str, Any]:
+    config = _qwen2_vl(ids, size)
+    vision = config["vision_config"]
+    tiny = size == "tiny"
+    config["vision_config"] = {
+        "depth": vision["depth"], "hidden_size": vision["embed_dim"], "num_heads": vision["num_heads"],
+        "intermediate_size": 4 * vision["embed_dim"], "out_hidden_size": config["text_config"]["hidden_size"],
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56 if tiny else 112,
+        "fullatt_block_indexes": [1] if tiny else [3, 7, 11],
+    }  # fmt: skip
+    return config
+
+
+def _qwen3_vl(ids: Ids, size: Size) -> dict[str, Any]:
+    config = _qwen2_vl(ids, size)
+    tiny = size == "tiny"
+    text = config["text_config"]
+    text["rope_parameters"] |= {"mrope_interleaved": True}
+    config["vision_config"] = {
+        "depth": 3 if tiny else 12, "hidden_size": 32 if tiny else 768, "num_heads": 2 if tiny else 12,
+        "intermediate_size": 64 if tiny else 3072, "out_hidden_size": text["hidden_size"], "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64 if tiny else 2304,
+        "deepstack_visual_indexes": [0, 1] if tiny else [3, 6, 9],
+    }  # fmt: skip
+    text["tie_word_embeddings"] = True
+    return config
+
+
+def _idefics3(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    return {
+        "text_config": {"model_type": "llama", **_text(size)},
+        "vision_config": _siglip(size, 64 if tiny else 512, 16),
+        "scale_factor": 2 if tiny else 4, "image_token_id": ids["<image>"],
+    }  # fmt: skip
+
+
+def _llava(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    vision = _siglip(size, 64 if tiny else 336, 16 if tiny else 14) | {"projection_dim": 32 if tiny else 512}
+    return {
+        "text_config": {"model_type": "llama", **_text(size)},
+        "vision_config": {"model_type": "clip_vision_model", **vision},
+        "image_token_index": ids["<image>"], "vision_feature_layer": -1,
+    }  # fmt: skip
+
+
+def _llava_onevision(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    side = 64 if tiny else 384
+    return {
+        "text_config": {"model_type": "qwen2", **_text(size)},
+        "vision_config": {"model_type": "siglip_vision_model", **_siglip(size, side, 16 if tiny else 14)},
+        "image_token_index": ids["<image>"], "video_token_index": ids["<video>"],
+        "image_grid_pinpoints": [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_4",
+    }  # fmt: skip
+
+
+def _gemma3(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    text = _text(size) | {
+        "sliding_window": 16 if tiny else 512, "query_pre_attn_scalar": 16 if tiny else 64,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        * (1 if tiny else 7),
+    }  # fmt: skip
+    return {
+        "text_config": text, "vision_config": _siglip(size, 64 if tiny else 448, 16 if tiny else 14),
+        "mm_tokens_per_image": 4 if tiny else 256, "boi_token_index": ids["<start_of_image>"],
+        "eoi_token_index": ids["<end_of_image>"], "image_token_index": ids["<image_soft_token>"],
+    }  # fmt: skip
+
+
+def _internvl(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    vision = _siglip(size, 64 if tiny else 448, 16 if tiny else 14)
+    side = vision.pop("image_size")
+    patch = vision.pop("patch_size")
+    return {
+        "text_config": {"model_type": "qwen2", **_text(size)},
+        "vision_config": vision | {"image_size": [side, side], "patch_size": [patch, patch]},
+        "image_token_id": ids["<IMG_CONTEXT>"], "image_seq_length": (side // patch) ** 2 // 4,
+    }  # fmt: skip
+
+
+def _mistral3(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    vision = (
+        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16}
+        if tiny
+        else {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "head_dim": 64}
+    )  # fmt: skip
+    return {
+        "text_config": {"model_type": "mistral", **_text(size)},
+        "vision_config": {"model_type": "pixtral", **vision, "image_size": 64 if tiny else 512, "patch_size": 16},
+        "image_token_index": ids["[IMG]"], "spatial_merge_size": 2,
+    }  # fmt: skip
+
+
+def _lfm2_vl(ids: Ids, size: Size) -> dict[str, Any]:
+    tiny = size == "tiny"
+    text = _text(size)
+    text["layer_types"] = ["conv", "full_attention"] * (text["num_hidden_layers"] // 2)
+    text.pop("head_dim")
+    return {
+        "text_config": {"model_type": "lfm2", **text},
+        "vision_config": {"model_type": "siglip2_vision_model", **_siglip(size, 0, 16), "num_patches": 256},
+        "image_token_id": ids["<image>"], "projector_hidden_size": 64 if tiny else 2560, "downsample_factor": 2,
+    }  # fmt: skip
+
+
+def _qwen2_processor(size: Size) -> dict[str, Any]:
+    side = 112 if size == "tiny" else 448  # at most 16 (tiny) or ~256 visual tokens
+    return {"min_pixels": 56 * 56, "max_pixels": side * side}
+
+
+def _qwen3_processor(size: Size) -> dict[str, Any]:
+    side = 128 if size == "tiny" else 512
+    return {"size": {"shortest_edge": 64 * 64, "longest_edge": side * side}, "patch_size": 16, "merge_size": 2}
+
+
+def _square(side_tiny: int, side: int) -> Callable[[Size], dict[str, Any]]:
+    def settings(size: Size) -> dict[str, Any]:
+        s = side_tiny if size == "tiny" else side
+        return {"size": {"height": s, "width": s}}
+
+    return settings
+
+
+_QWEN_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}  # fmt: skip
+_IDEFICS_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'] is string %}: {{ m['content'] }}{% else %}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+_IDEFICS_OTHERS = ("<|im_start|>", "<fake_token_around_image>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))  # fmt: skip
+
+
+def _idefics_processor(size: Size) -> dict[str, Any]:
+    tile = 64 if size == "tiny" else 512
+    return {"size": {"longest_edge": 2 * tile}, "max_image_size": {"longest_edge": tile}, "do_image_splitting": True}
+
+
+def _idefics_seq(size: Size) -> dict[str, Any]:
+    return {"image_seq_len": 4 if size == "tiny" else 64}
+
+
+# fmt: off
+RECIPES: dict[str, Recipe] = {
+    "qwen2_vl": Recipe(_QWEN_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>",
+                       _chatml("<|vision_start|><|image_pad|><|vision_end|>"), _qwen2_vl, _qwen2_processor),
+    "qwen2_5_vl": Recipe(_QWEN_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>",
+                         _chatml("<|vision_start|><|image_pad|><|vision_end|>"), _qwen2_5_vl, _qwen2_processor),
+    "qwen3_vl": Recipe(_QWEN_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>",
+                       _chatml("<|vision_start|><|image_pad|><|vision_end|>"), _qwen3_vl, _qwen3_processor),
+    "idefics3": Recipe({"image_token": "<image>"}, _IDEFICS_OTHERS, "<end_of_utterance>", _IDEFICS_TEMPLATE,
+                       _idefics3, _idefics_processor, _idefics_seq),
+    "smolvlm": Recipe({"image_token": "<image>"}, (*_IDEFICS_OTHERS, "<video>"), "<end_of_utterance>",
+                      _IDEFICS_TEMPLATE, _idefics3, _idefics_processor, _idefics_seq),
+    "llava": Recipe(
+        {"image_token": "<image>"}, ("<unk>", "<pad>"), "</s>",
+        "{% for m in messages %}{{ m['role'] | upper }}: {% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+        _llava, lambda size: {"size": {"shortest_edge": 64 if size == "tiny" else 336},
+                              "crop_size": {"height": 64 if size == "tiny" else 336,
+                                            "width": 64 if size == "tiny" else 336}},
+        lambda size: {"patch_size": 16 if size == "tiny" else 14, "vision_feature_select_strategy": "default",
+                      "num_additional_image_tokens": 1},
+        bos="<s>",
+    ),
+    "llava_onevision": Recipe(
+        {"image_token": "<image>", "video_token": "<video>"}, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>",
+        _chatml("<image>\n"), _llava_onevision,
+        lambda size: {"size": {"height": 64 if size == "tiny" else 384, "width": 64 if size == "tiny" else 384},
+                      "image_grid_pinpoints": _llava_onevision({"<image>": 0, "<video>": 0}, size)[
+                          "image_grid_pinpoints"]},
+        lambda size: {"num_image_tokens": 16 if size == "tiny" else 729, "vision_feature_select_strategy": "full",
+                      "vision_aspect_ratio": "anyres_max_4"},
+    ),
+    "gemma3": Recipe(
+        {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"},
+        ("<pad>", "<start_of_turn>"), "<end_of_turn>",
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+        "\n{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        _gemma3, _square(64, 448), lambda size: {"image_seq_length": 4 if size == "tiny" else 256}, bos="<bos>",
+    ),
+    "internvl": Recipe(
+        {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+         "video_token": "<video>"},
+        ("<|im_start|>", "<|endoftext|>"), "<|im_end|>", _chatml("<IMG_CONTEXT>\n"), _internvl,
+        lambda size: {**_square(64, 448)(size), "crop_to_patches": False},
+        lambda size: {"image_seq_length": 4 if size == "tiny" else 256},
+    ),
+    "mistral3": Recipe(
+        {}, ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"), "</s>",
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{% if m['content'] is string %}"
+        "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}[IMG]{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}[/INST]{% else %}{{ m['content'] }}</s>{% endif %}"
+        "{% endfor %}",
+        _mistral3, lambda size: {"size": {"longest_edge": 64 if size == "tiny" else 512},
+                                 "patch_size": {"height": 16, "width": 16}},
+        lambda size: {"patch_size": 16, "spatial_merge_size": 2},
+        bos="<s>",
+    ),
+    "lfm2_vl": Recipe(
+        {"image_token": "<image>", "image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
+         "image_thumbnail_token": "<|img_thumbnail|>"},
+        ("<|im_start|>", "<|pad|>", *(f"<|img_row_{r}_col_{c}|>" for r in range(1, 5) for c in range(1, 5))),
+        "<|im_end|>", _chatml("<image>"), _lfm2_vl,
+        lambda size: {"tile_size": 64 if size == "tiny" else 512, "min_image_tokens": 4 if size == "tiny" else 64,
+                      "max_image_tokens": 16 if size == "tiny" else 256, "max_tiles": 4, "min_tiles": 2,
+                      "encoder_patch_size": 16, "downsample_factor": 2},
+        bos="<|startoftext|>",
+    ),
+}
+# fmt: on
+"""The families :func:`build_tiny_model` knows, by ``config.model_type``."""
+
+
+def default_tiny_dir(model_type: str, size: Size = "tiny", seed: int = 0) -> Path:
+    from stream_rt.mllm.smoke import cache_root
+
+    return cache_root() / "tiny" / f"{model_type}-{size}-seed{seed}-v{VERSION}"
+
+
+def build_tiny_model(model_type: str, path: str | Path | None = None, *, size: Size = "tiny", seed: int = 0) -> Path:
+    """Write (or find, if already written) a random-weight model of ``model_type`` in
+    ``path`` (default: under the stream_rt cache) and return its directory."""
+    recipe = RECIPES.get(model_type)
+    if recipe is None:
+        raise ValueError(f"no tiny recipe for model type '{model_type}' (known: {', '.join(sorted(RECIPES))})")
+    target = Path(path) if path is not None else default_tiny_dir(model_type, size, seed)
+    marker = {"model_type": model_type, "size": size, "seed": seed, "version": VERSION}
+    if (target / MARKER).is_file() and json.loads((target / MARKER).read_text()) == marker:
+        return target
+    log.info("building a %s %s model (random weights, not meaningful) in %s", size, model_type, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        _write(recipe, model_type, size, seed, staging)
+        (staging / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write(recipe: Recipe, model_type: str, size: Size, seed: int, where: Path) -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tokenizer = byte_tokenizer(recipe)
+    tokenizer.save_pretrained(str(where))
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
+    ids |= {token: tokenizer.convert_tokens_to_ids(token) for token in recipe.others}
+    ids = dict(sorted(ids.items(), key=lambda kv: kv[1]))
+    settings = recipe.config(ids, size)
+    settings["text_config"]["vocab_size"] = len(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids(recipe.eos)
+    settings["text_config"] |= {"eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id,
+                                "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    config = AutoConfig.for_model(model_type, **settings, eos_token_id=eos, tie_word_embeddings=True)
+    save_image_processor(model_type, recipe.image_processor(size), where)
+    processor = {"processor_class": _processor_class(model_type), **recipe.processor(size)}
+    (where / "processor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    (where / "chat_template.jinja").write_text(recipe.template, encoding="utf-8")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForImageTextToText.from_config(config).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.save_pretrained(str(where))
+
+
+def byte_tokenizer(recipe: Recipe) -> Any:
+    """A byte-level BPE without merges (every byte a token, so any text encodes) with the
+    recipe's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    named = {"eos_token": recipe.eos} | ({"bos_token": recipe.bos} if recipe.bos else {})
+    tokens = [*named.values(), *recipe.specials.values(), *recipe.others]
+    tok.add_special_tokens(list(dict.fromkeys(tokens)))
+    pad = next((t for t in recipe.others if "pad" in t or "endoftext" in t), recipe.eos)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, extra_special_tokens=dict(recipe.specials),
+                                   **named)  # fmt: skip
+
+
+def _processor_class(model_type: str) -> str:
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES  # type: ignore[attr-defined]
+
+    return str(PROCESSOR_MAPPING_NAMES[model_type])
+
+
+def save_image_processor(model_type: str, settings: dict[str, Any], where: Path) -> None:
+    """Write the family's image processor with ``settings`` (``preprocessor_config.json``),
+    named as real checkpoints name it (the class name without its backend's suffix)."""
+    from stream_rt.mllm.processors import image_processor_class
+
+    image_processor_class(model_type)(**settings).save_pretrained(str(where))
+    saved = where / "preprocessor_config.json"
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    data["image_processor_type"] = str(data.get("image_processor_type", "")).removesuffix("Pil")
+    saved.write_text(json.dumps(data, indent=2), encoding="utf-8")
