@@ -301,6 +301,14 @@ class Llava(Family):
         )
         return _flatten(out)
 
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        """Each image is one square of patches, every patch a token (the class token, if
+        the strategy kept it, is not a visual token of the prompt)."""
+        vision = self.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        images = int(prepared.vision["pixel_values"].shape[0]) if prepared.vision else 0
+        return [TokenGrid(i, (0.0, 0.0, 1.0, 1.0), side, side) for i in range(images)]
+
 
 ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Idefics3, Llava)
 
