@@ -238,7 +238,7 @@ def relock(tmp: Path, holds: list[str], pytest_args: list[str]) -> None:
         fail(f"the lock's torch ({new.get('torch')}) is not setup.sh's {torch}")
     old = pins(LOCK.read_text()) if LOCK.exists() else {}
     moves = describe_moves(old, new)
-    step(f"resolved {len(new)} packages; against requirements.lock: {len(moves)} changes")
+    step(f"resolved {len(new)} packages; moved, added or removed against requirements.lock: {len(moves)}")
 
     venv = tmp / "venv"
     python = venv / "bin" / "python"
@@ -279,7 +279,7 @@ def relock(tmp: Path, holds: list[str], pytest_args: list[str]) -> None:
     step(f"pytest passed: {tested}")
     print("\n".join(moves) or "  (no package moved)")
     LOCK.write_text(text)
-    say(f"rewrote {LOCK.relative_to(REPO)}: {len(moves)} packages moved, added or removed; review and commit it")
+    say(f"rewrote {LOCK.relative_to(REPO)} ({len(moves)} moved, added or removed); review and commit it")
 
 
 if __name__ == "__main__":
