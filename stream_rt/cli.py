@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except DetectorUnavailable as exc:
         print(f"stream-rt: {exc} (or set [detect] enabled = false)", file=sys.stderr)
         return 2
+    except ModelUnavailable as exc:
+        print(f"stream-rt: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return code
@@ -225,8 +228,16 @@ def _validate(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"{args.config}: sources ({source.id}): objects {unknown} are not COCO labels "
                               f"(such as {', '.join(COCO_LABELS[:3])}, traffic_light)")  # fmt: skip
+    model = None
+    if config.mllm is not None:
+        from stream_rt.pipeline import build_backend
+
+        try:
+            model = build_backend(config.mllm).check()
+        except ModelUnavailable as exc:
+            raise ConfigError(f"{args.config}: [mllm] model: {exc}") from None
     ids = ", ".join(s.id for s in config.sources) or "none"
-    print(f"{args.config}: OK ({len(config.sources)} sources: {ids})")
+    print(f"{args.config}: OK ({len(config.sources)} sources: {ids})" + (f"; model {model}" if model else ""))
     if args.effective:
         for source in config.sources:
             print(f"\n[sources.{source.id}]  # effective settings")
@@ -287,6 +298,7 @@ def _replay(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config or 'replay'}: {exc}") from None
+    _check_model(pipeline)
     if args.report is not None:
         attach_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
@@ -310,12 +322,21 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
+    _check_model(pipeline)
     log.info("running %d sources: %s", len(pipeline.sources), ", ".join(s.name for s in pipeline.sources))
     started = time.monotonic()
     code = _execute(pipeline, progress=False, ops=config.ops)
     wall = time.monotonic() - started
     log.info("%s", summary("stopped", pipeline.graph.statistics(), pipeline.sources, wall))
     return code
+
+
+def _check_model(pipeline: Pipeline) -> None:
+    """A model that cannot be used is one line and exit code 2 before anything starts
+    (:class:`ModelUnavailable`, reported by :func:`main`); what only loading can find out
+    (damaged weights) still stops the graph at start."""
+    if pipeline.mllm is not None:
+        pipeline.mllm.backend.check()
 
 
 def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -> int:

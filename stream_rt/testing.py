@@ -14,6 +14,14 @@ For what crosses a network: :class:`Broker` runs a real mosquitto on a loopback 
 topic with paho-mqtt, :func:`feed_graph` feeds numbered events to a sink under test,
 :func:`start_worker` starts a real ``stream-rt worker`` process, and :func:`free_port` /
 :func:`wait_listening` find and wait for ports.
+
+For models: :func:`tiny_model` writes a small random-weight model directory of a
+vision-language family (Qwen2/2.5/3-VL, SmolVLM, Idefics3, LLaVA, LLaVA-OneVision,
+Gemma 3, InternVL, LFM2-VL, Mistral 3) with its tokenizer, processor settings and chat
+template, all built locally, so a config can be tried offline with the model type it
+will run (its answers are not meaningful)::
+
+    model = tiny_model("gemma3")  # then [mllm] model = "<that directory>"
 """
 
 from __future__ import annotations
@@ -40,8 +48,21 @@ from stream_rt.graph.packets import Event, Packet, Salience
 from stream_rt.sinks.callback import CallbackSink
 from stream_rt.sources.synthetic import SyntheticSource
 
-__all__ = ["Broker", "ListSource", "ManualClock", "PacedEvents", "Subscriber", "SyntheticSource", "feed_graph",
-           "free_port", "numbered_event", "run_node", "wait_listening"]  # fmt: skip
+__all__ = ["TINY_MODEL_TYPES", "Broker", "ListSource", "ManualClock", "PacedEvents", "Subscriber", "SyntheticSource",
+           "feed_graph", "free_port", "numbered_event", "run_node", "tiny_model", "wait_listening"]  # fmt: skip
+
+TINY_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "idefics3", "llava", "llava_onevision", "gemma3",
+                    "internvl", "lfm2_vl", "mistral3")  # fmt: skip
+"""The ``config.model_type`` values :func:`tiny_model` can write."""
+
+
+def tiny_model(model_type: str, directory: str | Path | None = None, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight model of ``model_type`` (one of :data:`TINY_MODEL_TYPES`)
+    into ``directory`` (default: a cache under ``$XDG_CACHE_HOME/stream_rt``, reused
+    while it is complete) and return it. Needs the ``mllm`` extra; nothing is downloaded."""
+    from stream_rt.mllm.tiny_models import build_tiny_model
+
+    return build_tiny_model(model_type, directory, seed=seed)
 
 
 class ListSource(Source):

@@ -75,6 +75,11 @@ class Backend:
             self._thread = ModelThread(f"stream_rt-model-{self.name}"[:60])
         return await self._thread.run(fn, *args)
 
+    def check(self) -> str:
+        """Check, without loading anything, that the backend can work as configured; one
+        line saying what it will use. Raises :class:`ModelUnavailable` otherwise."""
+        return self.name
+
     async def start(self) -> None:
         """Load what the backend needs (weights, connections); called once before use."""
 

@@ -128,15 +128,18 @@ def _timed_encoder(model: Any, calls: list[tuple[float, Any]], now: Callable[[],
 
 def _image_features(out: Any, keyframe: int, images: int) -> torch.Tensor | None:
     """Image ``keyframe``'s features, (tokens, dim), from what ``get_image_features``
-    returned: a tensor (images first, or all tokens), a list per image, or an output
-    object holding either."""
+    returned: a tensor (images first, or all tokens), a list per image (or per tile), or an
+    output object holding either. Where images cannot be told apart, all of them."""
     features = getattr(out, "pooler_output", None)
     if features is None:
         features = out[0] if isinstance(out, tuple) and out and isinstance(out[0], list | tuple) else out
     if isinstance(features, list | tuple):
-        if len(features) == images and all(isinstance(f, torch.Tensor) for f in features):
+        if not features or not all(isinstance(f, torch.Tensor) for f in features):
+            return None
+        if len(features) == images:
             return features[keyframe].reshape(-1, features[keyframe].shape[-1])
-        return None
+        # per tile rather than per image: the tiles of every image, which stand for the keyframe
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     if not isinstance(features, torch.Tensor):
         return None
     if features.dim() >= 3 and features.shape[0] == images:

@@ -60,7 +60,11 @@ def default_smoke_dir(family: Family = "qwen2_vl", size: Size = "tiny", seed: in
 
 
 def is_smoke_model(path: str | Path) -> bool:
-    return (Path(path) / SMOKE_MARKER).is_file()
+    """Whether ``path`` holds a model stream_rt built with random weights (the smoke model,
+    or a tiny model of :mod:`stream_rt.mllm.tiny_models`): its answers are not meaningful."""
+    from stream_rt.mllm.tiny_models import MARKER
+
+    return (Path(path) / SMOKE_MARKER).is_file() or (Path(path) / MARKER).is_file()
 
 
 def build_smoke_model(

@@ -124,6 +124,22 @@ class TransformersBackend(Backend):
         how = f"{family.name} adapter" if family.adapter else "generic path"
         log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
 
+    def check(self) -> str:
+        """Check, without reading any weight, that the model can be loaded here with the
+        configured techniques (:func:`inspect_model`); a line saying what will run it.
+        Raises :class:`ModelUnavailable` otherwise."""
+        if self.model_ref == "smoke":
+            return "smoke (random weights, built on first use)"
+        try:
+            path, name = resolve_model(self.model_ref, allow_download=False)
+        except MissingWeights:
+            if not self.allow_download:
+                raise
+            return f"{self.model_ref} (not in the local cache: downloaded at start)"
+        config, family, _ = inspect_model(path, self.techniques)
+        how = f"{family.name} adapter" if family.adapter else "generic path"
+        return f"{name} ({config.model_type}, {how})"
+
     @property
     def techniques(self) -> list[str]:
         """The techniques this backend was configured with that need a family adapter."""
@@ -397,6 +413,8 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
 
     from stream_rt.mllm.processors import ProcessorUnavailable, load_processor
 
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelUnavailable(f"{path} holds no weights (*.safetensors or *.bin)")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -413,9 +431,10 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
     refused = [t for t in techniques or [] if not family.adapter]
     if refused:
         adapters = ", ".join(t for f in ADAPTERS for t in f.model_types)
+        verb = "needs" if len(refused) == 1 else "need"
         raise ModelUnavailable(
-            f"{' and '.join(refused)} need a family adapter, and model type '{model_type}' has none (it runs on the "
-            f"generic path; adapters: {adapters}): turn them off or use a model of those types"
+            f"{' and '.join(refused)} {verb} a family adapter, and model type '{model_type}' has none (it runs on "
+            f"the generic path; adapters: {adapters}): turn them off or use a model of those types"
         )
     try:
         processor = load_processor(path, model_type)
