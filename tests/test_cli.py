@@ -57,6 +57,39 @@ def test_a_model_that_is_not_here_gives_one_clear_line(samples: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_model_that_cannot_be_used_is_one_line_before_anything_starts(samples: Path, tmp_path: Path) -> None:
+    """validate, replay and run refuse such a model up front (exit 2, one line); before,
+    a replay answered every event 'error' and exited 0."""
+    from stream_rt.testing import tiny_model
+
+    text_only = tmp_path / "bert"  # a model transformers loads, but not as a vision-language one
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (text_only / "model.safetensors").write_bytes(b"")
+    no_weights = tmp_path / "empty"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    generic = tiny_model("internvl")  # runs on the generic path: no adapter for token reuse
+    cases = [
+        (text_only, "", "does not load as an image-text-to-text"),
+        (no_weights, "", "holds no weights"),
+        (generic, "token_reuse = { enabled = true }", "token reuse needs a family adapter"),
+    ]
+    for model, extra, expected in cases:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[[sources]]\nid = "cam"\nurl = "{samples / "still_motion.mkv"}"\n'
+                          f'[mllm]\nmodel = "{model}"\n{extra}\n')  # fmt: skip
+        for command in (["validate", str(config)], ["replay", str(samples / "still_motion.mkv"), "--config",
+                                                     str(config)]):  # fmt: skip
+            result = run_cli(*command)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (command, result.stderr)
+    ok = tmp_path / "ok.toml"
+    ok.write_text(f'[[sources]]\nid = "cam"\nurl = "{samples / "still_motion.mkv"}"\n[mllm]\nmodel = "{generic}"\n')
+    result = run_cli("validate", str(ok))
+    assert result.returncode == 0 and "(internvl, generic path)" in result.stdout, result.stderr
+
+
 def test_random_bytes_give_one_clear_line(tmp_path: Path) -> None:
     junk = tmp_path / "camera.mp4"
     junk.write_bytes(np.random.default_rng(3).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
