@@ -2,11 +2,17 @@
 transformers' own ``generate``.
 
 The inputs come from the model's own processor and chat template
-(:class:`~stream_rt.mllm.families.Family`); ``generate`` decodes greedily, and every token
-it chooses goes to a :class:`~stream_rt.mllm.decoding.TokenStream` through a stopping
-criterion, so text streams out as it is decoded and decoding stops when the answer
-contract's JSON object closes, at the token limit, at end of sequence or when cancelled —
-for the same reasons as on the adapters' path. The memory goes in as text before the
+(:class:`~stream_rt.mllm.families.Family`). The :class:`~stream_rt.mllm.decoding.TokenStream`
+chooses every token (greedy, or sampled as the request asks) in a logits processor that
+leaves ``generate``'s own greedy choice that one token, and takes it back through a
+stopping criterion, so text streams out as it is decoded and decoding stops when the
+answer contract's JSON object closes, at a stop string, at the token limit, at end of
+sequence or when cancelled — tokens are chosen and decoding stops as on the adapters'
+path. (``generate``'s own sampling would draw from torch's global random state; the
+stream's generator is the request's own, seeded by its ``seed``.) The logits the stream
+sees are those ``generate`` hands its logits processors: the model's raw logits, after
+only the processors the model's ``generation_config`` turns on for greedy decoding (such
+as a repetition penalty). The memory goes in as text before the
 question (the adapters put it in as a K/V prefix).
 
 Where the time goes: the vision encoder is timed around the model's
@@ -51,6 +57,22 @@ class _Criterion:
         return torch.full((input_ids.shape[0],), not going, dtype=torch.bool, device=input_ids.device)
 
 
+class _Choice:
+    """A ``generate`` logits processor that lets ``stream`` choose the next token and
+    leaves greedy decoding no other."""
+
+    def __init__(self, stream: TokenStream) -> None:
+        self.stream = stream
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.stream.stop:  # a step generate takes after the stopping criterion said stop
+            return scores
+        token = self.stream.choose(scores[0])
+        only = torch.full_like(scores, -torch.inf)
+        only[:, token] = 0.0
+        return only
+
+
 def generate_generic(
     model: Any,
     family: Family,
@@ -65,7 +87,7 @@ def generate_generic(
     keyframe: int = 0,
     on_prompt: Callable[[int], None] | None = None,
 ) -> Generation:
-    """One answer from ``model.generate`` (greedy), streamed through ``stream``. With
+    """One answer from ``model.generate``, its tokens chosen and streamed by ``stream``. With
     ``summary_tokens``, the features of image ``keyframe`` are pooled to that many tokens
     (for the memory) when the model's encoder could be observed."""
     if memory:
@@ -84,6 +106,7 @@ def generate_generic(
         with _timed_encoder(model, encoded, now):
             model.generate(
                 **inputs, max_new_tokens=max(1, limit), do_sample=False, stopping_criteria=[criterion],
+                logits_processor=[_Choice(stream)],
                 eos_token_id=sorted(family.eos_ids), pad_token_id=family.tokenizer.pad_token_id or ids[0, -1].item(),
             )  # fmt: skip
     ended = now()
@@ -95,7 +118,7 @@ def generate_generic(
         summary = pooled_tokens(features, summary_tokens) if features is not None else None
     return Generation(
         stream.text, stream.ids, stream.stop, prompt, visual, encode_s, first - started - (encode_s or 0.0),
-        ended - first, summary=summary,
+        ended - first, summary=summary, logprobs=stream.logprobs,
     )  # fmt: skip
 
 
