@@ -24,19 +24,14 @@ preprocessor config, chat template) plus ``stream_rt_smoke.json``; it is cached 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from stream_rt.mllm.processors import processor_class
-from stream_rt.mllm.tiny_models import RECIPES, byte_tokenizer, save_image_processor
-from stream_rt.mllm.tiny_models import Size as TinySize
+from stream_rt.mllm.tiny_models import RECIPES, byte_tokenizer, write_once, write_processing
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -73,41 +68,27 @@ def build_smoke_model(
     """Build (or find, if already built) the smoke model and return its directory."""
     target = Path(path) if path is not None else default_smoke_dir(family, size, seed)
     marker = {"family": family, "size": size, "seed": seed, "version": SMOKE_VERSION}
-    if (target / SMOKE_MARKER).is_file() and json.loads((target / SMOKE_MARKER).read_text()) == marker:
-        return target
-    log.info("building the %s %s smoke model (random weights, not meaningful) in %s", size, family, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    return write_once(target, SMOKE_MARKER, marker, lambda where: _write(family, size, seed, where))
+
+
+def _write(family: Family, size: Size, seed: int, where: Path) -> None:
+    recipe = RECIPES[family]
+    tokenizer = byte_tokenizer(recipe)
+    config = _config(family, size, tokenizer)
+    write_processing(recipe, family, "tiny" if size == "tiny" else "realistic", tokenizer, where)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    if size == "2b":  # ~4.4 GB written instead of ~9 GB
+        torch.set_default_dtype(torch.bfloat16)
     try:
-        recipe = RECIPES[family]
-        tokenizer = byte_tokenizer(recipe)
-        config = _config(family, size, tokenizer)
-        tokenizer.save_pretrained(str(staging))
-        shape: TinySize = "tiny" if size == "tiny" else "realistic"
-        save_image_processor(family, recipe.image_processor(shape), staging)
-        processor = {"processor_class": processor_class(family).__name__, **recipe.processor(shape)}
-        (staging / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
-        (staging / "chat_template.jinja").write_text(recipe.template, encoding="utf-8")
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        default_dtype = torch.get_default_dtype()
-        if size == "2b":  # ~4.4 GB written instead of ~9 GB
-            torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = _model_class(family)(config).eval()
-            if size == "tiny":
-                _fit_answer(model, tokenizer, staging, seed)
-        finally:
-            torch.random.set_rng_state(generator_state)
-            torch.set_default_dtype(default_dtype)
-        model.save_pretrained(str(staging))
-        (staging / SMOKE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        model = _model_class(family)(config).eval()
+        if size == "tiny":
+            _fit_answer(model, tokenizer, where, seed)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        torch.random.set_rng_state(generator_state)
+        torch.set_default_dtype(default_dtype)
+    model.save_pretrained(str(where))
 
 
 def _config(family: Family, size: Size, tokenizer: Any) -> Any:

@@ -346,14 +346,22 @@ def build_tiny_model(model_type: str, path: str | Path | None = None, *, size: S
         raise ValueError(f"no tiny recipe for model type '{model_type}' (known: {', '.join(sorted(RECIPES))})")
     target = Path(path) if path is not None else default_tiny_dir(model_type, size, seed)
     marker = {"model_type": model_type, "size": size, "seed": seed, "version": VERSION}
-    if (target / MARKER).is_file() and json.loads((target / MARKER).read_text()) == marker:
+    return write_once(target, MARKER, marker, lambda where: _write(recipe, model_type, size, seed, where))
+
+
+def write_once(target: Path, marker_file: str, marker: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """``target`` as ``write`` makes it: written into a staging directory beside it, then
+    moved into place with ``marker`` (so an interrupted build leaves nothing half-made).
+    A directory whose marker already says ``marker`` is kept as it is."""
+    done = target / marker_file
+    if done.is_file() and json.loads(done.read_text()) == marker:
         return target
-    log.info("building a %s %s model (random weights, not meaningful) in %s", size, model_type, target)
+    log.info("building %s (random weights, not meaningful) in %s", marker, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        _write(recipe, model_type, size, seed, staging)
-        (staging / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        write(staging)
+        (staging / marker_file).write_text(json.dumps(marker), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -362,11 +370,21 @@ def build_tiny_model(model_type: str, path: str | Path | None = None, *, size: S
     return target
 
 
+def write_processing(recipe: Recipe, model_type: str, size: Size, tokenizer: Any, where: Path) -> None:
+    """The files a model's processor is assembled from: tokenizer, image processor
+    settings, processor settings and chat template."""
+    tokenizer.save_pretrained(str(where))
+    save_image_processor(model_type, recipe.image_processor(size), where)
+    processor = {"processor_class": _processor_class(model_type), **recipe.processor(size)}
+    (where / "processor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    (where / "chat_template.jinja").write_text(recipe.template, encoding="utf-8")
+
+
 def _write(recipe: Recipe, model_type: str, size: Size, seed: int, where: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     tokenizer = byte_tokenizer(recipe)
-    tokenizer.save_pretrained(str(where))
+    write_processing(recipe, model_type, size, tokenizer, where)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
     ids |= {token: tokenizer.convert_tokens_to_ids(token) for token in recipe.others}
     ids = dict(sorted(ids.items(), key=lambda kv: kv[1]))
@@ -376,10 +394,6 @@ def _write(recipe: Recipe, model_type: str, size: Size, seed: int, where: Path) 
     settings["text_config"] |= {"eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id,
                                 "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
     config = AutoConfig.for_model(model_type, **settings, eos_token_id=eos, tie_word_embeddings=True)
-    save_image_processor(model_type, recipe.image_processor(size), where)
-    processor = {"processor_class": _processor_class(model_type), **recipe.processor(size)}
-    (where / "processor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
-    (where / "chat_template.jinja").write_text(recipe.template, encoding="utf-8")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
