@@ -30,7 +30,7 @@ log = logging.getLogger("stream_rt.mllm")
 
 Size = Literal["tiny", "realistic"]
 MARKER = "stream_rt_tiny.json"
-VERSION = 1
+VERSION = 2  # 2: the tiny Qwen3-VL feeds three DeepStack layers, the tiny Gemma 3 scales queries by 1/sqrt(32)
 
 Ids = dict[str, int]
 """Special token -> id in the built tokenizer."""
@@ -128,7 +128,7 @@ def _qwen3_vl(ids: Ids, size: Size) -> dict[str, Any]:
         "depth": 3 if tiny else 12, "hidden_size": 32 if tiny else 768, "num_heads": 2 if tiny else 12,
         "intermediate_size": 64 if tiny else 3072, "out_hidden_size": text["hidden_size"], "patch_size": 16,
         "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64 if tiny else 2304,
-        "deepstack_visual_indexes": [0, 1] if tiny else [3, 6, 9],
+        "deepstack_visual_indexes": [0, 1, 2] if tiny else [3, 6, 9],
     }  # fmt: skip
     text["tie_word_embeddings"] = True
     return config
@@ -167,8 +167,9 @@ def _llava_onevision(ids: Ids, size: Size) -> dict[str, Any]:
 
 def _gemma3(ids: Ids, size: Size) -> dict[str, Any]:
     tiny = size == "tiny"
+    # The tiny one: a window shorter than any prompt, a query scale other than 1/sqrt(head_dim).
     text = _text(size) | {
-        "sliding_window": 16 if tiny else 512, "query_pre_attn_scalar": 16 if tiny else 64,
+        "sliding_window": 16 if tiny else 512, "query_pre_attn_scalar": 32 if tiny else 64,
         "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
         * (1 if tiny else 7),
     }  # fmt: skip
