@@ -1,8 +1,14 @@
-"""One call path where every technique composes: the layer loop is the model's own
-forward (a prompt, a prompt after a prefix, a decoded token); every combination of token
-reuse, clips with compression, the memory prefix and the layer exit, with nothing reused
-or skipped, gives what transformers' own forward over the whole sequence gives; and with
-a still view they reuse together.
+"""One call path where every technique composes, for every family with an adapter: the
+layer loop is the model's own forward (a prompt, a prompt after a prefix, a decoded
+token); every combination of token reuse, clips with compression, the memory prefix and
+the layer exit, with nothing reused or skipped, gives what transformers' own forward over
+the whole sequence gives; and with a still view they reuse together.
+
+The models (:mod:`tests.models`): the fitted smoke models of Qwen2-VL, Idefics3 and LLaVA,
+the tiny random-weight Qwen3-VL (DeepStack features into the first three layers) and
+Gemma 3 (sliding-window layers with a 16-token window, shorter than every prompt here, and
+four tokens per image that attend to each other), and for the layer loop and reuse a tiny
+Qwen3-VL-MoE.
 
 ``STREAM_RT_TEST_DEVICE=cuda`` runs the same checks on a GPU (``benchmarks/gpu.sh``)."""
 
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +30,17 @@ from stream_rt.memory.streaming import MemoryEntry
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.layer_exit import MAX_DISTANCE, LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
-from stream_rt.mllm.prefill import project, run_prefill
+from stream_rt.mllm.prefill import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
-from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
 from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 from .conftest import SAMPLES
+from .models import model_dir, own_logits
+from .models import own_forward as model_forward
 
-FAMILIES = ["qwen2_vl", "idefics3"]
+FAMILIES = ["qwen2_vl", "idefics3", "llava", "qwen3_vl", "gemma3"]
+LOOP_FAMILIES = [*FAMILIES, "qwen3_vl_moe"]
 QUESTION = "What is happening?"
 S = 1_000_000_000
 NEW_TOKENS = 6
@@ -61,38 +70,54 @@ def frames(samples: Path, indices: list[int], clip: str = "still_motion.mkv") ->
     return [out[i] for i in indices]
 
 
-def own_forward(backend: TransformersBackend, embeds: torch.Tensor, positions: torch.Tensor | None) -> tuple[Any, Any]:
-    """transformers' own decoder forward: (last logits, its KV cache)."""
+def own_forward(
+    backend: TransformersBackend,
+    embeds: torch.Tensor,
+    positions: torch.Tensor | None,
+    image_mask: torch.Tensor | None = None,
+    deepstack: Sequence[torch.Tensor] = (),
+) -> tuple[Any, Any]:
+    """transformers' own forward of the language model (:func:`tests.models.own_forward`):
+    (last logits, its KV cache)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=backend.model.config.get_text_config())
-    out = backend.model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True,
-                                      **{backend.cache_kw: cache})  # fmt: skip
-    return backend.model.lm_head(out.last_hidden_state[:, -1]).float(), cache
+    out = model_forward(backend.model, embeds, positions, cache, image_mask, deepstack)
+    return own_logits(backend.model, out), cache
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
 def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) -> None:
-    backend = TransformersBackend(str(build_smoke_model(family=family)), device=DEVICE, dtype="float32")  # type: ignore[arg-type]
+    backend = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32")
     backend.load()
     fam = backend.family
-    assert fam is not None
+    assert fam is not None and fam.adapter
     [frame] = frames(samples, [10])
     with torch.inference_mode():
         prepared = on_device(fam.prepare([frame], chat_messages(1, QUESTION), backend.model), backend.device)
-        embeds = backend.embed(prepared, fam.encode(backend.model, prepared))
-        positions = prepared.position_ids
-        reference, cache = own_forward(backend, embeds, positions)
-        ours = run_prefill(backend.model, embeds, positions, prepared.image_mask)
+        features = fam.encode(backend.model, prepared)
+        embeds = backend.embed(prepared, features)
+        positions, mask, deepstack = prepared.position_ids, prepared.image_mask, features.deepstack
+        if family.startswith("qwen3_vl"):
+            assert len(deepstack) == 3, "the tiny Qwen3-VL feeds three DeepStack layers"
+        reference, cache = own_forward(backend, embeds, positions, mask, deepstack)
+        ours = run_prefill(backend.model, embeds, positions, mask, deepstack=deepstack)
         assert torch.allclose(ours.logits, reference, atol=1e-4)
-        assert torch.allclose(ours.keys[-1], cache.layers[-1].keys, atol=1e-5)
-        # The same prompt in two parts: the second after the first's K/V (a memory prefix).
-        cut = prepared.length // 3
-        head = run_prefill(backend.model, embeds[:, :cut], None if positions is None else positions[..., :cut])
-        tail = run_prefill(backend.model, embeds[:, cut:], None if positions is None else positions[..., cut:],
-                           prefix=(head.keys, head.values))  # fmt: skip
+        last = len(ours.keys) - 1  # (a full-attention layer for Gemma 3: its cache keeps every position)
+        assert torch.allclose(ours.keys[last], cache.layers[last].keys, atol=1e-5)
+        # The same prompt in two parts: the second, with the images, after the first's K/V
+        # (a memory prefix).
+        cut = int(torch.nonzero(mask)[0])
+        assert cut > 0
+
+        def part(index: slice) -> torch.Tensor | None:
+            return None if positions is None else positions[..., index]
+
+        head = run_prefill(backend.model, embeds[:, :cut], part(slice(None, cut)))
+        tail = run_prefill(backend.model, embeds[:, cut:], part(slice(cut, None)), mask[cut:],
+                           prefix=(head.keys, head.values), deepstack=deepstack)  # fmt: skip
         assert torch.allclose(tail.logits, reference, atol=1e-4)
-        assert torch.allclose(tail.keys[-1], cache.layers[-1].keys, atol=1e-5)
+        assert torch.allclose(tail.keys[last], cache.layers[last].keys, atol=1e-5)
         # One decoded token after the whole prompt, with the layer exit measuring (never exits).
         token = torch.tensor([[int(reference.argmax())]], device=backend.device)
         step_embeds = backend.model.get_input_embeddings()(token)
@@ -100,9 +125,8 @@ def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) ->
         at = at.expand(3, 1, 1) if positions is not None and positions.dim() == 3 else at
         exit = LayerExit(every=1)
         step = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=exit)
-        out = backend.model.get_decoder()(inputs_embeds=step_embeds, position_ids=at, use_cache=True,
-                                          output_hidden_states=True, **{backend.cache_kw: cache})  # fmt: skip
-        expected = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
+        out = model_forward(backend.model, step_embeds, at, cache, output_hidden_states=True)
+        expected = own_logits(backend.model, out)
         # The same token leaving at the first exit that agrees with the one before (any distance).
         leaving = LayerExit(every=1, thresholds=[MAX_DISTANCE] * 8)
         early = run_prefill(backend.model, step_embeds, at, prefix=(ours.keys, ours.values), exit=leaving)
@@ -116,9 +140,9 @@ def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) ->
         with torch.inference_mode():
             after = out.hidden_states[depth]  # transformers' own hidden state after ``depth`` layers
             assert torch.allclose(early.logits, backend.model.lm_head(decoder.norm(after[:, -1])).float(), atol=1e-4)
-            cos, sin = decoder.rotary_emb(after, at)
+            rotary = layer_rotary(backend.model, after, at)
             for j in range(depth, len(layers)):  # the skipped layers get K/V from the exit's hidden state
-                _, key, value = project(layers[j], after, cos, sin, queries=False)
+                _, key, value = project(layers[j], after, *rotary[j], queries=False)
                 assert torch.allclose(early.keys[j][:, :, -1:], key, atol=1e-5)
                 assert torch.allclose(early.values[j][:, :, -1:], value, atol=1e-5)
     else:
@@ -151,6 +175,7 @@ def full_computation(backend: TransformersBackend, images: list[np.ndarray], mem
         embeds = backend.embed(prepared, features)
         positions = prepared.position_ids
         next_position = prepared.next_position
+        mask = prepared.image_mask.to(backend.device)
         if memory is not None:
             prefix = MemoryPrefix().embeds(backend.model, fam, memory)
             length = prefix.shape[1]
@@ -158,19 +183,18 @@ def full_computation(backend: TransformersBackend, images: list[np.ndarray], mem
             own = own.to(backend.device)
             positions = torch.cat([prefix_positions(length, fam, prefix.device), own], -1)
             embeds = torch.cat([prefix, embeds], 1)
+            mask = torch.cat([mask.new_zeros(length), mask])  # the memory's pooled tokens are not an image's
             next_position += length
-        logits, cache = own_forward(backend, embeds, positions)
+        logits, cache = own_forward(backend, embeds, positions, mask, features.deepstack)
         first, ids = logits, []
         three_d = positions is not None and positions.dim() == 3
         while len(ids) < NEW_TOKENS:
             token = int(logits.argmax())
             ids.append(token)
             at = torch.tensor([[next_position + len(ids) - 1]], device=backend.device)
-            out = backend.model.get_decoder()(
-                inputs_embeds=backend.model.get_input_embeddings()(torch.tensor([[token]], device=backend.device)),
-                position_ids=at.expand(3, 1, 1) if three_d else at, use_cache=True, **{backend.cache_kw: cache},
-            )  # fmt: skip
-            logits = backend.model.lm_head(out.last_hidden_state[:, -1]).float()
+            step = backend.model.get_input_embeddings()(torch.tensor([[token]], device=backend.device))
+            logits = own_logits(backend.model, model_forward(backend.model, step, at.expand(3, 1, 1) if three_d else at,
+                                                             cache))  # fmt: skip
     return first, ids
 
 
@@ -180,7 +204,7 @@ COMBINATIONS = list(itertools.product([False, True], repeat=4))  # token reuse, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_combination_with_nothing_reused_equals_full_computation(family: str, samples: Path) -> None:
-    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    path = str(model_dir(family))
     still = frames(samples, [10, 20, 30, 40, 50])
     reference_backend = TransformersBackend(path, contract_stop=False, device=DEVICE, dtype="float32")
     reference_backend.load()
@@ -212,16 +236,17 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
         first, ids = references[(clip, memory)]
         assert got.first_logits is not None
         difference = float((got.first_logits - first.to(got.first_logits.device)).abs().max())
+        print(f"{family} {name}: max |logit difference| {difference:.1e}")  # (shown with pytest -s)
         assert difference < 1e-4, (name, difference)
         assert got.token_ids == ids, name
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
 def test_reusing_an_identical_view_after_the_memory_equals_full_computation(family: str, samples: Path) -> None:
     """The same clip and memory asked twice: the second call reuses the K/V of its static
     tokens from an early layer on (the partial layer loop after a prefix), and since they
     are what it would compute, its logits are the full computation's."""
-    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    path = str(model_dir(family))
     still = frames(samples, [10, 20, 30])
     backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=TokenReuse(),
                                   compression=Compression(average=KEEP), device=DEVICE, dtype="float32")  # fmt: skip
@@ -232,7 +257,9 @@ def test_reusing_an_identical_view_after_the_memory_equals_full_computation(fami
         got = backend.generate(still, QUESTION, reuse=(("cam", QUESTION), "cam-1"), clip=timing,
                                memory=("cam", entries))  # fmt: skip
     assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
-    assert got.reuse.computed_share < 0.9
+    layers, start = len(backend.model.get_decoder().layers), ReuseSettings().start_layer
+    skipped = got.reuse.reused_tokens * (layers - start) / (got.prompt_tokens * layers)
+    assert got.reuse.computed_share == pytest.approx(1 - skipped), "reused from the start layer on"
     first, ids = full_computation(backend, still, entries, timing)
     assert got.first_logits is not None
     assert float((got.first_logits - first.to(got.first_logits.device)).abs().max()) < 1e-4
@@ -243,7 +270,7 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     """Token reuse with a sliding clip compressed by audio and the memory prefix: the frames
     two consecutive clips share reuse their encoder output exactly, still tokens reuse
     their K/V, and the answer's first token distribution stays the full computation's."""
-    path = str(build_smoke_model(family="idefics3"))
+    path = str(model_dir("idefics3"))
     still = frames(samples, [10, 20, 30, 40])
     reuse = TokenReuse()
     backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
@@ -274,3 +301,20 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     p, q = full.first_logits.log_softmax(-1), got.first_logits.log_softmax(-1)
     assert int(got.first_logits.argmax()) == int(full.first_logits.argmax())
     assert float((p.exp() * (p - q)).sum()) < 0.05
+
+
+def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
+    """Qwen3-VL (and its MoE variant) and Gemma 3 have adapters; Qwen3.5 and Gemma 4 stay
+    on the generic path (their docstrings say why). A technique an adapter lacks is one
+    line before any weight is read."""
+    from stream_rt.mllm.backend import ModelUnavailable
+    from stream_rt.mllm.families import Gemma3, Idefics3, Qwen3VL, family_for
+    from stream_rt.mllm.transformers_backend import inspect_model
+
+    assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
+    assert not any(family_for(t).adapter for t in ("qwen3_5", "qwen3_5_moe", "gemma4", "internvl"))
+    everything = ["token reuse", "clip compression", "layer exit"]
+    assert inspect_model(model_dir("gemma3"), everything)[1] is Gemma3
+    assert "tile reuse" in Idefics3.techniques and "tile reuse" not in Qwen3VL.techniques
+    with pytest.raises(ModelUnavailable, match=r"the gemma3 adapter \(model type 'gemma3'\) does not support tile"):
+        inspect_model(model_dir("gemma3"), ["token reuse", "tile reuse"])

@@ -1,7 +1,8 @@
 """Applying audio-guided token compression (:mod:`stream_rt.operators.compression`) to a
 prepared multi-frame request: the dropped visual tokens leave the sequence, the kept ones
 keep their original position ids (M-RoPE's 3-D ones for Qwen2-VL), so the model sees the
-frames where they were, with gaps."""
+frames where they were, with gaps. A kept token keeps every row of its features (its
+DeepStack rows too, for Qwen3-VL)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures
-from stream_rt.mllm.families import Family, Prepared
+from stream_rt.mllm.families import Family, Prepared, VisualFeatures
 from stream_rt.operators.compression import FrameTokens, compress
 
 
@@ -28,19 +29,19 @@ class Compression:
         self,
         family: Family,
         prepared: Prepared,
-        features: torch.Tensor,
+        features: VisualFeatures,
         frame_pts: list[int],
         audio: list[AudioFeatures],
-    ) -> tuple[Prepared, torch.Tensor, npt.NDArray[np.intp]]:
+    ) -> tuple[Prepared, VisualFeatures, npt.NDArray[np.intp]]:
         """(the compressed request, its visual features, which of the request's visual
         tokens each kept one is) for one image per frame."""
         grids = family.token_grids(prepared)
         per_image = [sum(g.size for g in grids if g.image == i) for i in range(len(frame_pts))]
         visual = torch.nonzero(prepared.image_mask.cpu()).flatten().numpy()
-        if sum(per_image) != len(visual) or len(visual) != features.shape[0]:
+        if sum(per_image) != len(visual) or len(visual) != len(features):
             raise ValueError("compression needs one image per frame, each image's tokens together")
         frames, offset = [], 0
-        host = features.detach().float().cpu().numpy()
+        host = features.tokens.detach().float().cpu().numpy()
         for pts, n in zip(frame_pts, per_image, strict=True):
             frames.append(FrameTokens(pts, host[offset : offset + n], visual[offset : offset + n].astype(np.int64)))
             offset += n
@@ -62,4 +63,4 @@ class Compression:
             image_mask=prepared.image_mask[index.to(prepared.image_mask.device)],
             position_ids=positions,
         )
-        return compressed, features[rows.to(features.device)], rows.numpy()
+        return compressed, features.rows(rows.to(features.tokens.device)), rows.numpy()

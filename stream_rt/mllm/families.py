@@ -1,15 +1,44 @@
 """How a model family turns (images, messages) into model inputs, and — for the families
-with an adapter — how its visual features are computed and which positions the tokens get.
+with an adapter — how its visual features are computed, which positions the tokens get,
+and how its decoder layers differ from Llama's.
 
 Every family goes through the model's own processor and chat template
 (:mod:`stream_rt.mllm.processors`), into a :class:`Prepared` input whose ``image_mask``
-marks the visual tokens. An adapter also computes the visual features that replace them,
-so the language model runs on embeddings in stream_rt's own layer loop: the backend times
-the vision encoder apart from prefill, and the techniques reuse or drop visual tokens.
+marks the visual tokens. An adapter also computes the visual features that replace them
+(:class:`VisualFeatures`), so the language model runs on embeddings in stream_rt's own
+layer loop (:mod:`stream_rt.mllm.prefill`), which consults the family's :class:`Layout`:
+the backend times the vision encoder apart from prefill, and the techniques reuse or drop
+visual tokens.
+
+Adapters and what they support (:attr:`Family.techniques`; the backend refuses the rest
+at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
+
+- Qwen2-VL / Qwen2.5-VL, Qwen3-VL (and Qwen3-VL-MoE: its experts route each token on its
+  own, so computing some rows of a layer is still exact), LLaVA: token reuse, clip
+  compression, the memory's K/V prefix, the layer exit. Their vision encoders see the
+  whole image at once, so there is no tile to reuse.
+- SmolVLM / Idefics3: all of those, and tile reuse (its encoder works tile by tile).
+- Gemma 3: token reuse, clip compression, memory prefix, layer exit; its encoder sees the
+  whole (square) image, so no tile reuse; pan-and-scan crops are off on this path.
+
+Families that stay on the generic path (the model's own ``generate``), and why:
+
+- Qwen3.5 / Qwen3.5-MoE (``qwen3_5``, ``qwen3_5_moe``): three of every four decoder layers
+  are Gated DeltaNet linear attention, a recurrent state rather than per-position K/V, so
+  a position cannot keep last call's K/V (token reuse), a memory prefix is a state rather
+  than K/V to put before a prompt, and the one layer loop would need the recurrence.
+- Gemma 4 (``gemma4``): another decoder layer than Gemma 3's — per-layer input
+  embeddings looked up from the token ids and fed to every layer, value norms, a
+  per-layer output scale, keys that double as values in its global layers where
+  configured, partial ("proportional") rotary, and its last layers reading
+  the K/V an earlier layer computed (K/V sharing), which token reuse and the layer exit,
+  both filling K/V layer by layer, would have to follow.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +72,43 @@ class Prepared:
         return int(self.input_ids.shape[1])
 
 
+@dataclass
+class VisualFeatures:
+    """A request's visual features, in prompt order (one row per visual token): ``tokens``
+    replace the visual tokens' embeddings; ``deepstack`` (Qwen3-VL's DeepStack) holds one
+    tensor per early decoder layer, added to the visual tokens' hidden states after that
+    layer (:func:`~stream_rt.mllm.prefill.run_prefill`)."""
+
+    tokens: torch.Tensor  # (visual tokens, hidden size)
+    deepstack: tuple[torch.Tensor, ...] = ()  # per layer from the first: (visual tokens, hidden size)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, index: torch.Tensor) -> VisualFeatures:
+        """The features of the visual tokens ``index`` (the same rows of every tensor)."""
+        return VisualFeatures(self.tokens[index], tuple(d[index.to(d.device)] for d in self.deepstack))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a family's decoder layers differ from Llama's (RMSNorm, rotary attention over
+    grouped K/V, MLP; causal), as far as the one layer loop is concerned."""
+
+    windows: tuple[int | None, ...]  # per layer: a sliding layer's window (it sees itself and window - 1 before)
+    rotary_kinds: tuple[str, ...] = ()  # per layer, the kind the rotary module takes (own bases); () = one for all
+    sandwich: bool = False  # norms after attention and before and after the MLP (Gemma 3)
+    images_attend_within: bool = False  # in a prompt, a visual token sees every token of its image (Gemma 3)
+
+
+Technique = str
+"""A technique's name, as :attr:`TransformersBackend.techniques` gives them: ``"token reuse"``,
+``"clip compression"``, ``"layer exit"``, ``"memory prefix"``, ``"tile reuse"``."""
+
+LOOP_TECHNIQUES: frozenset[Technique] = frozenset({"token reuse", "clip compression", "memory prefix", "layer exit"})
+"""What every adapter supports: they all live in the one layer loop."""
+
+
 class Family:
     """Every model ``AutoModelForImageTextToText`` loads, through its own processor: the
     chat template renders the turn, the processor expands each image into its placeholder
@@ -56,6 +122,8 @@ class Family:
     adapter: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
     model_types: ClassVar[tuple[str, ...]] = ()
+    techniques: ClassVar[frozenset[Technique]] = frozenset()  # what this family supports (adapters)
+    processor_kwargs: ClassVar[dict[str, Any]] = {}  # passed to the processor with every request
 
     def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
         self.path = path
@@ -87,7 +155,7 @@ class Family:
         """What the model's processor makes of one user turn: ``input_ids``,
         ``attention_mask`` and the tensors its vision tower takes."""
         out = self.processor(text=[self.render(messages)], images=[Image.fromarray(i) for i in images] or None,
-                             return_tensors="pt")  # fmt: skip
+                             return_tensors="pt", **(self.processor_kwargs if images else {}))  # fmt: skip
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
@@ -101,9 +169,17 @@ class Family:
         """``prepared`` with its position ids, where they are not simply 0..L-1."""
         return prepared
 
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         """The visual features, (number of visual tokens, hidden size), in prompt order."""
         raise NotImplementedError(f"the {self.name} family has no adapter")
+
+    @classmethod
+    def layout(cls, model: PreTrainedModel) -> Layout:
+        """How ``model``'s decoder layers run in the layer loop. Here: Llama's, with a
+        sliding window wherever a layer's attention has one (Qwen2 with
+        ``use_sliding_window``)."""
+        layers = model.get_decoder().layers
+        return Layout(tuple(getattr(layer.self_attn, "sliding_window", None) for layer in layers))
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Which part of which image each visual token covers, in prompt order (for token
@@ -154,6 +230,7 @@ class Qwen2VL(Family):
     adapter = True
     mrope = True
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    techniques = LOOP_TECHNIQUES
 
     def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
         super().__init__(path, config, processor)
@@ -169,10 +246,9 @@ class Qwen2VL(Family):
         )  # fmt: skip
         return replace(prepared, position_ids=position_ids, next_position=int(position_ids.max()) + 1)
 
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
-        return _flatten(
-            model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
-        )
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
+        out = model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
+        return VisualFeatures(_flatten(out))
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         grids = prepared.vision["image_grid_thw"].tolist()
@@ -188,12 +264,13 @@ class Idefics3(Family):
     name = "idefics3"
     adapter = True
     model_types = ("idefics3", "smolvlm")
+    techniques = LOOP_TECHNIQUES | {"tile reuse"}
 
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         out = model.model.get_image_features(
             prepared.vision["pixel_values"], prepared.vision.get("pixel_attention_mask")
         )
-        return _flatten(out)
+        return VisualFeatures(_flatten(out))
 
     def tiles(self, prepared: Prepared) -> int:
         return int(prepared.vision["pixel_values"].shape[1]) if prepared.vision else 0
@@ -292,14 +369,15 @@ class Llava(Family):
     name = "llava"
     adapter = True
     model_types = ("llava",)
+    techniques = LOOP_TECHNIQUES
 
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> torch.Tensor:
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         out = model.model.get_image_features(
             prepared.vision["pixel_values"],
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         )
-        return _flatten(out)
+        return VisualFeatures(_flatten(out))
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Each image is one square of patches, every patch a token (the class token, if
@@ -310,13 +388,83 @@ class Llava(Family):
         return [TokenGrid(i, (0.0, 0.0, 1.0, 1.0), side, side) for i in range(images)]
 
 
-ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Idefics3, Llava)
+class Qwen3VL(Qwen2VL):
+    """Qwen3-VL and Qwen3-VL-MoE: Qwen2-VL's layout (16-pixel patches merged 2x2, M-RoPE
+    positions from the model's ``get_rope_index``; the interleaving of the three axes is
+    its rotary module's business) with **DeepStack**: the vision encoder also hands out
+    features from a few of its intermediate layers, one tensor per early decoder layer,
+    added to the visual tokens' hidden states after that layer. The encoder sees the whole
+    image (no tiles). The MoE variant's experts route each token on its own, so the loop
+    computing only some rows of a layer (token reuse) stays exact."""
+
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
+        out = model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
+        deepstack = tuple(torch.cat([f.reshape(-1, f.shape[-1]) for f in layer]) for layer in out.deepstack_features)
+        return VisualFeatures(_flatten(out), deepstack)
+
+
+class Gemma3(Family):
+    """Gemma 3: each image is one square of ``mm_tokens_per_image`` tokens (SigLIP patches
+    average-pooled) between ``<start_of_image>`` and ``<end_of_image>``. Its decoder
+    layers: sandwich norms (after attention, before and after the MLP), q/k norms,
+    ``query_pre_attn_scalar`` scaling, sliding-window layers (``layer_types``,
+    ``sliding_window``) with their own rotary base beside the global ones, and during a
+    prompt the tokens of one image attend to each other both ways (the model's
+    ``token_type_ids`` mask); text, the memory prefix and decoded tokens stay causal.
+
+    transformers 5.24's Gemma 3 never applies ``attn_logit_softcapping`` (its attention
+    does not pass it on) nor, in the vision-language model, ``final_logit_softcapping``;
+    Gemma 3 checkpoints set both to null, and the loop does as the model does. Pan-and-scan
+    is off on this path: its crops would be images whose place in the frame token reuse
+    cannot know."""
+
+    name = "gemma3"
+    adapter = True
+    model_types = ("gemma3",)
+    techniques = LOOP_TECHNIQUES
+    processor_kwargs = {"do_pan_and_scan": False}
+
+    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
+        if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+            raise ValueError("a Gemma 3 whose text attends both ways (an embedding model) has no adapter")
+        super().__init__(path, config, processor)
+
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
+        return VisualFeatures(_flatten(model.model.get_image_features(prepared.vision["pixel_values"])))
+
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        """Each image is resized to a square and pooled to a square grid of tokens."""
+        side = math.isqrt(int(self.config.mm_tokens_per_image))
+        images = int(prepared.vision["pixel_values"].shape[0]) if prepared.vision else 0
+        return [TokenGrid(i, (0.0, 0.0, 1.0, 1.0), side, side) for i in range(images)]
+
+    @classmethod
+    def layout(cls, model: PreTrainedModel) -> Layout:
+        kinds = tuple(str(t) for t in model.config.get_text_config().layer_types)
+        return replace(super().layout(model), rotary_kinds=kinds, sandwich=True, images_attend_within=True)
+
+
+ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Qwen3VL, Idefics3, Llava, Gemma3)
 
 
 def family_for(model_type: str) -> type[Family]:
     """The adapter for ``model_type``, or the generic path (:class:`Family`) for any other
     model transformers loads."""
     return next((f for f in ADAPTERS if model_type in f.model_types), Family)
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[Any, Layout] = weakref.WeakKeyDictionary()
+
+
+def layout_of(model: PreTrainedModel) -> Layout:
+    """The :class:`Layout` of ``model``'s family (worked out once per loaded model)."""
+    layout = _LAYOUTS.get(model)
+    if layout is None:
+        layout = _LAYOUTS[model] = family_for(str(model.config.model_type)).layout(model)
+    return layout
 
 
 def _flatten(out: Any) -> torch.Tensor:

@@ -1,17 +1,28 @@
 """The language model's decoder layers, run by one loop that every technique plugs into.
 
-:func:`run_prefill` runs the decoder layers itself (the same operations as the Llama /
-Qwen2 layers transformers ships: RMSNorm, rotary attention with grouped K/V heads, MLP)
-for a prompt, or for one decoded token, with what the techniques need:
+:func:`run_prefill` runs the decoder layers itself (the same operations as the layers
+transformers ships: RMSNorm, rotary attention with grouped K/V heads and q/k norms where
+the model has them, MLP) for a prompt, or for one decoded token. Where a family's layers
+differ from Llama's, the loop consults the family's :class:`~stream_rt.mllm.families.Layout`
+(:meth:`Family.layout`): sliding-window layers (a position sees itself and the
+``window - 1`` positions before it, counted in the sequence, the prefix included), a
+rotary module per layer kind (Gemma 3's local and global bases), Gemma's sandwich norms,
+and a prompt's visual tokens attending to every token of their own image (Gemma 3). What
+the techniques need:
 
 - ``prefix`` (optional): K/V of the positions before these — the streaming memory's
   prefix before a prompt, or everything so far before a decoded token. Every computed
-  position attends to all of it; the K/V returned include it, so they are the cache for
-  what comes next.
+  position attends to all of it (within its layer's window); the K/V returned include
+  it, so they are the cache for what comes next.
 - ``computed[l]`` (optional, temporal token reuse): the positions computed at layer
   ``l``. A position left out keeps ``previous``'s K/V in that layer — it is no longer a
   query, but every computed position still attends to it. Sets must shrink with depth (a
   position reused at one layer is reused at every later one), as in VLA-Cache.
+- ``deepstack`` (Qwen3-VL's DeepStack): after layer ``i`` (for each of the first
+  ``len(deepstack)`` layers), ``deepstack[i]`` — one row per visual token — is added to
+  the hidden states of the visual tokens still computed. A token reused from a layer on
+  needs no more of it: its hidden state is not carried past that layer, and its K/V there
+  are the previous call's, made from its previous additions.
 - ``relevance_layer``: at that layer the attention weights of the question's tokens (the
   positions after the last visual token) onto the visual tokens are computed explicitly,
   head-averaged and summed, for the next call's relevance filter.
@@ -20,16 +31,19 @@ for a prompt, or for one decoded token, with what the techniques need:
   position, from the exit's hidden state.
 
 With every position computed and no exit it is the model's own forward pass (tested
-against it).
+against it for every adapter family).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from stream_rt.mllm.families import Layout, layout_of
 
 if TYPE_CHECKING:
     from stream_rt.mllm.layer_exit import LayerExit
@@ -72,6 +86,17 @@ def project(
     return (rotary(q.transpose(1, 2), cos, sin) if q is not None else None), rotary(k.transpose(1, 2), cos, sin), v
 
 
+def layer_rotary(model: Any, x: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, the rotary (cos, sin) of ``position_ids`` (one pair per layer
+    kind, shared by the layers of that kind)."""
+    decoder = model.get_decoder()
+    kinds = layout_of(model).rotary_kinds
+    if not kinds:
+        return [decoder.rotary_emb(x, position_ids)] * len(decoder.layers)
+    by_kind = {kind: decoder.rotary_emb(x, position_ids, kind) for kind in set(kinds)}
+    return [by_kind[kind] for kind in kinds]
+
+
 def run_prefill(
     model: Any,
     embeds: torch.Tensor,
@@ -84,17 +109,19 @@ def run_prefill(
     relevance_layer: int | None = None,
     entropy: bool = False,
     exit: LayerExit | None = None,
+    deepstack: Sequence[torch.Tensor] = (),
 ) -> PrefillResult:
     """Run ``embeds`` (1, L, hidden) through the decoder layers (see the module's text)."""
     decoder = model.get_decoder()
     layers = decoder.layers
+    layout = layout_of(model)
     length = embeds.shape[1]
     device = embeds.device
     before = prefix[0][0].shape[2] if prefix is not None else 0
     if position_ids is None:
         position_ids = torch.arange(before, before + length, device=device)[None]
     position_ids = position_ids.to(device)
-    cos_all, sin_all = decoder.rotary_emb(embeds, position_ids)
+    rotary = layer_rotary(model, embeds, position_ids)
     visual = torch.nonzero(image_mask.to(device)).flatten() if image_mask is not None else torch.arange(0)
     question = torch.arange(int(visual.max()) + 1 if len(visual) else 0, length, device=device)
     everything = torch.arange(length, device=device)
@@ -105,10 +132,9 @@ def run_prefill(
     relevance = None
     entropies: list[float] | None = [] if entropy else None
     done = 0
-    allowed: torch.Tensor | None = None  # one position (a decoded token) sees everything: no mask
-    if length > 1:
-        causal = everything[None, :] <= rows[:, None]  # by position, among these
-        allowed = torch.cat((causal.new_ones(length, before), causal), dim=1) if before else causal
+    images = image_mask if layout.images_attend_within and length > 1 else None
+    # Who each position may attend to, per distinct window (None: everything, no mask).
+    masks = {w: _allowed(length, before, w, images, device) for w in set(layout.windows)}
     exits = set(exit.exit_layers(len(layers))) if exit is not None else set()
     last_probs: torch.Tensor | None = None
     distances: list[float] = []
@@ -116,8 +142,9 @@ def run_prefill(
     logits: torch.Tensor | None = None
     depth = len(layers)
     for index, layer in enumerate(layers):
+        cos, sin = rotary[index]
         if logits is not None:  # exited: this layer only gets K/V, from the exit's hidden state
-            _, k, v = project(layer, hidden, cos_all[:, rows], sin_all[:, rows], queries=False)
+            _, k, v = project(layer, hidden, cos[:, rows], sin[:, rows], queries=False)
             keys.append(_joined(prefix, 0, index, k))
             values.append(_joined(prefix, 1, index, v))
             continue
@@ -125,11 +152,11 @@ def run_prefill(
         if len(wanted) != len(rows):
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)
-            assert allowed is not None
-            hidden, rows, allowed = hidden[:, keep], rows[keep], allowed[keep]
+            hidden, rows = hidden[:, keep], rows[keep]
+            masks = {w: m[keep] if m is not None else None for w, m in masks.items()}
         done += len(rows)
         attn = layer.self_attn
-        q, k, v = project(layer, hidden, cos_all[:, rows], sin_all[:, rows])
+        q, k, v = project(layer, hidden, cos[:, rows], sin[:, rows])
         assert q is not None
         if len(rows) != length:
             assert previous is not None, "reusing positions needs the previous call's K/V"
@@ -143,6 +170,7 @@ def run_prefill(
         groups = attn.num_key_value_groups
         k_rep = k_full.repeat_interleave(groups, dim=1) if groups > 1 else k_full
         v_rep = v_full.repeat_interleave(groups, dim=1) if groups > 1 else v_full
+        allowed = masks[layout.windows[index]]
         if (index == relevance_layer or entropies is not None) and len(visual) and len(question):
             at = torch.isin(rows, question)
             scores = (q[:, :, at] @ k_rep.transpose(-1, -2)) * attn.scaling
@@ -155,8 +183,9 @@ def run_prefill(
         mask = None if allowed is None else allowed[None, None]
         out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=attn.scaling)
         out = attn.o_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
-        hidden = hidden + out
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = _rest_of_layer(layer, layout, hidden, out)
+        if index < len(deepstack) and len(visual):
+            hidden = _added_to_visual(hidden, rows, visual, deepstack[index])
         if index + 1 in exits and index + 1 < len(layers):
             assert exit is not None
             exit_logits = model.lm_head(decoder.norm(hidden[:, -1])).float()
@@ -173,6 +202,54 @@ def run_prefill(
     if exit is not None:
         exit.record(depth, distances, tops)
     return PrefillResult(logits, keys, values, relevance, done / (length * len(layers)), entropies)
+
+
+def _rest_of_layer(layer: Any, layout: Layout, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The layer's output from its input ``hidden`` and its attention's output ``attended``:
+    the residual adds and the MLP, with Gemma's sandwich norms where the layout has them."""
+    if layout.sandwich:
+        hidden = hidden + layer.post_attention_layernorm(attended)
+        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    hidden = hidden + attended
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _added_to_visual(
+    hidden: torch.Tensor, rows: torch.Tensor, visual: torch.Tensor, features: torch.Tensor
+) -> torch.Tensor:
+    """``hidden`` (1, rows, hidden size) with ``features`` (one row per visual token, in
+    the order of ``visual``, the sorted positions of the visual tokens) added to the rows
+    that are visual tokens."""
+    carried = torch.isin(rows, visual)
+    if not bool(carried.any()):
+        return hidden
+    which = torch.searchsorted(visual, rows[carried])
+    hidden = hidden.clone()
+    hidden[0, carried] += features.to(hidden.device, hidden.dtype)[which]
+    return hidden
+
+
+def _allowed(
+    length: int, before: int, window: int | None, images: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """(length, before + length) bool: which positions each of these ``length`` positions
+    (after ``before`` of a prefix) attends to — the causal ones, within ``window``
+    positions of it if given, and with ``images`` (bool per position: a visual token) every
+    token of its own image, a run of visual tokens, as Gemma 3 does (its token-type mask:
+    within a window, only ever widened to the image's later tokens). ``None``: all."""
+    if length == 1 and (window is None or before < window):  # one position (a decoded token) sees everything
+        return None
+    queries = before + torch.arange(length, device=device)
+    keys = torch.arange(before + length, device=device)
+    allowed = keys[None, :] <= queries[:, None]
+    if images is not None:
+        images = images.to(device)
+        starts = images & ~torch.cat((images.new_zeros(1), images[:-1]))
+        image_of = torch.where(images, torch.cumsum(starts.long(), 0), -1)  # -1: text
+        allowed[:, before:] |= (image_of[:, None] == image_of[None, :]) & (image_of[:, None] >= 0)
+    if window is not None:
+        allowed &= keys[None, :] > queries[:, None] - window
+    return allowed
 
 
 def _joined(prefix: KV | None, which: int, layer: int, tensor: torch.Tensor) -> torch.Tensor:

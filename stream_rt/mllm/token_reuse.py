@@ -12,16 +12,21 @@ visual token, and
    :mod:`stream_rt.operators.token_reuse`);
 2. drops from them the **relevant** ones — the top ``relevant_share`` by the attention the
    question paid them last time — which are always recomputed;
-3. **encodes** only what changed (SmolVLM/Idefics3, whose encoder works per tile):
+3. **encodes** only what changed (SmolVLM/Idefics3, whose encoder works per tile — tile
+   reuse; the other adapters' encoders see the whole image, so they encode it whole):
    ``tiles="exact"`` reuses a tile whose pixels are identical, bit for bit; ``"static"``
    also one whose tokens are all static; with ``encoder_partial`` a tile with some
    changed tokens goes through the vision encoder with the same trick as below — its
    unchanged patches stop being queries from ``start_layer`` on and keep their previous
-   K/V and output. Other families encode the whole image;
+   K/V and output;
 4. runs the prefill layer by layer (:func:`~stream_rt.mllm.prefill.run_prefill`): every
    position is computed in the first ``start_layer`` layers; from there the reused tokens
    stop being queries and keep the previous K/V in that layer and every later one, while
-   the recomputed tokens still attend to them. ``schedule="entropy"`` reuses a growing
+   the recomputed tokens still attend to them (within their layer's window, and both ways
+   among an image's tokens for Gemma 3). Qwen3-VL's DeepStack features are added to the
+   visual tokens still computed after each early layer; a reused token gets none past
+   its last computed layer — its K/V there are the previous call's, made with its
+   previous additions. ``schedule="entropy"`` reuses a growing
    share per layer, from the attention entropy of the last full call (VLA-Cache:
    1 - min-max-normalised entropy, increases damped by 0.55); ``"fixed"`` reuses every
    static token from ``start_layer`` on.
@@ -52,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.families import Family, Prepared, TileState
+from stream_rt.mllm.families import Family, Prepared, TileState, VisualFeatures
 from stream_rt.mllm.prefill import KV, PrefillResult, run_prefill
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
@@ -173,7 +178,8 @@ class TokenReuse:
         t0 = time.perf_counter()
         features = self.encode(call, model, family, prepared)
         t1 = time.perf_counter()
-        result = self.prefill(call, model, prepared, embed(prepared, features))
+        result = self.prefill(call, model, prepared, embed(prepared, features),
+                              deepstack=features.deepstack if features is not None else ())  # fmt: skip
         return result, t1 - t0, time.perf_counter() - t1
 
     def begin(
@@ -203,7 +209,7 @@ class TokenReuse:
                 why = "too much changed"
         return ReuseCall(key, event_id, prefix, head, entry, grids, patches, static, why)
 
-    def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> torch.Tensor | None:
+    def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> VisualFeatures | None:
         """The visual features of ``call``'s request, reusing the entry's tiles it can."""
         features, call.tiles_reused, call.tile_pixels, call.tile_features, call.tile_states = self._encode(
             model, family, prepared, call.entry, call.static, call.why, call.grids
@@ -218,11 +224,13 @@ class TokenReuse:
         embeds: torch.Tensor,
         kept: npt.NDArray[np.intp] | None = None,
         prefix: KV | None = None,
+        deepstack: tuple[torch.Tensor, ...] = (),
     ) -> PrefillResult:
         """Prefill ``prepared`` — the request as it goes to the model: compressed (``kept``:
-        which of the tokens :meth:`begin` saw each visual token is) and after ``prefix``'s
-        K/V — reusing the entry's K/V of the positions that hold the same static token as
-        last time; then keep this call as the entry."""
+        which of the tokens :meth:`begin` saw each visual token is), after ``prefix``'s
+        K/V, with its visual features' ``deepstack`` rows (Qwen3-VL) — reusing the entry's
+        K/V of the positions that hold the same static token as last time; then keep this
+        call as the entry."""
         s = self.settings
         entry, why = call.entry, call.why
         visual = torch.nonzero(prepared.image_mask.cpu()).flatten()
@@ -233,7 +241,7 @@ class TokenReuse:
             why = "layout changed"  # compression kept another number of tokens
         if why:
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
-                                 relevance_layer=mid, entropy=s.schedule == "entropy")  # fmt: skip
+                                 relevance_layer=mid, entropy=s.schedule == "entropy", deepstack=deepstack)  # fmt: skip
             ratios = _entropy_schedule(result.entropy, s.start_layer) if result.entropy is not None else None
             reference = call.patches
             self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
@@ -256,7 +264,8 @@ class TokenReuse:
             # length: those positions are computed anyway; only the visual ones are reused.
             previous = (_fitted(entry.keys, prepared.length), _fitted(entry.values, prepared.length))
             result = run_prefill(model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
-                                 computed=computed, previous=previous, relevance_layer=mid)  # fmt: skip
+                                 computed=computed, previous=previous, relevance_layer=mid,
+                                 deepstack=deepstack)  # fmt: skip
             ratios = entry.layer_ratios
             # Tokens recomputed now take the current patch as their reference.
             reference = entry.patches.copy()
@@ -305,7 +314,7 @@ class TokenReuse:
     def _encode(
         self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
         why: str, grids: list[TokenGrid],
-    ) -> tuple[torch.Tensor | None, int, list[torch.Tensor], list[torch.Tensor], list[TileState | None]]:  # fmt: skip
+    ) -> tuple[VisualFeatures | None, int, list[torch.Tensor], list[torch.Tensor], list[TileState | None]]:  # fmt: skip
         """The visual features; per tile: reused whole when unchanged, re-encoded only
         where its tokens changed (``encoder_partial``), or encoded afresh."""
         if not prepared.vision:
@@ -343,7 +352,7 @@ class TokenReuse:
             else:
                 features.append(family.encode_tile(model, prepared, t))
                 states.append(None)
-        return torch.cat(features), reused, pixels, features, states
+        return VisualFeatures(torch.cat(features)), reused, pixels, features, states
 
 
 def _head(prepared: Prepared) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Local Hugging Face vision-language models (Qwen2-VL / Qwen2.5-VL, SmolVLM / Idefics3,
-LLaVA) on CPU or CUDA.
+"""Local Hugging Face vision-language models on CPU or CUDA: the family adapters (Qwen2-VL /
+Qwen2.5-VL, Qwen3-VL, SmolVLM / Idefics3, LLaVA, Gemma 3) and any other model transformers
+loads, on the generic path.
 
 The model runs in the backend's own thread with a greedy decoding loop of its own rather than
 ``generate()``: the vision encoder, prefill and each decoded token are timed apart, text
@@ -40,7 +41,7 @@ from stream_rt.mllm.backend import (
 )
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.decoding import Generation, TokenStream
-from stream_rt.mllm.families import ADAPTERS, Family, Prepared, family_for
+from stream_rt.mllm.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for
 from stream_rt.mllm.generic import generate_generic
 from stream_rt.mllm.layer_exit import LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
@@ -123,6 +124,8 @@ class TransformersBackend(Backend):
             self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
         how = f"{family.name} adapter" if family.adapter else "generic path"
         log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
+        if self.token_reuse is not None and "tile reuse" not in family.techniques:
+            log.info("MLLM: token reuse without tile reuse: the %s vision encoder sees whole images", family.name)
 
     def check(self) -> str:
         """Check, without reading any weight, that the model can be loaded here with the
@@ -250,24 +253,27 @@ class TransformersBackend(Backend):
                 t1 = self._now()
                 if summary_tokens and features is not None:
                     keyframe = len(images) - 1 if clip is not None else 0
-                    summary = pooled_tokens(features[self._image_rows(prepared, keyframe, len(images))], summary_tokens)
+                    rows = self._image_rows(prepared, keyframe, len(images))
+                    summary = pooled_tokens(features.tokens[rows], summary_tokens)
                 kept = None
                 if self.compression is not None and clip is not None and features is not None:
-                    before = features.shape[0]
+                    before = len(features)
                     prepared, features, kept = self.compression.apply(self.family, prepared, features, *clip)
-                    visual_dropped = before - features.shape[0]
+                    visual_dropped = before - len(features)
                 prefix = None
                 if memory is not None:
                     memory_state = self.memory_prefix.state(self.model, self.family, *memory, fingerprint)
                     prepared, memory_tokens = after_prefix(prepared, memory_state.length), memory_state.length
                     prefix = (memory_state.keys, memory_state.values)
                 embeds = self.embed(prepared, features)
+                deepstack = features.deepstack if features is not None else ()
                 if call is not None:
                     assert self.token_reuse is not None
-                    result = self.token_reuse.prefill(call, self.model, prepared, embeds, kept, prefix)
+                    result = self.token_reuse.prefill(call, self.model, prepared, embeds, kept, prefix, deepstack)
                     outcome = self.token_reuse.last
                 else:
-                    result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix)
+                    result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
+                                         deepstack=deepstack)  # fmt: skip
             except Exception:
                 if call is not None and self.token_reuse is not None:
                     self.token_reuse.reset(call.key)  # a model error starts the next call afresh
@@ -318,23 +324,23 @@ class TransformersBackend(Backend):
             cache.update(k, v, layer)
         return cache
 
-    def embed(self, prepared: Prepared, features: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, prepared: Prepared, features: VisualFeatures | None) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(prepared.input_ids.to(self.device))
         if features is not None:
             mask = prepared.image_mask.to(self.device)
-            if int(mask.sum()) != features.shape[0]:
-                raise BackendError(f"{int(mask.sum())} visual tokens in the prompt for {features.shape[0]} features")
-            embeds[0, mask] = features.to(embeds.dtype)
+            if int(mask.sum()) != len(features):
+                raise BackendError(f"{int(mask.sum())} visual tokens in the prompt for {len(features)} features")
+            embeds[0, mask] = features.tokens.to(embeds.dtype)
         return embeds
 
     def prefill(
-        self, prepared: Prepared, features: torch.Tensor | None, prefix: PrefixState | None = None
+        self, prepared: Prepared, features: VisualFeatures | None, prefix: PrefixState | None = None
     ) -> tuple[torch.Tensor, Any]:
         """Run the prompt through the language model, after ``prefix``'s K/V if given;
         (last-position logits, a transformers KV cache of it, for batched decoding)."""
         kv = (prefix.keys, prefix.values) if prefix is not None else None
         result = run_prefill(self.model, self.embed(prepared, features), prepared.position_ids, prepared.image_mask,
-                             prefix=kv)  # fmt: skip
+                             prefix=kv, deepstack=features.deepstack if features is not None else ())  # fmt: skip
         return result.logits, self.cache_of(result.keys, result.values)
 
     def decode(
@@ -405,7 +411,8 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
     weight is read:
     transformers knows the model type and loads it as an image-text-to-text model, its
     processor can be assembled here, and every technique in ``techniques`` (names, as
-    :attr:`TransformersBackend.techniques` gives them) has the family adapter it needs.
+    :attr:`TransformersBackend.techniques` gives them) is one its family adapter supports
+    (:attr:`Family.techniques`).
     Raises :class:`ModelUnavailable` saying which of these fails."""
     import transformers
     from transformers import AutoConfig
@@ -435,6 +442,12 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
         raise ModelUnavailable(
             f"{' and '.join(refused)} {verb} a family adapter, and model type '{model_type}' has none (it runs on "
             f"the generic path; adapters: {adapters}): turn them off or use a model of those types"
+        )
+    unsupported = [t for t in techniques or [] if t not in family.techniques]
+    if unsupported:
+        raise ModelUnavailable(
+            f"the {family.name} adapter (model type '{model_type}') does not support {' and '.join(unsupported)}; "
+            f"it supports {', '.join(sorted(family.techniques))}: turn the others off"
         )
     try:
         processor = load_processor(path, model_type)
