@@ -97,15 +97,16 @@ def test_most_changed_keeps_the_tokens_that_moved() -> None:
     assert sorted(most_changed(after, before, 3).tolist()) == [3, 17, 42]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "qwen3_vl", "gemma3"])
 def test_the_backend_drops_tokens_and_keeps_their_positions(
     family: str, clip: tuple[list[FrameTokens], list[AudioFeatures], list[float]], samples: Path
 ) -> None:
     import av
 
     from stream_rt.mllm.compression import Compression
-    from stream_rt.mllm.smoke import build_smoke_model
     from stream_rt.mllm.transformers_backend import TransformersBackend
+
+    from .models import model_dir
 
     _, audio, _ = clip
     times = [4.0, 6.0, 8.5, 10.5]  # 8.24 s: speech starts
@@ -115,7 +116,7 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
             if len(images) < len(times) and frame.time is not None and frame.time >= times[len(images)]:
                 images.append(frame.to_ndarray(format="rgb24"))
                 pts.append(int(frame.time * 1e9))
-    path = str(build_smoke_model(family=family))  # type: ignore[arg-type]
+    path = str(model_dir(family))
     plain = TransformersBackend(path)
     full = plain.generate(images, "What happens?")
     compression = Compression(average=0.4)
@@ -129,10 +130,15 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
     prepared = family_.prepare(images, chat_messages(len(images), "What happens?"), squeezed.model)
     features = family_.encode(squeezed.model, prepared)
     compressed, kept_features, rows = Compression(average=0.4).apply(family_, prepared, features, pts, audio)
-    assert len(rows) == kept_features.shape[0] and torch.equal(features[torch.from_numpy(rows)], kept_features)
+    assert len(rows) == len(kept_features) and torch.equal(
+        features.tokens[torch.from_numpy(rows)], kept_features.tokens
+    )
+    assert len(kept_features.deepstack) == len(features.deepstack) == (3 if family == "qwen3_vl" else 0)
+    for every, kept in zip(features.deepstack, kept_features.deepstack, strict=True):  # the same rows of each
+        assert torch.equal(every[torch.from_numpy(rows)], kept)
     original = prepared.position_ids if prepared.position_ids is not None else torch.arange(prepared.length)[None]
     kept_positions = compressed.position_ids
-    assert kept_positions is not None and kept_features.shape[0] == int(compressed.image_mask.sum())
+    assert kept_positions is not None and len(kept_features) == int(compressed.image_mask.sum())
     rows = original.reshape(-1, prepared.length)
     kept_rows = kept_positions.reshape(len(rows), -1)
     for row, kept in zip(rows.tolist(), kept_rows.tolist(), strict=True):

@@ -103,17 +103,18 @@ def test_entries_of_the_wrong_shape_are_refused() -> None:
         memory.add("gate", 1, 1, scene(1, tokens=4, dim=16))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "qwen3_vl", "gemma3"])
 def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str, samples: Path) -> None:
     import av
     import torch
 
     from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
     from stream_rt.mllm.prompt import chat_messages
-    from stream_rt.mllm.smoke import build_smoke_model
     from stream_rt.mllm.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(str(build_smoke_model(family=family)))  # type: ignore[arg-type]
+    from .models import model_dir, own_forward, own_logits
+
+    backend = TransformersBackend(str(model_dir(family)))
     backend.load()
     with av.open(str(samples / "vtest.avi")) as container:
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(40), container.decode(video=0), strict=False)]
@@ -135,17 +136,19 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     assert fam is not None
     with torch.inference_mode():
         prepared = fam.prepare([frames[35]], chat_messages(1, "What happens?"), model)
-        prompt = backend.embed(prepared, fam.encode(model, prepared))
+        features = fam.encode(model, prepared)
+        prompt = backend.embed(prepared, features)
         prefix = MemoryPrefix().embeds(model, fam, entries)
         length = prefix.shape[1]
         positions = prepared.position_ids + length if prepared.position_ids is not None else None
         if positions is None:
             positions = torch.arange(length, length + prepared.length)[None]
-        out = model.get_decoder()(
-            inputs_embeds=torch.cat([prefix, prompt], 1),
-            position_ids=torch.cat([prefix_positions(length, fam, prefix.device), positions], -1),
-        )
-        full = model.lm_head(out.last_hidden_state[:, -1]).float()
+        out = own_forward(  # the memory's pooled tokens are not an image's
+            model, torch.cat([prefix, prompt], 1),
+            torch.cat([prefix_positions(length, fam, prefix.device), positions], -1), None,
+            torch.cat([prepared.image_mask.new_zeros(length), prepared.image_mask]), features.deepstack,
+        )  # fmt: skip
+        full = own_logits(model, out)
     assert again.first_logits is not None
     assert torch.allclose(again.first_logits, full, atol=1e-4), float((again.first_logits - full).abs().max())
 
