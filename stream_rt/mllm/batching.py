@@ -5,9 +5,11 @@ step instead of waiting for the others to finish (vLLM's continuous batching, in
 Each request is encoded and prefilled on its own (prompts differ in length); its K/V
 cache then joins the batch's, left-padded to a common length under an attention mask, and
 its positions stay its own. A request leaves the batch the step it ends — end of sequence,
-its answer's JSON object closed, its token limit, its client gone — and the columns no
-request needs any more are cut. Decoding is greedy, as alone: the answer is the one the
-request gets decoded by itself, up to float rounding in the padded attention.
+its answer's JSON object closed, a stop string, its token limit, its client gone — and the
+columns no request needs any more are cut. Each request chooses its tokens as it would
+alone (:class:`~stream_rt.mllm.decoding.TokenStream`: greedy, or sampled from a generator
+of its own), so its answer is the one it gets decoded by itself, up to float rounding in
+the padded attention.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.decoding import Generation, TokenStream
-from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.decoding import Generation, Sampling, TokenStream
+from stream_rt.mllm.prompt import Prompt, chat_messages
 from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,12 @@ MAX_BATCH = 8
 @dataclass
 class _Job:
     images: list[npt.NDArray[np.uint8]]
-    text: str
+    text: Prompt
     cancel: threading.Event
     on_text: Callable[[str], None] | None
     max_new_tokens: int | None
     on_prompt: Callable[[int], None] | None
+    sampling: Sampling | None = None
     result: concurrent.futures.Future[Generation] = field(default_factory=concurrent.futures.Future)
 
     @property
@@ -83,12 +86,15 @@ class ContinuousBatch:
     the streams under way for more than one prefill at a time. A request whose client
     has gone (its ``cancel`` set) is dropped before it costs a prefill."""
 
+    kind = "continuous batching"
+
     def __init__(self, backend: TransformersBackend, max_batch: int = MAX_BATCH) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.backend = backend
         self.max_batch = max_batch
         self.largest = 0  # the most requests decoded in one step so far
+        self.progressed = time.monotonic()  # when a prefill or a step last ended
         self._lock = threading.Lock()
         self._waiting: list[_Job] = []
         self._joining: list[_Job] = []  # taken from the waiting, not yet in the batch
@@ -99,16 +105,17 @@ class ContinuousBatch:
     async def generate(
         self,
         images: list[npt.NDArray[np.uint8]],
-        text: str,
+        text: Prompt,
         cancel: threading.Event,
         on_text: Callable[[str], None] | None = None,
         max_new_tokens: int | None = None,
         on_prompt: Callable[[int], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> Generation:
         """What :meth:`TransformersBackend.generate` gives for these, decoded in the batch.
         ``on_text`` and ``on_prompt`` are called on the model thread. Cancelling the
         awaiting task ends the generation at its next step."""
-        job = _Job(images, text, cancel, on_text, max_new_tokens, on_prompt)
+        job = _Job(images, text, cancel, on_text, max_new_tokens, on_prompt, sampling)
         with self._lock:
             self._waiting.append(job)
             start, self._running = not self._running, True
@@ -169,6 +176,7 @@ class ContinuousBatch:
                         rows.append(row)
                 except Exception as exc:
                     job.settle(exc)
+                self.progressed = time.monotonic()
             self._joining = []
             if not rows:
                 continue
@@ -182,6 +190,7 @@ class ContinuousBatch:
                 rows.clear()
                 cache = mask = None
                 continue
+            self.progressed = time.monotonic()
             self.largest = max(self.largest, len(rows))
             keep = [i for i, row in enumerate(rows) if self._advance(row, logits[i])]
             if len(keep) < len(rows):
@@ -202,9 +211,7 @@ class ContinuousBatch:
         prefilled = time.perf_counter()
         if job.on_prompt is not None:
             job.on_prompt(prepared.length)
-        limit = backend.max_new_tokens if job.max_new_tokens is None else job.max_new_tokens
-        stream = TokenStream(family.tokenizer, family.eos_ids, limit, contract_stop=backend.contract_stop,
-                             cancel=job.cancel, on_text=job.on_text)  # fmt: skip
+        stream = backend.token_stream(job.max_new_tokens, job.cancel, job.on_text, job.sampling)
         three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
         row = _Row(job, prepared.length, int(prepared.image_mask.sum()), prepared.next_position, three_d, stream,
                    encoded - started, prefilled - encoded, prefilled)  # fmt: skip
@@ -219,7 +226,7 @@ class ContinuousBatch:
         stream = row.stream
         row.job.settle(Generation(
             stream.text, stream.ids, stream.stop, row.length, row.image_tokens, row.encode_s, row.prefill_s,
-            time.perf_counter() - row.joined,
+            time.perf_counter() - row.joined, logprobs=stream.logprobs,
         ))  # fmt: skip
         return False
 

@@ -88,13 +88,15 @@ class TokenLogprob:
 class Piece(str):
     """A piece of text as :class:`TokenStream` hands it to ``on_text``: a ``str``, with the
     log-probabilities of the tokens it completes when the sampling asked for them (then a
-    piece may also be empty: tokens whose text a stop string cut off)."""
+    piece may also be empty: tokens whose text a stop string cut off), and how many tokens
+    had been decoded when it was handed over."""
 
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: int = 0
 
-    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> Piece:
+    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...] = (), tokens: int = 0) -> Piece:
         piece = super().__new__(cls, text)
-        piece.logprobs = logprobs
+        piece.logprobs, piece.tokens = logprobs, tokens
         return piece
 
 
@@ -221,7 +223,7 @@ class TokenStream:
         text = self.text[self._sent : end] if end > self._sent else ""
         self._sent = max(self._sent, end)
         if (text or entries) and self._on_text is not None:
-            self._on_text(Piece(text, entries))
+            self._on_text(Piece(text, entries, len(self.ids)))
 
     def _stop_string_at(self, before: int) -> int | None:
         """Where the first stop string begins in the text, if one ends in what the last token added."""

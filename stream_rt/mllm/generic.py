@@ -34,7 +34,7 @@ import torch
 
 from stream_rt.mllm.decoding import Generation, TokenStream
 from stream_rt.mllm.memory_prefix import memory_lines, pooled_tokens
-from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.prompt import Prompt, chat_messages
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry
@@ -77,7 +77,7 @@ def generate_generic(
     model: Any,
     family: Family,
     images: list[npt.NDArray[np.uint8]],
-    text: str,
+    text: Prompt,
     stream: TokenStream,
     *,
     limit: int,
@@ -91,6 +91,8 @@ def generate_generic(
     ``summary_tokens``, the features of image ``keyframe`` are pooled to that many tokens
     (for the memory) when the model's encoder could be observed."""
     if memory:
+        if not isinstance(text, str):
+            raise ValueError("the memory goes before one question, not a conversation")
         text = memory_lines(memory) + "\n" + text
     inputs = family.inputs(images, chat_messages(len(images), text))
     ids = inputs["input_ids"]

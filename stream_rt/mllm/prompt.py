@@ -18,8 +18,17 @@ def request_text(request: MllmRequest) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def chat_messages(images: int, text: str) -> list[dict[str, Any]]:
-    """Hugging Face chat messages: one user turn with ``images`` image entries, then ``text``."""
+Prompt = str | list[dict[str, Any]]
+"""What a model is asked: one user turn's text, or a whole conversation as Hugging Face
+chat messages (system, user and assistant turns, an ``{"type": "image"}`` entry where
+each image goes, in the order of the images given with it)."""
+
+
+def chat_messages(images: int, text: Prompt) -> list[dict[str, Any]]:
+    """Hugging Face chat messages: one user turn with ``images`` image entries, then
+    ``text``; a conversation (a list of messages) as it is."""
+    if not isinstance(text, str):
+        return text
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]

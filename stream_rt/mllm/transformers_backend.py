@@ -40,13 +40,13 @@ from stream_rt.mllm.backend import (
     first_line,
 )
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.decoding import Generation, TokenStream
+from stream_rt.mllm.decoding import Generation, Sampling, TokenStream
 from stream_rt.mllm.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for
 from stream_rt.mllm.generic import generate_generic
 from stream_rt.mllm.layer_exit import LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
 from stream_rt.mllm.prefill import KV, run_prefill
-from stream_rt.mllm.prompt import chat_messages, request_text
+from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 from stream_rt.mllm.token_reuse import TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
@@ -98,6 +98,7 @@ class TransformersBackend(Backend):
         """Load the weights (blocking). Raises :class:`ModelUnavailable` (one line) if the
         model is not here, transformers cannot load it, or a configured technique does not
         work with it."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
@@ -106,8 +107,6 @@ class TransformersBackend(Backend):
             torch.set_num_threads(self.threads)
         path, self.name = resolve_model(self.model_ref, self.allow_download)
         self.smoke = is_smoke_model(path)
-        if self.smoke:
-            log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
         config, family, processor = inspect_model(path, self.techniques)
         dtype = _dtype(self.dtype, self.device)
         try:
@@ -115,7 +114,7 @@ class TransformersBackend(Backend):
                 model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
                 self.model = model.to(self.device).eval()  # type: ignore[arg-type]
             self.family = family(path, config, processor)
-        except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as exc:  # damaged too
             self.model = None
             raise ModelUnavailable(f"cannot load model '{self.model_ref}': {first_line(exc)}") from None
         if family.adapter:
@@ -124,6 +123,8 @@ class TransformersBackend(Backend):
             self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
         how = f"{family.name} adapter" if family.adapter else "generic path"
         log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
+        if self.smoke:  # said once it loaded: a model that cannot load is one line
+            log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
         if self.token_reuse is not None and "tile reuse" not in family.techniques:
             log.info("MLLM: token reuse without tile reuse: the %s vision encoder sees whole images", family.name)
 
@@ -202,7 +203,7 @@ class TransformersBackend(Backend):
     def generate(
         self,
         images: list[npt.NDArray[np.uint8]],
-        text: str,
+        text: Prompt,
         cancel: threading.Event | None = None,
         on_text: OnText | None = None,
         max_new_tokens: int | None = None,
@@ -211,24 +212,24 @@ class TransformersBackend(Backend):
         memory: tuple[str, tuple[MemoryEntry, ...]] | None = None,
         summary_tokens: int = 0,
         on_prompt: Callable[[int], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> Generation:
-        """Answer ``text`` about ``images`` (one user turn) in the calling thread. With token
+        """Answer ``text`` about ``images`` (one user turn, or a conversation) in the calling thread. With token
         reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
         changed (:mod:`stream_rt.mllm.token_reuse`). ``clip`` = (frame times, audio
         features) compresses a multi-frame request when compression is on. ``memory`` =
         (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.memory_prefix`).
         ``summary_tokens``: also return the keyframe's visual tokens pooled to that many.
-        ``on_prompt`` is told the prompt's length in tokens before decoding starts."""
+        ``on_prompt`` is told the prompt's length in tokens before decoding starts.
+        ``sampling``: how tokens are chosen (default greedy; :class:`Sampling`)."""
         if self.model is None:
             self.load()
         assert self.family is not None
         if not self.family.adapter:
             with self._lock, torch.inference_mode():
-                limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-                stream = TokenStream(self.family.tokenizer, self.family.eos_ids, limit,
-                                     contract_stop=self.contract_stop, cancel=cancel, on_text=on_text)  # fmt: skip
+                stream = self.token_stream(max_new_tokens, cancel, on_text, sampling)
                 return generate_generic(
-                    self.model, self.family, images, text, stream, limit=limit, now=self._now,
+                    self.model, self.family, images, text, stream, limit=stream.limit, now=self._now,
                     memory=memory[1] if memory is not None else (), summary_tokens=summary_tokens,
                     keyframe=len(images) - 1 if clip is not None else 0, on_prompt=on_prompt,
                 )  # fmt: skip
@@ -283,13 +284,15 @@ class TransformersBackend(Backend):
                 on_prompt(prepared.length)
             exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
             t2 = time.perf_counter()
+            stream = self.token_stream(max_new_tokens, cancel, on_text, sampling)
             ids, text, stop = self.decode(prepared, result.logits, (result.keys, result.values), cancel, on_text,
-                                          max_new_tokens)  # fmt: skip
+                                          max_new_tokens, stream)  # fmt: skip
             decode_s = time.perf_counter() - t2
             logits = result.logits
         gen = Generation(
             text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
             reuse=outcome, memory_tokens=memory_tokens, summary=summary, visual_dropped=visual_dropped,
+            logprobs=stream.logprobs,
         )  # fmt: skip
         if self.layer_exit is not None and self.layer_exit.decoded > exited[0]:
             gen.exit_depth = (self.layer_exit.layers_run - exited[1]) / (self.layer_exit.decoded - exited[0])
@@ -351,14 +354,14 @@ class TransformersBackend(Backend):
         cancel: threading.Event | None,
         on_text: OnText | None,
         max_new_tokens: int | None = None,
+        stream: TokenStream | None = None,
     ) -> tuple[list[int], str, str]:
-        """Greedy decoding from the prefill's logits and K/V (``cache``: per layer, the
-        whole sequence's); (token ids, text, why it stopped). Each token runs the same
-        layer loop as the prefill, with the layer exit when it is on."""
-        assert self.family is not None
-        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stream = TokenStream(self.family.tokenizer, self.family.eos_ids, limit, contract_stop=self.contract_stop,
-                             cancel=cancel, on_text=on_text)  # fmt: skip
+        """Decoding from the prefill's logits and K/V (``cache``: per layer, the whole
+        sequence's), greedy unless ``stream`` (which then chooses the tokens) samples;
+        (token ids, text, why it stopped). Each token runs the same layer loop as the
+        prefill, with the layer exit when it is on."""
+        if stream is None:
+            stream = self.token_stream(max_new_tokens, cancel, on_text)
         embed = self.model.get_input_embeddings()
         three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
         while (token := stream.take(logits[0])) is not None:
@@ -368,6 +371,20 @@ class TransformersBackend(Backend):
                                exit=self.layer_exit)  # fmt: skip
             logits, cache = step.logits, (step.keys, step.values)
         return stream.ids, stream.text, stream.stop
+
+    def token_stream(
+        self,
+        max_new_tokens: int | None = None,
+        cancel: threading.Event | None = None,
+        on_text: OnText | None = None,
+        sampling: Sampling | None = None,
+    ) -> TokenStream:
+        """A :class:`TokenStream` for one answer of this model (its end-of-sequence tokens,
+        token limit and contract stop)."""
+        assert self.family is not None
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return TokenStream(self.family.tokenizer, self.family.eos_ids, limit, contract_stop=self.contract_stop,
+                           cancel=cancel, on_text=on_text, sampling=sampling)  # fmt: skip
 
 
 def resolve_model(ref: str, allow_download: bool = False) -> tuple[Path, str]:
