@@ -121,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     worker.add_argument("--max-new-tokens", type=int, default=128)
     worker.add_argument("--max-batch", type=_positive, default=None, metavar="N",
-                        help="requests decoded together at most (continuous batching; default 8)")  # fmt: skip
+                        help="requests decoded together at most (continuous batching, for a family with an adapter; "
+                             "other models decode one at a time; default 8)")  # fmt: skip
+    worker.add_argument("--max-waiting", type=_positive, default=16, metavar="N",
+                        help="requests that may wait for a place; more are answered 429 (default 16)")  # fmt: skip
     worker.add_argument(
         "--served-model-name",
         default=None,
@@ -182,7 +185,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     try:
         worker = Worker(backend, host, int(port), api_key=args.api_key or os.environ.get("STREAM_RT_WORKER_API_KEY"),
-                        served_name=args.served_model_name, max_batch=args.max_batch)  # fmt: skip
+                        served_name=args.served_model_name, max_batch=args.max_batch,
+                        max_waiting=args.max_waiting)  # fmt: skip
     except RequestError as exc:
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ Requests go out as one user message with the images as JPEG data URLs, streamed
 (server-sent events) at temperature 0. The contract stop works here too: once the answer's
 JSON object closes the stream is closed, which makes vLLM and llama.cpp abort the
 generation. Timings: ``first_token`` (upload, vision encoding and prefill on the server)
-and ``decode``.
+and ``decode``. An answer of a model with random weights served by ``stream-rt worker``
+(the smoke model) is labelled so: the worker says it in the :data:`SMOKE_HEADER` response
+header and the ``system_fingerprint`` :data:`SMOKE_FINGERPRINT`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from stream_rt.mllm.prompt import request_text
 from stream_rt.operators.snapshot import rgb_to_jpeg
 
 log = logging.getLogger("stream_rt.mllm")
+
+SMOKE_HEADER = "X-Stream-RT-Smoke"
+"""The response header ``stream-rt worker`` adds when its model has random weights."""
+
+SMOKE_FINGERPRINT = "stream_rt-smoke"
+"""The ``system_fingerprint`` of ``stream-rt worker``'s answers when its model has random weights."""
 
 
 def openai_messages(request: MllmRequest) -> list[dict[str, Any]]:
@@ -98,12 +106,13 @@ class OpenAIBackend(Backend):
                     if response.status == 400 and self._usage_on_every_chunk and "continuous_usage_stats" in detail:
                         raise _RefusedUsageOption
                     raise BackendError(f"{self.url} answered HTTP {response.status}: {detail}")
+                smoke = SMOKE_HEADER in response.headers
                 async for data in _events(response):
                     if isinstance(data.get("error"), dict):  # the server failed mid-stream
                         raise BackendError(f"{self.url}: {str(data['error'].get('message', ''))[:200]}")
                     if data.get("usage"):
                         usage = data["usage"]
-                    smoke = smoke or bool(data.get("smoke"))
+                    smoke = smoke or data.get("system_fingerprint") == SMOKE_FINGERPRINT
                     for choice in data.get("choices", []):
                         piece = (choice.get("delta") or {}).get("content") or ""
                         if piece:

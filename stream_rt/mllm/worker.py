@@ -4,17 +4,23 @@ API, so daemons on small devices can use a GPU host with ``[mllm] backend = "ope
 
 Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events or not; images
 as ``data:`` URLs, JPEG or PNG; remote image URLs are refused, the worker fetches
-nothing), ``GET /v1/models``, ``GET /healthz``. Errors are OpenAI's JSON error objects,
-404 and 405 included: an unknown ``model`` is 404 ``model_not_found``; what the worker
-cannot do is refused with 400 rather than ignored (``n`` > 1, ``tools``, a
-``response_format`` other than text). With an API key (``--api-key`` or
-``$STREAM_RT_WORKER_API_KEY``; required to listen beyond loopback) every ``/v1`` request
-must carry it as a bearer token. Requests are served concurrently and decoded together
-(:mod:`stream_rt.mllm.batching`: up to ``max_batch`` in one forward pass per token, a new
-request joining at the next step); at most ``max_waiting`` more wait for a place (more
-are answered 429), and a client that disconnects ends its generation at the next token
-(one log line). Answers
-of the smoke model carry ``"smoke": true``.
+nothing), ``GET /v1/models``, and ``GET /health`` (vLLM's; ``/healthz`` too): 200 while
+the model is loaded and getting on, 503 with the reason otherwise. Errors are OpenAI's
+JSON error objects, 404 and 405 included: an unknown ``model`` is 404
+``model_not_found``. Every request field OpenAI's API defines is either honoured or
+refused with 400 ``invalid_request_error`` naming it in ``param`` (:class:`ChatRequest`
+says which is which); a field OpenAI does not define is refused too, as OpenAI does. With
+an API key (``--api-key`` or ``$STREAM_RT_WORKER_API_KEY``; required to listen beyond
+loopback) every ``/v1`` request must carry it as a bearer token.
+
+Requests are served concurrently by a :class:`~stream_rt.mllm.scheduling.Scheduler`:
+decoded together where the model's family has an adapter (continuous batching, up to
+``max_batch`` in one forward pass per token), one at a time otherwise; at most
+``max_waiting`` more wait for a place (more are answered 429), and a client that
+disconnects ends its generation at the next token (one log line). Answers of a model with
+random weights (the smoke model, a tiny test model) say so in standard places: the model
+id ``smoke`` (by default), ``system_fingerprint`` :data:`SMOKE_FINGERPRINT` and the
+response header :data:`SMOKE_HEADER`.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ import numpy.typing as npt
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream_rt.mllm.batching import MAX_BATCH, ContinuousBatch
-from stream_rt.mllm.decoding import Generation
+from stream_rt import __version__
+from stream_rt.mllm.backend import first_line
+from stream_rt.mllm.decoding import Generation, Piece, Sampling, TokenLogprob
+from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.scheduling import Scheduler, scheduler_for
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.sources.av_decode import decode_image
 
@@ -47,72 +56,212 @@ MAX_BODY = 32 * 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+Strict = ConfigDict(extra="forbid")
+
+
+class _ImageURL(BaseModel):
+    model_config = Strict
+    url: str
+    detail: Literal["auto", "low", "high", "original"] | None = None  # no effect: the model's processor sizes images
+
+
+class _CacheBreakpoint(BaseModel):
+    model_config = Strict
+    mode: Literal["explicit"]
+    ttl: str | None = None
+
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "image_url"]
+    model_config = Strict
+    type: str
     text: str | None = None
-    image_url: dict[str, Any] | None = None
+    image_url: _ImageURL | None = None
+    prompt_cache_breakpoint: _CacheBreakpoint | None = None  # a caching hint: no effect
+    input_audio: Any = None  # refused
+    file: Any = None  # refused
+    refusal: str | None = None  # refused
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[_Part]
+    model_config = Strict
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[_Part] | None = None
+    name: str | None = None  # refused: chat templates have no place for it
+    refusal: str | None = None  # refused
+    tool_calls: list[Any] | None = None  # refused
+    tool_call_id: str | None = None  # refused (tool messages)
+    function_call: Any = None  # refused
+    audio: Any = None  # refused
+
+
+class _StreamOptions(BaseModel):
+    model_config = Strict
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: usage on every chunk
+    include_obfuscation: bool | None = None  # only false: the worker pads nothing
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A chat-completions request: every field OpenAI's API (and the official client)
+    defines, honoured or refused by :meth:`refused`. Unknown fields are refused."""
+
+    model_config = Strict
     model: str = ""
     messages: list[_Message] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    # honoured
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1)
-    tools: list[Any] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(None, ge=1)
     response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    # accepted, with no effect on the answer (identifiers, hints, tags of stored completions)
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    # refused when given
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    moderation: Any = None
 
-    def unsupported(self) -> str | None:
-        """What this request asks that the worker does not do, if anything."""
-        if self.n > 1:
-            return "n > 1 is not supported: one choice per request"
-        if self.tools:
-            return "tools are not supported"
+    def refused(self) -> tuple[str, str] | None:
+        """(the field, why) for the first thing this request asks that the worker does
+        not do, if any."""
+        for name in ("tools", "functions", "function_call", "audio", "prediction", "reasoning_effort", "verbosity",
+                     "web_search_options", "moderation"):  # fmt: skip
+            if getattr(self, name):
+                return name, f"'{name}' is not supported by this worker"
+        if self.n is not None and self.n > 1:
+            return "n", "n > 1 is not supported: one choice per request"
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
-            return f"response_format '{kind}' is not supported (the answer contract asks for JSON in the prompt)"
+            return "response_format", (f"response_format '{kind}' is not supported (the answer contract asks for "
+                                       "JSON in the prompt)")  # fmt: skip
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool_choice needs tools, which are not supported"
+        if self.modalities not in (None, ["text"]):
+            return "modalities", "only the text modality is supported"
+        if self.service_tier not in (None, "auto", "default"):
+            return "service_tier", f"service_tier '{self.service_tier}' is not supported (only 'auto', 'default')"
+        if self.store:
+            return "store", "store is not supported: the worker keeps no completions"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        stops = self.stop_strings
+        if len(stops) > 4 or not all(stops):
+            return "stop", "stop takes up to 4 non-empty strings"
+        if self.stream_options is not None:
+            if not self.stream:
+                return "stream_options", "stream_options is only allowed with stream: true"
+            if self.stream_options.include_obfuscation:
+                return "stream_options.include_obfuscation", "the worker does not obfuscate streams"
+        for i, message in enumerate(self.messages):
+            if (refused := _refused_in(message, f"messages[{i}]")) is not None:
+                return refused
         return None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def sampling(self, vocabulary: int) -> Sampling:
+        """How the tokens of the answer are chosen. Raises :class:`RequestError` for a
+        ``logit_bias`` naming no token of the model."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocabulary or not -100 <= value <= 100:
+                raise RequestError(f"logit_bias: {key!r}: {value} is not a token id below {vocabulary} with a bias "
+                                   "from -100 to 100", "logit_bias")  # fmt: skip
+            bias[int(key)] = value
+        return Sampling(
+            temperature=self.temperature or 0.0, top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
+            stop=self.stop_strings, logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias,
+        )  # fmt: skip
+
+
+def _refused_in(message: _Message, where: str) -> tuple[str, str] | None:
+    for name in ("name", "refusal", "tool_calls", "tool_call_id", "function_call", "audio"):
+        if getattr(message, name) is not None:
+            return f"{where}.{name}", f"'{name}' in a message is not supported by this worker"
+    if message.role in ("tool", "function"):
+        return f"{where}.role", f"{message.role} messages are not supported (tools are not)"
+    if message.content is None:
+        return f"{where}.content", "a message needs content"
+    for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+        allowed = ("text", "image_url") if message.role == "user" else ("text",)
+        if part.type not in allowed:
+            return f"{where}.content[{j}].type", f"'{part.type}' content is not supported in {message.role} messages"
+        if (part.text if part.type == "text" else part.image_url) is None:
+            return f"{where}.content[{j}]", f"a '{part.type}' part needs '{part.type}'"
+    return None
 
 
 class RequestError(ValueError):
-    """The request cannot be served; ``str()`` is what the client is told."""
+    """The request cannot be served; ``str()`` is what the client is told, ``param`` the
+    field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def image_from_url(url: str) -> npt.NDArray[np.uint8]:
+def image_from_url(url: str, param: str | None = None) -> npt.NDArray[np.uint8]:
     """An RGB array from a ``data:image/...;base64,`` URL."""
     if not url.startswith("data:"):
-        raise RequestError("only data: image URLs are accepted (the worker fetches nothing)")
+        raise RequestError("only data: image URLs are accepted (the worker fetches nothing)", param)
     header, _, payload = url.partition(",")
     if ";base64" not in header:
-        raise RequestError("image data URLs must be base64")
+        raise RequestError("image data URLs must be base64", param)
     try:
         return np.asarray(decode_image(base64.b64decode(payload, validate=True)).to_ndarray(format="rgb24"), np.uint8)
     except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"an image could not be decoded: {exc}") from None
+        raise RequestError(f"an image could not be decoded: {exc}", param) from None
 
 
-def images_and_text(request: ChatRequest) -> tuple[list[npt.NDArray[np.uint8]], str]:
-    """The images and the text of the last user message."""
-    user = [m for m in request.messages if m.role == "user"]
-    if not user:
-        raise RequestError("no user message")
-    content = user[-1].content
-    if isinstance(content, str):
-        return [], content
-    images = [image_from_url(str((p.image_url or {}).get("url", ""))) for p in content if p.type == "image_url"]
-    text = "\n".join(p.text or "" for p in content if p.type == "text")
-    return images, text
+def conversation(request: ChatRequest) -> tuple[list[npt.NDArray[np.uint8]], list[dict[str, Any]]]:
+    """The request's images and its messages as Hugging Face chat messages (each image
+    where it was given; a developer message is a system message)."""
+    if not any(m.role == "user" for m in request.messages):
+        raise RequestError("no user message", "messages")
+    images: list[npt.NDArray[np.uint8]] = []
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(request.messages):
+        parts = message.content if isinstance(message.content, list) else [_Part(type="text", text=message.content)]
+        content: list[dict[str, Any]] = []
+        for j, part in enumerate(parts):
+            if part.type == "image_url":
+                assert part.image_url is not None
+                images.append(image_from_url(part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": part.text or ""})
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    return images, messages
 
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -121,53 +270,88 @@ STOP_GRACE_S = 5.0
 """How long a stopping worker gives its connections to finish."""
 
 MAX_WAITING = 16
-"""Generations that may wait for a place in the batch; more are answered 429."""
+"""Generations that may wait for a place; more are answered 429."""
+
+STUCK_S = 120.0
+"""How long the model may go without getting on (a prefill, a token) while it has work
+before the health route says it is stuck."""
 
 
 class Worker:
     def __init__(self, backend: TransformersBackend, host: str = "127.0.0.1", port: int = 8000, *,
                  api_key: str | None = None, max_waiting: int = MAX_WAITING, max_batch: int | None = None,
-                 served_name: str | None = None) -> None:  # fmt: skip
+                 served_name: str | None = None, stuck_s: float = STUCK_S) -> None:  # fmt: skip
         if host not in LOOPBACK and not api_key:
             raise RequestError(f"listening on {host} needs an API key (--api-key or $STREAM_RT_WORKER_API_KEY)")
         self.backend = backend
-        self.batch = ContinuousBatch(backend, max_batch or MAX_BATCH)
+        self.scheduler: Scheduler | None = None  # once the model is loaded
         self.host, self.port = host, port
         self.api_key = api_key
         self.max_waiting = max_waiting
+        self.max_batch = max_batch
+        self.stuck_s = stuck_s
         self._served_name = served_name
         self.served = 0
         self.created = int(time.time())
-        self._generations = 0  # decoding or waiting for a place in the batch
+        self._generations = 0  # decoding or waiting for a place
+        self._stopping = False
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         await self.backend.start()
+        self.scheduler = scheduler_for(self.backend, self.max_batch)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors_as_json, self._authorised])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/healthz", self._health)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/healthz", self._healthz)
         # A client that hangs up cancels its handler, so an unstreamed generation stops too.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
-        log.info("worker: %s on http://%s:%d/v1/chat/completions", self.backend.name, self.host, self.port)
+        log.info("worker: %s on http://%s:%d/v1/chat/completions (%s)", self.backend.name, self.host, self.port,
+                 self.scheduler.kind)  # fmt: skip
 
     @property
     def model_id(self) -> str:
-        """The model id clients ask for: the served name, else 'smoke' for the smoke model
-        (a directory of it too), else the model as given."""
+        """The model id clients ask for: the served name, else 'smoke' for a model with
+        random weights (the smoke model, a tiny test model), else the model as given."""
         return self._served_name or ("smoke" if self.backend.smoke else self.backend.name)
+
+    @property
+    def fingerprint(self) -> str:
+        """The ``system_fingerprint`` of every answer: what serves it."""
+        return SMOKE_FINGERPRINT if self.backend.smoke else f"stream_rt-{__version__}"
 
     async def stop(self) -> None:
         """Stop serving: generations under way end at their next token (their clients get
         what was generated so far) and connections get ``STOP_GRACE_S`` to finish."""
-        self.batch.cancel_all()
+        self._stopping = True
+        if self.scheduler is not None:
+            self.scheduler.cancel_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def problem(self) -> str | None:
+        """Why the worker cannot answer now, if it cannot: stopping, the model not loaded,
+        or the model thread busy without getting on for ``stuck_s``."""
+        if self._stopping:
+            return "the worker is stopping"
+        if self.backend.model is None or self.scheduler is None:
+            return "the model is not loaded"
+        busy = self.backend.busy_since
+        if busy is not None:
+            quiet = time.monotonic() - max(busy, self.scheduler.progressed)
+            if quiet > self.stuck_s:
+                return f"the model has not got on for {quiet:.0f} s (stuck in a step?)"
+        return None
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {SMOKE_HEADER: "random weights; the answers are not meaningful"} if self.backend.smoke else {}
 
     @web.middleware
     async def _errors_as_json(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -190,11 +374,21 @@ class Worker:
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        """vLLM's health route: 200 while the model is loaded and getting on, else 503 saying why."""
+        problem = self.problem()
+        if problem is not None:
+            return web.json_response({"status": "unavailable", "reason": problem}, status=503)
+        assert self.scheduler is not None
+        return web.json_response({"status": "ok", "model": self.model_id, "scheduler": self.scheduler.kind,
+                                  "generations": self._generations}, headers=self._headers)  # fmt: skip
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        problem = self.problem()
+        return web.Response(text=f"{problem or 'ok'}\n", status=503 if problem else 200)
 
     async def _models(self, request: web.Request) -> web.Response:
         entry = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "stream_rt"}
-        return web.json_response({"object": "list", "data": [entry]})
+        return web.json_response({"object": "list", "data": [entry]}, headers=self._headers)
 
     async def _chat(self, http: web.Request) -> web.StreamResponse:
         try:
@@ -202,28 +396,49 @@ class Worker:
             if body.model != self.model_id:
                 return _error(404, f"The model '{body.model}' does not exist (this worker serves "
                                    f"'{self.model_id}')", param="model", code="model_not_found")  # fmt: skip
-            if (unsupported := body.unsupported()) is not None:
-                return _error(400, unsupported)
-            images, text = await asyncio.to_thread(images_and_text, body)
+            if (refused := body.refused()) is not None:
+                return _error(400, refused[1], param=refused[0])
+            if (problem := self.problem()) is not None:
+                return _error(503, f"the worker cannot answer now: {problem}", "service_unavailable")
+            assert self.scheduler is not None
+            sampling = body.sampling(self._vocabulary())
+            images, messages = await asyncio.to_thread(conversation, body)
+            await asyncio.to_thread(self._render, messages)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the body is not JSON")
         except ValidationError as exc:
-            error = exc.errors()[0]
-            return _error(400, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}")
+            param, message = _validation_error(exc)
+            return _error(400, message, param=param)
         except RequestError as exc:
-            return _error(400, str(exc))
-        if self._generations >= self.max_waiting + self.batch.max_batch:
+            return _error(400, str(exc), param=exc.param)
+        if self._generations >= self.max_waiting + self.scheduler.max_batch:
             return _error(429, f"{self._generations} generations are running or waiting; try again later",
                           "rate_limit_error")  # fmt: skip
         self._generations += 1
         try:
-            return await self._generate(http, body, images, text)
+            return await self._generate(http, body, images, messages, sampling)
         finally:
             self._generations -= 1
 
-    async def _generate(
-        self, http: web.Request, body: ChatRequest, images: list[npt.NDArray[np.uint8]], text: str
-    ) -> web.StreamResponse:
+    def _vocabulary(self) -> int:
+        """How many tokens the model's logits cover."""
+        head = self.backend.model.get_output_embeddings()
+        if head is not None:
+            return int(head.weight.shape[0])
+        return int(self.backend.model.config.get_text_config().vocab_size)
+
+    def _render(self, messages: list[dict[str, Any]]) -> None:
+        """Check that the model's chat template takes these messages."""
+        assert self.backend.family is not None
+        try:
+            self.backend.family.render(messages)
+        except Exception as exc:
+            raise RequestError(f"the model's chat template does not take these messages: {first_line(exc)}",
+                               "messages") from None  # fmt: skip
+
+    async def _generate(self, http: web.Request, body: ChatRequest, images: list[npt.NDArray[np.uint8]],
+                        messages: list[dict[str, Any]], sampling: Sampling) -> web.StreamResponse:  # fmt: skip
+        assert self.scheduler is not None
         limit = body.max_completion_tokens or body.max_tokens
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
@@ -238,34 +453,39 @@ class Worker:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         async def generate() -> Generation:
+            assert self.scheduler is not None
             try:
-                return await self.batch.generate(images, text, cancel, on_text, limit, on_prompt)
+                return await self.scheduler.generate(images, messages, cancel, on_text, limit, on_prompt, sampling)
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         task = asyncio.ensure_future(generate())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a client that left never reads it
         ident = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        logprobs = sampling.logprobs is not None
+        options = body.stream_options or _StreamOptions()
         response: web.StreamResponse | None = None
         try:
             if not body.stream:
                 gen = await task
                 self.served += 1
-                return web.json_response(self._completion(ident, gen))
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                return web.json_response(self._completion(ident, gen, logprobs), headers=self._headers)
+            headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **self._headers}
+            response = web.StreamResponse(headers=headers)
             await response.prepare(http)
             await response.write(self._chunk(ident, {"role": "assistant", "content": ""}, None))
             # vLLM's continuous_usage_stats: usage on every chunk, so a client that stops
             # reading early (the answer contract closed) still has the prompt's length.
-            running = bool((body.stream_options or {}).get("continuous_usage_stats"))
-            sent = 0
             while (piece := await pieces.get()) is not None:
-                sent += 1
-                so_far = {"prompt_tokens": prompt[0], "completion_tokens": sent, "total_tokens": prompt[0] + sent}
-                await response.write(self._chunk(ident, {"content": piece}, None, so_far if running else None))
+                tokens = piece.tokens if isinstance(piece, Piece) else 0
+                so_far = {"prompt_tokens": prompt[0], "completion_tokens": tokens, "total_tokens": prompt[0] + tokens}
+                entries = piece.logprobs if isinstance(piece, Piece) else ()
+                await response.write(self._chunk(ident, {"content": str(piece)}, None,
+                                                 so_far if options.continuous_usage_stats else None,
+                                                 _logprobs(entries) if logprobs else None))  # fmt: skip
             gen = await task
             await response.write(self._chunk(ident, {}, _finish_reason(gen)))
-            if (body.stream_options or {}).get("include_usage"):
+            if options.include_usage:
                 last = {**self._base(ident, "chat.completion.chunk"), "choices": [], "usage": _usage(gen)}
                 await response.write(_sse(last))
             await response.write(b"data: [DONE]\n\n")
@@ -281,7 +501,7 @@ class Worker:
             cancel.set()
             log.warning("worker: generation failed: %s", exc)
             if response is None or not response.prepared:
-                return _error(500, f"generation failed: {exc}")
+                return _error(500, f"generation failed: {exc}", "server_error")
             # Mid-stream: say so in the stream and end it, or the client waits for its timeout.
             failed = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
                                 "code": None}}  # fmt: skip
@@ -291,25 +511,39 @@ class Worker:
             return response
 
     def _base(self, ident: str, kind: str) -> dict[str, Any]:
-        base: dict[str, Any] = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id}
-        if self.backend.smoke:
-            base["smoke"] = True
-        return base
+        return {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
 
-    def _chunk(
-        self, ident: str, delta: dict[str, str], finish: str | None, usage: dict[str, int] | None = None
-    ) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    def _chunk(self, ident: str, delta: dict[str, str], finish: str | None, usage: dict[str, int] | None = None,
+               logprobs: dict[str, Any] | None = None) -> bytes:  # fmt: skip
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         chunk = {**self._base(ident, "chat.completion.chunk"), "choices": [choice]}
         return _sse({**chunk, "usage": usage} if usage else chunk)
 
-    def _completion(self, ident: str, gen: Generation) -> dict[str, Any]:
-        message = {"role": "assistant", "content": gen.text}
-        return {
-            **self._base(ident, "chat.completion"),
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(gen)}],
-            "usage": _usage(gen),
-        }
+    def _completion(self, ident: str, gen: Generation, logprobs: bool) -> dict[str, Any]:
+        message = {"role": "assistant", "content": gen.text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": _logprobs(gen.logprobs or []) if logprobs else None,
+                  "finish_reason": _finish_reason(gen)}  # fmt: skip
+        return {**self._base(ident, "chat.completion"), "choices": [choice], "usage": _usage(gen)}
+
+
+def _validation_error(exc: ValidationError) -> tuple[str, str]:
+    """(the field at fault, what is wrong) from pydantic's first error, in OpenAI's words."""
+    error = exc.errors()[0]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        return param, f"Unrecognized request argument supplied: {param}"
+    return param, f"{param}: {error['msg']}"
+
+
+def _logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """Log-probabilities in OpenAI's format (``bytes``: the token text's UTF-8)."""
+
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [{**token(e.token, e.logprob), "top_logprobs": [token(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
 
 
 def _finish_reason(gen: Generation) -> str:
