@@ -149,6 +149,23 @@ def test_the_layer_loop_is_the_models_own_forward(family: str, samples: Path) ->
         assert torch.allclose(early.logits, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
+def test_a_call_is_the_whole_models_forward(family: str, samples: Path) -> None:
+    """A call through the adapter (its own encoding, positions, DeepStack rows, masks) has
+    the first logits of the whole vision-language model's forward on the processor's
+    output: nothing of what the model does with images is left out."""
+    backend = TransformersBackend(str(model_dir(family)), max_new_tokens=1, device=DEVICE, dtype="float32")
+    backend.load()
+    assert backend.family is not None
+    images = frames(samples, [10, 20])
+    got = backend.generate(images, QUESTION)
+    with torch.inference_mode():
+        inputs = backend.family.inputs(images, chat_messages(len(images), QUESTION))
+        out = backend.model(**{k: v.to(backend.device) for k, v in inputs.items()})
+    assert got.first_logits is not None
+    assert float((out.logits[0, -1].float() - got.first_logits[0]).abs().max()) < 1e-4
+
+
 def memory_entries(backend: TransformersBackend) -> tuple[MemoryEntry, ...]:
     rng = np.random.default_rng(0)
     dim = backend.model.get_input_embeddings().weight.shape[1]
