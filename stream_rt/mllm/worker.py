@@ -77,6 +77,7 @@ class _Part(BaseModel):
     text: str | None = None
     image_url: _ImageURL | None = None
     prompt_cache_breakpoint: _CacheBreakpoint | None = None  # a caching hint: no effect
+    uuid: str | None = None  # vLLM's id of an image's content, a caching hint: no effect
     input_audio: Any = None  # refused
     file: Any = None  # refused
     refusal: str | None = None  # refused
