@@ -335,3 +335,31 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     assert "tile reuse" in Idefics3.techniques and "tile reuse" not in Qwen3VL.techniques
     with pytest.raises(ModelUnavailable, match=r"the gemma3 adapter \(model type 'gemma3'\) does not support tile"):
         inspect_model(model_dir("gemma3"), ["token reuse", "tile reuse"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+async def test_the_workers_batch_decodes_each_request_as_alone(family: str, samples: Path) -> None:
+    """The worker's continuous batch prefills with the adapter (Qwen3-VL's DeepStack rows
+    included) and decodes rows of other lengths together through transformers' decoder and
+    a cache of the loop's K/V: Gemma 3's sliding layers keep every position there too, so
+    left padding leaves each row's window where its mask says."""
+    import asyncio
+    import threading
+
+    from stream_rt.mllm.batching import ContinuousBatch
+
+    backend = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32")
+    backend.load()
+    still = frames(samples, [10, 20, 30])
+    questions = ["What is happening?", "Describe the scene in a few words, please.", "Is anyone there?"]
+    jobs = [([still[i % 3]] if i % 3 else [], questions[i % 3], 24 if i % 2 else 10) for i in range(5)]
+    alone = [backend.generate(images, text, max_new_tokens=limit) for images, text, limit in jobs]
+    batch = ContinuousBatch(backend, max_batch=4)
+
+    async def one(k: int, images: list[np.ndarray], text: str, limit: int) -> Any:
+        await asyncio.sleep(0.03 * k)  # later ones join a batch under way
+        return await batch.generate(images, text, threading.Event(), None, limit)  # type: ignore[arg-type]
+
+    together = await asyncio.gather(*(one(k, *job) for k, job in enumerate(jobs)))
+    assert batch.largest > 1
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]

@@ -320,9 +320,14 @@ class TransformersBackend(Backend):
         return torch.cat(rows)
 
     def cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
+        """A transformers KV cache holding ``keys`` and ``values`` (per layer, the whole
+        sequence's). Every layer keeps every position, a sliding-window one too (Gemma 3):
+        the model's masks apply the window, as the layer loop does; a cache made from the
+        config would keep only a sliding layer's window, which the batch's left padding
+        then puts out of step with the mask."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config.get_text_config())
+        cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             cache.update(k, v, layer)
         return cache
