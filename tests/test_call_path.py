@@ -32,6 +32,7 @@ from stream_rt.mllm.layer_exit import MAX_DISTANCE, LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
 from stream_rt.mllm.prefill import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.tiny_models import build_tiny_model
 from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
 from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
@@ -322,8 +323,8 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
 
 def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     """Qwen3-VL (and its MoE variant) and Gemma 3 have adapters; Qwen3.5 and Gemma 4 stay
-    on the generic path (their docstrings say why). A technique an adapter lacks is one
-    line before any weight is read."""
+    on the generic path (their docstrings say why). A technique asked of a model without
+    an adapter is one line before any weight is read."""
     from stream_rt.mllm.backend import ModelUnavailable
     from stream_rt.mllm.families import Gemma3, Idefics3, Qwen3VL, family_for
     from stream_rt.mllm.transformers_backend import inspect_model
@@ -331,10 +332,10 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
     assert not any(family_for(t).adapter for t in ("qwen3_5", "qwen3_5_moe", "gemma4", "internvl"))
     everything = ["token reuse", "clip compression", "layer exit"]
-    assert inspect_model(model_dir("gemma3"), everything)[1] is Gemma3
-    assert "tile reuse" in Idefics3.techniques and "tile reuse" not in Qwen3VL.techniques
-    with pytest.raises(ModelUnavailable, match=r"the gemma3 adapter \(model type 'gemma3'\) does not support tile"):
-        inspect_model(model_dir("gemma3"), ["token reuse", "tile reuse"])
+    assert inspect_model(model_dir("gemma3"), [*everything, "tile reuse"])[1] is Gemma3
+    assert all("tile reuse" in f.techniques for f in (Idefics3, Qwen3VL, Gemma3)), "each encodes images alone"
+    with pytest.raises(ModelUnavailable, match=r"token reuse needs a family adapter, and model type 'internvl'"):
+        inspect_model(build_tiny_model("internvl"), ["token reuse"])
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])

@@ -13,13 +13,16 @@ visual tokens.
 Adapters and what they support (:attr:`Family.techniques`; the backend refuses the rest
 at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
 
+- Every adapter: token reuse, clip compression, the memory's K/V prefix, the layer exit,
+  and tile reuse over the pieces its vision encoder sees each on its own — an image whose
+  pixels a cached call saw reuses that call's encoder output exactly (a clip's frames,
+  shared by consecutive calls, are encoded once).
 - Qwen2-VL / Qwen2.5-VL, Qwen3-VL (and Qwen3-VL-MoE: its experts route each token on its
-  own, so computing some rows of a layer is still exact), LLaVA: token reuse, clip
-  compression, the memory's K/V prefix, the layer exit. Their vision encoders see the
-  whole image at once, so there is no tile to reuse.
-- SmolVLM / Idefics3: all of those, and tile reuse (its encoder works tile by tile).
-- Gemma 3: token reuse, clip compression, memory prefix, layer exit; its encoder sees the
-  whole (square) image, so no tile reuse; pan-and-scan crops are off on this path.
+  own, so computing some rows of a layer is still exact), LLaVA, Gemma 3: the encoder's
+  attention never crosses from one image to another, so each image is such a piece (with
+  Qwen3-VL's DeepStack rows); Gemma 3's pan-and-scan crops are off on this path.
+- SmolVLM / Idefics3: its encoder works tile by tile, so each 512 px tile is a piece, and a
+  changed tile recomputes only the patches that moved (``encoder_partial``).
 
 Families that stay on the generic path (the model's own ``generate``), and why:
 
@@ -105,8 +108,11 @@ Technique = str
 """A technique's name, as :attr:`TransformersBackend.techniques` gives them: ``"token reuse"``,
 ``"clip compression"``, ``"layer exit"``, ``"memory prefix"``, ``"tile reuse"``."""
 
-LOOP_TECHNIQUES: frozenset[Technique] = frozenset({"token reuse", "clip compression", "memory prefix", "layer exit"})
-"""What every adapter supports: they all live in the one layer loop."""
+LOOP_TECHNIQUES: frozenset[Technique] = frozenset(
+    {"token reuse", "tile reuse", "clip compression", "memory prefix", "layer exit"}
+)
+"""What every adapter supports: the loop techniques, and tile reuse over the pieces its
+vision encoder sees each on its own (SmolVLM's tiles; each image for the others)."""
 
 
 class Family:
@@ -186,12 +192,19 @@ class Family:
         reuse); families without reuse support raise."""
         raise NotImplementedError(f"token reuse does not support the {self.name} family yet")
 
+    partial_encoder: ClassVar[bool] = False  # encode_tile_reusing: a tile's encoder pass recomputes only what moved
+
     def tiles(self, prepared: Prepared) -> int:
-        """How many independently encoded tiles the images were cut into (0: not tiled)."""
+        """How many pieces the vision encoder sees each on its own — tiles of an image, or
+        whole images — in prompt order, one token grid each (0: none)."""
         return 0
 
-    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> torch.Tensor:
-        """The visual features of one tile (the tile's tokens, hidden size)."""
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        """The pixel tensor the encoder takes for ``tile`` (what tile reuse compares)."""
+        raise NotImplementedError
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        """The visual features of one tile: exactly its rows of :meth:`encode`'s."""
         raise NotImplementedError
 
     def encode_tile_reusing(
@@ -247,8 +260,24 @@ class Qwen2VL(Family):
         return replace(prepared, position_ids=position_ids, next_position=int(position_ids.max()) + 1)
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
-        out = model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
-        return VisualFeatures(_flatten(out))
+        return self.encoded(model, prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
+
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
+        """The features of the images whose patch rows are ``pixels`` and grids ``grid_thw``."""
+        return VisualFeatures(_flatten(model.model.get_image_features(pixels, grid_thw)))
+
+    def tiles(self, prepared: Prepared) -> int:
+        """Each image: the encoder's attention never crosses from one image to another."""
+        return int(prepared.vision["image_grid_thw"].shape[0]) if prepared.vision else 0
+
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        sizes = prepared.vision["image_grid_thw"].prod(-1).tolist()
+        start = sum(sizes[:tile])
+        return prepared.vision["pixel_values"][start : start + sizes[tile]]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        grid = prepared.vision["image_grid_thw"][tile : tile + 1]
+        return self.encoded(model, self.tile_pixels(prepared, tile), grid)
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         grids = prepared.vision["image_grid_thw"].tolist()
@@ -264,7 +293,7 @@ class Idefics3(Family):
     name = "idefics3"
     adapter = True
     model_types = ("idefics3", "smolvlm")
-    techniques = LOOP_TECHNIQUES | {"tile reuse"}
+    techniques = LOOP_TECHNIQUES
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         out = model.model.get_image_features(
@@ -272,13 +301,19 @@ class Idefics3(Family):
         )
         return VisualFeatures(_flatten(out))
 
+    partial_encoder = True
+
     def tiles(self, prepared: Prepared) -> int:
         return int(prepared.vision["pixel_values"].shape[1]) if prepared.vision else 0
 
-    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> torch.Tensor:
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        return prepared.vision["pixel_values"][0, tile]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
         mask = prepared.vision.get("pixel_attention_mask")
         pixels = prepared.vision["pixel_values"][:, tile : tile + 1]
-        return _flatten(model.model.get_image_features(pixels, mask[:, tile : tile + 1] if mask is not None else None))
+        out = model.model.get_image_features(pixels, mask[:, tile : tile + 1] if mask is not None else None)
+        return VisualFeatures(_flatten(out))
 
     def encode_tile_reusing(
         self,
@@ -372,12 +407,25 @@ class Llava(Family):
     techniques = LOOP_TECHNIQUES
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
+        return self.encoded(model, prepared.vision["pixel_values"])
+
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor) -> VisualFeatures:
         out = model.model.get_image_features(
-            prepared.vision["pixel_values"],
+            pixels,
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         )
         return VisualFeatures(_flatten(out))
+
+    def tiles(self, prepared: Prepared) -> int:
+        """Each image: the encoder sees one at a time."""
+        return int(prepared.vision["pixel_values"].shape[0]) if prepared.vision else 0
+
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        return prepared.vision["pixel_values"][tile]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        return self.encoded(model, prepared.vision["pixel_values"][tile : tile + 1])
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Each image is one square of patches, every patch a token (the class token, if
@@ -400,8 +448,8 @@ class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
-        out = model.model.get_image_features(prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
+        out = model.model.get_image_features(pixels, grid_thw)
         deepstack = tuple(torch.cat([f.reshape(-1, f.shape[-1]) for f in layer]) for layer in out.deepstack_features)
         return VisualFeatures(_flatten(out), deepstack)
 
@@ -434,6 +482,17 @@ class Gemma3(Family):
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         return VisualFeatures(_flatten(model.model.get_image_features(prepared.vision["pixel_values"])))
+
+    def tiles(self, prepared: Prepared) -> int:
+        """Each image: the encoder sees one at a time."""
+        return int(prepared.vision["pixel_values"].shape[0]) if prepared.vision else 0
+
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        return prepared.vision["pixel_values"][tile]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        pixels = prepared.vision["pixel_values"][tile : tile + 1]
+        return VisualFeatures(_flatten(model.model.get_image_features(pixels)))
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Each image is resized to a square and pooled to a square grid of tokens."""

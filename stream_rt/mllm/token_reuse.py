@@ -88,7 +88,7 @@ class _Entry:
     values: list[torch.Tensor]
     relevance: torch.Tensor | None
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
-    tile_features: list[torch.Tensor] = field(default_factory=list)
+    tile_features: list[VisualFeatures] = field(default_factory=list)
     tile_states: list[TileState | None] = field(default_factory=list)
     layer_ratios: list[float] | None = None  # entropy schedule, from the last full call
     calls: int = 1  # calls under this key while it was cached
@@ -113,7 +113,7 @@ class ReuseCall:
     why: str  # why it is a full call ("" when it may reuse)
     tiles_reused: int = 0
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
-    tile_features: list[torch.Tensor] = field(default_factory=list)
+    tile_features: list[VisualFeatures] = field(default_factory=list)
     tile_states: list[TileState | None] = field(default_factory=list)
 
 
@@ -312,9 +312,15 @@ class TokenReuse:
         self.evictions[bound] += 1
 
     def _encode(
-        self, model: Any, family: Family, prepared: Prepared, entry: _Entry | None, static: npt.NDArray[np.bool_],
-        why: str, grids: list[TokenGrid],
-    ) -> tuple[VisualFeatures | None, int, list[torch.Tensor], list[torch.Tensor], list[TileState | None]]:  # fmt: skip
+        self,
+        model: Any,
+        family: Family,
+        prepared: Prepared,
+        entry: _Entry | None,
+        static: npt.NDArray[np.bool_],
+        why: str,
+        grids: list[TokenGrid],
+    ) -> tuple[VisualFeatures | None, int, list[torch.Tensor], list[VisualFeatures], list[TileState | None]]:
         """The visual features; per tile: reused whole when unchanged, re-encoded only
         where its tokens changed (``encoder_partial``), or encoded afresh."""
         if not prepared.vision:
@@ -323,10 +329,13 @@ class TokenReuse:
         n_tiles = family.tiles(prepared) if s.tiles != "off" else 0
         if not n_tiles:
             return family.encode(model, prepared), 0, [], [], []
-        pixels = [prepared.vision["pixel_values"][0, t] for t in range(n_tiles)]
+        pixels = [family.tile_pixels(prepared, t) for t in range(n_tiles)]
         starts = np.cumsum([0, *(g.size for g in grids)])
-        features, states, reused = [], [], 0
+        features: list[VisualFeatures] = []
+        states: list[TileState | None] = []
+        reused = 0
         comparable = entry is not None and len(entry.tile_pixels) == n_tiles
+        partial = s.encoder_partial and family.partial_encoder
         for t in range(n_tiles):
             tile_static = static[starts[t] : starts[t + 1]]
             same = _same_tile(entry, t, pixels[t], comparable)  # the same pixels, in this slot or another
@@ -338,21 +347,27 @@ class TokenReuse:
                 pixels[t] = entry.tile_pixels[j]  # the reference stays what the features came from
                 reused += 1
                 continue
-            if comparable and entry is not None and s.encoder_partial and not why and entry.tile_states[t] is not None:
+            if partial and comparable and entry is not None and not why and entry.tile_states[t] is not None:
                 changed = torch.from_numpy(~tile_static)
-                feats, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
-                                                          s.start_layer)  # fmt: skip
-                features.append(feats)
+                tokens, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
+                                                           s.start_layer)  # fmt: skip
+                features.append(VisualFeatures(tokens))
                 states.append(state)
-                continue
-            if s.encoder_partial:
-                feats, kept = family.encode_tile_reusing(model, prepared, t, None, None, s.start_layer)
-                features.append(feats)
-                states.append(kept)
+            elif partial:
+                tokens, state = family.encode_tile_reusing(model, prepared, t, None, None, s.start_layer)
+                features.append(VisualFeatures(tokens))
+                states.append(state)
             else:
                 features.append(family.encode_tile(model, prepared, t))
                 states.append(None)
-        return VisualFeatures(torch.cat(features)), reused, pixels, features, states
+        return joined(features), reused, pixels, features, states
+
+
+def joined(pieces: list[VisualFeatures]) -> VisualFeatures:
+    """The features of consecutive pieces of a request, as one."""
+    layers = len(pieces[0].deepstack)
+    return VisualFeatures(torch.cat([p.tokens for p in pieces]),
+                          tuple(torch.cat([p.deepstack[k] for p in pieces]) for k in range(layers)))  # fmt: skip
 
 
 def _head(prepared: Prepared) -> torch.Tensor:
@@ -393,7 +408,8 @@ def _same_tile(entry: _Entry | None, t: int, pixels: torch.Tensor, comparable: b
 def _held_bytes(entry: _Entry) -> int:
     """Bytes of the tensors and arrays ``entry`` holds, each storage counted once, whole (a
     tile's pixels are a view that keeps the request's whole pixel tensor alive)."""
-    tensors = [entry.input_ids, *entry.keys, *entry.values, *entry.tile_pixels, *entry.tile_features]
+    tensors = [entry.input_ids, *entry.keys, *entry.values, *entry.tile_pixels]
+    tensors += [t for features in entry.tile_features for t in (features.tokens, *features.deepstack)]
     tensors += [t for state in entry.tile_states if state is not None for t in (*state[0], *state[1], state[2])]
     if entry.relevance is not None:
         tensors.append(entry.relevance)

@@ -125,8 +125,6 @@ class TransformersBackend(Backend):
         log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
         if self.smoke:  # said once it loaded: a model that cannot load is one line
             log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
-        if self.token_reuse is not None and "tile reuse" not in family.techniques:
-            log.info("MLLM: token reuse without tile reuse: the %s vision encoder sees whole images", family.name)
 
     def check(self) -> str:
         """Check, without reading any weight, that the model can be loaded here with the
