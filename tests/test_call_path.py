@@ -364,3 +364,25 @@ async def test_the_workers_batch_decodes_each_request_as_alone(family: str, samp
     together = await asyncio.gather(*(one(k, *job) for k, job in enumerate(jobs)))
     assert batch.largest > 1
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_answers_as_transformers_own_generate(family: str, samples: Path) -> None:
+    """The adapter path with no technique on gives what the generic path — the model's own
+    processor and transformers' ``generate`` — gives for the same request: a clip of two
+    frames and a question (first logits within 1e-4, the same greedy tokens)."""
+    from stream_rt.mllm.families import Family
+
+    adapter = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32", max_new_tokens=NEW_TOKENS,
+                                  contract_stop=False)  # fmt: skip
+    adapter.load()
+    fam = adapter.family
+    assert fam is not None and fam.adapter
+    generic = TransformersBackend(adapter.model_ref, device=DEVICE, dtype="float32", max_new_tokens=NEW_TOKENS,
+                                  contract_stop=False)  # fmt: skip
+    generic.model, generic.family = adapter.model, Family(fam.path, fam.config, fam.processor)
+    images = frames(samples, [10, 40])
+    ours, theirs = adapter.generate(images, QUESTION), generic.generate(images, QUESTION)
+    assert ours.first_logits is not None and theirs.first_logits is not None
+    assert (ours.first_logits - theirs.first_logits.to(ours.first_logits.device)).abs().max() < 1e-4
+    assert ours.token_ids == theirs.token_ids and ours.prompt_tokens == theirs.prompt_tokens

@@ -63,10 +63,13 @@ class _Choice:
 
     def __init__(self, stream: TokenStream) -> None:
         self.stream = stream
+        self.first: torch.Tensor | None = None  # the first step's scores (the prompt's last logits)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.stream.stop:  # a step generate takes after the stopping criterion said stop
             return scores
+        if self.first is None:
+            self.first = scores[0].float().clone()
         token = self.stream.choose(scores[0])
         only = torch.full_like(scores, -torch.inf)
         only[:, token] = 0.0
@@ -101,14 +104,14 @@ def generate_generic(
         on_prompt(prompt)
     device, dtype = model.device, model.dtype
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    criterion = _Criterion(stream, now)
+    criterion, choice = _Criterion(stream, now), _Choice(stream)
     encoded: list[tuple[float, Any]] = []
     started = now()
     if not stream.ended():
         with _timed_encoder(model, encoded, now):
             model.generate(
                 **inputs, max_new_tokens=max(1, limit), do_sample=False, stopping_criteria=[criterion],
-                logits_processor=[_Choice(stream)],
+                logits_processor=[choice],
                 eos_token_id=sorted(family.eos_ids), pad_token_id=family.tokenizer.pad_token_id or ids[0, -1].item(),
             )  # fmt: skip
     ended = now()
@@ -120,7 +123,7 @@ def generate_generic(
         summary = pooled_tokens(features, summary_tokens) if features is not None else None
     return Generation(
         stream.text, stream.ids, stream.stop, prompt, visual, encode_s, first - started - (encode_s or 0.0),
-        ended - first, summary=summary, logprobs=stream.logprobs,
+        ended - first, first_logits=choice.first, summary=summary, logprobs=stream.logprobs,
     )  # fmt: skip
 
 
