@@ -55,11 +55,14 @@ from common import audio_features, one_tile_per_frame
 from stream_rt.graph.packets import AudioFeatures, MllmRequest
 from stream_rt.memory.streaming import MemoryEntry
 from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.layer_exit import LayerExit, calibrate
+from stream_rt.mllm.decoding import Generation
+from stream_rt.mllm.families import Family
+from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.tiny_models import build_tiny_model
 from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.mllm.transformers_backend import Generation, TransformersBackend
+from stream_rt.mllm.transformers_backend import TransformersBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -80,13 +83,14 @@ def at(frames: list[tuple[float, np.ndarray]], t: float) -> tuple[float, np.ndar
 
 
 def systems(with_exit: list[float]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {"full": {}}
+    out: dict[str, dict[str, Any]] = {"full": {}, "generic": {"generic": True}}
     for reuse, compress, prefix in itertools.product([False, True], repeat=3):
         if reuse or compress or prefix:
             name = "+".join(n for n, on in (("reuse", reuse), ("compress", compress), ("prefix", prefix)) if on)
             out[name] = {"reuse": reuse, "compress": compress, "prefix": prefix}
     out["all+exit"] = {"reuse": True, "compress": True, "prefix": True, "exit": with_exit}
     out["recent"] = {"memory": False}
+    out["recent-generic"] = {"memory": False, "generic": True}
     return out
 
 
@@ -98,6 +102,10 @@ def backend_for(base: TransformersBackend, settings: dict[str, Any]) -> Transfor
         layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
     )  # fmt: skip
     backend.model, backend.family, backend.cache_kw, backend.smoke = base.model, base.family, base.cache_kw, True
+    if settings.get("generic"):  # the same model through its processor and transformers' generate
+        family = base.family
+        assert family is not None
+        backend.family = Family(family.path, family.config, family.processor)
     return backend
 
 
@@ -131,7 +139,7 @@ def call(
 
 
 def split(gen: Generation) -> list[float]:
-    return [gen.encode_s, gen.prefill_s, gen.decode_s]
+    return [gen.encode_s or 0.0, gen.prefill_s, gen.decode_s]
 
 
 def mean_split(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -160,23 +168,35 @@ def main() -> None:
     parser.add_argument("--clips", nargs="*", choices=list(CLIPS), help="only these clips (default: both)")
     parser.add_argument("--frames", type=int, default=4, help="frames per clip, 0.5 s apart")
     parser.add_argument("--memory", type=int, default=8, help="memory entries before the prompt")
-    parser.add_argument("--family", default="idefics3", choices=["idefics3", "qwen2_vl"])
+    parser.add_argument("--family", default="idefics3", choices=["idefics3", "qwen2_vl"], help="a smoke model's")
+    parser.add_argument(
+        "--model-type",
+        choices=["qwen3_vl", "gemma3"],
+        help="instead: a random-weight model of this type (stream_rt.mllm.tiny_models)",
+    )
     parser.add_argument("--size", default="realistic", choices=["tiny", "realistic", "2b"])
+    parser.add_argument("--systems", nargs="*", help="only these systems ('full' is always run: the reference)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = TransformersBackend(str(build_smoke_model(family=args.family, size=args.size)), contract_stop=False,
-                               max_new_tokens=NEW_TOKENS, device=args.device, dtype=args.dtype)  # type: ignore[arg-type]  # fmt: skip
+    model = (
+        build_tiny_model(args.model_type, size=args.size)
+        if args.model_type
+        else build_smoke_model(family=args.family, size=args.size)
+    )
+    base = TransformersBackend(str(model), contract_stop=False, max_new_tokens=NEW_TOKENS, device=args.device,
+                               dtype=args.dtype)  # fmt: skip
     base.load()
     assert base.family is not None
-    if args.family == "idefics3":
+    if base.family.name == "idefics3":
         one_tile_per_frame(base)
     text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "What is happening in this scene?", (), ""))
     n_layers = len(base.model.get_decoder().layers)
     results: dict[str, Any] = {
         "calls": args.calls, "spacing_s": args.spacing, "frames": args.frames, "memory_entries": args.memory,
-        "family": args.family, "size": args.size, "device": args.device, "dtype": args.dtype, "clips": {},
+        "family": args.model_type or args.family, "size": args.size, "device": args.device, "dtype": args.dtype,
+        "parameters_m": round(sum(p.numel() for p in base.model.parameters()) / 1e6), "clips": {},
     }  # fmt: skip
     exit_thresholds: list[float] | None = None
     for clip_name, (file, starts) in CLIPS.items():
@@ -189,8 +209,8 @@ def main() -> None:
             for t in (1.0, 4.0, 10.0):
                 measuring.generate([at(frames, t)[1]], text)
             assert measuring.layer_exit is not None
-            exit_thresholds = calibrate(measuring.layer_exit, n_layers, 0.75 * n_layers)
-        chosen = systems(exit_thresholds)
+            exit_thresholds = calibrate(measuring.layer_exit, n_layers, 0.75 * n_layers, exit_cost(base.model))
+        chosen = {n: v for n, v in systems(exit_thresholds).items() if not args.systems or n in {"full", *args.systems}}
         backends = {name: backend_for(base, settings) for name, settings in chosen.items()}
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
         for e, start in enumerate(starts):
@@ -235,6 +255,11 @@ def main() -> None:
             }
             if name == "all+exit":
                 summary[name]["exit_depth_mean"] = round(statistics.mean(r["exit_depth"] for r in rows[name]), 2)
+        for baseline, name in (("generic", "generic"), ("recent-generic", "recent")):
+            if baseline in rows and name in rows:  # against transformers' own generate on the same model
+                base_s = sum(r["s"] for r in rows[baseline])
+                against = {n: round(base_s / sum(r["s"] for r in rows[n]), 2) for n in rows if n != baseline}
+                summary[baseline]["speedup_of_each_over_this"] = against
         results["clips"][clip_name] = summary
         print(json.dumps({clip_name: summary}), flush=True)
     results["layers"] = n_layers

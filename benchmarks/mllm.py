@@ -40,7 +40,7 @@ import torch
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, simulated_agreement
+from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost, simulated_agreement
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.mllm.transformers_backend import TransformersBackend
@@ -132,7 +132,7 @@ def layer_exit(model_path: Path, every: int, calibration: list[np.ndarray], held
     for frame in calibration:
         logger.generate([frame], prompt(), max_new_tokens=tokens)
     n_layers = len(logger.model.get_decoder().layers)
-    thresholds = calibrate(calibration_log, n_layers, target_fraction * n_layers)
+    thresholds = calibrate(calibration_log, n_layers, target_fraction * n_layers, exit_cost(logger.model))
     held_out_log = LayerExit(every=every, thresholds=None)
     full = TransformersBackend(str(model_path), contract_stop=False, layer_exit=held_out_log)
     exiting = LayerExit(every=every, thresholds=thresholds)

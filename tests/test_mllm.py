@@ -21,7 +21,7 @@ from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph import Context
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
-from stream_rt.mllm.layer_exit import LayerExit, calibrate
+from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.stage import MllmStage
@@ -318,6 +318,11 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
     gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
     assert gen.exit_depth is not None and gen.exit_depth < 4
     assert min(early.depth_counts) < 4 and set(early.depth_counts) <= {2, 3, 4} and not early.distances
+    # An exit costs the output layer's work: where evaluating the exits would cost the logged
+    # tokens more than the layers they skip, there are none, and none is evaluated.
+    assert exit_cost(full.model) > 0
+    assert calibrate(exit, 4, target_depth=3.0, cost=100.0) == []
+    assert LayerExit(every=1, thresholds=[]).exit_layers(4) == [] and early.exit_layers(4) == [1, 2, 3]
 
 
 def test_the_layer_exits_statistics_stay_bounded_however_long_it_decodes(smoke_model: Path, samples: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +46,10 @@ class LayerExit:
         self.tokens = deque(maxlen=self.log_limit)
 
     def exit_layers(self, n_layers: int) -> list[int]:
-        """Layer counts after which an exit is evaluated (the last layer is not an exit)."""
+        """Layer counts after which an exit is evaluated (the last layer is not an exit;
+        with ``thresholds`` empty, none: an exit that can never be taken costs nothing)."""
+        if self.thresholds is not None and not any(t > 0 for t in self.thresholds):
+            return []
         return list(range(self.every, n_layers, self.every))
 
     def threshold(self, k: int) -> float:
@@ -77,10 +81,21 @@ class LayerExit:
         return self.layers_run / self.decoded if self.depth_counts else 0.0
 
 
-def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]:
+def exit_cost(model: Any) -> float:
+    """What evaluating one exit costs a decoded token, in decoder layers: the output layer's
+    weights over a layer's (decoding one token reads every weight it uses once, so its time
+    follows the weights). Large vocabularies make an exit cost several layers."""
+    layers = model.get_decoder().layers
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    return float(model.lm_head.weight.numel()) / max(1, per_layer)
+
+
+def calibrate(log: LayerExit, n_layers: int, target_depth: float, cost: float = 0.0) -> list[float]:
     """Thresholds (one per exit after the first) for an average depth near ``target_depth``
     layers, on the distances a measuring run (thresholds ``None``) logged. An exit whose top
-    token differs from the previous exit's can never be taken, whatever its distance."""
+    token differs from the previous exit's can never be taken, whatever its distance. With
+    ``cost`` (:func:`exit_cost`), exits that would cost the logged tokens more — layers run
+    plus exits evaluated — than running every layer give none (``[]``: no exit evaluated)."""
     exit_layers = log.exit_layers(n_layers)
     n_exits = len(exit_layers) - 1
     if n_exits <= 0:  # one exit has nothing to agree with
@@ -112,7 +127,21 @@ def calibrate(log: LayerExit, n_layers: int, target_depth: float) -> list[float]
         mid = float(np.sqrt(low * high))
         _, depth = thresholds_for(mid)
         low, high = (mid, high) if depth < target_depth else (low, mid)
-    return thresholds_for(float(np.sqrt(low * high)))[0]
+    thresholds = thresholds_for(float(np.sqrt(low * high)))[0]
+    if cost > 0 and _mean_cost(table, thresholds, depths, n_layers, cost) >= n_layers:
+        return []  # on this log, evaluating the exits costs more than the layers they skip
+    return thresholds
+
+
+def _mean_cost(table: npt.NDArray[np.float64], thresholds: list[float], depths: list[int], n_layers: int,
+               cost: float) -> float:  # fmt: skip
+    """Mean layers' worth of work per logged token with ``thresholds``: the layers it runs
+    and ``cost`` for each exit evaluated on the way."""
+    total = 0.0
+    for row in table:
+        k = next((k for k, d in enumerate(row) if d < thresholds[k]), None)
+        total += n_layers + (len(depths)) * cost if k is None else depths[k] + (k + 2) * cost
+    return total / len(table)
 
 
 def _exit_table(log: LayerExit, n_layers: int) -> npt.NDArray[np.float64]:

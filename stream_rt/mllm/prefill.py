@@ -133,7 +133,7 @@ def run_prefill(
     entropies: list[float] | None = [] if entropy else None
     done = 0
     images = image_mask if layout.images_attend_within and length > 1 else None
-    # Who each position may attend to, per distinct window (None: everything, no mask).
+    # Who each position may attend to, per distinct window (None: everything; CAUSAL: the plain causal square).
     masks = {w: _allowed(length, before, w, images, device) for w in set(layout.windows)}
     exits = set(exit.exit_layers(len(layers))) if exit is not None else set()
     last_probs: torch.Tensor | None = None
@@ -153,7 +153,7 @@ def run_prefill(
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)
             hidden, rows = hidden[:, keep], rows[keep]
-            masks = {w: m[keep] if m is not None else None for w, m in masks.items()}
+            masks = {w: _materialised(m, length, device)[keep] if m is not None else None for w, m in masks.items()}
         done += len(rows)
         attn = layer.self_attn
         q, k, v = project(layer, hidden, cos[:, rows], sin[:, rows])
@@ -168,20 +168,19 @@ def run_prefill(
         keys.append(k_full)
         values.append(v_full)
         groups = attn.num_key_value_groups
-        k_rep = k_full.repeat_interleave(groups, dim=1) if groups > 1 else k_full
-        v_rep = v_full.repeat_interleave(groups, dim=1) if groups > 1 else v_full
         allowed = masks[layout.windows[index]]
         if (index == relevance_layer or entropies is not None) and len(visual) and len(question):
             at = torch.isin(rows, question)
+            k_rep = k_full.repeat_interleave(groups, dim=1) if groups > 1 else k_full
             scores = (q[:, :, at] @ k_rep.transpose(-1, -2)) * attn.scaling
-            scores = scores if allowed is None else scores.masked_fill(~allowed[at], float("-inf"))
+            if allowed is not None:
+                scores = scores.masked_fill(~_materialised(allowed, length, device)[at], float("-inf"))
             weights = scores.softmax(dim=-1)  # (1, heads, queries, L)
             if index == relevance_layer:
                 relevance = weights[..., before + visual].mean(dim=1).sum(dim=(0, 1)).float()
             if entropies is not None:
                 entropies.append(float(-(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()))
-        mask = None if allowed is None else allowed[None, None]
-        out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=attn.scaling)
+        out = attention(q, k_full, v_full, allowed, groups, attn.scaling)
         out = attn.o_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
         hidden = _rest_of_layer(layer, layout, hidden, out)
         if index < len(deepstack) and len(visual):
@@ -229,9 +228,36 @@ def _added_to_visual(
     return hidden
 
 
-def _allowed(
-    length: int, before: int, window: int | None, images: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
+CAUSAL = "causal"
+"""A mask that is the plain causal square (no prefix, no window that bites, no images)."""
+
+Mask = torch.Tensor | str | None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Mask, groups: int,
+              scale: float) -> torch.Tensor:  # fmt: skip
+    """Scaled dot-product attention of ``q`` over ``k`` / ``v`` (``groups`` query heads per
+    K/V head) where ``allowed``: without a mask tensor (everything, or the causal square)
+    SDPA takes the grouped heads as they are and its causal kernel, as transformers does;
+    with one, the K/V heads are repeated for it."""
+    if allowed is None or allowed is CAUSAL:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=allowed is CAUSAL, scale=scale, enable_gqa=groups > 1)
+    assert isinstance(allowed, torch.Tensor)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=scale)
+
+
+def _materialised(allowed: Mask, length: int, device: torch.device) -> torch.Tensor:
+    """``allowed`` as a (length, length) bool tensor, where it is :data:`CAUSAL`."""
+    if allowed is CAUSAL:
+        everything = torch.arange(length, device=device)
+        return everything[None, :] <= everything[:, None]
+    assert isinstance(allowed, torch.Tensor)
+    return allowed
+
+
+def _allowed(length: int, before: int, window: int | None, images: torch.Tensor | None, device: torch.device) -> Mask:
     """(length, before + length) bool: which positions each of these ``length`` positions
     (after ``before`` of a prefix) attends to — the causal ones, within ``window``
     positions of it if given, and with ``images`` (bool per position: a visual token) every
@@ -239,6 +265,8 @@ def _allowed(
     within a window, only ever widened to the image's later tokens). ``None``: all."""
     if length == 1 and (window is None or before < window):  # one position (a decoded token) sees everything
         return None
+    if before == 0 and images is None and (window is None or window >= length):
+        return CAUSAL
     queries = before + torch.arange(length, device=device)
     keys = torch.arange(before + length, device=device)
     allowed = keys[None, :] <= queries[:, None]
