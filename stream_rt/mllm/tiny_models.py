@@ -30,7 +30,8 @@ log = logging.getLogger("stream_rt.mllm")
 
 Size = Literal["tiny", "realistic"]
 MARKER = "stream_rt_tiny.json"
-VERSION = 2  # 2: the tiny Qwen3-VL feeds three DeepStack layers, the tiny Gemma 3 scales queries by 1/sqrt(32)
+VERSION = 3  # 2: the tiny Qwen3-VL feeds three DeepStack layers, the tiny Gemma 3 scales queries by 1/sqrt(32);
+# 3: realistic sizes shaped like Qwen3-VL-2B and Gemma 3 270M, with the families' own vocabularies
 
 Ids = dict[str, int]
 """Special token -> id in the built tokenizer."""
@@ -120,6 +121,8 @@ def _qwen2_5_vl(ids: Ids, size: Size) -> dict[str, Any]:
 
 
 def _qwen3_vl(ids: Ids, size: Size) -> dict[str, Any]:
+    """Realistic: Qwen3-VL-2B's 28 decoder layers and vocabulary, narrower (960 wide, ~0.5B
+    with a ViT-B-sized vision tower feeding 3 DeepStack levels)."""
     config = _qwen2_vl(ids, size)
     tiny = size == "tiny"
     text = config["text_config"]
@@ -166,13 +169,20 @@ def _llava_onevision(ids: Ids, size: Size) -> dict[str, Any]:
 
 
 def _gemma3(ids: Ids, size: Size) -> dict[str, Any]:
+    """Realistic: Gemma 3 270M's decoder (18 layers, 640 wide, one K/V head of 256, five
+    sliding layers of 512 to one global) and vocabulary, with a SigLIP-B/14 vision tower at
+    448 px pooled to Gemma 3's 256 tokens an image (~0.4B)."""
     tiny = size == "tiny"
     # The tiny one: a window shorter than any prompt, a query scale other than 1/sqrt(head_dim).
-    text = _text(size) | {
-        "sliding_window": 16 if tiny else 512, "query_pre_attn_scalar": 32 if tiny else 64,
-        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
-        * (1 if tiny else 7),
-    }  # fmt: skip
+    text = (
+        _text(size) | {"sliding_window": 16, "query_pre_attn_scalar": 32,
+                       "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+        if tiny
+        else {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+              "max_position_embeddings": 32768, "tie_word_embeddings": True,
+              "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3}
+    )  # fmt: skip
     return {
         "text_config": text, "vision_config": _siglip(size, 64 if tiny else 448, 16 if tiny else 14),
         "mm_tokens_per_image": 4 if tiny else 256, "boi_token_index": ids["<start_of_image>"],
@@ -225,7 +235,7 @@ def _qwen2_processor(size: Size) -> dict[str, Any]:
 
 
 def _qwen3_processor(size: Size) -> dict[str, Any]:
-    side = 128 if size == "tiny" else 512
+    side = 128 if size == "tiny" else 448  # realistic: a 4:3 camera frame -> 192 visual tokens
     return {"size": {"shortest_edge": 64 * 64, "longest_edge": side * side}, "patch_size": 16, "merge_size": 2}
 
 
@@ -390,7 +400,9 @@ def _write(recipe: Recipe, model_type: str, size: Size, seed: int, where: Path) 
     ids |= {token: tokenizer.convert_tokens_to_ids(token) for token in recipe.others}
     ids = dict(sorted(ids.items(), key=lambda kv: kv[1]))
     settings = recipe.config(ids, size)
-    settings["text_config"]["vocab_size"] = len(tokenizer)
+    # realistic: the family's own vocabulary size (its output layer is a large part of decoding)
+    reference = AutoConfig.for_model(model_type).get_text_config().vocab_size
+    settings["text_config"]["vocab_size"] = len(tokenizer) if size == "tiny" else max(len(tokenizer), reference)
     eos = tokenizer.convert_tokens_to_ids(recipe.eos)
     settings["text_config"] |= {"eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id,
                                 "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
