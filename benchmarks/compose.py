@@ -1,29 +1,42 @@
 #!/usr/bin/env python3
 """Every technique together: token reuse, clips with audio-guided compression and the
-memory prefix, in every combination, per episode, against full computation.
+memory prefix, in every combination, per episode, against full computation and against
+the generic path (transformers' own ``generate``) on the same model.
 
-On the realistic-size config (SmolVLM-256M shaped, random weights: the figures are costs
-and agreement with the full computation, not answer quality), each request is what the
-daemon sends during an episode: a clip of ``--frames`` frames every 0.5 s ending at the
-call, each frame one 512 px tile (SmolVLM's smallest image setting, as for video: 64
-visual tokens; with the clip's real audio features where the file has sound), after a memory of
-``--memory`` entries (each the pooled visual tokens of an earlier keyframe and a line of
-text), and a 16-token answer. An episode is ``--calls`` calls ``--spacing`` s apart (1 s
-by default: consecutive clips share frames, as a robot polling or a watch re-checking
-gives; the daemon's own updates come every ``update_interval_s``, 10 s by default) under
-one event id; the caches start cold at each episode (a new episode resets token reuse, and the
-memory has just changed: the episode before left an entry), so **the call that fills
-them is counted in the episode's time**.
+Models (random weights: the figures are costs and agreement with the full computation,
+not answer quality): by default the SmolVLM-256M-shaped smoke model (``--family``), each
+frame one 512 px tile (SmolVLM's smallest image setting, as for video: 64 visual tokens);
+with ``--model-type qwen3_vl`` or ``gemma3`` the realistic random-weight models of
+:mod:`stream_rt.mllm.tiny_models` (Qwen3-VL-2B's 28 layers and vocabulary, narrower, with 3
+DeepStack levels: 192 visual tokens a 4:3 frame; Gemma 3 270M's decoder with a SigLIP-B
+tower at 448 px: 256 tokens an image). Each request is what the daemon sends during an
+episode: a clip of ``--frames`` frames every 0.5 s ending at the call (with the clip's
+real audio features where the file has sound), after a memory of ``--memory`` entries
+(each the pooled visual tokens of an earlier keyframe and a line of text), and a
+16-token answer. An episode is ``--calls`` calls ``--spacing`` s apart (1 s by default:
+consecutive clips share frames, as a robot polling or a watch re-checking gives; the
+daemon's own updates come every ``update_interval_s``, 10 s by default) under one event
+id; token reuse starts cold at each episode (a new episode resets it) and the memory has
+one more entry than in the episode before (which left one: the memory prefix's K/V keep
+the entries the two share), so **the call that fills the caches is counted in the
+episode's time**.
 
-- ``full``: the same request computed whole every call (the clip uncompressed, the memory
-  prefix recomputed, nothing reused).
-- each combination of ``reuse`` (temporal token reuse, SmolVLM's tile and encoder reuse),
-  ``compress`` (OmniZip-style, 40 % of visual tokens kept on average) and ``prefix`` (the
-  memory prefix's K/V kept while the memory is unchanged).
+- ``full``: the same request computed whole every call by the adapter (the clip
+  uncompressed, the memory prefix recomputed, nothing reused).
+- ``generic``: the same model on the generic path — its processor and transformers'
+  ``generate`` — as a model without an adapter runs: the clip uncompressed, the memory as
+  text lines (its pooled visual tokens cannot go in), nothing kept between calls.
+- each combination of ``reuse`` (temporal token reuse with tile reuse: the images or
+  SmolVLM tiles a cached call saw), ``compress`` (OmniZip-style, 40 % of visual tokens
+  kept on average) and ``prefix`` (the memory prefix's K/V kept for the entries a call
+  shares with the one before).
 - ``all+exit``: all three and the layer exit, its thresholds calibrated on a measuring run
-  of other calls for 75 % of the layers (random weights: its exits say little).
+  of other calls for 75 % of the layers, with each exit's cost (the output layer over the
+  vocabulary) counted: where the exits would cost more than they skip, none is evaluated.
 - ``recent``: the recent-frames baseline (SimpleStream, 2026): only the last ``--frames``
-  frames, no memory, no compression, nothing reused — what a user gives up the memory for.
+  frames, no memory, no compression, nothing reused — what a user gives up the memory for;
+  ``recent-generic`` is the same request on the generic path, so ``recent`` against it is
+  the adapter's full computation against transformers' ``generate`` on identical inputs.
 
 Clips: the static camera (``still_motion.mkv``: still stretches, then people walk in;
 episodes from 8 s and from 19 s, the second one with motion) and a film with cuts
@@ -33,7 +46,8 @@ on one shared model. Fidelity is per call against ``full``'s
 call: top-1 agreement and KL of the first answer token's distribution, and the share of
 the 16 greedy tokens reproduced before the first difference.
 
-Usage: python benchmarks/compose.py [--calls 3] [--frames 4] [--memory 8]
+Usage: python benchmarks/compose.py [--model-type qwen3_vl] [--systems generic ...]
+       [--calls 3] [--frames 4] [--memory 8]
 The last line printed is one JSON object with the figures.
 """
 
@@ -203,7 +217,7 @@ def main() -> None:
         if args.clips and clip_name not in args.clips:
             continue
         frames, audio = decoded(SAMPLES / file), audio_features(SAMPLES / file)
-        memory = memory_of(base, frames, args.memory)
+        memory = memory_of(base, frames, args.memory + len(starts) - 1)
         if exit_thresholds is None:  # calibrate the exits on calls that are not measured
             measuring = backend_for(base, {"exit": None})
             for t in (1.0, 4.0, 10.0):
@@ -215,16 +229,16 @@ def main() -> None:
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
         for e, start in enumerate(starts):
             event = f"cam-{clip_name}-{e}"
-            for b in backends.values():  # a new episode: cold caches
+            seen = memory[: args.memory + e]  # each episode before left an entry
+            for b in backends.values():  # a new episode: token reuse starts cold
                 if b.token_reuse is not None:
                     b.token_reuse.reset()
-                b.memory_prefix.clear()
             for c in range(args.calls):
                 t = start + c * args.spacing
                 clip = [at(frames, t - INTERVAL_S * (args.frames - 1 - k)) for k in range(args.frames)]
                 names = list(chosen)
                 turn = len(rows["full"]) % len(names)  # each system takes each place in the order in turn
-                done = {name: call(backends[name], chosen[name], clip, audio, memory, text, event)
+                done = {name: call(backends[name], chosen[name], clip, audio, seen, text, event)
                         for name in names[turn:] + names[:turn]}  # fmt: skip
                 ref = done["full"][0]
                 for name, (gen, took) in done.items():

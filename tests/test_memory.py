@@ -119,7 +119,7 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     with av.open(str(samples / "vtest.avi")) as container:
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(40), container.decode(video=0), strict=False)]
     # Entries made the way the stage makes them: the keyframe's pooled visual tokens.
-    memory = StreamingMemory(max_entries=4, anchors=1, tokens=8)
+    memory = StreamingMemory(max_entries=5, anchors=1, tokens=8)
     for i, frame in enumerate(frames[:20:5]):
         gen = backend.generate([frame], "What happens?", max_new_tokens=1, summary_tokens=8)
         assert gen.summary is not None and gen.summary.shape[0] == 8
@@ -152,11 +152,25 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     assert again.first_logits is not None
     assert torch.allclose(again.first_logits, full, atol=1e-4), float((again.first_logits - full).abs().max())
 
-    # A changed memory is computed again, and a call without memory has no prefix.
+    # A memory that gained an entry computes that entry only, after the kept ones: the same
+    # K/V as computing the whole prefix afresh; a merge of the last two, from there on.
     memory.add("walkway", 30 * S, 31 * S, gen.summary, "a new moment")
-    changed = backend.generate([frames[35]], "What happens?", max_new_tokens=1,
-                               memory=("walkway", tuple(memory.entries("walkway"))))  # fmt: skip
-    assert backend.memory_prefix.computed == 2 and changed.memory_tokens > 0
+    grown = tuple(memory.entries("walkway"))
+    assert [e.text for e in grown[:-1]] == [e.text for e in entries], "the new entry comes last, the others kept"
+    changed = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", grown))
+    assert backend.memory_prefix.computed == 1 and backend.memory_prefix.extended == 1
+    afresh = MemoryPrefix()
+    with torch.inference_mode():
+        whole = afresh.state(model, fam, "walkway", grown)
+    kept = backend.memory_prefix.state(model, fam, "walkway", grown)
+    assert changed.memory_tokens == kept.length == whole.length and afresh.computed == 1
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept.keys, whole.keys, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept.values, whole.values, strict=True))
+    memory.add("walkway", 32 * S, 33 * S, gen.summary, "another moment")  # full: two neighbours merge
+    merged = tuple(memory.entries("walkway"))
+    assert len(merged) == 5 and merged[0].text == entries[0].text and memory.counters["merges"] == 1
+    backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", merged))
+    assert backend.memory_prefix.computed == 1 and backend.memory_prefix.extended == 2
     assert backend.generate([frames[35]], "What happens?", max_new_tokens=1).memory_tokens == 0
 
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from stream_rt.mllm.families import Layout, layout_of
 
@@ -153,7 +154,8 @@ def run_prefill(
             # Shrink to the positions still computed (a subset of the current rows).
             keep = torch.isin(rows, wanted)
             hidden, rows = hidden[:, keep], rows[keep]
-            masks = {w: _materialised(m, length, device)[keep] if m is not None else None for w, m in masks.items()}
+            masks = {w: _materialised(m, length, before, device)[keep] if m is not None else None
+                     for w, m in masks.items()}  # fmt: skip
         done += len(rows)
         attn = layer.self_attn
         q, k, v = project(layer, hidden, cos[:, rows], sin[:, rows])
@@ -174,7 +176,7 @@ def run_prefill(
             k_rep = k_full.repeat_interleave(groups, dim=1) if groups > 1 else k_full
             scores = (q[:, :, at] @ k_rep.transpose(-1, -2)) * attn.scaling
             if allowed is not None:
-                scores = scores.masked_fill(~_materialised(allowed, length, device)[at], float("-inf"))
+                scores = scores.masked_fill(~_materialised(allowed, length, before, device)[at], float("-inf"))
             weights = scores.softmax(dim=-1)  # (1, heads, queries, L)
             if index == relevance_layer:
                 relevance = weights[..., before + visual].mean(dim=1).sum(dim=(0, 1)).float()
@@ -229,43 +231,55 @@ def _added_to_visual(
 
 
 CAUSAL = "causal"
-"""A mask that is the plain causal square (no prefix, no window that bites, no images)."""
+"""A mask that is plain causal attention after whatever came before (no window that bites,
+no images): SDPA's lower-right causal bias, which needs no mask tensor."""
 
-Mask = torch.Tensor | str | None
+Mask = torch.Tensor | str | int | None
+"""Who the positions attend to: ``None`` everything, :data:`CAUSAL`, an int ``n`` the last
+``n`` keys (a decoded token in a sliding-window layer), or a bool tensor."""
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Mask, groups: int,
               scale: float) -> torch.Tensor:  # fmt: skip
     """Scaled dot-product attention of ``q`` over ``k`` / ``v`` (``groups`` query heads per
-    K/V head) where ``allowed``: without a mask tensor (everything, or the causal square)
-    SDPA takes the grouped heads as they are and its causal kernel, as transformers does;
-    with one, the K/V heads are repeated for it."""
-    if allowed is None or allowed is CAUSAL:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=allowed is CAUSAL, scale=scale, enable_gqa=groups > 1)
+    K/V head) where ``allowed``: without a mask tensor (everything, or causal after the
+    prefix) SDPA takes the grouped heads as they are and its causal kernels, as
+    transformers does; with one, the K/V heads are repeated for it."""
+    if isinstance(allowed, int):  # the window's keys only: everything in them is visible
+        k, v = k[:, :, -allowed:], v[:, :, -allowed:]
+        allowed = None
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=groups > 1)
+    if allowed is CAUSAL:
+        bias = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
     assert isinstance(allowed, torch.Tensor)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=scale)
 
 
-def _materialised(allowed: Mask, length: int, device: torch.device) -> torch.Tensor:
-    """``allowed`` as a (length, length) bool tensor, where it is :data:`CAUSAL`."""
+def _materialised(allowed: Mask, length: int, before: int, device: torch.device) -> torch.Tensor:
+    """``allowed`` as a (length, before + length) bool tensor, where it is :data:`CAUSAL`."""
+    keys = torch.arange(before + length, device=device)
     if allowed is CAUSAL:
-        everything = torch.arange(length, device=device)
-        return everything[None, :] <= everything[:, None]
+        return keys[None, :] <= before + torch.arange(length, device=device)[:, None]
+    if isinstance(allowed, int):
+        return (keys >= before + length - allowed)[None, :].expand(length, -1)
     assert isinstance(allowed, torch.Tensor)
     return allowed
 
 
 def _allowed(length: int, before: int, window: int | None, images: torch.Tensor | None, device: torch.device) -> Mask:
-    """(length, before + length) bool: which positions each of these ``length`` positions
-    (after ``before`` of a prefix) attends to — the causal ones, within ``window``
-    positions of it if given, and with ``images`` (bool per position: a visual token) every
-    token of its own image, a run of visual tokens, as Gemma 3 does (its token-type mask:
-    within a window, only ever widened to the image's later tokens). ``None``: all."""
-    if length == 1 and (window is None or before < window):  # one position (a decoded token) sees everything
-        return None
-    if before == 0 and images is None and (window is None or window >= length):
+    """Which positions each of these ``length`` positions (after ``before`` of a prefix)
+    attends to — the causal ones, within ``window`` positions of it if given, and with
+    ``images`` (bool per position: a visual token) every token of its own image, a run of
+    visual tokens, as Gemma 3 does (its token-type mask: within a window, only ever widened
+    to the image's later tokens). As a :data:`Mask`: ``None`` (all), :data:`CAUSAL`, the
+    last ``window`` keys (a decoded token), or a (length, before + length) bool tensor."""
+    if length == 1:  # one position (a decoded token) sees everything, or its window's last keys
+        return None if window is None or before < window else window
+    if images is None and (window is None or window >= before + length):
         return CAUSAL
     queries = before + torch.arange(length, device=device)
     keys = torch.arange(before + length, device=device)
