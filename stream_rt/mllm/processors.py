@@ -16,6 +16,8 @@ PIL port of its own (LFM2-VL: :class:`Lfm2VlImageProcessorPil`).
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import math
 import sys
 from functools import cache
@@ -38,21 +40,22 @@ class ProcessorUnavailable(RuntimeError):
 
 
 def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
-    """The processor of the model in ``path`` (its ``config.model_type`` is ``model_type``)."""
+    """The processor of the model in ``path`` (its ``config.model_type`` is ``model_type``):
+    its own class, built from its tokenizer, image processor, ``processor_config.json``
+    settings and chat template — not through ``from_pretrained``, which loads every
+    sub-processor the class names (a video processor needs torchvision)."""
     cls = processor_class(model_type)
     image_processor = load_image_processor(path, model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ProcessorUnavailable(f"cannot load the tokenizer of {path}: {first_line(exc)}") from None
+    template = chat_template(Path(path)) or getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        raise ProcessorUnavailable(f"{path} has no chat template (chat_template.jinja or the tokenizer's)")
 
     class WithoutVideo(cls):  # type: ignore[valid-type,misc]
         """The model's processor class, given only its tokenizer and image processor."""
-
-        @classmethod
-        def _get_arguments_from_pretrained(cls_, *args: Any, **kwargs: Any) -> list[Any]:
-            parts = {"tokenizer": tokenizer, "image_processor": image_processor}
-            return [parts.get(attribute) for attribute in cls.get_attributes()]
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
             if argument is None:  # the video processor, an audio feature extractor: not used
@@ -60,18 +63,43 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
             return super().check_argument_for_proper_class(argument_name, argument)
 
     WithoutVideo.__name__ = WithoutVideo.__qualname__ = cls.__name__
+    attributes = cls.get_attributes()
+    parts = {"tokenizer": tokenizer, "image_processor": image_processor}
+    named = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+    settings = {k: v for k, v in _processor_settings(Path(path)).items() if k in named and k not in attributes}
     try:
-        processor = WithoutVideo.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        processor = WithoutVideo(**{a: parts.get(a) for a in attributes}, chat_template=template, **settings)
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
         raise ProcessorUnavailable(f"cannot assemble the {cls.__name__} of {path}: {first_line(exc)}") from None
-    for attribute in cls.get_attributes():  # absent rather than None: processors test with hasattr
+    for attribute in attributes:  # absent rather than None: processors test with hasattr
         if getattr(processor, attribute, None) is None and attribute in vars(processor):
             delattr(processor, attribute)
-    template = processor.chat_template or getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str):
-        raise ProcessorUnavailable(f"{path} has no chat template (chat_template.jinja or the tokenizer's)")
-    processor.chat_template = template
     return processor
+
+
+def chat_template(path: Path) -> str | None:
+    """The model directory's own chat template: ``chat_template.jinja`` or ``chat_template.json``."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    js = path / "chat_template.json"
+    if js.is_file():
+        template = json.loads(js.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _processor_settings(path: Path) -> dict[str, Any]:
+    """The processor's own settings (``processor_config.json``), if the directory has them."""
+    settings = path / "processor_config.json"
+    if not settings.is_file():
+        return {}
+    try:
+        data = json.loads(settings.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ProcessorUnavailable(f"cannot read {settings}: {first_line(exc)}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def processor_class(model_type: str) -> type[ProcessorMixin]:
