@@ -264,6 +264,8 @@ def relock(tmp: Path, holds: list[str], pytest_args: list[str]) -> None:
     env = {**os.environ, "STREAM_RT_SAMPLES": str(samples)}
     fetch = [str(python), "scripts/fetch_samples.py", "--dest", str(samples)]
     run(fetch, "fetching the sample media", cwd=src, env=env)
+    # Where the tests, the scenarios (../samples/...) and the examples look for them, as in a checkout.
+    (src / "samples").symlink_to(samples.resolve(), target_is_directory=True)
     tested = " ".join(["python -m pytest -q", *pytest_args])
     step(f"running {tested} (sample media in {samples})")
     rc = subprocess.run([str(python), "-m", "pytest", "-q", *pytest_args], cwd=src, env=env).returncode
