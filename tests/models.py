@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from stream_rt.mllm.smoke import build_smoke_model, cache_root
-from stream_rt.mllm.tiny_models import MARKER, VERSION, build_tiny_model
+from stream_rt.mllm.tiny_models import MARKER, VERSION, build_tiny_model, write_once
 
 SMOKE_FAMILIES = ("qwen2_vl", "idefics3", "llava")
 
@@ -41,34 +40,25 @@ def tiny_qwen3_vl_moe() -> Path:
     base = build_tiny_model("qwen3_vl")
     target = cache_root() / "tiny" / f"qwen3_vl_moe-tiny-seed0-v{VERSION}"
     marker = {"model_type": "qwen3_vl_moe", "base": str(base), "version": VERSION}
-    if (target / MARKER).is_file() and json.loads((target / MARKER).read_text()) == marker:
-        return target
     settings = json.loads((base / "config.json").read_text())
     for key in ("model_type", "architectures", "transformers_version", "dtype"):
         settings.pop(key, None)
     moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]}
     settings["text_config"] |= {"model_type": "qwen3_vl_moe_text", "decoder_sparse_step": 1, **moe}
     settings["vision_config"]["model_type"] = "qwen3_vl_moe"
-    config = AutoConfig.for_model("qwen3_vl_moe", **settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         shutil.copytree(base, staging, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.safetensors", "config.json", MARKER))  # fmt: skip
         state = torch.random.get_rng_state()
         torch.manual_seed(0)
         try:
-            model = AutoModelForImageTextToText.from_config(config).eval()
+            model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_vl_moe", **settings)).eval()
         finally:
             torch.random.set_rng_state(state)
         model.save_pretrained(str(staging))
-        (staging / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_once(target, MARKER, marker, write)
 
 
 def own_forward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,17 +71,28 @@ def test_a_model_that_cannot_be_used_is_one_line_before_anything_starts(samples:
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     generic = tiny_model("internvl")  # runs on the generic path: no adapter for token reuse
-    cases = [
-        (text_only, "", "does not load as an image-text-to-text"),
-        (no_weights, "", "holds no weights"),
-        (generic, "token_reuse = { enabled = true }", "token reuse needs a family adapter"),
+    damaged, untokenized = tmp_path / "damaged", tmp_path / "untokenized"
+    shutil.copytree(generic, damaged)
+    shutil.copytree(tiny_model("qwen3_vl"), untokenized)
+    with (damaged / "model.safetensors").open("r+b") as weights:
+        weights.truncate(weights.seek(0, 2) // 2)  # a download cut short
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (untokenized / name).unlink()
+    cases = [  # (model, more [mllm] keys, the line, whether replay is tried too)
+        (text_only, "", "does not load as an image-text-to-text", True),
+        (no_weights, "", "holds no weights", True),
+        (generic, "token_reuse = { enabled = true }", "[mllm.token_reuse] enabled = false", True),
+        (damaged, "", "damaged weights in", False),
+        (untokenized, "", "has no tokenizer files", False),
+        (generic, 'device = "cuda:7"', "device 'cuda:7' is not available", False),
     ]
-    for model, extra, expected in cases:
+    for model, extra, expected, replay in cases:
         config = tmp_path / "config.toml"
         config.write_text(f'[[sources]]\nid = "cam"\nurl = "{samples / "still_motion.mkv"}"\n'
                           f'[mllm]\nmodel = "{model}"\n{extra}\n')  # fmt: skip
-        for command in (["validate", str(config)], ["replay", str(samples / "still_motion.mkv"), "--config",
-                                                     str(config)]):  # fmt: skip
+        commands = [["validate", str(config)]]
+        commands += [["replay", str(samples / "still_motion.mkv"), "--config", str(config)]] if replay else []
+        for command in commands:
             result = run_cli(*command)
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (command, result.stderr)

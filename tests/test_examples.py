@@ -95,7 +95,12 @@ async def test_the_robot_agent_gets_actions_back_through_its_callback() -> None:
         sys.executable, str(EXAMPLES / "robot_agent.py"), "--seconds", "32", "--speed", "4",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 180)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 180)
+    finally:
+        if proc.returncode is None:  # timed out or interrupted: the example leaves with the test
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, stderr.decode()[-2000:]
     actions = [line for line in stdout.decode().splitlines() if line.startswith("t=")]
     assert len(actions) >= 2, stdout.decode()

@@ -27,9 +27,13 @@ from stream_rt.pipeline import build_pipeline
 from stream_rt.testing import TINY_MODEL_TYPES, free_port, start_worker, tiny_model
 
 
-def test_the_helper_writes_every_family_it_names() -> None:
+def test_the_helper_writes_every_family_it_names_and_never_into_a_folder_in_use(tmp_path: Path) -> None:
     assert set(TINY_MODEL_TYPES) == set(RECIPES)
     assert len(TINY_MODEL_TYPES) >= 10
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not a model stream_rt built"):
+        tiny_model("qwen3_vl", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine", "nothing of the user's is deleted"
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)

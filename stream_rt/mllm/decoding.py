@@ -16,6 +16,8 @@ vLLM's default ``logprobs_mode = "raw_logprobs"``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,11 +80,13 @@ GREEDY = Sampling()
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One chosen token's log-probability, with the ``top`` most likely tokens' (text, log-probability)."""
+    """One chosen token's log-probability and its bytes, with the ``top`` most likely
+    tokens' (text, log-probability, bytes)."""
 
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[tuple[str, float, bytes], ...] = ()
+    raw: bytes = b""
 
 
 class Piece(str):
@@ -256,14 +260,38 @@ class TokenStream:
 
     def _logprob(self, scores: torch.Tensor, token: int) -> TokenLogprob:
         logprobs = torch.log_softmax(scores, dim=-1)
-        top: tuple[tuple[str, float], ...] = ()
+        top: tuple[tuple[str, float, bytes], ...] = ()
         if self.sampling.logprobs:
             values, ids = logprobs.topk(self.sampling.logprobs)
-            top = tuple((self._token_text(int(i)), float(v)) for v, i in zip(values, ids, strict=True))
-        return TokenLogprob(self._token_text(token), float(logprobs[token]), top)
+            top = tuple((self._token_text(int(i)), float(v), token_bytes(self._tokenizer, int(i)))
+                        for v, i in zip(values, ids, strict=True))  # fmt: skip
+        return TokenLogprob(self._token_text(token), float(logprobs[token]), top, token_bytes(self._tokenizer, token))
 
     def _token_text(self, token: int) -> str:
         return str(self._tokenizer.decode([token]))
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes ``token`` stands for — for a byte-level BPE, those its symbols encode
+    (a token may hold part of a UTF-8 character); a SentencePiece byte token (``<0xNN>``),
+    that byte; otherwise its text's UTF-8."""
+    piece = str(tokenizer.convert_ids_to_tokens(token))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    table = _byte_level()
+    if type(decoder).__name__ == "ByteLevel" and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        with contextlib.suppress(ValueError):
+            return bytes([int(piece[3:5], 16)])
+    return str(tokenizer.decode([token])).encode()
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as, back to the byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -10,8 +10,8 @@ layer loop (:mod:`stream_rt.mllm.prefill`), which consults the family's :class:`
 the backend times the vision encoder apart from prefill, and the techniques reuse or drop
 visual tokens.
 
-Adapters and what they support (:attr:`Family.techniques`; the backend refuses the rest
-at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
+Adapters and what they support (a model without one runs on the generic path, where the
+backend refuses every technique at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
 
 - Every adapter: token reuse, clip compression, the memory's K/V prefix, the layer exit,
   and tile reuse over the pieces its vision encoder sees each on its own — an image whose
@@ -104,17 +104,6 @@ class Layout:
     images_attend_within: bool = False  # in a prompt, a visual token sees every token of its image (Gemma 3)
 
 
-Technique = str
-"""A technique's name, as :attr:`TransformersBackend.techniques` gives them: ``"token reuse"``,
-``"clip compression"``, ``"layer exit"``, ``"memory prefix"``, ``"tile reuse"``."""
-
-LOOP_TECHNIQUES: frozenset[Technique] = frozenset(
-    {"token reuse", "tile reuse", "clip compression", "memory prefix", "layer exit"}
-)
-"""What every adapter supports: the loop techniques, and tile reuse over the pieces its
-vision encoder sees each on its own (SmolVLM's tiles; each image for the others)."""
-
-
 class Family:
     """Every model ``AutoModelForImageTextToText`` loads, through its own processor: the
     chat template renders the turn, the processor expands each image into its placeholder
@@ -128,7 +117,6 @@ class Family:
     adapter: ClassVar[bool] = False
     mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
     model_types: ClassVar[tuple[str, ...]] = ()
-    techniques: ClassVar[frozenset[Technique]] = frozenset()  # what this family supports (adapters)
     processor_kwargs: ClassVar[dict[str, Any]] = {}  # passed to the processor with every request
 
     def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
@@ -170,6 +158,11 @@ class Family:
         vision = {k: v for k, v in out.items() if k not in TEXT_INPUTS} if images else {}
         prepared = Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
         return self.positioned(prepared, model)
+
+    @classmethod
+    def refusal(cls, config: Any) -> str | None:
+        """Why this family cannot run a model of this ``config`` (``None``: it can)."""
+        return None
 
     def positioned(self, prepared: Prepared, model: PreTrainedModel) -> Prepared:
         """``prepared`` with its position ids, where they are not simply 0..L-1."""
@@ -243,7 +236,6 @@ class Qwen2VL(Family):
     adapter = True
     mrope = True
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    techniques = LOOP_TECHNIQUES
 
     def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
         super().__init__(path, config, processor)
@@ -293,7 +285,6 @@ class Idefics3(Family):
     name = "idefics3"
     adapter = True
     model_types = ("idefics3", "smolvlm")
-    techniques = LOOP_TECHNIQUES
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         out = model.model.get_image_features(
@@ -404,7 +395,6 @@ class Llava(Family):
     name = "llava"
     adapter = True
     model_types = ("llava",)
-    techniques = LOOP_TECHNIQUES
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         return self.encoded(model, prepared.vision["pixel_values"])
@@ -472,13 +462,13 @@ class Gemma3(Family):
     name = "gemma3"
     adapter = True
     model_types = ("gemma3",)
-    techniques = LOOP_TECHNIQUES
     processor_kwargs = {"do_pan_and_scan": False}
 
-    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
+    @classmethod
+    def refusal(cls, config: Any) -> str | None:
         if getattr(config.get_text_config(), "use_bidirectional_attention", False):
-            raise ValueError("a Gemma 3 whose text attends both ways (an embedding model) has no adapter")
-        super().__init__(path, config, processor)
+            return "a Gemma 3 whose text attends both ways (an embedding model) has no adapter"
+        return None
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         return VisualFeatures(_flatten(model.model.get_image_features(prepared.vision["pixel_values"])))

@@ -108,11 +108,12 @@ def generate_generic(
     encoded: list[tuple[float, Any]] = []
     started = now()
     if not stream.ended():
-        with _timed_encoder(model, encoded, now):
+        pad = family.tokenizer.pad_token_id
+        with _timed_encoder(model, encoded, now), _own_choice_only(model):
             model.generate(
                 **inputs, max_new_tokens=max(1, limit), do_sample=False, stopping_criteria=[criterion],
-                logits_processor=[choice],
-                eos_token_id=sorted(family.eos_ids), pad_token_id=family.tokenizer.pad_token_id or ids[0, -1].item(),
+                logits_processor=[choice], eos_token_id=sorted(family.eos_ids),
+                pad_token_id=pad if pad is not None else int(ids[0, -1]),
             )  # fmt: skip
     ended = now()
     first = criterion.first_token_at if criterion.first_token_at is not None else ended
@@ -125,6 +126,23 @@ def generate_generic(
         stream.text, stream.ids, stream.stop, prompt, visual, encode_s, first - started - (encode_s or 0.0),
         ended - first, first_logits=choice.first, summary=summary, logprobs=stream.logprobs,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _own_choice_only(model: Any) -> Iterator[None]:
+    """While the block runs, the model's ``generate`` has none of its checkpoint's
+    generation defaults (sampling, repetition penalty and the like, which ``generate``
+    would otherwise apply to the scores before any processor of ours sees them): tokens
+    are chosen as the request says, as on the adapters' path, and log-probabilities are
+    the model's own."""
+    from transformers import GenerationConfig
+
+    kept = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=kept.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = kept
 
 
 @contextlib.contextmanager

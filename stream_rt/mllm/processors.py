@@ -46,6 +46,8 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
     sub-processor the class names (a video processor needs torchvision)."""
     cls = processor_class(model_type)
     image_processor = load_image_processor(path, model_type)
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ProcessorUnavailable(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
@@ -75,6 +77,10 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
         if getattr(processor, attribute, None) is None and attribute in vars(processor):
             delattr(processor, attribute)
     return processor
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A model directory's tokenizer is in one of these (transformers builds an empty one where none is)."""
 
 
 def chat_template(path: Path) -> str | None:
@@ -151,34 +157,58 @@ def _import_without_torchvision(class_name: str) -> type[ProcessorMixin]:
 def load_image_processor(path: str | Path, model_type: str) -> Any:
     """The image processor in ``path``: the default implementation with torchvision, the
     PIL one without (stream_rt's own where transformers has none)."""
-    if not is_torchvision_available() and model_type in OWN_PIL_PROCESSORS:
+    torchvision = is_torchvision_available()
+    if not torchvision and model_type in OWN_PIL_PROCESSORS:
         return OWN_PIL_PROCESSORS[model_type].from_pretrained(str(path))
     try:
-        return AutoImageProcessor.from_pretrained(str(path), backend=None if is_torchvision_available() else "pil")
+        return AutoImageProcessor.from_pretrained(str(path), backend=None if torchvision else "pil")
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        if not is_torchvision_available():
+        if not torchvision and not _has_pil(Path(path), model_type):
             raise ProcessorUnavailable(
-                f"the image processor of model type '{model_type}' needs torchvision, which is not installed "
-                f"({first_line(exc)})"
+                f"the image processor of model type '{model_type}' needs torchvision, which is not installed"
             ) from None
         raise ProcessorUnavailable(f"cannot load the image processor of {path}: {first_line(exc)}") from None
 
 
+def _has_pil(path: Path, model_type: str) -> bool:
+    """Whether transformers has a PIL implementation of the image processor ``path``'s
+    settings name (``image_processor_type``), or of its model type's."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES  # type: ignore[attr-defined]
+
+    settings = path / "preprocessor_config.json"
+    try:
+        declared = json.loads(settings.read_text(encoding="utf-8")).get("image_processor_type") or ""
+    except (OSError, ValueError, AttributeError):
+        declared = ""
+    base = str(declared).removesuffix("Fast").removesuffix("Pil")
+    for names in IMAGE_PROCESSOR_MAPPING_NAMES.values():
+        if names and names.get("pil") and base and base in (names.get("torchvision"), names["pil"].removesuffix("Pil")):
+            return True
+    return _class_name(model_type, "pil") is not None
+
+
 def image_processor_class(model_type: str) -> type:
-    """The class :func:`load_image_processor` would use for ``model_type`` here."""
-    from transformers.models.auto.image_processing_auto import (  # type: ignore[attr-defined]
-        IMAGE_PROCESSOR_MAPPING_NAMES,
-        get_image_processor_class_from_name,
-    )
+    """The class :func:`load_image_processor` takes for ``model_type`` here, as the model
+    type names it (a checkpoint's own settings may name another)."""
+    from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
     if not is_torchvision_available() and model_type in OWN_PIL_PROCESSORS:
         return OWN_PIL_PROCESSORS[model_type]
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
-    name = names.get("torchvision" if is_torchvision_available() else "pil") or names.get("pil")
+    name = _class_name(model_type, "torchvision" if is_torchvision_available() else "pil")
     found = get_image_processor_class_from_name(name) if name else None
     if found is None:
-        raise ProcessorUnavailable(f"no image processor for model type '{model_type}' without torchvision")
+        raise ProcessorUnavailable(f"no image processor for model type '{model_type}' here (torchvision missing?)")
     return found
+
+
+def _class_name(model_type: str, backend: str) -> str | None:
+    """The image processor class transformers maps ``model_type`` to for ``backend``
+    (``"pil"`` or ``"torchvision"``; a PIL class is used where torchvision's is missing)."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES  # type: ignore[attr-defined]
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+    name = names.get(backend) or (names.get("pil") if backend == "torchvision" else None)
+    return str(name) if name else None
 
 
 class Lfm2VlImagesKwargs(ImagesKwargs, total=False):

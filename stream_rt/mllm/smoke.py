@@ -72,6 +72,9 @@ def build_smoke_model(
 
 
 def _write(family: Family, size: Size, seed: int, where: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     recipe = RECIPES[family]
     tokenizer = byte_tokenizer(recipe)
     config = _config(family, size, tokenizer)

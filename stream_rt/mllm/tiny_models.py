@@ -363,16 +363,21 @@ def build_tiny_model(model_type: str, path: str | Path | None = None, *, size: S
 def write_once(target: Path, marker_file: str, marker: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """``target`` as ``write`` makes it: written into a staging directory beside it, then
     moved into place with ``marker`` (so an interrupted build leaves nothing half-made).
-    A directory whose marker already says ``marker`` is kept as it is."""
+    A directory whose marker already says ``marker`` is kept as it is; one built with other
+    settings is replaced; anything else already there is refused (never deleted)."""
+    target = target.expanduser()
     done = target / marker_file
     if done.is_file() and json.loads(done.read_text()) == marker:
         return target
+    if target.exists() and not done.is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} already exists and is not a model stream_rt built: give a new or empty directory")
     log.info("building %s (random weights, not meaningful) in %s", marker, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         write(staging)
         (staging / marker_file).write_text(json.dumps(marker), encoding="utf-8")
+        staging.chmod(0o755)  # (mkdtemp makes it private)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -393,6 +398,9 @@ def write_processing(recipe: Recipe, model_type: str, size: Size, tokenizer: Any
 
 def _write(recipe: Recipe, model_type: str, size: Size, seed: int, where: Path) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = byte_tokenizer(recipe)
     write_processing(recipe, model_type, size, tokenizer, where)

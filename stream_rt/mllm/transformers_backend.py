@@ -41,7 +41,7 @@ from stream_rt.mllm.backend import (
 )
 from stream_rt.mllm.compression import Compression
 from stream_rt.mllm.decoding import Generation, Sampling, TokenStream
-from stream_rt.mllm.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for
+from stream_rt.mllm.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for, image_token_id
 from stream_rt.mllm.generic import generate_generic
 from stream_rt.mllm.layer_exit import LayerExit
 from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
@@ -74,7 +74,11 @@ class TransformersBackend(Backend):
         memory_text_tokens: int = 32,
     ) -> None:
         self.model_ref = model
-        self.device = torch.device(device)
+        self.device_name = device
+        try:  # a device this machine lacks is one line at check() and load()
+            self.device = torch.device(device)
+        except RuntimeError:
+            self.device = torch.device("cpu")
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
         self.contract_stop = contract_stop
@@ -105,6 +109,7 @@ class TransformersBackend(Backend):
         hf_logging.disable_progress_bar()
         if self.threads:
             torch.set_num_threads(self.threads)
+        self.device = check_device(self.device_name)
         path, self.name = resolve_model(self.model_ref, self.allow_download)
         self.smoke = is_smoke_model(path)
         config, family, processor = inspect_model(path, self.techniques)
@@ -124,12 +129,13 @@ class TransformersBackend(Backend):
         how = f"{family.name} adapter" if family.adapter else "generic path"
         log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
         if self.smoke:  # said once it loaded: a model that cannot load is one line
-            log.warning("MLLM: the smoke model (random weights): its answers are NOT meaningful")
+            log.warning("MLLM: %s has random weights (built by stream_rt): its answers are NOT meaningful", self.name)
 
     def check(self) -> str:
         """Check, without reading any weight, that the model can be loaded here with the
         configured techniques (:func:`inspect_model`); a line saying what will run it.
         Raises :class:`ModelUnavailable` otherwise."""
+        check_device(self.device_name)
         if self.model_ref == "smoke":
             return "smoke (random weights, built on first use)"
         try:
@@ -414,7 +420,7 @@ def resolve_model(ref: str, allow_download: bool = False) -> tuple[Path, str]:
         raise MissingWeights(
             f"cannot load model '{ref}': it is not in the local Hugging Face cache and downloads are off; run "
             f"`{download_command()} {ref}` where there is network (or copy the model directory here and give its "
-            'path), or use model = "smoke"'
+            'path), or use the smoke model (model = "smoke", --model smoke)'
         ) from None
 
 
@@ -428,11 +434,10 @@ def download_command() -> str:
 
 def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any, type[Family], Any]:
     """(the model's config, the family that runs it, its processor), checked before any
-    weight is read:
-    transformers knows the model type and loads it as an image-text-to-text model, its
-    processor can be assembled here, and every technique in ``techniques`` (names, as
-    :attr:`TransformersBackend.techniques` gives them) is one its family adapter supports
-    (:attr:`Family.techniques`).
+    weight is read: its weight files are whole, transformers knows the model type and
+    loads it as an image-text-to-text model, its processor (with a tokenizer that knows
+    the image token) can be assembled here, and every technique in ``techniques`` (names,
+    as :attr:`TransformersBackend.techniques` gives them) has a family adapter to run in.
     Raises :class:`ModelUnavailable` saying which of these fails."""
     import transformers
     from transformers import AutoConfig
@@ -440,8 +445,6 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
 
     from stream_rt.mllm.processors import ProcessorUnavailable, load_processor
 
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelUnavailable(f"{path} holds no weights (*.safetensors or *.bin)")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -455,25 +458,64 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
             "image-text-to-text (vision-language) model"
         )
     family = family_for(model_type)
+    if (reason := family.refusal(config)) is not None:
+        raise ModelUnavailable(f"{path}: {reason}")
     refused = [t for t in techniques or [] if not family.adapter]
     if refused:
         adapters = ", ".join(t for f in ADAPTERS for t in f.model_types)
-        verb = "needs" if len(refused) == 1 else "need"
         raise ModelUnavailable(
-            f"{' and '.join(refused)} {verb} a family adapter, and model type '{model_type}' has none (it runs on "
-            f"the generic path; adapters: {adapters}): turn them off or use a model of those types"
+            f"model type '{model_type}' runs on the generic path (adapters: {adapters}), which has no "
+            f"{' and no '.join(refused)}: set {' and '.join(TECHNIQUE_KEYS[t] for t in refused)}"
         )
-    unsupported = [t for t in techniques or [] if t not in family.techniques]
-    if unsupported:
-        raise ModelUnavailable(
-            f"the {family.name} adapter (model type '{model_type}') does not support {' and '.join(unsupported)}; "
-            f"it supports {', '.join(sorted(family.techniques))}: turn the others off"
-        )
+    check_weights(path)
     try:
         processor = load_processor(path, model_type)
     except ProcessorUnavailable as exc:
         raise ModelUnavailable(str(exc)) from None
+    image_token = image_token_id(config, processor)
+    if image_token >= len(processor.tokenizer):  # (transformers builds an empty tokenizer where its files are missing)
+        raise ModelUnavailable(
+            f"the tokenizer of {path} has {len(processor.tokenizer)} tokens and not the model's image token "
+            f"({image_token}): are its tokenizer files missing?"
+        )
     return config, family, processor
+
+
+TECHNIQUE_KEYS = {
+    "token reuse": "[mllm.token_reuse] enabled = false",
+    "clip compression": '[mllm.clip] compression = "off"',
+    "layer exit": "[mllm] layer_exit_every = 0",
+}
+"""The setting that turns each technique off (for the line that refuses it)."""
+
+
+def check_weights(path: Path) -> None:
+    """Raise :class:`ModelUnavailable` if ``path`` holds no weights, or a safetensors file
+    whose header does not describe the file (a damaged or cut-short download); reading
+    the headers costs next to nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise ModelUnavailable(f"{path} holds no weights (*.safetensors or *.bin)")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelUnavailable(f"damaged weights in {file}: {first_line(exc)}") from None
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` names, if this machine has it; else :class:`ModelUnavailable`."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelUnavailable(f"device '{name}': {first_line(exc)}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        why = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no such GPU here"
+        raise ModelUnavailable(f"device '{name}' is not available ({why}): use device = \"cpu\"")
+    return device
 
 
 def on_device(prepared: Prepared, device: torch.device) -> Prepared:

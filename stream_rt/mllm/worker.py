@@ -538,12 +538,12 @@ def _validation_error(exc: ValidationError) -> tuple[str, str]:
 
 
 def _logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    """Log-probabilities in OpenAI's format (``bytes``: the token text's UTF-8)."""
+    """Log-probabilities in OpenAI's format (``bytes``: the bytes the token stands for)."""
 
-    def token(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    def token(text: str, logprob: float, raw: bytes) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    content = [{**token(e.token, e.logprob), "top_logprobs": [token(t, lp) for t, lp in e.top]} for e in entries]
+    content = [{**token(e.token, e.logprob, e.raw), "top_logprobs": [token(*t) for t in e.top]} for e in entries]
     return {"content": content, "refusal": None}
 
 
