@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import signal
 from pathlib import Path
@@ -60,8 +61,13 @@ async def test_a_replay_of_a_real_clip_answers_every_call(model_type: str, sampl
         tokens, timings = a["tokens"], a["timings"]
         assert 0 < tokens["visual"] < tokens["prompt"] and 0 < tokens["generated"] <= 16, tokens
         assert timings["prefill"] > 0 and timings["decode"] >= 0, timings
-    # The clip's frames are several images: a call after the first of its episode carries more visual tokens.
-    assert max(a["tokens"]["visual"] for a in answers) > min(a["tokens"]["visual"] for a in answers)
+    # Every call is shown its 3-frame clip, 0.5 s apart and ending at its event, however far the
+    # video ran ahead of the events: the same frames, so the same visual tokens, in every call.
+    for a in answers:
+        shown = a["frame_pts_ns"]
+        assert len(shown) == 3 and shown[-1] == a["pts_ns"], shown
+        assert all(later - earlier >= 500_000_000 for earlier, later in itertools.pairwise(shown)), shown
+    assert len({a["tokens"]["visual"] for a in answers}) == 1, [a["tokens"] for a in answers]
     # The memory of earlier episodes reaches later calls: as a K/V prefix with an adapter, as text without.
     last = answers[-1]["tokens"]
     first = answers[0]["tokens"]

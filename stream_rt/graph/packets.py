@@ -315,6 +315,7 @@ class MllmAnswer(Packet):
     pooled visual tokens when the request asked for them (for the streaming memory; not
     published). ``repeat``: the answer says what the source's previous answer said, in the
     same episode (``confidence`` aside): not news, so notifications can skip it.
+    ``frame_pts``: the media times of a clip's frames the model was shown, oldest first.
     """
 
     event_id: str
@@ -331,6 +332,7 @@ class MllmAnswer(Packet):
     exit_depth: float | None = None
     visual_summary: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
     repeat: bool = False
+    frame_pts: tuple[int, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -348,6 +350,8 @@ class MllmAnswer(Packet):
             exit_depth=self.exit_depth,
             repeat=self.repeat,
         )
+        if self.frame_pts:
+            record["frame_pts_ns"] = list(self.frame_pts)
         if self.smoke:
             record["smoke"] = "smoke model with random weights: this answer is not meaningful"
         return record

@@ -128,4 +128,5 @@ def answer_from_text(
         request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
         "ok" if answer is not None else "invalid", answer, text, backend.name,
         backend.smoke if smoke is None else smoke, error, stop, timings, tokens, exit_depth, visual_summary,
+        frame_pts=request.frame_pts,
     )  # fmt: skip

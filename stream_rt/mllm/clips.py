@@ -3,9 +3,11 @@
 about together with the moments that led to it (and compressed by audio guidance,
 :mod:`stream_rt.mllm.compression`).
 
-Only ``frames`` sampled frames (the one nearest the event may be too close to it to count)
-and ``frames * interval_s`` seconds of audio features are kept per source; the frames are
-converted to RGB only when a request is built.
+The video reaches the stage on an edge of its own, usually ahead of the events (which pass
+change detection, salience and the trigger first): the sampled frames and audio features of
+``frames * interval_s`` seconds before the newest frame, plus :data:`LEAD_S` for that
+lead, are kept per source, so that a clip is the same however far ahead the video ran.
+The frames are converted to RGB only when a request is built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass, replace
 
 from stream_rt.graph.packets import AudioFeatures, Event, MllmRequest, VideoFrame
 from stream_rt.mllm.requests import build_request, context_line, resize
+
+LEAD_S = 2.0
+"""How far ahead of the events the video may run and still leave every event its clip."""
 
 
 @dataclass
@@ -29,23 +34,32 @@ class ClipBuffer:
             raise ValueError(f"a clip has at least 2 frames, got {frames}")
         self.frames = frames
         self.interval_ns = int(interval_s * 1e9)
+        self.span_ns = self.frames * self.interval_ns + int(LEAD_S * 1e9)
         self._recent: dict[str, _Recent] = {}
+        self._latest: dict[str, int] = {}
 
     def _of(self, source_id: str) -> _Recent:
         recent = self._recent.get(source_id)
         if recent is None:
-            recent = self._recent[source_id] = _Recent(deque(maxlen=self.frames), deque())
+            recent = self._recent[source_id] = _Recent(deque(), deque())
         return recent
 
     def add_frame(self, frame: VideoFrame) -> None:
         frames = self._of(frame.source_id).frames
+        self._latest[frame.source_id] = frame.pts_ns
         if not frames or frame.pts_ns - frames[-1].pts_ns >= self.interval_ns:
             frames.append(frame)
+            while frames[0].pts_ns < frame.pts_ns - self.span_ns:
+                frames.popleft()
+
+    def latest_pts(self, source_id: str) -> int | None:
+        """The time of the newest frame seen of ``source_id`` (sampled or not)."""
+        return self._latest.get(source_id)
 
     def add_audio(self, features: AudioFeatures) -> None:
         audio = self._of(features.source_id).audio
         audio.append(features)
-        horizon = features.pts_ns - self.frames * self.interval_ns
+        horizon = features.pts_ns - self.span_ns
         while audio[0].pts_ns < horizon:
             audio.popleft()
 

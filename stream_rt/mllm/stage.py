@@ -48,7 +48,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +157,7 @@ class MllmStage(Node):
         self._idle.set()
         self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet
         self._interrupted: list[MllmRequest] = []  # ...when the stage was stopped
+        self._held: list[Event] = []  # events whose clip frames are still on the video edge
 
     async def start(self, ctx: Context) -> None:
         """Load the backend. A model that cannot be used (missing weights, a model
@@ -204,6 +205,7 @@ class MllmStage(Node):
         if isinstance(packet, VideoFrame):
             if self.clip is not None:
                 self.clip.add_frame(packet)
+                await self._release(ctx, lambda e: e.source_id == packet.source_id and e.pts_ns <= packet.pts_ns)
             return
         if isinstance(packet, AudioFeatures):
             if self.clip is not None:
@@ -212,10 +214,39 @@ class MllmStage(Node):
         if isinstance(packet, Event):
             if not packet.call_model:
                 return
-            taken = _bare_request(packet, self.question_for(packet.source_id))
-        else:
-            assert isinstance(packet, MllmRequest)
-            taken = packet
+            if self._clip_behind(packet):
+                self._held.append(packet)
+                return
+        assert isinstance(packet, Event | MllmRequest)
+        await self._take_in(packet, ctx)
+
+    def _clip_behind(self, event: Event) -> bool:
+        """Whether ``event``'s clip would miss frames: the event and the video reach the
+        stage on two edges, taken in turn, so a backlog of video (while a call blocks) lets
+        an event overtake the frames before it. Such an event waits for a frame of its own
+        time (its own frame is on the video edge already, or a newer one replaced it), or
+        the end of its video; an event of its source already waiting keeps the order. A
+        source none of whose video reached the stage has no clip to wait for."""
+        if self.clip is None or event.frame is None:
+            return False
+        if any(held.source_id == event.source_id for held in self._held):
+            return True
+        latest = self.clip.latest_pts(event.source_id)
+        return latest is not None and latest < event.pts_ns
+
+    async def _release(self, ctx: Context, ready: Callable[[Event], bool]) -> None:
+        while self._held:
+            first: dict[str, Event] = {}  # per source, its oldest waiting event: only that one may go
+            for held in self._held:
+                first.setdefault(held.source_id, held)
+            going = next((e for e in first.values() if ready(e)), None)
+            if going is None:
+                return
+            self._held.remove(going)
+            await self._take_in(going, ctx)
+
+    async def _take_in(self, packet: Event | MllmRequest, ctx: Context) -> None:
+        taken = _bare_request(packet, self.question_for(packet.source_id)) if isinstance(packet, Event) else packet
         self._taking = taken
         try:
             await self._take(packet, taken, ctx)
@@ -314,6 +345,8 @@ class MllmStage(Node):
         return build_request(event, question, max_side=self.max_side, crop_regions=self.crop_regions)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, EndOfStream) and ctx.port == "video":  # no more frames come for them
+            await self._release(ctx, lambda e: e.source_id == packet.source_id)
         if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests"):
             await self._idle.wait()  # what asked is answered before the end goes on
 
@@ -330,7 +363,8 @@ class MllmStage(Node):
             await asyncio.gather(*tasks, return_exceptions=True)
         self._calls.clear()
         owed = [item.request for item in self.flow.clear() if not item.answered] + self._interrupted
-        self._interrupted = []
+        owed += [_bare_request(event, self.question_for(event.source_id)) for event in self._held]
+        self._interrupted, self._held = [], []
         for request in owed:  # promised an answer, never called
             await self._answer(_failed(request, "dropped", "the stage stopped before the model answered"), ctx, request)
         self._room.set()
@@ -526,4 +560,5 @@ def _failed(
     return MllmAnswer(
         request.source_id, request.seq, request.pts_ns, time.time_ns(), request.event_id, request.question,
         status, None, "", backend.name if backend else "", bool(backend and backend.smoke), error, "", timings,
+        frame_pts=request.frame_pts,
     )  # fmt: skip
