@@ -11,6 +11,9 @@ from pydantic import Field
 
 from stream_rt.config.base import StrictModel
 
+DEFAULT_WEIGHTS = {"visual": 1.0, "speech": 1.0, "onset": 0.6, "loudness": 0.5}
+"""Each salience component's weight where ``[salience] weights`` does not name it."""
+
 
 class ChangeConfig(StrictModel):
     enabled: bool = Field(True, title="Enabled", description="detect visual change (needs video)")
@@ -137,7 +140,7 @@ class SalienceConfig(StrictModel):
     weights: dict[Literal["visual", "speech", "onset", "loudness"], float] = Field(
         default_factory=dict,
         title="Weights",
-        description="per-component weights (default visual 1, speech 1, onset 0.6, loudness 0.5)",
+        description=f"per-component weights (default {', '.join(f'{k} {w:g}' for k, w in DEFAULT_WEIGHTS.items())})",
     )
     max_lateness_s: float = Field(
         1.0,
