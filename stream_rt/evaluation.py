@@ -61,9 +61,9 @@ from pathlib import Path
 from typing import Any
 
 from stream_rt.config import Config, ConfigError, for_replay, parse_config
+from stream_rt.config.perception import DEFAULT_WEIGHTS
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import Event, Packet, Salience, SourceStatus, StreamEnded
-from stream_rt.operators.salience import DEFAULT_WEIGHTS
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.callback import CallbackSink

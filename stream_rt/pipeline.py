@@ -31,7 +31,7 @@ from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.detectors import Detector, load_detector
-from stream_rt.operators.objects import DetectSettings, ObjectGate
+from stream_rt.operators.objects import ObjectGate
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
@@ -193,12 +193,11 @@ def build_backend(cfg: MllmConfig) -> Backend:
         )
     from stream_rt.mllm.compression import Compression
     from stream_rt.mllm.layer_exit import LayerExit
-    from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
+    from stream_rt.mllm.token_reuse import TokenReuse
     from stream_rt.mllm.transformers_backend import TransformersBackend
 
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
-    reuse = cfg.token_reuse
-    token_reuse = TokenReuse(ReuseSettings(**reuse.model_dump(exclude={"enabled"}))) if reuse.enabled else None
+    token_reuse = TokenReuse(cfg.token_reuse) if cfg.token_reuse.enabled else None
     clip = cfg.clip
     compression = None
     if clip.frames > 1 and clip.compression != "off":
@@ -265,22 +264,21 @@ def _build_gates(
     with_audio = [s for s in sources if s.has_audio and settings[s.name].audio.enabled]
     if not with_video and not with_audio:
         return None
-    # The config sections mirror the constructors' keyword arguments one to one.
-    fusion = SalienceFusion("salience", **config.salience.model_dump())
+    fusion = SalienceFusion("salience", config.salience)
     graph.add(fusion)
     trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     for source in sources:  # fusion waits only for what is wired, and hears when a source goes offline
         own = settings[source.name]
         fusion.expect(source.name, video=source in with_video, audio=source in with_audio)
-        fusion.configure(source.name, **own.salience.model_dump())
+        fusion.configure(source.name, own.salience)
         trigger.configure(source.name, require_zones=tuple(own.require_zones), **own.trigger.model_dump())
         graph.connect(f"{source.name}.status", "salience.status")
     if with_video:
-        change = ChangeDetector("change", **config.change.model_dump(exclude={"enabled"}))
+        change = ChangeDetector("change", config.change)
         graph.add(change)
         for source in with_video:
             own = settings[source.name]
-            change.configure(source.name, layouts[source.name], **own.change.model_dump(exclude={"enabled"}))
+            change.configure(source.name, layouts[source.name], own.change)
             graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
         detecting = [s for s in with_video if settings[s.name].detect.enabled]
         if detecting:
@@ -288,9 +286,8 @@ def _build_gates(
             objects = ObjectGate("objects", wait=video_ch.policy == "block")
             for source in detecting:
                 own = settings[source.name]
-                d = own.detect
-                gate = DetectSettings(d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s)
-                objects.configure(source.name, detectors[_detector_key(d)], gate, layouts[source.name])
+                detector = detectors[_detector_key(own.detect)]
+                objects.configure(source.name, detector, own.detect, own.objects, layouts[source.name])
             graph.add(objects)
             graph.connect("change.changes", "objects.changes", capacity=8)
             graph.connect("objects.changes", "salience.changes", capacity=8)
@@ -302,11 +299,10 @@ def _build_gates(
         if not all(vad.values()):
             why = "the 'vad' extra is not installed" if not vad_installed else "[audio] vad = false"
             log.info("speech detection is off for %s (%s)", ", ".join(n for n, on in vad.items() if not on), why)
-        analyzer = AudioAnalyzer("audio", vad=False, **config.audio.model_dump(exclude={"enabled", "vad"}))
+        analyzer = AudioAnalyzer("audio", config.audio.model_copy(update={"vad": False}))  # sources have their own
         graph.add(analyzer)
         for source in with_audio:
-            analyzer.configure(source.name, vad=vad[source.name],
-                               **settings[source.name].audio.model_dump(exclude={"enabled", "vad"}))  # fmt: skip
+            analyzer.configure(source.name, settings[source.name].audio.model_copy(update={"vad": vad[source.name]}))
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
     graph.add(trigger)
