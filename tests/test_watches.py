@@ -149,6 +149,7 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     """Quiet view, watch with recheck_s = 1: a ``check`` event (calling the model) each
     second of media, sharing one id, taking nothing from the budget the arrival needs;
     none once the watch is met, and an episode's own calls replace them while it lasts."""
+    from stream_rt.config import TriggerConfig
     from stream_rt.graph.packets import Event, Salience
     from stream_rt.policies.trigger import TriggerPolicy
     from stream_rt.testing import run_node
@@ -157,7 +158,7 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     book.set("cam", "guests", CONDITION, confirm=1, recheck_s=1.0)
     quiet = [Salience("cam", i, i * 100_000_000, 0, 0.0, {"visual": 0.0}) for i in range(35)]
     arrival = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35, 40)]
-    out = await run_node(TriggerPolicy("trigger", max_calls_per_min=2, watches=book), quiet + arrival)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(max_calls_per_min=2), watches=book), quiet + arrival)
     events = [e for e in out["events"] if isinstance(e, Event)]
     checks = [e for e in events if e.type == "check"]
     assert [(e.pts_ns // 10**8, e.call_model) for e in checks] == [(10, True), (20, True), (30, True)]
@@ -166,12 +167,12 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     assert new.call_model and new.event_id != checks[0].event_id, "the checks left the budget to the arrival"
 
     book.observe(answer(True, book.question("cam", "Q?")))  # met: nothing more to re-check
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(cooldown_s=0), watches=book), quiet)
     assert not [e for e in out["events"] if isinstance(e, Event)]
 
     book.set("cam", "cars", "a car is parked", confirm=1, recheck_s=1.0)
     busy = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35)]
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, update_interval_s=2, watches=book), busy)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(cooldown_s=0, update_interval_s=2), watches=book), busy)
     assert [e.type for e in out["events"] if isinstance(e, Event)] == ["new", "update", "end"], "the episode asks"
 
 
