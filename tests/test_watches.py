@@ -259,3 +259,21 @@ def test_an_expired_configured_watch_deleted_and_added_again_is_a_new_watch(tmp_
     assert start([entry]).of("cam") is None, "expired, and the entry unchanged: it stays ended"
     start([])  # deleted from the config...
     assert start([entry]).of("cam") is not None, "...and added again: a new watch"
+
+
+def test_the_pipeline_hands_one_watch_book_to_the_trigger_the_stage_and_the_commands() -> None:
+    """A watch set by command is the one the trigger re-checks and the stage asks about:
+    one book, handed to each when it is built (nothing is set on a node afterwards)."""
+    from stream_rt.sinks.commands import apply_command
+
+    config = parse_config({"sources": [{"id": "cam", "url": "rtsp://192.0.2.1/x"}], "mllm": {"model": "smoke"}})
+    pipeline = build_pipeline(config)
+    assert pipeline.trigger is not None and pipeline.mllm is not None and pipeline.control is not None
+    assert pipeline.trigger.watches is pipeline.mllm.watches is pipeline.control.watches is not None
+    command = b'{"id": "guests", "condition": "two people are on the walkway", "recheck_s": 5}'
+    apply_command(pipeline.control, {"cam"}, "cam", "watch", command)
+    assert CONDITION in pipeline.mllm.question_for("cam")
+    asked = apply_command(pipeline.control, {"cam"}, "cam", "ask", b'{"question": "Who is there?"}')["event_id"]
+    assert pipeline.trigger.asks is not None and pipeline.trigger.asks.waiting("cam") == 1
+    assert pipeline.trigger.asks.ledger is pipeline.mllm.asks, "the stage releases what the trigger's queue reserved"
+    assert asked.startswith("cam-")
