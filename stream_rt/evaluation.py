@@ -172,7 +172,7 @@ async def run_scenario(scenario: Scenario) -> Run:
     else:  # the same trigger, on one component of the same fused salience
         name = scenario.component
         graph.add(ComponentOnly(f"{name}_only", name, config))
-        graph.add(TriggerPolicy(f"{name}_trigger", **config.trigger.model_dump()))
+        graph.add(TriggerPolicy(f"{name}_trigger", config.trigger))
         graph.connect("salience.salience", f"{name}_only.salience", capacity=64)
         graph.connect(f"{name}_only.salience", f"{name}_trigger.salience")
         graph.connect(f"{name}_trigger.events", "evaluation.in", capacity=64)

@@ -35,9 +35,10 @@ from stream_rt.operators.objects import ObjectGate
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
-from stream_rt.policies.asks import AskLedger
+from stream_rt.policies.asks import AskLedger, AskQueue
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.policies.trigger import TriggerPolicy
-from stream_rt.policies.watches import WatchBook, watch_entry
+from stream_rt.policies.watches import WatchBook, reconcile
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSettings, MqttSink
 from stream_rt.sinks.report import ReportSink
@@ -58,6 +59,7 @@ class Pipeline:
     jsonl: JsonlSink | None
     mqtt: MqttSink | None = None
     layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
+    control: SourceControl | None = None  # what commands act on (enabled, thresholds, ask, watch)
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
@@ -121,24 +123,29 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
 
-    asks = AskLedger() if config.mllm is not None else None
     settings = {s.name: config.settings(s.name) for s in sources}
     layouts = {name: SceneLayout(own.masks, own.zones, own.require_zones) for name, own in settings.items()}
-    trigger = _build_gates(graph, config, sources, asks, settings, layouts)
-    mllm = None
+    trigger, control, mllm = None, None, None
+    ledger, watches = None, None
+    if _build_gates(graph, config, sources, settings, layouts):
+        # One object per concern, handed to every node (and the command target) that needs it.
+        ledger = AskLedger() if config.mllm is not None else None
+        asks = AskQueue(ledger, graph.clock) if ledger is not None else None
+        if config.mllm is not None:
+            watches = WatchBook(config.watch_state)  # restored, then brought in line with [[watches]]
+            reconcile(watches, config.watches)
+        episodes = EpisodeControls(
+            config.trigger,
+            {name: own.trigger for name, own in settings.items()},
+            {name: own.require_zones for name, own in settings.items()},
+        )
+        trigger = TriggerPolicy("trigger", controls=episodes, asks=asks, watches=watches)
+        graph.add(trigger)
+        graph.connect("salience.salience", "trigger.salience", capacity=64)
+        control = SourceControl(episodes, asks, watches)
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
-        watches = WatchBook(config.watch_state)  # restored, then the configured ones set
-        configured = {(w.source, w.id) for w in config.watches}
-        for kept in watches.all():  # a [[watches]] entry deleted since: its watch ends
-            if kept.origin == "config" and (kept.source_id, kept.id) not in configured:
-                watches.remove(kept.source_id)
-        watches.forget_ended({watch_entry(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s)
-                              for w in config.watches})  # fmt: skip
-        for w in config.watches:
-            watches.set(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s, origin="config")
-        trigger.watches = watches  # for the watch/set command
-        mllm = _build_mllm(config.mllm, asks, questions, watches)
+        mllm = _build_mllm(config.mllm, ledger, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
@@ -162,10 +169,10 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     mqtt = None
     if config.sinks.mqtt is not None:
-        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources})
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
         graph.add(mqtt)
         _feed(graph, "mqtt", trigger, mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control)
 
 
 def _feed(
@@ -210,7 +217,9 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook) -> MllmStage:
+def _build_mllm(
+    cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook | None
+) -> MllmStage:
     clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
     m = cfg.memory
     memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
@@ -224,7 +233,7 @@ def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, st
     )  # fmt: skip
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | None, sources: set[str]) -> MqttSink:
+def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
     """Credentials come from the config or, better, the environment; never from code."""
     settings = MqttSettings(
         host=cfg.host,
@@ -246,7 +255,7 @@ def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | 
         settings,
         drain_timeout_s=graph.drain_timeout_s,
         stats=graph.statistics,
-        commands=trigger,
+        commands=commands,
         sources=sources,
     )
 
@@ -255,23 +264,22 @@ def _build_gates(
     graph: Graph,
     config: Config,
     sources: list[StatusSource],
-    asks: AskLedger | None,
     settings: dict[str, SourceSettings],
     layouts: dict[str, SceneLayout],
-) -> TriggerPolicy | None:
+) -> bool:
+    """The perception gates up to the salience fusion; ``False`` when no source is gated
+    (nothing would reach a trigger)."""
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
     with_video = [s for s in sources if s.has_video and settings[s.name].change.enabled]
     with_audio = [s for s in sources if s.has_audio and settings[s.name].audio.enabled]
     if not with_video and not with_audio:
-        return None
+        return False
     fusion = SalienceFusion("salience", config.salience)
     graph.add(fusion)
-    trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     for source in sources:  # fusion waits only for what is wired, and hears when a source goes offline
         own = settings[source.name]
         fusion.expect(source.name, video=source in with_video, audio=source in with_audio)
         fusion.configure(source.name, own.salience)
-        trigger.configure(source.name, require_zones=tuple(own.require_zones), **own.trigger.model_dump())
         graph.connect(f"{source.name}.status", "salience.status")
     if with_video:
         change = ChangeDetector("change", config.change)
@@ -305,9 +313,7 @@ def _build_gates(
             analyzer.configure(source.name, settings[source.name].audio.model_copy(update={"vad": vad[source.name]}))
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
-    graph.add(trigger)
-    graph.connect("salience.salience", "trigger.salience", capacity=64)
-    return trigger
+    return True
 
 
 def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...], Detector]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stream_rt import Event, SourceStatus
 from stream_rt.graph import Context
-from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
@@ -86,7 +86,7 @@ class Camera(ListSource):
 async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp_path: Path) -> None:
     broker = Broker(free_port, tmp_path)
     broker.start()
-    trigger = TriggerPolicy("trigger")
+    trigger = SourceControl(EpisodeControls())
     sink = MqttSink("mqtt", dataclasses.replace(settings(free_port, tmp_path), home_assistant=True),
                     commands=trigger, sources={"gate", "back_yard"})  # fmt: skip
     graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Camera)
