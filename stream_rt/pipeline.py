@@ -39,7 +39,7 @@ from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.policies.watches import WatchBook, watch_entry
 from stream_rt.sinks.jsonl import JsonlSink
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.report import ReportSink
 from stream_rt.sources.av_source import AvSource
 from stream_rt.sources.mqtt_source import MqttSource
@@ -227,28 +227,8 @@ def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, st
 
 def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | None, sources: set[str]) -> MqttSink:
     """Credentials come from the config or, better, the environment; never from code."""
-    settings = MqttSettings(
-        host=cfg.host,
-        port=cfg.port,
-        prefix=cfg.prefix,
-        client_id=cfg.client_id,
-        username=cfg.username or os.environ.get("STREAM_RT_MQTT_USERNAME"),
-        password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
-        outbox=cfg.outbox,
-        stats_interval_s=cfg.stats_interval_s,
-        tls_ca=cfg.tls_ca,
-        tls_cert=cfg.tls_cert,
-        tls_key=cfg.tls_key,
-        home_assistant=cfg.home_assistant,
-        discovery_prefix=cfg.discovery_prefix,
-    )
     return MqttSink(
-        "mqtt",
-        settings,
-        drain_timeout_s=graph.drain_timeout_s,
-        stats=graph.statistics,
-        commands=trigger,
-        sources=sources,
+        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=trigger, sources=sources
     )
 
 
