@@ -22,7 +22,6 @@ import random
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
 
 from stream_rt.config import MqttSinkConfig
 from stream_rt.graph.backoff import Backoff
@@ -120,8 +119,12 @@ class BrokerConnection:
             self.down_since_ns = ctx.clock.now_ns()
 
     def _report(self, exc: aiomqtt.MqttError, failures: int, ctx: Context) -> None:
-        """One clear line per outage (not per retry); refused credentials are an error."""
-        if isinstance(exc, MqttConnectError) and getattr(exc.rc, "value", exc.rc) in REFUSED_CREDENTIALS:
+        """One clear line per outage (not per retry); refused credentials are an error.
+        While connecting, an :class:`aiomqtt.MqttCodeError` is the broker's CONNACK; once
+        connected, its code is paho's (``MQTT_ERR_NO_CONN`` is 4 too, but not a refusal)."""
+        code = getattr(exc, "rc", None)
+        connack = not self.connected and isinstance(exc, aiomqtt.MqttCodeError)
+        if connack and getattr(code, "value", code) in REFUSED_CREDENTIALS:
             ctx.count("mqtt_auth_refused")
             if failures == 0:
                 who = f"user '{self._username}'" if self._username else "anonymous clients"
