@@ -40,7 +40,7 @@ from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.policies.watches import WatchBook, reconcile
 from stream_rt.sinks.jsonl import JsonlSink
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.report import ReportSink
 from stream_rt.sources.av_source import AvSource
 from stream_rt.sources.mqtt_source import MqttSource
@@ -234,29 +234,8 @@ def _build_mllm(
 
 
 def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
-    """Credentials come from the config or, better, the environment; never from code."""
-    settings = MqttSettings(
-        host=cfg.host,
-        port=cfg.port,
-        prefix=cfg.prefix,
-        client_id=cfg.client_id,
-        username=cfg.username or os.environ.get("STREAM_RT_MQTT_USERNAME"),
-        password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
-        outbox=cfg.outbox,
-        stats_interval_s=cfg.stats_interval_s,
-        tls_ca=cfg.tls_ca,
-        tls_cert=cfg.tls_cert,
-        tls_key=cfg.tls_key,
-        home_assistant=cfg.home_assistant,
-        discovery_prefix=cfg.discovery_prefix,
-    )
     return MqttSink(
-        "mqtt",
-        settings,
-        drain_timeout_s=graph.drain_timeout_s,
-        stats=graph.statistics,
-        commands=commands,
-        sources=sources,
+        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources
     )
 
 

@@ -87,7 +87,7 @@ async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp
     broker = Broker(free_port, tmp_path)
     broker.start()
     trigger = SourceControl(EpisodeControls())
-    sink = MqttSink("mqtt", dataclasses.replace(settings(free_port, tmp_path), home_assistant=True),
+    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True),
                     commands=trigger, sources={"gate", "back_yard"})  # fmt: skip
     graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Camera)
     run = asyncio.create_task(graph.run())
@@ -138,7 +138,7 @@ async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp
 def test_the_answer_sensor_shows_the_summary_or_the_status() -> None:
     from jinja2 import Template
 
-    from stream_rt.sinks.home_assistant import discovery_messages
+    from stream_rt.sinks.mqtt.home_assistant import discovery_messages
 
     [template] = [p["value_template"] for t, p in discovery_messages("stream_rt", ["gate"]) if "/sensor/" in t]
     render = lambda answer: Template(template).render(value_json=answer)  # noqa: E731
