@@ -163,3 +163,33 @@ async def test_stopping_with_calls_in_flight_answers_each_request_once() -> None
         answers.append(packet.event_id)
     assert sorted(answers) == ["a-0", "b-0", "c-0", "d-0"], "each request answered once, none after stop"
     assert len(backend.calls) == 2 and not stage._calls, "nothing started once stopping"
+
+
+async def test_the_stage_reads_time_on_the_graphs_clock() -> None:
+    """The budget's minute is the graph clock's minute, and the answers the stage writes
+    itself carry the clock's wall time (a stage reading the wall clock itself failed both)."""
+    from stream_rt.graph.channel import Channel
+    from stream_rt.graph.clock import ManualClock
+    from stream_rt.graph.node import Context
+
+    clock = ManualClock()
+    out = Channel("answers", "block", 64)
+    ctx = Context("mllm", clock, {"answers": [out]}, MllmStage.outputs, asyncio.Event())
+    stage = MllmStage("mllm", CountingBackend(delay_s=0), MllmConfig(reuse_threshold=0, calls_per_minute=1))
+    await stage.start(ctx)
+
+    async def ask(source: str) -> MllmAnswer:
+        await stage.process(MllmRequest(source, 0, 0, 0, f"{source}-0", "q"), ctx)
+        for _ in range(200):
+            if (packet := out.get_nowait()) is not None:
+                assert isinstance(packet, MllmAnswer)
+                return packet
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no answer for {source}")
+
+    assert (await ask("a")).status == "ok"
+    refused = await ask("b")
+    assert refused.status == "dropped" and refused.wall_ns == clock.wall_ns(), "stamped by the graph's clock"
+    await clock.advance(60)
+    assert (await ask("c")).status == "ok", "a minute on the graph's clock later, the budget has room again"
+    await stage.stop(ctx)

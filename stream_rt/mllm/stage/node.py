@@ -29,13 +29,17 @@ Any exception on the way (building, reuse, the call, the memory) answers that re
 ``error`` and the next goes ahead: the call task cannot die. When the stage stops (or is
 restarted by its supervision) with requests still waiting, each is answered ``dropped``.
 
-With a :class:`~stream_rt.mllm.clips.ClipBuffer`, requests are clips: the frames sampled
-before the event (from the ``video`` input) with the audio features of that span (from
-``audio``). With a :class:`~stream_rt.memory.StreamingMemory`, each call carries the
-source's memory (the transformers backend puts it before the prompt and reuses its KV
-cache while it is unchanged), and each answered call becomes a memory entry: the
-keyframe's pooled visual tokens with the answer's summary. The memory is restored from
-``memory_snapshot`` at start, written there every ``snapshot_interval_s`` and at stop.
+With ``clip.frames`` > 1 (a :class:`~stream_rt.mllm.stage.clips.ClipBuffer`), requests are
+clips: the frames sampled before the event (from the ``video`` input) with the audio
+features of that span (from ``audio``). With ``memory.enabled`` (a
+:class:`~stream_rt.memory.StreamingMemory`), each call carries the source's memory (the
+transformers backend puts it before the prompt and reuses its KV cache while it is
+unchanged), and each answered call becomes a memory entry: the keyframe's pooled visual
+tokens with the answer's summary. The memory is restored from ``memory.snapshot`` at start,
+written there every ``memory.snapshot_interval_s`` and at stop.
+
+The stage reads time only through the graph's clock (``ctx.clock``), and composes one part
+per concern (see :mod:`stream_rt.mllm.stage`).
 
 ``process()`` returns as soon as the request is queued, so a slow model delays only
 answers. At the end of a stream the stage finishes what is queued before it passes the
