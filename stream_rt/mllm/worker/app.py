@@ -13,7 +13,7 @@ says which is which); a field OpenAI does not define is refused too, as OpenAI d
 an API key (``--api-key`` or ``$STREAM_RT_WORKER_API_KEY``; required to listen beyond
 loopback) every ``/v1`` request must carry it as a bearer token.
 
-Requests are served concurrently by a :class:`~stream_rt.mllm.scheduling.Scheduler`:
+Requests are served concurrently by a :class:`~stream_rt.mllm.worker.scheduling.Scheduler`:
 decoded together where the model's family has an adapter (continuous batching, up to
 ``max_batch`` in one forward pass per token), one at a time otherwise; at most
 ``max_waiting`` more wait for a place (more are answered 429), and a client that
@@ -23,7 +23,7 @@ id ``smoke`` (by default), ``system_fingerprint`` :data:`SMOKE_FINGERPRINT` and 
 response header :data:`SMOKE_HEADER`.
 
 This module is the HTTP side (the aiohttp app, its routes, authorisation, streaming);
-:mod:`stream_rt.mllm.chat_api` holds the request schema, its validation and the pieces of
+:mod:`stream_rt.mllm.worker.chat_api` holds the request schema, its validation and the pieces of
 an answer in OpenAI's format.
 """
 
@@ -46,7 +46,10 @@ from pydantic import ValidationError
 
 from stream_rt import __version__
 from stream_rt.mllm.backend import first_line
-from stream_rt.mllm.chat_api import (
+from stream_rt.mllm.decoding import Generation, Piece, Sampling
+from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.worker.chat_api import (
     ChatRequest,
     RequestError,
     StreamOptions,
@@ -56,12 +59,9 @@ from stream_rt.mllm.chat_api import (
     usage,
     validation_error,
 )
-from stream_rt.mllm.decoding import Generation, Piece, Sampling
-from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
-from stream_rt.mllm.scheduling import Scheduler, scheduler_for
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.worker.scheduling import Scheduler, scheduler_for
 
-__all__ = ["RequestError", "Worker"]
+__all__ = ["Worker"]
 
 log = logging.getLogger("stream_rt.worker")
 
