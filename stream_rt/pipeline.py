@@ -23,10 +23,7 @@ from urllib.parse import urlsplit
 from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
-from stream_rt.memory.streaming import StreamingMemory
 from stream_rt.mllm.backend import Backend
-from stream_rt.mllm.clips import ClipBuffer
-from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
@@ -220,17 +217,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
 def _build_mllm(
     cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook | None
 ) -> MllmStage:
-    clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
-    m = cfg.memory
-    memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
-    return MllmStage(
-        "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
-        max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
-        reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
-        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, memory_refresh=m.refresh, asks=asks,
-        questions=questions,
-        max_in_flight=cfg.in_flight, calls_per_minute=cfg.calls_per_minute, watches=watches,
-    )  # fmt: skip
+    return MllmStage("mllm", build_backend(cfg), cfg, questions=questions, asks=asks, watches=watches)
 
 
 def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
