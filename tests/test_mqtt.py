@@ -21,7 +21,7 @@ from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import MqttSinkConfig, parse_config
 from stream_rt.graph import Backoff, Context
 from stream_rt.pipeline import build_pipeline
-from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
@@ -286,7 +286,7 @@ async def test_every_retained_state_is_current_after_a_broker_restart(free_port:
     broker = Broker(free_port, tmp_path)
     broker.start()
     queue: asyncio.Queue[Packet] = asyncio.Queue()
-    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True), commands=TriggerPolicy("trigger"),
+    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True), commands=SourceControl(EpisodeControls()),
                     sources={"gate"}, drain_timeout_s=2, backoff=FAST)  # fmt: skip
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
     graph.add(Scripted("feed", queue))

@@ -124,7 +124,8 @@ class MllmStage(Node):
         self.model = ModelHealth(backend, cfg.timeout_s, self.clock)
         self.memory = MemoryKeeper(cfg.memory, self.clock) if cfg.memory.enabled else None
         self.asks = asks
-        self.watches = WatchTicker(watches, self.clock) if watches is not None else None
+        self.watches = watches
+        self.watch_ticker = WatchTicker(watches, self.clock) if watches is not None else None
         self.repeats = Repeats()
         self.call_latency = Histogram("seconds a model call took, of the calls that answered")
         self.answer_latency = Histogram("seconds from an event to its answer record (any status)")
@@ -154,8 +155,8 @@ class MllmStage(Node):
         except Exception as exc:
             log.error("MLLM backend '%s' cannot start: %s", self.backend.name, describe_error(exc))
             ctx.count("backend_start_errors")
-        if self.watches is not None:
-            self.watches.start(ctx)
+        if self.watch_ticker is not None:
+            self.watch_ticker.start(ctx)
         if self.memory is not None:
             await self.memory.restore()
 
@@ -256,8 +257,8 @@ class MllmStage(Node):
 
     async def stop(self, ctx: Context) -> None:
         self.calls.stopping = True  # nothing new starts from here on
-        if self.watches is not None:
-            await self.watches.stop(ctx)
+        if self.watch_ticker is not None:
+            await self.watch_ticker.stop(ctx)
         owed = await self.calls.stop() + self._interrupted
         owed += [self.intake.bare(event) for event in (self.overtaken.take_all() if self.overtaken else [])]
         self._interrupted = []
@@ -317,8 +318,8 @@ class MllmStage(Node):
         if answer.repeat:
             ctx.count("answers_repeated", source=answer.source_id)
         await ctx.emit("answers", answer)
-        if self.watches is not None:
-            await self.watches.observe(answer, ctx)
+        if self.watch_ticker is not None:
+            await self.watch_ticker.observe(answer, ctx)
 
     async def _work(self, item: Queued, ctx: Context) -> None:
         """Answer ``item``, then start what the flow lets start. Nothing but cancellation
