@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stream_rt import ChangeDetector, ChangeMap, VideoFrame
+from stream_rt.images import y_plane
 from stream_rt.operators.kernels import (
     blend_background,
     blend_background_reference,
@@ -25,7 +26,6 @@ from stream_rt.operators.kernels import (
     retone_patches,
     retone_patches_reference,
 )
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
 
 

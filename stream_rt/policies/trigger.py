@@ -60,7 +60,7 @@ from stream_rt.graph.clock import Clock
 from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
-from stream_rt.operators.snapshot import encode_jpeg
+from stream_rt.images import encode_jpeg
 from stream_rt.policies.asks import AskLedger, AskRefused
 from stream_rt.policies.watches import WatchBook
 
