@@ -49,6 +49,7 @@ from stream_rt import Config, build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
 from stream_rt.operators.kernels import blend_background, patch_mad, patch_mad_reference
+from stream_rt.testing import RtspCamera
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +169,7 @@ def make_720p_clip(clip: Path, out: Path) -> Path:
     return out
 
 
-CAMERA = ROOT / "tests" / "rtsp_camera.py"
+CAMERA = RtspCamera.SCRIPT
 
 
 def live_cameras(clip: Path, count: int, seconds: float) -> dict[str, float]:

@@ -10,10 +10,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from stream_rt.testing import Broker, Subscriber
+from stream_rt.testing import Broker, RtspCamera, Subscriber
 from stream_rt.testing import free_port as free_port_now
 
-from .processes import RtspCamera
 from .test_mqtt import wait_until
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
