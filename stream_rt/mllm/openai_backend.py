@@ -46,6 +46,10 @@ def openai_messages(request: MllmRequest) -> list[dict[str, Any]]:
 
 
 class OpenAIBackend(Backend):
+    """A :class:`Backend` calling an OpenAI-compatible chat-completions server at ``url``
+    (vLLM, llama.cpp server, Ollama, ``stream-rt worker``) for ``model``: images sent as JPEG
+    data URLs, answers streamed and stopped as soon as the answer contract is satisfied."""
+
     def __init__(
         self,
         url: str,

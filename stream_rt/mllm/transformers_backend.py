@@ -58,6 +58,11 @@ log = logging.getLogger("stream_rt.mllm")
 
 
 class TransformersBackend(Backend):
+    """A :class:`Backend` running a local Hugging Face vision-language model (a directory, a
+    hub id from the local cache, or ``"smoke"``) in a thread of its own, with the family
+    adapters' efficiency techniques; raises :class:`MissingWeights` when the weights are not
+    there. Importing it imports torch."""
+
     def __init__(
         self,
         model: str = "smoke",

@@ -125,6 +125,11 @@ class _Question:
 
 
 class TriggerPolicy(Node):
+    """Salience (``salience``) in, episode events out on ``events``: ``new`` / ``update`` /
+    ``end`` with hysteresis on media time, ``call_model`` set within the per-source budget
+    (cooldown, calls per minute), plus ``ask`` and ``check`` events. Every skipped model call
+    is counted with its reason (see the module docstring)."""
+
     inputs = {"salience": (Salience,)}
     outputs = {"events": (Event,)}
 

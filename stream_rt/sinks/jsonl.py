@@ -25,6 +25,11 @@ from stream_rt.images import encode_jpeg
 
 
 class JsonlSink(Sink):
+    """Appends one JSON line per packet reaching ``in`` (``Packet.to_record()``) to ``path``,
+    flushed per line and fsynced when the sink stops; ``control``: control packets too (each
+    source's end written once, last); ``snapshots_dir``: events' JPEG snapshots, encoded
+    here; ``sources``: only those sources' ends are written."""
+
     inputs = {"in": (Packet,)}
 
     def __init__(

@@ -84,6 +84,12 @@ class MqttSettings:
 
 
 class MqttSink(Sink):
+    """Publishes events, answers, source status and watch transitions reaching ``in`` to an
+    MQTT broker under ``prefix``, through a durable outbox (nothing the outbox took is lost
+    to a broker outage or a restart); retained availability and status; optional command
+    topics and Home Assistant discovery (topics and payloads: the module docstring and
+    docs/MQTT.md)."""
+
     inputs = {"in": (Event, MllmAnswer, SourceStatus, WatchState)}
 
     def __init__(

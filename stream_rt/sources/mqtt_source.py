@@ -74,6 +74,12 @@ def latest_queue(on_replaced: Callable[[], None]) -> type[asyncio.Queue[aiomqtt.
 
 
 class MqttSource(StatusSource):
+    """A graph source of frames published over MQTT on ``topic`` (one JPEG, or raw ``gray`` /
+    ``rgb24`` pixels of ``width`` x ``height``, per message). Outputs: ``video``
+    (:class:`VideoFrame`, media time = arrival time on the graph's clock) and ``status``.
+    Reconnects to the broker with ``backoff``; a payload that does not decode is counted and
+    skipped."""
+
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
     def __init__(

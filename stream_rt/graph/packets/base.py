@@ -8,6 +8,11 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Packet:
+    """The base of every packet: ``source_id`` (the source it comes from or is about),
+    ``seq`` (monotonic per source), ``pts_ns`` (media time, monotonic per source and kind;
+    -1 for control packets made outside the media flow) and ``wall_ns`` (the graph clock's
+    wall time when it was made). Frozen: share it, never change it."""
+
     source_id: str
     seq: int
     pts_ns: int
