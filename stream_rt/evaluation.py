@@ -164,8 +164,8 @@ async def run_scenario(scenario: Scenario) -> Run:
     graph = built.graph
     events: list[Event] = []
     speech: list[tuple[float, float]] = []
-    graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
-    graph.add(CallbackSink("steps", lambda s: speech.append((s.pts_ns / 1e9, s.components["speech"]))))  # type: ignore[attr-defined]
+    graph.add(CallbackSink("evaluation", events.append))
+    graph.add(CallbackSink("steps", lambda s: speech.append((s.pts_ns / 1e9, s.components["speech"]))))
     graph.connect("salience.salience", "steps.in", capacity=64)
     if scenario.component is None:
         graph.connect("trigger.events", "evaluation.in", capacity=64)

@@ -49,6 +49,11 @@ log = logging.getLogger("stream_rt.pipeline")
 
 @dataclass
 class Pipeline:
+    """What :func:`build_pipeline` built: the ``graph`` (not yet running: add your own nodes,
+    then ``await graph.run()``), its ``sources``, and its named nodes (``trigger``, ``mllm``,
+    ``jsonl``, ``mqtt``; ``None`` when not configured) to connect to (``mllm.answers``,
+    ``trigger.events``); ``layouts``: each source's masks and zones."""
+
     graph: Graph
     sources: list[StatusSource]
     trigger: TriggerPolicy | None
@@ -62,6 +67,22 @@ class Pipeline:
     def health_checks(self) -> list[MllmStage | MqttSink]:
         """What ``/healthz`` checks besides the sources."""
         return [c for c in (self.mllm, self.mqtt) if c is not None]
+
+    def attach_report(self, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
+        """Record the salience, events and answers for an HTML report written into
+        ``directory`` when the stream ends (``index.html``, ``summary.json``, thumbnails
+        showing each source's masks and zones); ``thresholds``: the trigger's (on, off),
+        drawn on the timeline. Call it before the graph runs."""
+        graph = self.graph
+        report = ReportSink("report", directory, title, thresholds, self.layouts)
+        graph.add(report)
+        if "salience" in graph:
+            graph.connect("salience.salience", "report.salience", capacity=64)
+        if self.trigger is not None:
+            graph.connect("trigger.events", "report.events", capacity=64)
+        if self.mllm is not None:
+            graph.connect("mllm.answers", "report.answers", capacity=64)
+        return report
 
 
 def build_source(cfg: SourceConfig) -> StatusSource:
@@ -296,18 +317,3 @@ def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...],
 
 def _detector_key(d: DetectConfig) -> tuple[object, ...]:
     return (d.model, d.min_score, d.input_size, d.threads, d.labels)
-
-
-def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
-    """Record ``pipeline``'s salience, events and answers for a report written into
-    ``directory`` when the stream ends (the thumbnails show each source's masks and zones)."""
-    graph = pipeline.graph
-    report = ReportSink("report", directory, title, thresholds, pipeline.layouts)
-    graph.add(report)
-    if "salience" in graph:
-        graph.connect("salience.salience", "report.salience", capacity=64)
-    if pipeline.trigger is not None:
-        graph.connect("trigger.events", "report.events", capacity=64)
-    if pipeline.mllm is not None:
-        graph.connect("mllm.answers", "report.answers", capacity=64)
-    return report

@@ -13,6 +13,7 @@ import pytest
 
 from stream_rt import ChangeDetector, ChangeMap, VideoFrame
 from stream_rt.config import ChangeConfig
+from stream_rt.images import y_plane
 from stream_rt.operators.kernels import (
     blend_background,
     blend_background_reference,
@@ -26,7 +27,6 @@ from stream_rt.operators.kernels import (
     retone_patches,
     retone_patches_reference,
 )
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
 
 

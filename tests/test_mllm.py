@@ -19,6 +19,7 @@ import pytest
 from stream_rt import Event, Graph, MllmAnswer, MllmRequest, Packet, ReplayClock, VideoFrame
 from stream_rt.config import LOSSLESS_CHANNELS, MllmConfig, parse_config
 from stream_rt.graph import Context
+from stream_rt.images import y_plane
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
 from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
@@ -27,7 +28,6 @@ from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.pipeline import build_pipeline
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import Broker, ListSource, Subscriber, start_worker
 
 from .test_mqtt import wait_until

@@ -286,7 +286,8 @@ async def test_every_retained_state_is_current_after_a_broker_restart(free_port:
     broker = Broker(free_port, tmp_path)
     broker.start()
     queue: asyncio.Queue[Packet] = asyncio.Queue()
-    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True), commands=SourceControl(EpisodeControls()),
+    control = SourceControl(EpisodeControls())
+    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True), commands=control,
                     sources={"gate"}, drain_timeout_s=2, backoff=FAST)  # fmt: skip
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
     graph.add(Scripted("feed", queue))

@@ -40,6 +40,12 @@ from stream_rt.config.watches import WatchConfig
 
 
 class Config(StrictModel):
+    """The whole validated configuration (what a TOML file or :func:`parse_config` gives):
+    ``sources``, the gate sections whose values each source may override (``change``,
+    ``audio``, ``salience``, ``trigger``, ``detect``), ``mllm`` (``None``: no model),
+    ``sinks``, ``watches``, ``graph``, ``ops``, ``logging``.
+    Unknown keys are refused; :meth:`settings` resolves one source's effective settings."""
+
     sources: list[SourceConfig] = Field(
         default_factory=list,
         title="Sources",
@@ -149,7 +155,9 @@ def for_replay(config: Config) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate the TOML config file at ``path`` into a :class:`Config`. Raises
+    :class:`ConfigError` (one line per problem, naming the file) when it cannot be read,
+    is not TOML, or does not validate (see :func:`parse_config`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -163,6 +171,9 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(data: dict[str, Any], origin: str = "config") -> Config:
+    """Validate ``data`` (a config as a dict, as TOML gives it) into a :class:`Config`.
+    Raises :class:`ConfigError` with one line per problem, each prefixed by ``origin`` and
+    naming the key (an unknown key gets the closest known one)."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

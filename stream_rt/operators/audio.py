@@ -47,6 +47,11 @@ class _SourceState:
 
 
 class AudioAnalyzer(Node):
+    """Audio ``audio`` (:class:`AudioChunk`, any size) in, one :class:`AudioFeatures` per
+    32 ms window out on ``features`` (level, noise floor, onset, speech probability; see the
+    module docstring), per source. A source's end is passed on as :class:`StreamEnded` after
+    its last window. Silero VAD runs only when the cheap features say there is sound."""
+
     inputs = {"audio": (AudioChunk,)}
     outputs = {"features": (AudioFeatures,)}
 

@@ -106,6 +106,13 @@ class _State:
 
 
 class ChangeDetector(Node):
+    """Video frames (``video``, the Y plane only) in, one :class:`ChangeMap` per frame out on
+    ``changes``: which patches differ from the source's running background, its changed
+    regions and the zones they touch. Light changes and busy patches recalibrate instead of
+    firing (see the module docstring). ``settings`` are the defaults of every source;
+    :meth:`configure` gives a source its own and its masks and zones. A source's end is passed
+    on as :class:`StreamEnded` after its last map."""
+
     inputs = {"video": (VideoFrame,)}
     outputs = {"changes": (ChangeMap,)}
 

@@ -57,6 +57,12 @@ class _Source:
 
 
 class ObjectGate(Node):
+    """Change maps in and out on ``changes``: for each source :meth:`configure`-d with a
+    detector, a map with changed regions runs the detector (at most ``detect_fps`` per
+    source, in a thread of its own; ``wait``: the map waits for it) and carries the tracked
+    objects; with ``objects`` only regions overlapping such moving objects stay activity.
+    Sources without a detector pass unchanged."""
+
     inputs = {"changes": (ChangeMap,)}
     outputs = {"changes": (ChangeMap,)}
 

@@ -116,6 +116,12 @@ class _Source:
 
 
 class SalienceFusion(Node):
+    """Change maps (``changes``), audio features (``audio``) and source status (``status``)
+    in, one :class:`Salience` per time step and source out on ``salience``, fused by media
+    time (never arrival order): a step waits for both modalities of its source, at most
+    ``max_lateness_s`` of wall time. The score is the largest weighted component, 0..1; the
+    arguments are the defaults of every source (see the module docstring for each)."""
+
     inputs = {"changes": (ChangeMap,), "audio": (AudioFeatures,), "status": (SourceStatus,)}
     outputs = {"salience": (Salience,)}
 

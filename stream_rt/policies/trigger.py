@@ -61,7 +61,7 @@ from stream_rt.config import TriggerConfig
 from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
-from stream_rt.operators.snapshot import encode_jpeg  # TODO(images): stream_rt.images once it lands
+from stream_rt.images import encode_jpeg
 from stream_rt.policies.asks import AskQueue
 from stream_rt.policies.budget import CallBudget
 from stream_rt.policies.control import EpisodeControls
@@ -97,6 +97,11 @@ class _SourceState:
 
 
 class TriggerPolicy(Node):
+    """Salience (``salience``) in, episode events out on ``events``: ``new`` / ``update`` /
+    ``end`` with hysteresis on media time, ``call_model`` set within the per-source budget
+    (cooldown, calls per minute), plus ``ask`` and ``check`` events. Every skipped model call
+    is counted with its reason (see the module docstring)."""
+
     inputs = {"salience": (Salience,)}
     outputs = {"events": (Event,)}
 

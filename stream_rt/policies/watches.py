@@ -81,6 +81,11 @@ def _restored(fields: dict[str, object]) -> Watch:
 
 
 class WatchBook:
+    """The standing watches, one per source at most: set, removed, expired (on ``clock``,
+    wall ns) and flipped by the model's answers; each transition waits as a
+    :class:`WatchState` until :meth:`take` hands it on. ``path``: kept in that JSON file
+    across restarts."""
+
     def __init__(self, path: Path | None = None, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = path
         self._clock = clock

@@ -25,6 +25,11 @@ from stream_rt.sources.status import StatusSource
 
 
 class SyntheticSource(StatusSource):
+    """A deterministic source of ``frames`` generated frames at ``fps`` (``None``: without
+    end), and 16 kHz audio with ``audio``: a bright square moves while ``moving(t)``, a tone
+    sounds while ``sounding(t)`` (``t`` in media seconds). Outputs ``video``, ``audio`` and
+    ``status``; media time advances by exactly one frame period per frame."""
+
     outputs = {"video": (VideoFrame,), "audio": (AudioChunk,), "status": (SourceStatus,)}
 
     def __init__(

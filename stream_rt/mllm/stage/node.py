@@ -90,6 +90,12 @@ answered ``error`` (the thread is stuck)."""
 
 
 class MllmStage(Node):
+    """Events (``events``) and ready requests (``requests``) in, one :class:`MllmAnswer` per
+    event that calls the model out on ``answers`` (and watch transitions on ``watches``),
+    whatever fails; ``video`` / ``audio`` feed clips. Calls run on the ``backend``'s own
+    executor, limited fairly across sources, so perception is never held up (see the package
+    docstring for reuse, flow, timeouts and memory)."""
+
     inputs = {"events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,)}
     outputs = {"answers": (MllmAnswer,), "watches": (WatchState,)}
 

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stream_rt.images import decode_image
 from stream_rt.mllm.decoding import Generation, Sampling, TokenLogprob
-from stream_rt.sources.av_decode import decode_image
 
 Strict = ConfigDict(extra="forbid")
 
