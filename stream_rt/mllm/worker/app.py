@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,6 @@ import numpy.typing as npt
 from aiohttp import web
 from pydantic import ValidationError
 
-from stream_rt import __version__
 from stream_rt.mllm.backend import first_line
 from stream_rt.mllm.decoding import Generation, Piece, Sampling
 from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
@@ -128,7 +128,7 @@ class Worker:
     @property
     def fingerprint(self) -> str:
         """The ``system_fingerprint`` of every answer: what serves it."""
-        return SMOKE_FINGERPRINT if self.backend.smoke else f"stream_rt-{__version__}"
+        return SMOKE_FINGERPRINT if self.backend.smoke else f"stream_rt-{version('stream-rt')}"
 
     async def stop(self) -> None:
         """Stop serving: generations under way end at their next token (their clients get
