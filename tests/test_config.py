@@ -150,8 +150,8 @@ def test_per_camera_settings_take_effect_and_are_counted_per_source(tmp_path: Pa
     by_source = graph.statistics()["by_source"]["trigger"]
     assert by_source["yard"]["events_new"] >= 5 and "events_new" not in by_source.get("door", {})
     metrics = OpsServer(graph.statistics, pipeline.sources, graph.clock).metrics()
-    assert 'stream_rt_node_total{node="trigger",counter="events_new",source="yard"}' in metrics
-    assert 'stream_rt_node_total{node="trigger",counter="events_new"}' not in metrics, "counted per source only"
+    assert 'stream_rt_node_total{counter="events_new",node="trigger",source="yard"}' in metrics
+    assert 'stream_rt_node_total{counter="events_new",node="trigger"}' not in metrics, "counted per source only"
 
 
 def test_validate_effective_prints_each_sources_own_settings(tmp_path: Path) -> None:
