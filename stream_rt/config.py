@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 
 class BackoffConfig(_Strict):
     initial_s: float = Field(0.5, gt=0, description="first reconnect delay, doubled per failed attempt")
-    max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    max_s: float = Field(10.0, gt=0, description="longest reconnect delay (a camera back is seen within it)")
     jitter: float = Field(0.2, ge=0, le=1, description="random +/- share applied to each delay")
 
 

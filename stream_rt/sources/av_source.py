@@ -20,7 +20,7 @@ import random
 import threading
 from pathlib import Path
 
-from stream_rt.graph.backoff import Backoff
+from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import (
@@ -102,15 +102,16 @@ class AvSource(StatusSource):
     async def run(self, ctx: Context) -> None:
         if "://" not in self.url and not self.spec.format and not Path(self.url).exists():
             raise SourceError(f"cannot open '{self.url}': no such file")
-        failures = 0  # consecutive connections that delivered no frame
+        retry = Retry(self.backoff, ctx.clock, self._rng)
         while True:
             detail = await self._connection(ctx)
             if detail is None:
                 self.end(ctx)  # a file ended
                 return
             await self.set_state(ctx, "offline", detail)
-            failures = 0 if self._delivered else failures + 1
-            delay = self.backoff.delay(failures, self._rng)
+            if self._delivered:  # the connection worked for a while: back to the shortest wait
+                retry.succeeded()
+            delay = retry.failed()
             log.warning(
                 "source '%s' offline (%s); reconnecting in %.1f s",
                 self.name,
