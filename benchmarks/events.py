@@ -41,11 +41,10 @@ from stream_rt.config import parse_config
 from stream_rt.evaluation import episodes_of, load_scenario, run_scenario
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import remux_audio_late
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
-sys.path.insert(0, str(ROOT))
-from scripts.fetch_samples import remux_audio_late  # noqa: E402  (the script that makes the samples)
 
 
 def bare_both_streams(clip: Path) -> float:

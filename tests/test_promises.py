@@ -114,7 +114,7 @@ def fail_once(target: Any, nth: int) -> Any:
 async def test_a_fault_in_any_step_of_the_call_path_answers_that_request_and_the_next_goes_ahead(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stream_rt.mllm.stage as stage_module
+    import stream_rt.mllm.stage.intake as stage_module
     from stream_rt.memory.streaming import StreamingMemory
     from stream_rt.policies.answer_reuse import AnswerReuse
 

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
+from stream_rt.images import rgb_luma
 from stream_rt.mllm.backend import (
     Backend,
     BackendError,
@@ -49,7 +50,6 @@ from stream_rt.mllm.prefill import KV, run_prefill
 from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
 from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.sources.av_decode import rgb_luma
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry
@@ -58,6 +58,11 @@ log = logging.getLogger("stream_rt.mllm")
 
 
 class TransformersBackend(Backend):
+    """A :class:`Backend` running a local Hugging Face vision-language model (a directory, a
+    hub id from the local cache, or ``"smoke"``) in a thread of its own, with the family
+    adapters' efficiency techniques; raises :class:`MissingWeights` when the weights are not
+    there. Importing it imports torch."""
+
     def __init__(
         self,
         model: str = "smoke",
