@@ -33,10 +33,14 @@ from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
-from stream_rt.pipeline import Pipeline, build_pipeline
-from stream_rt.sources.av_source import SourceError
+from stream_rt.pipeline import Pipeline, build_pipeline, build_source
+from stream_rt.sources.av_source import AvSource, SourceError
+from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.cli")
+
+INPUT_ERROR = 2
+"""The exit code of bad usage, config or input (reported in one line)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except DetectorUnavailable as exc:
         print(f"stream-rt: {exc} (or set [detect] enabled = false)", file=sys.stderr)
         return 2
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, SourceError) as exc:
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -232,6 +236,11 @@ def _validate(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"{args.config}: sources ({source.id}): objects {unknown} are not COCO labels "
                               f"(such as {', '.join(COCO_LABELS[:3])}, traffic_light)")  # fmt: skip
+    for source in config.sources:  # a file that is not there (or not media) fails here, not at `run`
+        try:
+            _check_source(build_source(source))
+        except SourceError as exc:
+            raise ConfigError(f"{args.config}: sources ({source.id}): {exc}") from None
     model = None
     if config.mllm is not None:
         from stream_rt.pipeline import build_backend
@@ -302,12 +311,15 @@ def _replay(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config or 'replay'}: {exc}") from None
+    _check_sources(pipeline)
     _check_model(pipeline)
     if args.report is not None:
         pipeline.attach_report(args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
     wall = time.monotonic() - started
+    if code == INPUT_ERROR:  # said in its one line: a summary of nothing would bury it
+        return code
     print(
         summary(f"replayed {args.file}", pipeline.graph.statistics(), pipeline.sources, wall),
         file=sys.stderr,
@@ -326,13 +338,27 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
+    _check_sources(pipeline)
     _check_model(pipeline)
     log.info("running %d sources: %s", len(pipeline.sources), ", ".join(s.name for s in pipeline.sources))
     started = time.monotonic()
     code = _execute(pipeline, progress=False, ops=config.ops)
     wall = time.monotonic() - started
-    log.info("%s", summary("stopped", pipeline.graph.statistics(), pipeline.sources, wall))
+    if code != INPUT_ERROR:
+        log.info("%s", summary("stopped", pipeline.graph.statistics(), pipeline.sources, wall))
     return code
+
+
+def _check_sources(pipeline: Pipeline) -> None:
+    """A file source that cannot be read is one line and exit code 2 before anything
+    starts (:class:`SourceError`, reported by :func:`main`)."""
+    for source in pipeline.sources:
+        _check_source(source)
+
+
+def _check_source(source: StatusSource) -> None:
+    if isinstance(source, AvSource):
+        source.check()
 
 
 def _check_model(pipeline: Pipeline) -> None:
@@ -371,7 +397,7 @@ def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -
     except NodeFailed as exc:
         if isinstance(exc.error, SourceError | ModelUnavailable):
             print(f"stream-rt: {exc.error}", file=sys.stderr)
-            return 2
+            return INPUT_ERROR
         print(f"stream-rt: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -56,7 +56,9 @@ class ProgressBar:
 
 
 def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall_s: float) -> str:
-    """A one-screen account of a run: frames, rates, skipped packets, drops per edge, time."""
+    """A one-screen account of a run: frames, rates, skipped packets, a recording cut short,
+    episodes (and, with a model, the steps sent to it, its answers and its calls), drops
+    per edge, time."""
     nodes = stats["nodes"]
     frames = sum(nodes[s.name].get("frames", 0) for s in sources)
     audio = sum(nodes[s.name].get("audio_chunks", 0) for s in sources)
@@ -74,6 +76,8 @@ def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall
             )
             if counters.get(key)
         ]
+        if source.cut_short:
+            extra.append(f"cut short: {source.cut_short}")
         detail = f" ({source.description})" if source.description else ""
         lines.append(
             f"  source {source.name}{detail}: "
@@ -89,16 +93,17 @@ def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall
     speed = f", {media_s / wall_s:.1f}x real time" if wall_s > 0 and media_s > 0 else ""
     lines.append(f"  total: {frames} frames, {audio} audio chunks, {media_s:.1f} s of media")
     lines.append(f"  wall time: {wall_s:.2f} s ({rate}{speed})")
-    trigger = nodes.get("trigger")
+    trigger, mllm = nodes.get("trigger"), nodes.get("mllm")
     if trigger is not None:
+        # The trigger's model_calls are the events it let ask the model: with no model, nothing asks.
+        asked = trigger.get("model_calls", 0)
         skips = ", ".join(f"{n} {k[5:]}" for k, n in sorted(trigger.items()) if k.startswith("skip_"))
         lines.append(
             f"  episodes: {trigger.get('events_new', 0)} new, {trigger.get('events_update', 0)} updates, "
-            f"{trigger.get('events_end', 0)} ended; model calls: {trigger.get('model_calls', 0)} "
-            f"({trigger.get('model_calls', 0) / max(1, frames):.2%} of frames)"
+            f"{trigger.get('events_end', 0)} ended"
+            + (f"; {asked} sent to the model ({asked / max(1, frames):.2%} of frames)" if mllm is not None else "")
             + (f"; skipped: {skips}" if skips else "")
         )
-    mllm = nodes.get("mllm")
     if mllm is not None:
         statuses = ", ".join(f"{n} {k[8:]}" for k, n in sorted(mllm.items()) if k.startswith("answers_"))
         lines.append(f"  answers: {statuses or 'none'} ({mllm.get('model_calls', 0)} model calls)")

@@ -225,3 +225,65 @@ def test_json_logs_name_their_source(samples: Path, tmp_path: Path) -> None:
     entries = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
     opened = [e for e in entries if "opened" in e["message"]]
     assert opened and opened[0]["source"] == "walkway" and opened[0]["level"] == "info"
+
+
+def summary_block(stderr: str) -> list[str]:
+    """The end-of-run summary: from its title line to the end."""
+    lines = stderr.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("replayed ")) :]
+
+
+def test_the_summary_speaks_of_the_model_only_when_there_is_one(samples: Path, tmp_path: Path) -> None:
+    """Without a model the summary said `model calls: 5`; with one it said `model calls: N`
+    on the episodes line beside `(M model calls)` on the answers line, two different counts
+    under one name."""
+    result = run_cli("replay", str(samples / "still_motion.mkv"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    block = summary_block(result.stderr)
+    assert any(line.startswith("  episodes: 3 new") for line in block), block
+    assert not [line for line in block if "model" in line], block
+    clip = make_media(tmp_path / "short.mkv", frames=25, audio_rate=None)
+    result = run_cli("replay", str(clip), "--no-progress", "--model", "smoke")
+    assert result.returncode == 0, result.stderr
+    block = summary_block(result.stderr)
+    assert sum(line.count("model calls") for line in block) == 1, block
+    assert any(line.startswith("  answers: ") and line.endswith(" model calls)") for line in block), block
+
+
+def test_a_file_that_is_no_media_prints_only_its_error(tmp_path: Path) -> None:
+    """Not its line followed by an all-zero summary of a run that never started."""
+    junk = tmp_path / "camera.mp4"
+    junk.write_bytes(np.random.default_rng(4).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    result = run_cli("replay", str(junk))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"stream-rt: cannot open '{junk}': Invalid data found when processing input"
+
+
+def test_an_mp4_cut_short_says_so(ffmpeg: str, tmp_path: Path) -> None:
+    """An MP4 whose index comes first (`+faststart`) and whose data was cut off ended `eof`
+    after a few of its frames with nothing saying that the file was truncated."""
+    full, cut = tmp_path / "full.mp4", tmp_path / "cut.mp4"
+    subprocess.run([ffmpeg, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=25",
+                    "-frames:v", "200", "-c:v", "mpeg4", "-movflags", "+faststart", str(full)], check=True)  # fmt: skip
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 4])
+    result = run_cli("replay", str(cut), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "cut short" in line]
+    assert len(warnings) == 1 and "of its 8.0 s" in warnings[0], result.stderr
+    source = next(line for line in summary_block(result.stderr) if line.startswith("  source cut"))
+    assert "cut short: ended at" in source, source
+    whole = run_cli("replay", str(full), "--no-progress")
+    assert whole.returncode == 0 and "cut short" not in whole.stderr, whole.stderr
+
+
+def test_validate_reports_a_file_source_that_is_not_there(samples: Path, tmp_path: Path) -> None:
+    """validate said OK, then `run` exited 2."""
+    config = tmp_path / "cams.toml"
+    missing = tmp_path / "gone.mp4"
+    config.write_text(f'[[sources]]\nid = "yard"\nurl = "{samples / "vtest.avi"}"\n'
+                      f'[[sources]]\nid = "door"\nurl = "{missing}"\n')  # fmt: skip
+    result = run_cli("validate", str(config))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"stream-rt: {config}: sources (door): cannot open '{missing}': no such file"
+    run = run_cli("run", str(config))
+    assert run.returncode == 2 and run.stderr.strip() == f"stream-rt: cannot open '{missing}': no such file"

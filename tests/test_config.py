@@ -150,8 +150,8 @@ def test_per_camera_settings_take_effect_and_are_counted_per_source(tmp_path: Pa
     by_source = graph.statistics()["by_source"]["trigger"]
     assert by_source["yard"]["events_new"] >= 5 and "events_new" not in by_source.get("door", {})
     metrics = OpsServer(graph.statistics, pipeline.sources, graph.clock).metrics()
-    assert 'stream_rt_node_total{node="trigger",counter="events_new",source="yard"}' in metrics
-    assert 'stream_rt_node_total{node="trigger",counter="events_new"}' not in metrics, "counted per source only"
+    assert 'stream_rt_node_total{counter="events_new",node="trigger",source="yard"}' in metrics
+    assert 'stream_rt_node_total{counter="events_new",node="trigger"}' not in metrics, "counted per source only"
 
 
 def test_validate_effective_prints_each_sources_own_settings(tmp_path: Path) -> None:
@@ -161,8 +161,10 @@ def test_validate_effective_prints_each_sources_own_settings(tmp_path: Path) -> 
 
     path = tmp_path / "cams.toml"
     path.write_text(
-        '[trigger]\non = 0.6\n[[sources]]\nid = "gate"\nurl = "a.mp4"\ntrigger = { on = 0.8 }\n'
-        'zones.door = [[0, 0], [0.5, 0], [0.5, 1]]\nrequire_zones = ["door"]\n[[sources]]\nid = "yard"\nurl = "b.mp4"\n'
+        # Cameras: validate opens file sources (a missing file is an error), not live ones.
+        '[trigger]\non = 0.6\n[[sources]]\nid = "gate"\nurl = "rtsp://192.0.2.1/a"\ntrigger = { on = 0.8 }\n'
+        'zones.door = [[0, 0], [0.5, 0], [0.5, 1]]\nrequire_zones = ["door"]\n'
+        '[[sources]]\nid = "yard"\nurl = "rtsp://192.0.2.1/b"\n'
     )
     out = subprocess.run([sys.executable, "-m", "stream_rt.cli", "validate", "--effective", str(path)],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip

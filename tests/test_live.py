@@ -6,8 +6,9 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from stream_rt import AvSource, Backoff, CallbackSink, Graph, Packet, SourceStatus, VideoFrame
+from stream_rt import AvSource, Backoff, CallbackSink, Graph, ManualClock, Packet, SourceStatus, VideoFrame
 
 from .processes import RecordProperty, StreamServer
 
@@ -106,3 +107,52 @@ async def test_stop_while_the_camera_was_never_reachable(free_port: int) -> None
     assert frames(got) == [] and source.state == "offline"
     graph.stop()
     await asyncio.wait_for(run, 3)
+
+
+async def test_a_camera_back_after_a_long_outage_is_seen_within_10_s(
+    ffmpeg: str, samples: Path, free_port: int
+) -> None:
+    """The default backoff's cap bounds how long a camera that came back stays unseen: a
+    camera down for five minutes (of the graph's clock), back just after a failed attempt,
+    is online within 10 s (the cap was 30 s: 22 s measured by a user)."""
+    clock = ManualClock()
+    graph = Graph(clock=clock, drain_timeout_s=2)
+    camera = AvSource("cam", f"tcp://127.0.0.1:{free_port}", audio=False, timeout_s=5)  # the default backoff
+    graph.add(camera)
+    graph.add(CallbackSink("sink", lambda p: None))
+    graph.connect("cam.video", "sink.in", policy="latest")
+    server = StreamServer(ffmpeg, samples / "vtest.avi", free_port)
+    run = asyncio.create_task(graph.run())
+
+    async def waiting() -> None:  # until the camera sleeps on the clock (or is online)
+        await wait_for(lambda: clock.pending_sleepers == 1 or camera.state == "online", 20, "a reconnect wait")
+
+    try:
+        while clock.now_ns() < 300e9:  # refused, again and again: the waits grow to the cap
+            await waiting()
+            await clock.advance(0.5)
+        while clock.pending_sleepers:  # the next attempt...
+            await clock.advance(0.25)
+        await waiting()  # ...failed: the longest wait begins
+        server.start()
+        back_ns = clock.now_ns()
+        while camera.state != "online":
+            await waiting()
+            if camera.state != "online":
+                await clock.advance(0.25)
+        unseen_s = (clock.now_ns() - back_ns) / 1e9
+        assert unseen_s <= 10.25, f"the camera came back but stayed unseen for {unseen_s:.1f} s"
+        assert graph.statistics()["nodes"]["cam"]["reconnects"] >= 10
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+        server.kill()
+
+
+def test_a_configured_camera_reconnects_with_the_same_cap() -> None:
+    """`stream-rt run` builds its cameras from the config, whose default cap was 30 s too."""
+    from stream_rt.config import parse_config
+    from stream_rt.pipeline import build_pipeline
+
+    pipeline = build_pipeline(parse_config({"sources": [{"id": "gate", "url": "rtsp://192.0.2.1/stream"}]}))
+    assert [s.backoff.max_s for s in pipeline.sources if isinstance(s, AvSource)] == [10.0]

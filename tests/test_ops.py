@@ -47,11 +47,12 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
         assert status == 200
         assert 'stream_rt_source_online{source="walkway"} 1' in metrics
         assert 'stream_rt_source_online{source="gate"} 0' in metrics
-        assert 'stream_rt_node_total{node="walkway",counter="frames"}' in metrics
+        assert 'stream_rt_node_total{counter="frames",node="walkway"}' in metrics
         assert 'stream_rt_channel_depth{edge="walkway.video->sink_walkway.in"}' in metrics
         await asyncio.sleep(1.0)  # two whole seconds of a 10 fps clip played in real time
         metrics = (await asyncio.to_thread(get, server.port, "/metrics"))[1]
-        fps = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines() if 'level="fps"' in line}
+        fps = {line.split('node="')[1].split('"')[0]: float(line.split()[-1])
+               for line in metrics.splitlines() if 'level="fps"' in line}  # fmt: skip
         assert fps["gate"] == 0 and 8 <= fps["walkway"] <= 12, fps
         assert (await asyncio.to_thread(get, server.port, "/"))[0] == 404
     finally:
@@ -161,8 +162,29 @@ async def test_metrics_pass_promtool_with_latency_histograms(samples: Path) -> N
     assert promtool, "promtool comes with Debian's prometheus package (scripts/setup.sh installs it)"
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
-    calls = int(
+    calls = float(  # prometheus_client writes every value as a float (3.0)
         next(line.split()[-1] for line in text.splitlines() if line.startswith("stream_rt_model_call_seconds_count"))
     )
-    assert calls >= 1 and 'stream_rt_event_answer_seconds_bucket{node="mllm",le="+Inf"}' in text
-    assert 'counter="answers_ok",source="walkway"' in text, "counters labelled by source"
+    assert calls >= 1 and 'stream_rt_event_answer_seconds_bucket{le="+Inf",node="mllm"}' in text
+    assert 'counter="answers_ok",node="mllm",source="walkway"' in text, "counters labelled by source"
+
+
+async def test_the_outbox_depth_is_a_level_not_a_counter(free_port: int, tmp_path: Path) -> None:
+    """The MQTT sink's outbox depth goes down as the broker acknowledges: a gauge (it was
+    exported as a counter, which Prometheus' rate() reads as resets)."""
+    import shutil
+    import subprocess
+
+    from stream_rt.testing import feed_graph
+
+    from .test_mqtt import settings
+
+    graph = feed_graph(MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.1), range(25))
+    await graph.run()  # no broker: all 25 wait in the outbox
+    text = OpsServer(graph.statistics, [], graph.clock, port=0).metrics()
+    depth = [line for line in text.splitlines() if "outbox_depth" in line]
+    assert depth == ['stream_rt_node_level{level="outbox_depth",node="mqtt"} 25.0'], depth
+    promtool = shutil.which("promtool")
+    assert promtool
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr

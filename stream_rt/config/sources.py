@@ -37,7 +37,9 @@ class BackoffConfig(StrictModel):
     initial_s: float = Field(
         0.5, gt=0, title="First delay (s)", description="first reconnect delay, doubled per failed attempt"
     )
-    max_s: float = Field(30.0, gt=0, title="Longest delay (s)", description="longest reconnect delay")
+    max_s: float = Field(
+        10.0, gt=0, title="Longest delay (s)", description="longest reconnect delay (a camera back is seen within it)"
+    )
     jitter: float = Field(0.2, ge=0, le=1, title="Jitter", description="random +/- share applied to each delay")
 
 

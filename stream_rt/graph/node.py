@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.channel import Channel
 from stream_rt.graph.histogram import Histogram
 from stream_rt.graph.packets import ControlPacket, Packet
@@ -56,7 +57,8 @@ class Supervision:
     max_backoff_s: float = 30.0
 
     def backoff(self, restarts: int) -> float:
-        return float(min(self.max_backoff_s, self.backoff_s * 2.0 ** min(max(0, restarts - 1), 64)))
+        """The wait before restart number ``restarts`` (1: the first)."""
+        return Backoff(self.backoff_s, self.max_backoff_s, jitter=0.0).delay(restarts - 1)
 
 
 class NodeFailed(RuntimeError):

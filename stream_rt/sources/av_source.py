@@ -20,7 +20,9 @@ import random
 import threading
 from pathlib import Path
 
-from stream_rt.graph.backoff import Backoff
+import av
+
+from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
 from stream_rt.sources.av_decode import (
@@ -31,6 +33,7 @@ from stream_rt.sources.av_decode import (
     Failed,
     Opened,
     PtsSanitiser,
+    _one_line,
 )
 from stream_rt.sources.bridge import ThreadBridge
 from stream_rt.sources.status import StatusSource
@@ -99,18 +102,35 @@ class AvSource(StatusSource):
         self._audio_pts = PtsSanitiser()
         self._delivered = False
 
-    async def run(self, ctx: Context) -> None:
+    def check(self) -> None:
+        """Open a file source once, as decoding will, and close it: raises
+        :class:`SourceError` (one line) when it cannot be read, before anything runs. A
+        live input is not tried (a camera may come later)."""
+        if self.live:
+            return
+        self._check_exists()
+        try:
+            with av.open(self.url, mode="r", format=self.spec.format, options=self.spec.options):
+                pass
+        except Exception as exc:
+            raise SourceError(f"cannot open '{self.url}': {_one_line(exc)}") from None
+
+    def _check_exists(self) -> None:
         if "://" not in self.url and not self.spec.format and not Path(self.url).exists():
             raise SourceError(f"cannot open '{self.url}': no such file")
-        failures = 0  # consecutive connections that delivered no frame
+
+    async def run(self, ctx: Context) -> None:
+        self._check_exists()
+        retry = Retry(self.backoff, ctx.clock, self._rng)
         while True:
             detail = await self._connection(ctx)
             if detail is None:
                 self.end(ctx)  # a file ended
                 return
             await self.set_state(ctx, "offline", detail)
-            failures = 0 if self._delivered else failures + 1
-            delay = self.backoff.delay(failures, self._rng)
+            if self._delivered:  # the connection worked for a while: back to the shortest wait
+                retry.succeeded()
+            delay = retry.failed()
             log.warning(
                 "source '%s' offline (%s); reconnecting in %.1f s",
                 self.name,
@@ -191,7 +211,10 @@ class AvSource(StatusSource):
             self.streams = item.streams
             log.info("source '%s' opened %s (%s)", self.name, self.url, item.description, extra={"source": self.name})
         elif isinstance(item, Ended):
-            return True, ("stream ended" if self.live else None)
+            if self.live:
+                return True, "stream ended"
+            self._check_complete()
+            return True, None
         elif isinstance(item, Failed):
             if self.live:
                 return True, item.detail
@@ -207,6 +230,15 @@ class AvSource(StatusSource):
             )
             return True, None
         return False, None
+
+    def _check_complete(self) -> None:
+        """A file that ends well before the duration its header declares was cut short
+        (a copy or a recording interrupted, its index written first): say so."""
+        declared = self.duration_s
+        if declared and self.position_s < declared - max(1.0, 0.05 * declared):
+            self.cut_short = f"ended at {self.position_s:.1f} s of its {declared:.1f} s"
+            log.warning("source '%s': '%s' %s: the file is cut short (truncated)", self.name, self.url,
+                        self.cut_short, extra={"source": self.name})  # fmt: skip
 
 
 def _guess_live(url: str, format: str | None) -> bool:

@@ -26,7 +26,7 @@ from typing import Literal
 import aiomqtt
 import numpy as np
 
-from stream_rt.graph.backoff import Backoff
+from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
 from stream_rt.images import decode_image, rgb_luma, y_plane
@@ -106,7 +106,7 @@ class MqttSource(StatusSource):
         self.topic, self.host, self.port = topic, host, port
         self.username, self.password = username, password
         self.format, self.width, self.height = format, width, height
-        self.backoff = backoff or Backoff(0.5, 10.0, 0.2)
+        self.backoff = backoff or Backoff()
         self.description = f"{format} frames on mqtt://{host}:{port}/{topic}"
         self._pts = PtsSanitiser()
         self._seq = 0
@@ -116,7 +116,7 @@ class MqttSource(StatusSource):
         self._corrupt_reason = ""  # the last one's
 
     async def run(self, ctx: Context) -> None:
-        failures = 0
+        retry = Retry(self.backoff, ctx.clock, self._rng)
         start_ns = ctx.clock.now_ns()
         queue = latest_queue(lambda: ctx.count("frames_replaced"))
         while True:
@@ -125,7 +125,7 @@ class MqttSource(StatusSource):
                                           timeout=10, queue_type=queue,
                                           max_queued_incoming_messages=self.queued) as client:  # fmt: skip
                     await client.subscribe(self.topic, qos=0)
-                    failures = 0
+                    retry.succeeded()
                     await self.set_state(ctx, "online", f"subscribed to {self.topic}")
                     loop = asyncio.get_running_loop()
                     last_frame = loop.time()
@@ -143,8 +143,7 @@ class MqttSource(StatusSource):
             except aiomqtt.MqttError as exc:
                 await self.set_state(ctx, "offline", str(exc))
                 ctx.count("reconnects")
-                await ctx.clock.sleep(self.backoff.delay(failures, self._rng))
-                failures += 1
+                await retry.pause()
 
     async def _frame(self, ctx: Context, payload: bytes, arrival_ns: int) -> bool:
         """Emit the frame ``payload`` holds; False when it is not one (counted, logged)."""

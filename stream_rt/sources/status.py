@@ -54,7 +54,8 @@ class StatusSource(Source):
     media they may produce (``has_video``, ``has_audio``), which kinds the current
     connection delivers (``streams``, sent with ``online``), what they are connected to
     (``description``) and, for recordings, how far they are (``position_s`` of
-    ``duration_s``). ``state_since_ns`` is when the state last changed (the graph clock's
+    ``duration_s``; ``cut_short`` says where one ended before its declared end).
+    ``state_since_ns`` is when the state last changed (the graph clock's
     ``now_ns()``; a source that never connected counts from its start). A source whose
     stream ended for good (a file) is ``ended`` (:meth:`end`): not online, and not a
     failure either."""
@@ -70,6 +71,7 @@ class StatusSource(Source):
         self.description = ""
         self.position_s = 0.0
         self.duration_s: float | None = None
+        self.cut_short = ""  # a recording that ended before its declared end: where, of how long
 
     async def start(self, ctx: Context) -> None:
         if self.state_since_ns is None:
