@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from stream_rt.config import ConfigError, MllmConfig, parse_config
+from stream_rt.graph import Graph, ReplayClock
 from stream_rt.graph.packets import Event, MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import OnText
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.policies.flow import FairFlow
+from stream_rt.testing import ListSource
 from tests.test_mllm import ScriptedBackend, clip_frames, event_for, run_stage
 
 
@@ -193,3 +195,25 @@ async def test_the_stage_reads_time_on_the_graphs_clock() -> None:
     await clock.advance(60)
     assert (await ask("c")).status == "ok", "a minute on the graph's clock later, the budget has room again"
     await stage.stop(ctx)
+
+
+async def test_a_backends_running_totals_reach_the_metrics_as_they_are(samples: Path) -> None:
+    """A backend's counters are totals since it started (evictions from its reuse cache):
+    the stage's metrics show them as they are after each call, not summed call after call."""
+
+    class Totals(ScriptedBackend):
+        def counters(self) -> dict[str, int]:
+            return {"reuse_evicted_entries": len(self.calls)}
+
+    frames = clip_frames(samples, [10, 40, 70])
+    events = [dataclasses.replace(event_for(f, i), event_id=f"cam-{i}") for i, f in enumerate(frames)]
+    graph = Graph(clock=ReplayClock(None))
+    graph.add(ListFeed("feed", events))
+    graph.add(MllmStage("mllm", Totals(), MllmConfig(reuse_threshold=0)))
+    graph.connect("feed.out", "mllm.events")
+    await graph.run()
+    assert graph.statistics()["nodes"]["mllm"]["reuse_evicted_entries"] == 3, "three calls, a total of three"
+
+
+class ListFeed(ListSource):
+    outputs = {"out": (Event,)}

@@ -370,7 +370,8 @@ class MllmStage(Node):
         queued = max(0.0, self.calls.queued_s(item) - answer.timings.get("total", 0.0))
         answer = dataclasses.replace(answer, timings={**answer.timings, "queued": queued})
         ctx.count("call_ms", round(1000 * answer.timings.get("total", 0.0)), source=request.source_id)
-        ctx.counters.update(self.backend.counters())
+        for name, total in self.backend.counters().items():  # totals since the backend started
+            ctx.counters[name] = total
         try:
             self.reuse.remember(request.source_id, request.question, request.signature, request.pts_ns, answer)
             if self.memory is not None:
