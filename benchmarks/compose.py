@@ -68,15 +68,15 @@ from common import audio_features, one_tile_per_frame
 
 from stream_rt.graph.packets import AudioFeatures, MllmRequest
 from stream_rt.memory.streaming import MemoryEntry
-from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.decoding import Generation
-from stream_rt.mllm.families import Family
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
+from stream_rt.mllm.backends.decoding import Generation
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+from stream_rt.mllm.models.families import Family
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.techniques.compression import Compression
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.mllm.tiny_models import build_tiny_model
-from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

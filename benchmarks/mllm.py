@@ -40,10 +40,10 @@ import torch
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost, simulated_agreement
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost, simulated_agreement
 from stream_rt.pipeline import build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -184,17 +184,17 @@ def _feed(
 def build_backend(cfg: MllmConfig) -> Backend:
     """The configured backend (nothing is loaded until the stage starts)."""
     if cfg.backend == "openai":
-        from stream_rt.mllm.openai_backend import OpenAIBackend
+        from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 
         assert cfg.url is not None
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
         return OpenAIBackend(
             cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens, contract_stop=cfg.contract_stop
         )
-    from stream_rt.mllm.compression import Compression
-    from stream_rt.mllm.layer_exit import LayerExit
-    from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques.compression import Compression
+    from stream_rt.mllm.techniques.layer_exit import LayerExit
+    from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
 
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
     reuse = cfg.token_reuse

@@ -27,14 +27,14 @@ import torch
 
 from stream_rt.graph.packets import AudioFeatures
 from stream_rt.memory.streaming import MemoryEntry
-from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.layer_exit import MAX_DISTANCE, LayerExit
-from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
-from stream_rt.mllm.prefill import layer_rotary, project, run_prefill
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend, on_device
+from stream_rt.mllm.models.layer_loop import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.techniques.compression import Compression
+from stream_rt.mllm.techniques.layer_exit import MAX_DISTANCE, LayerExit
+from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
+from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
 from stream_rt.mllm.tiny_models import build_tiny_model
-from stream_rt.mllm.token_reuse import ReuseSettings, TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 from .conftest import SAMPLES
 from .models import model_dir, own_logits
@@ -326,8 +326,8 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     on the generic path (their docstrings say why). A technique asked of a model without
     an adapter is one line before any weight is read."""
     from stream_rt.mllm.backend import ModelUnavailable
-    from stream_rt.mllm.families import Gemma3, Qwen3VL, family_for
-    from stream_rt.mllm.transformers_backend import inspect_model
+    from stream_rt.mllm.backends.transformers_backend import inspect_model
+    from stream_rt.mllm.models.families import Gemma3, Qwen3VL, family_for
 
     assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
     assert not any(family_for(t).adapter for t in ("qwen3_5", "qwen3_5_moe", "gemma4", "internvl"))
@@ -346,7 +346,7 @@ async def test_the_workers_batch_decodes_each_request_as_alone(family: str, samp
     import asyncio
     import threading
 
-    from stream_rt.mllm.batching import ContinuousBatch
+    from stream_rt.mllm.backends.batching import ContinuousBatch
 
     backend = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32")
     backend.load()
@@ -371,7 +371,7 @@ def test_the_adapter_answers_as_transformers_own_generate(family: str, samples: 
     processor and transformers' ``generate`` — gives for the same request: a clip of two
     frames and a question (first logits within 1e-4, the same greedy tokens), whatever
     sampling defaults the checkpoint's generation config carries."""
-    from stream_rt.mllm.families import Family
+    from stream_rt.mllm.models.families import Family
 
     adapter = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32", max_new_tokens=NEW_TOKENS,
                                   contract_stop=False)  # fmt: skip

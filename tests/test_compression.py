@@ -103,8 +103,8 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
 ) -> None:
     import av
 
-    from stream_rt.mllm.compression import Compression
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques.compression import Compression
 
     from .models import model_dir
 

@@ -108,9 +108,9 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     import av
     import torch
 
-    from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
     from stream_rt.mllm.prompt import chat_messages
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
 
     from .models import model_dir, own_forward, own_logits
 

@@ -20,12 +20,12 @@ from stream_rt import Event, Graph, MllmAnswer, MllmRequest, Packet, ReplayClock
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph import Context
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.stage import MllmStage
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import Broker, ListSource, Subscriber, start_worker
@@ -263,7 +263,7 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
 ) -> None:
     """A real `stream-rt worker` process serving the smoke model; the OpenAI-compatible
     backend asks it about a real frame, streamed, and the contract stop works remotely."""
-    from stream_rt.mllm.openai_backend import OpenAIBackend
+    from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 
     proc = await start_worker(smoke_model, free_port)
     backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "smoke")

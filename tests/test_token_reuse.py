@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from stream_rt.graph.packets import MllmRequest
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages
-from stream_rt.mllm.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 from .models import model_dir

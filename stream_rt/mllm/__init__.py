@@ -7,7 +7,7 @@ Importing this package does not import torch: :class:`TransformersBackend` and
 from typing import Any
 
 from stream_rt.mllm.backend import Backend, BackendError, MissingWeights, ModelUnavailable
-from stream_rt.mllm.openai_backend import OpenAIBackend
+from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 from stream_rt.mllm.stage import MllmStage
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "TransformersBackend":
-        from stream_rt.mllm.transformers_backend import TransformersBackend
+        from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend
     if name == "build_smoke_model":

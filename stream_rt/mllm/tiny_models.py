@@ -453,7 +453,7 @@ def _processor_class(model_type: str) -> str:
 def save_image_processor(model_type: str, settings: dict[str, Any], where: Path) -> None:
     """Write the family's image processor with ``settings`` (``preprocessor_config.json``),
     named as real checkpoints name it (the class name without its backend's suffix)."""
-    from stream_rt.mllm.processors import image_processor_class
+    from stream_rt.mllm.models.processors import image_processor_class
 
     image_processor_class(model_type)(**settings).save_pretrained(str(where))
     saved = where / "preprocessor_config.json"

@@ -44,10 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_rt import __version__
 from stream_rt.mllm.backend import first_line
-from stream_rt.mllm.decoding import Generation, Piece, Sampling, TokenLogprob
-from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.backends.decoding import Generation, Piece, Sampling, TokenLogprob
+from stream_rt.mllm.backends.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.scheduling import Scheduler, scheduler_for
-from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.sources.av_decode import decode_image
 
 log = logging.getLogger("stream_rt.worker")

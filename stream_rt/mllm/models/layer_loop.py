@@ -3,7 +3,7 @@
 :func:`run_prefill` runs the decoder layers itself (the same operations as the layers
 transformers ships: RMSNorm, rotary attention with grouped K/V heads and q/k norms where
 the model has them, MLP) for a prompt, or for one decoded token. Where a family's layers
-differ from Llama's, the loop consults the family's :class:`~stream_rt.mllm.families.Layout`
+differ from Llama's, the loop consults the family's :class:`~stream_rt.mllm.models.families.Layout`
 (:meth:`Family.layout`): sliding-window layers (a position sees itself and the
 ``window - 1`` positions before it, counted in the sequence, the prefix included), a
 rotary module per layer kind (Gemma 3's local and global bases), Gemma's sandwich norms,
@@ -26,7 +26,7 @@ the techniques need:
 - ``relevance_layer``: at that layer the attention weights of the question's tokens (the
   positions after the last visual token) onto the visual tokens are computed explicitly,
   head-averaged and summed, for the next call's relevance filter.
-- ``exit`` (decoding one token, :mod:`stream_rt.mllm.layer_exit`): the intermediate
+- ``exit`` (decoding one token, :mod:`stream_rt.mllm.techniques.layer_exit`): the intermediate
   exits are evaluated and, once one is taken, the remaining layers only get K/V for the
   position, from the exit's hidden state.
 
@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from stream_rt.mllm.families import Layout, layout_of
+from stream_rt.mllm.models.families import Layout, layout_of
 
 if TYPE_CHECKING:
-    from stream_rt.mllm.layer_exit import LayerExit
+    from stream_rt.mllm.techniques.layer_exit import LayerExit
 
 KV = tuple[list[torch.Tensor], list[torch.Tensor]]
 """Per layer: keys (1, kv_heads, positions, head_dim), rotary applied, and values."""

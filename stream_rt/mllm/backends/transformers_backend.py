@@ -39,16 +39,22 @@ from stream_rt.mllm.backend import (
     answer_from_text,
     first_line,
 )
-from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.decoding import Generation, Sampling, TokenStream
-from stream_rt.mllm.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for, image_token_id
-from stream_rt.mllm.generic import generate_generic
-from stream_rt.mllm.layer_exit import LayerExit
-from stream_rt.mllm.memory_prefix import MemoryPrefix, PrefixState, after_prefix, memory_fingerprint, pooled_tokens
-from stream_rt.mllm.prefill import KV, run_prefill
+from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenStream
+from stream_rt.mllm.backends.generic import generate_generic
+from stream_rt.mllm.models.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for, image_token_id
+from stream_rt.mllm.models.layer_loop import KV, run_prefill
 from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
-from stream_rt.mllm.token_reuse import TokenReuse
+from stream_rt.mllm.techniques.compression import Compression
+from stream_rt.mllm.techniques.layer_exit import LayerExit
+from stream_rt.mllm.techniques.memory_prefix import (
+    MemoryPrefix,
+    PrefixState,
+    after_prefix,
+    memory_fingerprint,
+    pooled_tokens,
+)
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
 
 if TYPE_CHECKING:
@@ -220,9 +226,9 @@ class TransformersBackend(Backend):
     ) -> Generation:
         """Answer ``text`` about ``images`` (one user turn, or a conversation) in the calling thread. With token
         reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
-        changed (:mod:`stream_rt.mllm.token_reuse`). ``clip`` = (frame times, audio
+        changed (:mod:`stream_rt.mllm.techniques.token_reuse`). ``clip`` = (frame times, audio
         features) compresses a multi-frame request when compression is on. ``memory`` =
-        (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.memory_prefix`).
+        (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.techniques.memory_prefix`).
         ``summary_tokens``: also return the keyframe's visual tokens pooled to that many.
         ``on_prompt`` is told the prompt's length in tokens before decoding starts.
         ``sampling``: how tokens are chosen (default greedy; :class:`Sampling`)."""
@@ -443,7 +449,7 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from stream_rt.mllm.processors import ProcessorUnavailable, load_processor
+    from stream_rt.mllm.models.processors import ProcessorUnavailable, load_processor
 
     try:
         config = AutoConfig.from_pretrained(str(path))

@@ -3,15 +3,15 @@ with an adapter — how its visual features are computed, which positions the to
 and how its decoder layers differ from Llama's.
 
 Every family goes through the model's own processor and chat template
-(:mod:`stream_rt.mllm.processors`), into a :class:`Prepared` input whose ``image_mask``
+(:mod:`stream_rt.mllm.models.processors`), into a :class:`Prepared` input whose ``image_mask``
 marks the visual tokens. An adapter also computes the visual features that replace them
 (:class:`VisualFeatures`), so the language model runs on embeddings in stream_rt's own
-layer loop (:mod:`stream_rt.mllm.prefill`), which consults the family's :class:`Layout`:
+layer loop (:mod:`stream_rt.mllm.models.layer_loop`), which consults the family's :class:`Layout`:
 the backend times the vision encoder apart from prefill, and the techniques reuse or drop
 visual tokens.
 
 Adapters and what they support (a model without one runs on the generic path, where the
-backend refuses every technique at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
+backend refuses every technique at load, :func:`~stream_rt.mllm.backends.transformers_backend.inspect_model`):
 
 - Every adapter: token reuse, clip compression, the memory's K/V prefix, the layer exit,
   and tile reuse over the pieces its vision encoder sees each on its own — an image whose
@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stream_rt.mllm.processors import load_processor
+from stream_rt.mllm.models.processors import load_processor
 from stream_rt.operators.token_reuse import TokenGrid
 
 Message = dict[str, Any]
@@ -80,7 +80,7 @@ class VisualFeatures:
     """A request's visual features, in prompt order (one row per visual token): ``tokens``
     replace the visual tokens' embeddings; ``deepstack`` (Qwen3-VL's DeepStack) holds one
     tensor per early decoder layer, added to the visual tokens' hidden states after that
-    layer (:func:`~stream_rt.mllm.prefill.run_prefill`)."""
+    layer (:func:`~stream_rt.mllm.models.layer_loop.run_prefill`)."""
 
     tokens: torch.Tensor  # (visual tokens, hidden size)
     deepstack: tuple[torch.Tensor, ...] = ()  # per layer from the first: (visual tokens, hidden size)
@@ -108,7 +108,7 @@ class Family:
     """Every model ``AutoModelForImageTextToText`` loads, through its own processor: the
     chat template renders the turn, the processor expands each image into its placeholder
     tokens and pixel tensors. Subclasses are the **adapters** of the families whose layers
-    stream_rt runs itself (:mod:`stream_rt.mllm.prefill`), where the efficiency techniques
+    stream_rt runs itself (:mod:`stream_rt.mllm.models.layer_loop`), where the efficiency techniques
     live; the base class alone (``adapter`` false) is the generic path, which calls the
     model's own ``generate``. ``model_types`` are the ``config.model_type`` values an
     adapter handles."""
