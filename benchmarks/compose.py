@@ -68,6 +68,7 @@ from common import audio_features, one_tile_per_frame
 
 from stream_rt.graph.packets import AudioFeatures, MllmRequest
 from stream_rt.memory.streaming import MemoryEntry
+from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
 from stream_rt.mllm.backends.decoding import Generation
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.models.families import Family
@@ -145,9 +146,9 @@ def call(
     span = [a for a in audio if pts[0] - INTERVAL_S * S <= a.pts_ns <= pts[-1]]
     started = time.perf_counter()
     gen = backend.generate(
-        [image for _, image in clip], text, reuse=(("cam", text), event) if settings.get("reuse") else None,
-        clip=(pts, span) if backend.compression is not None else None,
-        memory=("cam", memory) if settings.get("memory", True) else None,
+        [image for _, image in clip], text, reuse=ReuseKey("cam", text, event) if settings.get("reuse") else None,
+        clip=ClipTiming(pts, span) if backend.compression is not None else None,
+        memory=SourceMemory("cam", memory) if settings.get("memory", True) else None,
     )  # fmt: skip
     return gen, time.perf_counter() - started
 

@@ -27,8 +27,9 @@ import torch
 
 from stream_rt.graph.packets import AudioFeatures
 from stream_rt.memory.streaming import MemoryEntry
+from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend, on_device
-from stream_rt.mllm.models.layer_loop import layer_rotary, project, run_prefill
+from stream_rt.mllm.models.decoder import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.techniques.layer_exit import MAX_DISTANCE, LayerExit
@@ -240,8 +241,9 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
         for call in range(2):  # the second call is the one that could reuse
             images = still[call : call + 3] if clip else [still[call * 2]]
             timing = ([i * S for i in range(call, call + 3)], quiet_audio(6.0)) if clip else None
-            got = backend.generate(images, QUESTION, reuse=(("cam", QUESTION), "cam-1") if reuse else None,
-                                   clip=timing, memory=("cam", entries) if memory else None)  # fmt: skip
+            got = backend.generate(images, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1") if reuse else None,
+                                   clip=ClipTiming(*timing) if timing else None,
+                                   memory=SourceMemory("cam", entries) if memory else None)  # fmt: skip
         assert (got.visual_dropped > 0) == clip, name
         if reuse:
             assert got.reuse is not None and got.reuse.mode == "reuse", (name, got.reuse)
@@ -272,8 +274,8 @@ def test_reusing_an_identical_view_after_the_memory_equals_full_computation(fami
     entries = memory_entries(backend)
     timing = ([i * S for i in range(3)], quiet_audio(6.0))
     for _ in range(2):
-        got = backend.generate(still, QUESTION, reuse=(("cam", QUESTION), "cam-1"), clip=timing,
-                               memory=("cam", entries))  # fmt: skip
+        got = backend.generate(still, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"), clip=ClipTiming(*timing),
+                               memory=SourceMemory("cam", entries))  # fmt: skip
     assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
     layers, start = len(backend.model.get_decoder().layers), ReuseSettings().start_layer
     skipped = got.reuse.reused_tokens * (layers - start) / (got.prompt_tokens * layers)
@@ -302,10 +304,10 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     outcomes = []
     for call in range(2):
         kwargs: dict[str, Any] = {
-            "clip": ([i * S for i in range(call, call + 3)], quiet_audio(6.0)),
-            "memory": ("cam", entries),
+            "clip": ClipTiming([i * S for i in range(call, call + 3)], quiet_audio(6.0)),
+            "memory": SourceMemory("cam", entries),
         }
-        got = backend.generate(still[call : call + 3], QUESTION, reuse=(("cam", QUESTION), "cam-1"), **kwargs)
+        got = backend.generate(still[call : call + 3], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"), **kwargs)
         outcomes.append(got.reuse)
     full = plain.generate(still[1:4], QUESTION, **kwargs)
     first, second = outcomes
@@ -327,7 +329,7 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     an adapter is one line before any weight is read."""
     from stream_rt.mllm.backend import ModelUnavailable
     from stream_rt.mllm.backends.transformers_backend import inspect_model
-    from stream_rt.mllm.models.families import Gemma3, Qwen3VL, family_for
+    from stream_rt.mllm.models.adapters import Gemma3, Qwen3VL, family_for
 
     assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
     assert not any(family_for(t).adapter for t in ("qwen3_5", "qwen3_5_moe", "gemma4", "internvl"))

@@ -182,7 +182,7 @@ def _fit_answer(model: Any, tokenizer: Any, workdir: Path, seed: int) -> None:
     import numpy as np
 
     from stream_rt.graph.packets import Event, MllmRequest
-    from stream_rt.mllm.models.families import family_for
+    from stream_rt.mllm.models.adapters import family_for
     from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, request_text
     from stream_rt.mllm.requests import context_line
 

@@ -16,35 +16,34 @@ Face cache only, unless ``allow_download``; a model that is not there raises
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.graph.packets import AudioFeatures, MllmAnswer, MllmRequest
+from stream_rt.graph.packets import MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import (
     Backend,
     BackendError,
     MissingWeights,
-    ModelUnavailable,
     OnText,
     answer_from_text,
-    first_line,
 )
+from stream_rt.mllm.backends.call import ClipTiming, Decoded, Encoded, Inputs, Prefilled, ReuseKey, SourceMemory
 from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenStream
 from stream_rt.mllm.backends.generic import generate_generic
-from stream_rt.mllm.models.families import ADAPTERS, Family, Prepared, VisualFeatures, family_for, image_token_id
-from stream_rt.mllm.models.layer_loop import KV, run_prefill
+from stream_rt.mllm.backends.loading import check_device, inspect_model, load_model, resolve_model, torch_dtype
+from stream_rt.mllm.models.decoder import run_prefill
+from stream_rt.mllm.models.families import Family, Prepared, VisualFeatures
+from stream_rt.mllm.models.layer_loop import KV
 from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
-from stream_rt.mllm.smoke import build_smoke_model, is_smoke_model
+from stream_rt.mllm.smoke import is_smoke_model
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.techniques.layer_exit import LayerExit
 from stream_rt.mllm.techniques.memory_prefix import (
@@ -56,9 +55,6 @@ from stream_rt.mllm.techniques.memory_prefix import (
 )
 from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
-
-if TYPE_CHECKING:
-    from stream_rt.memory.streaming import MemoryEntry
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -108,8 +104,6 @@ class TransformersBackend(Backend):
         """Load the weights (blocking). Raises :class:`ModelUnavailable` (one line) if the
         model is not here, transformers cannot load it, or a configured technique does not
         work with it."""
-        from safetensors import SafetensorError
-        from transformers import AutoModelForImageTextToText
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -118,22 +112,11 @@ class TransformersBackend(Backend):
         self.device = check_device(self.device_name)
         path, self.name = resolve_model(self.model_ref, self.allow_download)
         self.smoke = is_smoke_model(path)
-        config, family, processor = inspect_model(path, self.techniques)
-        dtype = _dtype(self.dtype, self.device)
-        try:
-            with _quiet_transformers():
-                model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
-                self.model = model.to(self.device).eval()  # type: ignore[arg-type]
-            self.family = family(path, config, processor)
-        except (OSError, ValueError, RuntimeError, KeyError, ImportError, SafetensorError) as exc:  # damaged too
-            self.model = None
-            raise ModelUnavailable(f"cannot load model '{self.model_ref}': {first_line(exc)}") from None
-        if family.adapter:
-            # transformers renamed the decoder's cache argument (past_key_values -> cache) in 5.x.
-            parameters = inspect.signature(self.model.get_decoder().forward).parameters
-            self.cache_kw = "cache" if "cache" in parameters else "past_key_values"
-        how = f"{family.name} adapter" if family.adapter else "generic path"
-        log.info("MLLM: %s (%s, %s) on %s, %s", self.name, config.model_type, how, self.device, dtype)
+        dtype = torch_dtype(self.dtype, self.device)
+        loaded = load_model(path, self.model_ref, self.techniques, self.device, dtype)
+        self.model, self.family, self.cache_kw = loaded.model, loaded.family, loaded.cache_kw
+        how = f"{loaded.family.name} adapter" if loaded.family.adapter else "generic path"
+        log.info("MLLM: %s (%s, %s) on %s, %s", self.name, loaded.model_type, how, self.device, dtype)
         if self.smoke:  # said once it loaded: a model that cannot load is one line
             log.warning("MLLM: %s has random weights (built by stream_rt): its answers are NOT meaningful", self.name)
 
@@ -173,14 +156,19 @@ class TransformersBackend(Backend):
 
         started = time.perf_counter()
         images, text = list(request.images), request_text(request)
-        reuse = ((request.source_id, request.question), request.event_id) if images else None  # nothing to reuse
-        clip = (list(request.frame_pts), list(request.audio)) if len(request.frame_pts) == len(images) > 1 else None
-        memory = (request.source_id, request.memory) if request.memory else None
-        task = asyncio.ensure_future(
-            self.in_model_thread(
-                self.generate, images, text, cancel, stream, None, reuse, clip, memory, request.summary_tokens
-            )
+        reuse = ReuseKey(request.source_id, request.question, request.event_id) if images else None  # nothing to reuse
+        clip = (
+            ClipTiming(list(request.frame_pts), list(request.audio))
+            if len(request.frame_pts) == len(images) > 1
+            else None
         )
+        memory = SourceMemory(request.source_id, request.memory) if request.memory else None
+
+        def run() -> Generation:
+            return self.generate(images, text, cancel, stream, reuse=reuse, clip=clip, memory=memory,
+                                 summary_tokens=request.summary_tokens)  # fmt: skip
+
+        task = asyncio.ensure_future(self.in_model_thread(run))
         try:
             gen = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -217,117 +205,141 @@ class TransformersBackend(Backend):
         cancel: threading.Event | None = None,
         on_text: OnText | None = None,
         max_new_tokens: int | None = None,
-        reuse: tuple[tuple[str, str], str] | None = None,
-        clip: tuple[list[int], list[AudioFeatures]] | None = None,
-        memory: tuple[str, tuple[MemoryEntry, ...]] | None = None,
+        *,
+        reuse: ReuseKey | None = None,
+        clip: ClipTiming | None = None,
+        memory: SourceMemory | None = None,
         summary_tokens: int = 0,
         on_prompt: Callable[[int], None] | None = None,
         sampling: Sampling | None = None,
     ) -> Generation:
-        """Answer ``text`` about ``images`` (one user turn, or a conversation) in the calling thread. With token
-        reuse on and ``reuse`` = (cache key, event id), repeated calls recompute only what
-        changed (:mod:`stream_rt.mllm.techniques.token_reuse`). ``clip`` = (frame times, audio
-        features) compresses a multi-frame request when compression is on. ``memory`` =
-        (source id, entries) goes before the prompt (:mod:`stream_rt.mllm.techniques.memory_prefix`).
-        ``summary_tokens``: also return the keyframe's visual tokens pooled to that many.
-        ``on_prompt`` is told the prompt's length in tokens before decoding starts.
-        ``sampling``: how tokens are chosen (default greedy; :class:`Sampling`)."""
+        """Answer ``text`` about ``images`` (one user turn, or a conversation) in the calling
+        thread. With token reuse on and ``reuse`` given, repeated calls recompute only what
+        changed (:mod:`stream_rt.mllm.techniques.token_reuse`). ``clip`` compresses a
+        multi-frame request when compression is on. ``memory`` goes before the prompt
+        (:mod:`stream_rt.mllm.techniques.memory_prefix`). ``summary_tokens``: also return
+        the keyframe's visual tokens pooled to that many. ``on_prompt`` is told the
+        prompt's length in tokens before decoding starts. ``sampling``: how tokens are
+        chosen (default greedy; :class:`Sampling`). On a family adapter the call is the
+        steps of :mod:`stream_rt.mllm.backends.call`, each whatever the others do."""
         if self.model is None:
             self.load()
         assert self.family is not None
-        if not self.family.adapter:
-            with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode():
+            if not self.family.adapter:
                 stream = self.token_stream(max_new_tokens, cancel, on_text, sampling)
                 return generate_generic(
                     self.model, self.family, images, text, stream, limit=stream.limit, now=self._now,
-                    memory=memory[1] if memory is not None else (), summary_tokens=summary_tokens,
+                    memory=memory.entries if memory is not None else (), summary_tokens=summary_tokens,
                     keyframe=len(images) - 1 if clip is not None else 0, on_prompt=on_prompt,
                 )  # fmt: skip
-        summary, memory_tokens, visual_dropped, outcome = None, 0, 0, None
-        with self._lock, torch.inference_mode():
-            # prepare -> encode (tile / encoder reuse) -> compress -> memory prefix -> prefill
-            # (token reuse) -> decode (contract stop, layer exit): each step whatever the others do.
-            prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
-            call = None
-            fingerprint = memory_fingerprint(memory[1]) if memory is not None else ""
-            if self.token_reuse is not None and reuse is not None:
-                key, event_id = reuse
-                call = self.token_reuse.begin(self.family, prepared, [rgb_luma(i) for i in images], key, event_id,
-                                              fingerprint)  # fmt: skip
+            inputs = self.prepare_inputs(images, text, reuse, memory)
             try:
-                t0 = time.perf_counter()
-                features = None
-                if call is not None and self.token_reuse is not None:
-                    features = self.token_reuse.encode(call, self.model, self.family, prepared)
-                elif prepared.vision:
-                    features = self.family.encode(self.model, prepared)
-                t1 = self._now()
-                if summary_tokens and features is not None:
-                    keyframe = len(images) - 1 if clip is not None else 0
-                    rows = self._image_rows(prepared, keyframe, len(images))
-                    summary = pooled_tokens(features.tokens[rows], summary_tokens)
-                kept = None
-                if self.compression is not None and clip is not None and features is not None:
-                    before = len(features)
-                    prepared, features, kept = self.compression.apply(self.family, prepared, features, *clip)
-                    visual_dropped = before - len(features)
-                prefix = None
-                if memory is not None:
-                    memory_state = self.memory_prefix.state(self.model, self.family, *memory, fingerprint)
-                    prepared, memory_tokens = after_prefix(prepared, memory_state.length), memory_state.length
-                    prefix = (memory_state.keys, memory_state.values)
-                embeds = self.embed(prepared, features)
-                deepstack = features.deepstack if features is not None else ()
-                if call is not None:
-                    assert self.token_reuse is not None
-                    result = self.token_reuse.prefill(call, self.model, prepared, embeds, kept, prefix, deepstack)
-                    outcome = self.token_reuse.last
-                else:
-                    result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
-                                         deepstack=deepstack)  # fmt: skip
+                encoded = self.encode_visual(inputs)
+                encoded = self.summarise_keyframe(
+                    encoded, summary_tokens, keyframe=len(images) - 1 if clip is not None else 0
+                )
+                encoded = self.compress_clip(encoded, clip)
+                prefilled = self.prefill_prompt(encoded, memory)
             except Exception:
-                if call is not None and self.token_reuse is not None:
-                    self.token_reuse.reset(call.key)  # a model error starts the next call afresh
+                if inputs.reuse is not None and self.token_reuse is not None:
+                    self.token_reuse.reset(inputs.reuse.key)  # a model error starts the next call afresh
                 raise
-            encode_s, prefill_s = t1 - t0, self._now() - t1
             if on_prompt is not None:
-                on_prompt(prepared.length)
-            exited = (self.layer_exit.decoded, self.layer_exit.layers_run) if self.layer_exit is not None else (0, 0)
-            t2 = time.perf_counter()
-            stream = self.token_stream(max_new_tokens, cancel, on_text, sampling)
-            ids, text, stop = self.decode(prepared, result.logits, (result.keys, result.values), cancel, on_text,
-                                          max_new_tokens, stream)  # fmt: skip
-            decode_s = time.perf_counter() - t2
-            logits = result.logits
-        gen = Generation(
-            text, ids, stop, prepared.length, int(prepared.image_mask.sum()), encode_s, prefill_s, decode_s, logits,
-            reuse=outcome, memory_tokens=memory_tokens, summary=summary, visual_dropped=visual_dropped,
-            logprobs=stream.logprobs,
+                on_prompt(prefilled.prepared.length)
+            decoded = self.decode_answer(prefilled, self.token_stream(max_new_tokens, cancel, on_text, sampling))
+        return Generation(
+            decoded.text, decoded.token_ids, decoded.stop, prefilled.prepared.length,
+            int(prefilled.prepared.image_mask.sum()), encoded.encode_s, prefilled.prefill_s, decoded.decode_s,
+            prefilled.logits, exit_depth=decoded.exit_depth, reuse=prefilled.reuse,
+            memory_tokens=prefilled.memory_tokens, summary=encoded.summary, visual_dropped=encoded.visual_dropped,
+            logprobs=decoded.logprobs,
         )  # fmt: skip
-        if self.layer_exit is not None and self.layer_exit.decoded > exited[0]:
-            gen.exit_depth = (self.layer_exit.layers_run - exited[1]) / (self.layer_exit.decoded - exited[0])
-        return gen
+
+    def prepare_inputs(
+        self, images: list[npt.NDArray[np.uint8]], text: Prompt, reuse: ReuseKey | None, memory: SourceMemory | None
+    ) -> Inputs:
+        """Step 1: the request through the family's processor onto the device; with token
+        reuse on and ``reuse`` given, the reuse call begun (which tokens are static)."""
+        assert self.family is not None
+        prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
+        fingerprint = memory_fingerprint(memory.entries) if memory is not None else ""
+        call = None
+        if self.token_reuse is not None and reuse is not None:
+            call = self.token_reuse.begin(self.family, prepared, [rgb_luma(i) for i in images], reuse.cache_key,
+                                          reuse.event_id, fingerprint)  # fmt: skip
+        return Inputs(len(images), prepared, call, fingerprint)
+
+    def encode_visual(self, inputs: Inputs) -> Encoded:
+        """Step 2: the visual features, reusing the cached tiles or encoder passes it can."""
+        assert self.family is not None
+        started = time.perf_counter()
+        features = None
+        if inputs.reuse is not None and self.token_reuse is not None:
+            features = self.token_reuse.encode(inputs.reuse, self.model, self.family, inputs.prepared)
+        elif inputs.prepared.vision:
+            features = self.family.encode(self.model, inputs.prepared)
+        ended = self._now()
+        return Encoded(inputs, inputs.prepared, features, ended - started, ended)
+
+    def summarise_keyframe(self, encoded: Encoded, tokens: int, keyframe: int) -> Encoded:
+        """Step 3: with ``tokens``, the ``keyframe``'s visual tokens pooled to that many."""
+        if not tokens or encoded.features is None:
+            return encoded
+        assert self.family is not None
+        rows = self.family.image_rows(encoded.prepared, keyframe, encoded.inputs.images)
+        return replace(encoded, summary=pooled_tokens(encoded.features.tokens[rows], tokens))
+
+    def compress_clip(self, encoded: Encoded, clip: ClipTiming | None) -> Encoded:
+        """Step 4: with compression on and a clip, the visual tokens it keeps."""
+        if self.compression is None or clip is None or encoded.features is None:
+            return encoded
+        assert self.family is not None
+        prepared, features, kept = self.compression.apply(self.family, encoded.prepared, encoded.features,
+                                                          clip.frame_pts, clip.audio)  # fmt: skip
+        return replace(encoded, prepared=prepared, features=features, kept=kept,
+                       visual_dropped=len(encoded.features) - len(features))  # fmt: skip
+
+    def prefill_prompt(self, encoded: Encoded, memory: SourceMemory | None) -> Prefilled:
+        """Step 5: the memory's K/V prefix (kept from the last call where it is the same),
+        then the prompt through the layer loop, reusing the cached K/V it can."""
+        assert self.family is not None
+        prepared, prefix, memory_tokens = encoded.prepared, None, 0
+        if memory is not None:
+            state = self.memory_prefix.state(self.model, self.family, memory.source_id, memory.entries,
+                                             encoded.inputs.memory_fingerprint)  # fmt: skip
+            prepared, memory_tokens = after_prefix(prepared, state.length), state.length
+            prefix = (state.keys, state.values)
+        embeds = self.embed(prepared, encoded.features)
+        deepstack = encoded.features.deepstack if encoded.features is not None else ()
+        call, outcome = encoded.inputs.reuse, None
+        if call is not None and self.token_reuse is not None:
+            result = self.token_reuse.prefill(call, self.model, prepared, embeds, encoded.kept, prefix, deepstack)
+            outcome = self.token_reuse.last
+        else:
+            result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
+                                 deepstack=deepstack)  # fmt: skip
+        return Prefilled(prepared, result.logits, (result.keys, result.values), self._now() - encoded.encoded_at,
+                         memory_tokens, outcome)  # fmt: skip
+
+    def decode_answer(self, prefilled: Prefilled, stream: TokenStream) -> Decoded:
+        """Step 6: the answer, token by token, as ``stream`` chooses and stops it."""
+        exit = self.layer_exit
+        exited = (exit.decoded, exit.layers_run) if exit is not None else (0, 0)
+        started = time.perf_counter()
+        ids, text, stop = self.decode(prefilled.prepared, prefilled.logits, prefilled.cache, None, None,
+                                      stream=stream)  # fmt: skip
+        decode_s = time.perf_counter() - started
+        depth = None
+        if exit is not None and exit.decoded > exited[0]:
+            depth = (exit.layers_run - exited[1]) / (exit.decoded - exited[0])
+        return Decoded(ids, text, stop, decode_s, depth, stream.logprobs)
 
     def _now(self) -> float:
         """The time, once the device has finished what it was given (CUDA runs ahead)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    def _image_rows(self, prepared: Prepared, image: int, images: int) -> torch.Tensor:
-        """Indices of ``image``'s rows among the visual features (in prompt order)."""
-        assert self.family is not None
-        try:
-            grids = self.family.token_grids(prepared)
-        except NotImplementedError:  # a family without a mapped grid: images take equal shares
-            n = int(prepared.image_mask.sum()) // images
-            return torch.arange(image * n, (image + 1) * n)
-        rows, offset = [], 0
-        for grid in grids:
-            if grid.image == image:
-                rows.append(torch.arange(offset, offset + grid.size))
-            offset += grid.size
-        return torch.cat(rows)
 
     def cache_of(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Any:
         """A transformers KV cache holding ``keys`` and ``values`` (per layer, the whole
@@ -402,146 +414,6 @@ class TransformersBackend(Backend):
                            cancel=cancel, on_text=on_text, sampling=sampling)  # fmt: skip
 
 
-def resolve_model(ref: str, allow_download: bool = False) -> tuple[Path, str]:
-    """(the model's directory, its name) for ``ref``: ``"smoke"``, a local directory, or a
-    hub id (from the local cache only, unless ``allow_download``). Raises
-    :class:`MissingWeights` saying how to provide it."""
-    if ref == "smoke":
-        return build_smoke_model(), "smoke"
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise MissingWeights(f"'{local}' is not a model directory (no config.json)")
-        return local, ref
-    if local.suffix or ref.startswith((".", "/", "~")):
-        raise MissingWeights(f"model directory '{ref}' does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(ref, local_files_only=not allow_download)), ref
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        if allow_download:
-            raise MissingWeights(f"cannot download model '{ref}': {first_line(exc)}") from None
-        raise MissingWeights(
-            f"cannot load model '{ref}': it is not in the local Hugging Face cache and downloads are off; run "
-            f"`{download_command()} {ref}` where there is network (or copy the model directory here and give its "
-            'path), or use the smoke model (model = "smoke", --model smoke)'
-        ) from None
-
-
-def download_command() -> str:
-    """The command the installed huggingface_hub provides to download a model."""
-    import importlib.metadata
-
-    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")}
-    return "hf download" if "hf" in scripts or "huggingface-cli" not in scripts else "huggingface-cli download"
-
-
-def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any, type[Family], Any]:
-    """(the model's config, the family that runs it, its processor), checked before any
-    weight is read: its weight files are whole, transformers knows the model type and
-    loads it as an image-text-to-text model, its processor (with a tokenizer that knows
-    the image token) can be assembled here, and every technique in ``techniques`` (names,
-    as :attr:`TransformersBackend.techniques` gives them) has a family adapter to run in.
-    Raises :class:`ModelUnavailable` saying which of these fails."""
-    import transformers
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    from stream_rt.mllm.models.processors import ProcessorUnavailable, load_processor
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelUnavailable(
-            f"transformers {transformers.__version__} cannot read the config of {path}: {first_line(exc)}"
-        ) from None
-    model_type = str(config.model_type)
-    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ModelUnavailable(
-            f"{path} is a '{model_type}' model, which transformers {transformers.__version__} does not load as an "
-            "image-text-to-text (vision-language) model"
-        )
-    family = family_for(model_type)
-    if (reason := family.refusal(config)) is not None:
-        raise ModelUnavailable(f"{path}: {reason}")
-    refused = [t for t in techniques or [] if not family.adapter]
-    if refused:
-        adapters = ", ".join(t for f in ADAPTERS for t in f.model_types)
-        raise ModelUnavailable(
-            f"model type '{model_type}' runs on the generic path (adapters: {adapters}), which has no "
-            f"{' and no '.join(refused)}: set {' and '.join(TECHNIQUE_KEYS[t] for t in refused)}"
-        )
-    check_weights(path)
-    try:
-        processor = load_processor(path, model_type)
-    except ProcessorUnavailable as exc:
-        raise ModelUnavailable(str(exc)) from None
-    image_token = image_token_id(config, processor)
-    if image_token >= len(processor.tokenizer):  # (transformers builds an empty tokenizer where its files are missing)
-        raise ModelUnavailable(
-            f"the tokenizer of {path} has {len(processor.tokenizer)} tokens and not the model's image token "
-            f"({image_token}): are its tokenizer files missing?"
-        )
-    return config, family, processor
-
-
-TECHNIQUE_KEYS = {
-    "token reuse": "[mllm.token_reuse] enabled = false",
-    "clip compression": '[mllm.clip] compression = "off"',
-    "layer exit": "[mllm] layer_exit_every = 0",
-}
-"""The setting that turns each technique off (for the line that refuses it)."""
-
-
-def check_weights(path: Path) -> None:
-    """Raise :class:`ModelUnavailable` if ``path`` holds no weights, or a safetensors file
-    whose header does not describe the file (a damaged or cut-short download); reading
-    the headers costs next to nothing."""
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files and not any(path.glob("*.bin")):
-        raise ModelUnavailable(f"{path} holds no weights (*.safetensors or *.bin)")
-    for file in files:
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise ModelUnavailable(f"damaged weights in {file}: {first_line(exc)}") from None
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device ``name`` names, if this machine has it; else :class:`ModelUnavailable`."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ModelUnavailable(f"device '{name}': {first_line(exc)}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        why = f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else "no such GPU here"
-        raise ModelUnavailable(f"device '{name}' is not available ({why}): use device = \"cpu\"")
-    return device
-
-
 def on_device(prepared: Prepared, device: torch.device) -> Prepared:
     prepared.vision = {k: v.to(device) for k, v in prepared.vision.items()}
     return prepared
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Any:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)

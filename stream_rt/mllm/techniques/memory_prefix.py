@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from stream_rt.mllm.models.decoder import run_prefill
 from stream_rt.mllm.models.families import Family, Prepared
-from stream_rt.mllm.models.layer_loop import run_prefill
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry

@@ -19,7 +19,7 @@ visual token, and
    changed tokens goes through the vision encoder with the same trick as below — its
    unchanged patches stop being queries from ``start_layer`` on and keep their previous
    K/V and output;
-4. runs the prefill layer by layer (:func:`~stream_rt.mllm.models.layer_loop.run_prefill`): every
+4. runs the prefill layer by layer (:func:`~stream_rt.mllm.models.decoder.run_prefill`): every
    position is computed in the first ``start_layer`` layers; from there the reused tokens
    stop being queries and keep the previous K/V in that layer and every later one, while
    the recomputed tokens still attend to them (within their layer's window, and both ways
@@ -57,8 +57,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from stream_rt.mllm.models.decoder import PrefillResult, run_prefill
 from stream_rt.mllm.models.families import Family, Prepared, TileState, VisualFeatures
-from stream_rt.mllm.models.layer_loop import KV, PrefillResult, run_prefill
+from stream_rt.mllm.models.layer_loop import KV
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
