@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 import torch
 
-from stream_rt.mllm.tiny_models import RECIPES, byte_tokenizer, write_once, write_processing
+from stream_rt.mllm.tiny_models import byte_tokenizer, write_once, write_processing
+from stream_rt.mllm.tiny_recipes import RECIPES
 
 log = logging.getLogger("stream_rt.mllm")
 
