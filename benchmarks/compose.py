@@ -74,6 +74,7 @@ from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.models.families import Family
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.mllm.techniques.token_reuse import TokenReuse
@@ -112,9 +113,11 @@ def systems(with_exit: list[float]) -> dict[str, dict[str, Any]]:
 def backend_for(base: TransformersBackend, settings: dict[str, Any]) -> TransformersBackend:
     backend = TransformersBackend(
         base.model_ref, contract_stop=False, max_new_tokens=NEW_TOKENS, device=str(base.device), dtype=base.dtype,
-        token_reuse=TokenReuse() if settings.get("reuse") else None,
-        compression=Compression(average=0.4) if settings.get("compress") else None,
-        layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
+        techniques=Techniques(
+            token_reuse=TokenReuse() if settings.get("reuse") else None,
+            compression=Compression(average=0.4) if settings.get("compress") else None,
+            layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
+        ),
     )  # fmt: skip
     backend.model, backend.family, backend.cache_kw, backend.smoke = base.model, base.family, base.cache_kw, True
     if settings.get("generic"):  # the same model through its processor and transformers' generate

@@ -192,6 +192,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
             cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens, contract_stop=cfg.contract_stop
         )
     from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques import Techniques
     from stream_rt.mllm.techniques.compression import Compression
     from stream_rt.mllm.techniques.layer_exit import LayerExit
     from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
@@ -206,8 +207,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
-        layer_exit=layer_exit, token_reuse=token_reuse, compression=compression,
-        memory_text_tokens=cfg.memory.text_tokens,
+        techniques=Techniques(token_reuse, compression, layer_exit, cfg.memory.text_tokens),
     )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend, on_device
 from stream_rt.mllm.models.decoder import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.techniques.layer_exit import MAX_DISTANCE, LayerExit
 from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
@@ -233,9 +234,11 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
         backend = TransformersBackend(
             path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
             # nothing is static, no exit is ever taken
-            token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
-            compression=Compression(average=KEEP) if clip else None,
-            layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
+            techniques=Techniques(
+                token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
+                compression=Compression(average=KEEP) if clip else None,
+                layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
+            ),
         )  # fmt: skip
         name = f"reuse={reuse} clip={clip} memory={memory} exit={exit}"
         for call in range(2):  # the second call is the one that could reuse
@@ -268,8 +271,9 @@ def test_reusing_an_identical_view_after_the_memory_equals_full_computation(fami
     are what it would compute, its logits are the full computation's."""
     path = str(model_dir(family))
     still = frames(samples, [10, 20, 30])
-    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=TokenReuse(),
-                                  compression=Compression(average=KEEP), device=DEVICE, dtype="float32")  # fmt: skip
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                  techniques=Techniques(token_reuse=TokenReuse(),
+                                                        compression=Compression(average=KEEP)))  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     timing = ([i * S for i in range(3)], quiet_audio(6.0))
@@ -293,12 +297,11 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     path = str(model_dir("idefics3"))
     still = frames(samples, [10, 20, 30, 40])
     reuse = TokenReuse()
-    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
-                                  compression=Compression(average=0.5), layer_exit=LayerExit(every=2),
-                                  device=DEVICE, dtype="float32")  # fmt: skip
-    plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS,
-                                compression=Compression(average=0.5), device=DEVICE,
-                                dtype="float32")  # fmt: skip
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                  techniques=Techniques(token_reuse=reuse, compression=Compression(average=0.5),
+                                                        layer_exit=LayerExit(every=2)))  # fmt: skip
+    plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                techniques=Techniques(compression=Compression(average=0.5)))  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     outcomes = []

@@ -18,6 +18,7 @@ from stream_rt.graph.packets import MllmRequest
 from stream_rt.mllm.backends.call import ReuseKey
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
@@ -45,7 +46,7 @@ def backends(family: str, **settings: object) -> tuple[TransformersBackend, Tran
     # Random-weight models never stop on their own: a few tokens say enough.
     return (
         TransformersBackend(path, max_new_tokens=8),
-        TransformersBackend(path, max_new_tokens=8, token_reuse=reuse),
+        TransformersBackend(path, max_new_tokens=8, techniques=Techniques(token_reuse=reuse)),
         reuse,
     )
 

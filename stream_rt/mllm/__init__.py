@@ -1,5 +1,13 @@
 """The MLLM stage and its backends.
 
+The package's wings: the stage and what it composes (``stage``, ``clips``, ``requests``,
+``scheduling``) and the worker (``worker``) at the top, beside the interface every backend
+implements (``backend``, ``contract``, ``prompt``); ``backends/`` (the transformers backend
+as a list of steps, the OpenAI-compatible client, decoding, batching); ``models/`` (the
+families and their adapters, processors, the one layer loop); ``techniques/`` (token and
+tile reuse, compression, the memory prefix, the layer exit); ``smoke`` and
+``tiny_models`` build random-weight models.
+
 Importing this package does not import torch: :class:`TransformersBackend` and
 :func:`build_smoke_model` load it on first use (the ``mllm`` extra).
 """

@@ -5,7 +5,10 @@ loads, on the generic path.
 The model runs in the backend's own thread with a greedy decoding loop of its own rather than
 ``generate()``: the vision encoder, prefill and each decoded token are timed apart, text
 streams out as it is decoded, a cancel flag is checked at every token, and decoding stops
-the moment the answer contract's JSON object closes (``stop="contract"``).
+the moment the answer contract's JSON object closes (``stop="contract"``). On a family
+adapter a call is a list of steps — prepare, encode, summarise, compress, prefill, decode —
+each taking and returning a typed value (:mod:`stream_rt.mllm.backends.call`), each doing
+what its technique (:class:`~stream_rt.mllm.techniques.Techniques`) asks when it is on.
 
 ``model`` is a local directory or a hub id. Hub ids are looked up in the local Hugging
 Face cache only, unless ``allow_download``; a model that is not there raises
@@ -44,8 +47,7 @@ from stream_rt.mllm.models.families import Family, Prepared, VisualFeatures
 from stream_rt.mllm.models.layer_loop import KV
 from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
 from stream_rt.mllm.smoke import is_smoke_model
-from stream_rt.mllm.techniques.compression import Compression
-from stream_rt.mllm.techniques.layer_exit import LayerExit
+from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.memory_prefix import (
     MemoryPrefix,
     PrefixState,
@@ -53,13 +55,17 @@ from stream_rt.mllm.techniques.memory_prefix import (
     memory_fingerprint,
     pooled_tokens,
 )
-from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.sources.av_decode import rgb_luma
 
 log = logging.getLogger("stream_rt.mllm")
 
 
 class TransformersBackend(Backend):
+    """A local model (see the module's text): ``max_new_tokens`` caps an answer,
+    ``contract_stop`` ends it when the contract's JSON object closes, ``threads`` sets
+    torch's CPU threads, ``techniques`` the efficiency techniques it runs with (default:
+    none). Nothing is loaded until :meth:`start` (or :meth:`load`)."""
+
     def __init__(
         self,
         model: str = "smoke",
@@ -70,11 +76,9 @@ class TransformersBackend(Backend):
         contract_stop: bool = True,
         threads: int | None = None,
         allow_download: bool = False,
-        layer_exit: LayerExit | None = None,
-        token_reuse: TokenReuse | None = None,
-        compression: Compression | None = None,
-        memory_text_tokens: int = 32,
+        techniques: Techniques | None = None,
     ) -> None:
+        techniques = techniques or Techniques()
         self.model_ref = model
         self.device_name = device
         try:  # a device this machine lacks is one line at check() and load()
@@ -86,10 +90,10 @@ class TransformersBackend(Backend):
         self.contract_stop = contract_stop
         self.threads = threads
         self.allow_download = allow_download
-        self.layer_exit = layer_exit
-        self.token_reuse = token_reuse
-        self.compression = compression
-        self.memory_prefix = MemoryPrefix(memory_text_tokens)
+        self.layer_exit = techniques.layer_exit
+        self.token_reuse = techniques.token_reuse
+        self.compression = techniques.compression
+        self.memory_prefix = MemoryPrefix(techniques.memory_text_tokens)
         self.name = model
         self.model: Any = None
         self.family: Family | None = None

@@ -111,8 +111,8 @@ def run_prefill(
     deepstack: Sequence[torch.Tensor] = (),
 ) -> PrefillResult:
     """Run ``embeds`` (1, L, hidden) through the decoder layers (see the module's text)."""
-    plugged = Plugged(relevance_layer, [] if entropy else None, exit, deepstack)
-    decoder = Decoder(model, embeds, position_ids, image_mask, prefix, plugged)
+    plugged = Plugins(relevance_layer, [] if entropy else None, exit, deepstack)
+    decoder = DecoderLayers(model, embeds, position_ids, image_mask, prefix, plugged)
     run = run_layers(decoder, embeds, computed, previous)
     layers = decoder.layers
     for index in range(len(run.keys), len(layers)):  # exited: these layers only get K/V, from the exit's hidden state
@@ -131,7 +131,7 @@ def run_prefill(
 
 
 @dataclass
-class Plugged:
+class Plugins:
     """What the techniques plug into the decoder's layer loop (see the module's text)."""
 
     relevance_layer: int | None
@@ -140,13 +140,13 @@ class Plugged:
     deepstack: Sequence[torch.Tensor]
 
 
-class Decoder(LayerStack):
+class DecoderLayers(LayerStack):
     """The language model's decoder layers for one run: rotary positions per layer kind,
     the prefix's K/V before these positions, the attention masks of the family's
-    :class:`Layout`, and what :class:`Plugged` asks for."""
+    :class:`Layout`, and what :class:`Plugins` asks for."""
 
     def __init__(self, model: Any, embeds: torch.Tensor, position_ids: torch.Tensor | None,
-                 image_mask: torch.Tensor | None, prefix: KV | None, plugged: Plugged) -> None:  # fmt: skip
+                 image_mask: torch.Tensor | None, prefix: KV | None, plugged: Plugins) -> None:  # fmt: skip
         self.model, self.prefix, self.plugged = model, prefix, plugged
         self.layers = model.get_decoder().layers
         self.layout = layout_of(model)

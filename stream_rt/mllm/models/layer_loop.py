@@ -1,6 +1,6 @@
 """The one layer loop: a stack of transformer layers run position by position set, where
 a technique may leave positions out of a layer. The language model's decoder
-(:class:`~stream_rt.mllm.models.decoder.Decoder`: prefill, memory prefix, token reuse,
+(:class:`~stream_rt.mllm.models.decoder.DecoderLayers`: prefill, memory prefix, token reuse,
 decoding with the layer exit) and the SigLIP vision encoder of encoder reuse
 (:class:`~stream_rt.mllm.models.adapters.SiglipLayers`) are its two stacks; each says
 how its layers project and attend (:class:`LayerStack`), the loop does the rest: which
