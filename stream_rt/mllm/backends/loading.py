@@ -79,6 +79,23 @@ def resolve_model(ref: str, allow_download: bool = False) -> tuple[Path, str]:
         ) from None
 
 
+def describe_model(ref: str, allow_download: bool, techniques: list[str]) -> str:
+    """A line saying what will run ``ref`` with ``techniques``, checked without reading any
+    weight (:func:`inspect_model`); raises :class:`ModelUnavailable` or
+    :class:`MissingWeights` where it cannot run."""
+    if ref == "smoke":
+        return "smoke (random weights, built on first use)"
+    try:
+        path, name = resolve_model(ref, allow_download=False)
+    except MissingWeights:
+        if not allow_download:
+            raise
+        return f"{ref} (not in the local cache: downloaded at start)"
+    config, family, _ = inspect_model(path, techniques)
+    how = f"{family.name} adapter" if family.adapter else "generic path"
+    return f"{name} ({config.model_type}, {how})"
+
+
 def download_command() -> str:
     """The command the installed huggingface_hub provides to download a model."""
     import importlib.metadata

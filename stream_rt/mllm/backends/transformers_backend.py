@@ -34,14 +34,13 @@ from stream_rt.graph.packets import MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import (
     Backend,
     BackendError,
-    MissingWeights,
     OnText,
     answer_from_text,
 )
 from stream_rt.mllm.backends.call import ClipTiming, Decoded, Encoded, Inputs, Prefilled, ReuseKey, SourceMemory
 from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenStream
 from stream_rt.mllm.backends.generic import generate_generic
-from stream_rt.mllm.backends.loading import check_device, inspect_model, load_model, resolve_model, torch_dtype
+from stream_rt.mllm.backends.loading import check_device, describe_model, load_model, resolve_model, torch_dtype
 from stream_rt.mllm.models.decoder import run_prefill
 from stream_rt.mllm.models.families import Family, Prepared, VisualFeatures
 from stream_rt.mllm.models.layer_loop import KV
@@ -126,20 +125,10 @@ class TransformersBackend(Backend):
 
     def check(self) -> str:
         """Check, without reading any weight, that the model can be loaded here with the
-        configured techniques (:func:`inspect_model`); a line saying what will run it.
+        configured techniques; a line saying what will run it (:func:`describe_model`).
         Raises :class:`ModelUnavailable` otherwise."""
         check_device(self.device_name)
-        if self.model_ref == "smoke":
-            return "smoke (random weights, built on first use)"
-        try:
-            path, name = resolve_model(self.model_ref, allow_download=False)
-        except MissingWeights:
-            if not self.allow_download:
-                raise
-            return f"{self.model_ref} (not in the local cache: downloaded at start)"
-        config, family, _ = inspect_model(path, self.techniques)
-        how = f"{family.name} adapter" if family.adapter else "generic path"
-        return f"{name} ({config.model_type}, {how})"
+        return describe_model(self.model_ref, self.allow_download, self.techniques)
 
     @property
     def techniques(self) -> list[str]:
@@ -319,7 +308,7 @@ class TransformersBackend(Backend):
         call, outcome = encoded.inputs.reuse, None
         if call is not None and self.token_reuse is not None:
             result = self.token_reuse.prefill(call, self.model, prepared, embeds, encoded.kept, prefix, deepstack)
-            outcome = self.token_reuse.last
+            outcome = call.outcome
         else:
             result = run_prefill(self.model, embeds, prepared.position_ids, prepared.image_mask, prefix=prefix,
                                  deepstack=deepstack)  # fmt: skip
@@ -327,17 +316,23 @@ class TransformersBackend(Backend):
                          memory_tokens, outcome)  # fmt: skip
 
     def decode_answer(self, prefilled: Prefilled, stream: TokenStream) -> Decoded:
-        """Step 6: the answer, token by token, as ``stream`` chooses and stops it."""
-        exit = self.layer_exit
-        exited = (exit.decoded, exit.layers_run) if exit is not None else (0, 0)
+        """Step 6: the answer, token by token as ``stream`` chooses and stops it, each token
+        through the same layer loop as the prefill, with the layer exit when it is on."""
         started = time.perf_counter()
-        ids, text, stop = self.decode(prefilled.prepared, prefilled.logits, prefilled.cache, None, None,
-                                      stream=stream)  # fmt: skip
+        embed = self.model.get_input_embeddings()
+        prepared, logits, cache = prefilled.prepared, prefilled.logits, prefilled.cache
+        three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
+        depths = []
+        while (token := stream.take(logits[0])) is not None:
+            position = torch.tensor([[prepared.next_position + len(stream.ids) - 1]], device=self.device)
+            position = position.expand(3, 1, 1) if three_d else position
+            step = run_prefill(self.model, embed(torch.tensor([[token]], device=self.device)), position, prefix=cache,
+                               exit=self.layer_exit)  # fmt: skip
+            logits, cache = step.logits, (step.keys, step.values)
+            depths.append(step.depth)
         decode_s = time.perf_counter() - started
-        depth = None
-        if exit is not None and exit.decoded > exited[0]:
-            depth = (exit.layers_run - exited[1]) / (exit.decoded - exited[0])
-        return Decoded(ids, text, stop, decode_s, depth, stream.logprobs)
+        exit_depth = sum(depths) / len(depths) if self.layer_exit is not None and depths else None
+        return Decoded(stream.ids, stream.text, stream.stop, decode_s, exit_depth, stream.logprobs)
 
     def _now(self) -> float:
         """The time, once the device has finished what it was given (CUDA runs ahead)."""
@@ -389,19 +384,11 @@ class TransformersBackend(Backend):
     ) -> tuple[list[int], str, str]:
         """Decoding from the prefill's logits and K/V (``cache``: per layer, the whole
         sequence's), greedy unless ``stream`` (which then chooses the tokens) samples;
-        (token ids, text, why it stopped). Each token runs the same layer loop as the
-        prefill, with the layer exit when it is on."""
+        (token ids, text, why it stopped): :meth:`decode_answer` for a prefill made apart."""
         if stream is None:
             stream = self.token_stream(max_new_tokens, cancel, on_text)
-        embed = self.model.get_input_embeddings()
-        three_d = prepared.position_ids is not None and prepared.position_ids.dim() == 3
-        while (token := stream.take(logits[0])) is not None:
-            position = torch.tensor([[prepared.next_position + len(stream.ids) - 1]], device=self.device)
-            position = position.expand(3, 1, 1) if three_d else position
-            step = run_prefill(self.model, embed(torch.tensor([[token]], device=self.device)), position, prefix=cache,
-                               exit=self.layer_exit)  # fmt: skip
-            logits, cache = step.logits, (step.keys, step.values)
-        return stream.ids, stream.text, stream.stop
+        decoded = self.decode_answer(Prefilled(prepared, logits, cache, 0.0), stream)
+        return decoded.token_ids, decoded.text, decoded.stop
 
     def token_stream(
         self,

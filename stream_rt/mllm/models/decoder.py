@@ -59,6 +59,7 @@ class PrefillResult:
     relevance: torch.Tensor | None  # (visual tokens,) attention the question paid to each
     computed_share: float  # of position-layers actually computed
     entropy: list[float] | None = None  # per layer: mean entropy of the question's attention
+    depth: int = 0  # layers run for the last position (fewer than all where the layer exit left early)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ def run_prefill(
     if exit is not None:
         exit.record(decoder.depth, decoder.distances, decoder.tops)
     share = run.computed / (decoder.length * len(layers))
-    return PrefillResult(logits, run.keys, run.values, decoder.relevance, share, plugged.entropies)
+    return PrefillResult(logits, run.keys, run.values, decoder.relevance, share, plugged.entropies, decoder.depth)
 
 
 @dataclass

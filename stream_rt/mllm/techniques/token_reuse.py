@@ -117,6 +117,7 @@ class ReuseCall:
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
     tile_features: list[VisualFeatures] = field(default_factory=list)
     tile_states: list[TileState | None] = field(default_factory=list)
+    outcome: ReuseOutcome | None = None  # what the call reused, once :meth:`TokenReuse.prefill` ran
 
 
 @dataclass
@@ -137,7 +138,8 @@ class TokenReuse:
     """The reuse cache, one entry per (source, question) key, and the calls that use it.
     ``evictions`` counts the entries evicted so far by the bound that evicted them:
     ``source`` (``max_entries_per_source``), ``entries`` (``max_entries``), ``bytes``
-    (``max_mib``)."""
+    (``max_mib``). A call's outcome is its :attr:`ReuseCall.outcome`; ``last`` is the
+    latest call's, for tests and benchmarks."""
 
     def __init__(self, settings: ReuseSettings | None = None) -> None:
         self.settings = settings or ReuseSettings()
@@ -247,7 +249,7 @@ class TokenReuse:
                                  relevance_layer=mid, entropy=s.schedule == "entropy", deepstack=deepstack)  # fmt: skip
             ratios = _entropy_schedule(result.entropy, s.start_layer) if result.entropy is not None else None
             reference = call.patches
-            self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
+            outcome = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
         else:
             assert entry is not None
             # A position is reusable when it holds the same token as last time, and that token is static.
@@ -274,7 +276,7 @@ class TokenReuse:
             reference = entry.patches.copy()
             recomputed = kept[~reusable]
             reference[recomputed] = call.patches[recomputed]
-            self.last = ReuseOutcome("reuse", len(visual), int(call.static[kept].sum()), int(reusable.sum()),
+            outcome = ReuseOutcome("reuse", len(visual), int(call.static[kept].sum()), int(reusable.sum()),
                                      len(call.tile_pixels), call.tiles_reused, result.computed_share)  # fmt: skip
         before = prefix[0][0].shape[2] if prefix is not None else 0
         own = [k[:, :, before:].clone() for k in result.keys] if before else result.keys
@@ -285,7 +287,8 @@ class TokenReuse:
             kept=kept, at=visual.numpy(), prefix=call.prefix,
         )  # fmt: skip
         stored.nbytes = _held_bytes(stored)
-        self.last.evicted = self._store(call.key, stored)
+        outcome.evicted = self._store(call.key, stored)
+        call.outcome = self.last = outcome
         return result
 
     def _store(self, key: tuple[str, str], entry: _Entry) -> int:
