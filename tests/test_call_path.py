@@ -331,7 +331,7 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     on the generic path (their docstrings say why). A technique asked of a model without
     an adapter is one line before any weight is read."""
     from stream_rt.mllm.backend import ModelUnavailable
-    from stream_rt.mllm.backends.transformers_backend import inspect_model
+    from stream_rt.mllm.backends.loading import inspect_model
     from stream_rt.mllm.models.adapters import Gemma3, Qwen3VL, family_for
 
     assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
