@@ -20,17 +20,16 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from stream_rt.config import parse_config
+from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import free_port, start_worker
 
-from stream_rt.config import parse_config  # noqa: E402
-from stream_rt.pipeline import build_pipeline  # noqa: E402
-from stream_rt.testing import free_port, start_worker  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 CLIPS = ["vtest.avi", "walkway_light.mkv", "still_motion.mkv", "walkway_speech.mkv"]  # each longer than a run
 

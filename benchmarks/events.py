@@ -41,11 +41,10 @@ from stream_rt.config import parse_config
 from stream_rt.evaluation import episodes_of, load_scenario, run_scenario
 from stream_rt.mllm.smoke import build_smoke_model
 from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import remux_audio_late
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
-sys.path.insert(0, str(ROOT))
-from scripts.fetch_samples import remux_audio_late  # noqa: E402  (the script that makes the samples)
 
 
 def bare_both_streams(clip: Path) -> float:
@@ -120,9 +119,9 @@ async def gated_rate(seconds: float, hang: bool) -> tuple[float, Counter[str]]:
     if hang:
         generate = stage.backend.generate  # type: ignore[attr-defined]
 
-        def hang_then_generate(*args: Any) -> Any:
+        def hang_then_generate(*args: Any, **kwargs: Any) -> Any:
             time.sleep(60)
-            return generate(*args)
+            return generate(*args, **kwargs)
 
         stage.backend.generate = hang_then_generate  # type: ignore[attr-defined]
     run = asyncio.create_task(pipeline.graph.run())

@@ -49,6 +49,7 @@ from stream_rt import Config, build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
 from stream_rt.operators.kernels import blend_background, patch_mad, patch_mad_reference
+from stream_rt.testing import RtspCamera
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,15 +67,16 @@ def frames_720p(clip: Path, count: int) -> list[np.ndarray]:
 def detector_us(clip: Path, **settings: bool | float) -> float:
     """Median microseconds of ChangeDetector.detect per real frame of ``clip`` (5 passes)."""
     from stream_rt import ChangeDetector, VideoFrame
-    from stream_rt.sources.av_decode import y_plane
+    from stream_rt.config import ChangeConfig
+    from stream_rt.images import y_plane
 
     with av.open(str(clip)) as container:
         frames = [VideoFrame("cam", i, int(i * 1e8), 0, np.ascontiguousarray(y_plane(f)))
                   for i, f in zip(range(400), container.decode(video=0), strict=False)]  # fmt: skip
-    ChangeDetector("warm", **settings).detect(frames[0])
+    ChangeDetector("warm", ChangeConfig(**settings)).detect(frames[0])
     passes = []
     for _ in range(5):
-        node = ChangeDetector("change", **settings)
+        node = ChangeDetector("change", ChangeConfig(**settings))
         started = time.perf_counter()
         for frame in frames:
             node.detect(frame)
@@ -168,7 +170,7 @@ def make_720p_clip(clip: Path, out: Path) -> Path:
     return out
 
 
-CAMERA = ROOT / "tests" / "rtsp_camera.py"
+CAMERA = RtspCamera.SCRIPT
 
 
 def live_cameras(clip: Path, count: int, seconds: float) -> dict[str, float]:

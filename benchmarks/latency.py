@@ -35,12 +35,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from stream_rt.testing import Broker, RtspCamera, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from stream_rt.testing import Broker, free_port  # noqa: E402
 
-CAMERA = ROOT / "tests" / "rtsp_camera.py"
+CAMERA = RtspCamera.SCRIPT
 CONFIRM_S = 0.1  # the default [trigger] confirm_s
 CUTOFF_S = 3.0  # and cutoff_s
 

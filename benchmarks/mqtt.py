@@ -26,17 +26,17 @@ from pathlib import Path
 
 import aiomqtt
 
+from stream_rt.config import MqttSinkConfig
 from stream_rt.graph import Backoff
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import Broker, Subscriber, feed_graph, free_port, numbered_event
 
 WINDOW = 64
 
 
 async def through_sink(port: int, workdir: Path, count: int, offset: int) -> float:
-    settings = MqttSettings(port=port, outbox=workdir / f"outbox-{offset}.sqlite", publish_window=WINDOW,
-                            backoff=Backoff(0.1, 0.5, 0.1))  # fmt: skip
-    sink = MqttSink("mqtt", settings, drain_timeout_s=60)
+    config = MqttSinkConfig(port=port, outbox=workdir / f"outbox-{offset}.sqlite")
+    sink = MqttSink("mqtt", config, drain_timeout_s=60, backoff=Backoff(0.1, 0.5, 0.1), publish_window=WINDOW)
     graph = feed_graph(sink, range(offset, offset + count), drain_timeout_s=60)
     started = time.perf_counter()
     await graph.run()

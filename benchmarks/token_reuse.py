@@ -39,12 +39,13 @@ import numpy as np
 import torch
 from common import answer_fidelity, copy_cache, kv_of
 
+from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import MllmRequest
+from stream_rt.images import rgb_luma
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
-from stream_rt.sources.av_decode import rgb_luma
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -96,7 +97,7 @@ def run_clip(model_path: Path, clip: Path, seconds: list[float], schedule: str) 
     reusing = TransformersBackend(str(model_path), contract_stop=False)
     full.load()
     reusing.load()
-    reuse = TokenReuse(ReuseSettings(schedule=schedule))  # type: ignore[arg-type]
+    reuse = TokenReuse(TokenReuseConfig(schedule=schedule))
     frames = frames_at(clip, seconds)
     rows = []
     for i, frame in enumerate(frames):

@@ -17,21 +17,22 @@ import html
 import json
 from pathlib import Path
 
-from stream_rt import Config, build_pipeline
-from stream_rt.config import MllmConfig, SourceConfig, for_replay
-from stream_rt.pipeline import attach_report
+from stream_rt import build_pipeline, parse_config
 
 MEDIA = {".avi", ".mkv", ".mp4", ".mov", ".ts", ".webm", ".wav", ".mp3", ".flac"}
 
 
 async def replay(path: Path, out: Path, model: str | None) -> dict[str, object]:
     source_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)
-    config = for_replay(Config(
-        sources=[SourceConfig(id=source_id, url=str(path), live=False)],
-        mllm=MllmConfig(model=model) if model else None,
-    ))  # fmt: skip
+    config = parse_config({
+        "sources": [{"id": source_id, "url": str(path), "live": False}],
+        # A replay loses nothing: every edge blocks, and the model is waited for.
+        "graph": {"video_channel": {"policy": "block", "capacity": 4},
+                  "audio_channel": {"policy": "block", "capacity": 64}},
+        **({"mllm": {"model": model, "flow": "block"}} if model else {}),
+    })  # fmt: skip
     pipeline = build_pipeline(config, speed=None)
-    attach_report(pipeline, out / source_id, f"Replay of {path.name}", (config.trigger.on, config.trigger.off))
+    pipeline.attach_report(out / source_id, f"Replay of {path.name}", (config.trigger.on, config.trigger.off))
     try:
         await pipeline.graph.run()
     except Exception as exc:  # one bad file must not stop the batch

@@ -1,7 +1,11 @@
 """stream_rt: a runtime for agents that watch live video and audio.
 
 The public API. Everything a program needs to build, run and test a pipeline is
-importable from here; submodules are implementation detail unless documented.
+importable from here, each name with a docstring stating its contract; the package is
+typed (``py.typed``). Two submodules are public as well: :mod:`stream_rt.testing` (the
+node harness and the services the project's own tests use) and :mod:`stream_rt.images`
+(decoding, luma, resizing and JPEG encoding of pictures). Other submodules are
+implementation detail.
 """
 
 from typing import Any

@@ -33,7 +33,7 @@ from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
-from stream_rt.pipeline import Pipeline, attach_report, build_pipeline
+from stream_rt.pipeline import Pipeline, build_pipeline
 from stream_rt.sources.av_source import SourceError
 
 log = logging.getLogger("stream_rt.cli")
@@ -304,7 +304,7 @@ def _replay(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config or 'replay'}: {exc}") from None
     _check_model(pipeline)
     if args.report is not None:
-        attach_report(pipeline, args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
+        pipeline.attach_report(args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
     wall = time.monotonic() - started

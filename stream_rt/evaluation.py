@@ -61,9 +61,9 @@ from pathlib import Path
 from typing import Any
 
 from stream_rt.config import Config, ConfigError, for_replay, parse_config
+from stream_rt.config.perception import DEFAULT_WEIGHTS
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import Event, Packet, Salience, SourceStatus, StreamEnded
-from stream_rt.operators.salience import DEFAULT_WEIGHTS
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.callback import CallbackSink
@@ -164,15 +164,15 @@ async def run_scenario(scenario: Scenario) -> Run:
     graph = built.graph
     events: list[Event] = []
     speech: list[tuple[float, float]] = []
-    graph.add(CallbackSink("evaluation", events.append))  # type: ignore[arg-type]
-    graph.add(CallbackSink("steps", lambda s: speech.append((s.pts_ns / 1e9, s.components["speech"]))))  # type: ignore[attr-defined]
+    graph.add(CallbackSink("evaluation", events.append))
+    graph.add(CallbackSink("steps", lambda s: speech.append((s.pts_ns / 1e9, s.components["speech"]))))
     graph.connect("salience.salience", "steps.in", capacity=64)
     if scenario.component is None:
         graph.connect("trigger.events", "evaluation.in", capacity=64)
     else:  # the same trigger, on one component of the same fused salience
         name = scenario.component
         graph.add(ComponentOnly(f"{name}_only", name, config))
-        graph.add(TriggerPolicy(f"{name}_trigger", **config.trigger.model_dump()))
+        graph.add(TriggerPolicy(f"{name}_trigger", config.trigger))
         graph.connect("salience.salience", f"{name}_only.salience", capacity=64)
         graph.connect(f"{name}_only.salience", f"{name}_trigger.salience")
         graph.connect(f"{name}_trigger.events", "evaluation.in", capacity=64)

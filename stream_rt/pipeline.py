@@ -23,23 +23,21 @@ from urllib.parse import urlsplit
 from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.graph import Graph, ReplayClock, Supervision
 from stream_rt.graph.backoff import Backoff
-from stream_rt.memory.streaming import StreamingMemory
 from stream_rt.mllm.backend import Backend
-from stream_rt.mllm.clips import ClipBuffer
-from stream_rt.mllm.prompt import DEFAULT_QUESTION
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.detectors import Detector, load_detector
-from stream_rt.operators.objects import DetectSettings, ObjectGate
+from stream_rt.operators.objects import ObjectGate
 from stream_rt.operators.salience import SalienceFusion
 from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
-from stream_rt.policies.asks import AskLedger
+from stream_rt.policies.asks import AskLedger, AskQueue
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.policies.trigger import TriggerPolicy
-from stream_rt.policies.watches import WatchBook, watch_entry
+from stream_rt.policies.watches import WatchBook, reconcile
 from stream_rt.sinks.jsonl import JsonlSink
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.report import ReportSink
 from stream_rt.sources.av_source import AvSource
 from stream_rt.sources.mqtt_source import MqttSource
@@ -51,6 +49,11 @@ log = logging.getLogger("stream_rt.pipeline")
 
 @dataclass
 class Pipeline:
+    """What :func:`build_pipeline` built: the ``graph`` (not yet running: add your own nodes,
+    then ``await graph.run()``), its ``sources``, and its named nodes (``trigger``, ``mllm``,
+    ``jsonl``, ``mqtt``; ``None`` when not configured) to connect to (``mllm.answers``,
+    ``trigger.events``); ``layouts``: each source's masks and zones."""
+
     graph: Graph
     sources: list[StatusSource]
     trigger: TriggerPolicy | None
@@ -58,11 +61,28 @@ class Pipeline:
     jsonl: JsonlSink | None
     mqtt: MqttSink | None = None
     layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
+    control: SourceControl | None = None  # what commands act on (enabled, thresholds, ask, watch)
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
         """What ``/healthz`` checks besides the sources."""
         return [c for c in (self.mllm, self.mqtt) if c is not None]
+
+    def attach_report(self, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
+        """Record the salience, events and answers for an HTML report written into
+        ``directory`` when the stream ends (``index.html``, ``summary.json``, thumbnails
+        showing each source's masks and zones); ``thresholds``: the trigger's (on, off),
+        drawn on the timeline. Call it before the graph runs."""
+        graph = self.graph
+        report = ReportSink("report", directory, title, thresholds, self.layouts)
+        graph.add(report)
+        if "salience" in graph:
+            graph.connect("salience.salience", "report.salience", capacity=64)
+        if self.trigger is not None:
+            graph.connect("trigger.events", "report.events", capacity=64)
+        if self.mllm is not None:
+            graph.connect("mllm.answers", "report.answers", capacity=64)
+        return report
 
 
 def build_source(cfg: SourceConfig) -> StatusSource:
@@ -121,24 +141,29 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
 
-    asks = AskLedger() if config.mllm is not None else None
     settings = {s.name: config.settings(s.name) for s in sources}
     layouts = {name: SceneLayout(own.masks, own.zones, own.require_zones) for name, own in settings.items()}
-    trigger = _build_gates(graph, config, sources, asks, settings, layouts)
-    mllm = None
+    trigger, control, mllm = None, None, None
+    ledger, watches = None, None
+    if _build_gates(graph, config, sources, settings, layouts):
+        # One object per concern, handed to every node (and the command target) that needs it.
+        ledger = AskLedger() if config.mllm is not None else None
+        asks = AskQueue(ledger, graph.clock) if ledger is not None else None
+        if config.mllm is not None:
+            watches = WatchBook(config.watch_state)  # restored, then brought in line with [[watches]]
+            reconcile(watches, config.watches)
+        episodes = EpisodeControls(
+            config.trigger,
+            {name: own.trigger for name, own in settings.items()},
+            {name: own.require_zones for name, own in settings.items()},
+        )
+        trigger = TriggerPolicy("trigger", controls=episodes, asks=asks, watches=watches)
+        graph.add(trigger)
+        graph.connect("salience.salience", "trigger.salience", capacity=64)
+        control = SourceControl(episodes, asks, watches)
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
-        watches = WatchBook(config.watch_state)  # restored, then the configured ones set
-        configured = {(w.source, w.id) for w in config.watches}
-        for kept in watches.all():  # a [[watches]] entry deleted since: its watch ends
-            if kept.origin == "config" and (kept.source_id, kept.id) not in configured:
-                watches.remove(kept.source_id)
-        watches.forget_ended({watch_entry(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s)
-                              for w in config.watches})  # fmt: skip
-        for w in config.watches:
-            watches.set(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s, origin="config")
-        trigger.watches = watches  # for the watch/set command
-        mllm = _build_mllm(config.mllm, asks, questions, watches)
+        mllm = _build_mllm(config.mllm, ledger, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
@@ -162,10 +187,10 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     mqtt = None
     if config.sinks.mqtt is not None:
-        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, trigger, {s.name for s in sources})
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
         graph.add(mqtt)
         _feed(graph, "mqtt", trigger, mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control)
 
 
 def _feed(
@@ -195,11 +220,10 @@ def build_backend(cfg: MllmConfig) -> Backend:
     from stream_rt.mllm.techniques import Techniques
     from stream_rt.mllm.techniques.compression import Compression
     from stream_rt.mllm.techniques.layer_exit import LayerExit
-    from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
+    from stream_rt.mllm.techniques.token_reuse import TokenReuse
 
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
-    reuse = cfg.token_reuse
-    token_reuse = TokenReuse(ReuseSettings(**reuse.model_dump(exclude={"enabled"}))) if reuse.enabled else None
+    token_reuse = TokenReuse(cfg.token_reuse) if cfg.token_reuse.enabled else None
     clip = cfg.clip
     compression = None
     if clip.frames > 1 and clip.compression != "off":
@@ -211,44 +235,15 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook) -> MllmStage:
-    clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
-    m = cfg.memory
-    memory = StreamingMemory(m.max_entries, m.anchors, m.tokens) if m.enabled else None
-    return MllmStage(
-        "mllm", build_backend(cfg), question=cfg.question or DEFAULT_QUESTION, timeout_s=cfg.timeout_s,
-        max_side=cfg.max_image_side, crop_regions=cfg.crop_regions, reuse_threshold=cfg.reuse_threshold,
-        reuse_max_age_s=cfg.reuse_max_age_s, flow=cfg.flow, clip=clip, memory=memory,
-        memory_snapshot=m.snapshot, snapshot_interval_s=m.snapshot_interval_s, memory_refresh=m.refresh, asks=asks,
-        questions=questions,
-        max_in_flight=cfg.in_flight, calls_per_minute=cfg.calls_per_minute, watches=watches,
-    )  # fmt: skip
+def _build_mllm(
+    cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook | None
+) -> MllmStage:
+    return MllmStage("mllm", build_backend(cfg), cfg, questions=questions, asks=asks, watches=watches)
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, trigger: TriggerPolicy | None, sources: set[str]) -> MqttSink:
-    """Credentials come from the config or, better, the environment; never from code."""
-    settings = MqttSettings(
-        host=cfg.host,
-        port=cfg.port,
-        prefix=cfg.prefix,
-        client_id=cfg.client_id,
-        username=cfg.username or os.environ.get("STREAM_RT_MQTT_USERNAME"),
-        password=cfg.password or os.environ.get("STREAM_RT_MQTT_PASSWORD"),
-        outbox=cfg.outbox,
-        stats_interval_s=cfg.stats_interval_s,
-        tls_ca=cfg.tls_ca,
-        tls_cert=cfg.tls_cert,
-        tls_key=cfg.tls_key,
-        home_assistant=cfg.home_assistant,
-        discovery_prefix=cfg.discovery_prefix,
-    )
+def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
     return MqttSink(
-        "mqtt",
-        settings,
-        drain_timeout_s=graph.drain_timeout_s,
-        stats=graph.statistics,
-        commands=trigger,
-        sources=sources,
+        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources
     )
 
 
@@ -256,31 +251,29 @@ def _build_gates(
     graph: Graph,
     config: Config,
     sources: list[StatusSource],
-    asks: AskLedger | None,
     settings: dict[str, SourceSettings],
     layouts: dict[str, SceneLayout],
-) -> TriggerPolicy | None:
+) -> bool:
+    """The perception gates up to the salience fusion; ``False`` when no source is gated
+    (nothing would reach a trigger)."""
     video_ch, audio_ch = config.graph.video_channel, config.graph.audio_channel
     with_video = [s for s in sources if s.has_video and settings[s.name].change.enabled]
     with_audio = [s for s in sources if s.has_audio and settings[s.name].audio.enabled]
     if not with_video and not with_audio:
-        return None
-    # The config sections mirror the constructors' keyword arguments one to one.
-    fusion = SalienceFusion("salience", **config.salience.model_dump())
+        return False
+    fusion = SalienceFusion("salience", config.salience)
     graph.add(fusion)
-    trigger = TriggerPolicy("trigger", **config.trigger.model_dump(), asks=asks)
     for source in sources:  # fusion waits only for what is wired, and hears when a source goes offline
         own = settings[source.name]
         fusion.expect(source.name, video=source in with_video, audio=source in with_audio)
-        fusion.configure(source.name, **own.salience.model_dump())
-        trigger.configure(source.name, require_zones=tuple(own.require_zones), **own.trigger.model_dump())
+        fusion.configure(source.name, own.salience)
         graph.connect(f"{source.name}.status", "salience.status")
     if with_video:
-        change = ChangeDetector("change", **config.change.model_dump(exclude={"enabled"}))
+        change = ChangeDetector("change", config.change)
         graph.add(change)
         for source in with_video:
             own = settings[source.name]
-            change.configure(source.name, layouts[source.name], **own.change.model_dump(exclude={"enabled"}))
+            change.configure(source.name, layouts[source.name], own.change)
             graph.connect(f"{source.name}.video", "change.video", video_ch.policy, video_ch.capacity)
         detecting = [s for s in with_video if settings[s.name].detect.enabled]
         if detecting:
@@ -288,9 +281,8 @@ def _build_gates(
             objects = ObjectGate("objects", wait=video_ch.policy == "block")
             for source in detecting:
                 own = settings[source.name]
-                d = own.detect
-                gate = DetectSettings(d.detect_fps, tuple(own.objects), d.stationary_s, d.lost_s)
-                objects.configure(source.name, detectors[_detector_key(d)], gate, layouts[source.name])
+                detector = detectors[_detector_key(own.detect)]
+                objects.configure(source.name, detector, own.detect, own.objects, layouts[source.name])
             graph.add(objects)
             graph.connect("change.changes", "objects.changes", capacity=8)
             graph.connect("objects.changes", "salience.changes", capacity=8)
@@ -302,16 +294,13 @@ def _build_gates(
         if not all(vad.values()):
             why = "the 'vad' extra is not installed" if not vad_installed else "[audio] vad = false"
             log.info("speech detection is off for %s (%s)", ", ".join(n for n, on in vad.items() if not on), why)
-        analyzer = AudioAnalyzer("audio", vad=False, **config.audio.model_dump(exclude={"enabled", "vad"}))
+        analyzer = AudioAnalyzer("audio", config.audio.model_copy(update={"vad": False}))  # sources have their own
         graph.add(analyzer)
         for source in with_audio:
-            analyzer.configure(source.name, vad=vad[source.name],
-                               **settings[source.name].audio.model_dump(exclude={"enabled", "vad"}))  # fmt: skip
+            analyzer.configure(source.name, settings[source.name].audio.model_copy(update={"vad": vad[source.name]}))
             graph.connect(f"{source.name}.audio", "audio.audio", audio_ch.policy, audio_ch.capacity)
         graph.connect("audio.features", "salience.audio", capacity=256)
-    graph.add(trigger)
-    graph.connect("salience.salience", "trigger.salience", capacity=64)
-    return trigger
+    return True
 
 
 def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...], Detector]:
@@ -328,18 +317,3 @@ def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...],
 
 def _detector_key(d: DetectConfig) -> tuple[object, ...]:
     return (d.model, d.min_score, d.input_size, d.threads, d.labels)
-
-
-def attach_report(pipeline: Pipeline, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
-    """Record ``pipeline``'s salience, events and answers for a report written into
-    ``directory`` when the stream ends (the thumbnails show each source's masks and zones)."""
-    graph = pipeline.graph
-    report = ReportSink("report", directory, title, thresholds, pipeline.layouts)
-    graph.add(report)
-    if "salience" in graph:
-        graph.connect("salience.salience", "report.salience", capacity=64)
-    if pipeline.trigger is not None:
-        graph.connect("trigger.events", "report.events", capacity=64)
-    if pipeline.mllm is not None:
-        graph.connect("mllm.answers", "report.answers", capacity=64)
-    return report

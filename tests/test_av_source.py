@@ -14,7 +14,6 @@ import av
 import numpy as np
 import pytest
 
-from scripts.fetch_samples import audio_lag_s, remux_audio_late
 from stream_rt import (
     AUDIO_SAMPLE_RATE,
     AudioChunk,
@@ -28,6 +27,7 @@ from stream_rt import (
     VideoFrame,
 )
 from stream_rt.sources.av_decode import PtsSanitiser
+from stream_rt.testing.media import audio_lag_s, remux_audio_late
 
 from .media import make_media
 

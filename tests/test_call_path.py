@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import AudioFeatures
 from stream_rt.memory.streaming import MemoryEntry
 from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
@@ -35,7 +36,7 @@ from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.techniques.layer_exit import MAX_DISTANCE, LayerExit
 from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
-from stream_rt.mllm.techniques.token_reuse import ReuseSettings, TokenReuse
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.mllm.tiny_models import build_tiny_model
 
 from .conftest import SAMPLES
@@ -235,7 +236,7 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
             path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
             # nothing is static, no exit is ever taken
             techniques=Techniques(
-                token_reuse=TokenReuse(ReuseSettings(static_threshold=1.01, max_changed=1.0)) if reuse else None,
+                token_reuse=TokenReuse(TokenReuseConfig(static_threshold=1.01, max_changed=1.0)) if reuse else None,
                 compression=Compression(average=KEEP) if clip else None,
                 layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
             ),
@@ -281,7 +282,7 @@ def test_reusing_an_identical_view_after_the_memory_equals_full_computation(fami
         got = backend.generate(still, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"), clip=ClipTiming(*timing),
                                memory=SourceMemory("cam", entries))  # fmt: skip
     assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
-    layers, start = len(backend.model.get_decoder().layers), ReuseSettings().start_layer
+    layers, start = len(backend.model.get_decoder().layers), TokenReuseConfig().start_layer
     skipped = got.reuse.reused_tokens * (layers - start) / (got.prompt_tokens * layers)
     assert got.reuse.computed_share == pytest.approx(1 - skipped), "reused from the start layer on"
     first, ids = full_computation(backend, still, entries, timing)

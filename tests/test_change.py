@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from stream_rt import ChangeDetector, ChangeMap, VideoFrame
+from stream_rt.config import ChangeConfig
+from stream_rt.images import y_plane
 from stream_rt.operators.kernels import (
     blend_background,
     blend_background_reference,
@@ -25,7 +27,6 @@ from stream_rt.operators.kernels import (
     retone_patches,
     retone_patches_reference,
 )
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import run_node
 
 
@@ -114,7 +115,7 @@ def noisy_still(base: np.ndarray, count: int, sigma: float = 3.0, seed: int = 0)
 
 
 async def detect(planes: list[np.ndarray], **kwargs: object) -> list[ChangeMap]:
-    out = await run_node(ChangeDetector("change", **kwargs), frames_from(planes))  # type: ignore[arg-type]
+    out = await run_node(ChangeDetector("change", ChangeConfig(**kwargs)), frames_from(planes))
     return [p for p in out["changes"] if isinstance(p, ChangeMap)]
 
 
@@ -314,7 +315,7 @@ async def test_busy_foliage_learns_its_threshold_and_a_hand_crossing_it_still_fi
     frames = decoded(samples / "tree.avi")  # wind in a tree for 23 s, then a hand comes into view
 
     async def visual(**settings: float) -> list[tuple[float, float]]:
-        node = ChangeDetector("change", **settings)
+        node = ChangeDetector("change", ChangeConfig(**settings))
         maps = [m for m in (await run_node(node, frames))["changes"] if isinstance(m, ChangeMap)]
         area = lambda m: sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in m.regions)  # noqa: E731
         return [(m.pts_ns / 1e9, area(m) / (m.frame.width * m.frame.height)) for m in maps]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from stream_rt import CallbackSink, Event, Graph, MllmAnswer, MllmRequest, ReplayClock, VideoFrame
+from stream_rt.config import ClipConfig, MllmConfig
 from stream_rt.graph import Context
 from stream_rt.mllm.backend import OnText
-from stream_rt.mllm.clips import ClipBuffer
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.testing import ListSource
 from tests.test_mllm import ScriptedBackend, clip_frames, event_for
@@ -51,7 +51,7 @@ async def test_each_call_is_shown_the_frames_before_its_event_whichever_edge_run
     events = [event_for(frames[i], n) for n, i in enumerate((12, 30, 60))]
     order = sorted([*frames, *events], key=lambda p: p.pts_ns + (0 if isinstance(p, VideoFrame) else lead_s * 1e9))
     backend = Shown()
-    stage = MllmStage("mllm", backend, reuse_threshold=0, clip=ClipBuffer(frames=3, interval_s=0.5))
+    stage = MllmStage("mllm", backend, MllmConfig(reuse_threshold=0, clip=ClipConfig(frames=3, interval_s=0.5)))
     answers: list[MllmAnswer] = []
     graph = Graph(clock=ReplayClock(None))
     graph.add(Camera("cam", order))

@@ -10,8 +10,10 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from stream_rt import Event, Graph, Packet, ReplayClock, Salience
+from stream_rt.config import TriggerConfig
 from stream_rt.graph import Context
-from stream_rt.policies.asks import AskLedger
+from stream_rt.policies.asks import AskLedger, AskQueue
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.sinks.commands import MAX_PAYLOAD, CommandError, apply_command
 from stream_rt.sinks.mqtt import MqttSink
@@ -20,9 +22,9 @@ from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph
 from .test_mqtt import settings, wait_until
 
 
-def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float | None, bool]:
-    state = trigger._states.get(source)
-    return (None, None, True) if state is None else (state.on, state.off, state.enabled)
+def thresholds(control: SourceControl, source: str) -> tuple[float | None, float | None, bool]:
+    """What commands set for ``source``: on, off (None: not set) and enabled."""
+    return control.episodes.overrides(source)
 
 
 @pytest.mark.parametrize(
@@ -57,21 +59,21 @@ def thresholds(trigger: TriggerPolicy, source: str) -> tuple[float | None, float
 def test_bad_commands_are_rejected_and_change_nothing(feature: str, payload: bytes, error: str) -> None:
     from stream_rt.policies.watches import WatchBook
 
-    trigger = TriggerPolicy("trigger", watches=WatchBook())
+    trigger = SourceControl(EpisodeControls(), AskQueue(), WatchBook())
     with pytest.raises(CommandError, match=error.replace("(", r"\(").replace("[", r"\[")):
         apply_command(trigger, {"gate"}, "gate", feature, payload)
     assert thresholds(trigger, "gate") == (None, None, True)
-    assert "gate" not in trigger._states or not trigger._states["gate"].questions
+    assert trigger.asks is not None and not trigger.asks.waiting("gate")
     assert trigger.watches is not None and not trigger.watches.all() and not trigger.watches.take()
 
 
 def test_unknown_sources_are_rejected() -> None:
     with pytest.raises(CommandError, match="unknown source 'garage'"):
-        apply_command(TriggerPolicy("trigger"), {"gate"}, "garage", "enabled", b"OFF")
+        apply_command(SourceControl(EpisodeControls()), {"gate"}, "garage", "enabled", b"OFF")
 
 
 def test_good_commands_are_applied() -> None:
-    trigger = TriggerPolicy("trigger", on=0.5, off=0.3)
+    trigger = SourceControl(EpisodeControls(TriggerConfig(on=0.5, off=0.3)))
     assert apply_command(trigger, {"gate"}, "gate", "trigger", b'{"on": 0.8}') == {"applied": "trigger {'on': 0.8}"}
     assert thresholds(trigger, "gate") == (0.8, 0.3, True)
     apply_command(trigger, {"gate"}, "gate", "enabled", b"off")
@@ -90,7 +92,7 @@ class Waiting(ListSource):
 async def test_commands_over_a_real_broker(free_port: int, tmp_path: Path) -> None:
     broker = Broker(free_port, tmp_path)
     broker.start()
-    trigger = TriggerPolicy("trigger")
+    trigger = SourceControl(EpisodeControls())
     sink = MqttSink("mqtt", settings(free_port, tmp_path), commands=trigger, sources={"gate"})
     graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Waiting)
     run = asyncio.create_task(graph.run())
@@ -127,7 +129,7 @@ async def test_a_disabled_source_ends_its_episode_and_opens_none() -> None:
     class Toggle(TriggerPolicy):
         def step(self, s: Salience, ctx: Context) -> list[Event]:
             if s.seq == 10:
-                self.set_enabled("gate", False)
+                self.controls.set_enabled("gate", False)
             return super().step(s, ctx)
 
     out = await run_node(Toggle("trigger"), packets)
@@ -139,8 +141,10 @@ async def test_a_question_becomes_an_ask_event_at_the_next_salience() -> None:
     from stream_rt.testing import run_node
 
     packets = [Salience("gate", i, i * 100_000_000, 0, 0.1, {"visual": 0.1}) for i in range(5)]
-    trigger = TriggerPolicy("trigger", asks=AskLedger())
-    reply = apply_command(trigger, {"gate"}, "gate", "ask", b'{"question": " Is the gate open? "}')
+    asks = AskQueue()
+    trigger = TriggerPolicy("trigger", asks=asks)
+    reply = apply_command(SourceControl(trigger.controls, asks), {"gate"}, "gate", "ask",
+                          b'{"question": " Is the gate open? "}')  # fmt: skip
     out = await run_node(trigger, packets)
     events = [p for p in out["events"] if isinstance(p, Event)]
     assert [(e.type, e.event_id, e.question, e.call_model, e.pts_ns) for e in events] == [
@@ -151,16 +155,17 @@ async def test_a_question_becomes_an_ask_event_at_the_next_salience() -> None:
 def test_a_question_that_cannot_be_kept_is_refused_not_acknowledged() -> None:
     ask = b'{"question": "Is the gate open?"}'
     with pytest.raises(CommandError, match=r"no model is configured"):
-        apply_command(TriggerPolicy("trigger"), {"gate"}, "gate", "ask", ask)
+        apply_command(SourceControl(EpisodeControls()), {"gate"}, "gate", "ask", ask)
     ledger = AskLedger(max_open=3)
-    trigger = TriggerPolicy("trigger", asks=ledger)
+    asks = AskQueue(ledger)
+    trigger = SourceControl(EpisodeControls(), asks)
     ids = [apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)["event_id"] for _ in range(3)]
     with pytest.raises(CommandError, match=r"3 questions about 'gate' are still waiting for their answers"):
         apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)
     assert apply_command(trigger, {"gate", "door"}, "door", "ask", ask)["event_id"], "another source has room"
     ledger.release("gate", ids[0])  # its answer went out
     assert apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)["event_id"] not in ids
-    trigger._states["gate"].online = False
+    asks.source_offline("gate")  # as the trigger does when the source's status says so
     with pytest.raises(CommandError, match=r"source 'gate' is offline"):
         apply_command(trigger, {"gate", "door"}, "gate", "ask", ask)
 
@@ -179,13 +184,14 @@ async def test_an_outage_ends_the_episode_and_sends_the_waiting_questions() -> N
         async def process(self, packet: Packet, ctx: Context) -> None:
             await super().process(packet, ctx)
             if packet.seq == 20:
-                self.ask("gate", "What was there?")
+                assert self.asks is not None
+                self.asks.ask("gate", "What was there?")
                 await self.on_control(SourceStatus("gate", -1, -1, 0, "offline", "no frame for 10 s"), ctx)
             if packet.seq == 25:
                 await self.on_control(SourceStatus("gate", -1, -1, 0, "online", "back"), ctx)
 
     packets = [busy(i) for i in range(40)]  # steps 21-25: decoded before the outage, arriving after it
-    trigger = Outage("trigger", asks=AskLedger())
+    trigger = Outage("trigger", asks=AskQueue())
     out = await run_node(trigger, packets)
     events = [p for p in out["events"] if isinstance(p, Event)]
     kinds = [(e.type, e.reason) for e in events]
@@ -228,8 +234,9 @@ async def test_questions_without_steps_go_out_after_ask_wait_s_and_none_is_lost_
             await ctx.emit("out", Salience("gate", 0, 0, 0, 0.1, {"visual": 0.1}, (), frame))
             await asyncio.Event().wait()  # up, silent, until stopped
 
-    trigger = TriggerPolicy("trigger", ask_wait_s=0.2, snapshot=True, asks=AskLedger())
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=3)
+    asks = AskQueue(clock=graph.clock)
+    trigger = TriggerPolicy("trigger", TriggerConfig(ask_wait_s=0.2, snapshot=True), asks=asks)
     got: list[Event] = []
     graph.add(OneStep("feed", []))
     graph.add(trigger)
@@ -238,11 +245,11 @@ async def test_questions_without_steps_go_out_after_ask_wait_s_and_none_is_lost_
     graph.connect("trigger.events", "sink.in")
     run = asyncio.create_task(graph.run())
     await wait_until(lambda: "gate" in trigger._states, 5, "the step")
-    first = trigger.ask("gate", "Is the gate open?")
+    first = asks.ask("gate", "Is the gate open?")
     await asyncio.sleep(0.35)  # the deadline pass is encoding the snapshot now
-    trigger.set_enabled("door", True)  # another source appears meanwhile
+    asks.source_online("door")  # another source appears meanwhile
     await wait_until(lambda: [e.event_id for e in got] == [first], 5, "the first question")
-    second = trigger.ask("gate", "And now?")
+    second = asks.ask("gate", "And now?")
     await asyncio.sleep(0.35)
     graph.stop()  # while its snapshot is being encoded
     await asyncio.wait_for(run, 10)

@@ -170,3 +170,79 @@ def test_validate_effective_prints_each_sources_own_settings(tmp_path: Path) -> 
     parsed = {s.split("]")[0]: tomllib.loads(s.split("\n", 1)[1]) for s in sections}
     assert parsed["gate"]["trigger"]["on"] == 0.8 and parsed["yard"]["trigger"]["on"] == 0.6
     assert parsed["gate"]["require_zones"] == ["door"] and parsed["yard"]["zones"] == {}
+
+
+def _models_of(model: type[object]) -> list[type[object]]:
+    """``model`` and every model its fields hold, each once."""
+    import typing
+
+    from pydantic import BaseModel
+
+    found: list[type[object]] = []
+    todo = [model]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.append(current)
+        assert isinstance(current, type) and issubclass(current, BaseModel)
+        for field in current.model_fields.values():
+            args = [field.annotation]
+            while args:
+                arg = args.pop()
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+                args.extend(typing.get_args(arg))
+    return found
+
+
+def test_every_config_field_has_a_title_and_a_description() -> None:
+    from pydantic import BaseModel
+
+    from stream_rt.config import Config, SourceSettings
+
+    models = _models_of(Config) + _models_of(SourceSettings)
+    assert len(set(models)) >= 20
+    untitled = [
+        f"{model.__name__}.{name}"
+        for model in models
+        if issubclass(model, BaseModel)
+        for name, field in model.model_fields.items()
+        if not field.title or not field.description
+    ]
+    assert not untitled, f"fields without a title or a description: {untitled}"
+
+
+def test_the_config_package_imports_nothing_else_of_stream_rt() -> None:
+    import ast
+
+    package = Path(__file__).parents[1] / "stream_rt" / "config"
+    imported = {
+        (path.name, name)
+        for path in package.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in (
+            [a.name for a in node.names] if isinstance(node, ast.Import)
+            else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        )
+    }  # fmt: skip
+    outside = sorted((file, name) for file, name in imported
+                     if name.startswith("stream_rt") and not name.startswith("stream_rt.config"))  # fmt: skip
+    assert len(imported) > 20 and not outside, f"config/ imports {outside}"
+
+
+def test_a_sources_effective_settings_are_resolved_in_one_place() -> None:
+    from stream_rt.config import effective_settings
+
+    config = parse_config({
+        "trigger": {"cutoff_s": 0.3}, "salience": {"weights": {"onset": 0.2}},
+        "mllm": {"question": "What happens?"},
+        "sources": [{"id": "door", "url": "a.mp4", "trigger": {"confirm_s": 60},
+                     "salience": {"weights": {"speech": 0.5}}, "audio": {"onset_sigma": 5}}],
+    })  # fmt: skip
+    door = effective_settings(config, "door")
+    assert door == config.settings("door")
+    assert door.trigger.confirm_s == 60 and door.trigger.cutoff_s == 0.3 and door.audio.onset_sigma == 5
+    assert door.salience.weights == {"onset": 0.2, "speech": 0.5} and door.question == "What happens?"
+    pushed = effective_settings(config, "pushed")  # not in the config: the top-level sections
+    assert pushed == effective_settings(config) and pushed.trigger == config.trigger and pushed.question is None

@@ -1,10 +1,16 @@
 """The reference pages cannot drift: every counter and gauge the code emits is listed in
-docs/METRICS.md, and every MQTT record field in docs/MQTT.md."""
+docs/METRICS.md, every MQTT record field in docs/MQTT.md; every Python snippet of the
+README runs as written, and its callback pattern passes ``mypy --strict``."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+
+import pytest
 
 import stream_rt
 
@@ -54,3 +60,36 @@ def test_every_field_of_the_mqtt_records_is_documented() -> None:
         for key in set(record) - common:
             assert f"| `{key}` |" in doc, f"{record['kind']}.{key} is not in docs/MQTT.md"
     assert all(f"`{key}`" in doc for key in common)
+
+
+def readme_snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_the_readme_has_python_snippets() -> None:
+    assert len(readme_snippets()) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(readme_snippets())))
+def test_every_python_snippet_of_the_readme_runs_as_written(index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each snippet on its own, in a fresh namespace, from the checkout (its paths are the
+    README's: ``samples/...``)."""
+    monkeypatch.chdir(ROOT)
+    exec(compile(readme_snippets()[index], f"README.md snippet {index + 1}", "exec"), {"__name__": "readme"})
+
+
+def test_the_readme_callback_pattern_passes_mypy_strict(tmp_path: Path) -> None:
+    """A callback taking :class:`MllmAnswer` is what a robot program writes: its
+    ``CallbackSink`` must type-check under ``mypy --strict`` as the README shows it."""
+    snippet = next(s for s in readme_snippets() if "def on_answer(answer: MllmAnswer)" in s)
+    program = tmp_path / "robot.py"
+    program.write_text(snippet)
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", str(program)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_package_ships_its_type_marker() -> None:
+    assert (PACKAGE / "py.typed").is_file()
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in setuptools["package-data"]["stream_rt"]

@@ -115,8 +115,8 @@ async def test_speech_episodes_follow_media_time_however_the_file_is_muxed(sampl
     stored 1 s and 3 s after its video."""
     import dataclasses
 
-    from scripts.fetch_samples import audio_lag_s, remux_audio_late
     from stream_rt.evaluation import episodes_of, load_scenario, run_scenario
+    from stream_rt.testing.media import audio_lag_s, remux_audio_late
 
     scenario = load_scenario(SCENARIOS / "walkway_speech.toml")
     assert scenario.component == "speech" and "change" not in scenario.pipeline, "the video is on"

@@ -10,10 +10,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from stream_rt.testing import Broker, Subscriber
+from stream_rt.testing import Broker, RtspCamera, Subscriber
 from stream_rt.testing import free_port as free_port_now
 
-from .processes import RtspCamera
 from .test_mqtt import wait_until
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -187,3 +186,21 @@ async def test_the_recent_frames_baseline_sends_the_last_four_frames_whole(sampl
     # Every token of the last four frames (an event in the first 3 s has fewer frames before it).
     assert max(sent) == 4 * per_frame and all(v % per_frame == 0 for v in sent), sent
     assert sum(v == 4 * per_frame for v in sent) >= len(sent) - 1, sent
+
+
+PUBLIC_MODULES = {"stream_rt", "stream_rt.testing", "stream_rt.images"}
+
+
+def test_the_examples_import_only_the_public_api() -> None:
+    """What an example imports is what a user may: ``stream_rt`` and its documented public
+    submodules, never the implementation's modules."""
+    import ast
+
+    private = []
+    for path in sorted(EXAMPLES.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            private += [f"{path.name}: {n}" for n in names if n.startswith("stream_rt") and n not in PUBLIC_MODULES]
+    assert not private, private

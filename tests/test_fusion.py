@@ -22,6 +22,7 @@ from stream_rt import (
     SourceStatus,
     VideoFrame,
 )
+from stream_rt.config import SalienceConfig
 from stream_rt.graph import Context
 from stream_rt.operators.salience import SalienceFusion
 
@@ -64,7 +65,7 @@ async def fuse(
     its counters. Unless given a node, both modalities are wired for source ``cam``, as the
     pipeline says."""
     if fusion is None:
-        fusion = SalienceFusion("salience", **kwargs)  # type: ignore[arg-type]
+        fusion = SalienceFusion("salience", SalienceConfig(**kwargs))
         fusion.expect("cam", video=True, audio=True)
     out = Channel("salience.salience->test", capacity=100_000)
     clock = ManualClock()

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from stream_rt import Config, ConfigError, load_config, parse_config
-from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.commands import CommandError, apply_command
 
 
@@ -80,7 +80,7 @@ PAYLOADS = st.one_of(
 @settings(max_examples=600, deadline=None)
 @given(st.sampled_from(["enabled", "trigger", "ask", "zoom", "", "set"]), PAYLOADS)
 def test_any_command_payload_is_applied_or_refused_with_a_command_error(feature: str, payload: bytes) -> None:
-    trigger = TriggerPolicy("trigger")
+    trigger = SourceControl(EpisodeControls())
     try:
         done = apply_command(trigger, {"gate"}, "gate", feature, payload)
     except CommandError as exc:

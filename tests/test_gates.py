@@ -12,7 +12,7 @@ import pytest
 
 from stream_rt import Config, ConfigError, Event, Salience, build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
-from stream_rt.config import parse_config
+from stream_rt.config import TriggerConfig, parse_config
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.testing import run_node
 
@@ -22,7 +22,7 @@ def salience(seq: int, t: float, score: float, source: str = "cam") -> Salience:
 
 
 async def trigger_events(scores: list[float], step_s: float = 0.1, **kwargs: object) -> tuple[list[Event], dict]:
-    trigger = TriggerPolicy("trigger", **kwargs)  # type: ignore[arg-type]
+    trigger = TriggerPolicy("trigger", TriggerConfig(**kwargs))  # type: ignore[arg-type]
     packets = [salience(i, i * step_s, s) for i, s in enumerate(scores)]
     out = await run_node(trigger, packets)
     events = [p for p in out["events"] if isinstance(p, Event)]
@@ -62,7 +62,7 @@ async def test_updates_are_rate_limited_and_every_skip_is_counted() -> None:
 
     scores = [0.9] * 1300
     graph = Graph(clock=ManualClock())
-    trigger = TriggerPolicy("trigger", update_interval_s=10, cooldown_s=30, max_calls_per_min=2)
+    trigger = TriggerPolicy("trigger", TriggerConfig(update_interval_s=10, cooldown_s=30, max_calls_per_min=2))
     got: list[Event] = []
     graph.add(Feed("feed", [salience(i, i * 0.1, s) for i, s in enumerate(scores)]))
     graph.add(trigger)

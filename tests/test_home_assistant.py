@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stream_rt import Event, SourceStatus
 from stream_rt.graph import Context
-from stream_rt.policies.trigger import TriggerPolicy
+from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
@@ -86,8 +86,8 @@ class Camera(ListSource):
 async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp_path: Path) -> None:
     broker = Broker(free_port, tmp_path)
     broker.start()
-    trigger = TriggerPolicy("trigger")
-    sink = MqttSink("mqtt", dataclasses.replace(settings(free_port, tmp_path), home_assistant=True),
+    trigger = SourceControl(EpisodeControls())
+    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True),
                     commands=trigger, sources={"gate", "back_yard"})  # fmt: skip
     graph = feed_graph(sink, range(0), drain_timeout_s=2, feed=Camera)
     run = asyncio.create_task(graph.run())
@@ -138,7 +138,7 @@ async def test_cameras_appear_in_home_assistant_without_yaml(free_port: int, tmp
 def test_the_answer_sensor_shows_the_summary_or_the_status() -> None:
     from jinja2 import Template
 
-    from stream_rt.sinks.home_assistant import discovery_messages
+    from stream_rt.sinks.mqtt.home_assistant import discovery_messages
 
     [template] = [p["value_template"] for t, p in discovery_messages("stream_rt", ["gate"]) if "/sensor/" in t]
     render = lambda answer: Template(template).render(value_json=answer)  # noqa: E731

@@ -204,7 +204,7 @@ async def test_a_source_that_ends_is_closed_while_the_others_go_on(samples: Path
     pipeline.graph.connect("trigger.events", "events.in", capacity=64)
     run = asyncio.create_task(pipeline.graph.run())
     file = next(s for s in pipeline.sources if s.name == "file")
-    trigger = pipeline.trigger
+    trigger = pipeline.control
     assert trigger is not None
     try:
         await wait_for(lambda: any(e.type == "end" for e in events), 60, "the file's episode to end")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from stream_rt import Event, Graph, MllmAnswer, MllmRequest, Packet, ReplayClock, VideoFrame
-from stream_rt.config import LOSSLESS_CHANNELS, parse_config
+from stream_rt.config import LOSSLESS_CHANNELS, MllmConfig, parse_config
 from stream_rt.graph import Context
+from stream_rt.images import y_plane
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
@@ -28,7 +29,6 @@ from stream_rt.mllm.stage import MllmStage
 from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.pipeline import build_pipeline
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.testing import Broker, ListSource, Subscriber, start_worker
 
 from .test_mqtt import wait_until
@@ -213,7 +213,7 @@ async def test_flow_limiting_keeps_one_in_flight_and_the_newest_waiting(samples:
     frames = clip_frames(samples, [0, 100, 200, 300, 400])
     backend = ScriptedBackend(delay_s=0.3)
     events = [event_for(f, i) for i, f in enumerate(frames)]
-    answers = await run_stage(MllmStage("mllm", backend, reuse_threshold=0), list(events), gap_s=0.02)
+    answers = await run_stage(MllmStage("mllm", backend, MllmConfig(reuse_threshold=0)), list(events), gap_s=0.02)
     by_id = {a.event_id: a.status for a in answers}
     assert by_id == {"cam-0": "ok", "cam-1": "dropped", "cam-2": "dropped", "cam-3": "dropped", "cam-4": "ok"}
     assert backend.calls == ["cam-0", "cam-4"]

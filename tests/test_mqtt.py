@@ -4,21 +4,25 @@ broker goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from stream_rt import Event, Graph, MllmAnswer, ReplayClock
+from stream_rt import Event, Graph, MllmAnswer, Packet, ReplayClock, SourceStatus, WatchState
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
-from stream_rt.config import parse_config
-from stream_rt.graph import Backoff
+from stream_rt.config import MqttSinkConfig, parse_config
+from stream_rt.graph import Backoff, Context
 from stream_rt.pipeline import build_pipeline
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.policies.control import EpisodeControls, SourceControl
+from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
 
 from .processes import RecordProperty, make_certificates
@@ -32,8 +36,12 @@ def broker(free_port: int, tmp_path: Path) -> Iterator[Broker]:
     b.kill()
 
 
-def settings(port: int, tmp_path: Path) -> MqttSettings:
-    return MqttSettings(port=port, outbox=tmp_path / "outbox.sqlite", backoff=Backoff(0.1, 0.5, 0.1))
+FAST = Backoff(0.1, 0.5, 0.1)
+"""Reconnects paced for tests that restart the broker."""
+
+
+def settings(port: int, tmp_path: Path, **changes: object) -> MqttSinkConfig:
+    return MqttSinkConfig.model_validate({"port": port, "outbox": tmp_path / "outbox.sqlite", **changes})
 
 
 async def wait_until(condition: object, timeout: float, what: str) -> None:
@@ -79,7 +87,7 @@ async def test_broker_killed_mid_burst_loses_no_event(
     subscriber = Subscriber(broker.port)
     await asyncio.wait_for(subscriber.connected.wait(), 5)
     await asyncio.sleep(1.2)  # the broker has saved the subscriber's session
-    sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=20)
+    sink = MqttSink("mqtt", settings(broker.port, tmp_path), drain_timeout_s=20, backoff=FAST)
     graph = feed_graph(sink, range(1500), drain_timeout_s=20)
     run = asyncio.create_task(graph.run())
     await wait_until(lambda: len(subscriber.messages) > 200, 10, "the burst to start")
@@ -106,7 +114,7 @@ async def test_broker_killed_mid_burst_loses_no_event(
 
 async def test_starting_while_the_broker_is_down_delivers_once_it_is_up(free_port: int, tmp_path: Path) -> None:
     broker = Broker(free_port, tmp_path)
-    sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=20)
+    sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=20, backoff=FAST)
     graph = feed_graph(sink, range(100), drain_timeout_s=20)
     run = asyncio.create_task(graph.run())
     await asyncio.sleep(1.0)
@@ -174,8 +182,8 @@ async def test_a_broker_with_passwords_accepts_the_right_ones_and_names_the_refu
     try:
         for attempt, (password, expect) in enumerate((("s3cret", True), ("guess", False))):
             outbox = tmp_path / f"outbox-{attempt}.sqlite"
-            sink = MqttSink("mqtt", replace(settings(free_port, tmp_path), username="camera", password=password,
-                                            outbox=outbox), drain_timeout_s=1.5)  # fmt: skip
+            sink = MqttSink("mqtt", settings(free_port, tmp_path, username="camera", password=password, outbox=outbox),
+                            drain_timeout_s=1.5, backoff=FAST)  # fmt: skip
             graph = feed_graph(sink, range(5))
             await graph.run()
             delivered = sink.published == 5
@@ -201,14 +209,15 @@ async def test_tls_with_a_client_certificate(free_port: int, tmp_path: Path) -> 
     broker.start()
     try:
         for attempt, with_cert in enumerate((True, False)):
-            tls = replace(
-                settings(free_port, tmp_path),
+            tls = settings(
+                free_port,
+                tmp_path,
                 outbox=tmp_path / f"outbox-{attempt}.sqlite",
                 tls_ca=certs / "ca.crt",
                 tls_cert=certs / "client.crt" if with_cert else None,
                 tls_key=certs / "client.key" if with_cert else None,
             )
-            sink = MqttSink("mqtt", tls, drain_timeout_s=1.5)
+            sink = MqttSink("mqtt", tls, drain_timeout_s=1.5, backoff=FAST)
             graph = feed_graph(sink, range(5))
             await graph.run()
             assert (sink.published == 5) == with_cert, "the broker requires a client certificate"
@@ -233,3 +242,123 @@ async def test_answers_go_to_the_answers_topic_keyed_by_event_id(broker: Broker,
     assert published["event_id"] == "cam-3" and published["answer"] == {"summary": "a person"}
     assert "not meaningful" in str(published["smoke"])
     assert [e["event_id"] for e in subscriber.payloads("/cam/events")] == ["cam-3"]
+
+
+def retained(port: int, topics: list[str], timeout: float = 5.0) -> dict[str, bytes]:
+    """What a subscriber connecting now receives as retained on ``topics`` (each a filter)."""
+    got: dict[str, bytes] = {}
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.retain:
+            got[message.topic] = bytes(message.payload)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    for topic in topics:
+        client.subscribe(topic, qos=1)
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while len(got) < len(topics) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return got
+
+
+class Scripted(ListSource):
+    """Emits what the test puts in its queue, and stays up (like a camera) until stopped."""
+
+    outputs = {"out": (Event, SourceStatus, WatchState)}
+
+    def __init__(self, name: str, queue: asyncio.Queue[Packet]) -> None:
+        super().__init__(name, [])
+        self.queue = queue
+
+    async def run(self, ctx: Context) -> None:
+        while True:
+            await ctx.emit("out", await self.queue.get())
+
+
+async def test_every_retained_state_is_current_after_a_broker_restart(free_port: int, tmp_path: Path) -> None:
+    """A broker restarted without persistence has forgotten every retained message: each
+    one is published again, with the current value, after the backlog of older ones."""
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    queue: asyncio.Queue[Packet] = asyncio.Queue()
+    control = SourceControl(EpisodeControls())
+    sink = MqttSink("mqtt", settings(free_port, tmp_path, home_assistant=True), commands=control,
+                    sources={"gate"}, drain_timeout_s=2, backoff=FAST)  # fmt: skip
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
+    graph.add(Scripted("feed", queue))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    run = asyncio.create_task(graph.run())
+    subscriber = Subscriber(free_port, "stream_rt/#")
+    opened = dataclasses.replace(numbered_event(1), source_id="gate", type="new", event_id="gate-1")
+    watch = WatchState("gate", 2, 0, 0, "guests", "met", 5, "gate-1", "two people", "guests arrive", "answers")
+    try:
+        await asyncio.wait_for(subscriber.connected.wait(), 5)
+        for packet in (SourceStatus("gate", 0, 0, 0, streams=("video",)), opened, watch):
+            queue.put_nowait(packet)
+        await wait_until(lambda: subscriber.payloads("/gate/watch/guests"), 5, "the first states")
+        broker.kill()
+        await asyncio.sleep(0.5)
+        # While the broker is away the episode ends and a new one opens: a backlog of older states.
+        queue.put_nowait(dataclasses.replace(opened, type="end", seq=3))
+        queue.put_nowait(dataclasses.replace(opened, seq=4, event_id="gate-2"))
+        await asyncio.sleep(0.3)
+        received = len(subscriber.messages)
+        broker.start()  # no persistence: it has forgotten every retained message
+        topics = ["available", "gate/status", "gate/available", "gate/activity", "gate/enabled/state",
+                  "gate/watch/guests"]  # fmt: skip
+        expected = {"available": b"online", "gate/available": b"online", "gate/activity": b"ON",
+                    "gate/enabled/state": b"ON"}  # fmt: skip
+        await wait_until(lambda: [t for t, _, _ in subscriber.messages[received:]].count("stream_rt/gate/activity")
+                         >= 2, 20, "the backlog to arrive")  # fmt: skip
+        await asyncio.sleep(0.5)
+        kept = await asyncio.to_thread(retained, free_port, [f"stream_rt/{t}" for t in topics] + ["homeassistant/#"])
+        after = subscriber.messages[received:]
+    finally:
+        await subscriber.close()
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+        broker.kill()
+    kept = {t.removeprefix("stream_rt/"): p for t, p in kept.items()}
+    assert set(topics) <= set(kept), f"not republished: {set(topics) - set(kept)}"
+    assert {t: kept[t] for t in expected} == expected
+    assert json.loads(kept["gate/status"])["state"] == "online"
+    assert json.loads(kept["gate/watch/guests"])["state"] == "met"
+    assert sum(t.startswith("homeassistant/") for t in kept) == 3, "the discovery configs too"
+    last = {t.removeprefix("stream_rt/"): p for t, p, _ in after}  # the last one received on each topic
+    assert {t: last[t] for t in expected} == expected, "the last state received is the current one"
+
+
+async def test_a_broker_going_away_mid_run_is_not_called_a_credentials_problem(
+    free_port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    queue: asyncio.Queue[Packet] = asyncio.Queue()
+    sink = MqttSink("mqtt", settings(free_port, tmp_path), drain_timeout_s=0.5, backoff=FAST)
+    graph = Graph(clock=ReplayClock(None), drain_timeout_s=0.5)
+    graph.add(Scripted("feed", queue))
+    graph.add(sink)
+    graph.connect("feed.out", "mqtt.in", capacity=64)
+    run = asyncio.create_task(graph.run())
+    reconnects = lambda: graph.statistics()["nodes"]["mqtt"].get("mqtt_reconnects", 0)  # noqa: E731
+    try:
+        queue.put_nowait(numbered_event(1))
+        await wait_until(lambda: sink.published == 1, 5, "the first event")
+        broker.kill()
+        await asyncio.sleep(0.3)
+        queue.put_nowait(numbered_event(2))  # published to a broker that has gone
+        await wait_until(lambda: reconnects() >= 2, 15, "the sink to retry")
+    finally:
+        graph.stop()
+        await asyncio.wait_for(run, 10)
+        broker.kill()
+    lines = [r.getMessage() for r in caplog.records if r.name == "stream_rt.mqtt"]
+    assert not [line for line in lines if "username and password" in line], lines
+    assert "mqtt_auth_refused" not in graph.statistics()["nodes"]["mqtt"]
+    assert any(f"127.0.0.1:{free_port}" in line and ("lost" in line or "reach" in line) for line in lines), lines

@@ -14,9 +14,8 @@ import pytest
 
 from stream_rt import CallbackSink, Graph, ManualClock, Packet, ReplayClock, VideoFrame
 from stream_rt.config import parse_config
-from stream_rt.operators.snapshot import encode_jpeg
+from stream_rt.images import encode_jpeg, y_plane
 from stream_rt.pipeline import build_pipeline
-from stream_rt.sources.av_decode import y_plane
 from stream_rt.sources.mqtt_source import MqttSource
 from stream_rt.testing import Broker, Subscriber
 

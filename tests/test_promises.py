@@ -114,7 +114,7 @@ def fail_once(target: Any, nth: int) -> Any:
 async def test_a_fault_in_any_step_of_the_call_path_answers_that_request_and_the_next_goes_ahead(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stream_rt.mllm.stage as stage_module
+    import stream_rt.mllm.stage.intake as stage_module
     from stream_rt.memory.streaming import StreamingMemory
     from stream_rt.policies.answer_reuse import AnswerReuse
 
@@ -160,9 +160,9 @@ async def test_a_model_stuck_in_its_thread_never_stalls_perception(samples: Path
     assert stage is not None
     generate = stage.backend.generate  # type: ignore[attr-defined]
 
-    def hang_then_generate(*args: Any) -> Any:
+    def hang_then_generate(*args: Any, **kwargs: Any) -> Any:
         time.sleep(7)  # a vision encoder or prefill that hangs: cancellation cannot reach it
-        return generate(*args)
+        return generate(*args, **kwargs)
 
     stage.backend.generate = hang_then_generate  # type: ignore[attr-defined]
     run = asyncio.create_task(pipeline.graph.run())

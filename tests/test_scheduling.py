@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from stream_rt.config import ConfigError, parse_config
+from stream_rt.config import ConfigError, MllmConfig, parse_config
 from stream_rt.graph.packets import Event, MllmAnswer, MllmRequest
 from stream_rt.mllm.backend import OnText
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.policies.flow import FairFlow
 from tests.test_mllm import ScriptedBackend, clip_frames, event_for, run_stage
+
+
+def in_parallel(calls: int) -> MllmConfig:
+    """The stage's settings for ``calls`` model calls at once, without answer reuse (several
+    calls at once is the 'openai' backend's setting: a local model runs one at a time)."""
+    return MllmConfig(backend="openai", url="http://127.0.0.1:8000/v1", max_in_flight=calls, reuse_threshold=0)
 
 
 class Clock:
@@ -83,7 +89,7 @@ async def test_a_busy_camera_cannot_starve_a_quiet_one(samples: Path) -> None:
     events = [source_event(base, "busy", n) for n in range(10)]
     events.insert(3, source_event(base, "quiet", 0))
     backend = CountingBackend(delay_s=0.3)
-    answers = await run_stage(MllmStage("mllm", backend, reuse_threshold=0), list(events), gap_s=0.02)
+    answers = await run_stage(MllmStage("mllm", backend, MllmConfig(reuse_threshold=0)), list(events), gap_s=0.02)
     status = {a.event_id: a for a in answers}
     assert len(answers) == len(events) and set(status) == {e.event_id for e in events}, "one answer each"
     assert status["quiet-0"].status == "ok", "the quiet camera's request was not replaced"
@@ -97,7 +103,7 @@ async def test_calls_run_at_once_up_to_max_in_flight_round_robin(samples: Path) 
     base = event_for(frame, 0)
     events = [source_event(base, f"cam{s}", n) for n in range(2) for s in range(6)]
     backend = CountingBackend(delay_s=0.3)
-    stage = MllmStage("mllm", backend, reuse_threshold=0, max_in_flight=3)
+    stage = MllmStage("mllm", backend, in_parallel(3))
     answers = await run_stage(stage, list(events))
     assert backend.peak == 3
     status = {a.event_id: a.status for a in answers}
@@ -111,7 +117,7 @@ async def test_the_budget_across_cameras_answers_what_it_refuses(samples: Path) 
     [frame] = clip_frames(samples, [100])
     base = event_for(frame, 0)
     events = [source_event(base, f"cam{s}", 0) for s in range(5)] + [source_event(base, "cam0", 1, kind="ask")]
-    stage = MllmStage("mllm", CountingBackend(delay_s=0.05), reuse_threshold=0, calls_per_minute=2)
+    stage = MllmStage("mllm", CountingBackend(delay_s=0.05), MllmConfig(reuse_threshold=0, calls_per_minute=2))
     answers = {a.event_id: a for a in await run_stage(stage, list(events), gap_s=0.1)}
     assert [answers[f"cam{s}-0"].status for s in range(5)] == ["ok", "ok", "dropped", "dropped", "dropped"]
     assert "budget of 2 model calls a minute" in answers["cam4-0"].error
@@ -145,7 +151,7 @@ async def test_stopping_with_calls_in_flight_answers_each_request_once() -> None
     out = Channel("answers", "block", 64)
     ctx = Context("mllm", RealtimeClock(), {"answers": [out]}, MllmStage.outputs, asyncio.Event())
     backend = SlowToCancel(delay_s=0.05)
-    stage = MllmStage("mllm", backend, reuse_threshold=0, max_in_flight=2)
+    stage = MllmStage("mllm", backend, in_parallel(2))
     await stage.start(ctx)
     for source in ("a", "b", "c", "d"):
         await stage.process(MllmRequest(source, 0, 0, 0, f"{source}-0", "q"), ctx)
@@ -157,3 +163,33 @@ async def test_stopping_with_calls_in_flight_answers_each_request_once() -> None
         answers.append(packet.event_id)
     assert sorted(answers) == ["a-0", "b-0", "c-0", "d-0"], "each request answered once, none after stop"
     assert len(backend.calls) == 2 and not stage._calls, "nothing started once stopping"
+
+
+async def test_the_stage_reads_time_on_the_graphs_clock() -> None:
+    """The budget's minute is the graph clock's minute, and the answers the stage writes
+    itself carry the clock's wall time (a stage reading the wall clock itself failed both)."""
+    from stream_rt.graph.channel import Channel
+    from stream_rt.graph.clock import ManualClock
+    from stream_rt.graph.node import Context
+
+    clock = ManualClock()
+    out = Channel("answers", "block", 64)
+    ctx = Context("mllm", clock, {"answers": [out]}, MllmStage.outputs, asyncio.Event())
+    stage = MllmStage("mllm", CountingBackend(delay_s=0), MllmConfig(reuse_threshold=0, calls_per_minute=1))
+    await stage.start(ctx)
+
+    async def ask(source: str) -> MllmAnswer:
+        await stage.process(MllmRequest(source, 0, 0, 0, f"{source}-0", "q"), ctx)
+        for _ in range(200):
+            if (packet := out.get_nowait()) is not None:
+                assert isinstance(packet, MllmAnswer)
+                return packet
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no answer for {source}")
+
+    assert (await ask("a")).status == "ok"
+    refused = await ask("b")
+    assert refused.status == "dropped" and refused.wall_ns == clock.wall_ns(), "stamped by the graph's clock"
+    await clock.advance(60)
+    assert (await ask("c")).status == "ok", "a minute on the graph's clock later, the budget has room again"
+    await stage.stop(ctx)

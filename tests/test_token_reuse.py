@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import MllmRequest
 from stream_rt.mllm.backends.call import ReuseKey
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.techniques import Techniques
-from stream_rt.mllm.techniques.token_reuse import ReuseOutcome, ReuseSettings, TokenReuse
+from stream_rt.mllm.techniques.token_reuse import ReuseOutcome, TokenReuse
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 from .models import model_dir
@@ -42,7 +43,7 @@ def frames(samples: Path, indices: list[int]) -> list[np.ndarray]:
 
 def backends(family: str, **settings: object) -> tuple[TransformersBackend, TransformersBackend, TokenReuse]:
     path = str(model_dir(family))
-    reuse = TokenReuse(ReuseSettings(**settings))  # type: ignore[arg-type]
+    reuse = TokenReuse(TokenReuseConfig(**settings))
     # Random-weight models never stop on their own: a few tokens say enough.
     return (
         TransformersBackend(path, max_new_tokens=8),
@@ -76,7 +77,7 @@ def test_an_identical_frame_with_reuse_keeps_the_next_token_distribution(family:
     reusing.generate([frame], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     got = reusing.generate([frame.copy()], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     visual = reuse.last.visual_tokens
-    relevant = max(1, round(ReuseSettings().relevant_share * visual))  # always recomputed
+    relevant = max(1, round(TokenReuseConfig().relevant_share * visual))  # always recomputed
     assert reuse.last.mode == "reuse" and reuse.last.reused_tokens == visual - relevant, "every other token is static"
     assert reuse.last.computed_share < 1
     reference = plain.generate([frame], QUESTION)
@@ -225,7 +226,7 @@ def test_a_flood_of_questions_keeps_the_cache_within_its_bounds(samples: Path) -
     assert reuse.evictions == {"source": 9, "entries": 2}
     # By bytes: room for two and a half entries of this size.
     size = reuse._entries[("c", QUESTION)].nbytes
-    reuse.settings.max_mib = 2.5 * size / 2**20
+    reuse.settings = reuse.settings.model_copy(update={"max_mib": 2.5 * size / 2**20})
     assert call("f").evicted == 3 and list(reuse._entries) == [("e", QUESTION), ("f", QUESTION)]
     assert held_bytes(reuse) <= reuse.nbytes <= 2.5 * size and reuse.evictions["bytes"] == 2
     asyncio.run(reusing.answer(MllmRequest("g", 0, 0, 0, "g-1", QUESTION, (still,))))
@@ -234,5 +235,5 @@ def test_a_flood_of_questions_keeps_the_cache_within_its_bounds(samples: Path) -
     kept = reuse.entries
     assert reusing.gauges() == {"reuse_cache_entries": kept, "reuse_cache_mib": round(reuse.nbytes / 2**20, 1)}
     # An entry over the bound on its own is not kept, and evicts nothing else.
-    reuse.settings.max_mib = 0.5 * size / 2**20
+    reuse.settings = reuse.settings.model_copy(update={"max_mib": 0.5 * size / 2**20})
     assert call("h").evicted == 1 and ("h", QUESTION) not in reuse._entries and reuse.entries == kept

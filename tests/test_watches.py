@@ -149,6 +149,7 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     """Quiet view, watch with recheck_s = 1: a ``check`` event (calling the model) each
     second of media, sharing one id, taking nothing from the budget the arrival needs;
     none once the watch is met, and an episode's own calls replace them while it lasts."""
+    from stream_rt.config import TriggerConfig
     from stream_rt.graph.packets import Event, Salience
     from stream_rt.policies.trigger import TriggerPolicy
     from stream_rt.testing import run_node
@@ -157,7 +158,7 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     book.set("cam", "guests", CONDITION, confirm=1, recheck_s=1.0)
     quiet = [Salience("cam", i, i * 100_000_000, 0, 0.0, {"visual": 0.0}) for i in range(35)]
     arrival = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35, 40)]
-    out = await run_node(TriggerPolicy("trigger", max_calls_per_min=2, watches=book), quiet + arrival)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(max_calls_per_min=2), watches=book), quiet + arrival)
     events = [e for e in out["events"] if isinstance(e, Event)]
     checks = [e for e in events if e.type == "check"]
     assert [(e.pts_ns // 10**8, e.call_model) for e in checks] == [(10, True), (20, True), (30, True)]
@@ -166,12 +167,12 @@ async def test_an_unmet_watch_is_rechecked_without_salience_until_met() -> None:
     assert new.call_model and new.event_id != checks[0].event_id, "the checks left the budget to the arrival"
 
     book.observe(answer(True, book.question("cam", "Q?")))  # met: nothing more to re-check
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, watches=book), quiet)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(cooldown_s=0), watches=book), quiet)
     assert not [e for e in out["events"] if isinstance(e, Event)]
 
     book.set("cam", "cars", "a car is parked", confirm=1, recheck_s=1.0)
     busy = [Salience("cam", i, i * 100_000_000, 0, 0.9, {"visual": 0.9}) for i in range(35)]
-    out = await run_node(TriggerPolicy("trigger", cooldown_s=0, update_interval_s=2, watches=book), busy)
+    out = await run_node(TriggerPolicy("trigger", TriggerConfig(cooldown_s=0, update_interval_s=2), watches=book), busy)
     assert [e.type for e in out["events"] if isinstance(e, Event)] == ["new", "update", "end"], "the episode asks"
 
 
@@ -258,3 +259,21 @@ def test_an_expired_configured_watch_deleted_and_added_again_is_a_new_watch(tmp_
     assert start([entry]).of("cam") is None, "expired, and the entry unchanged: it stays ended"
     start([])  # deleted from the config...
     assert start([entry]).of("cam") is not None, "...and added again: a new watch"
+
+
+def test_the_pipeline_hands_one_watch_book_to_the_trigger_the_stage_and_the_commands() -> None:
+    """A watch set by command is the one the trigger re-checks and the stage asks about:
+    one book, handed to each when it is built (nothing is set on a node afterwards)."""
+    from stream_rt.sinks.commands import apply_command
+
+    config = parse_config({"sources": [{"id": "cam", "url": "rtsp://192.0.2.1/x"}], "mllm": {"model": "smoke"}})
+    pipeline = build_pipeline(config)
+    assert pipeline.trigger is not None and pipeline.mllm is not None and pipeline.control is not None
+    assert pipeline.trigger.watches is pipeline.mllm.watches is pipeline.control.watches is not None
+    command = b'{"id": "guests", "condition": "two people are on the walkway", "recheck_s": 5}'
+    apply_command(pipeline.control, {"cam"}, "cam", "watch", command)
+    assert CONDITION in pipeline.mllm.question_for("cam")
+    asked = apply_command(pipeline.control, {"cam"}, "cam", "ask", b'{"question": "Who is there?"}')["event_id"]
+    assert pipeline.trigger.asks is not None and pipeline.trigger.asks.waiting("cam") == 1
+    assert pipeline.trigger.asks.ledger is pipeline.mllm.asks, "the stage releases what the trigger's queue reserved"
+    assert asked.startswith("cam-")

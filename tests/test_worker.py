@@ -16,11 +16,11 @@ import av
 import openai
 import pytest
 
+from stream_rt.images import rgb_to_jpeg
 from stream_rt.mllm.backends.decoding import Sampling
 from stream_rt.mllm.backends.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
-from stream_rt.operators.snapshot import rgb_to_jpeg
 from stream_rt.testing import chat_server, start_worker
 
 from .test_mllm import smoke_backend, smoke_model  # noqa: F401  (the fixtures)

@@ -28,6 +28,10 @@ POLICIES: tuple[Policy, ...] = ("block", "drop_oldest", "drop_newest", "latest")
 
 @dataclass(frozen=True)
 class ChannelStats:
+    """A snapshot of one channel (:meth:`Channel.statistics`): its policy and capacity, how
+    many packets wait (``depth``) and the most that ever did (``high_water``), how many were
+    put and delivered, and the drops counted by reason."""
+
     name: str
     policy: Policy
     capacity: int

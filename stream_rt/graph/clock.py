@@ -1,8 +1,8 @@
 """Clocks: the only place stream_rt reads time.
 
 One clock object per graph. Nodes ask it for ``now_ns()`` (monotonic, for timeouts and
-rates), ``wall_ns()`` (for packet stamps) and ``sleep()``; replayed sources ask it to
-``pace()`` media time.
+rates; ``now_s()`` is the same in seconds), ``wall_ns()`` (for packet stamps) and
+``sleep()``; replayed sources ask it to ``pace()`` media time.
 
 - :class:`RealtimeClock`: live sources; ``pace()`` never waits.
 - :class:`ReplayClock`: plays recorded media at ``speed`` x real time, or as fast as
@@ -26,6 +26,10 @@ class Clock:
 
     def now_ns(self) -> int:
         return time.monotonic_ns()
+
+    def now_s(self) -> float:
+        """:meth:`now_ns` in seconds (for what takes a ``Callable[[], float]`` clock)."""
+        return self.now_ns() / 1e9
 
     def wall_ns(self) -> int:
         return time.time_ns()

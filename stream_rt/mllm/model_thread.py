@@ -96,11 +96,14 @@ def _register(thread: ModelThread) -> None:
 def _wait_for_calls_under_way() -> None:
     """Join every model thread: a busy one (up to the grace) and an idle one too, whose
     exit (torch's thread-local teardown) would otherwise race the interpreter's."""
-    deadline = time.monotonic() + EXIT_GRACE_S
-    if any(not t.idle for t in _live):
-        log.info("waiting up to %.0f s for the model call under way to end", EXIT_GRACE_S)
+    start = time.monotonic()
     for thread in _live:
         thread.close()
-        thread._thread.join(max(0.0, deadline - time.monotonic()))
+    for thread in _live:  # a call that ends within a second (a failed load, say) is not worth a line
+        thread._thread.join(max(0.0, start + 1.0 - time.monotonic()))
+    if any(t._thread.is_alive() and not t.idle for t in _live):
+        log.info("waiting up to %.0f s for the model call under way to end", EXIT_GRACE_S)
+    for thread in _live:
+        thread._thread.join(max(0.0, start + EXIT_GRACE_S - time.monotonic()))
         if thread._thread.is_alive():
             log.warning("exiting with a model call still under way; the process may abort")

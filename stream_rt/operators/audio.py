@@ -16,16 +16,15 @@ Chunks of any size are cut into 512-sample windows (32 ms at 16 kHz). For each w
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from stream_rt.config import AudioGateConfig
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, EndOfStream, Packet, StreamEnded
-from stream_rt.operators.vad import WINDOW, SileroVad
+from stream_rt.operators.vad import WINDOW, SileroVad, vad_available
 
 NS_PER_SAMPLE = 1_000_000_000 // AUDIO_SAMPLE_RATE
 DIGITAL_SILENCE_DBFS = -90.0
@@ -33,22 +32,10 @@ DIGITAL_SILENCE_DBFS = -90.0
 WINDOW_NS = WINDOW * NS_PER_SAMPLE
 
 
-@dataclass(frozen=True)
-class AudioSettings:
-    vad: bool = True
-    vad_gate_db: float = 6.0
-    vad_min_dbfs: float = -55.0
-    onset_sigma: float = 3.0
-    floor_rise_db_per_s: float = 0.5
-
-    @property
-    def floor_rise_per_window(self) -> float:
-        return self.floor_rise_db_per_s * WINDOW / AUDIO_SAMPLE_RATE
-
-
 class _SourceState:
-    def __init__(self, settings: AudioSettings) -> None:
+    def __init__(self, settings: AudioGateConfig) -> None:
         self.p = settings
+        self.floor_rise_per_window = settings.floor_rise_db_per_s * WINDOW / AUDIO_SAMPLE_RATE
         self.pending = np.zeros(0, np.float32)
         self.next_pts: int | None = None
         self.floor: float | None = None
@@ -60,34 +47,32 @@ class _SourceState:
 
 
 class AudioAnalyzer(Node):
+    """Audio ``audio`` (:class:`AudioChunk`, any size) in, one :class:`AudioFeatures` per
+    32 ms window out on ``features`` (level, noise floor, onset, speech probability; see the
+    module docstring), per source. A source's end is passed on as :class:`StreamEnded` after
+    its last window. Silero VAD runs only when the cheap features say there is sound."""
+
     inputs = {"audio": (AudioChunk,)}
     outputs = {"features": (AudioFeatures,)}
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        vad: bool = True,
-        vad_gate_db: float = 6.0,
-        vad_min_dbfs: float = -55.0,
-        onset_sigma: float = 3.0,
-        floor_rise_db_per_s: float = 0.5,
-    ) -> None:
+    def __init__(self, name: str, settings: AudioGateConfig | None = None) -> None:
+        """``settings``: every source's, unless :meth:`configure` gives it its own (``vad``
+        unset: on when installed; ``enabled`` is the pipeline's to read)."""
         super().__init__(name)
-        self.defaults = AudioSettings(vad, vad_gate_db, vad_min_dbfs, onset_sigma, floor_rise_db_per_s)
-        self._settings: dict[str, AudioSettings] = {}
+        self.defaults = _with_vad_decided(settings or AudioGateConfig())
+        self._settings: dict[str, AudioGateConfig] = {}
         self._hann = np.hanning(WINDOW).astype(np.float32)
         self._sources: dict[str, _SourceState] = {}
-        if vad:
+        if self.defaults.vad:
             SileroVad()  # fail at build time, in one line, if the model cannot be loaded
 
-    def configure(self, source_id: str, **settings: float | bool) -> None:
-        """Give ``source_id`` settings of its own (the keys given; the rest are the defaults)."""
-        self._settings[source_id] = dataclasses.replace(self.defaults, **settings)  # type: ignore[arg-type]
+    def configure(self, source_id: str, settings: AudioGateConfig) -> None:
+        """Give ``source_id`` settings of its own (its effective ``[audio]`` section)."""
+        self._settings[source_id] = _with_vad_decided(settings)
         if self._settings[source_id].vad:
             SileroVad()
 
-    def settings(self, source_id: str) -> AudioSettings:
+    def settings(self, source_id: str) -> AudioGateConfig:
         return self._settings.get(source_id, self.defaults)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
@@ -129,7 +114,7 @@ class AudioAnalyzer(Node):
         level = max(-100.0, 20 * math.log10(rms)) if rms > 0 else -100.0
         previous = state.floor
         if level > DIGITAL_SILENCE_DBFS:  # digital silence (priming, a mute, a dropout) says nothing of the room
-            rise = state.p.floor_rise_per_window
+            rise = state.floor_rise_per_window
             state.floor = level if previous is None or level < previous else min(level, previous + rise)
         floor = state.floor if state.floor is not None else level
 
@@ -160,3 +145,8 @@ class AudioAnalyzer(Node):
                 if ctx is not None:
                     ctx.count("vad_skipped", source=chunk.source_id)
         return AudioFeatures(chunk.source_id, chunk.seq, pts_ns, chunk.wall_ns, level, floor, onset, speech)
+
+
+def _with_vad_decided(settings: AudioGateConfig) -> AudioGateConfig:
+    """``settings`` with ``vad`` unset decided: on when the 'vad' extra is installed."""
+    return settings if settings.vad is not None else settings.model_copy(update={"vad": vad_available()})

@@ -48,12 +48,12 @@ a thread would cost more than the work.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from stream_rt.config import ChangeConfig
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import Box, ChangeMap, EndOfStream, Packet, StreamEnded, VideoFrame
 from stream_rt.operators.kernels import (
@@ -90,25 +90,6 @@ CALIBRATION_FRAMES = 8
 """A source's first frames only teach the noise and busy levels; they report no change."""
 
 
-@dataclass(frozen=True)
-class ChangeSettings:
-    patch: int = 16
-    threshold: float = 12.0
-    min_region_patches: int = 2
-    recalibrate_fraction: float = 0.6
-    background_every: int = 2
-    noise_k: float = 3.0
-    light: bool = True
-    light_tolerance: float = 3.0
-    busy_share: float = 0.4
-    busy_k: float = 2.0
-    busy_window_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.patch < 4 or self.threshold <= 0 or not 0 < self.recalibrate_fraction <= 1 or self.background_every < 1:
-            raise ValueError("change detector: need patch >= 4, threshold > 0, 0 < recalibrate_fraction <= 1")
-
-
 @dataclass
 class _State:
     background: npt.NDArray[np.uint8]
@@ -125,24 +106,36 @@ class _State:
 
 
 class ChangeDetector(Node):
+    """Video frames (``video``, the Y plane only) in, one :class:`ChangeMap` per frame out on
+    ``changes``: which patches differ from the source's running background, its changed
+    regions and the zones they touch. Light changes and busy patches recalibrate instead of
+    firing (see the module docstring). ``settings`` are the defaults of every source;
+    :meth:`configure` gives a source its own and its masks and zones. A source's end is passed
+    on as :class:`StreamEnded` after its last map."""
+
     inputs = {"video": (VideoFrame,)}
     outputs = {"changes": (ChangeMap,)}
 
-    def __init__(self, name: str, **settings: float | int | bool) -> None:
+    def __init__(self, name: str, settings: ChangeConfig | None = None) -> None:
+        """``settings``: every source's, unless :meth:`configure` gives it its own
+        (``enabled`` is the pipeline's to read: a detector detects)."""
         super().__init__(name)
-        self.defaults = ChangeSettings(**settings)  # type: ignore[arg-type]
-        self._settings: dict[str, ChangeSettings] = {}
+        self.defaults = settings or ChangeConfig()
+        self._settings: dict[str, ChangeConfig] = {}
         self._layouts: dict[str, SceneLayout] = {}
         self._states: dict[str, _State] = {}
 
-    def configure(self, source_id: str, layout: SceneLayout | None = None, **settings: float | int | bool) -> None:
-        """Give ``source_id`` settings of its own (the keys given; the rest are the
-        defaults) and its masks and zones."""
-        self._settings[source_id] = dataclasses.replace(self.defaults, **settings)  # type: ignore[arg-type]
+    def configure(
+        self, source_id: str, layout: SceneLayout | None = None, settings: ChangeConfig | None = None
+    ) -> None:
+        """Give ``source_id`` its masks and zones, and settings of its own (its effective
+        ``[change]`` section; default: the detector's)."""
+        if settings is not None:
+            self._settings[source_id] = settings
         if layout is not None:
             self._layouts[source_id] = layout
 
-    def settings(self, source_id: str) -> ChangeSettings:
+    def settings(self, source_id: str) -> ChangeConfig:
         return self._settings.get(source_id, self.defaults)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
@@ -265,7 +258,7 @@ class ChangeDetector(Node):
     @staticmethod
     def _jumped(
         state: _State, frame: VideoFrame, before: npt.NDArray[np.float32], after: npt.NDArray[np.float32],
-        valid: npt.NDArray[np.bool_], p: ChangeSettings,
+        valid: npt.NDArray[np.bool_], p: ChangeConfig,
     ) -> bool:  # fmt: skip
         """Whether the light change from ``before`` (the difference to the background) to
         ``after`` (once re-toned) is a jump, counted over the ``valid`` (unmasked) patches;
@@ -290,14 +283,14 @@ class ChangeDetector(Node):
         if ctx is not None:
             ctx.count(name, source=source)
 
-    def _regions(self, changed: npt.NDArray[np.bool_], p: ChangeSettings) -> tuple[Box, ...]:
+    def _regions(self, changed: npt.NDArray[np.bool_], p: ChangeConfig) -> tuple[Box, ...]:
         size = p.patch
         boxes = [b for b in connected_boxes(changed).tolist() if b[4] >= p.min_region_patches]
         boxes.sort(key=lambda b: -b[4])
         return tuple((b[0] * size, b[1] * size, b[2] * size, b[3] * size) for b in boxes)
 
     def _empty(
-        self, frame: VideoFrame, p: ChangeSettings, recalibrated: bool, mad: npt.NDArray[np.float32] | None = None
+        self, frame: VideoFrame, p: ChangeConfig, recalibrated: bool, mad: npt.NDArray[np.float32] | None = None
     ) -> ChangeMap:
         shape = (frame.height // p.patch, frame.width // p.patch)
         if mad is None:

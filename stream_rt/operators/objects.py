@@ -27,9 +27,11 @@ import asyncio
 import dataclasses
 import difflib
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from stream_rt.config import DetectConfig
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import Box, ChangeMap, DetectedObject, EndOfStream, Packet, StreamEnded, VideoFrame
 from stream_rt.operators.detectors import Detection, Detector
@@ -43,18 +45,11 @@ MARGIN = 0.25
 of its size on every side (it moves between detections)."""
 
 
-@dataclass(frozen=True)
-class DetectSettings:
-    detect_fps: float = 1.0
-    objects: tuple[str, ...] = ()
-    stationary_s: float = 2.0
-    lost_s: float = 3.0
-
-
 @dataclass
 class _Source:
     detector: Detector
-    settings: DetectSettings
+    settings: DetectConfig
+    objects: tuple[str, ...]  # the labels whose moving objects make activity (none: every change does)
     layout: SceneLayout
     tracker: Tracker
     last_run_ns: int | None = None
@@ -62,6 +57,12 @@ class _Source:
 
 
 class ObjectGate(Node):
+    """Change maps in and out on ``changes``: for each source :meth:`configure`-d with a
+    detector, a map with changed regions runs the detector (at most ``detect_fps`` per
+    source, in a thread of its own; ``wait``: the map waits for it) and carries the tracked
+    objects; with ``objects`` only regions overlapping such moving objects stay activity.
+    Sources without a detector pass unchanged."""
+
     inputs = {"changes": (ChangeMap,)}
     outputs = {"changes": (ChangeMap,)}
 
@@ -72,11 +73,17 @@ class ObjectGate(Node):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stream_rt-detector")
 
     def configure(
-        self, source_id: str, detector: Detector, settings: DetectSettings, layout: SceneLayout | None = None
+        self,
+        source_id: str,
+        detector: Detector,
+        settings: DetectConfig,
+        objects: Sequence[str] = (),
+        layout: SceneLayout | None = None,
     ) -> None:
-        """Run ``detector`` (loaded; sources may share one) for ``source_id``. Raises
-        ``ValueError`` when it wants objects the detector cannot name."""
-        unknown = [label for label in settings.objects if label not in detector.labels]
+        """Run ``detector`` (loaded from ``settings``; sources may share one) for
+        ``source_id``, which wants ``objects`` (its ``objects`` key). Raises ``ValueError``
+        when it wants objects the detector cannot name."""
+        unknown = [label for label in objects if label not in detector.labels]
         if unknown:
             hints = [difflib.get_close_matches(label.replace(" ", "_"), detector.labels, n=1) for label in unknown]
             named = ", ".join(
@@ -84,7 +91,7 @@ class ObjectGate(Node):
             )
             raise ValueError(f"source '{source_id}': objects {named}: not a label of the detector {detector.name}")
         tracker = Tracker(stationary_s=settings.stationary_s, lost_s=settings.lost_s)
-        self._sources[source_id] = _Source(detector, settings, layout or SceneLayout(), tracker)
+        self._sources[source_id] = _Source(detector, settings, tuple(objects), layout or SceneLayout(), tracker)
 
     async def stop(self, ctx: Context) -> None:
         for source in self._sources.values():
@@ -139,7 +146,7 @@ class ObjectGate(Node):
     def _gated(self, source: _Source, changes: ChangeMap) -> ChangeMap:
         """``changes`` with the source's objects, and only the regions of wanted moving
         objects when the source names the objects it wants."""
-        p, layout, tracker = source.settings, source.layout, source.tracker
+        layout, tracker = source.layout, source.tracker
         width, height, at = changes.frame.width, changes.frame.height, changes.pts_ns
         objects = []
         for track in tracker.tracks:
@@ -148,10 +155,10 @@ class ObjectGate(Node):
             where = tuple(layout.box_zones(box, width, height)) if layout.zones else ()
             objects.append(DetectedObject(track.label, track.score, box, track.track_id, where, still))
         regions = changes.regions
-        if p.objects:
+        if source.objects:
             wanted = [
                 o.box for o in objects
-                if o.label in p.objects and not o.stationary
+                if o.label in source.objects and not o.stationary
                 and (not layout.require_zones or set(o.zones) & set(layout.require_zones))
             ]  # fmt: skip
             regions = tuple(r for r in regions if any(_overlaps(r, _grown(box)) for box in wanted))

@@ -34,7 +34,7 @@ for time already fused joins the next step (``late_audio``).
 
 A source with no video, or whose video is stalled, ended, or more than
 ``max_lateness_s`` of media time behind its audio, makes steps from its audio: each holds
-``audio_step_s`` of it (in whole 32 ms windows) and is stamped at the end of that audio,
+``AUDIO_STEP_NS`` (100 ms) of it (in whole 32 ms windows) and is stamped at the end of that audio,
 with the source's last frame. A change map that arrives for time already covered is not
 stamped anew: its visual score and regions join the next step (``late_video``). Emitted
 times are strictly increasing per source.
@@ -47,11 +47,12 @@ steps, so the trigger can close it while other sources go on.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from stream_rt.config import SalienceConfig
+from stream_rt.config.perception import DEFAULT_WEIGHTS
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import (
     AudioFeatures,
@@ -67,7 +68,8 @@ from stream_rt.graph.packets import (
 )
 from stream_rt.operators.audio import WINDOW_NS
 
-DEFAULT_WEIGHTS = {"visual": 1.0, "speech": 1.0, "onset": 0.6, "loudness": 0.5}
+AUDIO_STEP_NS = 100_000_000
+"""Media time of audio in a step made without video (in whole 32 ms windows)."""
 
 Kind = Literal["video", "audio"]
 
@@ -84,7 +86,7 @@ class _Modality:
 @dataclass
 class _Source:
     source_id: str
-    p: SalienceSettings
+    p: SalienceConfig
     video: _Modality = field(default_factory=_Modality)
     audio: _Modality = field(default_factory=_Modality)
     streams: tuple[str, ...] | None = None  # what the source says it delivers, if it said
@@ -103,55 +105,38 @@ class _Source:
     def modality(self, kind: Kind) -> _Modality:
         return self.video if kind == "video" else self.audio
 
-
-@dataclass(frozen=True)
-class SalienceSettings:
-    visual_full: float = 0.02
-    onset_full: float = 8.0
-    loudness_full_db: float = 30.0
-    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    audio_step_s: float = 0.1
-    max_lateness_s: float = 1.0
-
     @property
     def max_lateness_ns(self) -> int:
-        return int(self.max_lateness_s * 1e9)
+        return int(self.p.max_lateness_s * 1e9)
 
     @property
-    def audio_step_ns(self) -> int:
-        return int(self.audio_step_s * 1e9)
+    def weights(self) -> dict[str, float]:
+        """Each component's weight: the source's, else the default."""
+        return {**DEFAULT_WEIGHTS, **{str(k): w for k, w in self.p.weights.items()}}
 
 
 class SalienceFusion(Node):
+    """Change maps (``changes``), audio features (``audio``) and source status (``status``)
+    in, one :class:`Salience` per time step and source out on ``salience``, fused by media
+    time (never arrival order): a step waits for both modalities of its source, at most
+    ``max_lateness_s`` of wall time. The score is the largest weighted component, 0..1; the
+    arguments are the defaults of every source (see the module docstring for each)."""
+
     inputs = {"changes": (ChangeMap,), "audio": (AudioFeatures,), "status": (SourceStatus,)}
     outputs = {"salience": (Salience,)}
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        visual_full: float = 0.02,
-        onset_full: float = 8.0,
-        loudness_full_db: float = 30.0,
-        weights: dict[str, float] | None = None,
-        audio_step_s: float = 0.1,
-        max_lateness_s: float = 1.0,
-    ) -> None:
+    def __init__(self, name: str, settings: SalienceConfig | None = None) -> None:
+        """``settings``: every source's, unless :meth:`configure` gives it its own."""
         super().__init__(name)
-        self.defaults = SalienceSettings(
-            visual_full, onset_full, loudness_full_db, {**DEFAULT_WEIGHTS, **(weights or {})}, audio_step_s,
-            max_lateness_s,
-        )  # fmt: skip
+        self.defaults = settings or SalienceConfig()
         self._sources: dict[str, _Source] = {}
         self._ended: set[str] = set()  # input ports whose every stream has ended
 
-    def configure(self, source_id: str, **settings: Any) -> None:
-        """Give ``source_id`` settings of its own (the keys given; the rest are the defaults)."""
-        if "weights" in settings:
-            settings["weights"] = {**DEFAULT_WEIGHTS, **(settings["weights"] or {})}
-        self._of(source_id).p = dataclasses.replace(self.defaults, **settings)
+    def configure(self, source_id: str, settings: SalienceConfig) -> None:
+        """Give ``source_id`` settings of its own (its effective ``[salience]`` section)."""
+        self._of(source_id).p = settings
 
-    def settings(self, source_id: str) -> SalienceSettings:
+    def settings(self, source_id: str) -> SalienceConfig:
         return self._of(source_id).p
 
     def expect(self, source_id: str, *, video: bool, audio: bool) -> None:
@@ -244,7 +229,7 @@ class SalienceFusion(Node):
         if m.stalled:
             return False
         since = m.arrived_ns if m.arrived_ns is not None else state.started_ns
-        if since is not None and ctx.clock.now_ns() - since >= state.p.max_lateness_ns:
+        if since is not None and ctx.clock.now_ns() - since >= state.max_lateness_ns:
             m.stalled = True
             ctx.count(f"stalled_{kind}", source=state.source_id)
             return False
@@ -257,7 +242,7 @@ class SalienceFusion(Node):
             passed = state.audio.reached_ns is not None and state.audio.reached_ns >= t
             if not (flush or passed) and self._waits_for(state, "audio", ctx):
                 assert state.video.reached_ns is not None
-                if state.video.reached_ns - t < state.p.max_lateness_ns:
+                if state.video.reached_ns - t < state.max_lateness_ns:
                     return
                 ctx.count("late_steps", source=state.source_id)
             step = state.steps.popleft()
@@ -267,10 +252,10 @@ class SalienceFusion(Node):
             if not flush and self._waits_for(state, "video", ctx):
                 reached = state.video.reached_ns if state.video.reached_ns is not None else state.sound[0].pts_ns
                 assert state.audio.reached_ns is not None
-                if state.audio.reached_ns - reached < state.p.max_lateness_ns:
+                if state.audio.reached_ns - reached < state.max_lateness_ns:
                     return
             start = state.sound[0].pts_ns
-            closing = next((a for a in state.sound if a.pts_ns + WINDOW_NS - start >= state.p.audio_step_ns), None)
+            closing = next((a for a in state.sound if a.pts_ns + WINDOW_NS - start >= AUDIO_STEP_NS), None)
             if closing is None:
                 if not flush:
                     return
@@ -310,7 +295,8 @@ class SalienceFusion(Node):
                 default=0.0,
             ),
         }
-        score = min(1.0, max(p.weights[name] * value for name, value in components.items()))
+        weights = state.weights
+        score = min(1.0, max(weights[name] * value for name, value in components.items()))
         pts = at_ns if state.emitted_ns is None else max(at_ns, state.emitted_ns + 1)
         state.emitted_ns = pts
         source = step if step is not None else audio[-1]

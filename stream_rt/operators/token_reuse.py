@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from stream_rt.images import scale_image
 from stream_rt.operators.kernels import patch_cosine
-from stream_rt.operators.snapshot import scale_image
 
 PATCH = 14
 

@@ -18,27 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.packets import Box
+from stream_rt.images import Polygon, inside, polygon_in_pixels
 
-Polygon = Sequence[tuple[float, float]]
 Grid = npt.NDArray[np.bool_]
-
-
-def inside(polygon: Polygon, xs: npt.NDArray[np.float64], ys: npt.NDArray[np.float64]) -> Grid:
-    """Which points ``(xs[i], ys[i])`` lie inside ``polygon`` (even-odd rule)."""
-    result = np.zeros(xs.shape, np.bool_)
-    corners = list(polygon)
-    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1], strict=True):
-        crosses = (y0 > ys) != (y1 > ys)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            at_x = x0 + (ys - y0) * (x1 - x0) / (y1 - y0)
-        result ^= crosses & (xs < at_x)
-    return result
-
-
-def polygon_in_pixels(polygon: Polygon, width: int, height: int) -> list[tuple[float, float]]:
-    if all(0 <= x <= 1 and 0 <= y <= 1 for x, y in polygon):
-        return [(x * width, y * height) for x, y in polygon]
-    return [(float(x), float(y)) for x, y in polygon]
 
 
 @dataclass

@@ -9,7 +9,8 @@ that batches answers several together), and the next to run is taken round-robin
 source: priority items first (questions someone asked, each already promised an answer,
 never replaced; whoever offers them bounds how many there are), then routine ones. With
 ``per_minute``, routine items start only while fewer than that many started in the last
-minute; one that would start beyond it is refused (returned, to be answered as such).
+minute (a :class:`~stream_rt.policies.budget.CallBudget` across sources); one that would
+start beyond it is refused (returned, to be answered as such).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-T = TypeVar("T")
+from stream_rt.policies.budget import CallBudget
 
-WINDOW_S = 60.0
+T = TypeVar("T")
 
 
 class FairFlow(Generic[T]):
@@ -39,7 +40,7 @@ class FairFlow(Generic[T]):
         self._turns: list[str] = []  # sources with something queued, in the order they queued it
         self._served_at: dict[str, int] = {}  # when each source last had its turn (a count of turns)
         self._turn_count = 0
-        self._routine_starts: deque[float] = deque()
+        self._budget = CallBudget(per_minute)
 
     @property
     def queued(self) -> int:
@@ -90,24 +91,14 @@ class FairFlow(Generic[T]):
                 if source is None:
                     break
                 item = self._waiting.pop(source)
-                if not self._budget_allows():
+                if self.per_minute and self._budget.spend(int(self._clock() * 1e9)) is not None:
                     refused.append(item)
                     self._served(source)
                     continue
-                if self.per_minute:
-                    self._routine_starts.append(self._clock())
             self._served(source)
             self.in_flight.append(item)
             started.append(item)
         return started, refused
-
-    def _budget_allows(self) -> bool:
-        if not self.per_minute:
-            return True
-        now = self._clock()
-        while self._routine_starts and now - self._routine_starts[0] >= WINDOW_S:
-            self._routine_starts.popleft()
-        return len(self._routine_starts) < self.per_minute
 
     def _next_turn(self, sources: list[str]) -> str | None:
         """Of ``sources`` (in the order they queued), the one served longest ago (never first)."""

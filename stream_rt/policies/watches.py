@@ -16,6 +16,8 @@ One watch per source at a time: one call answers one ``condition_met``, so setti
 watch on a source replaces the one it had (that one is ``removed``). With ``path`` the book
 is saved (JSON, written to a temporary file and renamed) on every change and loaded when
 it is made, so a restarted daemon keeps its watches and their states.
+:func:`reconcile` brings a book (restored from its file) in line with the configuration's
+``[[watches]]`` at start.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stream_rt.config import WatchConfig
 from stream_rt.graph.packets import MllmAnswer, WatchState
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,11 @@ def _restored(fields: dict[str, object]) -> Watch:
 
 
 class WatchBook:
+    """The standing watches, one per source at most: set, removed, expired (on ``clock``,
+    wall ns) and flipped by the model's answers; each transition waits as a
+    :class:`WatchState` until :meth:`take` hands it on. ``path``: kept in that JSON file
+    across restarts."""
+
     def __init__(self, path: Path | None = None, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = path
         self._clock = clock
@@ -218,3 +226,19 @@ class WatchBook:
             os.replace(staging, self.path)
         except OSError as exc:  # the watch still works; only a restart would forget it
             log.warning("watches: cannot save %s: %s", self.path, exc)
+
+
+def reconcile(book: WatchBook, configured: Sequence[WatchConfig]) -> None:
+    """Bring ``book`` in line with the configuration's ``[[watches]]``: a configured watch
+    whose entry was deleted since ends (``removed``), the expired entries no longer
+    configured are forgotten (added again later, they are new watches), and every entry
+    is set (a watch set again unchanged keeps its state and its first expiry; an expired
+    entry still configured unchanged is not brought back)."""
+    entries = {(w.source, w.id) for w in configured}
+    for kept in book.all():
+        if kept.origin == "config" and (kept.source_id, kept.id) not in entries:
+            book.remove(kept.source_id)
+    book.forget_ended({watch_entry(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s)
+                       for w in configured})  # fmt: skip
+    for w in configured:
+        book.set(w.source, w.id, w.condition, w.expires_s, w.confirm, w.recheck_s, origin="config")

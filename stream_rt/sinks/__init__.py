@@ -2,6 +2,6 @@
 
 from stream_rt.sinks.callback import CallbackSink
 from stream_rt.sinks.jsonl import JsonlSink
-from stream_rt.sinks.mqtt import MqttSettings, MqttSink
+from stream_rt.sinks.mqtt import MqttSink
 
-__all__ = ["CallbackSink", "JsonlSink", "MqttSettings", "MqttSink"]
+__all__ = ["CallbackSink", "JsonlSink", "MqttSink"]

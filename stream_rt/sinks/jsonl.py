@@ -1,8 +1,10 @@
 """Write packets as JSON lines, one record per packet (``Packet.to_record()``).
 
 Each line is flushed as it is written, so a crash loses at most the line being written;
-the file is fsynced when the sink stops. With ``snapshots_dir``, an event's JPEG snapshot
-is written there as ``<event_id>-<seq>.jpg`` and its record names the file.
+the file is fsynced when the sink stops. With ``snapshots_dir``, the sink encodes a JPEG
+snapshot of the frame of every event but ``end`` (off the event loop; an event that
+already carries ``snapshot_jpeg`` is written as it is), writes it there as
+``<event_id>-<seq>.jpg``, and the event's record names the file and its size.
 
 An end of stream reaches the sink along every path from its source (its status, the
 events, the answers, each in its own time): it is written once per source (only for
@@ -11,6 +13,7 @@ events, the answers, each in its own time): it is written once per source (only 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -18,9 +21,15 @@ from typing import IO
 
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, Packet
+from stream_rt.images import encode_jpeg
 
 
 class JsonlSink(Sink):
+    """Appends one JSON line per packet reaching ``in`` (``Packet.to_record()``) to ``path``,
+    flushed per line and fsynced when the sink stops; ``control``: control packets too (each
+    source's end written once, last); ``snapshots_dir``: events' JPEG snapshots, encoded
+    here; ``sources``: only those sources' ends are written."""
+
     inputs = {"in": (Packet,)}
 
     def __init__(
@@ -49,7 +58,15 @@ class JsonlSink(Sink):
             self.snapshots_dir.mkdir(parents=True, exist_ok=True)
 
     async def process(self, packet: Packet, ctx: Context) -> None:
-        self._write(packet)
+        snapshot = None
+        if (
+            self.snapshots_dir is not None
+            and isinstance(packet, Event)
+            and packet.type != "end"
+            and packet.frame is not None
+        ):
+            snapshot = packet.snapshot_jpeg or await asyncio.to_thread(encode_jpeg, packet.frame)
+        self._write(packet, snapshot)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if not self.control:
@@ -70,13 +87,13 @@ class JsonlSink(Sink):
             self._file.close()
             self._file = None
 
-    def _write(self, packet: Packet) -> None:
+    def _write(self, packet: Packet, snapshot: bytes | None = None) -> None:
         assert self._file is not None, "JsonlSink used before start()"
         record = packet.to_record()
-        if self.snapshots_dir is not None and isinstance(packet, Event) and packet.snapshot_jpeg:
+        if self.snapshots_dir is not None and isinstance(packet, Event) and snapshot:
             path = self.snapshots_dir / f"{packet.event_id}-{packet.seq}.jpg"
-            path.write_bytes(packet.snapshot_jpeg)
-            record["snapshot"] = str(path)
+            path.write_bytes(snapshot)
+            record.update(snapshot=str(path), snapshot_bytes=len(snapshot))
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
         self.written += 1

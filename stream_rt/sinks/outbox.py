@@ -150,6 +150,11 @@ class Outbox:
             self.write_errors += 1
             log.warning("cannot delete an acknowledged message from the outbox %s: %s", self.path, exc)
 
+    def newest_id(self) -> int:
+        """The id of the message added last (0 before the first): every message waiting now
+        has an id up to it, every message added later a greater one."""
+        return self._next_id - 1
+
     def depth(self) -> int:
         """Messages not yet acknowledged."""
         return self._depth

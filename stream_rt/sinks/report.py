@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import Event, MllmAnswer, Packet, Salience
-from stream_rt.operators.snapshot import rgb_to_jpeg, scale_image
-from stream_rt.operators.zones import SceneLayout, inside, polygon_in_pixels
+from stream_rt.images import Polygon, inside, polygon_in_pixels, rgb_to_jpeg, scale_image
 
 THUMB_WIDTH = 240
 MAX_THUMBS_PER_EPISODE = 4
@@ -50,6 +50,16 @@ class Episode:
     calls: int = 0
 
 
+class Layout(Protocol):
+    """What a thumbnail shows of a source's layout (a :class:`~stream_rt.operators.zones.SceneLayout`)."""
+
+    @property
+    def masks(self) -> Sequence[Polygon]: ...
+
+    @property
+    def zones(self) -> Mapping[str, Polygon]: ...
+
+
 class ReportSink(Sink):
     inputs = {"salience": (Salience,), "events": (Event,), "answers": (MllmAnswer,)}
 
@@ -59,7 +69,7 @@ class ReportSink(Sink):
         directory: Path,
         title: str,
         thresholds: tuple[float, float],
-        layouts: dict[str, SceneLayout] | None = None,
+        layouts: Mapping[str, Layout] | None = None,
     ) -> None:
         """``layouts``: each source's masks and zones, drawn on its thumbnails."""
         super().__init__(name)
@@ -117,7 +127,7 @@ class ReportSink(Sink):
 MASK_SHADE, ZONE, REGION, OBJECT, STILL = (40, 40, 40), (255, 210, 0), (230, 40, 40), (40, 200, 70), (160, 160, 160)
 
 
-def overlay(rgb: npt.NDArray[np.uint8], event: Event, layout: SceneLayout | None) -> npt.NDArray[np.uint8]:
+def overlay(rgb: npt.NDArray[np.uint8], event: Event, layout: Layout | None) -> npt.NDArray[np.uint8]:
     """A copy of ``rgb`` with the masks shaded, the zones outlined, the event's changed
     regions and its objects boxed."""
     out = rgb.copy()

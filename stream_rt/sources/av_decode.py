@@ -13,14 +13,14 @@ recorder may store audio seconds away from the video of the same time. A live in
 one connection and is read once, in arrival order.
 
 Video frames carry the Y plane as a view into the decoder's buffer (row stride
-``line_size``); RGB is converted only if asked. Audio is resampled to 16 kHz mono float32.
+``line_size``, read by :func:`stream_rt.images.y_plane`); RGB is converted only if asked.
+Audio is resampled to 16 kHz mono float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
-import io
 import itertools
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -35,30 +35,8 @@ import numpy.typing as npt
 from av.stream import Discard
 
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
+from stream_rt.images import y_plane
 from stream_rt.sources.bridge import ThreadBridge
-
-# Pixel formats whose first plane is the luma plane, one byte per sample.
-_PLANAR_Y = frozenset(
-    {
-        "yuv420p",
-        "yuvj420p",
-        "yuv422p",
-        "yuvj422p",
-        "yuv444p",
-        "yuvj444p",
-        "yuv410p",
-        "yuv411p",
-        "yuv440p",
-        "yuvj440p",
-        "nv12",
-        "nv21",
-        "nv16",
-        "gray",
-        "yuva420p",
-    }
-)
-# Packed formats with luma in every other byte (common on USB cameras).
-_PACKED_YUYV = {"yuyv422": 0, "yvyu422": 0, "uyvy422": 1}
 
 
 @dataclass(frozen=True)
@@ -133,66 +111,6 @@ class PtsSanitiser:
                     value = last + 1
         self.last = value
         return value
-
-
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
-"""BT.601 luma of RGB."""
-
-
-def rgb_luma(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """The BT.601 luma of an ``(height, width, 3)`` RGB array."""
-    return np.asarray((rgb @ LUMA_WEIGHTS).round(), np.uint8)
-
-
-MAX_IMAGE_PIXELS = 8192 * 8192
-"""Larger pictures from outside (MQTT frames, worker requests) are refused before decoding."""
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header or a PNG's IHDR, read without decoding;
-    ``None`` for other data."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-        i += 2 + length
-    return None
-
-
-def decode_image(data: bytes, format: str | None = None) -> av.VideoFrame:
-    """The first picture in ``data`` (an encoded image: JPEG, PNG...; ``format`` forces
-    the demuxer); raises ValueError when it is not one, or when its header announces more
-    than :data:`MAX_IMAGE_PIXELS` (a decompression bomb)."""
-    size = image_size(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image of {size[0]}x{size[1]} refused: over {MAX_IMAGE_PIXELS} pixels")
-    try:
-        with av.open(io.BytesIO(data), mode="r", format=format) as container:
-            return next(container.decode(video=0))
-    except (av.error.FFmpegError, StopIteration) as exc:
-        raise ValueError(f"not an image: {exc}") from None
-
-
-def y_plane(frame: av.VideoFrame) -> npt.NDArray[np.uint8]:
-    """The luma plane of ``frame`` as an ``(height, width)`` uint8 array, without copying
-    when the pixel format allows it."""
-    name = frame.format.name
-    width, height = frame.width, frame.height
-    if name in _PLANAR_Y or name in _PACKED_YUYV:
-        plane = frame.planes[0]
-        rows: npt.NDArray[np.uint8] = np.frombuffer(memoryview(plane), np.uint8).reshape(-1, plane.line_size)
-        if name in _PLANAR_Y:
-            return rows[:height, :width]
-        start = _PACKED_YUYV[name]
-        return rows[:height, start : start + 2 * width : 2]
-    return np.asarray(frame.to_ndarray(format="gray"), dtype=np.uint8)
 
 
 def _rgb_converter(frame: av.VideoFrame) -> Callable[[], npt.NDArray[np.uint8]]:

@@ -29,7 +29,8 @@ import numpy as np
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
-from stream_rt.sources.av_decode import PtsSanitiser, decode_image, rgb_luma, y_plane
+from stream_rt.images import decode_image, rgb_luma, y_plane
+from stream_rt.sources.av_decode import PtsSanitiser
 from stream_rt.sources.status import StatusSource
 
 log = logging.getLogger("stream_rt.sources")
@@ -73,6 +74,12 @@ def latest_queue(on_replaced: Callable[[], None]) -> type[asyncio.Queue[aiomqtt.
 
 
 class MqttSource(StatusSource):
+    """A graph source of frames published over MQTT on ``topic`` (one JPEG, or raw ``gray`` /
+    ``rgb24`` pixels of ``width`` x ``height``, per message). Outputs: ``video``
+    (:class:`VideoFrame`, media time = arrival time on the graph's clock) and ``status``.
+    Reconnects to the broker with ``backoff``; a payload that does not decode is counted and
+    skipped."""
+
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
     def __init__(

@@ -2,13 +2,13 @@
 
 ``source.push(rgb)`` from any thread (or from the event loop) hands over one RGB frame
 (``(height, width, 3)`` uint8; the array is not copied, so do not write to it afterwards);
-``source.close()`` ends the stream. Media time is the time of the push unless ``pts_ns``
-is given. The luma plane is computed in the pushing thread, so the event loop only
-hands frames on. When the graph is behind, at most ``max_pending`` frames wait and the oldest
-are dropped (counted as ``frames_dropped``): a robot wants the newest view, not a
-backlog. A program that pushes nothing for ``stall_timeout_s`` makes the source
-``offline`` (its episode ends, its questions are asked about the last frame); the next
-frame brings it back ``online``.
+``source.close()`` ends the stream, and a ``push()`` after it raises RuntimeError. Media
+time is the time of the push unless ``pts_ns`` is given. The luma plane is computed in
+the pushing thread, so the event loop only hands frames on. When the graph is behind, at
+most ``max_pending`` frames wait and the oldest are dropped (counted as
+``frames_dropped``): a robot wants the newest view, not a backlog. A program that pushes
+nothing for ``stall_timeout_s`` makes the source ``offline`` (its episode ends, its
+questions are asked about the last frame); the next frame brings it back ``online``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,19 @@ import numpy.typing as npt
 
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
-from stream_rt.sources.av_decode import PtsSanitiser, rgb_luma
+from stream_rt.images import rgb_luma
+from stream_rt.sources.av_decode import PtsSanitiser
 from stream_rt.sources.status import StatusSource
 
 _END = object()
 
 
 class PushSource(StatusSource):
+    """A source fed by the program: :meth:`push` RGB frames from any thread, :meth:`close`
+    to end the stream. Outputs ``video`` (:class:`VideoFrame`) and ``status``; at most
+    ``max_pending`` frames wait (the oldest are dropped and counted); nothing pushed for
+    ``stall_timeout_s`` makes it ``offline`` until the next frame."""
+
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
     def __init__(self, name: str, *, max_pending: int = 4, stall_timeout_s: float = 10.0) -> None:
@@ -43,25 +49,40 @@ class PushSource(StatusSource):
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_ns = time.monotonic_ns()
+        self._closed = False
         self.dropped = 0
 
     def push(self, rgb: npt.NDArray[np.uint8], pts_ns: int | None = None) -> None:
-        """Hand over one frame (thread-safe)."""
+        """Hand over one frame (thread-safe): ``rgb`` is ``(height, width, 3)`` uint8, not
+        copied (do not write to it afterwards); ``pts_ns``: its media time, by default the
+        time of the push. Raises ValueError for another shape or type, RuntimeError once
+        :meth:`close` was called."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"push() takes (height, width, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
         pts = time.monotonic_ns() - self._started_ns if pts_ns is None else pts_ns
         self._put((pts, rgb, rgb_luma(rgb)))
 
     def close(self) -> None:
-        """End the stream (thread-safe): frames already pushed are still delivered."""
-        self._put(_END)
+        """End the stream (thread-safe): frames already pushed are still delivered; a second
+        call does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending.append(_END)
+        self._wake()
 
     def _put(self, item: object) -> None:
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"push() after close(): the stream of '{self.name}' has ended")
             self._pending.append(item)
             while len(self._pending) > self._max_pending and self._pending[0] is not _END:
                 self._pending.popleft()
                 self.dropped += 1
+        self._wake()
+
+    def _wake(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wakeup.set)

@@ -15,33 +15,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
+from stream_rt.config.sources import synthetic_parameters
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, SourceStatus, VideoFrame
 from stream_rt.sources.status import StatusSource
 
-URL_PARAMETERS = {"frames": int, "fps": float, "width": int, "height": int, "active_s": float, "period_s": float,
-                  "seed": int}  # fmt: skip
-
-
-def synthetic_parameters(url: str) -> dict[str, float]:
-    """The parameters of a ``synthetic:?...`` URL; raises ``ValueError`` naming a bad one."""
-    parameters: dict[str, float] = {}
-    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
-        kind = URL_PARAMETERS.get(key)
-        if kind is None:
-            raise ValueError(f"unknown synthetic source parameter '{key}' (known: {', '.join(URL_PARAMETERS)})")
-        try:
-            parameters[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"synthetic source parameter {key}={value!r} is not a {kind.__name__}") from None
-    return parameters
-
 
 class SyntheticSource(StatusSource):
+    """A deterministic source of ``frames`` generated frames at ``fps`` (``None``: without
+    end), and 16 kHz audio with ``audio``: a bright square moves while ``moving(t)``, a tone
+    sounds while ``sounding(t)`` (``t`` in media seconds). Outputs ``video``, ``audio`` and
+    ``status``; media time advances by exactly one frame period per frame."""
+
     outputs = {"video": (VideoFrame,), "audio": (AudioChunk,), "status": (SourceStatus,)}
 
     def __init__(

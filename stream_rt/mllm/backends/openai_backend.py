@@ -22,10 +22,10 @@ from typing import Any
 import aiohttp
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.images import rgb_to_jpeg
 from stream_rt.mllm.backend import Backend, BackendError, OnText, answer_from_text
 from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.prompt import request_text
-from stream_rt.operators.snapshot import rgb_to_jpeg
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -46,6 +46,10 @@ def openai_messages(request: MllmRequest) -> list[dict[str, Any]]:
 
 
 class OpenAIBackend(Backend):
+    """A :class:`Backend` calling an OpenAI-compatible chat-completions server at ``url``
+    (vLLM, llama.cpp server, Ollama, ``stream-rt worker``) for ``model``: images sent as JPEG
+    data URLs, answers streamed and stopped as soon as the answer contract is satisfied."""
+
     def __init__(
         self,
         url: str,

@@ -31,6 +31,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
+from stream_rt.images import rgb_luma
 from stream_rt.mllm.backend import (
     Backend,
     BackendError,
@@ -54,16 +55,18 @@ from stream_rt.mllm.techniques.memory_prefix import (
     memory_fingerprint,
     pooled_tokens,
 )
-from stream_rt.sources.av_decode import rgb_luma
 
 log = logging.getLogger("stream_rt.mllm")
 
 
 class TransformersBackend(Backend):
-    """A local model (see the module's text): ``max_new_tokens`` caps an answer,
-    ``contract_stop`` ends it when the contract's JSON object closes, ``threads`` sets
-    torch's CPU threads, ``techniques`` the efficiency techniques it runs with (default:
-    none). Nothing is loaded until :meth:`start` (or :meth:`load`)."""
+    """A :class:`Backend` running a local Hugging Face vision-language model (a directory, a
+    hub id from the local cache, or ``"smoke"``) in a thread of its own, with the family
+    adapters' efficiency techniques (``techniques``; default: none); raises
+    :class:`MissingWeights` when the weights are not there. ``max_new_tokens`` caps an
+    answer, ``contract_stop`` ends it when the contract's JSON object closes, ``threads``
+    sets torch's CPU threads. Nothing is loaded until :meth:`start` (or :meth:`load`).
+    Importing it imports torch."""
 
     def __init__(
         self,

@@ -18,7 +18,8 @@ import torch
 from stream_rt.mllm.models.families import Family, Prepared, TileState, VisualFeatures
 
 if TYPE_CHECKING:
-    from stream_rt.mllm.techniques.token_reuse import ReuseCall, ReuseSettings
+    from stream_rt.config import TokenReuseConfig
+    from stream_rt.mllm.techniques.token_reuse import ReuseCall
 
 
 @dataclass
@@ -33,7 +34,7 @@ class TileEncoding:
     states: list[TileState | None] = field(default_factory=list)
 
 
-def encode_tiles(model: Any, family: Family, prepared: Prepared, call: ReuseCall, s: ReuseSettings) -> TileEncoding:
+def encode_tiles(model: Any, family: Family, prepared: Prepared, call: ReuseCall, s: TokenReuseConfig) -> TileEncoding:
     """The visual features of ``call``'s request; per tile: reused whole when unchanged,
     re-encoded only where its tokens changed (``encoder_partial``), or encoded afresh."""
     if not prepared.vision:

@@ -51,12 +51,13 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from stream_rt.config import TokenReuseConfig
 from stream_rt.mllm.models.decoder import PrefillResult, run_prefill
 from stream_rt.mllm.models.families import Family, Prepared, TileState, VisualFeatures
 from stream_rt.mllm.models.layer_loop import KV
@@ -64,21 +65,6 @@ from stream_rt.mllm.techniques.tile_reuse import encode_tiles
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
-
-
-@dataclass
-class ReuseSettings:
-    static_threshold: float = 0.996
-    max_patch_difference: float = 6.0
-    start_layer: int = 2
-    relevant_share: float = 0.1
-    max_changed: float = 0.6
-    schedule: Literal["fixed", "entropy"] = "fixed"
-    tiles: Literal["off", "exact", "static"] = "static"
-    encoder_partial: bool = True
-    max_entries: int = 8
-    max_entries_per_source: int = 2
-    max_mib: float = 512.0
 
 
 @dataclass
@@ -141,8 +127,9 @@ class TokenReuse:
     (``max_mib``). A call's outcome is its :attr:`ReuseCall.outcome`; ``last`` is the
     latest call's, for tests and benchmarks."""
 
-    def __init__(self, settings: ReuseSettings | None = None) -> None:
-        self.settings = settings or ReuseSettings()
+    def __init__(self, settings: TokenReuseConfig | None = None) -> None:
+        """``settings``: the ``[mllm.token_reuse]`` section (``enabled`` is the pipeline's to read)."""
+        self.settings = settings or TokenReuseConfig()
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # least recently used first
         self.evictions: Counter[str] = Counter()
         self.size = (0, 0)  # (entries, bytes) after the last change: safe to read from another thread

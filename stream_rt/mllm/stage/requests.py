@@ -4,38 +4,9 @@ question, and a line of context saying what the event is."""
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
-
-from stream_rt.graph.packets import Box, Event, MllmRequest
-from stream_rt.operators.snapshot import scale_image
+from stream_rt.graph.packets import Event, MllmRequest
+from stream_rt.images import region_crop, resize
 from stream_rt.policies.answer_reuse import scene_signature
-
-
-def resize(rgb: npt.NDArray[np.uint8], max_side: int) -> npt.NDArray[np.uint8]:
-    """Scale down (never up) so the longest side is at most ``max_side`` (even sizes)."""
-    h, w = rgb.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    if scale >= 1.0:
-        return rgb
-    return scale_image(rgb, max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
-
-
-def region_crop(
-    rgb: npt.NDArray[np.uint8], regions: tuple[Box, ...], margin: float = 0.25
-) -> npt.NDArray[np.uint8] | None:
-    """The union of ``regions`` with a margin, or ``None`` when the regions already cover
-    a quarter of the frame or more (the keyframe shows them well enough)."""
-    if not regions:
-        return None
-    h, w = rgb.shape[:2]
-    x0, y0 = min(b[0] for b in regions), min(b[1] for b in regions)
-    x1, y1 = max(b[2] for b in regions), max(b[3] for b in regions)
-    if (x1 - x0) * (y1 - y0) >= 0.25 * w * h:
-        return None
-    mx, my = int((x1 - x0) * margin) + 8, int((y1 - y0) * margin) + 8
-    x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
-    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 
 def context_line(event: Event, clip_start_ns: int | None = None) -> str:

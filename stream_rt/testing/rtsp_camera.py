@@ -1,7 +1,7 @@
 """A real RTSP camera on loopback, for tests: GStreamer's RTSP server (Debian's
 ``gir1.2-gst-rtsp-server-1.0`` through ``python3-gi``), run with the system Python.
 
-``python3 tests/rtsp_camera.py PORT [--scene ON_S OFF_S] [--size WxH] [--file MP4 N]``
+``python3 stream_rt/testing/rtsp_camera.py PORT [--scene ON_S OFF_S] [--size WxH] [--file MP4 N]``
 serves, live at 10 fps, 640x360 unless ``--size`` says otherwise:
 
 - ``/video``: H.264 of a moving test picture;
@@ -21,11 +21,11 @@ import argparse
 import sys
 import time
 
-import gi
+import gi  # type: ignore[import-not-found]  # python3-gi: the system Python's, not the venv's
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import GLib, Gst, GstRtspServer  # type: ignore[import-not-found]  # noqa: E402
 
 ENCODE = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96"
 AUDIO = "audiotestsrc is-live=true wave=ticks ! audioconvert ! audioresample ! avenc_aac ! rtpmp4apay name=pay1 pt=97"

@@ -8,15 +8,21 @@ change detection, salience and the trigger first): the sampled frames and audio 
 ``frames * interval_s`` seconds before the newest frame, plus :data:`LEAD_S` for that
 lead, are kept per source, so that a clip is the same however far ahead the video ran.
 The frames are converted to RGB only when a request is built.
+
+The two edges are taken in turn, so a backlog of video (while a call blocks) can also let
+an event overtake the frames before it: :class:`OvertakenEvents` holds such an event until
+a frame of its time, or the end of its video, reaches the stage.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from stream_rt.graph.packets import AudioFeatures, Event, MllmRequest, VideoFrame
-from stream_rt.mllm.requests import build_request, context_line, resize
+from stream_rt.images import resize
+from stream_rt.mllm.stage.requests import build_request, context_line
 
 LEAD_S = 2.0
 """How far ahead of the events the video may run and still leave every event its clip."""
@@ -78,3 +84,43 @@ class ClipBuffer:
             frame_pts=tuple(f.pts_ns for f in frames),
             audio=tuple(a for a in recent.audio if start <= a.pts_ns <= event.pts_ns),
         )
+
+
+class OvertakenEvents:
+    """Events whose clip would miss frames, held in their order until their frames are in
+    ``clip`` (the stage takes each in as :meth:`next_ready` lets it go)."""
+
+    def __init__(self, clip: ClipBuffer) -> None:
+        self.clip = clip
+        self._held: list[Event] = []
+
+    def overtook(self, event: Event) -> bool:
+        """Whether ``event``'s clip would miss frames: its own frame is on the video edge
+        still (or a newer one replaced it), or an event of its source is held already (the
+        order is kept). A source none of whose video reached the stage has no clip to wait
+        for; an event without a picture has no clip."""
+        if event.frame is None:
+            return False
+        if any(held.source_id == event.source_id for held in self._held):
+            return True
+        latest = self.clip.latest_pts(event.source_id)
+        return latest is not None and latest < event.pts_ns
+
+    def hold(self, event: Event) -> None:
+        self._held.append(event)
+
+    def next_ready(self, ready: Callable[[Event], bool]) -> Event | None:
+        """The first held event, of those first of their source, that is ``ready`` to go
+        (no longer held); ``None`` when none is."""
+        first: dict[str, Event] = {}  # per source, its oldest held event: only that one may go
+        for held in self._held:
+            first.setdefault(held.source_id, held)
+        going = next((e for e in first.values() if ready(e)), None)
+        if going is not None:
+            self._held.remove(going)
+        return going
+
+    def take_all(self) -> list[Event]:
+        """Every held event (the stage is stopping), none held any more."""
+        held, self._held = self._held, []
+        return held
