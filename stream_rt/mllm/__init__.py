@@ -1,12 +1,12 @@
 """The MLLM stage and its backends.
 
-The package's wings: the stage and what it composes (``stage``, ``clips``, ``requests``,
-``scheduling``) and the worker (``worker``) at the top, beside the interface every backend
-implements (``backend``, ``contract``, ``prompt``); ``backends/`` (the transformers backend
-as a list of steps, the OpenAI-compatible client, decoding, batching); ``models/`` (the
-families and their adapters, processors, the one layer loop); ``techniques/`` (token and
-tile reuse, compression, the memory prefix, the layer exit); ``smoke`` and
-``tiny_models`` build random-weight models.
+Its wings: ``stage/`` (the node and the small classes it composes) and ``worker/`` (the
+OpenAI-compatible server); ``backends/`` (the transformers backend as a list of steps, the
+OpenAI-compatible client, decoding, batching); ``models/`` (the families and their
+adapters, processors, the one layer loop); ``techniques/`` (token and tile reuse,
+compression, the memory prefix, the layer exit). At the top: the interface every backend
+implements (``backend``, ``contract``, ``prompt``, ``model_thread``), and ``smoke`` and
+``tiny_models``, which build random-weight models.
 
 Importing this package does not import torch: :class:`TransformersBackend` and
 :func:`build_smoke_model` load it on first use (the ``mllm`` extra).
