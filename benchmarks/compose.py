@@ -68,15 +68,17 @@ from common import audio_features, one_tile_per_frame
 
 from stream_rt.graph.packets import AudioFeatures, MllmRequest
 from stream_rt.memory.streaming import MemoryEntry
-from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.decoding import Generation
-from stream_rt.mllm.families import Family
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
+from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
+from stream_rt.mllm.backends.decoding import Generation
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+from stream_rt.mllm.models.families import Family
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
+from stream_rt.mllm.techniques import Techniques
+from stream_rt.mllm.techniques.compression import Compression
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.mllm.tiny_models import build_tiny_model
-from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -111,9 +113,11 @@ def systems(with_exit: list[float]) -> dict[str, dict[str, Any]]:
 def backend_for(base: TransformersBackend, settings: dict[str, Any]) -> TransformersBackend:
     backend = TransformersBackend(
         base.model_ref, contract_stop=False, max_new_tokens=NEW_TOKENS, device=str(base.device), dtype=base.dtype,
-        token_reuse=TokenReuse() if settings.get("reuse") else None,
-        compression=Compression(average=0.4) if settings.get("compress") else None,
-        layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
+        techniques=Techniques(
+            token_reuse=TokenReuse() if settings.get("reuse") else None,
+            compression=Compression(average=0.4) if settings.get("compress") else None,
+            layer_exit=LayerExit(every=2, thresholds=settings["exit"]) if "exit" in settings else None,
+        ),
     )  # fmt: skip
     backend.model, backend.family, backend.cache_kw, backend.smoke = base.model, base.family, base.cache_kw, True
     if settings.get("generic"):  # the same model through its processor and transformers' generate
@@ -145,9 +149,9 @@ def call(
     span = [a for a in audio if pts[0] - INTERVAL_S * S <= a.pts_ns <= pts[-1]]
     started = time.perf_counter()
     gen = backend.generate(
-        [image for _, image in clip], text, reuse=(("cam", text), event) if settings.get("reuse") else None,
-        clip=(pts, span) if backend.compression is not None else None,
-        memory=("cam", memory) if settings.get("memory", True) else None,
+        [image for _, image in clip], text, reuse=ReuseKey("cam", text, event) if settings.get("reuse") else None,
+        clip=ClipTiming(pts, span) if backend.compression is not None else None,
+        memory=SourceMemory("cam", memory) if settings.get("memory", True) else None,
     )  # fmt: skip
     return gen, time.perf_counter() - started
 

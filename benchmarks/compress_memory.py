@@ -45,10 +45,11 @@ from common import answer_fidelity, audio_features, copy_cache, kv_of, one_tile_
 
 from stream_rt import AudioFeatures
 from stream_rt.images import resize
-from stream_rt.mllm.compression import Compression
+from stream_rt.mllm.backends.call import SourceMemory
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques.compression import Compression
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "samples" / "walkway_speech.mkv"
@@ -108,7 +109,7 @@ def memory_prefix(backend: TransformersBackend, rounds: int = 5) -> dict[str, fl
         assert gen.summary is not None
         memory.add("walkway", int(i * 4e9), int(i * 4e9 + 1e9), gen.summary,
                    f"Two people walk along the walkway towards the camera ({i}).")  # fmt: skip
-    entries = ("walkway", tuple(memory.entries("walkway")))
+    entries = SourceMemory("walkway", tuple(memory.entries("walkway")))
     reused, computed, plain, diffs = [], [], [], []
     for _ in range(rounds):
         backend.memory_prefix.clear()

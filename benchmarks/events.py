@@ -119,9 +119,9 @@ async def gated_rate(seconds: float, hang: bool) -> tuple[float, Counter[str]]:
     if hang:
         generate = stage.backend.generate  # type: ignore[attr-defined]
 
-        def hang_then_generate(*args: Any) -> Any:
+        def hang_then_generate(*args: Any, **kwargs: Any) -> Any:
             time.sleep(60)
-            return generate(*args)
+            return generate(*args, **kwargs)
 
         stage.backend.generate = hang_then_generate  # type: ignore[attr-defined]
     run = asyncio.create_task(pipeline.graph.run())

@@ -40,10 +40,11 @@ import torch
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost, simulated_agreement
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques import Techniques
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost, simulated_agreement
 from stream_rt.pipeline import build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,15 +129,16 @@ def layer_exit(model_path: Path, every: int, calibration: list[np.ndarray], held
                target_fraction: float, tokens: int) -> dict[str, Any]:  # fmt: skip
     """Calibrate on ``calibration`` frames, then evaluate on ``held_out`` frames."""
     calibration_log = LayerExit(every=every, thresholds=None)
-    logger = TransformersBackend(str(model_path), contract_stop=False, layer_exit=calibration_log)
+    logging = Techniques(layer_exit=calibration_log)
+    logger = TransformersBackend(str(model_path), contract_stop=False, techniques=logging)
     for frame in calibration:
         logger.generate([frame], prompt(), max_new_tokens=tokens)
     n_layers = len(logger.model.get_decoder().layers)
     thresholds = calibrate(calibration_log, n_layers, target_fraction * n_layers, exit_cost(logger.model))
     held_out_log = LayerExit(every=every, thresholds=None)
-    full = TransformersBackend(str(model_path), contract_stop=False, layer_exit=held_out_log)
+    full = TransformersBackend(str(model_path), contract_stop=False, techniques=Techniques(layer_exit=held_out_log))
     exiting = LayerExit(every=every, thresholds=thresholds)
-    early = TransformersBackend(str(model_path), contract_stop=False, layer_exit=exiting)
+    early = TransformersBackend(str(model_path), contract_stop=False, techniques=Techniques(layer_exit=exiting))
     plain = TransformersBackend(str(model_path), contract_stop=False)
     agree, total, full_s, early_s = 0, 0, 0.0, 0.0
     for frame in held_out:

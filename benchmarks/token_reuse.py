@@ -42,10 +42,10 @@ from common import answer_fidelity, copy_cache, kv_of
 from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import MllmRequest
 from stream_rt.images import rgb_luma
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model
-from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

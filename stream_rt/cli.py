@@ -177,7 +177,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
     from stream_rt.mllm.worker import RequestError, Worker
 
     setup_logging(args.log_level)

@@ -209,17 +209,18 @@ def _feed(
 def build_backend(cfg: MllmConfig) -> Backend:
     """The configured backend (nothing is loaded until the stage starts)."""
     if cfg.backend == "openai":
-        from stream_rt.mllm.openai_backend import OpenAIBackend
+        from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 
         assert cfg.url is not None
         api_key = cfg.api_key or os.environ.get("STREAM_RT_MLLM_API_KEY")
         return OpenAIBackend(
             cfg.url, cfg.model, api_key=api_key, max_new_tokens=cfg.max_new_tokens, contract_stop=cfg.contract_stop
         )
-    from stream_rt.mllm.compression import Compression
-    from stream_rt.mllm.layer_exit import LayerExit
-    from stream_rt.mllm.token_reuse import TokenReuse
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques import Techniques
+    from stream_rt.mllm.techniques.compression import Compression
+    from stream_rt.mllm.techniques.layer_exit import LayerExit
+    from stream_rt.mllm.techniques.token_reuse import TokenReuse
 
     layer_exit = LayerExit(cfg.layer_exit_every, list(cfg.layer_exit_thresholds)) if cfg.layer_exit_every else None
     token_reuse = TokenReuse(cfg.token_reuse) if cfg.token_reuse.enabled else None
@@ -230,8 +231,7 @@ def build_backend(cfg: MllmConfig) -> Backend:
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,
-        layer_exit=layer_exit, token_reuse=token_reuse, compression=compression,
-        memory_text_tokens=cfg.memory.text_tokens,
+        techniques=Techniques(token_reuse, compression, layer_exit, cfg.memory.text_tokens),
     )  # fmt: skip
 
 

@@ -28,14 +28,16 @@ import torch
 from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import AudioFeatures
 from stream_rt.memory.streaming import MemoryEntry
-from stream_rt.mllm.compression import Compression
-from stream_rt.mllm.layer_exit import MAX_DISTANCE, LayerExit
-from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
-from stream_rt.mllm.prefill import layer_rotary, project, run_prefill
+from stream_rt.mllm.backends.call import ClipTiming, ReuseKey, SourceMemory
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend, on_device
+from stream_rt.mllm.models.decoder import layer_rotary, project, run_prefill
 from stream_rt.mllm.prompt import chat_messages
+from stream_rt.mllm.techniques import Techniques
+from stream_rt.mllm.techniques.compression import Compression
+from stream_rt.mllm.techniques.layer_exit import MAX_DISTANCE, LayerExit
+from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
+from stream_rt.mllm.techniques.token_reuse import TokenReuse
 from stream_rt.mllm.tiny_models import build_tiny_model
-from stream_rt.mllm.token_reuse import TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 from .conftest import SAMPLES
 from .models import model_dir, own_logits
@@ -233,16 +235,19 @@ def test_every_combination_with_nothing_reused_equals_full_computation(family: s
         backend = TransformersBackend(
             path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
             # nothing is static, no exit is ever taken
-            token_reuse=TokenReuse(TokenReuseConfig(static_threshold=1.01, max_changed=1.0)) if reuse else None,
-            compression=Compression(average=KEEP) if clip else None,
-            layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
+            techniques=Techniques(
+                token_reuse=TokenReuse(TokenReuseConfig(static_threshold=1.01, max_changed=1.0)) if reuse else None,
+                compression=Compression(average=KEEP) if clip else None,
+                layer_exit=LayerExit(every=2, thresholds=[0.0] * 8) if exit else None,
+            ),
         )  # fmt: skip
         name = f"reuse={reuse} clip={clip} memory={memory} exit={exit}"
         for call in range(2):  # the second call is the one that could reuse
             images = still[call : call + 3] if clip else [still[call * 2]]
             timing = ([i * S for i in range(call, call + 3)], quiet_audio(6.0)) if clip else None
-            got = backend.generate(images, QUESTION, reuse=(("cam", QUESTION), "cam-1") if reuse else None,
-                                   clip=timing, memory=("cam", entries) if memory else None)  # fmt: skip
+            got = backend.generate(images, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1") if reuse else None,
+                                   clip=ClipTiming(*timing) if timing else None,
+                                   memory=SourceMemory("cam", entries) if memory else None)  # fmt: skip
         assert (got.visual_dropped > 0) == clip, name
         if reuse:
             assert got.reuse is not None and got.reuse.mode == "reuse", (name, got.reuse)
@@ -267,14 +272,15 @@ def test_reusing_an_identical_view_after_the_memory_equals_full_computation(fami
     are what it would compute, its logits are the full computation's."""
     path = str(model_dir(family))
     still = frames(samples, [10, 20, 30])
-    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=TokenReuse(),
-                                  compression=Compression(average=KEEP), device=DEVICE, dtype="float32")  # fmt: skip
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                  techniques=Techniques(token_reuse=TokenReuse(),
+                                                        compression=Compression(average=KEEP)))  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     timing = ([i * S for i in range(3)], quiet_audio(6.0))
     for _ in range(2):
-        got = backend.generate(still, QUESTION, reuse=(("cam", QUESTION), "cam-1"), clip=timing,
-                               memory=("cam", entries))  # fmt: skip
+        got = backend.generate(still, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"), clip=ClipTiming(*timing),
+                               memory=SourceMemory("cam", entries))  # fmt: skip
     assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
     layers, start = len(backend.model.get_decoder().layers), TokenReuseConfig().start_layer
     skipped = got.reuse.reused_tokens * (layers - start) / (got.prompt_tokens * layers)
@@ -292,21 +298,20 @@ def test_all_techniques_together_reuse_on_a_still_view(samples: Path) -> None:
     path = str(model_dir("idefics3"))
     still = frames(samples, [10, 20, 30, 40])
     reuse = TokenReuse()
-    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, token_reuse=reuse,
-                                  compression=Compression(average=0.5), layer_exit=LayerExit(every=2),
-                                  device=DEVICE, dtype="float32")  # fmt: skip
-    plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS,
-                                compression=Compression(average=0.5), device=DEVICE,
-                                dtype="float32")  # fmt: skip
+    backend = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                  techniques=Techniques(token_reuse=reuse, compression=Compression(average=0.5),
+                                                        layer_exit=LayerExit(every=2)))  # fmt: skip
+    plain = TransformersBackend(path, contract_stop=False, max_new_tokens=NEW_TOKENS, device=DEVICE, dtype="float32",
+                                techniques=Techniques(compression=Compression(average=0.5)))  # fmt: skip
     backend.load()
     entries = memory_entries(backend)
     outcomes = []
     for call in range(2):
         kwargs: dict[str, Any] = {
-            "clip": ([i * S for i in range(call, call + 3)], quiet_audio(6.0)),
-            "memory": ("cam", entries),
+            "clip": ClipTiming([i * S for i in range(call, call + 3)], quiet_audio(6.0)),
+            "memory": SourceMemory("cam", entries),
         }
-        got = backend.generate(still[call : call + 3], QUESTION, reuse=(("cam", QUESTION), "cam-1"), **kwargs)
+        got = backend.generate(still[call : call + 3], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"), **kwargs)
         outcomes.append(got.reuse)
     full = plain.generate(still[1:4], QUESTION, **kwargs)
     first, second = outcomes
@@ -327,8 +332,8 @@ def test_each_family_has_its_adapter_and_refuses_what_it_lacks() -> None:
     on the generic path (their docstrings say why). A technique asked of a model without
     an adapter is one line before any weight is read."""
     from stream_rt.mllm.backend import ModelUnavailable
-    from stream_rt.mllm.families import Gemma3, Qwen3VL, family_for
-    from stream_rt.mllm.transformers_backend import inspect_model
+    from stream_rt.mllm.backends.loading import inspect_model
+    from stream_rt.mllm.models.adapters import Gemma3, Qwen3VL, family_for
 
     assert family_for("qwen3_vl") is family_for("qwen3_vl_moe") is Qwen3VL and family_for("gemma3") is Gemma3
     assert not any(family_for(t).adapter for t in ("qwen3_5", "qwen3_5_moe", "gemma4", "internvl"))
@@ -347,7 +352,7 @@ async def test_the_workers_batch_decodes_each_request_as_alone(family: str, samp
     import asyncio
     import threading
 
-    from stream_rt.mllm.batching import ContinuousBatch
+    from stream_rt.mllm.backends.batching import ContinuousBatch
 
     backend = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32")
     backend.load()
@@ -372,7 +377,7 @@ def test_the_adapter_answers_as_transformers_own_generate(family: str, samples: 
     processor and transformers' ``generate`` — gives for the same request: a clip of two
     frames and a question (first logits within 1e-4, the same greedy tokens), whatever
     sampling defaults the checkpoint's generation config carries."""
-    from stream_rt.mllm.families import Family
+    from stream_rt.mllm.models.families import Family
 
     adapter = TransformersBackend(str(model_dir(family)), device=DEVICE, dtype="float32", max_new_tokens=NEW_TOKENS,
                                   contract_stop=False)  # fmt: skip

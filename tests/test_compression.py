@@ -103,8 +103,10 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
 ) -> None:
     import av
 
-    from stream_rt.mllm.compression import Compression
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.backends.call import ClipTiming
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques import Techniques
+    from stream_rt.mllm.techniques.compression import Compression
 
     from .models import model_dir
 
@@ -120,8 +122,8 @@ def test_the_backend_drops_tokens_and_keeps_their_positions(
     plain = TransformersBackend(path)
     full = plain.generate(images, "What happens?")
     compression = Compression(average=0.4)
-    squeezed = TransformersBackend(path, compression=compression)
-    got = squeezed.generate(images, "What happens?", clip=(pts, audio))
+    squeezed = TransformersBackend(path, techniques=Techniques(compression=compression))
+    got = squeezed.generate(images, "What happens?", clip=ClipTiming(pts, audio))
     assert abs(got.visual_tokens - 0.4 * full.visual_tokens) <= len(images)
     assert got.prompt_tokens == full.prompt_tokens - (full.visual_tokens - got.visual_tokens)
     assert abs(compression.last_kept - got.visual_tokens / full.visual_tokens) < 1e-9

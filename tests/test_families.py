@@ -23,7 +23,7 @@ import pytest
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
 from stream_rt.images import rgb_to_jpeg
-from stream_rt.mllm.tiny_models import RECIPES
+from stream_rt.mllm.tiny_recipes import RECIPES
 from stream_rt.pipeline import build_pipeline
 from stream_rt.testing import TINY_MODEL_TYPES, free_port, start_worker, tiny_model
 

@@ -108,9 +108,10 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     import av
     import torch
 
-    from stream_rt.mllm.memory_prefix import MemoryPrefix, prefix_positions
+    from stream_rt.mllm.backends.call import SourceMemory
+    from stream_rt.mllm.backends.transformers_backend import TransformersBackend
     from stream_rt.mllm.prompt import chat_messages
-    from stream_rt.mllm.transformers_backend import TransformersBackend
+    from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
 
     from .models import model_dir, own_forward, own_logits
 
@@ -126,8 +127,8 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
         memory.add("walkway", i * S, i * S + S // 2, gen.summary, f"people walk by ({i})", [f"walkway-{i}"])
     entries = tuple(memory.entries("walkway"))
 
-    first = backend.generate([frames[30]], "What happens?", max_new_tokens=1, memory=("walkway", entries))
-    again = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", entries))
+    first = backend.generate([frames[30]], "What happens?", max_new_tokens=1, memory=SourceMemory("walkway", entries))
+    again = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=SourceMemory("walkway", entries))
     assert backend.memory_prefix.computed == 1 and backend.memory_prefix.reused == 1
     assert first.memory_tokens == again.memory_tokens > 4 * 8
 
@@ -157,7 +158,7 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     memory.add("walkway", 30 * S, 31 * S, gen.summary, "a new moment")
     grown = tuple(memory.entries("walkway"))
     assert [e.text for e in grown[:-1]] == [e.text for e in entries], "the new entry comes last, the others kept"
-    changed = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", grown))
+    changed = backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=SourceMemory("walkway", grown))
     assert backend.memory_prefix.computed == 1 and backend.memory_prefix.extended == 1
     afresh = MemoryPrefix()
     with torch.inference_mode():
@@ -169,7 +170,7 @@ def test_the_reused_memory_prefix_gives_the_logits_of_recomputing_it(family: str
     memory.add("walkway", 32 * S, 33 * S, gen.summary, "another moment")  # full: two neighbours merge
     merged = tuple(memory.entries("walkway"))
     assert len(merged) == 5 and merged[0].text == entries[0].text and memory.counters["merges"] == 1
-    backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=("walkway", merged))
+    backend.generate([frames[35]], "What happens?", max_new_tokens=1, memory=SourceMemory("walkway", merged))
     assert backend.memory_prefix.computed == 1 and backend.memory_prefix.extended == 2
     assert backend.generate([frames[35]], "What happens?", max_new_tokens=1).memory_tokens == 0
 

@@ -21,12 +21,13 @@ from stream_rt.config import LOSSLESS_CHANNELS, MllmConfig, parse_config
 from stream_rt.graph import Context
 from stream_rt.images import y_plane
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer
-from stream_rt.mllm.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.mllm.prompt import request_text
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
 from stream_rt.mllm.stage import MllmStage
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques import Techniques
+from stream_rt.mllm.techniques.layer_exit import LayerExit, calibrate, exit_cost
 from stream_rt.pipeline import build_pipeline
 from stream_rt.testing import Broker, ListSource, Subscriber, start_worker
 
@@ -263,7 +264,7 @@ async def test_the_http_backend_talks_to_stream_rt_worker_over_loopback(
 ) -> None:
     """A real `stream-rt worker` process serving the smoke model; the OpenAI-compatible
     backend asks it about a real frame, streamed, and the contract stop works remotely."""
-    from stream_rt.mllm.openai_backend import OpenAIBackend
+    from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 
     proc = await start_worker(smoke_model, free_port)
     backend = OpenAIBackend(f"http://127.0.0.1:{free_port}/v1", "smoke")
@@ -306,7 +307,7 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
     full = TransformersBackend(str(smoke_model))
     reference = full.generate(images, text)
     for exit in (LayerExit(every=1, thresholds=[0.0, 0.0]), LayerExit(every=1, thresholds=None)):
-        gen = TransformersBackend(str(smoke_model), layer_exit=exit).generate(images, text)
+        gen = TransformersBackend(str(smoke_model), techniques=Techniques(layer_exit=exit)).generate(images, text)
         assert gen.token_ids == reference.token_ids and gen.exit_depth == 4
         assert exit.depth_counts == {4: len(gen.token_ids) - 1}
     # Only the measuring run (thresholds None) logs the exits.
@@ -315,7 +316,7 @@ def test_the_layer_exit_never_changes_the_output_when_its_thresholds_are_zero(sm
     # Calibrated on the logged distances for an average of 3 of the 4 layers, exits are taken.
     thresholds = calibrate(exit, 4, target_depth=3.0)
     early = LayerExit(every=1, thresholds=thresholds)
-    gen = TransformersBackend(str(smoke_model), layer_exit=early).generate(images, text)
+    gen = TransformersBackend(str(smoke_model), techniques=Techniques(layer_exit=early)).generate(images, text)
     assert gen.exit_depth is not None and gen.exit_depth < 4
     assert min(early.depth_counts) < 4 and set(early.depth_counts) <= {2, 3, 4} and not early.distances
     # An exit costs the output layer's work: where evaluating the exits would cost the logged
@@ -332,7 +333,9 @@ def test_the_layer_exits_statistics_stay_bounded_however_long_it_decodes(smoke_m
     frames = [f.rgb() for f in clip_frames(samples, [100, 300, 500])]
     text = request_text(MllmRequest("cam", 0, 0, 0, "cam-1", "Anyone there?"))
     measuring = LayerExit(every=1, thresholds=None, log_limit=40)
-    backend = TransformersBackend(str(smoke_model), contract_stop=False, max_new_tokens=80, layer_exit=measuring)
+    backend = TransformersBackend(
+        str(smoke_model), contract_stop=False, max_new_tokens=80, techniques=Techniques(layer_exit=measuring)
+    )
     for frame in frames:
         gen = backend.generate([frame], text)
         assert gen.stop == "max_tokens" and gen.exit_depth == 4

@@ -160,9 +160,9 @@ async def test_a_model_stuck_in_its_thread_never_stalls_perception(samples: Path
     assert stage is not None
     generate = stage.backend.generate  # type: ignore[attr-defined]
 
-    def hang_then_generate(*args: Any) -> Any:
+    def hang_then_generate(*args: Any, **kwargs: Any) -> Any:
         time.sleep(7)  # a vision encoder or prefill that hangs: cancellation cannot reach it
-        return generate(*args)
+        return generate(*args, **kwargs)
 
     stage.backend.generate = hang_then_generate  # type: ignore[attr-defined]
     run = asyncio.create_task(pipeline.graph.run())

@@ -16,9 +16,11 @@ import torch
 
 from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import MllmRequest
+from stream_rt.mllm.backends.call import ReuseKey
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages
-from stream_rt.mllm.token_reuse import ReuseOutcome, TokenReuse
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.techniques import Techniques
+from stream_rt.mllm.techniques.token_reuse import ReuseOutcome, TokenReuse
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 from .models import model_dir
@@ -45,7 +47,7 @@ def backends(family: str, **settings: object) -> tuple[TransformersBackend, Tran
     # Random-weight models never stop on their own: a few tokens say enough.
     return (
         TransformersBackend(path, max_new_tokens=8),
-        TransformersBackend(path, max_new_tokens=8, token_reuse=reuse),
+        TransformersBackend(path, max_new_tokens=8, techniques=Techniques(token_reuse=reuse)),
         reuse,
     )
 
@@ -59,8 +61,8 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 def test_with_every_patch_changed_the_logits_equal_a_plain_forward(family: str, samples: Path) -> None:
     plain, reusing, reuse = backends(family, static_threshold=1.01, max_changed=1.0)  # nothing is static
     first, second = frames(samples, [10, 20])
-    reusing.generate([first], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
-    got = reusing.generate([second], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([first], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
+    got = reusing.generate([second], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     assert reuse.last.mode == "reuse" and reuse.last.reused_tokens == 0
     reference = plain.generate([second], QUESTION)
     assert got.first_logits is not None and reference.first_logits is not None
@@ -72,8 +74,8 @@ def test_with_every_patch_changed_the_logits_equal_a_plain_forward(family: str, 
 def test_an_identical_frame_with_reuse_keeps_the_next_token_distribution(family: str, samples: Path) -> None:
     plain, reusing, reuse = backends(family)
     [frame] = frames(samples, [10])
-    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
-    got = reusing.generate([frame.copy()], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([frame], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
+    got = reusing.generate([frame.copy()], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     visual = reuse.last.visual_tokens
     relevant = max(1, round(TokenReuseConfig().relevant_share * visual))  # always recomputed
     assert reuse.last.mode == "reuse" and reuse.last.reused_tokens == visual - relevant, "every other token is static"
@@ -90,7 +92,7 @@ def test_the_cache_resets_on_each_listed_event(samples: Path) -> None:
     noise = np.random.default_rng(1).integers(0, 256, still.shape, dtype=np.uint8)
 
     def call(frame: np.ndarray, question: str = QUESTION, event: str = "cam-1") -> str:
-        reusing.generate([frame], question, reuse=(("cam", question), event))
+        reusing.generate([frame], question, reuse=ReuseKey("cam", question, event))
         return reuse.last.mode
 
     assert call(still) == "full (first call)"
@@ -112,8 +114,8 @@ def test_exact_tile_reuse_gives_bit_identical_encoder_outputs(samples: Path) -> 
     [frame] = frames(samples, [10])
     changed = frame.copy()
     changed[-60:, -80:] = 255 - changed[-60:, -80:]  # the bottom-right corner only
-    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
-    reusing.generate([changed], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([frame], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
+    reusing.generate([changed], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     assert reuse.last.tiles == 5 and 1 <= reuse.last.tiles_reused < 5, (
         "only the corner's tile and the global view change"
     )
@@ -134,8 +136,8 @@ def test_a_clip_sliding_by_one_frame_encodes_only_its_new_frame(family: str, sam
     DeepStack rows) bit for bit; with no token static, the call equals a plain one."""
     plain, reusing, reuse = backends(family, static_threshold=1.01, max_changed=1.0, tiles="exact")
     a, b, c, d = frames(samples, [10, 40, 70, 100])
-    reusing.generate([a, b, c], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
-    got = reusing.generate([b, c, d], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([a, b, c], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
+    got = reusing.generate([b, c, d], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     assert (reuse.last.tiles, reuse.last.tiles_reused) == (3, 2), "two of the three frames were seen before"
     family_, model = reusing.family, reusing.model
     assert family_ is not None
@@ -176,9 +178,9 @@ def test_a_tile_that_changed_in_places_reencodes_only_those_patches(samples: Pat
     [frame] = frames(samples, [100])
     changed = frame.copy()
     changed[-60:, -80:] = 255 - changed[-60:, -80:]  # the bottom-right corner only
-    reusing.generate([frame], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([frame], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     before = [f.tokens.clone() for f in reuse._entries[("cam", QUESTION)].tile_features]
-    reusing.generate([changed], QUESTION, reuse=(("cam", QUESTION), "cam-1"))
+    reusing.generate([changed], QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"))
     after = [f.tokens for f in reuse._entries[("cam", QUESTION)].tile_features]
     assert reuse.last.mode == "reuse" and reuse.last.tiles_reused == 3, "two tiles saw the corner change"
     for tile in (3, 4):  # the bottom-right tile and the global view: re-encoded in part
@@ -206,7 +208,7 @@ def test_a_flood_of_questions_keeps_the_cache_within_its_bounds(samples: Path) -
     still, later = frames(samples, [10, 30])
 
     def call(source: str, question: str = QUESTION, frame: np.ndarray = still) -> ReuseOutcome:
-        reusing.generate([frame], question, max_new_tokens=1, reuse=((source, question), f"{source}-1"))
+        reusing.generate([frame], question, max_new_tokens=1, reuse=ReuseKey(source, question, f"{source}-1"))
         return reuse.last
 
     for source in "abc":

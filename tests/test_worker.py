@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from stream_rt.images import rgb_to_jpeg
-from stream_rt.mllm.decoding import Sampling
-from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.backends.decoding import Sampling
+from stream_rt.mllm.backends.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.smoke import SMOKE_ANSWER, build_smoke_model
-from stream_rt.mllm.transformers_backend import TransformersBackend
 from stream_rt.testing import chat_server, start_worker
 
 from .test_mllm import smoke_backend, smoke_model  # noqa: F401  (the fixtures)
@@ -163,7 +163,7 @@ async def test_a_server_that_refuses_continuous_usage_stats_is_asked_again_witho
     from aiohttp import web
 
     from stream_rt.graph.packets import MllmRequest
-    from stream_rt.mllm.openai_backend import OpenAIBackend
+    from stream_rt.mllm.backends.openai_backend import OpenAIBackend
 
     bodies: list[dict[str, object]] = []
 
@@ -210,7 +210,7 @@ async def test_requests_decoded_together_get_the_answers_each_gets_alone(
     (No end of sequence, so each runs to its limit and the one leaving is still decoding.)"""
     import threading
 
-    from stream_rt.mllm.batching import ContinuousBatch
+    from stream_rt.mllm.backends.batching import ContinuousBatch
 
     monkeypatch.setattr(type(unfitted_backend.family), "eos_ids", property(lambda self: set()))
     with av.open(str(samples / "vtest.avi")) as container:
@@ -290,7 +290,7 @@ async def test_the_batch_leaves_no_request_unanswered_and_prefills_none_abandone
     a long generation at its next step."""
     import threading
 
-    from stream_rt.mllm.batching import ContinuousBatch
+    from stream_rt.mllm.backends.batching import ContinuousBatch
 
     # Generations run to their token limit: no end of sequence, no contract stop.
     monkeypatch.setattr(type(unfitted_backend.family), "eos_ids", property(lambda self: set()))

@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 import torch
 
-from stream_rt.mllm.tiny_models import RECIPES, byte_tokenizer, write_once, write_processing
+from stream_rt.mllm.tiny_models import byte_tokenizer, write_once, write_processing
+from stream_rt.mllm.tiny_recipes import RECIPES
 
 log = logging.getLogger("stream_rt.mllm")
 
@@ -182,7 +183,7 @@ def _fit_answer(model: Any, tokenizer: Any, workdir: Path, seed: int) -> None:
     import numpy as np
 
     from stream_rt.graph.packets import Event, MllmRequest
-    from stream_rt.mllm.families import family_for
+    from stream_rt.mllm.models.adapters import family_for
     from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, request_text
     from stream_rt.mllm.stage.requests import context_line
 

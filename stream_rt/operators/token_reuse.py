@@ -12,7 +12,7 @@ token's whole footprint is downscaled first, so detail finer than that can pass 
 static, hence also a small mean difference).
 
 The model-specific part — which layers, the K/V cache, the encoder — is in
-:mod:`stream_rt.mllm.token_reuse`.
+:mod:`stream_rt.mllm.techniques.token_reuse`.
 """
 
 from __future__ import annotations

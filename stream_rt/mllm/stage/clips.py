@@ -1,7 +1,7 @@
 """Clips for multi-frame requests: per source, the recent video frames sampled every
 ``interval_s`` and the audio features of the same span, so that an event can be asked
 about together with the moments that led to it (and compressed by audio guidance,
-:mod:`stream_rt.mllm.compression`).
+:mod:`stream_rt.mllm.techniques.compression`).
 
 The video reaches the stage on an edge of its own, usually ahead of the events (which pass
 change detection, salience and the trigger first): the sampled frames and audio features of

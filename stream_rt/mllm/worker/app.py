@@ -46,9 +46,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from stream_rt.mllm.backend import first_line
-from stream_rt.mllm.decoding import Generation, Piece, Sampling
-from stream_rt.mllm.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
-from stream_rt.mllm.transformers_backend import TransformersBackend
+from stream_rt.mllm.backends.decoding import Generation, Piece, Sampling
+from stream_rt.mllm.backends.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.worker.chat_api import (
     ChatRequest,
     RequestError,

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions API as ``stream-rt worker`` speaks it: the request schema
 (:class:`ChatRequest`, every field OpenAI defines honoured or refused with the field
 named), its validation into the model's terms (images, Hugging Face chat messages,
-:class:`~stream_rt.mllm.decoding.Sampling`), and the pieces of a response (usage,
+:class:`~stream_rt.mllm.backends.decoding.Sampling`), and the pieces of a response (usage,
 finish reason, log-probabilities) in OpenAI's format.
 """
 
@@ -16,7 +16,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_rt.images import decode_image
-from stream_rt.mllm.decoding import Generation, Sampling, TokenLogprob
+from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenLogprob
 
 Strict = ConfigDict(extra="forbid")
 

@@ -4,14 +4,14 @@ A :class:`Scheduler` takes one generation at a time from the worker and answers 
 worker bounds how many wait (``max_batch`` decoding plus its ``max_waiting``) and never
 asks which scheduler it has. :func:`scheduler_for` picks one for a loaded backend:
 
-- a family with an adapter: :class:`~stream_rt.mllm.batching.ContinuousBatch`, up to
+- a family with an adapter: :class:`~stream_rt.mllm.backends.batching.ContinuousBatch`, up to
   ``max_batch`` requests decoded in one forward pass per token;
 - any other model (the generic path, transformers' ``generate``, one sequence at a time):
   :class:`OneAtATime`, each generation in turn on the backend's model thread.
 
 Both stream text as it is decoded, end a generation whose ``cancel`` is set at its next
 token (one whose client left before its turn costs nothing), choose tokens as its
-:class:`~stream_rt.mllm.decoding.Sampling` says, and note in ``progressed`` when the model
+:class:`~stream_rt.mllm.backends.decoding.Sampling` says, and note in ``progressed`` when the model
 last got on (for the worker's health).
 """
 
@@ -26,10 +26,10 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from stream_rt.mllm.batching import MAX_BATCH, ContinuousBatch
-from stream_rt.mllm.decoding import Generation, Sampling
+from stream_rt.mllm.backends.batching import MAX_BATCH, ContinuousBatch
+from stream_rt.mllm.backends.decoding import Generation, Sampling
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import Prompt
-from stream_rt.mllm.transformers_backend import TransformersBackend
 
 
 class Scheduler(Protocol):

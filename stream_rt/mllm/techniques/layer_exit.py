@@ -6,7 +6,7 @@ token distributions closer than that exit's threshold (L2 distance between proba
 vectors) — the token is taken from the exit and the remaining layers are skipped. The skipped layers still get
 K/V for this position (computed from the exit's hidden state, CALM's state propagation),
 so later tokens attend to a complete cache. The exits are evaluated inside the one layer
-loop every call runs (:func:`stream_rt.mllm.prefill.run_prefill`).
+loop every call runs (:func:`stream_rt.mllm.models.decoder.run_prefill`).
 
 Thresholds are calibrated on logged calls (:func:`calibrate`): run with thresholds
 ``None`` (every exit is measured, none taken) to log distances, then choose thresholds so

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import AudioFeatures
-from stream_rt.mllm.families import Family, Prepared, VisualFeatures
+from stream_rt.mllm.models.families import Family, Prepared, VisualFeatures
 from stream_rt.operators.compression import FrameTokens, compress
 
 

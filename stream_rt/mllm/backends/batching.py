@@ -7,7 +7,7 @@ cache then joins the batch's, left-padded to a common length under an attention 
 its positions stay its own. A request leaves the batch the step it ends — end of sequence,
 its answer's JSON object closed, a stop string, its token limit, its client gone — and the
 columns no request needs any more are cut. Each request chooses its tokens as it would
-alone (:class:`~stream_rt.mllm.decoding.TokenStream`: greedy, or sampled from a generator
+alone (:class:`~stream_rt.mllm.backends.decoding.TokenStream`: greedy, or sampled from a generator
 of its own), so its answer is the one it gets decoded by itself, up to float rounding in
 the padded attention.
 """
@@ -28,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.decoding import Generation, Sampling, TokenStream
+from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenStream
+from stream_rt.mllm.backends.transformers_backend import TransformersBackend, on_device
 from stream_rt.mllm.prompt import Prompt, chat_messages
-from stream_rt.mllm.transformers_backend import TransformersBackend, on_device
 
 log = logging.getLogger(__name__)
 

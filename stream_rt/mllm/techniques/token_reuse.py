@@ -19,7 +19,7 @@ visual token, and
    changed tokens goes through the vision encoder with the same trick as below — its
    unchanged patches stop being queries from ``start_layer`` on and keep their previous
    K/V and output;
-4. runs the prefill layer by layer (:func:`~stream_rt.mllm.prefill.run_prefill`): every
+4. runs the prefill layer by layer (:func:`~stream_rt.mllm.models.decoder.run_prefill`): every
    position is computed in the first ``start_layer`` layers; from there the reused tokens
    stop being queries and keep the previous K/V in that layer and every later one, while
    the recomputed tokens still attend to them (within their layer's window, and both ways
@@ -58,8 +58,10 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.config import TokenReuseConfig
-from stream_rt.mllm.families import Family, Prepared, TileState, VisualFeatures
-from stream_rt.mllm.prefill import KV, PrefillResult, run_prefill
+from stream_rt.mllm.models.decoder import PrefillResult, run_prefill
+from stream_rt.mllm.models.families import Family, Prepared, TileState, VisualFeatures
+from stream_rt.mllm.models.layer_loop import KV
+from stream_rt.mllm.techniques.tile_reuse import encode_tiles
 from stream_rt.operators.token_reuse import TokenGrid, patch_similarity, static_tokens, token_patches
 
 ENTROPY_DAMPING = 0.55
@@ -101,6 +103,7 @@ class ReuseCall:
     tile_pixels: list[torch.Tensor] = field(default_factory=list)
     tile_features: list[VisualFeatures] = field(default_factory=list)
     tile_states: list[TileState | None] = field(default_factory=list)
+    outcome: ReuseOutcome | None = None  # what the call reused, once :meth:`TokenReuse.prefill` ran
 
 
 @dataclass
@@ -121,7 +124,8 @@ class TokenReuse:
     """The reuse cache, one entry per (source, question) key, and the calls that use it.
     ``evictions`` counts the entries evicted so far by the bound that evicted them:
     ``source`` (``max_entries_per_source``), ``entries`` (``max_entries``), ``bytes``
-    (``max_mib``)."""
+    (``max_mib``). A call's outcome is its :attr:`ReuseCall.outcome`; ``last`` is the
+    latest call's, for tests and benchmarks."""
 
     def __init__(self, settings: TokenReuseConfig | None = None) -> None:
         """``settings``: the ``[mllm.token_reuse]`` section (``enabled`` is the pipeline's to read)."""
@@ -198,10 +202,11 @@ class TokenReuse:
 
     def encode(self, call: ReuseCall, model: Any, family: Family, prepared: Prepared) -> VisualFeatures | None:
         """The visual features of ``call``'s request, reusing the entry's tiles it can."""
-        features, call.tiles_reused, call.tile_pixels, call.tile_features, call.tile_states = self._encode(
-            model, family, prepared, call.entry, call.static, call.why, call.grids
-        )
-        return features
+        tiles = encode_tiles(model, family, prepared, call, self.settings)
+        call.tiles_reused, call.tile_pixels, call.tile_features, call.tile_states = (
+            tiles.reused, tiles.pixels, tiles.tile_features, tiles.states
+        )  # fmt: skip
+        return tiles.features
 
     def prefill(
         self,
@@ -231,7 +236,7 @@ class TokenReuse:
                                  relevance_layer=mid, entropy=s.schedule == "entropy", deepstack=deepstack)  # fmt: skip
             ratios = _entropy_schedule(result.entropy, s.start_layer) if result.entropy is not None else None
             reference = call.patches
-            self.last = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
+            outcome = ReuseOutcome(f"full ({why})", len(visual), 0, 0, len(call.tile_pixels), call.tiles_reused, 1.0)
         else:
             assert entry is not None
             # A position is reusable when it holds the same token as last time, and that token is static.
@@ -258,7 +263,7 @@ class TokenReuse:
             reference = entry.patches.copy()
             recomputed = kept[~reusable]
             reference[recomputed] = call.patches[recomputed]
-            self.last = ReuseOutcome("reuse", len(visual), int(call.static[kept].sum()), int(reusable.sum()),
+            outcome = ReuseOutcome("reuse", len(visual), int(call.static[kept].sum()), int(reusable.sum()),
                                      len(call.tile_pixels), call.tiles_reused, result.computed_share)  # fmt: skip
         before = prefix[0][0].shape[2] if prefix is not None else 0
         own = [k[:, :, before:].clone() for k in result.keys] if before else result.keys
@@ -269,7 +274,8 @@ class TokenReuse:
             kept=kept, at=visual.numpy(), prefix=call.prefix,
         )  # fmt: skip
         stored.nbytes = _held_bytes(stored)
-        self.last.evicted = self._store(call.key, stored)
+        outcome.evicted = self._store(call.key, stored)
+        call.outcome = self.last = outcome
         return result
 
     def _store(self, key: tuple[str, str], entry: _Entry) -> int:
@@ -298,64 +304,6 @@ class TokenReuse:
         del self._entries[key]
         self.evictions[bound] += 1
 
-    def _encode(
-        self,
-        model: Any,
-        family: Family,
-        prepared: Prepared,
-        entry: _Entry | None,
-        static: npt.NDArray[np.bool_],
-        why: str,
-        grids: list[TokenGrid],
-    ) -> tuple[VisualFeatures | None, int, list[torch.Tensor], list[VisualFeatures], list[TileState | None]]:
-        """The visual features; per tile: reused whole when unchanged, re-encoded only
-        where its tokens changed (``encoder_partial``), or encoded afresh."""
-        if not prepared.vision:
-            return None, 0, [], [], []
-        s = self.settings
-        n_tiles = family.tiles(prepared) if s.tiles != "off" else 0
-        if not n_tiles:
-            return family.encode(model, prepared), 0, [], [], []
-        pixels = [family.tile_pixels(prepared, t) for t in range(n_tiles)]
-        starts = np.cumsum([0, *(g.size for g in grids)])
-        features: list[VisualFeatures] = []
-        states: list[TileState | None] = []
-        reused = 0
-        comparable = entry is not None and len(entry.tile_pixels) == n_tiles
-        partial = s.encoder_partial and family.partial_encoder
-        for t in range(n_tiles):
-            tile_static = static[starts[t] : starts[t + 1]]
-            same = _same_tile(entry, t, pixels[t], comparable)  # the same pixels, in this slot or another
-            if same is not None or (comparable and s.tiles == "static" and not why and bool(tile_static.all())):
-                assert entry is not None
-                j = t if same is None else same
-                features.append(entry.tile_features[j])
-                states.append(entry.tile_states[j])
-                pixels[t] = entry.tile_pixels[j]  # the reference stays what the features came from
-                reused += 1
-                continue
-            if partial and comparable and entry is not None and not why and entry.tile_states[t] is not None:
-                changed = torch.from_numpy(~tile_static)
-                tokens, state = family.encode_tile_reusing(model, prepared, t, changed, entry.tile_states[t],
-                                                           s.start_layer)  # fmt: skip
-                features.append(VisualFeatures(tokens))
-                states.append(state)
-            elif partial:
-                tokens, state = family.encode_tile_reusing(model, prepared, t, None, None, s.start_layer)
-                features.append(VisualFeatures(tokens))
-                states.append(state)
-            else:
-                features.append(family.encode_tile(model, prepared, t))
-                states.append(None)
-        return joined(features), reused, pixels, features, states
-
-
-def joined(pieces: list[VisualFeatures]) -> VisualFeatures:
-    """The features of consecutive pieces of a request, as one."""
-    layers = len(pieces[0].deepstack)
-    return VisualFeatures(torch.cat([p.tokens for p in pieces]),
-                          tuple(torch.cat([p.deepstack[k] for p in pieces]) for k in range(layers)))  # fmt: skip
-
 
 def _head(prepared: Prepared) -> torch.Tensor:
     """The prompt's token ids up to its last visual token: what the visual tokens' K/V
@@ -375,21 +323,6 @@ def _fitted(tensors: list[torch.Tensor], length: int) -> list[torch.Tensor]:
             pad = t.new_zeros((*t.shape[:2], length - t.shape[2], t.shape[3]))
             out.append(torch.cat((t, pad), dim=2))
     return out
-
-
-def _same_tile(entry: _Entry | None, t: int, pixels: torch.Tensor, comparable: bool) -> int | None:
-    """The entry's tile with exactly ``pixels`` — tile ``t`` first, then any other (a
-    frame a clip shares with the one before moves one slot along): its index, or ``None``."""
-    if entry is None:
-        return None
-    sample = pixels[..., ::32, ::32]  # most tiles differ here already: a full compare only for those that do not
-
-    def same(old: torch.Tensor) -> bool:
-        return old.shape == pixels.shape and torch.equal(old[..., ::32, ::32], sample) and torch.equal(old, pixels)
-
-    if comparable and same(entry.tile_pixels[t]):
-        return t
-    return next((j for j, old in enumerate(entry.tile_pixels) if same(old)), None)
 
 
 def _held_bytes(entry: _Entry) -> int:

@@ -2,7 +2,7 @@
 transformers' own ``generate``.
 
 The inputs come from the model's own processor and chat template
-(:class:`~stream_rt.mllm.families.Family`). The :class:`~stream_rt.mllm.decoding.TokenStream`
+(:class:`~stream_rt.mllm.models.families.Family`). The :class:`~stream_rt.mllm.backends.decoding.TokenStream`
 chooses every token (greedy, or sampled as the request asks) in a logits processor that
 leaves ``generate``'s own greedy choice that one token, and takes it back through a
 stopping criterion, so text streams out as it is decoded and decoding stops when the
@@ -32,13 +32,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stream_rt.mllm.decoding import Generation, TokenStream
-from stream_rt.mllm.memory_prefix import memory_lines, pooled_tokens
+from stream_rt.mllm.backends.decoding import Generation, TokenStream
 from stream_rt.mllm.prompt import Prompt, chat_messages
+from stream_rt.mllm.techniques.memory_prefix import memory_lines, pooled_tokens
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry
-    from stream_rt.mllm.families import Family
+    from stream_rt.mllm.models.families import Family
 
 
 class _Criterion:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from stream_rt.mllm.families import Family, Prepared
-from stream_rt.mllm.prefill import run_prefill
+from stream_rt.mllm.models.decoder import run_prefill
+from stream_rt.mllm.models.families import Family, Prepared
 
 if TYPE_CHECKING:
     from stream_rt.memory.streaming import MemoryEntry

@@ -1,17 +1,8 @@
-"""How a model family turns (images, messages) into model inputs, and — for the families
-with an adapter — how its visual features are computed, which positions the tokens get,
-and how its decoder layers differ from Llama's.
-
-Every family goes through the model's own processor and chat template
-(:mod:`stream_rt.mllm.processors`), into a :class:`Prepared` input whose ``image_mask``
-marks the visual tokens. An adapter also computes the visual features that replace them
-(:class:`VisualFeatures`), so the language model runs on embeddings in stream_rt's own
-layer loop (:mod:`stream_rt.mllm.prefill`), which consults the family's :class:`Layout`:
-the backend times the vision encoder apart from prefill, and the techniques reuse or drop
-visual tokens.
+"""The family adapters: the families whose decoder layers stream_rt runs itself, in the
+one layer loop (:mod:`stream_rt.mllm.models.layer_loop`), where the techniques live.
 
 Adapters and what they support (a model without one runs on the generic path, where the
-backend refuses every technique at load, :func:`~stream_rt.mllm.transformers_backend.inspect_model`):
+backend refuses every technique at load, :func:`~stream_rt.mllm.backends.loading.inspect_model`):
 
 - Every adapter: token reuse, clip compression, the memory's K/V prefix, the layer exit,
   and tile reuse over the pieces its vision encoder sees each on its own — an image whose
@@ -42,191 +33,16 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
-from PIL import Image
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from stream_rt.mllm.processors import load_processor
+from stream_rt.mllm.models.families import Family, Layout, Prepared, TileState, VisualFeatures
+from stream_rt.mllm.models.layer_loop import LayerStack, run_layers
 from stream_rt.operators.token_reuse import TokenGrid
-
-Message = dict[str, Any]
-TileState = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
-"""A tile's vision-encoder state: per-layer keys and values, and the last hidden states."""
-
-
-@dataclass
-class Prepared:
-    """One request, ready for the model."""
-
-    input_ids: torch.Tensor  # (1, L)
-    vision: dict[str, torch.Tensor]  # pixel tensors for the vision encoder
-    image_mask: torch.Tensor  # (L,) bool: positions of visual tokens
-    position_ids: torch.Tensor | None = None  # None: 0..L-1
-    next_position: int = 0  # position id of the first generated token
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-@dataclass
-class VisualFeatures:
-    """A request's visual features, in prompt order (one row per visual token): ``tokens``
-    replace the visual tokens' embeddings; ``deepstack`` (Qwen3-VL's DeepStack) holds one
-    tensor per early decoder layer, added to the visual tokens' hidden states after that
-    layer (:func:`~stream_rt.mllm.prefill.run_prefill`)."""
-
-    tokens: torch.Tensor  # (visual tokens, hidden size)
-    deepstack: tuple[torch.Tensor, ...] = ()  # per layer from the first: (visual tokens, hidden size)
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def rows(self, index: torch.Tensor) -> VisualFeatures:
-        """The features of the visual tokens ``index`` (the same rows of every tensor)."""
-        return VisualFeatures(self.tokens[index], tuple(d[index.to(d.device)] for d in self.deepstack))
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a family's decoder layers differ from Llama's (RMSNorm, rotary attention over
-    grouped K/V, MLP; causal), as far as the one layer loop is concerned."""
-
-    windows: tuple[int | None, ...]  # per layer: a sliding layer's window (it sees itself and window - 1 before)
-    rotary_kinds: tuple[str, ...] = ()  # per layer, the kind the rotary module takes (own bases); () = one for all
-    sandwich: bool = False  # norms after attention and before and after the MLP (Gemma 3)
-    images_attend_within: bool = False  # in a prompt, a visual token sees every token of its image (Gemma 3)
-
-
-class Family:
-    """Every model ``AutoModelForImageTextToText`` loads, through its own processor: the
-    chat template renders the turn, the processor expands each image into its placeholder
-    tokens and pixel tensors. Subclasses are the **adapters** of the families whose layers
-    stream_rt runs itself (:mod:`stream_rt.mllm.prefill`), where the efficiency techniques
-    live; the base class alone (``adapter`` false) is the generic path, which calls the
-    model's own ``generate``. ``model_types`` are the ``config.model_type`` values an
-    adapter handles."""
-
-    name: ClassVar[str] = "generic"
-    adapter: ClassVar[bool] = False
-    mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
-    model_types: ClassVar[tuple[str, ...]] = ()
-    processor_kwargs: ClassVar[dict[str, Any]] = {}  # passed to the processor with every request
-
-    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
-        self.path = path
-        self.config = config
-        self.processor = processor if processor is not None else load_processor(path, config.model_type)
-        self.tokenizer: PreTrainedTokenizerBase = self.processor.tokenizer
-        self.template = str(self.processor.chat_template)
-        self.image_token_id = image_token_id(config, self.processor)
-
-    @property
-    def eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        generation = getattr(self.config, "eos_token_id", None)
-        ids.update(generation if isinstance(generation, list) else [generation])
-        for token in ("<|im_end|>", "<end_of_utterance>", "<|endoftext|>", "</s>", "<end_of_turn>", "<eos>"):
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
-                ids.add(token_id)
-        return {i for i in ids if isinstance(i, int)}
-
-    def render(self, messages: list[Message]) -> str:
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=True, tokenize=False
-        )
-        assert isinstance(text, str)
-        return text
-
-    def inputs(self, images: list[npt.NDArray[np.uint8]], messages: list[Message]) -> dict[str, torch.Tensor]:
-        """What the model's processor makes of one user turn: ``input_ids``,
-        ``attention_mask`` and the tensors its vision tower takes."""
-        out = self.processor(text=[self.render(messages)], images=[Image.fromarray(i) for i in images] or None,
-                             return_tensors="pt", **(self.processor_kwargs if images else {}))  # fmt: skip
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-
-    def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        out = self.inputs(images, messages)
-        ids = out["input_ids"]
-        vision = {k: v for k, v in out.items() if k not in TEXT_INPUTS} if images else {}
-        prepared = Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
-        return self.positioned(prepared, model)
-
-    @classmethod
-    def refusal(cls, config: Any) -> str | None:
-        """Why this family cannot run a model of this ``config`` (``None``: it can)."""
-        return None
-
-    def positioned(self, prepared: Prepared, model: PreTrainedModel) -> Prepared:
-        """``prepared`` with its position ids, where they are not simply 0..L-1."""
-        return prepared
-
-    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
-        """The visual features, (number of visual tokens, hidden size), in prompt order."""
-        raise NotImplementedError(f"the {self.name} family has no adapter")
-
-    @classmethod
-    def layout(cls, model: PreTrainedModel) -> Layout:
-        """How ``model``'s decoder layers run in the layer loop. Here: Llama's, with a
-        sliding window wherever a layer's attention has one (Qwen2 with
-        ``use_sliding_window``)."""
-        layers = model.get_decoder().layers
-        return Layout(tuple(getattr(layer.self_attn, "sliding_window", None) for layer in layers))
-
-    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
-        """Which part of which image each visual token covers, in prompt order (for token
-        reuse); families without reuse support raise."""
-        raise NotImplementedError(f"token reuse does not support the {self.name} family yet")
-
-    partial_encoder: ClassVar[bool] = False  # encode_tile_reusing: a tile's encoder pass recomputes only what moved
-
-    def tiles(self, prepared: Prepared) -> int:
-        """How many pieces the vision encoder sees each on its own — tiles of an image, or
-        whole images — in prompt order, one token grid each (0: none)."""
-        return 0
-
-    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
-        """The pixel tensor the encoder takes for ``tile`` (what tile reuse compares)."""
-        raise NotImplementedError
-
-    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
-        """The visual features of one tile: exactly its rows of :meth:`encode`'s."""
-        raise NotImplementedError
-
-    def encode_tile_reusing(
-        self,
-        model: PreTrainedModel,
-        prepared: Prepared,
-        tile: int,
-        changed_tokens: torch.Tensor | None,
-        state: TileState | None,
-        start_layer: int,
-    ) -> tuple[torch.Tensor, TileState]:
-        """One tile's features, recomputing only the patches under ``changed_tokens``."""
-        raise NotImplementedError
-
-
-TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
-"""Processor outputs that follow the prompt's tokens rather than its images."""
-
-
-def image_token_id(config: Any, processor: Any) -> int:
-    """The id of the token each visual feature replaces in the prompt."""
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    value = getattr(processor, "image_token_id", None)
-    if isinstance(value, int):
-        return value
-    raise ValueError(f"the config of model type '{config.model_type}' names no image token")
 
 
 class Qwen2VL(Family):
@@ -256,7 +72,7 @@ class Qwen2VL(Family):
 
     def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
         """The features of the images whose patch rows are ``pixels`` and grids ``grid_thw``."""
-        return VisualFeatures(_flatten(model.model.get_image_features(pixels, grid_thw)))
+        return VisualFeatures(flatten(model.model.get_image_features(pixels, grid_thw)))
 
     def tiles(self, prepared: Prepared) -> int:
         """Each image: the encoder's attention never crosses from one image to another."""
@@ -290,7 +106,7 @@ class Idefics3(Family):
         out = model.model.get_image_features(
             prepared.vision["pixel_values"], prepared.vision.get("pixel_attention_mask")
         )
-        return VisualFeatures(_flatten(out))
+        return VisualFeatures(flatten(out))
 
     partial_encoder = True
 
@@ -304,7 +120,7 @@ class Idefics3(Family):
         mask = prepared.vision.get("pixel_attention_mask")
         pixels = prepared.vision["pixel_values"][:, tile : tile + 1]
         out = model.model.get_image_features(pixels, mask[:, tile : tile + 1] if mask is not None else None)
-        return VisualFeatures(_flatten(out))
+        return VisualFeatures(flatten(out))
 
     def encode_tile_reusing(
         self,
@@ -326,34 +142,17 @@ class Idefics3(Family):
         grid = torch.ones((1, per_side, per_side), dtype=torch.bool, device=pixels.device)
         hidden = vision.embeddings(pixel_values=pixels, patch_attention_mask=grid)
         everything = torch.arange(hidden.shape[1], device=hidden.device)
-        rows = everything
-        partial = changed_tokens is not None and state is not None
-        if partial:
-            assert changed_tokens is not None
+        layers = vision.encoder.layers
+        computed, previous = None, None
+        if changed_tokens is not None and state is not None:
             side = round(changed_tokens.numel() ** 0.5)
             scale = per_side // side
             patch_changed = changed_tokens.view(side, side).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
             changed = everything[patch_changed.flatten().to(hidden.device)]
-        keys, values = [], []
-        for index, layer in enumerate(vision.encoder.layers):
-            if partial and index == start_layer:
-                hidden, rows = hidden[:, changed], changed
-            attn = layer.self_attn
-            x = layer.layer_norm1(hidden)
-            shape = (1, len(rows), attn.num_heads, attn.head_dim)
-            q = attn.q_proj(x).view(shape).transpose(1, 2)
-            k = attn.k_proj(x).view(shape).transpose(1, 2)
-            v = attn.v_proj(x).view(shape).transpose(1, 2)
-            if len(rows) != len(everything):
-                assert state is not None
-                k_full, v_full = state[0][index].clone(), state[1][index].clone()
-                k_full[:, :, rows], v_full[:, :, rows] = k, v
-                k, v = k_full, v_full
-            keys.append(k)
-            values.append(v)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-            hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            computed = [everything if index < start_layer else changed for index in range(len(layers))]
+            previous = (state[0], state[1])
+        run = run_layers(SiglipLayers(layers), hidden, computed, previous)
+        hidden, rows, keys, values = run.hidden, run.rows, run.keys, run.values
         if len(rows) != len(everything):
             assert state is not None
             last = state[2].clone()
@@ -389,6 +188,32 @@ class Idefics3(Family):
         return grids
 
 
+class SiglipLayers(LayerStack):
+    """SigLIP's vision encoder layers (Idefics3 / SmolVLM) in the one layer loop: layer
+    norm, multi-head attention over every patch of the tile (no positions: the embeddings
+    carry them), out projection, layer norm and MLP, each with its residual."""
+
+    def __init__(self, layers: Any) -> None:
+        self.layers = layers
+
+    def project(self, index: int, layer: Any, hidden: torch.Tensor,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        shape = (1, len(rows), attn.num_heads, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, index: int, layer: Any, hidden: torch.Tensor, rows: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        attn = layer.self_attn
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(1, len(rows), -1))
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
 class Llava(Family):
     """LLaVA 1.5 style: one fixed-size image, every vision patch a token."""
 
@@ -405,7 +230,7 @@ class Llava(Family):
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         )
-        return VisualFeatures(_flatten(out))
+        return VisualFeatures(flatten(out))
 
     def tiles(self, prepared: Prepared) -> int:
         """Each image: the encoder sees one at a time."""
@@ -441,7 +266,7 @@ class Qwen3VL(Qwen2VL):
     def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
         out = model.model.get_image_features(pixels, grid_thw)
         deepstack = tuple(torch.cat([f.reshape(-1, f.shape[-1]) for f in layer]) for layer in out.deepstack_features)
-        return VisualFeatures(_flatten(out), deepstack)
+        return VisualFeatures(flatten(out), deepstack)
 
 
 class Gemma3(Family):
@@ -471,7 +296,7 @@ class Gemma3(Family):
         return None
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
-        return VisualFeatures(_flatten(model.model.get_image_features(prepared.vision["pixel_values"])))
+        return VisualFeatures(flatten(model.model.get_image_features(prepared.vision["pixel_values"])))
 
     def tiles(self, prepared: Prepared) -> int:
         """Each image: the encoder sees one at a time."""
@@ -482,7 +307,7 @@ class Gemma3(Family):
 
     def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
         pixels = prepared.vision["pixel_values"][tile : tile + 1]
-        return VisualFeatures(_flatten(model.model.get_image_features(pixels)))
+        return VisualFeatures(flatten(model.model.get_image_features(pixels)))
 
     def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
         """Each image is resized to a square and pooled to a square grid of tokens."""
@@ -516,7 +341,7 @@ def layout_of(model: PreTrainedModel) -> Layout:
     return layout
 
 
-def _flatten(out: Any) -> torch.Tensor:
+def flatten(out: Any) -> torch.Tensor:
     """Visual features as (tokens, hidden), from whatever ``get_image_features`` returns
     (a tensor, a list per image, or an output object with ``pooler_output``)."""
     features = out.pooler_output if hasattr(out, "pooler_output") else out

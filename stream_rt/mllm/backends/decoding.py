@@ -30,7 +30,7 @@ import torch
 from stream_rt.mllm.contract import JsonObjectEnd
 
 if TYPE_CHECKING:
-    from stream_rt.mllm.token_reuse import ReuseOutcome
+    from stream_rt.mllm.techniques.token_reuse import ReuseOutcome
 
 
 @dataclass
