@@ -44,7 +44,7 @@ import torch
 from common import answer_fidelity, audio_features, copy_cache, kv_of, one_tile_per_frame, rss_growth, rss_mb
 
 from stream_rt import AudioFeatures
-from stream_rt.images import resize
+from stream_rt.media.images import resize
 from stream_rt.mllm.backends.call import SourceMemory
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages

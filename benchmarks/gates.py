@@ -68,7 +68,7 @@ def detector_us(clip: Path, **settings: bool | float) -> float:
     """Median microseconds of ChangeDetector.detect per real frame of ``clip`` (5 passes)."""
     from stream_rt import ChangeDetector, VideoFrame
     from stream_rt.config import ChangeConfig
-    from stream_rt.images import y_plane
+    from stream_rt.media.images import y_plane
 
     with av.open(str(clip)) as container:
         frames = [VideoFrame("cam", i, int(i * 1e8), 0, np.ascontiguousarray(y_plane(f)))

@@ -41,7 +41,7 @@ from common import answer_fidelity, copy_cache, kv_of
 
 from stream_rt.config import TokenReuseConfig
 from stream_rt.graph.packets import MllmRequest
-from stream_rt.images import rgb_luma
+from stream_rt.media.images import rgb_luma
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.prompt import chat_messages, request_text
 from stream_rt.mllm.smoke import build_smoke_model

@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import paho.mqtt.client as mqtt
 
-from stream_rt.images import rgb_to_jpeg
+from stream_rt.media.images import rgb_to_jpeg
 
 
 def main() -> None:

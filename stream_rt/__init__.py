@@ -3,7 +3,7 @@
 The public API. Everything a program needs to build, run and test a pipeline is
 importable from here, each name with a docstring stating its contract; the package is
 typed (``py.typed``). Two submodules are public as well: :mod:`stream_rt.testing` (the
-node harness and the services the project's own tests use) and :mod:`stream_rt.images`
+node harness and the services the project's own tests use) and :mod:`stream_rt.media.images`
 (decoding, luma, resizing and JPEG encoding of pictures). Other submodules are
 implementation detail.
 """

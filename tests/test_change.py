@@ -13,7 +13,7 @@ import pytest
 
 from stream_rt import ChangeDetector, ChangeMap, VideoFrame
 from stream_rt.config import ChangeConfig
-from stream_rt.images import y_plane
+from stream_rt.media.images import y_plane
 from stream_rt.operators.kernels import (
     blend_background,
     blend_background_reference,

@@ -188,7 +188,7 @@ async def test_the_recent_frames_baseline_sends_the_last_four_frames_whole(sampl
     assert sum(v == 4 * per_frame for v in sent) >= len(sent) - 1, sent
 
 
-PUBLIC_MODULES = {"stream_rt", "stream_rt.testing", "stream_rt.images"}
+PUBLIC_MODULES = {"stream_rt", "stream_rt.testing", "stream_rt.media.images"}
 
 
 def test_the_examples_import_only_the_public_api() -> None:

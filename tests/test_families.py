@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from stream_rt.config import LOSSLESS_CHANNELS, parse_config
-from stream_rt.images import rgb_to_jpeg
+from stream_rt.media.images import rgb_to_jpeg
 from stream_rt.mllm.tiny_recipes import RECIPES
 from stream_rt.pipeline import build_pipeline
 from stream_rt.testing import TINY_MODEL_TYPES, free_port, start_worker, tiny_model

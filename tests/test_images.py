@@ -1,4 +1,4 @@
-"""stream_rt.images, the home of every picture helper: decode, luma, resize, crop, JPEG
+"""stream_rt.media.images, the home of every picture helper: decode, luma, resize, crop, JPEG
 snapshots; and the JSONL sink, which encodes its own snapshots with it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stream_rt import Event, JsonlSink, VideoFrame
-from stream_rt.images import (
+from stream_rt.media.images import (
     decode_data_url,
     decode_image,
     region_crop,

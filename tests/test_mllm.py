@@ -19,7 +19,7 @@ import pytest
 from stream_rt import Event, Graph, MllmAnswer, MllmRequest, Packet, ReplayClock, VideoFrame
 from stream_rt.config import LOSSLESS_CHANNELS, MllmConfig, parse_config
 from stream_rt.graph import Context
-from stream_rt.images import y_plane
+from stream_rt.media.images import y_plane
 from stream_rt.mllm.backend import Backend, MissingWeights, OnText
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.contract import JsonObjectEnd, parse_answer

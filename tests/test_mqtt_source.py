@@ -14,7 +14,7 @@ import pytest
 
 from stream_rt import CallbackSink, Graph, ManualClock, Packet, ReplayClock, VideoFrame
 from stream_rt.config import parse_config
-from stream_rt.images import encode_jpeg, y_plane
+from stream_rt.media.images import encode_jpeg, y_plane
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.mqtt_source import MqttSource
 from stream_rt.testing import Broker, Subscriber

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import stream_rt
-from stream_rt.images import MAX_IMAGE_PIXELS, decode_image, image_size
+from stream_rt.media.images import MAX_IMAGE_PIXELS, decode_image, image_size
 
 PACKAGE = Path(stream_rt.__file__).parent
 UNSAFE = re.compile(

@@ -16,7 +16,7 @@ import av
 import openai
 import pytest
 
-from stream_rt.images import rgb_to_jpeg
+from stream_rt.media.images import rgb_to_jpeg
 from stream_rt.mllm.backends.decoding import Sampling
 from stream_rt.mllm.backends.openai_backend import SMOKE_FINGERPRINT, SMOKE_HEADER
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from stream_rt.images import scale_image
+from stream_rt.media.images import scale_image
 from stream_rt.operators.kernels import patch_cosine
 
 PATCH = 14

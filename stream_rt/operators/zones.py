@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.packets import Box
-from stream_rt.images import Polygon, inside, polygon_in_pixels
+from stream_rt.media.images import Polygon, inside, polygon_in_pixels
 
 Grid = npt.NDArray[np.bool_]
 

@@ -61,7 +61,7 @@ from stream_rt.config import TriggerConfig
 from stream_rt.graph.ids import SequenceNumbers, time_ordered_id
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import EndOfStream, Event, Packet, Salience, SourceStatus, StreamEnded
-from stream_rt.images import encode_jpeg
+from stream_rt.media.images import encode_jpeg
 from stream_rt.policies.asks import AskQueue
 from stream_rt.policies.budget import CallBudget
 from stream_rt.policies.control import EpisodeControls

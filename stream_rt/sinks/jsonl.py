@@ -21,7 +21,7 @@ from typing import IO
 
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, Packet
-from stream_rt.images import encode_jpeg
+from stream_rt.media.images import encode_jpeg
 
 
 class JsonlSink(Sink):

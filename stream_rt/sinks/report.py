@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import Event, MllmAnswer, Packet, Salience
-from stream_rt.images import Polygon, inside, polygon_in_pixels, rgb_to_jpeg, scale_image
+from stream_rt.media.images import Polygon, inside, polygon_in_pixels, rgb_to_jpeg, scale_image
 
 THUMB_WIDTH = 240
 MAX_THUMBS_PER_EPISODE = 4

@@ -13,7 +13,7 @@ recorder may store audio seconds away from the video of the same time. A live in
 one connection and is read once, in arrival order.
 
 Video frames carry the Y plane as a view into the decoder's buffer (row stride
-``line_size``, read by :func:`stream_rt.images.y_plane`); RGB is converted only if asked.
+``line_size``, read by :func:`stream_rt.media.images.y_plane`); RGB is converted only if asked.
 Audio is resampled to 16 kHz mono float32.
 """
 
@@ -35,7 +35,7 @@ import numpy.typing as npt
 from av.stream import Discard
 
 from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
-from stream_rt.images import y_plane
+from stream_rt.media.images import y_plane
 from stream_rt.sources.bridge import ThreadBridge
 
 

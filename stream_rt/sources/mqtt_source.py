@@ -29,7 +29,7 @@ import numpy as np
 from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
-from stream_rt.images import decode_image, rgb_luma, y_plane
+from stream_rt.media.images import decode_image, rgb_luma, y_plane
 from stream_rt.sources.av_decode import PtsSanitiser
 from stream_rt.sources.status import StatusSource
 

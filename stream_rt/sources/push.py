@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
-from stream_rt.images import rgb_luma
+from stream_rt.media.images import rgb_luma
 from stream_rt.sources.av_decode import PtsSanitiser
 from stream_rt.sources.status import StatusSource
 

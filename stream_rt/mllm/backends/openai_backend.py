@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
-from stream_rt.images import rgb_to_jpeg
+from stream_rt.media.images import rgb_to_jpeg
 from stream_rt.mllm.backend import Backend, BackendError, OnText, answer_from_text
 from stream_rt.mllm.contract import JsonObjectEnd
 from stream_rt.mllm.prompt import request_text

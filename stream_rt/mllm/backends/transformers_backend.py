@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 
 from stream_rt.graph.packets import MllmAnswer, MllmRequest
-from stream_rt.images import rgb_luma
+from stream_rt.media.images import rgb_luma
 from stream_rt.mllm.backend import (
     Backend,
     BackendError,

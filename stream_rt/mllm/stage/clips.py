@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from stream_rt.graph.packets import AudioFeatures, Event, MllmRequest, VideoFrame
-from stream_rt.images import resize
+from stream_rt.media.images import resize
 from stream_rt.mllm.stage.requests import build_request, context_line
 
 LEAD_S = 2.0

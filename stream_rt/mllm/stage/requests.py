@@ -5,7 +5,7 @@ question, and a line of context saying what the event is."""
 from __future__ import annotations
 
 from stream_rt.graph.packets import Event, MllmRequest
-from stream_rt.images import region_crop, resize
+from stream_rt.media.images import region_crop, resize
 from stream_rt.policies.answer_reuse import scene_signature
 
 

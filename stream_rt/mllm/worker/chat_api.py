@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream_rt.images import decode_image
+from stream_rt.media.images import decode_image
 from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenLogprob
 
 Strict = ConfigDict(extra="forbid")
