@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stream_rt.graph.packets import MllmRequest
+from stream_rt.graph.packets import Event, MllmRequest
 from stream_rt.mllm.contract import CONTRACT_INSTRUCTION
 
 DEFAULT_QUESTION = (
@@ -32,3 +32,39 @@ def chat_messages(images: int, text: Prompt) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+def context_line(event: Event, clip_start_ns: int | None = None) -> str:
+    """What the event is; ``clip_start_ns``: the images are frames from then to the event."""
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items()))
+    when = f"at {event.pts_ns / 1e9:.1f} s"
+    if event.frame is None:
+        images = " There is no picture from this source (it has no video, or none has arrived): only these scores."
+    elif clip_start_ns is not None:
+        images = f" The images are frames from {clip_start_ns / 1e9:.1f} s to the event, in time order."
+    else:
+        images = " The second image, if any, enlarges where it changed."
+    seen = scene_line(event)
+    if event.type == "ask":
+        return (
+            f"Source '{event.source_id}', {when}."
+            + seen
+            + (images if clip_start_ns is not None or not event.frame else "")
+        )
+    return (
+        f"Source '{event.source_id}', event '{event.type}' {when} (episode since {event.start_pts_ns / 1e9:.1f} s), "
+        f"salience {event.score:.2f} ({parts})." + seen + images
+    )
+
+
+def scene_line(event: Event) -> str:
+    """What the detector saw and where the activity was, in words (empty without either)."""
+    text = ""
+    if event.objects:
+        named = ", ".join(
+            f"{o.label.replace('_', ' ')} {o.score:.2f}{' (still)' if o.stationary else ''}" for o in event.objects
+        )
+        text += f" Detected: {named}."
+    if event.zones:
+        text += f" Activity in zones: {', '.join(event.zones)}."
+    return text

@@ -184,8 +184,7 @@ def _fit_answer(model: Any, tokenizer: Any, workdir: Path, seed: int) -> None:
 
     from stream_rt.graph.packets import Event, MllmRequest
     from stream_rt.mllm.models.adapters import family_for
-    from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, request_text
-    from stream_rt.mllm.stage.requests import context_line
+    from stream_rt.mllm.prompt import DEFAULT_QUESTION, chat_messages, context_line, request_text
 
     adapter = family_for(model.config.model_type)(workdir, model.config)
     rng = np.random.default_rng(seed)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -47,8 +47,14 @@ from stream_rt.mllm.models.attention import attention, mask_for, materialised
 from stream_rt.mllm.models.families import Layout
 from stream_rt.mllm.models.layer_loop import KV, LayerStack, run_layers
 
-if TYPE_CHECKING:
-    from stream_rt.mllm.techniques.layer_exit import LayerExit
+
+class ExitRule(Protocol):
+    """When decoding may leave the layer stack early (the layer exit technique,
+    :class:`stream_rt.mllm.techniques.layer_exit.LayerExit`, implements it)."""
+
+    def exit_layers(self, n_layers: int) -> list[int]: ...
+    def threshold(self, k: int) -> float: ...
+    def record(self, depth: int, distances: list[float], tops: list[int]) -> None: ...
 
 
 @dataclass
@@ -108,7 +114,7 @@ def run_prefill(
     previous: KV | None = None,
     relevance_layer: int | None = None,
     entropy: bool = False,
-    exit: LayerExit | None = None,
+    exit: ExitRule | None = None,
     deepstack: Sequence[torch.Tensor] = (),
 ) -> PrefillResult:
     """Run ``embeds`` (1, L, hidden) through the decoder layers (see the module's text)."""
@@ -137,7 +143,7 @@ class Plugins:
 
     relevance_layer: int | None
     entropies: list[float] | None  # filled per layer, when asked for
-    exit: LayerExit | None
+    exit: ExitRule | None
     deepstack: Sequence[torch.Tensor]
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 
 from stream_rt.graph.packets import AudioFeatures, Event, MllmRequest, VideoFrame
 from stream_rt.media.images import resize
-from stream_rt.mllm.stage.requests import build_request, context_line
+from stream_rt.mllm.prompt import context_line
+from stream_rt.mllm.stage.requests import build_request
 
 LEAD_S = 2.0
 """How far ahead of the events the video may run and still leave every event its clip."""
