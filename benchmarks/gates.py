@@ -48,7 +48,8 @@ from common import bare_decode
 from stream_rt import Config, build_pipeline
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import parse_config
-from stream_rt.operators.kernels import blend_background, patch_mad, patch_mad_reference
+from stream_rt.operators.kernels import blend_background, patch_mad
+from stream_rt.operators.kernels_reference import patch_mad_reference
 from stream_rt.testing import RtspCamera
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,9 +33,9 @@ from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
-from stream_rt.pipeline import Pipeline, build_pipeline, build_source
-from stream_rt.sources.av_source import AvSource, SourceError
-from stream_rt.sources.status import StatusSource
+from stream_rt.pipeline import Pipeline, build_pipeline
+from stream_rt.preflight import check_model, check_sources, validate
+from stream_rt.sources.av_source import SourceError
 
 log = logging.getLogger("stream_rt.cli")
 
@@ -227,47 +227,8 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from stream_rt.operators.detectors import COCO_LABELS, DEFAULT_MODEL
-
-    config = load_config(args.config)
-    for source in config.sources:  # the packaged detector's names are known before anything loads
-        own = config.settings(source.id)
-        unknown = [o for o in own.objects if own.detect.model == DEFAULT_MODEL and o not in COCO_LABELS]
-        if unknown:
-            raise ConfigError(f"{args.config}: sources ({source.id}): objects {unknown} are not COCO labels "
-                              f"(such as {', '.join(COCO_LABELS[:3])}, traffic_light)")  # fmt: skip
-    for source in config.sources:  # a file that is not there (or not media) fails here, not at `run`
-        try:
-            _check_source(build_source(source))
-        except SourceError as exc:
-            raise ConfigError(f"{args.config}: sources ({source.id}): {exc}") from None
-    model = None
-    if config.mllm is not None:
-        from stream_rt.pipeline import build_backend
-
-        try:
-            model = build_backend(config.mllm).check()
-        except ModelUnavailable as exc:
-            raise ConfigError(f"{args.config}: [mllm] model: {exc}") from None
-    ids = ", ".join(s.id for s in config.sources) or "none"
-    print(f"{args.config}: OK ({len(config.sources)} sources: {ids})" + (f"; model {model}" if model else ""))
-    if args.effective:
-        for source in config.sources:
-            print(f"\n[sources.{source.id}]  # effective settings")
-            settings = config.settings(source.id).model_dump(mode="json", exclude_none=True)
-            settings.setdefault("question", None)
-            for key, value in settings.items():
-                print(f"{key} = {_toml(value)}" if value is not None else f"# {key}: not set (the built-in default)")
+    print(validate(args.config, effective=args.effective))
     return 0
-
-
-def _toml(value: object) -> str:
-    """A value as TOML writes it (JSON's form is TOML's, but for tables)."""
-    import json
-
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -311,8 +272,8 @@ def _replay(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config or 'replay'}: {exc}") from None
-    _check_sources(pipeline)
-    _check_model(pipeline)
+    check_sources(pipeline)
+    check_model(pipeline)
     if args.report is not None:
         pipeline.attach_report(args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
     started = time.monotonic()
@@ -338,8 +299,8 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = build_pipeline(config, speed=args.speed)
     except ValueError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
-    _check_sources(pipeline)
-    _check_model(pipeline)
+    check_sources(pipeline)
+    check_model(pipeline)
     log.info("running %d sources: %s", len(pipeline.sources), ", ".join(s.name for s in pipeline.sources))
     started = time.monotonic()
     code = _execute(pipeline, progress=False, ops=config.ops)
@@ -347,26 +308,6 @@ def _run(args: argparse.Namespace) -> int:
     if code != INPUT_ERROR:
         log.info("%s", summary("stopped", pipeline.graph.statistics(), pipeline.sources, wall))
     return code
-
-
-def _check_sources(pipeline: Pipeline) -> None:
-    """A file source that cannot be read is one line and exit code 2 before anything
-    starts (:class:`SourceError`, reported by :func:`main`)."""
-    for source in pipeline.sources:
-        _check_source(source)
-
-
-def _check_source(source: StatusSource) -> None:
-    if isinstance(source, AvSource):
-        source.check()
-
-
-def _check_model(pipeline: Pipeline) -> None:
-    """A model that cannot be used is one line and exit code 2 before anything starts
-    (:class:`ModelUnavailable`, reported by :func:`main`); what only loading can find out
-    (damaged weights) still stops the graph at start."""
-    if pipeline.mllm is not None:
-        pipeline.mllm.backend.check()
 
 
 def _execute(pipeline: Pipeline, progress: bool, ops: OpsConfig | None = None) -> int:

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.graph import Graph, ReplayClock, Supervision
-from stream_rt.graph.backoff import Backoff
 from stream_rt.mllm.backend import Backend
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
@@ -91,7 +90,6 @@ def build_source(cfg: SourceConfig) -> StatusSource:
     :class:`SyntheticSource` for ``synthetic:`` URLs."""
     if cfg.url.startswith("synthetic:"):
         return SyntheticSource.from_url(cfg.id, cfg.url, audio=cfg.decodes_audio)
-    backoff = Backoff(cfg.reconnect.initial_s, cfg.reconnect.max_s, cfg.reconnect.jitter)
     topic = cfg.mqtt_topic
     if topic is not None:
         address = urlsplit(cfg.url)
@@ -102,24 +100,9 @@ def build_source(cfg: SourceConfig) -> StatusSource:
             port=address.port or 1883,
             username=os.environ.get("STREAM_RT_MQTT_USERNAME"),
             password=os.environ.get("STREAM_RT_MQTT_PASSWORD"),
-            format=cfg.frames,
-            width=cfg.width,
-            height=cfg.height,
-            backoff=backoff,
-            stall_timeout_s=cfg.stall_timeout_s,
+            config=cfg,
         )
-    return AvSource(
-        cfg.id,
-        cfg.url,
-        video=cfg.video,
-        audio=cfg.decodes_audio,
-        live=cfg.live,
-        format=cfg.format,
-        options=dict(cfg.options),
-        stall_timeout_s=cfg.stall_timeout_s,
-        timeout_s=cfg.timeout_s,
-        backoff=backoff,
-    )
+    return AvSource(cfg.id, cfg.url, video=cfg.video, audio=cfg.decodes_audio, config=cfg)
 
 
 def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[StatusSource] | None = None) -> Pipeline:

@@ -26,6 +26,7 @@ from stream_rt import (
     ReplayClock,
     VideoFrame,
 )
+from stream_rt.config import BackoffConfig, InputConfig
 from stream_rt.sources.av_decode import PtsSanitiser
 from stream_rt.testing.media import audio_lag_s, remux_audio_late
 
@@ -280,7 +281,14 @@ async def test_a_server_that_accepts_but_never_answers_is_a_timeout_not_invalid_
     graph = Graph(drain_timeout_s=1)
     for name, server in (("silent", silent), ("garbage", garbage)):
         url = f"rtsp://127.0.0.1:{server.getsockname()[1]}/stream"
-        graph.add(AvSource(name, url, audio=False, backoff=Backoff(0.2, 0.5, 0.1), timeout_s=1))
+        graph.add(
+            AvSource(
+                name,
+                url,
+                audio=False,
+                config=InputConfig(timeout_s=1, reconnect=BackoffConfig(initial_s=0.2, max_s=0.5, jitter=0.1)),
+            )
+        )
         graph.add(CallbackSink(f"sink_{name}", lambda p: None))
         graph.connect(f"{name}.video", f"sink_{name}.in")
     babbling = asyncio.create_task(babble())

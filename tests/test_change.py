@@ -16,15 +16,17 @@ from stream_rt.config import ChangeConfig
 from stream_rt.media.images import y_plane
 from stream_rt.operators.kernels import (
     blend_background,
-    blend_background_reference,
     connected_boxes,
     patch_cosine,
-    patch_cosine_reference,
     patch_mad,
     patch_mad_means,
+    retone_patches,
+)
+from stream_rt.operators.kernels_reference import (
+    blend_background_reference,
+    patch_cosine_reference,
     patch_mad_reference,
     patch_means_reference,
-    retone_patches,
     retone_patches_reference,
 )
 from stream_rt.testing import run_node

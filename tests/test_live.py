@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stream_rt import AvSource, Backoff, CallbackSink, Graph, ManualClock, Packet, SourceStatus, VideoFrame
+from stream_rt import AvSource, CallbackSink, Graph, ManualClock, Packet, SourceStatus, VideoFrame
+from stream_rt.config import BackoffConfig, InputConfig
 
 from .processes import RecordProperty, StreamServer
 
@@ -27,9 +28,8 @@ def live_graph(port: int, **kwargs: object) -> tuple[Graph, AvSource, list[Packe
         "cam",
         f"tcp://127.0.0.1:{port}",
         audio=False,
-        backoff=Backoff(0.2, 1.0, 0.1),
+        config=InputConfig(reconnect=BackoffConfig(initial_s=0.2, max_s=1.0, jitter=0.1), **kwargs),  # type: ignore[arg-type]
         seed=1,
-        **kwargs,  # type: ignore[arg-type]
     )
     got: list[Packet] = []
     graph.add(source)
@@ -117,7 +117,9 @@ async def test_a_camera_back_after_a_long_outage_is_seen_within_10_s(
     is online within 10 s (the cap was 30 s: 22 s measured by a user)."""
     clock = ManualClock()
     graph = Graph(clock=clock, drain_timeout_s=2)
-    camera = AvSource("cam", f"tcp://127.0.0.1:{free_port}", audio=False, timeout_s=5)  # the default backoff
+    camera = AvSource(
+        "cam", f"tcp://127.0.0.1:{free_port}", audio=False, config=InputConfig(timeout_s=5)
+    )  # the default backoff
     graph.add(camera)
     graph.add(CallbackSink("sink", lambda p: None))
     graph.connect("cam.video", "sink.in", policy="latest")

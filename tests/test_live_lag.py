@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stream_rt import AudioChunk, AvSource, Backoff, CallbackSink, Graph, Packet, VideoFrame
+from stream_rt import AudioChunk, AvSource, CallbackSink, Graph, Packet, VideoFrame
+from stream_rt.config import BackoffConfig, InputConfig
 from stream_rt.testing import free_port
 
 from .processes import LaggingAvServer, RecordProperty
@@ -50,7 +51,12 @@ async def test_audio_of_a_lagging_server_arrives_half_a_second_after_its_video(
     graph = Graph(drain_timeout_s=2)
     got: dict[str, list[Packet]] = {name: [] for name in servers}
     sources = {
-        name: AvSource(name, f"tcp://127.0.0.1:{s.port}", backoff=Backoff(5.0, 5.0, 0.0)) for name, s in servers.items()
+        name: AvSource(
+            name,
+            f"tcp://127.0.0.1:{s.port}",
+            config=InputConfig(reconnect=BackoffConfig(initial_s=5.0, max_s=5.0, jitter=0.0)),
+        )
+        for name, s in servers.items()
     }
     for name, server in servers.items():
         server.start()

@@ -13,7 +13,7 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from stream_rt import CallbackSink, Graph, ManualClock, Packet, ReplayClock, VideoFrame
-from stream_rt.config import parse_config
+from stream_rt.config import InputConfig, parse_config
 from stream_rt.media.images import encode_jpeg, y_plane
 from stream_rt.pipeline import build_pipeline
 from stream_rt.sources.mqtt_source import MqttSource
@@ -33,7 +33,9 @@ async def test_jpeg_and_raw_frames_over_mqtt(samples: Path, free_port: int, tmp_
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
     # Room for the whole burst: this test checks that every message is decoded.
     robot = MqttSource("robot", "robot/camera", port=free_port, queued=8)
-    raw = MqttSource("raw", "robot/gray", port=free_port, format="gray", width=768, height=576, queued=8)
+    raw = MqttSource(
+        "raw", "robot/gray", port=free_port, config=InputConfig(frames="gray", width=768, height=576), queued=8
+    )
     got: list[Packet] = []
     for source in (robot, raw):
         graph.add(source)
@@ -125,7 +127,9 @@ async def test_a_burst_faster_than_the_graph_keeps_the_newest_frames(free_port: 
     broker = Broker(free_port, tmp_path)
     broker.start()
     graph = Graph(clock=ReplayClock(None), drain_timeout_s=2)
-    source = MqttSource("robot", "robot/gray", port=free_port, format="gray", width=8, height=8, queued=2)
+    source = MqttSource(
+        "robot", "robot/gray", port=free_port, config=InputConfig(frames="gray", width=8, height=8), queued=2
+    )
     release = asyncio.Event()
     got: list[int] = []
 
@@ -165,7 +169,9 @@ async def test_a_burst_of_bad_payloads_is_counted_and_logged_once_a_minute(
     broker.start()
     clock = ManualClock()
     graph = Graph(clock=clock, drain_timeout_s=2)
-    source = MqttSource("robot", "robot/gray", port=free_port, format="gray", width=8, height=8, queued=32)
+    source = MqttSource(
+        "robot", "robot/gray", port=free_port, config=InputConfig(frames="gray", width=8, height=8), queued=32
+    )
     got: list[Packet] = []
     graph.add(source)
     graph.add(CallbackSink("sink", got.append))

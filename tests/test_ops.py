@@ -8,7 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stream_rt import AvSource, Backoff, CallbackSink, Graph, ReplayClock
+from stream_rt import AvSource, CallbackSink, Graph, ReplayClock
+from stream_rt.config import BackoffConfig, InputConfig
 from stream_rt.ops.http import OpsServer
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sources.status import FrameRate
@@ -29,7 +30,11 @@ def get(port: int, path: str) -> tuple[int, str]:
 async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Path, free_port: int) -> None:
     graph = Graph(clock=ReplayClock(1.0), drain_timeout_s=1)
     online = AvSource("walkway", str(samples / "vtest.avi"), audio=False)
-    never = AvSource("gate", f"tcp://127.0.0.1:{free_port}", backoff=Backoff(0.1, 0.2, 0.1), timeout_s=1)
+    never = AvSource(
+        "gate",
+        f"tcp://127.0.0.1:{free_port}",
+        config=InputConfig(timeout_s=1, reconnect=BackoffConfig(initial_s=0.1, max_s=0.2, jitter=0.1)),
+    )
     for source in (online, never):
         graph.add(source)
         graph.add(CallbackSink(f"sink_{source.name}", lambda p: None))
@@ -63,8 +68,9 @@ async def test_healthz_fails_once_a_source_is_offline_past_the_grace(samples: Pa
 
 async def test_the_offline_clock_starts_at_the_outage(server: StreamServer, free_port: int) -> None:
     graph = Graph(drain_timeout_s=1)
-    camera = AvSource("cam", f"tcp://127.0.0.1:{free_port}", audio=False, backoff=Backoff(0.2, 0.5, 0.1),
-                      stall_timeout_s=5, timeout_s=5)  # fmt: skip
+    fast = BackoffConfig(initial_s=0.2, max_s=0.5, jitter=0.1)
+    camera = AvSource("cam", f"tcp://127.0.0.1:{free_port}", audio=False,
+                      config=InputConfig(stall_timeout_s=5, timeout_s=5, reconnect=fast))  # fmt: skip
     graph.add(camera)
     graph.add(CallbackSink("sink", lambda p: None))
     graph.connect("cam.video", "sink.in", policy="latest")

@@ -21,7 +21,7 @@ from stream_rt.config.ops import LoggingConfig, OpsConfig
 from stream_rt.config.perception import AudioGateConfig, ChangeConfig, DetectConfig, SalienceConfig
 from stream_rt.config.root import Config, for_replay, load_config, parse_config
 from stream_rt.config.sinks import JsonlSinkConfig, MqttSinkConfig, SinksConfig
-from stream_rt.config.sources import BackoffConfig, SourceConfig, synthetic_parameters
+from stream_rt.config.sources import BackoffConfig, InputConfig, SourceConfig, synthetic_parameters
 from stream_rt.config.trigger import TriggerConfig
 from stream_rt.config.watches import MAX_WATCH_S, WatchConfig, WatchId
 from stream_rt.config.zones import Point, Polygon
@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DetectConfig",
     "GraphConfig",
+    "InputConfig",
     "JsonlSinkConfig",
     "LoggingConfig",
     "MemoryConfig",

@@ -43,28 +43,17 @@ class BackoffConfig(StrictModel):
     jitter: float = Field(0.2, ge=0, le=1, title="Jitter", description="random +/- share applied to each delay")
 
 
-class SourceConfig(StrictModel):
-    id: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$", title="Source id", description="name of the source in topics, logs and metrics"
-    )
-    url: str = Field(
-        title="Source URL",
-        description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
-        "mqtt://host:port/topic for frames published over MQTT, or synthetic:?frames=N&fps=F&width=W&height=H"
-        "&active_s=A&period_s=P for generated frames (load runs)",
-    )
+class InputConfig(StrictModel):
+    """How a source reads its input and keeps it coming: input format, FFmpeg options, live or not,
+    timeouts, reconnect backoff and (``mqtt://`` sources) what each message holds. A ``[[sources]]``
+    entry holds these keys itself (:class:`SourceConfig` is an :class:`InputConfig`); a source built in
+    code takes one (:class:`~stream_rt.sources.AvSource`, :class:`~stream_rt.sources.MqttSource`)."""
+
     format: str | None = Field(
         None, title="Input format", description="FFmpeg input format, for devices (v4l2, alsa, avfoundation)"
     )
     live: bool | None = Field(
         None, title="Live", description="reconnect forever; default: network URLs and devices are live"
-    )
-    video: bool = Field(True, title="Decode video", description="decode the first video stream")
-    audio: bool | AudioGateConfig = Field(
-        True,
-        title="Decode audio",
-        description="decode the first audio stream (resampled to 16 kHz mono); a table also overrides [audio]'s "
-        "analysis settings for this source",
     )
     options: dict[str, str] = Field(default_factory=dict, title="FFmpeg options", description="extra FFmpeg options")
     stall_timeout_s: float = Field(
@@ -80,11 +69,6 @@ class SourceConfig(StrictModel):
     reconnect: BackoffConfig = Field(
         default_factory=BackoffConfig, title="Reconnect backoff", description="delays between reconnect attempts"
     )
-    on_error: Literal["restart", "stop"] | None = Field(
-        None,
-        title="On error",
-        description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
-    )
     frames: Literal["jpeg", "gray", "rgb24"] = Field(
         "jpeg",
         title="MQTT frame format",
@@ -95,6 +79,30 @@ class SourceConfig(StrictModel):
     )
     height: int | None = Field(
         None, gt=0, title="MQTT frame height", description="mqtt:// sources with raw frames: frame height"
+    )
+
+
+class SourceConfig(InputConfig):
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9_-]+$", title="Source id", description="name of the source in topics, logs and metrics"
+    )
+    url: str = Field(
+        title="Source URL",
+        description="file path, network URL (rtsp://, udp://, tcp://, http://...), device, "
+        "mqtt://host:port/topic for frames published over MQTT, or synthetic:?frames=N&fps=F&width=W&height=H"
+        "&active_s=A&period_s=P for generated frames (load runs)",
+    )
+    video: bool = Field(True, title="Decode video", description="decode the first video stream")
+    audio: bool | AudioGateConfig = Field(
+        True,
+        title="Decode audio",
+        description="decode the first audio stream (resampled to 16 kHz mono); a table also overrides [audio]'s "
+        "analysis settings for this source",
+    )
+    on_error: Literal["restart", "stop"] | None = Field(
+        None,
+        title="On error",
+        description="when the source raises: restart it, or stop the daemon; default: restart live, stop files",
     )
 
     change: ChangeConfig | None = Field(

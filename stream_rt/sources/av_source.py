@@ -22,6 +22,7 @@ from pathlib import Path
 
 import av
 
+from stream_rt.config.sources import InputConfig
 from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import AudioChunk, Packet, SourceStatus, VideoFrame
@@ -55,9 +56,12 @@ class SourceError(RuntimeError):
 class AvSource(StatusSource):
     """Decode ``url`` (a file path, a network URL or a device) into video and audio packets.
 
+    ``config`` says how to read it (:class:`~stream_rt.config.InputConfig`: input format,
+    FFmpeg options, timeouts, reconnect backoff; a ``[[sources]]`` entry is one). Its
     ``live``: ``None`` guesses from the URL (network schemes and devices are live, paths
     are files). A file ends the source when it ends; a live input is reconnected forever.
-    ``timeout_s`` bounds each network open and read (live inputs only).
+    ``timeout_s`` bounds each network open and read (live inputs only); ``seed`` seeds the
+    reconnect jitter.
     """
 
     outputs = {"video": (VideoFrame,), "audio": (AudioChunk,), "status": (SourceStatus,)}
@@ -69,33 +73,31 @@ class AvSource(StatusSource):
         *,
         video: bool = True,
         audio: bool = True,
-        live: bool | None = None,
-        format: str | None = None,
-        options: dict[str, str] | None = None,
-        stall_timeout_s: float = 10.0,
-        timeout_s: float = 10.0,
-        backoff: Backoff | None = None,
+        config: InputConfig | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(name, has_video=video, has_audio=audio)
+        config = config or InputConfig()
+        self.config = config
         self.url = url
-        self.live = _guess_live(url, format) if live is None else live
+        self.live = _guess_live(url, config.format) if config.live is None else config.live
         defaults = {}
         if self.live:
             defaults.update(LIVE_OPTIONS)
             if url.startswith(("rtsp://", "rtsps://")):
                 defaults.update(RTSP_OPTIONS)
+        timeout_s = config.timeout_s
         self.spec = DecodeSpec(
             url=url,
-            format=format,
-            options={**defaults, **(options or {})},
+            format=config.format,
+            options={**defaults, **config.options},
             video=video,
             audio=audio,
             timeout_s=(timeout_s, timeout_s) if self.live else None,
             live=self.live,
         )
-        self.stall_timeout_s = stall_timeout_s
-        self.backoff = backoff or Backoff()
+        self.stall_timeout_s = config.stall_timeout_s
+        self.backoff = Backoff(**config.reconnect.model_dump())
         self._rng = random.Random(seed)
         self._seq = itertools.count()
         self._video_pts = PtsSanitiser()

@@ -26,6 +26,7 @@ from typing import Literal
 import aiomqtt
 import numpy as np
 
+from stream_rt.config.sources import InputConfig
 from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 from stream_rt.graph.packets import SourceStatus, VideoFrame
@@ -74,11 +75,12 @@ def latest_queue(on_replaced: Callable[[], None]) -> type[asyncio.Queue[aiomqtt.
 
 
 class MqttSource(StatusSource):
-    """A graph source of frames published over MQTT on ``topic`` (one JPEG, or raw ``gray`` /
-    ``rgb24`` pixels of ``width`` x ``height``, per message). Outputs: ``video``
+    """A graph source of frames published over MQTT on ``topic`` at the broker ``host``:``port``
+    (one JPEG, or raw ``gray`` / ``rgb24`` pixels of ``width`` x ``height``, per message: ``config``'s
+    ``frames``, ``width`` and ``height``, :class:`~stream_rt.config.InputConfig`). Outputs: ``video``
     (:class:`VideoFrame`, media time = arrival time on the graph's clock) and ``status``.
-    Reconnects to the broker with ``backoff``; a payload that does not decode is counted and
-    skipped."""
+    Reconnects to the broker with ``config.reconnect``; a payload that does not decode is counted
+    and skipped."""
 
     outputs = {"video": (VideoFrame,), "status": (SourceStatus,)}
 
@@ -91,23 +93,21 @@ class MqttSource(StatusSource):
         port: int = 1883,
         username: str | None = None,
         password: str | None = None,
-        format: FrameFormat = "jpeg",
-        width: int | None = None,
-        height: int | None = None,
-        backoff: Backoff | None = None,
+        config: InputConfig | None = None,
         queued: int = 2,
-        stall_timeout_s: float = 10.0,
     ) -> None:
         if queued < 1:
             raise ValueError(f"source '{name}': queued must be >= 1, got {queued}")
         super().__init__(name, has_video=True, has_audio=False)
+        config = config or InputConfig()
+        self.config = config
         self.queued = queued
-        self.stall_timeout_s = stall_timeout_s
+        self.stall_timeout_s = config.stall_timeout_s
         self.topic, self.host, self.port = topic, host, port
         self.username, self.password = username, password
-        self.format, self.width, self.height = format, width, height
-        self.backoff = backoff or Backoff()
-        self.description = f"{format} frames on mqtt://{host}:{port}/{topic}"
+        self.format, self.width, self.height = config.frames, config.width, config.height
+        self.backoff = Backoff(**config.reconnect.model_dump())
+        self.description = f"{self.format} frames on mqtt://{host}:{port}/{topic}"
         self._pts = PtsSanitiser()
         self._seq = 0
         self._rng = random.Random()

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 
 from stream_rt.config import MqttSinkConfig
-from stream_rt.graph.backoff import Backoff
+from stream_rt.graph.backoff import Backoff, Retry
 from stream_rt.graph.node import Context
 
 log = logging.getLogger("stream_rt.mqtt")
@@ -68,13 +68,13 @@ class BrokerConnection:
         connection fails. Returns once a session returned (after a clean disconnect), or
         a failure once closing."""
         self.down_since_ns = ctx.clock.now_ns()
-        failures = 0
+        retry = Retry(self.backoff, ctx.clock, self._rng)
         while True:
             client = self._client()
             try:
                 async with client:
                     self.connected = True
-                    failures = 0
+                    retry.succeeded()
                     log.info("connected to MQTT broker %s", self.address)
                     await session(client)
                 log.info("disconnected from MQTT broker %s", self.address)
@@ -82,11 +82,10 @@ class BrokerConnection:
             except aiomqtt.MqttError as exc:
                 if self.closing.is_set():
                     return  # stopping: no reconnect (the broker publishes the Last Will if it must)
-                self._report(exc, failures, ctx)
+                self._report(exc, retry.failures, ctx)
                 self._lost(ctx)
                 ctx.count("mqtt_reconnects")
-                await ctx.clock.sleep(self.backoff.delay(failures, self._rng))
-                failures += 1
+                await retry.pause()
             finally:
                 self._lost(ctx)
 

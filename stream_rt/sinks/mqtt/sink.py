@@ -64,7 +64,7 @@ class MqttSink(Sink):
         self.drain_timeout_s = drain_timeout_s
         self.topics = Topics(config.prefix)
         will = aiomqtt.Will(self.topics("available"), b"offline", qos=1, retain=True)
-        self.connection = BrokerConnection(config, will, backoff or Backoff(max_s=10.0), publish_window)
+        self.connection = BrokerConnection(config, will, backoff or Backoff(), publish_window)
         self.delivery = Delivery(config.outbox, publish_window, self.connection.closing)
         self.commands = CommandListener(commands, self.sources, self.topics) if commands is not None else None
         self._ended: dict[str, str] = {}  # sources whose stream ended, with why
