@@ -234,16 +234,20 @@ async def test_requests_decoded_together_get_the_answers_each_gets_alone(
     batch = ContinuousBatch(unfitted_backend, max_batch=4)
     leaving = threading.Event()
 
+    pieces = 0
+
+    def leave_after_a_few(piece: str) -> None:  # the last one leaves mid-answer, however busy the machine
+        nonlocal pieces
+        pieces += 1
+        if pieces == 3:
+            leaving.set()
+
     async def one(k: int, images: list[object], text: str, limit: int, sampling: Sampling | None) -> object:
         await asyncio.sleep(0.03 * k)  # later ones join a batch under way
-        cancel = leaving if k == 5 else threading.Event()
-        return await batch.generate(images, text, cancel, None, limit, sampling=sampling)  # type: ignore[arg-type]
+        cancel, on_text = (leaving, leave_after_a_few) if k == 5 else (threading.Event(), None)
+        return await batch.generate(images, text, cancel, on_text, limit, sampling=sampling)  # type: ignore[arg-type]
 
-    async def leave_soon() -> None:
-        await asyncio.sleep(0.3)
-        leaving.set()
-
-    together = await asyncio.gather(*(one(k, *job) for k, job in enumerate(jobs)), leave_soon())
+    together = await asyncio.gather(*(one(k, *job) for k, job in enumerate(jobs)))
     for k, (gen, own) in enumerate(zip(together[:5], alone[:5], strict=True)):
         assert gen.token_ids == own.token_ids and gen.stop == own.stop, k  # type: ignore[attr-defined]
     logprobs, own_logprobs = together[2].logprobs, alone[2].logprobs  # type: ignore[attr-defined]
