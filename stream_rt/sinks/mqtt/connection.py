@@ -35,13 +35,6 @@ REFUSED_CREDENTIALS = frozenset({4, 5, 134, 135})
 Session = Callable[[aiomqtt.Client], Awaitable[None]]
 
 
-GOODBYE_ROOM = 8
-"""Publishes allowed in flight beyond a full window of the outbox, so that the goodbye at a
-stop (``available`` and each source ``offline``) goes out at once instead of queueing in the
-client behind a window of the backlog that waits for its acknowledgements (paho's default
-allows 20 in flight, fewer than a window)."""
-
-
 class BrokerConnection:
     """Keeps one connection to the broker of ``config`` up and runs a session on it.
 
@@ -115,7 +108,6 @@ class BrokerConnection:
         client = aiomqtt.Client(
             c.host, c.port, identifier=c.client_id, username=self._username, password=self._password,
             will=self.will, timeout=10, tls_params=tls,
-            max_inflight_messages=self.window + GOODBYE_ROOM,
         )  # fmt: skip
         client.pending_calls_threshold = 2 * self.window  # a full window in flight is expected
         return client
