@@ -56,8 +56,7 @@ from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.policies.watches import WatchBook
 from stream_rt.sinks import CallbackSink, JsonlSink, MqttSink
 from stream_rt.sources import AvSource, Backoff, MqttSource, PushSource, SourceError, SyntheticSource
-
-__version__ = "0.1.0"
+from stream_rt.version import __version__ as __version__
 
 
 def __getattr__(name: str) -> Any:

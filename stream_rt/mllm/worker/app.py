@@ -37,7 +37,6 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,7 @@ from stream_rt.mllm.worker.chat_api import (
     validation_error,
 )
 from stream_rt.mllm.worker.scheduling import Scheduler, scheduler_for
+from stream_rt.version import __version__
 
 __all__ = ["Worker"]
 
@@ -128,7 +128,7 @@ class Worker:
     @property
     def fingerprint(self) -> str:
         """The ``system_fingerprint`` of every answer: what serves it."""
-        return SMOKE_FINGERPRINT if self.backend.smoke else f"stream_rt-{version('stream-rt')}"
+        return SMOKE_FINGERPRINT if self.backend.smoke else f"stream_rt-{__version__}"
 
     async def stop(self) -> None:
         """Stop serving: generations under way end at their next token (their clients get
