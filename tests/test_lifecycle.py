@@ -9,12 +9,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-
-import paho.mqtt.client as mqtt
 
 from stream_rt.config import parse_config
 from stream_rt.pipeline import build_pipeline
@@ -23,7 +20,7 @@ from stream_rt.testing import Broker, Subscriber
 from .processes import StreamServer
 from .test_faults import busy_daemon, outbox_ids
 from .test_live import wait_for
-from .test_mqtt import wait_until
+from .test_mqtt import retained, wait_until
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -131,28 +128,6 @@ async def test_an_outage_ends_the_episode_and_the_next_activity_is_a_new_one(
     assert all(e["event_id"] != first["event_id"] for e in events_of(rows[offline + 1 :]) if e["type"] != "end")
     assert second["event_id"] != first["event_id"] and second["start_pts_ns"] > end["end_pts_ns"]
     one_event_per_id(events)
-
-
-def retained(port: int, topics: list[str], timeout: float = 5.0) -> dict[str, bytes]:
-    """What a subscriber connecting now receives as retained on ``topics``."""
-    got: dict[str, bytes] = {}
-
-    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        if message.retain:
-            got[message.topic] = bytes(message.payload)
-
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = on_message
-    client.connect("127.0.0.1", port)
-    for topic in topics:
-        client.subscribe(topic, qos=1)
-    client.loop_start()
-    deadline = time.monotonic() + timeout
-    while len(got) < len(topics) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.loop_stop()
-    client.disconnect()
-    return got
 
 
 async def test_a_clean_stop_or_the_end_of_the_stream_leaves_offline_retained(

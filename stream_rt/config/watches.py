@@ -17,7 +17,9 @@ def _not_set(watch_id: str) -> str:
 
 
 WatchId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$"), AfterValidator(_not_set)]
+"""A watch's name as it appears in topics (``<source>/watch/<id>``)."""
 MAX_WATCH_S = 366 * 86400.0
+"""The longest ``expires_s`` and ``recheck_s`` a watch may have (a year), in the config or by command."""
 
 
 class WatchConfig(StrictModel):

@@ -19,23 +19,13 @@ source or feature changes nothing and is answered with an error message.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Protocol
+from typing import Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stream_rt.config.watches import MAX_WATCH_S, WatchId
 
 MAX_PAYLOAD = 4096
-MAX_WATCH_S = 366 * 86400.0
-"""The longest ``expires_s`` and ``recheck_s`` a watch command may set (a year)."""
-
-
-def _not_set(watch_id: str) -> str:
-    if watch_id == "set":  # its state is published on watch/<id>: "set" is the command topic
-        raise ValueError("'set' cannot be a watch id")
-    return watch_id
-
-
-WatchId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$"), AfterValidator(_not_set)]
-"""A watch's name as it appears in topics (``<source>/watch/<id>``)."""
 
 
 class CommandError(ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 
 from stream_rt.graph.clock import Clock
 from stream_rt.graph.packets import MllmRequest
+from stream_rt.graph.waits import first_of
 from stream_rt.policies.flow import FairFlow
 
 
@@ -52,7 +53,7 @@ class CallScheduler:
         request may be queued (not: the daemon is stopping and others still wait)."""
         while self.block and self.flow.queued and not stopping.is_set():
             self._room.clear()
-            await _first(self._room.wait(), stopping.wait())
+            await first_of(self._room.wait(), stopping.wait())
         return not (stopping.is_set() and self.block and self.flow.queued)
 
     def offer(self, request: MllmRequest, asked: bool) -> tuple[list[Queued], Queued | None, list[Queued]]:
@@ -100,13 +101,3 @@ class CallScheduler:
     def queued_s(self, item: Queued) -> float:
         """How long ``item`` has been queued, its call included."""
         return (self.clock.now_ns() - item.queued_ns) / 1e9
-
-
-async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Wait until the first of ``waits`` is done; cancel the others."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

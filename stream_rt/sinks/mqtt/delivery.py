@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from stream_rt.graph.node import Context
+from stream_rt.graph.waits import first_of
 from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
@@ -87,7 +88,7 @@ class Delivery:
                     republished = True
                     continue
             if not batch:
-                await _first(self._wakeup.wait(), self.closing.wait())
+                await first_of(self._wakeup.wait(), self.closing.wait())
                 continue
             if not await self._publish(client, ((m.topic, m.payload, m.retain) for m in batch)):
                 return
@@ -116,13 +117,3 @@ class Delivery:
             return False
         publishes.result()  # raises the connection's failure
         return True
-
-
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Wait until the first of ``waits`` is done; the others are cancelled."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
