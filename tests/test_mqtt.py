@@ -362,3 +362,37 @@ async def test_a_broker_going_away_mid_run_is_not_called_a_credentials_problem(
     assert not [line for line in lines if "username and password" in line], lines
     assert "mqtt_auth_refused" not in graph.statistics()["nodes"]["mqtt"]
     assert any(f"127.0.0.1:{free_port}" in line and ("lost" in line or "reach" in line) for line in lines), lines
+
+
+async def test_a_state_that_changes_while_the_backlog_goes_out_arrives_once(free_port: int, tmp_path: Path) -> None:
+    """Retained states are published again once the connect's backlog is out; one that
+    changed while that backlog was in flight is still queued in the outbox and goes out
+    from there, once, in its turn."""
+    import aiomqtt
+
+    from stream_rt.graph import ManualClock
+    from stream_rt.sinks.mqtt.delivery import Delivery
+
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    subscriber = Subscriber(free_port)
+    await asyncio.wait_for(subscriber.connected.wait(), 5)
+    delivery = Delivery(tmp_path / "outbox.sqlite", window=8, closing=asyncio.Event())
+    delivery.open()
+    for i in range(200):  # the backlog waiting at the connect
+        delivery.add(f"stream_rt/old/events/{i}", b"x", retain=False)
+    ctx = Context("mqtt", ManualClock(), {}, {}, asyncio.Event())
+    try:
+        async with aiomqtt.Client("127.0.0.1", free_port) as client:
+            sending = asyncio.create_task(delivery.send(client, ctx))
+            await asyncio.sleep(0.01)  # the first window is in flight
+            delivery.add("stream_rt/cam/activity", b"ON", retain=True)
+            await wait_until(lambda: delivery.outbox is not None and delivery.outbox.depth() == 0, 10, "the outbox")
+            await asyncio.sleep(0.5)
+            delivery.closing.set()
+            await sending
+    finally:
+        delivery.close()
+        await subscriber.close()
+        broker.kill()
+    assert [p for t, p, _ in subscriber.messages if t == "stream_rt/cam/activity"] == [b"ON"]

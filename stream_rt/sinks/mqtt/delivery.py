@@ -41,7 +41,7 @@ class Delivery:
         self.closing = closing
         self.outbox: Outbox | None = None  # open between open() and close()
         self.published = 0  # messages of the outbox acknowledged by the broker
-        self._retained: dict[str, bytes] = {}  # retained topic -> its current payload
+        self._retained: dict[str, tuple[int, bytes]] = {}  # retained topic -> its current (outbox id, payload)
         self._wakeup = asyncio.Event()
 
     def open(self) -> Outbox:
@@ -63,9 +63,9 @@ class Delivery:
     def add(self, topic: str, payload: bytes, retain: bool) -> None:
         """Commit a message (QoS 1) to the outbox; a retained one is its topic's current state."""
         assert self.outbox is not None, "MqttSink used before start()"
-        self.outbox.add(topic, payload, qos=1, retain=retain)
+        message_id = self.outbox.add(topic, payload, qos=1, retain=retain)
         if retain:
-            self._retained[topic] = payload
+            self._retained[topic] = (message_id, payload)
         self._wakeup.set()
 
     async def send(self, client: aiomqtt.Client, ctx: Context) -> None:
@@ -81,7 +81,9 @@ class Delivery:
             if not republished:
                 batch = [m for m in batch if m.id <= backlog_end]
                 if not batch:
-                    stale = {t: p for t, p in self._retained.items() if last_sent.get(t) != p}
+                    # A state whose current value is still queued after the backlog goes out from
+                    # the outbox in its turn: published here too, it would arrive twice.
+                    stale = {t: p for t, (i, p) in self._retained.items() if i <= backlog_end and last_sent.get(t) != p}
                     if not await self._publish(client, ((t, p, True) for t, p in stale.items())):
                         return
                     last_sent.update(stale)
