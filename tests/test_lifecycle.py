@@ -208,7 +208,7 @@ async def test_a_clean_stop_with_a_backlog_in_the_outbox_still_leaves_offline_re
     outbox.close()
     broker = Broker(free_port, tmp_path)
     broker.start()
-    topics = ["stream_rt/available", "stream_rt/walkway/status"]
+    topics = ["stream_rt/available", "stream_rt/walkway/status", "stream_rt/walkway/available"]
     config = tmp_path / "daemon.toml"
     config.write_text(
         f'[[sources]]\nid = "walkway"\nurl = "{samples / "vtest.avi"}"\n[graph]\ndrain_timeout_s = 1\n'
@@ -227,3 +227,4 @@ async def test_a_clean_stop_with_a_backlog_in_the_outbox_still_leaves_offline_re
     assert Outbox(tmp_path / "outbox.sqlite").depth() > 0, "the backlog was still there at the stop"
     assert left["stream_rt/available"] == b"offline"
     assert json.loads(left["stream_rt/walkway/status"])["state"] == "offline"
+    assert left["stream_rt/walkway/available"] == b"offline"

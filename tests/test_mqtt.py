@@ -396,3 +396,39 @@ async def test_a_state_that_changes_while_the_backlog_goes_out_arrives_once(free
         await subscriber.close()
         broker.kill()
     assert [p for t, p, _ in subscriber.messages if t == "stream_rt/cam/activity"] == [b"ON"]
+
+
+async def test_a_stop_while_a_window_waits_for_acknowledgements_ends_the_delivery_cleanly(
+    free_port: int, tmp_path: Path
+) -> None:
+    """Stopping while the broker has not acknowledged the window in flight (a slow link;
+    here a paused broker) ends the delivery normally, so the goodbye can follow, and the
+    unacknowledged messages stay in the outbox."""
+    import signal
+
+    import aiomqtt
+
+    from stream_rt.graph import ManualClock
+    from stream_rt.sinks.mqtt.delivery import Delivery
+
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    assert broker.proc is not None
+    delivery = Delivery(tmp_path / "outbox.sqlite", window=8, closing=asyncio.Event())
+    delivery.open()
+    ctx = Context("mqtt", ManualClock(), {}, {}, asyncio.Event())
+    try:
+        async with aiomqtt.Client("127.0.0.1", free_port) as client:
+            broker.proc.send_signal(signal.SIGSTOP)
+            for i in range(20):
+                delivery.add(f"stream_rt/cam/events/{i}", b"x", retain=False)
+            sending = asyncio.create_task(delivery.send(client, ctx))
+            await asyncio.sleep(0.3)  # the first window is handed to the client, unacknowledged
+            delivery.closing.set()
+            await asyncio.wait_for(sending, 5)  # returns: no CancelledError out of a stop
+            assert delivery.outbox is not None and delivery.outbox.depth() == 20
+            broker.proc.send_signal(signal.SIGCONT)
+    finally:
+        delivery.close()
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.kill()

@@ -112,10 +112,13 @@ class Delivery:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
-            if not publishes.done():
+            cut_short = not publishes.done()
+            if cut_short:
+                # A cancelled gather ends with CancelledError as its *exception*, not as
+                # cancelled(): it must not be read as a result.
                 publishes.cancel()
                 await asyncio.gather(publishes, return_exceptions=True)
-        if publishes.cancelled():
+        if cut_short:
             return False
         publishes.result()  # raises the connection's failure
         return True
