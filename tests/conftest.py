@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stream_rt.testing import StreamServer
 from stream_rt.testing import free_port as free_port_now
-
-from .processes import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples"))

@@ -67,6 +67,16 @@ def test_defaults_suit_a_live_daemon() -> None:
     assert config.sources[0].stall_timeout_s == 10.0
 
 
+def test_a_source_and_the_mqtt_sink_reconnect_on_the_same_default_backoff() -> None:
+    """The config floor and the graph floor are siblings (neither imports the other), so
+    the reconnect defaults are declared on each: a source's ``reconnect`` and the MQTT
+    sink's built-in backoff must not drift apart."""
+    from stream_rt.config import BackoffConfig
+    from stream_rt.graph.backoff import Backoff
+
+    assert Backoff(**BackoffConfig().model_dump()) == Backoff()
+
+
 def test_memory_and_clip_settings_that_cannot_work_together_are_refused() -> None:
     source = [{"id": "cam", "url": "cam.mkv"}]
     for mllm, error in [

@@ -15,9 +15,8 @@ from typing import Any
 
 from stream_rt.config import parse_config
 from stream_rt.pipeline import build_pipeline
-from stream_rt.testing import Broker, Subscriber
+from stream_rt.testing import Broker, StreamServer, Subscriber
 
-from .processes import StreamServer
 from .test_faults import busy_daemon, outbox_ids
 from .test_live import wait_for
 from .test_mqtt import retained, wait_until

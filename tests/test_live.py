@@ -10,8 +10,9 @@ from pathlib import Path
 
 from stream_rt import AvSource, CallbackSink, Graph, ManualClock, Packet, SourceStatus, VideoFrame
 from stream_rt.config import BackoffConfig, InputConfig
+from stream_rt.testing import StreamServer
 
-from .processes import RecordProperty, StreamServer
+from .processes import RecordProperty
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 
 from stream_rt import AudioChunk, AvSource, CallbackSink, Graph, Packet, VideoFrame
 from stream_rt.config import BackoffConfig, InputConfig
-from stream_rt.testing import free_port
+from stream_rt.testing import LaggingAvServer, free_port
 
-from .processes import LaggingAvServer, RecordProperty
+from .processes import RecordProperty
 
 
 async def served(servers: Iterable[LaggingAvServer]) -> None:

@@ -23,9 +23,9 @@ from stream_rt.graph import Backoff, Context
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.mqtt import MqttSink
-from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, numbered_event
+from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, make_certificates, numbered_event
 
-from .processes import RecordProperty, make_certificates
+from .processes import RecordProperty
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from stream_rt.config import BackoffConfig, InputConfig
 from stream_rt.ops.http import OpsServer
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sources.status import FrameRate
+from stream_rt.testing import StreamServer
 
-from .processes import StreamServer
 from .test_commands import Waiting
 from .test_live import wait_for
 

@@ -129,9 +129,6 @@ class AskQueue:
     def source_offline(self, source_id: str) -> None:
         self._source(source_id).online = False
 
-    def is_online(self, source_id: str) -> bool:
-        return self._source(source_id).online
-
     def source_ended(self, source_id: str | None = None) -> None:
         """``source_id``'s stream ended for good (``None``: every source's)."""
         if source_id is None:
