@@ -102,8 +102,12 @@ async def test_the_robot_agent_gets_actions_back_through_its_callback() -> None:
             await proc.wait()
     assert proc.returncode == 0, stderr.decode()[-2000:]
     actions = [line for line in stdout.decode().splitlines() if line.startswith("t=")]
-    assert len(actions) >= 2, stdout.decode()
-    assert all(" ok " in a and "action='none'" in a and "stop=contract" in a for a in actions), actions
+    answered = [a for a in actions if " ok " in a]
+    assert len(answered) >= 2, stdout.decode()
+    assert all("action='none'" in a and "stop=contract" in a for a in answered), answered
+    # flow="latest": a request the model was too busy for is replaced by the newer view and
+    # comes back "dropped" (a loaded machine); nothing else may come back.
+    assert all(" dropped " in a for a in actions if a not in answered), actions
 
 
 async def test_the_mqtt_pipeline_takes_frames_over_mqtt_and_answers_over_mqtt(
