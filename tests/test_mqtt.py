@@ -13,16 +13,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
 from stream_rt import Event, Graph, MllmAnswer, Packet, ReplayClock, SourceStatus, WatchState
 from stream_rt.config import LOSSLESS_CHANNELS as LOSSLESS
 from stream_rt.config import MqttSinkConfig, parse_config
-from stream_rt.graph import Backoff, Context
+from stream_rt.graph import Backoff, Context, ManualClock
 from stream_rt.pipeline import build_pipeline
 from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.sinks.mqtt import MqttSink
+from stream_rt.sinks.mqtt.delivery import Delivery
 from stream_rt.testing import Broker, ListSource, Subscriber, feed_graph, make_certificates, numbered_event
 
 from .processes import RecordProperty
@@ -364,24 +366,35 @@ async def test_a_broker_going_away_mid_run_is_not_called_a_credentials_problem(
     assert any(f"127.0.0.1:{free_port}" in line and ("lost" in line or "reach" in line) for line in lines), lines
 
 
+def new_delivery(tmp_path: Path) -> tuple[Delivery, Context]:
+    """The MQTT sink's delivery of an outbox in ``tmp_path``, open, with a context to send in."""
+    delivery = Delivery(tmp_path / "outbox.sqlite", window=8, closing=asyncio.Event())
+    delivery.open()
+    return delivery, Context("mqtt", ManualClock(), {}, {}, asyncio.Event())
+
+
+async def send_once(delivery: Delivery, ctx: Context, port: int) -> None:
+    """Connect, let the delivery send until the outbox is empty and the states are out, stop."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        sending = asyncio.create_task(delivery.send(client, ctx))
+        await wait_until(lambda: delivery.outbox is not None and delivery.outbox.depth() == 0, 10, "the outbox")
+        await asyncio.sleep(0.3)
+        delivery.closing.set()
+        await sending
+    delivery.closing.clear()
+
+
 async def test_a_state_that_changes_while_the_backlog_goes_out_arrives_once(free_port: int, tmp_path: Path) -> None:
     """Retained states are published again once the connect's backlog is out; one that
     changed while that backlog was in flight is still queued in the outbox and goes out
     from there, once, in its turn."""
-    import aiomqtt
-
-    from stream_rt.graph import ManualClock
-    from stream_rt.sinks.mqtt.delivery import Delivery
-
     broker = Broker(free_port, tmp_path)
     broker.start()
     subscriber = Subscriber(free_port)
     await asyncio.wait_for(subscriber.connected.wait(), 5)
-    delivery = Delivery(tmp_path / "outbox.sqlite", window=8, closing=asyncio.Event())
-    delivery.open()
+    delivery, ctx = new_delivery(tmp_path)
     for i in range(200):  # the backlog waiting at the connect
         delivery.add(f"stream_rt/old/events/{i}", b"x", retain=False)
-    ctx = Context("mqtt", ManualClock(), {}, {}, asyncio.Event())
     try:
         async with aiomqtt.Client("127.0.0.1", free_port) as client:
             sending = asyncio.create_task(delivery.send(client, ctx))
@@ -398,25 +411,38 @@ async def test_a_state_that_changes_while_the_backlog_goes_out_arrives_once(free
     assert [p for t, p, _ in subscriber.messages if t == "stream_rt/cam/activity"] == [b"ON"]
 
 
+async def test_states_kept_across_a_reopened_outbox_are_published_again(free_port: int, tmp_path: Path) -> None:
+    """A sink restarted by its supervision reopens its outbox, which numbers its messages
+    afresh: the states it keeps are still published again on the next connect, to a broker
+    that restarted without persistence and forgot them."""
+    broker = Broker(free_port, tmp_path)
+    broker.start()
+    delivery, ctx = new_delivery(tmp_path)
+    try:
+        delivery.add("stream_rt/cam/activity", b"ON", retain=True)
+        await send_once(delivery, ctx, free_port)
+        delivery.close()  # the sink's stop and start
+        delivery.open()
+        broker.kill()
+        broker.start()
+        await send_once(delivery, ctx, free_port)
+        kept = await asyncio.to_thread(retained, free_port, ["stream_rt/cam/activity"])
+    finally:
+        delivery.close()
+        broker.kill()
+    assert kept == {"stream_rt/cam/activity": b"ON"}
+
+
 async def test_a_stop_while_a_window_waits_for_acknowledgements_ends_the_delivery_cleanly(
     free_port: int, tmp_path: Path
 ) -> None:
     """Stopping while the broker has not acknowledged the window in flight (a slow link;
     here a paused broker) ends the delivery normally, so the goodbye can follow, and the
     unacknowledged messages stay in the outbox."""
-    import signal
-
-    import aiomqtt
-
-    from stream_rt.graph import ManualClock
-    from stream_rt.sinks.mqtt.delivery import Delivery
-
     broker = Broker(free_port, tmp_path)
     broker.start()
     assert broker.proc is not None
-    delivery = Delivery(tmp_path / "outbox.sqlite", window=8, closing=asyncio.Event())
-    delivery.open()
-    ctx = Context("mqtt", ManualClock(), {}, {}, asyncio.Event())
+    delivery, ctx = new_delivery(tmp_path)
     try:
         async with aiomqtt.Client("127.0.0.1", free_port) as client:
             broker.proc.send_signal(signal.SIGSTOP)
@@ -427,7 +453,6 @@ async def test_a_stop_while_a_window_waits_for_acknowledgements_ends_the_deliver
             delivery.closing.set()
             await asyncio.wait_for(sending, 5)  # returns: no CancelledError out of a stop
             assert delivery.outbox is not None and delivery.outbox.depth() == 20
-            broker.proc.send_signal(signal.SIGCONT)
     finally:
         delivery.close()
         broker.proc.send_signal(signal.SIGCONT)

@@ -11,7 +11,9 @@ persistence and forgot them all. So :class:`Delivery` keeps the current payload 
 retained topic, and once the backlog that was waiting at the connect is out, publishes
 again every state whose current payload is not the last one published on this
 connection: after the older values of the backlog, before anything newer, so the last
-value a subscriber receives, and the one the broker keeps, is the current one.
+value a subscriber receives, and the one the broker keeps, is the current one. A state
+whose current value was committed after that backlog is not published again: it goes out
+from the outbox, in its turn.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class Delivery:
         """Open the outbox (what an earlier run left in it goes out first)."""
         if self.outbox is None:
             self.outbox = Outbox(self.path)
+            # A reopened outbox numbers its messages afresh: the states kept count as older
+            # than anything in it, so they are published again after its backlog.
+            self._retained = {topic: (0, payload) for topic, (_, payload) in self._retained.items()}
             if left := self.outbox.depth():
                 log.info("outbox %s holds %d messages from before: delivering them first", self.path, left)
         return self.outbox
@@ -112,13 +117,13 @@ class Delivery:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
-            cut_short = not publishes.done()
-            if cut_short:
-                # A cancelled gather ends with CancelledError as its *exception*, not as
-                # cancelled(): it must not be read as a result.
+            if not publishes.done():
                 publishes.cancel()
                 await asyncio.gather(publishes, return_exceptions=True)
-        if cut_short:
+        # A gather cancelled while its publishes waited ends with CancelledError as its
+        # *exception* (not cancelled()); one whose last PUBACK came as it was cancelled ends
+        # with its result, and its window counts as delivered.
+        if publishes.cancelled() or isinstance(publishes.exception(), asyncio.CancelledError):
             return False
         publishes.result()  # raises the connection's failure
         return True
