@@ -8,7 +8,8 @@ with ``dpkg -x`` (nothing is installed):
   pedestrians, 768x576, 10 fps, 79.5 s; ``Megamind.avi``: a film clip with AC-3 stereo
   audio; ``Megamind_bugy.avi``: the same clip with damaged packets; ``tree.avi``: a
   handheld camera moving along a tree).
-- ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV.
+- ``pocketsphinx-testdata``: real read speech, 16 kHz mono WAV, with what is said in each
+  (``speech_transcription.txt``, the package's reference transcription).
 - ``node-opencv`` (MIT): ``pen.mov``, a real camera over a table: a pen comes in, pushes
   a coin about and leaves, while auto-exposure drifts (568x320, 30 fps, 8 s).
 
@@ -58,8 +59,11 @@ PACKAGES = {
     },
     "node-opencv": {"usr/share/doc/node-opencv/examples/files/motion.mov": "pen.mov"},
     "pocketsphinx-testdata": {
-        f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{n:04d}.wav": f"speech_{n:04d}.wav"
-        for n in (870, 880, 890, 920, 930)
+        **{
+            f"{LIBRIVOX}/sense_and_sensibility_01_austen_64kb-{n:04d}.wav": f"speech_{n:04d}.wav"
+            for n in (870, 880, 890, 920, 930)
+        },
+        f"{LIBRIVOX}/transcription": "speech_transcription.txt",  # what each is, word for word
     },
 }
 

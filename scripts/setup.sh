@@ -45,7 +45,7 @@ fi
 # Every other package at the version in requirements.lock (made by scripts/relock.py; the
 # extras and the package itself come from pyproject.toml). pip moves any package that
 # differs from the lock to the locked version.
-echo "setup: installing stream-rt with speech detection, the object gate and its dev tools (requirements.lock)"
-.venv/bin/pip install -q -c requirements.lock -e ".[dev,vad,mllm,memory,detect]"
+echo "setup: installing stream-rt with speech detection and transcription, the object gate and its dev tools (requirements.lock)"
+.venv/bin/pip install -q -c requirements.lock -e ".[dev,vad,speech,mllm,memory,detect]"
 
 .venv/bin/python scripts/fetch_samples.py

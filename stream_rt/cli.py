@@ -30,6 +30,7 @@ from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
 from stream_rt.mllm.backend import ModelUnavailable
 from stream_rt.operators.detectors import DetectorUnavailable
+from stream_rt.operators.recognizers import RecognizerUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DetectorUnavailable as exc:
         print(f"stream-rt: {exc} (or set [detect] enabled = false)", file=sys.stderr)
+        return 2
+    except RecognizerUnavailable as exc:
+        print(f"stream-rt: {exc} (or set [transcription] enabled = false)", file=sys.stderr)
         return 2
     except (ModelUnavailable, SourceError) as exc:
         print(f"stream-rt: {exc}", file=sys.stderr)

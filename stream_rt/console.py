@@ -57,8 +57,8 @@ class ProgressBar:
 
 def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall_s: float) -> str:
     """A one-screen account of a run: frames, rates, skipped packets, a recording cut short,
-    episodes (and, with a model, the steps sent to it, its answers and its calls), drops
-    per edge, time."""
+    episodes (and, with a model, the steps sent to it, its answers and its calls), the
+    speech transcribed, drops per edge, time."""
     nodes = stats["nodes"]
     frames = sum(nodes[s.name].get("frames", 0) for s in sources)
     audio = sum(nodes[s.name].get("audio_chunks", 0) for s in sources)
@@ -103,6 +103,15 @@ def summary(title: str, stats: dict[str, Any], sources: list[StatusSource], wall
             f"{trigger.get('events_end', 0)} ended"
             + (f"; {asked} sent to the model ({asked / max(1, frames):.2%} of frames)" if mllm is not None else "")
             + (f"; skipped: {skips}" if skips else "")
+        )
+    heard = nodes.get("transcription")
+    if heard is not None:
+        skipped = heard.get("speech_skipped_ms", 0) / 1000
+        failed = heard.get("transcription_errors", 0)
+        lines.append(
+            f"  speech transcribed: {heard.get('speech_transcribed_ms', 0) / 1000:.1f} s"
+            + (f"; skipped {skipped:.1f} s (the recogniser fell behind)" if skipped else "")
+            + (f"; {failed} stretches failed" if failed else "")
         )
     if mllm is not None:
         statuses = ", ".join(f"{n} {k[8:]}" for k, n in sorted(mllm.items()) if k.startswith("answers_"))

@@ -28,11 +28,14 @@ from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.detectors import Detector, load_detector
 from stream_rt.operators.objects import ObjectGate
+from stream_rt.operators.recognizers import recognizer_available
 from stream_rt.operators.salience import SalienceFusion
+from stream_rt.operators.transcription import Transcriber
 from stream_rt.operators.vad import vad_available
 from stream_rt.operators.zones import SceneLayout
 from stream_rt.policies.asks import AskLedger, AskQueue
 from stream_rt.policies.control import EpisodeControls, SourceControl
+from stream_rt.policies.heard import HeardWords
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.policies.watches import WatchBook, reconcile
 from stream_rt.sinks.jsonl import JsonlSink
@@ -128,6 +131,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     layouts = {name: SceneLayout(own.masks, own.zones, own.require_zones) for name, own in settings.items()}
     trigger, control, mllm = None, None, None
     ledger, watches = None, None
+    events: str | None = None  # the port events leave from: the trigger's, or with the words of their span
+    words_of: list[str] = []  # the sources transcribed
     if _build_gates(graph, config, sources, settings, layouts):
         # One object per concern, handed to every node (and the command target) that needs it.
         ledger = AskLedger() if config.mllm is not None else None
@@ -144,11 +149,19 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         graph.add(trigger)
         graph.connect("salience.salience", "trigger.salience", capacity=64)
         control = SourceControl(episodes, asks, watches)
+        events = "trigger.events"
+        words_of = _build_transcription(graph, config, sources, settings)
+        if words_of:
+            events = "words.events"
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
         mllm = _build_mllm(config.mllm, ledger, questions, watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
-        graph.connect("trigger.events", "mllm.events", capacity=64)
+        graph.connect("trigger.events", "mllm.events", capacity=64)  # at once: a clip is of the event's moment
+        if words_of:  # ...and its request waits for the words of its span
+            graph.connect("words.events", "mllm.heard", capacity=64)
+            for name in words_of:
+                mllm.expect_words(name)
         if mllm.clip is not None:  # clips: the frames before each event and their sound
             for source in sources:
                 if source.has_video:
@@ -162,7 +175,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         names = {s.name for s in sources}
         jsonl = JsonlSink("jsonl", jsonl_cfg.path, snapshots_dir=jsonl_cfg.snapshots_dir, sources=names)
         graph.add(jsonl)
-        _feed(graph, "jsonl", trigger, mllm, sources)
+        _feed(graph, "jsonl", events, bool(words_of), mllm, sources)
         for source in sources:
             if jsonl_cfg.video and source.has_video:
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
@@ -172,16 +185,19 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     if config.sinks.mqtt is not None:
         mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
         graph.add(mqtt)
-        _feed(graph, "mqtt", trigger, mllm, sources)
+        _feed(graph, "mqtt", events, bool(words_of), mllm, sources)
     return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control)
 
 
 def _feed(
-    graph: Graph, sink: str, trigger: TriggerPolicy | None, mllm: MllmStage | None, sources: list[StatusSource]
+    graph: Graph, sink: str, events: str | None, transcribed: bool, mllm: MllmStage | None, sources: list[StatusSource]
 ) -> None:
-    """What every sink receives: events, answers, watch transitions and each source's status."""
-    if trigger is not None:
-        graph.connect("trigger.events", f"{sink}.in", capacity=64)
+    """What every sink receives: events, transcripts, answers, watch transitions and each
+    source's status."""
+    if events is not None:
+        graph.connect(events, f"{sink}.in", capacity=64)
+    if transcribed:
+        graph.connect("transcription.transcripts", f"{sink}.in", capacity=64)
     if mllm is not None:
         graph.connect("mllm.answers", f"{sink}.in", capacity=64)
         graph.connect("mllm.watches", f"{sink}.in", capacity=64)
@@ -300,3 +316,48 @@ def _load_detectors(detecting: list[SourceSettings]) -> dict[tuple[object, ...],
 
 def _detector_key(d: DetectConfig) -> tuple[object, ...]:
     return (d.model, d.min_score, d.input_size, d.threads, d.labels)
+
+
+def _build_transcription(
+    graph: Graph, config: Config, sources: list[StatusSource], settings: dict[str, SourceSettings]
+) -> list[str]:
+    """The transcriber of the sources whose speech is transcribed (audio analysed with the
+    VAD, ``[transcription]`` on), and the node that gives each event the words of its
+    span; the sources transcribed (none: nothing built). A source whose ``enabled`` is unset is
+    transcribed when the engine is installed."""
+    transcriber = Transcriber("transcription")
+    words = HeardWords("words")
+    off = []
+    for source in sources:
+        own = settings[source.name]
+        vad = own.audio.vad if own.audio.vad is not None else vad_available()
+        if not (source.has_audio and own.audio.enabled and vad):
+            continue
+        enabled = own.transcription.enabled
+        if enabled is None:
+            enabled = recognizer_available(own.transcription)
+            if not enabled:
+                off.append(source.name)
+        if enabled:
+            live = _is_live(source)
+            transcriber.configure(source.name, own.transcription, live)  # loads the recogniser: fails here
+            words.expect(source.name, own.transcription.wait_s if live else None)
+    if off:
+        log.info("transcription is off for %s (pocketsphinx is not installed: the 'speech' extra)", ", ".join(off))
+    if not words.expected:
+        return []
+    graph.add(transcriber)
+    graph.add(words)
+    audio_ch = config.graph.audio_channel
+    for name in words.expected:
+        graph.connect(f"{name}.audio", "transcription.audio", audio_ch.policy, audio_ch.capacity)
+    graph.connect("audio.features", "transcription.features", capacity=256)
+    graph.connect("trigger.events", "words.events", capacity=64)
+    graph.connect("transcription.words", "words.words", capacity=256)
+    return words.expected
+
+
+def _is_live(source: StatusSource) -> bool:
+    """Whether ``source`` delivers at its own pace (a camera, MQTT, a program's pushes), not
+    a recording the graph replays."""
+    return not isinstance(source, AvSource | SyntheticSource) or (isinstance(source, AvSource) and source.live)

@@ -246,8 +246,9 @@ async def test_answers_go_to_the_answers_topic_keyed_by_event_id(broker: Broker,
     assert [e["event_id"] for e in subscriber.payloads("/cam/events")] == ["cam-3"]
 
 
-def retained(port: int, topics: list[str], timeout: float = 5.0) -> dict[str, bytes]:
-    """What a subscriber connecting now receives as retained on ``topics`` (each a filter)."""
+def retained(port: int, topics: list[str], timeout: float = 5.0, count: int | None = None) -> dict[str, bytes]:
+    """What a subscriber connecting now receives as retained on ``topics`` (each a filter),
+    once ``count`` topics (default: one per filter) have arrived or ``timeout`` passed."""
     got: dict[str, bytes] = {}
 
     def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
@@ -261,7 +262,7 @@ def retained(port: int, topics: list[str], timeout: float = 5.0) -> dict[str, by
         client.subscribe(topic, qos=1)
     client.loop_start()
     deadline = time.monotonic() + timeout
-    while len(got) < len(topics) and time.monotonic() < deadline:
+    while len(got) < (count or len(topics)) and time.monotonic() < deadline:
         time.sleep(0.05)
     client.loop_stop()
     client.disconnect()
@@ -319,7 +320,8 @@ async def test_every_retained_state_is_current_after_a_broker_restart(free_port:
         await wait_until(lambda: [t for t, _, _ in subscriber.messages[received:]].count("stream_rt/gate/activity")
                          >= 2, 20, "the backlog to arrive")  # fmt: skip
         await asyncio.sleep(0.5)
-        kept = await asyncio.to_thread(retained, free_port, [f"stream_rt/{t}" for t in topics] + ["homeassistant/#"])
+        filters = [f"stream_rt/{t}" for t in topics] + ["homeassistant/#"]
+        kept = await asyncio.to_thread(retained, free_port, filters, 5.0, len(topics) + 3)  # 3 discovery configs
         after = subscriber.messages[received:]
     finally:
         await subscriber.close()

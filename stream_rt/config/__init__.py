@@ -18,7 +18,13 @@ from stream_rt.config.effective import SourceSettings, effective_settings
 from stream_rt.config.graph import LOSSLESS_CHANNELS, ChannelConfig, GraphConfig, PolicyName
 from stream_rt.config.mllm import ClipConfig, MemoryConfig, MllmConfig, TokenReuseConfig
 from stream_rt.config.ops import LoggingConfig, OpsConfig
-from stream_rt.config.perception import AudioGateConfig, ChangeConfig, DetectConfig, SalienceConfig
+from stream_rt.config.perception import (
+    AudioGateConfig,
+    ChangeConfig,
+    DetectConfig,
+    SalienceConfig,
+    TranscriptionConfig,
+)
 from stream_rt.config.root import Config, for_replay, load_config, parse_config
 from stream_rt.config.sinks import JsonlSinkConfig, MqttSinkConfig, SinksConfig
 from stream_rt.config.sources import BackoffConfig, InputConfig, SourceConfig, synthetic_parameters
@@ -54,6 +60,7 @@ __all__ = [
     "SourceSettings",
     "StrictModel",
     "TokenReuseConfig",
+    "TranscriptionConfig",
     "TriggerConfig",
     "WatchConfig",
     "WatchId",

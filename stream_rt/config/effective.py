@@ -8,7 +8,13 @@ import typing
 from pydantic import Field
 
 from stream_rt.config.base import StrictModel
-from stream_rt.config.perception import AudioGateConfig, ChangeConfig, DetectConfig, SalienceConfig
+from stream_rt.config.perception import (
+    AudioGateConfig,
+    ChangeConfig,
+    DetectConfig,
+    SalienceConfig,
+    TranscriptionConfig,
+)
 from stream_rt.config.trigger import TriggerConfig
 from stream_rt.config.zones import Polygon
 
@@ -21,6 +27,9 @@ class SourceSettings(StrictModel):
 
     change: ChangeConfig = Field(title="Change detection", description="the [change] section with the source's keys")
     audio: AudioGateConfig = Field(title="Audio analysis", description="the [audio] section with the source's keys")
+    transcription: TranscriptionConfig = Field(
+        title="Transcription", description="the [transcription] section with the source's keys"
+    )
     salience: SalienceConfig = Field(title="Salience", description="the [salience] section with the source's keys")
     trigger: TriggerConfig = Field(title="Trigger", description="the [trigger] section with the source's keys")
     detect: DetectConfig = Field(title="Object detection", description="the [detect] section with the source's keys")
@@ -63,14 +72,15 @@ def effective_settings(config: Config, source_id: str | None = None) -> SourceSe
     source = next((s for s in config.sources if s.id == source_id), None)
     if source is None:
         return SourceSettings(
-            change=config.change, audio=config.audio, salience=config.salience, trigger=config.trigger,
-            detect=config.detect,
+            change=config.change, audio=config.audio, transcription=config.transcription,
+            salience=config.salience, trigger=config.trigger, detect=config.detect,
         )  # fmt: skip
     audio = source.audio if isinstance(source.audio, AudioGateConfig) else None
     question = source.question or (config.mllm.question if config.mllm is not None else None)
     return SourceSettings(
         change=_merged(config.change, source.change),
         audio=_merged(config.audio, audio),
+        transcription=_merged(config.transcription, source.transcription),
         salience=_merged(config.salience, source.salience),
         trigger=_merged(config.trigger, source.trigger),
         detect=_merged(config.detect, source.detect),

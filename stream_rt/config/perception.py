@@ -1,5 +1,5 @@
-"""The perception gates' settings: visual change, object detection, audio analysis and
-their fusion into one salience score. Each is a top-level section whose keys a source may
+"""The perception gates' settings: visual change, object detection, audio analysis, the
+transcription of speech and their fusion into one salience score. Each is a top-level section whose keys a source may
 override in part."""
 
 from __future__ import annotations
@@ -120,6 +120,56 @@ class AudioGateConfig(StrictModel):
     )
     floor_rise_db_per_s: float = Field(
         0.5, gt=0, title="Noise floor rise (dB/s)", description="how fast the noise floor may rise"
+    )
+
+
+class TranscriptionConfig(StrictModel):
+    enabled: bool | None = Field(
+        None,
+        title="Enabled",
+        description="transcribe the speech the VAD finds (needs audio and speech detection); default: on when the "
+        "engine is installed (pocketsphinx: the 'speech' extra)",
+    )
+    engine: Literal["pocketsphinx", "faster-whisper"] = Field(
+        "pocketsphinx",
+        title="Engine",
+        description="pocketsphinx (its English model ships in the package) or faster-whisper (needs model_dir)",
+    )
+    language: str = Field(
+        "en",
+        pattern=r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$",
+        title="Language",
+        description="language spoken (pocketsphinx's own model is English; other languages need model_dir)",
+    )
+    model_dir: Path | None = Field(
+        None,
+        title="Model folder",
+        description="pocketsphinx: a model folder (acoustic model, dictionary, language model); faster-whisper: a "
+        "CTranslate2 Whisper model folder",
+    )
+    speech_threshold: float = Field(
+        0.5, gt=0, lt=1, title="Speech threshold", description="VAD probability at which a stretch of speech begins"
+    )
+    end_silence_s: float = Field(
+        0.5, gt=0, title="End silence (s)", description="a stretch of speech ends after this long without speech"
+    )
+    pad_s: float = Field(
+        0.25, ge=0, le=2, title="Padding (s)", description="sound kept before and after a stretch for the recogniser"
+    )
+    max_stretch_s: float = Field(
+        15.0, gt=1, title="Longest stretch (s)", description="longer speech is transcribed in pieces this long"
+    )
+    max_backlog_s: float = Field(
+        60.0,
+        gt=0,
+        title="Longest backlog (s)",
+        description="speech waiting for the recogniser beyond this is skipped and counted (bounds its cost)",
+    )
+    wait_s: float = Field(
+        5.0,
+        ge=0,
+        title="Wait for words (s)",
+        description="how long a live source's event waits for the words of its span (recorded files always wait)",
     )
 
 

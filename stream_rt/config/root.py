@@ -32,7 +32,13 @@ from stream_rt.config.effective import SourceSettings, effective_settings
 from stream_rt.config.graph import LOSSLESS_CHANNELS, ChannelConfig, GraphConfig
 from stream_rt.config.mllm import MllmConfig
 from stream_rt.config.ops import LoggingConfig, OpsConfig
-from stream_rt.config.perception import AudioGateConfig, ChangeConfig, DetectConfig, SalienceConfig
+from stream_rt.config.perception import (
+    AudioGateConfig,
+    ChangeConfig,
+    DetectConfig,
+    SalienceConfig,
+    TranscriptionConfig,
+)
 from stream_rt.config.sinks import SinksConfig
 from stream_rt.config.sources import SourceConfig
 from stream_rt.config.trigger import TriggerConfig
@@ -73,6 +79,11 @@ class Config(StrictModel):
         default_factory=AudioGateConfig,
         title="Audio analysis",
         description="audio analysis: the defaults of every source",
+    )
+    transcription: TranscriptionConfig = Field(
+        default_factory=TranscriptionConfig,
+        title="Transcription",
+        description="what was said, from the speech the VAD finds: the defaults of every source",
     )
     salience: SalienceConfig = Field(
         default_factory=SalienceConfig,

@@ -10,7 +10,13 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import Field, model_validator
 
 from stream_rt.config.base import StrictModel
-from stream_rt.config.perception import AudioGateConfig, ChangeConfig, DetectConfig, SalienceConfig
+from stream_rt.config.perception import (
+    AudioGateConfig,
+    ChangeConfig,
+    DetectConfig,
+    SalienceConfig,
+    TranscriptionConfig,
+)
 from stream_rt.config.trigger import TriggerConfig
 from stream_rt.config.zones import Polygon
 
@@ -107,6 +113,9 @@ class SourceConfig(InputConfig):
 
     change: ChangeConfig | None = Field(
         None, title="Change detection", description="this source's [change] settings (the keys given)"
+    )
+    transcription: TranscriptionConfig | None = Field(
+        None, title="Transcription", description="this source's [transcription] settings (the keys given)"
     )
     salience: SalienceConfig | None = Field(
         None, title="Salience", description="this source's [salience] settings (the keys given)"

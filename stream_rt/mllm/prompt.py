@@ -8,6 +8,9 @@ from typing import Any
 from stream_rt.graph.packets import Event, MllmRequest
 from stream_rt.mllm.contract import CONTRACT_INSTRUCTION
 
+HEARD_WORDS = 80
+"""The most words of what was said that a prompt quotes (the latest): a bound on its tokens."""
+
 DEFAULT_QUESTION = (
     "What is happening in this scene? Is a person, vehicle or animal doing something that needs attention?"
 )
@@ -55,6 +58,16 @@ def context_line(event: Event, clip_start_ns: int | None = None) -> str:
         f"Source '{event.source_id}', event '{event.type}' {when} (episode since {event.start_pts_ns / 1e9:.1f} s), "
         f"salience {event.score:.2f} ({parts})." + seen + images
     )
+
+
+def heard_line(event: Event) -> str:
+    """What was said in the event's span, quoted (empty when nothing was): what a request
+    adds to its context once the event's words are known."""
+    if not event.words:
+        return ""
+    words = event.words[-HEARD_WORDS:]
+    cut = "... " if len(event.words) > len(words) else ""
+    return f' Heard (speech recognition, may be wrong): "{cut}{" ".join(w.text for w in words)}".'
 
 
 def scene_line(event: Event) -> str:

@@ -4,7 +4,8 @@ one module per concern:
 - :mod:`~stream_rt.graph.packets.base`: :class:`Packet`, :class:`ControlPacket`;
 - :mod:`~stream_rt.graph.packets.media`: :class:`VideoFrame`, :class:`AudioChunk`;
 - :mod:`~stream_rt.graph.packets.perception`: :class:`ChangeMap`, :class:`AudioFeatures`,
-  :class:`DetectedObject`, :class:`Salience`;
+  :class:`DetectedObject`, :class:`Word`, :class:`Transcript`, :class:`TranscribedUntil`,
+  :class:`Salience`;
 - :mod:`~stream_rt.graph.packets.events`: :class:`Event`, :class:`WatchState`;
 - :mod:`~stream_rt.graph.packets.model`: :class:`MllmRequest`, :class:`MllmAnswer`;
 - :mod:`~stream_rt.graph.packets.control`: :class:`EndOfStream`, :class:`StreamEnded`,
@@ -28,9 +29,20 @@ from stream_rt.graph.packets.control import EndOfStream, Flush, SourceStatus, St
 from stream_rt.graph.packets.events import Event, WatchState
 from stream_rt.graph.packets.media import AUDIO_SAMPLE_RATE, AudioChunk, VideoFrame
 from stream_rt.graph.packets.model import AnswerStatus, MllmAnswer, MllmRequest
-from stream_rt.graph.packets.perception import AudioFeatures, Box, ChangeMap, DetectedObject, Salience
+from stream_rt.graph.packets.perception import (
+    ALL_TRANSCRIBED_NS,
+    AudioFeatures,
+    Box,
+    ChangeMap,
+    DetectedObject,
+    Salience,
+    TranscribedUntil,
+    Transcript,
+    Word,
+)
 
 __all__ = [
+    "ALL_TRANSCRIBED_NS",
     "AUDIO_SAMPLE_RATE",
     "AnswerStatus",
     "AudioChunk",
@@ -48,6 +60,9 @@ __all__ = [
     "Salience",
     "SourceStatus",
     "StreamEnded",
+    "TranscribedUntil",
+    "Transcript",
     "VideoFrame",
     "WatchState",
+    "Word",
 ]

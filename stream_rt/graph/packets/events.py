@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from stream_rt.graph.packets.base import Packet
 from stream_rt.graph.packets.media import VideoFrame
-from stream_rt.graph.packets.perception import Box, DetectedObject
+from stream_rt.graph.packets.perception import Box, DetectedObject, Word
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +20,8 @@ class Event(Packet):
     ``ask`` command); it is outside any episode and always calls the model. A ``check``
     event re-checks a source's unmet standing watch outside any episode (every
     ``recheck_s``, budget permitting; successive checks share an id). ``zones``: the
-    zones the activity touched; ``objects``: the objects in view (with the object gate).
+    zones the activity touched; ``objects``: the objects in view (with the object gate);
+    ``words``: what was said in the episode up to this event (with transcription on).
     """
 
     type: Literal["new", "update", "end", "ask", "check"]
@@ -38,6 +39,7 @@ class Event(Packet):
     frame: VideoFrame | None = field(default=None, repr=False, compare=False)
     zones: tuple[str, ...] = ()
     objects: tuple[DetectedObject, ...] = ()
+    words: tuple[Word, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -56,6 +58,8 @@ class Event(Packet):
             snapshot_bytes=len(self.snapshot_jpeg) if self.snapshot_jpeg else 0,
             zones=list(self.zones),
             objects=[o.to_record() for o in self.objects],
+            transcript=" ".join(w.text for w in self.words),
+            words=[w.to_record() for w in self.words],
         )
         return record
 

@@ -1,5 +1,5 @@
 """Perception packets: what the gates make of the media (changes, audio features, objects,
-salience)."""
+what was said, salience)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,52 @@ class Salience(Packet):
             objects=[o.to_record() for o in self.objects],
         )
         return record
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """One recognised word: its ``text``, its ``start_ns``/``end_ns`` (media time, the
+    clock of the source's ``pts_ns``) and the recogniser's ``confidence`` (0..1)."""
+
+    text: str
+    start_ns: int
+    end_ns: int
+    confidence: float
+
+    def to_record(self) -> dict[str, Any]:
+        return {"word": self.text, "start_ns": self.start_ns, "end_ns": self.end_ns,
+                "confidence": round(self.confidence, 3)}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript(Packet):
+    """What was said in one stretch of speech the VAD found: ``pts_ns`` its start and
+    ``end_ns`` its end (media time), the recognised ``words`` (each with its media times)
+    and their ``text``, the ``engine`` that heard them and its ``language``. A stretch in
+    which nothing was recognised has no words."""
+
+    end_ns: int
+    words: tuple[Word, ...]
+    engine: str
+    language: str
+
+    @property
+    def text(self) -> str:
+        return " ".join(w.text for w in self.words)
+
+    def to_record(self) -> dict[str, Any]:
+        record = Packet.to_record(self)
+        record.update(end_ns=self.end_ns, text=self.text, words=[w.to_record() for w in self.words],
+                      engine=self.engine, language=self.language)  # fmt: skip
+        return record
+
+
+ALL_TRANSCRIBED_NS = 2**62
+"""The :class:`TranscribedUntil` mark of a source whose audio has ended: past every time."""
+
+
+@dataclass(frozen=True, slots=True)
+class TranscribedUntil(Packet):
+    """Every stretch of speech of the source that began before ``pts_ns`` has been
+    transcribed and its :class:`Transcript` sent: what waits for the words of a span
+    (an event's) waits for this to pass the span's end."""

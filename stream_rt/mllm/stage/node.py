@@ -77,6 +77,7 @@ from stream_rt.mllm.stage.memory_keeping import MemoryKeeper
 from stream_rt.mllm.stage.scheduling import CallScheduler, Queued
 from stream_rt.mllm.stage.stuck import ModelHealth
 from stream_rt.mllm.stage.watch_ticker import WatchTicker
+from stream_rt.mllm.stage.words import AwaitingWords
 from stream_rt.policies.answer_reuse import AnswerReuse
 from stream_rt.policies.asks import AskLedger
 from stream_rt.policies.flow import FairFlow
@@ -92,11 +93,16 @@ answered ``error`` (the thread is stuck)."""
 class MllmStage(Node):
     """Events (``events``) and ready requests (``requests``) in, one :class:`MllmAnswer` per
     event that calls the model out on ``answers`` (and watch transitions on ``watches``),
-    whatever fails; ``video`` / ``audio`` feed clips. Calls run on the ``backend``'s own
+    whatever fails; ``video`` / ``audio`` feed clips; ``heard`` brings back the events of the
+    sources named in :meth:`expect_words` with the words of their span, which their requests
+    wait for (:mod:`~stream_rt.mllm.stage.words`). Calls run on the ``backend``'s own
     executor, limited fairly across sources, so perception is never held up (see the package
     docstring for reuse, flow, timeouts and memory)."""
 
-    inputs = {"events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,)}
+    inputs = {
+        "events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,),
+        "heard": (Event,),
+    }  # fmt: skip
     outputs = {"answers": (MllmAnswer,), "watches": (WatchState,)}
 
     def __init__(
@@ -135,8 +141,14 @@ class MllmStage(Node):
         self.repeats = Repeats()
         self.call_latency = Histogram("seconds a model call took, of the calls that answered")
         self.answer_latency = Histogram("seconds from an event to its answer record (any status)")
+        self.awaiting_words = AwaitingWords()
         self._taking: MllmRequest | None = None  # taken in, neither answered nor queued yet
         self._interrupted: list[MllmRequest] = []  # ...when the stage was stopped
+
+    def expect_words(self, source_id: str) -> None:
+        """``source_id`` is transcribed: its ``update`` and ``end`` events come back on
+        ``heard`` with their words, and their requests wait for them."""
+        self.awaiting_words.sources.add(source_id)
 
     @property
     def flow(self) -> FairFlow[Queued]:
@@ -175,6 +187,10 @@ class MllmStage(Node):
         if isinstance(packet, AudioFeatures):
             if self.clip is not None:
                 self.clip.add_audio(packet)
+            return
+        if isinstance(packet, Event) and ctx.port == "heard":
+            if (request := self.awaiting_words.heard(packet)) is not None:
+                await self._queue_taken(request, ctx)
             return
         if isinstance(packet, Event):
             if not packet.call_model:
@@ -218,6 +234,28 @@ class MllmStage(Node):
                 await self._settle(self._failed(taken, "error", describe_error(exc)), ctx, taken)
                 return
             ask = packet.type == "ask"
+            if self.awaiting_words.waits(packet):
+                ready = self.awaiting_words.hold(packet, request)
+                if ready is None:
+                    self._taking = None  # held: owed its answer by the words' wait (or the stop)
+                    return
+                request = ready
+        await self._queue(request, ask, ctx)
+
+    async def _queue_taken(self, request: MllmRequest, ctx: Context) -> None:
+        """Queue a request that waited for its words (taken in again: answered if cut short)."""
+        self._taking = request
+        try:
+            await self._queue(request, False, ctx)
+        except asyncio.CancelledError:
+            if self._taking is not None:
+                self._interrupted.append(self._taking)
+            raise
+        finally:
+            self._taking = None
+
+    async def _queue(self, request: MllmRequest, ask: bool, ctx: Context) -> None:
+        """Reuse the last answer, or queue ``request`` for a call."""
         ctx.count("requests", source=request.source_id)
         try:
             again = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
@@ -258,14 +296,17 @@ class MllmStage(Node):
     async def on_control(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, EndOfStream) and ctx.port == "video":  # no more frames come for them
             await self._release(ctx, lambda e: e.source_id == packet.source_id)
-        if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests"):
+        if isinstance(packet, EndOfStream) and ctx.port == "heard":  # no words come any more: ask without
+            for request in self.awaiting_words.close():
+                await self._queue_taken(request, ctx)
+        if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests", "heard"):
             await self.calls.idle.wait()  # what asked is answered before the end goes on
 
     async def stop(self, ctx: Context) -> None:
         self.calls.stopping = True  # nothing new starts from here on
         if self.watch_ticker is not None:
             await self.watch_ticker.stop(ctx)
-        owed = await self.calls.stop() + self._interrupted
+        owed = await self.calls.stop() + self._interrupted + self.awaiting_words.close()
         owed += [self.intake.bare(event) for event in (self.overtaken.take_all() if self.overtaken else [])]
         self._interrupted = []
         for request in owed:  # promised an answer, never called

@@ -10,6 +10,9 @@ users know:
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
 - ``<prefix>/<source>/answers``: the model's answers (:class:`MllmAnswer`), keyed by the
   ``event_id`` of the event they answer, QoS 1;
+- ``<prefix>/<source>/transcript``: what was said, one JSON object per stretch of speech
+  (:class:`~stream_rt.graph.packets.Transcript`: ``text``, ``words`` with media times),
+  QoS 1, when the source is transcribed;
 - ``<prefix>/<source>/status``: ``{"state": "online"|"offline", "detail": ...}``,
   retained, QoS 1; a source whose stream ends (end of file, the daemon stopping) is
   published ``offline`` then, so a dashboard never shows a stopped daemon's cameras up;

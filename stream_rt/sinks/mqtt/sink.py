@@ -18,7 +18,7 @@ import aiomqtt
 from stream_rt.config import MqttSinkConfig
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
-from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, WatchState
+from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, Transcript, WatchState
 from stream_rt.sinks.commands import CommandTarget
 from stream_rt.sinks.mqtt.commands import CommandListener
 from stream_rt.sinks.mqtt.connection import BrokerConnection
@@ -44,7 +44,7 @@ class MqttSink(Sink):
     the outbox to empty at the stop; ``backoff`` paces reconnects; ``publish_window``
     messages are in flight at once."""
 
-    inputs = {"in": (Event, MllmAnswer, SourceStatus, WatchState)}
+    inputs = {"in": (Event, MllmAnswer, SourceStatus, Transcript, WatchState)}
 
     def __init__(
         self,
@@ -99,8 +99,8 @@ class MqttSink(Sink):
     async def process(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, WatchState):  # transitions only, retained: the watch's state now
             self.delivery.add(self.topics(packet.source_id, "watch", packet.watch_id), encode(packet.to_record()), True)
-        elif isinstance(packet, Event | MllmAnswer):
-            feature = "events" if isinstance(packet, Event) else "answers"
+        elif isinstance(packet, Event | MllmAnswer | Transcript):
+            feature = {Event: "events", MllmAnswer: "answers", Transcript: "transcript"}[type(packet)]
             self.delivery.add(self.topics(packet.source_id, feature), encode(packet.to_record()), retain=False)
             if isinstance(packet, Event) and packet.type in ("new", "end"):
                 self._state(packet.source_id, "activity", "ON" if packet.type == "new" else "OFF")

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Transcription: how well the default recogniser (PocketSphinx, its own English model)
+hears, what it costs, and what it costs perception.
+
+1. Word error rate on the five real LibriVox clips of Debian's ``pocketsphinx-testdata``
+   (``samples/speech_*.wav``) against the package's reference transcription
+   (``samples/speech_transcription.txt``): each clip recognised whole, as one stretch;
+   jiwer's WER (substitutions, deletions and insertions over the reference's words), both
+   lowercased, ``<s>``/``</s>`` dropped. The reference spells "mister" where the model
+   writes "mr": counted as an error, as any scorer would.
+2. Real-time factor: CPU seconds per second of speech, one thread, each clip recognised
+   ``--rounds`` times (median).
+3. Share of one core at live pace: the walkway sample (79.5 s, five stretches of speech)
+   replayed at 1x through the default pipeline: the recogniser's CPU time (its process's,
+   counter ``recognizer_cpu_ms``) over the media time.
+4. Perception with transcription on and off, in one run: the walkway sample replayed as
+   fast as possible with lossless channels (as ``stream-rt replay`` does), on and off
+   alternating ``--rounds`` times; frames per second over the whole run (the last words
+   included), and the ratio of the medians (target: at least 0.95).
+
+Usage: python benchmarks/transcription.py [--rounds 3] [--skip-live]
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import numpy as np
+
+from stream_rt import build_pipeline, parse_config
+from stream_rt.config import LOSSLESS_CHANNELS, TranscriptionConfig
+from stream_rt.operators.recognizers import load_recognizer
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+CLIPS = (870, 880, 890, 920, 930)
+
+
+def say(message: str) -> None:
+    print(f"transcription: {message}", file=sys.stderr, flush=True)
+
+
+def references() -> dict[int, str]:
+    """Each clip's words, from the package's reference transcription."""
+    out = {}
+    for line in (SAMPLES / "speech_transcription.txt").read_text().splitlines():
+        if match := re.match(r"<s> (.*) </s> \(.*-(\d{4})\)$", line.strip()):
+            out[int(match.group(2))] = match.group(1).lower()
+    return out
+
+
+def read_wav(n: int) -> np.ndarray:
+    with wave.open(str(SAMPLES / f"speech_{n:04d}.wav")) as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(np.float32) / 32768.0
+
+
+def accuracy_and_cost(rounds: int) -> dict[str, Any]:
+    recognizer = load_recognizer(TranscriptionConfig())
+    said = references()
+    clips, hypotheses, cpu, speech_s = {}, [], [], 0.0
+    for n in CLIPS:
+        audio = read_wav(n)
+        times = []
+        for _ in range(rounds):
+            start = time.process_time()
+            words = recognizer.recognize(audio)
+            times.append(time.process_time() - start)
+        heard = " ".join(w for w, _, _, _ in words).lower()
+        hypotheses.append(heard)
+        seconds = len(audio) / 16000
+        speech_s += seconds
+        cpu.append(statistics.median(times))
+        clips[f"{n:04d}"] = {"wer": round(jiwer.wer(said[n], heard), 3), "heard": heard, "said": said[n]}
+        say(f"clip {n:04d}: WER {clips[f'{n:04d}']['wer']:.2f}  heard: {heard}")
+    return {
+        "wer": round(jiwer.wer([said[n] for n in CLIPS], hypotheses), 3),
+        "reference_words": sum(len(said[n].split()) for n in CLIPS),
+        "real_time_factor": round(sum(cpu) / speech_s, 3),
+        "speech_s": round(speech_s, 1),
+        "clips": clips,
+    }
+
+
+async def replay(speed: float | None, transcribe: bool) -> tuple[float, dict[str, Any]]:
+    """Wall seconds and statistics of one replay of the walkway sample."""
+    config = parse_config({
+        "sources": [{"id": "walkway", "url": str(SAMPLES / "walkway_speech.mkv")}],
+        "graph": LOSSLESS_CHANNELS,
+        "transcription": {"enabled": transcribe},
+    })  # fmt: skip
+    pipeline = build_pipeline(config, speed=speed)
+    start = time.perf_counter()
+    await pipeline.graph.run()
+    return time.perf_counter() - start, pipeline.graph.statistics()
+
+
+def live_share() -> dict[str, Any]:
+    say("replaying the walkway sample at 1x (80 s)")
+    wall, stats = asyncio.run(replay(1.0, True))
+    heard = stats["nodes"]["transcription"]
+    media_s = stats["nodes"]["walkway"]["frames"] / 10  # 10 fps
+    return {
+        "media_s": round(media_s, 1),
+        "wall_s": round(wall, 1),
+        "speech_transcribed_s": heard.get("speech_transcribed_ms", 0) / 1000,
+        "recognizer_cpu_s": heard.get("recognizer_cpu_ms", 0) / 1000,
+        "share_of_one_core": round(heard.get("recognizer_cpu_ms", 0) / 1000 / media_s, 4),
+        "skipped_s": heard.get("speech_skipped_ms", 0) / 1000,
+    }
+
+
+def perception(rounds: int) -> dict[str, Any]:
+    fps: dict[str, list[float]] = {"on": [], "off": []}
+    for k in range(rounds):
+        for mode in ("on", "off") if k % 2 == 0 else ("off", "on"):
+            wall, stats = asyncio.run(replay(None, mode == "on"))
+            fps[mode].append(stats["nodes"]["walkway"]["frames"] / wall)
+            say(f"round {k + 1}, transcription {mode}: {fps[mode][-1]:.0f} fps")
+    on, off = statistics.median(fps["on"]), statistics.median(fps["off"])
+    return {"fps_on": round(on, 1), "fps_off": round(off, 1), "ratio_on_off": round(on / off, 3), "runs": fps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-live", action="store_true", help="leave out the 80 s replay at live pace")
+    args = parser.parse_args()
+    figures: dict[str, Any] = {"accuracy_and_cost": accuracy_and_cost(args.rounds)}
+    if not args.skip_live:
+        figures["live_pace"] = live_share()
+    figures["perception"] = perception(args.rounds)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

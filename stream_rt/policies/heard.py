@@ -1,0 +1,134 @@
+"""What was said in an event's span: each ``update`` and ``end`` event goes on with the
+words spoken since the episode's previous event (at most :data:`MAX_WORDS`, the latest),
+so an episode's events together carry its whole transcript and none grows with its length.
+
+The words of a span are known only once the transcriber has passed its end (its
+:class:`~stream_rt.graph.packets.TranscribedUntil` mark), so an ``update`` or ``end``
+event waits for that mark — on a recorded file for as long as it takes (the result is the
+same however fast the replay runs), on a live source at most ``wait_s`` (then it goes on
+with the words known, counted as ``words_late``); once the graph is stopping, nothing
+waits any more (a stopping daemon loses no event for want of its words). A ``new`` event opens its span: nothing
+has been said in it yet, and it never waits. ``ask`` and ``check`` events are about the
+moment and go on as they are. A source's events keep their order: one waits behind an
+earlier one that waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from stream_rt.graph.node import Context, Node
+from stream_rt.graph.packets import ALL_TRANSCRIBED_NS, EndOfStream, Event, Packet, TranscribedUntil, Transcript, Word
+from stream_rt.graph.waits import first_of
+
+MAX_WORDS = 200
+"""The most words one event carries (the latest of its span)."""
+
+
+@dataclass
+class _Source:
+    wait_ns: int | None  # None: wait as long as it takes (recorded files)
+    words: deque[Word] = field(default_factory=deque)
+    until_ns: int = -1
+    held: deque[Event] = field(default_factory=deque)
+    last_event_ns: int = -1  # media time of the source's latest event let go
+
+
+class HeardWords(Node):
+    """Events ``events`` and the transcriber's ``words`` (:class:`Transcript` and
+    :class:`TranscribedUntil`) in; the events out on ``events``, each with the ``words`` of
+    its span (see the module docstring). :meth:`expect` names the sources that are
+    transcribed and how long their events may wait; the others' events pass as they are."""
+
+    inputs = {"events": (Event,), "words": (Transcript, TranscribedUntil)}
+    outputs = {"events": (Event,)}
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._expected: dict[str, float | None] = {}
+        self._sources: dict[str, _Source] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    @property
+    def expected(self) -> list[str]:
+        """The sources whose events get their words."""
+        return list(self._expected)
+
+    def expect(self, source_id: str, wait_s: float | None) -> None:
+        """``source_id`` is transcribed; its events wait at most ``wait_s`` for their words
+        (``None``: as long as it takes, for recorded files)."""
+        self._expected[source_id] = wait_s
+
+    async def start(self, ctx: Context) -> None:
+        self._timer = asyncio.create_task(self._release_late(ctx), name=f"stream_rt:{self.name}:late")
+
+    async def stop(self, ctx: Context) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+            self._timer = None
+
+    async def process(self, packet: Packet, ctx: Context) -> None:
+        source = self._source(packet.source_id)
+        if isinstance(packet, Event):
+            if source is None:
+                await ctx.emit("events", packet)
+                return
+            source.held.append(packet)
+        elif source is not None and isinstance(packet, Transcript):
+            source.words.extend(packet.words)
+        elif source is not None and isinstance(packet, TranscribedUntil):
+            source.until_ns = max(source.until_ns, packet.pts_ns)
+        if source is not None:
+            await self._release(source, ctx)
+
+    async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, EndOfStream) and ctx.port == "words":  # the transcriber is done: let all go
+            for source in self._sources.values():
+                source.until_ns = ALL_TRANSCRIBED_NS
+                await self._release(source, ctx)
+
+    def _source(self, source_id: str) -> _Source | None:
+        if source_id not in self._expected:
+            return None
+        source = self._sources.get(source_id)
+        if source is None:
+            wait = self._expected[source_id]
+            source = self._sources[source_id] = _Source(None if wait is None else int(wait * 1e9))
+        return source
+
+    async def _release(self, source: _Source, ctx: Context, now_ns: int | None = None) -> None:
+        """Let go the source's held events, in order, whose words are known (or late)."""
+        while source.held:
+            event = source.held[0]
+            known = event.type not in ("update", "end") or source.until_ns >= event.pts_ns
+            if not known:
+                if now_ns is None or source.wait_ns is None or now_ns - event.wall_ns < source.wait_ns:
+                    return
+                ctx.count("words_late", source=event.source_id)
+            source.held.popleft()
+            await ctx.emit("events", self._with_words(source, event))
+
+    def _with_words(self, source: _Source, event: Event) -> Event:
+        if event.type not in ("new", "update", "end"):
+            return event
+        since = max(event.start_pts_ns, source.last_event_ns)
+        end = event.end_pts_ns if event.end_pts_ns is not None else event.pts_ns
+        source.last_event_ns = max(source.last_event_ns, end)
+        words = [w for w in source.words if since <= w.start_ns < end][-MAX_WORDS:]
+        while source.words and source.words[0].start_ns < end:  # every later event's span starts after it
+            source.words.popleft()
+        return replace(event, words=tuple(words)) if words else event
+
+    async def _release_late(self, ctx: Context) -> None:
+        """Let go the events that waited ``wait_s`` (live sources), and every event once the
+        graph is stopping."""
+        while not ctx.stopping.is_set():
+            await first_of(ctx.stopping.wait(), ctx.clock.sleep(0.1))
+            for source in self._sources.values():
+                await self._release(source, ctx, ctx.clock.wall_ns())
+        for source in self._sources.values():
+            source.until_ns = ALL_TRANSCRIBED_NS
+            await self._release(source, ctx)
