@@ -27,6 +27,7 @@ import asyncio
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -61,6 +62,8 @@ NS = 1_000_000_000
 WINDOW_NS = WINDOW * NS // AUDIO_SAMPLE_RATE
 MARK_EVERY_NS = 250_000_000
 """How far a source's mark moves before it is sent again (between stretches)."""
+RECOGNIZER_NICENESS = 10
+"""How much lower the recogniser's process runs than the daemon (``os.nice``)."""
 SKIP_WARNING_EVERY_NS = 60 * NS
 """Skipped speech is logged at most once a minute of media time per source (always counted)."""
 
@@ -136,7 +139,7 @@ class Transcriber(Node):
     def _start_recognizer(self) -> ProcessPoolExecutor:
         """The recogniser's process, with every configured recogniser loaded first."""
         self._executor = ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_dies_with_its_parent
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_recognizer_setup
         )
         for settings in {(s.engine, s.language, s.model_dir): s for s, _ in self._settings.values()}.values():
             self._executor.submit(_recognize, settings, np.zeros(1600, np.float32))
@@ -313,9 +316,11 @@ def _waiting_s(source: _Source) -> float:
     return sum(s.seconds for s in list(source.queued)[1:])
 
 
-def _dies_with_its_parent() -> None:
-    """The recogniser process's first step: on Linux, ask to be killed when the daemon dies
-    (a SIGKILLed daemon must not leave it behind, holding its stderr open)."""
+def _recognizer_setup() -> None:
+    """The recogniser process's first steps: yield the CPU to perception (a lower priority:
+    words may come later, frames may not), and, on Linux, be killed when the daemon dies (a
+    SIGKILLed daemon must not leave it behind, holding its stderr open)."""
+    os.nice(RECOGNIZER_NICENESS)
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
