@@ -354,6 +354,8 @@ def _build_transcription(
     graph.connect("audio.features", "transcription.features", capacity=256)
     graph.connect("trigger.events", "words.events", capacity=64)
     graph.connect("transcription.words", "words.words", capacity=256)
+    for name in words.expected:  # a source offline or without audio says nothing: its events do not wait
+        graph.connect(f"{name}.status", "words.status")
     return words.expected
 
 

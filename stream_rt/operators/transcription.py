@@ -276,8 +276,6 @@ class Transcriber(Node):
                 source = min(ready, key=lambda s: s.queued[0].start_ns)
                 stretch = source.queued[0]
                 words = await self._recognize(source, stretch, ctx)
-                if source.queued and source.queued[0] is stretch:
-                    source.queued.popleft()
                 if words is not None:
                     origin = stretch.samples_start_ns
                     transcript = Transcript(
@@ -288,6 +286,8 @@ class Transcriber(Node):
                     source.seq += 1
                     await ctx.emit("transcripts", transcript)
                     await ctx.emit("words", transcript)
+                if source.queued and source.queued[0] is stretch:  # only now: no mark may pass it before
+                    source.queued.popleft()
                 await self._mark(source, ctx, force=True)
                 self._progress.set()
 

@@ -10,7 +10,8 @@ with the words known, counted as ``words_late``); once the graph is stopping, no
 waits any more (a stopping daemon loses no event for want of its words). A ``new`` event opens its span: nothing
 has been said in it yet, and it never waits. ``ask`` and ``check`` events are about the
 moment and go on as they are. A source's events keep their order: one waits behind an
-earlier one that waits.
+earlier one that waits. A source that is offline, or online without an audio stream,
+says nothing: its events do not wait.
 """
 
 from __future__ import annotations
@@ -20,17 +21,29 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from stream_rt.graph.node import Context, Node
-from stream_rt.graph.packets import ALL_TRANSCRIBED_NS, EndOfStream, Event, Packet, TranscribedUntil, Transcript, Word
+from stream_rt.graph.packets import (
+    ALL_TRANSCRIBED_NS,
+    EndOfStream,
+    Event,
+    Packet,
+    SourceStatus,
+    TranscribedUntil,
+    Transcript,
+    Word,
+)
 from stream_rt.graph.waits import first_of
 
 MAX_WORDS = 200
 """The most words one event carries (the latest of its span)."""
+KEPT_WORDS = 10_000
+"""The most words kept per source for the events to come (speech with no episode open)."""
 
 
 @dataclass
 class _Source:
     wait_ns: int | None  # None: wait as long as it takes (recorded files)
-    words: deque[Word] = field(default_factory=deque)
+    words: deque[Word] = field(default_factory=lambda: deque(maxlen=KEPT_WORDS))
+    silent: bool = False  # offline, or online without audio: nothing to wait for
     until_ns: int = -1
     held: deque[Event] = field(default_factory=deque)
     last_event_ns: int = -1  # media time of the source's latest event let go
@@ -42,7 +55,7 @@ class HeardWords(Node):
     its span (see the module docstring). :meth:`expect` names the sources that are
     transcribed and how long their events may wait; the others' events pass as they are."""
 
-    inputs = {"events": (Event,), "words": (Transcript, TranscribedUntil)}
+    inputs = {"events": (Event,), "words": (Transcript, TranscribedUntil), "status": (SourceStatus,)}
     outputs = {"events": (Event,)}
 
     def __init__(self, name: str) -> None:
@@ -85,6 +98,9 @@ class HeardWords(Node):
             await self._release(source, ctx)
 
     async def on_control(self, packet: Packet, ctx: Context) -> None:
+        if isinstance(packet, SourceStatus) and (source := self._source(packet.source_id)) is not None:
+            source.silent = packet.state == "offline" or (bool(packet.streams) and "audio" not in packet.streams)
+            await self._release(source, ctx)
         if isinstance(packet, EndOfStream) and ctx.port == "words":  # the transcriber is done: let all go
             for source in self._sources.values():
                 source.until_ns = ALL_TRANSCRIBED_NS
@@ -103,7 +119,7 @@ class HeardWords(Node):
         """Let go the source's held events, in order, whose words are known (or late)."""
         while source.held:
             event = source.held[0]
-            known = event.type not in ("update", "end") or source.until_ns >= event.pts_ns
+            known = event.type not in ("update", "end") or source.silent or source.until_ns >= event.pts_ns
             if not known:
                 if now_ns is None or source.wait_ns is None or now_ns - event.wall_ns < source.wait_ns:
                     return

@@ -173,6 +173,7 @@ class MllmStage(Node):
         except Exception as exc:
             log.error("MLLM backend '%s' cannot start: %s", self.backend.name, describe_error(exc))
             ctx.count("backend_start_errors")
+        self.awaiting_words = AwaitingWords(self.awaiting_words.sources)  # a restart waits afresh
         if self.watch_ticker is not None:
             self.watch_ticker.start(ctx)
         if self.memory is not None:
@@ -246,6 +247,9 @@ class MllmStage(Node):
         """Queue a request that waited for its words (taken in again: answered if cut short)."""
         self._taking = request
         try:
+            if ctx.stopping.is_set():  # draining: nothing new is asked
+                await self._settle(self._failed(request, "dropped", "the daemon is stopping"), ctx, request)
+                return
             await self._queue(request, False, ctx)
         except asyncio.CancelledError:
             if self._taking is not None:

@@ -15,9 +15,14 @@ from stream_rt.mllm.prompt import heard_line
 _Key = tuple[str, int]
 
 
+MAX_EARLY = 256
+"""The most events kept that came back before their request was built (a bound: one whose
+request is never built, because building it failed, is forgotten oldest first)."""
+
+
 class AwaitingWords:
-    def __init__(self) -> None:
-        self.sources: set[str] = set()  # whose events come back with their words
+    def __init__(self, sources: set[str] | None = None) -> None:
+        self.sources: set[str] = sources if sources is not None else set()  # whose events come back with words
         self._held: dict[_Key, MllmRequest] = {}
         self._heard: dict[_Key, Event] = {}  # came back before their request was built
         self._closed = False  # no event comes back any more
@@ -43,8 +48,10 @@ class AwaitingWords:
         key = (event.event_id, event.seq)
         if key in self._held:
             return _with_words(self._held.pop(key), event)
-        if self.waits(event):
+        if self.waits(event) and not self._closed:
             self._heard[key] = event
+            while len(self._heard) > MAX_EARLY:
+                del self._heard[next(iter(self._heard))]
         return None
 
     def close(self) -> list[MllmRequest]:
