@@ -122,8 +122,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     sources = list(sources or [])
     for cfg in config.sources:
         source = build_source(cfg)
-        live = isinstance(source, MqttSource) or (isinstance(source, AvSource) and source.live)
-        on_error = cfg.on_error or ("restart" if live else "stop")
+        on_error = cfg.on_error or ("restart" if _is_live(source) else "stop")
         graph.add(source, Supervision(on_error=on_error, max_restarts=None))
         sources.append(source)
 
@@ -288,10 +287,9 @@ def _build_gates(
         else:
             graph.connect("change.changes", "salience.changes", capacity=8)
     if with_audio:
-        vad_installed = vad_available()
-        vad = {s.name: vad_installed if (v := settings[s.name].audio.vad) is None else v for s in with_audio}
+        vad = {s.name: _vad_on(settings[s.name]) for s in with_audio}
         if not all(vad.values()):
-            why = "the 'vad' extra is not installed" if not vad_installed else "[audio] vad = false"
+            why = "the 'vad' extra is not installed" if not vad_available() else "[audio] vad = false"
             log.info("speech detection is off for %s (%s)", ", ".join(n for n, on in vad.items() if not on), why)
         analyzer = AudioAnalyzer("audio", config.audio.model_copy(update={"vad": False}))  # sources have their own
         graph.add(analyzer)
@@ -330,8 +328,7 @@ def _build_transcription(
     off = []
     for source in sources:
         own = settings[source.name]
-        vad = own.audio.vad if own.audio.vad is not None else vad_available()
-        if not (source.has_audio and own.audio.enabled and vad):
+        if not (source.has_audio and own.audio.enabled and _vad_on(own)):
             continue
         enabled = own.transcription.enabled
         if enabled is None:
@@ -357,6 +354,11 @@ def _build_transcription(
     for name in words.expected:  # a source offline or without audio says nothing: its events do not wait
         graph.connect(f"{name}.status", "words.status")
     return words.expected
+
+
+def _vad_on(own: SourceSettings) -> bool:
+    """Whether the source's audio analysis runs the speech detector (unset: when installed)."""
+    return own.audio.vad if own.audio.vad is not None else vad_available()
 
 
 def _is_live(source: StatusSource) -> bool:

@@ -1,4 +1,4 @@
-"""Transcription: only the speech the VAD found is transcribed, on a thread of its own,
+"""Transcription: only the speech the VAD found is transcribed, in a process of its own,
 and every word is stamped with media time.
 
 The node reads two edges of each source: its audio (the samples) and the audio
@@ -53,13 +53,12 @@ from stream_rt.graph.packets import (
     Transcript,
     Word,
 )
+from stream_rt.operators.audio import WINDOW_NS
 from stream_rt.operators.recognizers import RecognizedWord, Recognizer, load_recognizer
-from stream_rt.operators.vad import WINDOW
 
 log = logging.getLogger("stream_rt.transcription")
 
 NS = 1_000_000_000
-WINDOW_NS = WINDOW * NS // AUDIO_SAMPLE_RATE
 MARK_EVERY_NS = 250_000_000
 """How far a source's mark moves before it is sent again (between stretches)."""
 RECOGNIZER_NICENESS = 10
@@ -125,10 +124,9 @@ class Transcriber(Node):
     def configure(self, source_id: str, settings: TranscriptionConfig, live: bool) -> None:
         """Transcribe ``source_id`` with ``settings``; ``live``: its backlog is bounded by
         skipping speech (else by waiting: a recorded file)."""
-        key = (settings.engine, settings.language, settings.model_dir)
-        if key not in self._checked:
+        if _key(settings) not in self._checked:
             load_recognizer(settings)  # the recogniser's process loads its own
-            self._checked.add(key)
+            self._checked.add(_key(settings))
         self._settings[source_id] = (settings, live)
 
     async def start(self, ctx: Context) -> None:
@@ -141,7 +139,7 @@ class Transcriber(Node):
         self._executor = ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_recognizer_setup
         )
-        for settings in {(s.engine, s.language, s.model_dir): s for s, _ in self._settings.values()}.values():
+        for settings in {_key(s): s for s, _ in self._settings.values()}.values():
             self._executor.submit(_recognize, settings, np.zeros(1600, np.float32))
         return self._executor
 
@@ -332,12 +330,16 @@ _LOADED: dict[tuple[object, ...], Recognizer] = {}  # in the recogniser's proces
 def _recognize(settings: TranscriptionConfig, samples: npt.NDArray[np.float32]) -> tuple[list[RecognizedWord], float]:
     """Run in the recogniser's process: ``samples``' words (its recognisers kept loaded),
     and the CPU seconds they took."""
-    key = (settings.engine, settings.language, settings.model_dir)
-    if key not in _LOADED:
-        _LOADED[key] = load_recognizer(settings)
+    if _key(settings) not in _LOADED:
+        _LOADED[_key(settings)] = load_recognizer(settings)
     start = time.process_time()
-    words = _LOADED[key].recognize(samples)
+    words = _LOADED[_key(settings)].recognize(samples)
     return words, time.process_time() - start
+
+
+def _key(settings: TranscriptionConfig) -> tuple[object, ...]:
+    """What tells one loaded recogniser from another."""
+    return (settings.engine, settings.language, settings.model_dir)
 
 
 def _cut(chunks: deque[AudioChunk], start_ns: int, end_ns: int) -> tuple[npt.NDArray[np.float32], int]:

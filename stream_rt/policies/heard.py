@@ -101,10 +101,8 @@ class HeardWords(Node):
         if isinstance(packet, SourceStatus) and (source := self._source(packet.source_id)) is not None:
             source.silent = packet.state == "offline" or (bool(packet.streams) and "audio" not in packet.streams)
             await self._release(source, ctx)
-        if isinstance(packet, EndOfStream) and ctx.port == "words":  # the transcriber is done: let all go
-            for source in self._sources.values():
-                source.until_ns = ALL_TRANSCRIBED_NS
-                await self._release(source, ctx)
+        if isinstance(packet, EndOfStream) and ctx.port == "words":  # the transcriber is done
+            await self._let_all_go(ctx)
 
     def _source(self, source_id: str) -> _Source | None:
         if source_id not in self._expected:
@@ -139,12 +137,18 @@ class HeardWords(Node):
         return replace(event, words=tuple(words)) if words else event
 
     async def _release_late(self, ctx: Context) -> None:
-        """Let go the events that waited ``wait_s`` (live sources), and every event once the
-        graph is stopping."""
-        while not ctx.stopping.is_set():
+        """Let go the events that waited ``wait_s`` (live sources: looked at every 0.1 s),
+        and every event once the graph is stopping."""
+        live = any(wait is not None for wait in self._expected.values())
+        while live and not ctx.stopping.is_set():
             await first_of(ctx.stopping.wait(), ctx.clock.sleep(0.1))
             for source in self._sources.values():
                 await self._release(source, ctx, ctx.clock.wall_ns())
+        await ctx.stopping.wait()
+        await self._let_all_go(ctx)
+
+    async def _let_all_go(self, ctx: Context) -> None:
+        """Nothing more will be said (or waited for): every held event goes."""
         for source in self._sources.values():
             source.until_ns = ALL_TRANSCRIBED_NS
             await self._release(source, ctx)

@@ -191,7 +191,7 @@ class MllmStage(Node):
             return
         if isinstance(packet, Event) and ctx.port == "heard":
             if (request := self.awaiting_words.heard(packet)) is not None:
-                await self._queue_taken(request, ctx)
+                await self._take_in(request, ctx)  # taken in again, its words with it
             return
         if isinstance(packet, Event):
             if not packet.call_model:
@@ -241,25 +241,6 @@ class MllmStage(Node):
                     self._taking = None  # held: owed its answer by the words' wait (or the stop)
                     return
                 request = ready
-        await self._queue(request, ask, ctx)
-
-    async def _queue_taken(self, request: MllmRequest, ctx: Context) -> None:
-        """Queue a request that waited for its words (taken in again: answered if cut short)."""
-        self._taking = request
-        try:
-            if ctx.stopping.is_set():  # draining: nothing new is asked
-                await self._settle(self._failed(request, "dropped", "the daemon is stopping"), ctx, request)
-                return
-            await self._queue(request, False, ctx)
-        except asyncio.CancelledError:
-            if self._taking is not None:
-                self._interrupted.append(self._taking)
-            raise
-        finally:
-            self._taking = None
-
-    async def _queue(self, request: MllmRequest, ask: bool, ctx: Context) -> None:
-        """Reuse the last answer, or queue ``request`` for a call."""
         ctx.count("requests", source=request.source_id)
         try:
             again = self.reuse.lookup(request.source_id, request.question, request.signature, request.pts_ns)
@@ -302,7 +283,7 @@ class MllmStage(Node):
             await self._release(ctx, lambda e: e.source_id == packet.source_id)
         if isinstance(packet, EndOfStream) and ctx.port == "heard":  # no words come any more: ask without
             for request in self.awaiting_words.close():
-                await self._queue_taken(request, ctx)
+                await self._take_in(request, ctx)
         if isinstance(packet, EndOfStream) and ctx.port in ("events", "requests", "heard"):
             await self.calls.idle.wait()  # what asked is answered before the end goes on
 

@@ -29,6 +29,9 @@ from stream_rt.sinks.outbox import Outbox
 
 log = logging.getLogger("stream_rt.mqtt")
 
+FEATURE_OF: dict[type[Packet], str] = {Event: "events", MllmAnswer: "answers", Transcript: "transcript"}
+"""The topic feature (``<prefix>/<source>/<feature>``) of each kind of record published as it comes."""
+
 GOODBYE_S = 1.0
 """How long a stopping sink waits for the broker to acknowledge its goodbye."""
 
@@ -100,7 +103,7 @@ class MqttSink(Sink):
         if isinstance(packet, WatchState):  # transitions only, retained: the watch's state now
             self.delivery.add(self.topics(packet.source_id, "watch", packet.watch_id), encode(packet.to_record()), True)
         elif isinstance(packet, Event | MllmAnswer | Transcript):
-            feature = {Event: "events", MllmAnswer: "answers", Transcript: "transcript"}[type(packet)]
+            feature = FEATURE_OF[type(packet)]
             self.delivery.add(self.topics(packet.source_id, feature), encode(packet.to_record()), retain=False)
             if isinstance(packet, Event) and packet.type in ("new", "end"):
                 self._state(packet.source_id, "activity", "ON" if packet.type == "new" else "OFF")
