@@ -337,7 +337,7 @@ def _build_transcription(
                 off.append(source.name)
         if enabled:
             live = _is_live(source)
-            transcriber.configure(source.name, own.transcription, live)  # loads the recogniser: fails here
+            transcriber.configure(source.name, own.transcription, live)  # checks the recogniser: fails here
             words.expect(source.name, own.transcription.wait_s if live else None)
     if off:
         log.info("transcription is off for %s (pocketsphinx is not installed: the 'speech' extra)", ", ".join(off))

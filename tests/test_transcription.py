@@ -23,6 +23,7 @@ from stream_rt.graph.node import Context, Source
 from stream_rt.graph.packets import (
     ALL_TRANSCRIBED_NS,
     AudioChunk,
+    AudioFeatures,
     EndOfStream,
     Event,
     Packet,
@@ -31,6 +32,7 @@ from stream_rt.graph.packets import (
     Transcript,
     Word,
 )
+from stream_rt.operators import transcription
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.recognizers import RecognizerUnavailable, load_recognizer
 from stream_rt.operators.transcription import Transcriber
@@ -214,18 +216,55 @@ async def test_transcripts_reach_mqtt_through_the_outbox(samples: Path, tmp_path
 
 
 class _Feed(Source):
-    """Sends ``packets`` (each made when sent: its wall time is the clock's), then stays
-    open ``open_s`` before it ends, as a live source's edges do."""
+    """Sends ``packets`` (each made when sent: its wall time is the clock's; a number is a
+    pause of that many seconds), then stays open ``open_s`` before it ends, as a live
+    source's edges do."""
 
-    def __init__(self, name: str, packets: list[Callable[[int], Packet]], open_s: float, types: tuple[type, ...]):
+    def __init__(
+        self, name: str, packets: list[Callable[[int], Packet] | float], open_s: float, types: tuple[type, ...]
+    ) -> None:
         super().__init__(name)
         self.outputs = {"out": types}
         self.packets, self.open_s = packets, open_s
 
     async def run(self, ctx: Context) -> None:
         for make in self.packets:
-            await ctx.emit("out", make(ctx.clock.wall_ns()))
+            if isinstance(make, float | int):
+                await ctx.clock.sleep(make)
+            else:
+                await ctx.emit("out", make(ctx.clock.wall_ns()))
         await ctx.clock.sleep(self.open_s)
+
+
+S = 1_000_000_000
+
+
+def _event(kind: str, pts: int, question: str | None = None) -> Callable[[int], Event]:
+    return lambda wall: Event("cam", pts, pts, wall, kind, "cam-1", 1 * S, None, 0.9, 0.9, {}, (), True, question)
+
+
+async def _words_of_events(
+    events: list[Callable[[int], Packet] | float], words: list[Callable[[int], Packet] | float], wait_s: float | None
+) -> list[tuple[float, Event]]:
+    """The events as :class:`HeardWords` lets them go (with the monotonic time of each),
+    fed ``events`` and the transcriber's ``words`` on a live clock."""
+    heard = HeardWords("words")
+    heard.expect("cam", wait_s)
+    graph = Graph(clock=ReplayClock(1.0))
+    graph.add(heard)
+    graph.add(_Feed("feed_words", words, 1.5, (Transcript, TranscribedUntil)))
+    graph.add(_Feed("feed_events", events, 0.0, (Event,)))
+    arrived: list[tuple[float, Event]] = []
+    graph.add(CallbackSink("out", lambda e: arrived.append((time.monotonic(), e))))
+    graph.connect("feed_words.out", "words.words")
+    graph.connect("feed_events.out", "words.events")
+    graph.connect("words.events", "out.in")
+    await graph.run()
+    statistics.update(graph.statistics()["nodes"]["words"])
+    return arrived
+
+
+statistics: dict[str, Any] = {}
 
 
 @pytest.mark.parametrize("wait_s", [0.3, None])
@@ -233,34 +272,102 @@ async def test_an_update_waits_for_its_words_bounded_on_a_live_source(wait_s: fl
     """The transcriber has passed 3 s only; an update at 5 s waits for the words up to 5 s:
     live, at most ``wait_s`` (then it goes on with those known); from a file, until the
     transcriber's edge ends."""
-    s = 1_000_000_000
-    said = Word("hello", 2 * s, 2 * s + 400_000_000, 0.9)
-
-    def event(kind: str, pts: int) -> Callable[[int], Event]:
-        return lambda wall: Event("cam", pts, pts, wall, kind, "cam-1", 1 * s, None, 0.9, 0.9, {}, (), True)
-
-    words: list[Callable[[int], Packet]] = [
-        lambda wall: Transcript("cam", 0, 2 * s, wall, 3 * s, (said,), "pocketsphinx", "en"),
-        lambda wall: TranscribedUntil("cam", 0, 3 * s, wall),
+    said = Word("hello", 2 * S, 2 * S + 400_000_000, 0.9)
+    words: list[Callable[[int], Packet] | float] = [
+        lambda wall: Transcript("cam", 0, 2 * S, wall, 3 * S, (said,), "pocketsphinx", "en"),
+        lambda wall: TranscribedUntil("cam", 0, 3 * S, wall),
     ]
-    heard = HeardWords("words")
-    heard.expect("cam", wait_s)
-    graph = Graph(clock=ReplayClock(1.0))
-    graph.add(heard)
-    graph.add(_Feed("feed_words", words, 1.5, (Transcript, TranscribedUntil)))
-    graph.add(_Feed("feed_events", [event("new", 1 * s), event("update", 5 * s)], 0.0, (Event,)))
-    arrived: list[tuple[float, Event]] = []
-    graph.add(CallbackSink("out", lambda e: arrived.append((time.monotonic(), e))))
-    graph.connect("feed_words.out", "words.words")
-    graph.connect("feed_events.out", "words.events")
-    graph.connect("words.events", "out.in")
     started = time.monotonic()
-    await graph.run()
-    (_, new), (at, update) = arrived
+    (_, new), (at, update) = await _words_of_events([_event("new", 1 * S), _event("update", 5 * S)], words, wait_s)
     assert new.type == "new" and not new.words
     assert update.type == "update" and update.words == (said,)
     if wait_s is not None:
         assert wait_s <= at - started < 1.2, "let go after wait_s, before the edge ended"
-        assert graph.statistics()["nodes"]["words"]["words_late"] == 1
+        assert statistics["words_late"] == 1
     else:
         assert at - started >= 1.4, "a recording's event waits for the transcriber"
+
+
+async def test_words_too_late_for_their_event_go_with_the_next_one() -> None:
+    """Live, an update at 5 s goes on without the words said at 2 s (they come 0.5 s after
+    its wait of 0.2 s): the episode's end carries them, with its own."""
+    early, later = Word("hello", 2 * S, 2 * S + 400_000_000, 0.9), Word("there", 6 * S, 6 * S + 300_000_000, 0.9)
+    words: list[Callable[[int], Packet] | float] = [
+        0.5,
+        lambda wall: Transcript("cam", 0, 2 * S, wall, 3 * S, (early,), "pocketsphinx", "en"),
+        lambda wall: Transcript("cam", 1, 6 * S, wall, 7 * S, (later,), "pocketsphinx", "en"),
+        lambda wall: TranscribedUntil("cam", 0, 9 * S, wall),
+    ]
+    events = [_event("new", 1 * S), _event("update", 5 * S), 0.7, _event("end", 8 * S)]
+    (_, new), (_, update), (_, end) = await _words_of_events(events, words, 0.2)
+    assert (new.words, update.words) == ((), ())
+    assert end.type == "end" and end.words == (early, later)
+
+
+async def test_an_ask_carries_what_was_just_said() -> None:
+    """An ask at 40 s goes on at once (no wait) with the words of the 30 s before it that
+    are known; an episode's later events still carry their own words."""
+    old, recent = Word("earlier", 5 * S, 5 * S + 300_000_000, 0.9), Word("stop", 38 * S, 38 * S + 300_000_000, 0.9)
+    words: list[Callable[[int], Packet] | float] = [
+        lambda wall: Transcript("cam", 0, 5 * S, wall, 6 * S, (old,), "pocketsphinx", "en"),
+        lambda wall: Transcript("cam", 1, 38 * S, wall, 39 * S, (recent,), "pocketsphinx", "en"),
+        lambda wall: TranscribedUntil("cam", 0, 39 * S, wall),
+    ]
+    started = time.monotonic()
+    events = [0.1, _event("ask", 40 * S, "what did they say?"), _event("end", 39 * S)]
+    (at, ask), (_, end) = await _words_of_events(events, words, 5.0)
+    assert ask.type == "ask" and ask.words == (recent,) and at - started < 1.0
+    assert end.words == (old, recent), "an ask takes no word from the episode"
+
+
+async def test_speech_cut_off_by_an_outage_is_not_joined_to_what_follows(samples: Path) -> None:
+    """A live source's audio breaks off for 3 s in the middle of the second clip: its
+    speech before the break is one stretch, what is said after it another, and no word is
+    stamped inside the break."""
+    chunks, features = read_speech(samples)
+    gap = (6 * S, 9 * S)
+    inside = lambda p: isinstance(p, AudioChunk | AudioFeatures) and gap[0] <= p.pts_ns < gap[1]  # noqa: E731
+    transcriber = Transcriber("transcription")
+    transcriber.configure("mic", TranscriptionConfig(), live=True)
+    out = await run_node(transcriber, {
+        "audio": [p for p in chunks if not inside(p)], "features": [f for f in features if not inside(f)],
+    })  # fmt: skip
+    transcripts = [p for p in out["transcripts"] if isinstance(p, Transcript)]
+    assert any(t.end_ns <= gap[0] + S for t in transcripts) and any(t.pts_ns >= gap[1] - S for t in transcripts)
+    assert not [t for t in transcripts if t.pts_ns < gap[0] and t.end_ns > gap[1]], "no stretch spans the break"
+    assert not [w for t in transcripts for w in t.words if gap[0] <= w.start_ns < gap[1]]
+
+
+async def test_a_hung_recognizer_is_started_again(
+    samples: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recogniser's process stops (SIGSTOP) before its first stretch: that stretch is
+    given up after the hang limit, said in one line, and the next ones are heard by a new
+    process."""
+    import multiprocessing
+    import os
+    import signal
+
+    monkeypatch.setattr(transcription, "HUNG_AFTER_S", 8.0)
+    monkeypatch.setattr(transcription, "HUNG_PER_SPEECH_S", 0.0)
+    chunks, features = read_speech(samples)
+    transcriber = Transcriber("transcription")
+    transcriber.configure("mic", TranscriptionConfig(), live=False)
+    stopped: list[int] = []
+    earlier = {child.pid for child in multiprocessing.active_children()}  # other tests' recognisers, going
+
+    async def stop_the_first_recognizer() -> None:
+        while not stopped:
+            for child in multiprocessing.active_children():
+                if child.pid is not None and child.pid not in earlier:
+                    os.kill(child.pid, signal.SIGSTOP)
+                    stopped.append(child.pid)
+            await asyncio.sleep(0.01)
+
+    stopping = asyncio.create_task(stop_the_first_recognizer())
+    out = await run_node(transcriber, {"audio": chunks, "features": features})
+    stopping.cancel()
+    transcripts = [p for p in out["transcripts"] if isinstance(p, Transcript)]
+    assert "transcribing mic at" in caplog.text and "the recogniser hung" in caplog.text
+    assert len(transcripts) >= 3 and "married" in " ".join(t.text for t in transcripts)
+    assert stopped[0] not in [c.pid for c in multiprocessing.active_children()], "the hung process is gone"

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Protocol
@@ -51,22 +52,11 @@ class PocketSphinx:
     engine = "pocketsphinx"
 
     def __init__(self, language: str = "en", model_dir: Path | None = None) -> None:
-        try:
-            from pocketsphinx import Decoder
-        except ImportError as exc:
-            raise RecognizerUnavailable(
-                "transcription with pocketsphinx needs the 'speech' extra: pip install 'stream-rt[speech]'"
-            ) from exc
+        _require("pocketsphinx")
+        from pocketsphinx import Decoder
+
         self.language = language
-        if model_dir is None:
-            if language.split("-")[0] != "en":
-                raise RecognizerUnavailable(
-                    f"pocketsphinx's own model is English; for language '{language}' set "
-                    "[transcription] model_dir to a pocketsphinx model folder"
-                )
-            self._decoder = Decoder(samprate=16000, loglevel="FATAL")
-        else:
-            self._decoder = Decoder(samprate=16000, loglevel="FATAL", **_model_files(model_dir))
+        self._decoder = Decoder(samprate=16000, loglevel="FATAL", **_pocketsphinx_model(language, model_dir))
         self._frame_s = 1.0 / float(self._decoder.config["frate"])
 
     def recognize(self, samples: npt.NDArray[np.float32]) -> list[RecognizedWord]:
@@ -85,9 +75,17 @@ class PocketSphinx:
         return words
 
 
-def _model_files(model_dir: Path) -> dict[str, str]:
-    """pocketsphinx's arguments for a model folder: the acoustic model (the folder holding
-    ``mdef``), the pronunciation dictionary (``*.dict``) and the language model."""
+def _pocketsphinx_model(language: str, model_dir: Path | None) -> dict[str, str]:
+    """pocketsphinx's arguments for its model: none for its own English one; for a model
+    folder, the acoustic model (the folder holding ``mdef``), the pronunciation dictionary
+    (``*.dict``) and the language model."""
+    if model_dir is None:
+        if language.split("-")[0] != "en":
+            raise RecognizerUnavailable(
+                f"pocketsphinx's own model is English; for language '{language}' set "
+                "[transcription] model_dir to a pocketsphinx model folder"
+            )
+        return {}
     if not model_dir.is_dir():
         raise RecognizerUnavailable(f"pocketsphinx model folder {model_dir} does not exist")
     acoustic = next((p.parent for p in sorted(model_dir.rglob("mdef"))), None)
@@ -106,20 +104,12 @@ class FasterWhisper:
     engine = "faster-whisper"
 
     def __init__(self, language: str, model_dir: Path | None) -> None:
-        try:
-            from faster_whisper import WhisperModel
-        except ImportError as exc:
-            raise RecognizerUnavailable(
-                "transcription with faster-whisper needs it installed: pip install faster-whisper"
-            ) from exc
-        if model_dir is None or not model_dir.is_dir():
-            where = "is not set" if model_dir is None else f"({model_dir}) does not exist"
-            raise RecognizerUnavailable(
-                f"faster-whisper needs a CTranslate2 Whisper model folder: [transcription] model_dir {where}; "
-                "nothing is downloaded"
-            )
+        _require("faster-whisper")
+        from faster_whisper import WhisperModel
+
+        folder = _whisper_model_dir(model_dir)
         self.language = language
-        self._model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", local_files_only=True)
+        self._model = WhisperModel(str(folder), device="cpu", compute_type="int8", local_files_only=True)
 
     def recognize(self, samples: npt.NDArray[np.float32]) -> list[RecognizedWord]:
         segments, _ = self._model.transcribe(
@@ -141,9 +131,39 @@ def load_recognizer(config: TranscriptionConfig) -> Recognizer:
     return PocketSphinx(config.language, config.model_dir)
 
 
+def check_recognizer(config: TranscriptionConfig) -> None:
+    """:class:`RecognizerUnavailable` (one line) when the recogniser ``config`` names could
+    not be loaded — checked without loading it (its model is loaded once, where it runs)."""
+    if config.engine == "faster-whisper":
+        _require("faster-whisper")
+        _whisper_model_dir(config.model_dir)
+    else:
+        _require("pocketsphinx")
+        _pocketsphinx_model(config.language, config.model_dir)
+
+
 def recognizer_available(config: TranscriptionConfig) -> bool:
     """Whether the engine ``config`` names is installed (its model is checked at load)."""
-    import importlib.util
+    return importlib.util.find_spec(_MODULES[config.engine][0]) is not None
 
-    module = "faster_whisper" if config.engine == "faster-whisper" else "pocketsphinx"
-    return importlib.util.find_spec(module) is not None
+
+_MODULES = {
+    "pocketsphinx": ("pocketsphinx", "the 'speech' extra: pip install 'stream-rt[speech]'"),
+    "faster-whisper": ("faster_whisper", "it installed: pip install faster-whisper"),
+}
+
+
+def _require(engine: str) -> None:
+    module, how = _MODULES[engine]
+    if importlib.util.find_spec(module) is None:
+        raise RecognizerUnavailable(f"transcription with {engine} needs {how}")
+
+
+def _whisper_model_dir(model_dir: Path | None) -> Path:
+    if model_dir is None or not model_dir.is_dir():
+        where = "is not set" if model_dir is None else f"({model_dir}) does not exist"
+        raise RecognizerUnavailable(
+            f"faster-whisper needs a CTranslate2 Whisper model folder: [transcription] model_dir {where}; "
+            "nothing is downloaded"
+        )
+    return model_dir

@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -54,7 +54,7 @@ from stream_rt.graph.packets import (
     Word,
 )
 from stream_rt.operators.audio import WINDOW_NS
-from stream_rt.operators.recognizers import RecognizedWord, Recognizer, load_recognizer
+from stream_rt.operators.recognizers import RecognizedWord, Recognizer, check_recognizer, load_recognizer
 
 log = logging.getLogger("stream_rt.transcription")
 
@@ -65,6 +65,10 @@ RECOGNIZER_NICENESS = 10
 """How much lower the recogniser's process runs than the daemon (``os.nice``)."""
 SKIP_WARNING_EVERY_NS = 60 * NS
 """Skipped speech is logged at most once a minute of media time per source (always counted)."""
+HUNG_AFTER_S = 30.0
+"""A stretch not recognised after this, plus :data:`HUNG_PER_SPEECH_S` per second of it, is
+given up (counted as a transcription error) and the recogniser's process started again."""
+HUNG_PER_SPEECH_S = 5.0
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _Stretch:
     cut_end: bool = False
     samples: npt.NDArray[np.float32] | None = None
     samples_start_ns: int = 0  # media time of the first sample
+    turn: int = 0  # the order stretches of all sources go to the recogniser in: as they are ready
 
     @property
     def seconds(self) -> float:
@@ -120,12 +125,13 @@ class Transcriber(Node):
         self._executor: ProcessPoolExecutor | None = None
         self._work = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._turns = 0
 
     def configure(self, source_id: str, settings: TranscriptionConfig, live: bool) -> None:
         """Transcribe ``source_id`` with ``settings``; ``live``: its backlog is bounded by
         skipping speech (else by waiting: a recorded file)."""
         if _key(settings) not in self._checked:
-            load_recognizer(settings)  # the recogniser's process loads its own
+            check_recognizer(settings)  # loaded in the recogniser's process only
             self._checked.add(_key(settings))
         self._settings[source_id] = (settings, live)
 
@@ -140,7 +146,8 @@ class Transcriber(Node):
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_recognizer_setup
         )
         for settings in {_key(s): s for s, _ in self._settings.values()}.values():
-            self._executor.submit(_recognize, settings, np.zeros(1600, np.float32))
+            warm_up = self._executor.submit(_recognize, settings, np.zeros(1600, np.float32))
+            warm_up.add_done_callback(_log_failed_warm_up)
         return self._executor
 
     async def stop(self, ctx: Context) -> None:
@@ -195,6 +202,8 @@ class Transcriber(Node):
     def _segment(self, source: _Source, features: AudioFeatures) -> None:
         p = source.settings
         end = features.pts_ns + WINDOW_NS
+        if source.open_start_ns is not None and features.pts_ns - source.heard_until_ns >= p.end_silence_s * NS:
+            self._close(source, source.last_speech_ns)  # the audio broke off (a live source's outage): no speech
         source.heard_until_ns = end
         if features.speech is not None and features.speech >= p.speech_threshold:
             if source.open_start_ns is None:
@@ -220,6 +229,7 @@ class Transcriber(Node):
                 source.chunks, stretch.start_ns - (0 if stretch.cut_start else pad),
                 stretch.end_ns + (0 if stretch.cut_end else pad),
             )  # fmt: skip
+            stretch.turn = self._turns = self._turns + 1
             source.queued.append(stretch)
             if source.live:
                 self._skip_backlog(source, ctx)
@@ -263,7 +273,8 @@ class Transcriber(Node):
             await ctx.emit("words", TranscribedUntil(source.source_id, source.seq, until, ctx.clock.wall_ns()))
 
     async def _recognize_in_turn(self, ctx: Context) -> None:
-        """The recogniser's loop: the oldest queued stretch of any source, one at a time."""
+        """The recogniser's loop: queued stretches of all sources in the order they were
+        ready, one at a time."""
         while True:
             await self._work.wait()
             self._work.clear()
@@ -271,7 +282,7 @@ class Transcriber(Node):
                 ready = [s for s in self._sources.values() if s.queued]
                 if not ready:
                     break
-                source = min(ready, key=lambda s: s.queued[0].start_ns)
+                source = min(ready, key=lambda s: s.queued[0].turn)
                 stretch = source.queued[0]
                 words = await self._recognize(source, stretch, ctx)
                 if words is not None:
@@ -282,7 +293,8 @@ class Transcriber(Node):
                         source.settings.engine, source.settings.language,
                     )  # fmt: skip
                     source.seq += 1
-                    await ctx.emit("transcripts", transcript)
+                    if transcript.words:  # sinks hear of speech with words only
+                        await ctx.emit("transcripts", transcript)
                     await ctx.emit("words", transcript)
                 if source.queued and source.queued[0] is stretch:  # only now: no mark may pass it before
                     source.queued.popleft()
@@ -291,22 +303,32 @@ class Transcriber(Node):
 
     async def _recognize(self, source: _Source, stretch: _Stretch, ctx: Context) -> list[RecognizedWord] | None:
         """The words of ``stretch``, from the recogniser's process; ``None`` (logged, counted)
-        when it failed: the stretch is skipped, and a process that died is started again."""
+        when it failed: the stretch is skipped, and a process that died or hung is started
+        again."""
         assert stretch.samples is not None
         executor = self._executor or self._start_recognizer()  # started with the first speech of a recording
         loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(executor, _recognize, source.settings, stretch.samples)
         try:
-            words, cpu_s = await loop.run_in_executor(executor, _recognize, source.settings, stretch.samples)
-        except Exception as exc:  # the recogniser's own failure, or its process gone
+            words, cpu_s = await asyncio.wait_for(call, HUNG_AFTER_S + HUNG_PER_SPEECH_S * stretch.seconds)
+        except Exception as exc:  # the recogniser's own failure, its process gone, or hung
             ctx.count("transcription_errors", source=source.source_id)
-            log.error("transcribing %s at %.1f s failed: %s", source.source_id, stretch.start_ns / NS, exc)
-            if isinstance(exc, BrokenProcessPool):
+            why = "the recogniser hung" if isinstance(exc, TimeoutError) else str(exc)
+            log.error("transcribing %s at %.1f s failed: %s", source.source_id, stretch.start_ns / NS, why)
+            if isinstance(exc, TimeoutError | BrokenProcessPool):
+                for process in list(executor._processes.values()):  # a hung call cannot be cancelled
+                    process.kill()
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None  # started again with the next stretch
             return None
         ctx.count("speech_transcribed_ms", round(stretch.seconds * 1000), source=source.source_id)
         ctx.count("recognizer_cpu_ms", round(cpu_s * 1000), source=source.source_id)
         return words
+
+
+def _log_failed_warm_up(future: Future[tuple[list[RecognizedWord], float]]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("the speech recogniser failed to start: %s", exc)
 
 
 def _waiting_s(source: _Source) -> float:

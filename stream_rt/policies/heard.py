@@ -8,8 +8,10 @@ event waits for that mark — on a recorded file for as long as it takes (the re
 same however fast the replay runs), on a live source at most ``wait_s`` (then it goes on
 with the words known, counted as ``words_late``); once the graph is stopping, nothing
 waits any more (a stopping daemon loses no event for want of its words). A ``new`` event opens its span: nothing
-has been said in it yet, and it never waits. ``ask`` and ``check`` events are about the
-moment and go on as they are. A source's events keep their order: one waits behind an
+has been said in it yet, and it never waits. A word that came too late for its event (live)
+goes with the episode's next one. An ``ask`` event goes on at once with the words known
+from the :data:`ASK_WORDS_S` before it (what was just said is often what is asked about);
+``check`` events go on as they are. A source's events keep their order: one waits behind an
 earlier one that waits. A source that is offline, or online without an audio stream,
 says nothing: its events do not wait.
 """
@@ -37,16 +39,18 @@ MAX_WORDS = 200
 """The most words one event carries (the latest of its span)."""
 KEPT_WORDS = 10_000
 """The most words kept per source for the events to come (speech with no episode open)."""
+ASK_WORDS_S = 30.0
+"""How far back an ``ask`` event's words go."""
 
 
 @dataclass
 class _Source:
     wait_ns: int | None  # None: wait as long as it takes (recorded files)
-    words: deque[Word] = field(default_factory=lambda: deque(maxlen=KEPT_WORDS))
+    words: deque[Word] = field(default_factory=lambda: deque(maxlen=KEPT_WORDS))  # not yet given to an event
+    recent: deque[Word] = field(default_factory=lambda: deque(maxlen=MAX_WORDS))  # for asks
     silent: bool = False  # offline, or online without audio: nothing to wait for
     until_ns: int = -1
     held: deque[Event] = field(default_factory=deque)
-    last_event_ns: int = -1  # media time of the source's latest event let go
 
 
 class HeardWords(Node):
@@ -92,6 +96,7 @@ class HeardWords(Node):
             source.held.append(packet)
         elif source is not None and isinstance(packet, Transcript):
             source.words.extend(packet.words)
+            source.recent.extend(packet.words)
         elif source is not None and isinstance(packet, TranscribedUntil):
             source.until_ns = max(source.until_ns, packet.pts_ns)
         if source is not None:
@@ -126,14 +131,17 @@ class HeardWords(Node):
             await ctx.emit("events", self._with_words(source, event))
 
     def _with_words(self, source: _Source, event: Event) -> Event:
-        if event.type not in ("new", "update", "end"):
+        if event.type == "ask":
+            since = event.pts_ns - int(ASK_WORDS_S * 1e9)
+            words = [w for w in source.recent if since <= w.start_ns < event.pts_ns]
+        elif event.type in ("new", "update", "end"):
+            end = event.end_pts_ns if event.end_pts_ns is not None else event.pts_ns
+            # the episode's words not given yet: those of its span, and any that came too late for the previous event
+            words = [w for w in source.words if event.start_pts_ns <= w.start_ns < end][-MAX_WORDS:]
+            while source.words and source.words[0].start_ns < end:  # every later event's span starts after it
+                source.words.popleft()
+        else:
             return event
-        since = max(event.start_pts_ns, source.last_event_ns)
-        end = event.end_pts_ns if event.end_pts_ns is not None else event.pts_ns
-        source.last_event_ns = max(source.last_event_ns, end)
-        words = [w for w in source.words if since <= w.start_ns < end][-MAX_WORDS:]
-        while source.words and source.words[0].start_ns < end:  # every later event's span starts after it
-            source.words.popleft()
         return replace(event, words=tuple(words)) if words else event
 
     async def _release_late(self, ctx: Context) -> None:

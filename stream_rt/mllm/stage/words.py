@@ -1,9 +1,10 @@
 """Requests that wait for what was said: an ``update`` or ``end`` event of a transcribed
 source is asked about with the words of its span, which are known only once the
-transcriber has passed it (:mod:`stream_rt.policies.heard` decides when, and sends the
-event again with its words). The request is built when the event arrives — its pictures
-are the moment's — and held until that copy of the event comes back; the two arrive on
-different edges, in either order."""
+transcriber has passed it, and an ``ask`` with what was just said
+(:mod:`stream_rt.policies.heard` decides when, and sends the event again with its words).
+The request is built when the event arrives — its pictures are the moment's — and held
+until that copy of the event comes back; the two arrive on different edges, in either
+order."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class AwaitingWords:
 
     def waits(self, event: Event) -> bool:
         """Whether ``event``'s request waits for its words."""
-        return event.call_model and event.type in ("update", "end") and event.source_id in self.sources
+        return event.call_model and event.type in ("update", "end", "ask") and event.source_id in self.sources
 
     def hold(self, event: Event, request: MllmRequest) -> MllmRequest | None:
         """``request`` with the words of ``event`` when they are known; else ``None`` (it is
