@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -64,24 +65,32 @@ class Pipeline:
     mqtt: MqttSink | None = None
     layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
     control: SourceControl | None = None  # what commands act on (enabled, thresholds, ask, watch)
+    events: str | None = None  # the port events leave from: the trigger's, or with the words of their span
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
         """What ``/healthz`` checks besides the sources."""
         return [c for c in (self.mllm, self.mqtt) if c is not None]
 
-    def attach_report(self, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
-        """Record the salience, events and answers for an HTML report written into
-        ``directory`` when the stream ends (``index.html``, ``summary.json``, thumbnails
-        showing each source's masks and zones); ``thresholds``: the trigger's (on, off),
-        drawn on the timeline. Call it before the graph runs."""
+    def attach_report(
+        self,
+        directory: Path,
+        title: str,
+        thresholds: tuple[float, float],
+        labels: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    ) -> ReportSink:
+        """Record the salience, events (with what was heard in their span) and answers for
+        an HTML report written into ``directory`` when the stream ends (``index.html``,
+        ``summary.json``, thumbnails showing each source's masks and zones, linked to their
+        full frames); ``thresholds``: the trigger's (on, off), and ``labels``: labelled
+        intervals by kind (media seconds), drawn on the timeline. Call it before the graph runs."""
         graph = self.graph
-        report = ReportSink("report", directory, title, thresholds, self.layouts)
+        report = ReportSink("report", directory, title, thresholds, self.layouts, labels)
         graph.add(report)
         if "salience" in graph:
             graph.connect("salience.salience", "report.salience", capacity=64)
-        if self.trigger is not None:
-            graph.connect("trigger.events", "report.events", capacity=64)
+        if self.events is not None:
+            graph.connect(self.events, "report.events", capacity=64)
         if self.mllm is not None:
             graph.connect("mllm.answers", "report.answers", capacity=64)
         return report
@@ -185,7 +194,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
         mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
         graph.add(mqtt)
         _feed(graph, "mqtt", events, bool(words_of), mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events)
 
 
 def _feed(
