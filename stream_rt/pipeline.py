@@ -191,7 +191,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     mqtt = None
     if config.sinks.mqtt is not None:
-        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
+        names = {s.name for s in sources}
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, names, ledger is not None, watches)
         graph.add(mqtt)
         _feed(graph, "mqtt", events, bool(words_of), mllm, sources)
     return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events)
@@ -248,10 +249,20 @@ def _build_mllm(
     return MllmStage("mllm", build_backend(cfg), cfg, questions=questions, asks=asks, watches=watches)
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
+def build_mqtt_sink(
+    cfg: MqttSinkConfig,
+    graph: Graph,
+    commands: SourceControl | None,
+    sources: set[str],
+    asks: bool = False,
+    watches: WatchBook | None = None,
+) -> MqttSink:
+    """The MQTT sink; ``asks``: a model answers the ``ask`` command; ``watches``: the
+    standing watches, each announced to Home Assistant from the start."""
     return MqttSink(
-        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources
-    )
+        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources,
+        asks=asks, watches={w.source_id: w.id for w in watches.all()} if watches else None,
+    )  # fmt: skip
 
 
 def _build_gates(
