@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR", help="write an HTML report (timeline, episodes, answers) into DIR"
     )
     replay.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="draw the labelled intervals of FILE on the report's timeline (JSON, as scripts/fetch_samples.py writes "
+        'beside each sample: {"motion": [{"start_s": 20.0, "end_s": 26.0}]})',
+    )
+    replay.add_argument(
         "--model",
         help="ask this model about each episode: a model directory, a cached hub id, or 'smoke' (random weights, "
         "for trying the path; its answers are not meaningful)",
@@ -256,6 +263,13 @@ def _replay(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         print(f"stream-rt: cannot open '{args.file}': no such file", file=sys.stderr)
         return 2
+    labels = None
+    if args.labels is not None:
+        if args.report is None:
+            raise ConfigError("--labels draws on the report: give --report DIR too")
+        from stream_rt.evaluation import read_labels
+
+        labels = read_labels(args.labels)
     base = load_config(args.config) if args.config else Config()
     source = SourceConfig(id=_source_id(args.file), url=str(args.file), live=False)
     own = [s for s in base.sources if s.id == source.id] or (base.sources if len(base.sources) == 1 else [])
@@ -279,7 +293,8 @@ def _replay(args: argparse.Namespace) -> int:
     check_sources(pipeline)
     check_model(pipeline)
     if args.report is not None:
-        pipeline.attach_report(args.report, f"Replay of {args.file.name}", (config.trigger.on, config.trigger.off))
+        thresholds = (config.trigger.on, config.trigger.off)
+        pipeline.attach_report(args.report, f"Replay of {args.file.name}", thresholds, labels)
     started = time.monotonic()
     code = _execute(pipeline, progress=not args.no_progress)
     wall = time.monotonic() - started

@@ -120,6 +120,36 @@ KEYS = {"description", "media", "labels", "intervals", "pipeline", "source", "to
         "objects"}  # fmt: skip
 
 
+def read_labels(path: str | Path) -> dict[str, list[Interval]]:
+    """The labelled intervals of a labels file (``scripts/fetch_samples.py`` writes one beside
+    each sample): a JSON object whose lists of ``{"start_s", "end_s", ...}`` objects are
+    labelled intervals in media seconds, by kind (``{"motion": [{"start_s": 20.0, "end_s":
+    26.0}], "noise_sigma": 2.5}``: one kind, ``motion``; other keys are notes). A file that
+    cannot be read, or holds no interval, raises :class:`ConfigError` saying why."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read labels: {exc}") from None
+    kinds: dict[str, list[Interval]] = {}
+    for kind, rows in data.items() if isinstance(data, dict) else ():
+        if (
+            isinstance(rows, list)
+            and rows
+            and all(isinstance(r, dict) and {"start_s", "end_s"} <= r.keys() for r in rows)
+        ):
+            try:
+                kinds[kind] = [(float(r["start_s"]), float(r["end_s"])) for r in rows]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: '{kind}' has an interval whose times are not numbers") from None
+            if any(not 0 <= a <= b for a, b in kinds[kind]):
+                raise ConfigError(f"{path}: '{kind}' has an interval that ends before it starts, or starts before 0")
+    if not kinds:
+        raise ConfigError(f'{path}: no labelled intervals (a JSON object like {{"motion": [{{"start_s": 20.0, '
+                          f'"end_s": 26.0}}]}})')  # fmt: skip
+    return kinds
+
+
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     try:
@@ -135,8 +165,10 @@ def load_scenario(path: str | Path) -> Scenario:
         intervals = [(float(a), float(b)) for a, b in data["intervals"]]
     else:
         labels = data["labels"]
-        rows = json.loads((base / labels["file"]).read_text())[labels["key"]]
-        intervals = [(float(r["start_s"]), float(r["end_s"])) for r in rows]
+        kinds = read_labels(base / labels["file"])
+        if labels["key"] not in kinds:
+            raise ConfigError(f"{path}: {labels['file']} has no '{labels['key']}' labels (it has: {', '.join(kinds)})")
+        intervals = kinds[labels["key"]]
     non_events = {kind: [(float(a), float(b)) for a, b in spans] for kind, spans in data.get("non_events", {}).items()}
     return Scenario(
         name=path.stem,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -64,24 +65,32 @@ class Pipeline:
     mqtt: MqttSink | None = None
     layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
     control: SourceControl | None = None  # what commands act on (enabled, thresholds, ask, watch)
+    events: str | None = None  # the port events leave from: the trigger's, or with the words of their span
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
         """What ``/healthz`` checks besides the sources."""
         return [c for c in (self.mllm, self.mqtt) if c is not None]
 
-    def attach_report(self, directory: Path, title: str, thresholds: tuple[float, float]) -> ReportSink:
-        """Record the salience, events and answers for an HTML report written into
-        ``directory`` when the stream ends (``index.html``, ``summary.json``, thumbnails
-        showing each source's masks and zones); ``thresholds``: the trigger's (on, off),
-        drawn on the timeline. Call it before the graph runs."""
+    def attach_report(
+        self,
+        directory: Path,
+        title: str,
+        thresholds: tuple[float, float],
+        labels: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    ) -> ReportSink:
+        """Record the salience, events (with what was heard in their span) and answers for
+        an HTML report written into ``directory`` when the stream ends (``index.html``,
+        ``summary.json``, thumbnails showing each source's masks and zones, linked to their
+        full frames); ``thresholds``: the trigger's (on, off), and ``labels``: labelled
+        intervals by kind (media seconds), drawn on the timeline. Call it before the graph runs."""
         graph = self.graph
-        report = ReportSink("report", directory, title, thresholds, self.layouts)
+        report = ReportSink("report", directory, title, thresholds, self.layouts, labels)
         graph.add(report)
         if "salience" in graph:
             graph.connect("salience.salience", "report.salience", capacity=64)
-        if self.trigger is not None:
-            graph.connect("trigger.events", "report.events", capacity=64)
+        if self.events is not None:
+            graph.connect(self.events, "report.events", capacity=64)
         if self.mllm is not None:
             graph.connect("mllm.answers", "report.answers", capacity=64)
         return report
@@ -182,10 +191,11 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     mqtt = None
     if config.sinks.mqtt is not None:
-        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, {s.name for s in sources})
+        names = {s.name for s in sources}
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, names, ledger is not None, watches)
         graph.add(mqtt)
         _feed(graph, "mqtt", events, bool(words_of), mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events)
 
 
 def _feed(
@@ -239,10 +249,20 @@ def _build_mllm(
     return MllmStage("mllm", build_backend(cfg), cfg, questions=questions, asks=asks, watches=watches)
 
 
-def build_mqtt_sink(cfg: MqttSinkConfig, graph: Graph, commands: SourceControl | None, sources: set[str]) -> MqttSink:
+def build_mqtt_sink(
+    cfg: MqttSinkConfig,
+    graph: Graph,
+    commands: SourceControl | None,
+    sources: set[str],
+    asks: bool = False,
+    watches: WatchBook | None = None,
+) -> MqttSink:
+    """The MQTT sink; ``asks``: a model answers the ``ask`` command; ``watches``: the
+    standing watches, each announced to Home Assistant from the start."""
     return MqttSink(
-        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources
-    )
+        "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources,
+        asks=asks, watches={w.source_id: w.id for w in watches.all()} if watches else None,
+    )  # fmt: skip
 
 
 def _build_gates(

@@ -272,7 +272,7 @@ def retained(port: int, topics: list[str], timeout: float = 5.0, count: int | No
 class Scripted(ListSource):
     """Emits what the test puts in its queue, and stays up (like a camera) until stopped."""
 
-    outputs = {"out": (Event, SourceStatus, WatchState)}
+    outputs = {"out": (Event, MllmAnswer, SourceStatus, WatchState)}
 
     def __init__(self, name: str, queue: asyncio.Queue[Packet]) -> None:
         super().__init__(name, [])
@@ -321,7 +321,7 @@ async def test_every_retained_state_is_current_after_a_broker_restart(free_port:
                          >= 2, 20, "the backlog to arrive")  # fmt: skip
         await asyncio.sleep(0.5)
         filters = [f"stream_rt/{t}" for t in topics] + ["homeassistant/#"]
-        kept = await asyncio.to_thread(retained, free_port, filters, 5.0, len(topics) + 3)  # 3 discovery configs
+        kept = await asyncio.to_thread(retained, free_port, filters, 5.0, len(topics) + 5)  # 5 discovery configs
         after = subscriber.messages[received:]
     finally:
         await subscriber.close()
@@ -333,7 +333,7 @@ async def test_every_retained_state_is_current_after_a_broker_restart(free_port:
     assert {t: kept[t] for t in expected} == expected
     assert json.loads(kept["gate/status"])["state"] == "online"
     assert json.loads(kept["gate/watch/guests"])["state"] == "met"
-    assert sum(t.startswith("homeassistant/") for t in kept) == 3, "the discovery configs too"
+    assert sum(t.startswith("homeassistant/") for t in kept) == 5, "the discovery configs too (the watch's as well)"
     last = {t.removeprefix("stream_rt/"): p for t, p, _ in after}  # the last one received on each topic
     assert {t: last[t] for t in expected} == expected, "the last state received is the current one"
 

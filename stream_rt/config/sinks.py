@@ -44,6 +44,11 @@ class MqttSinkConfig(StrictModel):
         None, title="TLS client certificate", description="client certificate, for brokers that require one"
     )
     tls_key: Path | None = Field(None, title="TLS client key", description="the client certificate's private key")
+    snapshots: bool = Field(
+        True,
+        title="Event snapshots",
+        description="publish the frame of each event but 'end' as a JPEG, retained, on <prefix>/<source>/snapshot",
+    )
     home_assistant: bool = Field(
         False, title="Home Assistant discovery", description="publish Home Assistant MQTT discovery for each source"
     )

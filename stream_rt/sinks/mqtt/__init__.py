@@ -10,6 +10,10 @@ users know:
   ``event_id``, media and wall times, ``score`` and ``components``, ``regions``), QoS 1;
 - ``<prefix>/<source>/answers``: the model's answers (:class:`MllmAnswer`), keyed by the
   ``event_id`` of the event they answer, QoS 1;
+- ``<prefix>/<source>/last_answer``: the last of them (``dropped`` aside: it answered
+  nothing), retained, so a consumer that connects later finds it;
+- ``<prefix>/<source>/snapshot``: the JPEG of the last event's frame, retained, with
+  ``snapshots`` (while the broker is away only the newest waits in the outbox);
 - ``<prefix>/<source>/transcript``: what was said, one JSON object per stretch of speech
   (:class:`~stream_rt.graph.packets.Transcript`: ``text``, ``words`` with media times),
   QoS 1, when the source is transcribed;
@@ -27,7 +31,8 @@ users know:
   ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
 
 With ``home_assistant`` the sink also publishes Home Assistant's MQTT discovery messages
-on every connect (:mod:`stream_rt.sinks.mqtt.home_assistant`).
+on every connect, and a standing watch's as it is set or removed
+(:mod:`stream_rt.sinks.mqtt.home_assistant`).
 
 Every retained state is current on the broker after each (re)connect, also after a
 broker restart that forgot them all: published again after the backlog of older values.

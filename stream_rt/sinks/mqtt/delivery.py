@@ -5,15 +5,16 @@
 time (the broker acknowledges in order) and removes each only after its PUBACK, so an
 unreachable broker, a broker restart or a crash of this process loses nothing.
 
-Retained states (a source's status, its availability, activity, watches) must be
-current on the broker after every (re)connect, also on a broker that restarted without
-persistence and forgot them all. So :class:`Delivery` keeps the current payload of each
-retained topic, and once the backlog that was waiting at the connect is out, publishes
-again every state whose current payload is not the last one published on this
-connection: after the older values of the backlog, before anything newer, so the last
-value a subscriber receives, and the one the broker keeps, is the current one. A state
-whose current value was committed after that backlog is not published again: it goes out
-from the outbox, in its turn.
+Retained states (a source's status, its availability, activity, watches, last answer and
+snapshot, Home Assistant's watch sensors) must be current on the broker after every
+(re)connect, also on a broker that restarted without persistence and forgot them all. So
+:class:`Delivery` keeps the current payload of each retained topic, and once the backlog
+that was waiting at the connect is out, publishes again every state whose current payload
+is not the last one published on this connection: after the older values of the backlog,
+before anything newer, so the last value a subscriber receives, and the one the broker
+keeps, is the current one. A state whose current value was committed after that backlog
+is not published again: it goes out from the outbox, in its turn. A large state whose
+history matters to no one (a snapshot) supersedes its older value still waiting.
 """
 
 from __future__ import annotations
@@ -65,12 +66,18 @@ class Delivery:
             self.outbox.close()
             self.outbox = None
 
-    def add(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Commit a message (QoS 1) to the outbox; a retained one is its topic's current state."""
+    def add(self, topic: str, payload: bytes, retain: bool, supersede: bool = False) -> None:
+        """Commit a message (QoS 1) to the outbox; a retained one is its topic's current
+        state. ``supersede`` (retained only): the topic's previous state, if it still waits,
+        is dropped from the outbox — for a large state whose history matters to no one (a
+        snapshot), so a broker outage does not pile them up."""
         assert self.outbox is not None, "MqttSink used before start()"
+        previous = self._retained.get(topic)
         message_id = self.outbox.add(topic, payload, qos=1, retain=retain)
         if retain:
             self._retained[topic] = (message_id, payload)
+            if supersede and previous is not None and previous[0]:
+                self.outbox.ack(previous[0])  # forgotten as if delivered (nothing, when it was)
         self._wakeup.set()
 
     async def send(self, client: aiomqtt.Client, ctx: Context) -> None:

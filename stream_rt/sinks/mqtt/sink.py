@@ -19,11 +19,12 @@ from stream_rt.config import MqttSinkConfig
 from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, Transcript, WatchState
+from stream_rt.media.images import encode_jpeg
 from stream_rt.sinks.commands import CommandTarget
 from stream_rt.sinks.mqtt.commands import CommandListener
 from stream_rt.sinks.mqtt.connection import BrokerConnection
 from stream_rt.sinks.mqtt.delivery import Delivery
-from stream_rt.sinks.mqtt.home_assistant import discovery_messages
+from stream_rt.sinks.mqtt.home_assistant import discovery_messages, watch_discovery
 from stream_rt.sinks.mqtt.messages import Topics, encode, status_record
 from stream_rt.sinks.outbox import Outbox
 
@@ -45,7 +46,9 @@ class MqttSink(Sink):
     ``<prefix>/<source>/<feature>/set``; ``stats`` (``Graph.statistics``) is published on
     ``<prefix>/stats`` every ``stats_interval_s``. ``drain_timeout_s`` bounds the wait for
     the outbox to empty at the stop; ``backoff`` paces reconnects; ``publish_window``
-    messages are in flight at once."""
+    messages are in flight at once. For Home Assistant's discovery: ``asks`` whether a
+    model answers the ``ask`` command (a text entity to ask), ``watches`` each source's
+    standing watch id at the start (later ones are announced as they are set)."""
 
     inputs = {"in": (Event, MllmAnswer, SourceStatus, Transcript, WatchState)}
 
@@ -59,9 +62,13 @@ class MqttSink(Sink):
         sources: set[str] | None = None,
         backoff: Backoff | None = None,
         publish_window: int = 64,
+        asks: bool = False,
+        watches: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name)
         self.config = config
+        self.asks = asks
+        self.watches = dict(watches or {})  # source -> its standing watch's id (announced to Home Assistant)
         self.stats = stats
         self.sources = sources or set()
         self.drain_timeout_s = drain_timeout_s
@@ -101,12 +108,18 @@ class MqttSink(Sink):
 
     async def process(self, packet: Packet, ctx: Context) -> None:
         if isinstance(packet, WatchState):  # transitions only, retained: the watch's state now
+            self._announce_watch(packet)
             self.delivery.add(self.topics(packet.source_id, "watch", packet.watch_id), encode(packet.to_record()), True)
         elif isinstance(packet, Event | MllmAnswer | Transcript):
             feature = FEATURE_OF[type(packet)]
-            self.delivery.add(self.topics(packet.source_id, feature), encode(packet.to_record()), retain=False)
+            record = encode(packet.to_record())
+            self.delivery.add(self.topics(packet.source_id, feature), record, retain=False)
             if isinstance(packet, Event) and packet.type in ("new", "end"):
                 self._state(packet.source_id, "activity", "ON" if packet.type == "new" else "OFF")
+            if isinstance(packet, MllmAnswer) and packet.status != "dropped":  # dropped: never asked, no answer
+                self.delivery.add(self.topics(packet.source_id, "last_answer"), record, retain=True)
+            if isinstance(packet, Event) and packet.type != "end" and self.config.snapshots:
+                await self._snapshot(packet)
             outbox = self._outbox
             assert outbox is not None
             ctx.counters["outbox_depth"] = outbox.depth()
@@ -121,6 +134,30 @@ class MqttSink(Sink):
             # A source's stream ended (end of file, or the daemon stopping): it is offline now.
             detail = self._ended[packet.source_id] = "end of stream" if packet.reason == "eof" else "stream stopped"
             self._status(packet.source_id, "offline", detail, ctx.clock.wall_ns())
+
+    async def _snapshot(self, event: Event) -> None:
+        """The event's frame, retained: the source's last snapshot (a waiting older one is dropped)."""
+        if event.snapshot_jpeg:
+            jpeg = event.snapshot_jpeg
+        elif event.frame is not None:
+            jpeg = await asyncio.to_thread(encode_jpeg, event.frame)
+        else:
+            return
+        self.delivery.add(self.topics(event.source_id, "snapshot"), jpeg, retain=True, supersede=True)
+
+    def _announce_watch(self, change: WatchState) -> None:
+        """Home Assistant's sensor of a watch: announced when the watch is set, removed with it."""
+        source, watch_id = change.source_id, change.watch_id
+        if not self.config.home_assistant:
+            return
+        if change.state == "removed" and self.watches.get(source) == watch_id:
+            del self.watches[source]
+            topic, _ = watch_discovery(self.config.prefix, source, watch_id, self.config.discovery_prefix)
+            self.delivery.add(topic, b"", retain=True)  # an empty config removes the entity
+        elif change.state in ("unmet", "met") and self.watches.get(source) != watch_id:
+            self.watches[source] = watch_id
+            topic, payload = watch_discovery(self.config.prefix, source, watch_id, self.config.discovery_prefix)
+            self.delivery.add(topic, encode(payload), retain=True)
 
     def _status(self, source: str, state: str, detail: str, wall_ns: int, streams: tuple[str, ...] = ()) -> None:
         self.delivery.add(self.topics(source, "status"), encode(status_record(state, detail, wall_ns, streams)), True)
@@ -172,8 +209,10 @@ class MqttSink(Sink):
         if self.commands is not None:
             await self.commands.subscribe(client)
         if self.config.home_assistant:
-            for topic, payload in discovery_messages(self.config.prefix, sorted(self.sources),
-                                                     self.config.discovery_prefix):  # fmt: skip
+            config = self.config
+            for topic, payload in discovery_messages(config.prefix, sorted(self.sources), config.discovery_prefix,
+                                                     snapshots=config.snapshots, asks=self.asks,
+                                                     watches=self.watches):  # fmt: skip
                 await client.publish(topic, encode(payload), qos=1, retain=True)
         parts = [self.delivery.send(client, ctx), self._listen(client, ctx)]
         if self.stats is not None:
