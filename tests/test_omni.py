@@ -186,3 +186,41 @@ async def test_a_replay_with_speech_hears_each_clip(omni: str, samples: Path, ff
         span_s = (a["frame_pts_ns"][-1] - a["frame_pts_ns"][0]) / S
         assert abs(heard - 25 * span_s) <= 2, (tokens, span_s)
         assert tokens["audio"] == round(0.7 * heard), tokens
+
+
+def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: str, samples: Path) -> None:
+    """The same clip, sound and memory asked twice, compressed by the encoder's attention:
+    the second call reuses its static visual tokens' K/V after the memory's prefix (the
+    sound comes after the images, so it never stops their reuse), and its logits are
+    transformers' own forward over the memory's embeddings and the compressed prompt."""
+    from stream_rt.mllm.backends.call import ReuseKey, SourceMemory
+    from stream_rt.mllm.techniques.memory_prefix import MemoryPrefix, prefix_positions
+    from stream_rt.mllm.techniques.token_reuse import TokenReuse
+
+    from .test_call_path import memory_entries
+
+    images, pts, sound = clip(samples, 7.0, 3)
+    backend = TransformersBackend(omni, max_new_tokens=1, dtype="float32",
+                                  techniques=Techniques(token_reuse=TokenReuse(), compression=Compression()))  # fmt: skip
+    backend.load()
+    entries = memory_entries(backend)
+    for _ in range(2):
+        got = backend.generate(images, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"),
+                               clip=ClipTiming(pts, [], sound, pts[0]), memory=SourceMemory("cam", entries))  # fmt: skip
+    assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
+    assert got.memory_tokens > 0 and got.audio_tokens > 0
+    family = backend.family
+    assert family is not None
+    with torch.inference_mode():
+        prepared = family.prepare(images, chat_messages(len(images), QUESTION, sound=True), backend.model, sound)
+        features, heard = family.encode(backend.model, prepared), family.hear(backend.model, prepared)
+        assert heard is not None
+        kept, kept_features, _, kept_heard = Compression().apply_heard(family, prepared, features, heard, pts, pts[0])
+        prefix = MemoryPrefix().embeds(backend.model, family, entries)
+        length = prefix.shape[1]
+        assert kept.position_ids is not None
+        positions = torch.cat([prefix_positions(length, family, prefix.device), kept.position_ids + length], -1)
+        embeds = torch.cat([prefix, backend.embed(kept, kept_features, kept_heard)], 1)
+        reference = own_logits(backend.model, own_forward(backend.model, embeds, positions, None))
+    assert got.first_logits is not None
+    assert float((reference[0] - got.first_logits[0]).abs().max()) < 1e-4
