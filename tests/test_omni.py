@@ -200,13 +200,14 @@ def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: str, samples:
     from .test_call_path import memory_entries
 
     images, pts, sound = clip(samples, 7.0, 3)
-    backend = TransformersBackend(omni, max_new_tokens=1, dtype="float32",
-                                  techniques=Techniques(token_reuse=TokenReuse(), compression=Compression()))  # fmt: skip
+    techniques = Techniques(token_reuse=TokenReuse(), compression=Compression())
+    backend = TransformersBackend(omni, max_new_tokens=1, dtype="float32", techniques=techniques)
     backend.load()
     entries = memory_entries(backend)
     for _ in range(2):
         got = backend.generate(images, QUESTION, reuse=ReuseKey("cam", QUESTION, "cam-1"),
-                               clip=ClipTiming(pts, [], sound, pts[0]), memory=SourceMemory("cam", entries))  # fmt: skip
+                               clip=ClipTiming(pts, [], sound, pts[0]),
+                               memory=SourceMemory("cam", entries))  # fmt: skip
     assert got.reuse is not None and got.reuse.mode == "reuse" and got.reuse.reused_tokens > 0, got.reuse
     assert got.memory_tokens > 0 and got.audio_tokens > 0
     family = backend.family
