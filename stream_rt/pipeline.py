@@ -176,6 +176,10 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                     graph.connect(f"{source.name}.video", "mllm.video", video_ch.policy, video_ch.capacity)
             if "audio" in graph:
                 graph.connect("audio.features", "mllm.audio", capacity=256)
+            if config.mllm.clip.sound:  # ...and their sound, for a model that hears it
+                for source in sources:
+                    if source.has_audio:
+                        graph.connect(f"{source.name}.audio", "mllm.sound", audio_ch.policy, audio_ch.capacity)
 
     jsonl = None
     if config.sinks.jsonl is not None:
@@ -235,7 +239,8 @@ def build_backend(cfg: MllmConfig) -> Backend:
     clip = cfg.clip
     compression = None
     if clip.frames > 1 and clip.compression != "off":
-        compression = Compression(average=clip.keep, window_s=clip.window_s, mode=clip.compression)
+        compression = Compression(average=clip.keep, window_s=clip.window_s, mode=clip.compression,
+                                  audio_keep=clip.audio_keep)  # fmt: skip
     return TransformersBackend(
         cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
         contract_stop=cfg.contract_stop, threads=cfg.threads, allow_download=cfg.allow_download,

@@ -98,6 +98,20 @@ class ClipConfig(StrictModel):
         title="Compression window (s)",
         description="clips: audio-guided compression sets keep rates per window",
     )
+    sound: bool = Field(
+        True,
+        title="Sound",
+        description="clips: send the clip's sound (16 kHz mono) to a model that takes audio (Qwen2.5-Omni's thinker); "
+        "other models never get it",
+    )
+    audio_keep: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        title="Kept share of audio tokens",
+        description="clips, a model that hears them with compression 'audio': the share of its audio tokens kept, "
+        "those its audio encoder attended to most (OmniZip); each window's share kept sets its video keep rate",
+    )
 
 
 class MemoryConfig(StrictModel):

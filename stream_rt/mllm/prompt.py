@@ -27,12 +27,14 @@ chat messages (system, user and assistant turns, an ``{"type": "image"}`` entry 
 each image goes, in the order of the images given with it)."""
 
 
-def chat_messages(images: int, text: Prompt) -> list[dict[str, Any]]:
-    """Hugging Face chat messages: one user turn with ``images`` image entries, then
-    ``text``; a conversation (a list of messages) as it is."""
+def chat_messages(images: int, text: Prompt, sound: bool = False) -> list[dict[str, Any]]:
+    """Hugging Face chat messages: one user turn with ``images`` image entries, then (with
+    ``sound``) an audio entry, then ``text``; a conversation (a list of messages) as it is."""
     if not isinstance(text, str):
         return text
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+    if sound:
+        content.append({"type": "audio"})
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
 

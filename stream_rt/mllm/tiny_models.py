@@ -30,7 +30,7 @@ from stream_rt.mllm.tiny_recipes import RECIPES, Recipe, Size
 log = logging.getLogger("stream_rt.mllm")
 
 MARKER = "stream_rt_tiny.json"
-VERSION = 3  # 2: the tiny Qwen3-VL feeds three DeepStack layers, the tiny Gemma 3 scales queries by 1/sqrt(32);
+VERSION = 4  # 2: the tiny Qwen3-VL feeds three DeepStack layers, the tiny Gemma 3 scales queries by 1/sqrt(32);
 # 3: realistic sizes shaped like Qwen3-VL-2B and Gemma 3 270M, with the families' own vocabularies
 
 
@@ -82,6 +82,8 @@ def write_processing(recipe: Recipe, model_type: str, size: Size, tokenizer: Any
     settings, processor settings and chat template."""
     tokenizer.save_pretrained(str(where))
     save_image_processor(model_type, recipe.image_processor(size), where)
+    if recipe.feature_extractor is not None:
+        save_feature_extractor(recipe.feature_extractor(size), where)
     processor = {"processor_class": _processor_class(model_type), **recipe.processor(size)}
     (where / "processor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
     (where / "chat_template.jinja").write_text(recipe.template, encoding="utf-8")
@@ -138,7 +140,9 @@ def byte_tokenizer(recipe: Recipe) -> Any:
 def _processor_class(model_type: str) -> str:
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES  # type: ignore[attr-defined]
 
-    return str(PROCESSOR_MAPPING_NAMES[model_type])
+    from stream_rt.mllm.models.processors import processing_type
+
+    return str(PROCESSOR_MAPPING_NAMES[processing_type(model_type)])
 
 
 def save_image_processor(model_type: str, settings: dict[str, Any], where: Path) -> None:
@@ -150,4 +154,15 @@ def save_image_processor(model_type: str, settings: dict[str, Any], where: Path)
     saved = where / "preprocessor_config.json"
     data = json.loads(saved.read_text(encoding="utf-8"))
     data["image_processor_type"] = str(data.get("image_processor_type", "")).removesuffix("Pil")
+    saved.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def save_feature_extractor(settings: dict[str, Any], where: Path) -> None:
+    """Add Whisper's audio feature extractor with ``settings`` to ``preprocessor_config.json``
+    (one file for both, as Qwen2.5-Omni's checkpoints have it)."""
+    from transformers import WhisperFeatureExtractor
+
+    saved = where / "preprocessor_config.json"
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    data |= WhisperFeatureExtractor(**settings).to_dict()
     saved.write_text(json.dumps(data, indent=2), encoding="utf-8")

@@ -37,6 +37,7 @@ class Recipe:
     image_processor: Callable[[Size], dict[str, Any]]  # the image processor's settings
     processor: Callable[[Size], dict[str, Any]] = field(default=lambda size: {})  # processor_config.json
     bos: str | None = None
+    feature_extractor: Callable[[Size], dict[str, Any]] | None = None  # a model that takes audio: Whisper's settings
 
 
 def _text(size: Size, **extra: Any) -> dict[str, Any]:
@@ -113,6 +114,33 @@ def _qwen3_vl(ids: Ids, size: Size) -> dict[str, Any]:
     }  # fmt: skip
     text["tie_word_embeddings"] = True
     return config
+
+
+def _qwen2_5_omni_thinker(ids: Ids, size: Size) -> dict[str, Any]:
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's vision tower and decoder (its text config has no
+    head_dim: hidden / heads) with a Whisper-style audio encoder (128 mel bins, attention
+    within windows of ``2 * n_window`` mel frames, 25 tokens a second). Realistic: about
+    Qwen2.5-Omni-3B's decoder depth, narrower, with a small audio encoder."""
+    tiny = size == "tiny"
+    names = ("<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>")
+    config = _qwen2_5_vl(dict(zip(("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+                                  (ids[n] for n in names), strict=True)), size)  # fmt: skip
+    text = config["text_config"]
+    text.pop("head_dim")
+    audio = (
+        {"encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "d_model": 32, "n_window": 50}
+        if tiny
+        else {"encoder_layers": 12, "encoder_attention_heads": 8, "encoder_ffn_dim": 2048, "d_model": 512,
+              "n_window": 100}
+    )  # fmt: skip
+    for key in ("image_token_id", "video_token_id"):
+        config[key.replace("_id", "_index")] = config.pop(key)
+    return config | {
+        "audio_config": audio | {"num_mel_bins": 128, "output_dim": text["hidden_size"], "max_source_positions": 1500,
+                                 **({"initializer_range": 0.5} if tiny else {})},
+        "audio_token_index": ids["<|AUDIO|>"], "audio_start_token_id": ids["<|audio_bos|>"],
+        "audio_end_token_id": ids["<|audio_eos|>"],
+    }  # fmt: skip
 
 
 def _idefics3(ids: Ids, size: Size) -> dict[str, Any]:
@@ -227,6 +255,11 @@ def _square(side_tiny: int, side: int) -> Callable[[Size], dict[str, Any]]:
 
 _QWEN_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}  # fmt: skip
+_OMNI_SPECIALS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+                  "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                  "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}  # fmt: skip
+_OMNI_TEMPLATE = _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>{% elif c['type'] == 'audio' %}"
+                         "<|audio_bos|><|AUDIO|><|audio_eos|>")  # fmt: skip
 _IDEFICS_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
     "{% if m['content'] is string %}: {{ m['content'] }}{% else %}:{% for c in m['content'] %}"
@@ -254,6 +287,10 @@ RECIPES: dict[str, Recipe] = {
                          _chatml("<|vision_start|><|image_pad|><|vision_end|>"), _qwen2_5_vl, _qwen2_processor),
     "qwen3_vl": Recipe(_QWEN_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>",
                        _chatml("<|vision_start|><|image_pad|><|vision_end|>"), _qwen3_vl, _qwen3_processor),
+    "qwen2_5_omni_thinker": Recipe(
+        _OMNI_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>", _OMNI_TEMPLATE, _qwen2_5_omni_thinker,
+        _qwen2_processor, feature_extractor=lambda size: {"feature_size": 128},
+    ),
     "idefics3": Recipe({"image_token": "<image>"}, _IDEFICS_OTHERS, "<end_of_utterance>", _IDEFICS_TEMPLATE,
                        _idefics3, _idefics_processor, _idefics_seq),
     "smolvlm": Recipe({"image_token": "<image>"}, (*_IDEFICS_OTHERS, "<video>"), "<end_of_utterance>",

@@ -3,9 +3,13 @@ model-agnostic: it decides which visual tokens of each frame to keep; the MLLM b
 applies the decision.
 
 1. The frames are grouped into windows of ~2 s. Each window gets an audio salience
-   ``S_a`` in 0..1: the share of its audio chunks judged salient (speech probability at
-   least 0.5, a level well above the noise floor, or an onset) — the cheap stand-in for
-   OmniZip's audio-encoder attention that a streaming runtime can afford.
+   ``S_a`` in 0..1. For a model that hears the clip (its sound goes to the model as audio
+   tokens), it is OmniZip's own: the model's audio encoder ranks the audio tokens by the
+   attention each received in its last layer, the top ``audio_keep`` (70 %) are kept
+   (:func:`keep_heard`), and ``S_a`` is the share of the window's audio tokens kept.
+   Otherwise it is the cheap stand-in a streaming runtime can afford: the share of the
+   window's audio chunks judged salient (speech probability at least 0.5, a level well
+   above the noise floor, or an onset).
 2. A window keeps ``clip(0.25 + 0.40 * S_a, low, high)`` of its visual tokens (OmniZip's
    prune ratio ``0.75 - 0.40 * S_a`` turned into a keep rate), then all rates are rescaled
    so their token-weighted mean is the configured ``average`` (default 40 %): more sound,
@@ -39,6 +43,31 @@ class FrameTokens:
     pts_ns: int
     features: F32
     positions: Ints
+
+
+@dataclass(frozen=True)
+class HeardTokens:
+    """A clip's audio tokens as the model heard them: each one's time and whether it is
+    kept (:func:`keep_heard`)."""
+
+    pts_ns: Ints
+    kept: npt.NDArray[np.bool_]
+
+
+def keep_heard(attention: F32, share: float = 0.7) -> npt.NDArray[np.bool_]:
+    """Which audio tokens to keep: the top ``share`` by the attention each received in the
+    audio encoder's last layer (OmniZip), at least one."""
+    n = len(attention)
+    keep = np.zeros(n, bool)
+    if n:
+        keep[np.argsort(-np.asarray(attention, np.float64), kind="stable")[: max(1, round(share * n))]] = True
+    return keep
+
+
+def heard_salience(heard: HeardTokens, lo_ns: int, hi_ns: int) -> float:
+    """The share of the audio tokens in [lo_ns, hi_ns) kept (0 without any)."""
+    inside = (heard.pts_ns >= lo_ns) & (heard.pts_ns < hi_ns)
+    return float(heard.kept[inside].mean()) if inside.any() else 0.0
 
 
 def audio_salience(chunks: list[AudioFeatures], floor_margin_db: float = 10.0, onset: float = 3.0) -> float:
@@ -113,8 +142,11 @@ def compress(
     window_s: float = 2.0,
     average: float = 0.4,
     mode: Literal["audio", "uniform"] = "audio",
+    heard: HeardTokens | None = None,
 ) -> list[Ints]:
-    """The positions to keep in each frame (sorted original position ids)."""
+    """The positions to keep in each frame (sorted original position ids); with ``heard``
+    (a model that hears the clip), the windows' audio salience is the share of their audio
+    tokens kept, else it comes from ``audio``'s features."""
     if not frames:
         return []
     start = frames[0].pts_ns
@@ -128,7 +160,11 @@ def compress(
         scores = []
         for win in windows:
             lo, hi = start + win * window_ns, start + (win + 1) * window_ns
-            scores.append(audio_salience([c for c in audio if lo <= c.pts_ns < hi]))
+            scores.append(
+                heard_salience(heard, lo, hi)
+                if heard is not None
+                else audio_salience([c for c in audio if lo <= c.pts_ns < hi])
+            )
         rates = window_keep_rates(scores, sizes, average)
     rate_of = dict(zip(windows, rates, strict=True))
     kept: list[Ints] = []

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.graph.packets.base import Packet
+from stream_rt.graph.packets.media import AUDIO_SAMPLE_RATE
 from stream_rt.graph.packets.perception import AudioFeatures
 
 
@@ -17,7 +18,8 @@ class MllmRequest(Packet):
     """A question for the multimodal model about one event: the ``images`` (RGB, HxWx3
     uint8: the keyframe, then crops of its changed regions — or, for a clip, frames in
     time order with their ``frame_pts`` and the ``audio`` features of that span, which
-    audio-guided compression uses), the ``question``, and a line of ``context`` (what the
+    audio-guided compression uses, and the span's ``sound`` — 16 kHz mono samples from
+    ``sound_pts_ns`` — for a model that hears), the ``question``, and a line of ``context`` (what the
     event is: times, salience). ``signature`` is a small summary of the scene, compared by
     answer reuse. ``memory``: the source's streaming-memory entries, which backends that
     can take them put before the prompt; ``summary_tokens``: how many pooled visual tokens
@@ -32,6 +34,8 @@ class MllmRequest(Packet):
     audio: tuple[AudioFeatures, ...] = field(default=(), repr=False, compare=False)
     memory: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # MemoryEntry (the graph knows no memory)
     summary_tokens: int = 0
+    sound: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+    sound_pts_ns: int = 0
 
     def to_record(self) -> dict[str, Any]:
         record = Packet.to_record(self)
@@ -42,6 +46,8 @@ class MllmRequest(Packet):
             images=[list(image.shape[:2]) for image in self.images],
             memory_entries=len(self.memory),
         )
+        if self.sound is not None:
+            record["sound_s"] = round(len(self.sound) / AUDIO_SAMPLE_RATE, 3)
         return record
 
 

@@ -3,7 +3,7 @@
 :meth:`~stream_rt.mllm.backends.transformers_backend.TransformersBackend.generate` on a
 family adapter is a list of steps, each taking the value the one before returned:
 
-    prepare -> Inputs -> encode -> Encoded -> summarise -> Encoded -> compress -> Encoded
+    prepare -> Inputs -> encode (and hear) -> Encoded -> summarise -> Encoded -> compress -> Encoded
             -> prefill (after the memory prefix) -> Prefilled -> decode -> Decoded
 
 Each step does what its technique asks when the technique is on, and hands the value on
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from stream_rt.graph.packets import AudioFeatures
     from stream_rt.memory.streaming import MemoryEntry
     from stream_rt.mllm.backends.decoding import TokenLogprob
-    from stream_rt.mllm.models.families import Prepared, VisualFeatures
+    from stream_rt.mllm.models.families import HeardFeatures, Prepared, VisualFeatures
     from stream_rt.mllm.models.layer_loop import KV
     from stream_rt.mllm.techniques.token_reuse import ReuseCall, ReuseOutcome
 
@@ -46,10 +46,13 @@ class ReuseKey:
 @dataclass(frozen=True)
 class ClipTiming:
     """A multi-frame request's frame times (ns, one per image) and the audio features over
-    its span: what clip compression weighs the frames' tokens by."""
+    its span: what clip compression weighs the frames' tokens by; and the span's sound
+    (16 kHz mono samples from ``sound_pts`` ns), which a model that hears takes as audio."""
 
     frame_pts: list[int]
     audio: list[AudioFeatures]
+    sound: npt.NDArray[np.float32] | None = None
+    sound_pts: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class Encoded:
     summary: npt.NDArray[np.float32] | None = None  # the keyframe's pooled visual tokens, when asked for
     kept: npt.NDArray[np.intp] | None = None  # compression: which of the request's visual tokens each kept one is
     visual_dropped: int = 0  # visual tokens compression left out
+    heard: HeardFeatures | None = None  # a model that hears: the sound's audio features (compressed once it ran)
+    audio_dropped: int = 0  # audio tokens compression left out
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Generation:
     reuse: ReuseOutcome | None = None  # what token reuse saved, when it is on
     memory_tokens: int = 0  # length of the memory prefix before the prompt
     visual_dropped: int = 0  # visual tokens compression left out
+    audio_tokens: int = 0  # audio tokens in the prompt (a model that hears the clip), after compression
+    audio_dropped: int = 0  # audio tokens compression left out
     summary: npt.NDArray[np.float32] | None = None  # the keyframe's pooled visual tokens
     logprobs: list[TokenLogprob] | None = None  # per token of ``text``, when the sampling asked for them
 

@@ -1,6 +1,6 @@
 """Local Hugging Face vision-language models on CPU or CUDA: the family adapters (Qwen2-VL /
-Qwen2.5-VL, Qwen3-VL, SmolVLM / Idefics3, LLaVA, Gemma 3) and any other model transformers
-loads, on the generic path.
+Qwen2.5-VL, Qwen3-VL, SmolVLM / Idefics3, LLaVA, Gemma 3, and Qwen2.5-Omni's thinker, which
+also hears a clip's sound) and any other model transformers loads, on the generic path.
 
 The model runs in the backend's own thread with a greedy decoding loop of its own rather than
 ``generate()``: the vision encoder, prefill and each decoded token are timed apart, text
@@ -43,7 +43,7 @@ from stream_rt.mllm.backends.decoding import Generation, Sampling, TokenStream
 from stream_rt.mllm.backends.generic import generate_generic
 from stream_rt.mllm.backends.loading import check_device, describe_model, load_model, resolve_model, torch_dtype
 from stream_rt.mllm.models.decoder import run_prefill
-from stream_rt.mllm.models.families import Family, Prepared, VisualFeatures
+from stream_rt.mllm.models.families import Family, HeardFeatures, Prepared, Sound, VisualFeatures
 from stream_rt.mllm.models.layer_loop import KV
 from stream_rt.mllm.prompt import Prompt, chat_messages, request_text
 from stream_rt.mllm.smoke import is_smoke_model
@@ -154,7 +154,7 @@ class TransformersBackend(Backend):
         images, text = list(request.images), request_text(request)
         reuse = ReuseKey(request.source_id, request.question, request.event_id) if images else None  # nothing to reuse
         clip = (
-            ClipTiming(list(request.frame_pts), list(request.audio))
+            ClipTiming(list(request.frame_pts), list(request.audio), request.sound, request.sound_pts_ns)
             if len(request.frame_pts) == len(images) > 1
             else None
         )
@@ -175,6 +175,10 @@ class TransformersBackend(Backend):
             extra["memory"] = gen.memory_tokens
         if gen.visual_dropped:
             extra["visual_dropped"] = gen.visual_dropped
+        if gen.audio_tokens:
+            extra["audio"] = gen.audio_tokens
+        if gen.audio_dropped:
+            extra["audio_dropped"] = gen.audio_dropped
         return answer_from_text(
             request, gen.text, self, stop=gen.stop, exit_depth=gen.exit_depth, visual_summary=gen.summary,
             timings={**({"encode": gen.encode_s} if gen.encode_s is not None else {}), "prefill": gen.prefill_s,
@@ -212,9 +216,9 @@ class TransformersBackend(Backend):
         """Answer ``text`` about ``images`` (one user turn, or a conversation) in the calling
         thread. With token reuse on and ``reuse`` given, repeated calls recompute only what
         changed (:mod:`stream_rt.mllm.techniques.token_reuse`). ``clip`` compresses a
-        multi-frame request when compression is on. ``memory`` goes before the prompt
-        (:mod:`stream_rt.mllm.techniques.memory_prefix`). ``summary_tokens``: also return
-        the keyframe's visual tokens pooled to that many. ``on_prompt`` is told the
+        multi-frame request when compression is on; its sound goes to a model that hears.
+        ``memory`` goes before the prompt (:mod:`stream_rt.mllm.techniques.memory_prefix`).
+        ``summary_tokens``: also return the keyframe's visual tokens pooled to that many. ``on_prompt`` is told the
         prompt's length in tokens before decoding starts. ``sampling``: how tokens are
         chosen (default greedy; :class:`Sampling`). On a family adapter the call is the
         steps of :mod:`stream_rt.mllm.backends.call`, each whatever the others do."""
@@ -229,7 +233,8 @@ class TransformersBackend(Backend):
                     memory=memory.entries if memory is not None else (), summary_tokens=summary_tokens,
                     keyframe=len(images) - 1 if clip is not None else 0, on_prompt=on_prompt,
                 )  # fmt: skip
-            inputs = self.prepare_inputs(images, text, reuse, memory)
+            sound = clip.sound if clip is not None and self.family.hears else None
+            inputs = self.prepare_inputs(images, text, reuse, memory, sound)
             try:
                 encoded = self.encode_visual(inputs)
                 encoded = self.summarise_keyframe(
@@ -249,16 +254,24 @@ class TransformersBackend(Backend):
             int(prefilled.prepared.image_mask.sum()), encoded.encode_s, prefilled.prefill_s, decoded.decode_s,
             prefilled.logits, exit_depth=decoded.exit_depth, reuse=prefilled.reuse,
             memory_tokens=prefilled.memory_tokens, summary=encoded.summary, visual_dropped=encoded.visual_dropped,
+            audio_tokens=len(encoded.heard) if encoded.heard is not None else 0, audio_dropped=encoded.audio_dropped,
             logprobs=decoded.logprobs,
         )  # fmt: skip
 
     def prepare_inputs(
-        self, images: list[npt.NDArray[np.uint8]], text: Prompt, reuse: ReuseKey | None, memory: SourceMemory | None
+        self,
+        images: list[npt.NDArray[np.uint8]],
+        text: Prompt,
+        reuse: ReuseKey | None,
+        memory: SourceMemory | None,
+        sound: Sound | None = None,
     ) -> Inputs:
-        """Step 1: the request through the family's processor onto the device; with token
-        reuse on and ``reuse`` given, the reuse call begun (which tokens are static)."""
+        """Step 1: the request through the family's processor onto the device (after the
+        images, ``sound`` as audio, for a family that hears); with token reuse on and
+        ``reuse`` given, the reuse call begun (which tokens are static)."""
         assert self.family is not None
-        prepared = on_device(self.family.prepare(images, chat_messages(len(images), text), self.model), self.device)
+        messages = chat_messages(len(images), text, sound=sound is not None)
+        prepared = on_device(self.family.prepare(images, messages, self.model, sound), self.device)
         fingerprint = memory_fingerprint(memory.entries) if memory is not None else ""
         call = None
         if self.token_reuse is not None and reuse is not None:
@@ -267,7 +280,8 @@ class TransformersBackend(Backend):
         return Inputs(len(images), prepared, call, fingerprint)
 
     def encode_visual(self, inputs: Inputs) -> Encoded:
-        """Step 2: the visual features, reusing the cached tiles or encoder passes it can."""
+        """Step 2: the visual features, reusing the cached tiles or encoder passes it can;
+        and the sound's audio features, for a family that hears."""
         assert self.family is not None
         started = time.perf_counter()
         features = None
@@ -275,8 +289,9 @@ class TransformersBackend(Backend):
             features = self.token_reuse.encode(inputs.reuse, self.model, self.family, inputs.prepared)
         elif inputs.prepared.vision:
             features = self.family.encode(self.model, inputs.prepared)
+        heard = self.family.hear(self.model, inputs.prepared) if inputs.prepared.audio_mask is not None else None
         ended = self._now()
-        return Encoded(inputs, inputs.prepared, features, ended - started, ended)
+        return Encoded(inputs, inputs.prepared, features, ended - started, ended, heard=heard)
 
     def summarise_keyframe(self, encoded: Encoded, tokens: int, keyframe: int) -> Encoded:
         """Step 3: with ``tokens``, the ``keyframe``'s visual tokens pooled to that many."""
@@ -287,14 +302,22 @@ class TransformersBackend(Backend):
         return replace(encoded, summary=pooled_tokens(encoded.features.tokens[rows], tokens))
 
     def compress_clip(self, encoded: Encoded, clip: ClipTiming | None) -> Encoded:
-        """Step 4: with compression on and a clip, the visual tokens it keeps."""
+        """Step 4: with compression on and a clip, the visual tokens it keeps — and, where
+        the model heard the clip, the audio tokens, guided by its audio encoder's attention."""
         if self.compression is None or clip is None or encoded.features is None:
             return encoded
         assert self.family is not None
-        prepared, features, kept = self.compression.apply(self.family, encoded.prepared, encoded.features,
-                                                          clip.frame_pts, clip.audio)  # fmt: skip
-        return replace(encoded, prepared=prepared, features=features, kept=kept,
-                       visual_dropped=len(encoded.features) - len(features))  # fmt: skip
+        heard = encoded.heard
+        if heard is not None:
+            prepared, features, kept, heard = self.compression.apply_heard(
+                self.family, encoded.prepared, encoded.features, heard, clip.frame_pts, clip.sound_pts
+            )
+        else:
+            prepared, features, kept = self.compression.apply(self.family, encoded.prepared, encoded.features,
+                                                              clip.frame_pts, clip.audio)  # fmt: skip
+        audio_dropped = len(encoded.heard) - len(heard) if encoded.heard is not None and heard is not None else 0
+        return replace(encoded, prepared=prepared, features=features, kept=kept, heard=heard,
+                       visual_dropped=len(encoded.features) - len(features), audio_dropped=audio_dropped)  # fmt: skip
 
     def prefill_prompt(self, encoded: Encoded, memory: SourceMemory | None) -> Prefilled:
         """Step 5: the memory's K/V prefix (kept from the last call where it is the same),
@@ -306,7 +329,7 @@ class TransformersBackend(Backend):
                                              encoded.inputs.memory_fingerprint)  # fmt: skip
             prepared, memory_tokens = after_prefix(prepared, state.length), state.length
             prefix = (state.keys, state.values)
-        embeds = self.embed(prepared, encoded.features)
+        embeds = self.embed(prepared, encoded.features, encoded.heard)
         deepstack = encoded.features.deepstack if encoded.features is not None else ()
         call, outcome = encoded.inputs.reuse, None
         if call is not None and self.token_reuse is not None:
@@ -356,13 +379,21 @@ class TransformersBackend(Backend):
             cache.update(k, v, layer)
         return cache
 
-    def embed(self, prepared: Prepared, features: VisualFeatures | None) -> torch.Tensor:
+    def embed(
+        self, prepared: Prepared, features: VisualFeatures | None, heard: HeardFeatures | None = None
+    ) -> torch.Tensor:
+        """The prompt's input embeddings, its visual (and audio) tokens' replaced by their features."""
         embeds = self.model.get_input_embeddings()(prepared.input_ids.to(self.device))
         if features is not None:
             mask = prepared.image_mask.to(self.device)
             if int(mask.sum()) != len(features):
                 raise BackendError(f"{int(mask.sum())} visual tokens in the prompt for {len(features)} features")
             embeds[0, mask] = features.tokens.to(embeds.dtype)
+        if heard is not None and prepared.audio_mask is not None:
+            mask = prepared.audio_mask.to(self.device)
+            if int(mask.sum()) != len(heard):
+                raise BackendError(f"{int(mask.sum())} audio tokens in the prompt for {len(heard)} audio features")
+            embeds[0, mask] = heard.tokens.to(embeds.device, embeds.dtype)
         return embeds
 
     def prefill(

@@ -12,11 +12,14 @@ backend refuses every technique at load, :func:`~stream_rt.mllm.backends.loading
   own, so computing some rows of a layer is still exact), LLaVA, Gemma 3: the encoder's
   attention never crosses from one image to another, so each image is such a piece (with
   Qwen3-VL's DeepStack rows); Gemma 3's pan-and-scan crops are off on this path.
+- Qwen2.5-Omni's thinker (:mod:`stream_rt.mllm.models.omni`): Qwen2.5-VL's images, and the
+  clip's sound as audio; compression takes its guidance from the audio encoder's attention.
 - SmolVLM / Idefics3: its encoder works tile by tile, so each 512 px tile is a piece, and a
   changed tile recomputes only the patches that moved (``encoder_partial``).
 
 Families that stay on the generic path (the model's own ``generate``), and why:
 
+- Qwen3-Omni's thinker (``qwen3_omni_moe_thinker``): see :mod:`stream_rt.mllm.models.omni`.
 - Qwen3.5 / Qwen3.5-MoE (``qwen3_5``, ``qwen3_5_moe``): three of every four decoder layers
   are Gated DeltaNet linear attention, a recurrent state rather than per-position K/V, so
   a position cannot keep last call's K/V (token reuse), a memory prefix is a state rather
@@ -40,8 +43,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from stream_rt.mllm.models.families import Family, Layout, Prepared, TileState, VisualFeatures
+from stream_rt.mllm.models.families import Family, Layout, Prepared, TileState, VisualFeatures, flatten
 from stream_rt.mllm.models.layer_loop import LayerStack, run_layers
+from stream_rt.mllm.models.omni import QwenOmni
 from stream_rt.operators.token_reuse import TokenGrid
 
 
@@ -321,7 +325,7 @@ class Gemma3(Family):
         return replace(super().layout(model), rotary_kinds=kinds, sandwich=True, images_attend_within=True)
 
 
-ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Qwen3VL, Idefics3, Llava, Gemma3)
+ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Qwen3VL, Idefics3, Llava, Gemma3, QwenOmni)
 
 
 def family_for(model_type: str) -> type[Family]:
@@ -339,12 +343,3 @@ def layout_of(model: PreTrainedModel) -> Layout:
     if layout is None:
         layout = _LAYOUTS[model] = family_for(str(model.config.model_type)).layout(model)
     return layout
-
-
-def flatten(out: Any) -> torch.Tensor:
-    """Visual features as (tokens, hidden), from whatever ``get_image_features`` returns
-    (a tensor, a list per image, or an output object with ``pooler_output``)."""
-    features = out.pooler_output if hasattr(out, "pooler_output") else out
-    if isinstance(features, list | tuple):
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-    return features.reshape(-1, features.shape[-1])

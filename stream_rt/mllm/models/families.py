@@ -25,10 +25,14 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE
 from stream_rt.mllm.models.processors import load_processor
 from stream_rt.operators.token_reuse import TokenGrid
 
 Message = dict[str, Any]
+Sound = npt.NDArray[np.float32]
+"""A clip's sound: mono samples in [-1, 1] at :data:`~stream_rt.graph.packets.AUDIO_SAMPLE_RATE`."""
+
 TileState = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
 """A tile's vision-encoder state: per-layer keys and values, and the last hidden states."""
 
@@ -42,6 +46,7 @@ class Prepared:
     image_mask: torch.Tensor  # (L,) bool: positions of visual tokens
     position_ids: torch.Tensor | None = None  # None: 0..L-1
     next_position: int = 0  # position id of the first generated token
+    audio_mask: torch.Tensor | None = None  # (L,) bool: positions of audio tokens (a model that hears); None: none
 
     @property
     def length(self) -> int:
@@ -66,6 +71,25 @@ class VisualFeatures:
         return VisualFeatures(self.tokens[index], tuple(d[index.to(d.device)] for d in self.deepstack))
 
 
+@dataclass
+class HeardFeatures:
+    """A request's audio features, in prompt order (one row per audio token), and what
+    audio-guided compression takes its guidance from: the attention each token received
+    in the audio encoder's last layer, and its time in the clip."""
+
+    tokens: torch.Tensor  # (audio tokens, hidden size): replace the audio tokens' embeddings
+    attention: torch.Tensor  # (audio tokens,): attention received in the encoder's last layer, head-averaged
+    offsets_ns: torch.Tensor  # (audio tokens,) int64: each token's start after the sound's first sample
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, index: torch.Tensor) -> HeardFeatures:
+        """The features of the audio tokens ``index``."""
+        return HeardFeatures(self.tokens[index], self.attention[index.to(self.attention.device)],
+                             self.offsets_ns[index.to(self.offsets_ns.device)])  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a family's decoder layers differ from Llama's (RMSNorm, rotary attention over
@@ -88,6 +112,7 @@ class Family:
 
     name: ClassVar[str] = "generic"
     adapter: ClassVar[bool] = False
+    hears: ClassVar[bool] = False  # the model takes audio: a clip's sound goes to it (:meth:`hear`)
     mrope: ClassVar[bool] = False  # position ids carry three axes (M-RoPE), alike for text
     model_types: ClassVar[tuple[str, ...]] = ()
     processor_kwargs: ClassVar[dict[str, Any]] = {}  # passed to the processor with every request
@@ -118,19 +143,34 @@ class Family:
         assert isinstance(text, str)
         return text
 
-    def inputs(self, images: list[npt.NDArray[np.uint8]], messages: list[Message]) -> dict[str, torch.Tensor]:
+    def inputs(
+        self, images: list[npt.NDArray[np.uint8]], messages: list[Message], sound: Sound | None = None
+    ) -> dict[str, torch.Tensor]:
         """What the model's processor makes of one user turn: ``input_ids``,
-        ``attention_mask`` and the tensors its vision tower takes."""
+        ``attention_mask`` and the tensors its vision tower takes (and, with ``sound`` —
+        16 kHz mono samples, for a family that :attr:`hears` — its audio encoder's)."""
+        heard = {"audio": [sound], "sampling_rate": AUDIO_SAMPLE_RATE} if sound is not None else {}
         out = self.processor(text=[self.render(messages)], images=[Image.fromarray(i) for i in images] or None,
-                             return_tensors="pt", **(self.processor_kwargs if images else {}))  # fmt: skip
+                             return_tensors="pt", **(self.processor_kwargs if images else {}), **heard)  # fmt: skip
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
-    def prepare(self, images: list[npt.NDArray[np.uint8]], messages: list[Message], model: PreTrainedModel) -> Prepared:
-        out = self.inputs(images, messages)
+    def prepare(
+        self,
+        images: list[npt.NDArray[np.uint8]],
+        messages: list[Message],
+        model: PreTrainedModel,
+        sound: Sound | None = None,
+    ) -> Prepared:
+        out = self.inputs(images, messages, sound)
         ids = out["input_ids"]
-        vision = {k: v for k, v in out.items() if k not in TEXT_INPUTS} if images else {}
+        vision = {k: v for k, v in out.items() if k not in TEXT_INPUTS} if images or sound is not None else {}
         prepared = Prepared(ids, vision, ids[0] == self.image_token_id, None, ids.shape[1])
         return self.positioned(prepared, model)
+
+    def hear(self, model: PreTrainedModel, prepared: Prepared) -> HeardFeatures | None:
+        """The audio features of ``prepared``'s sound (``None``: it has none, or the family
+        does not hear)."""
+        return None
 
     @classmethod
     def refusal(cls, config: Any) -> str | None:
@@ -199,6 +239,16 @@ class Family:
     ) -> tuple[torch.Tensor, TileState]:
         """One tile's features, recomputing only the patches under ``changed_tokens``."""
         raise NotImplementedError
+
+
+def flatten(out: Any) -> torch.Tensor:
+    """Features as (tokens, hidden), from whatever ``get_image_features`` (or
+    ``get_audio_features``) returns (a tensor, a list per image, or an output object with
+    ``pooler_output``)."""
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(features, list | tuple):
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])
 
 
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})

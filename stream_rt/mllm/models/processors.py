@@ -7,7 +7,9 @@ processor needs torchvision, so it fails without it; many processor classes cann
 be constructed without one. :func:`load_processor` builds the model's own processor class
 with its own tokenizer, its image processor (the PIL implementation where torchvision is
 missing, the default one where it is there), its ``processor_config.json`` settings and
-its chat template, and no video processor: clips go to the model as several images.
+its chat template, and no video processor: clips go to the model as several images. A
+model that takes audio (Qwen2.5-Omni's thinker) also gets its audio feature extractor
+(Whisper's, NumPy only), for the clip's sound.
 
 Where transformers has only a torchvision image processor for a family, stream_rt has a
 PIL port of its own (LFM2-VL: :class:`Lfm2VlImageProcessorPil`).
@@ -46,6 +48,8 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
     sub-processor the class names (a video processor needs torchvision)."""
     cls = processor_class(model_type)
     image_processor = load_image_processor(path, model_type)
+    attributes = cls.get_attributes()
+    feature_extractor = load_feature_extractor(path) if "feature_extractor" in attributes else None
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise ProcessorUnavailable(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
@@ -60,13 +64,12 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
         """The model's processor class, given only its tokenizer and image processor."""
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument is None:  # the video processor, an audio feature extractor: not used
+            if argument is None:  # the video processor, an audio feature extractor where none is named: not used
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
     WithoutVideo.__name__ = WithoutVideo.__qualname__ = cls.__name__
-    attributes = cls.get_attributes()
-    parts = {"tokenizer": tokenizer, "image_processor": image_processor}
+    parts = {"tokenizer": tokenizer, "image_processor": image_processor, "feature_extractor": feature_extractor}
     named = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
     settings = {k: v for k, v in _processor_settings(Path(path)).items() if k in named and k not in attributes}
     try:
@@ -77,6 +80,35 @@ def load_processor(path: str | Path, model_type: str) -> ProcessorMixin:
         if getattr(processor, attribute, None) is None and attribute in vars(processor):
             delattr(processor, attribute)
     return processor
+
+
+def load_feature_extractor(path: str | Path) -> Any:
+    """The audio feature extractor ``path``'s ``preprocessor_config.json`` names (one file
+    holds it beside the image processor's settings, as Qwen2.5-Omni's checkpoints do), or
+    ``None`` where it names none."""
+    from transformers import AutoFeatureExtractor
+
+    settings = Path(path) / "preprocessor_config.json"
+    try:
+        named = json.loads(settings.read_text(encoding="utf-8")).get("feature_extractor_type")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if not named:
+        return None
+    try:
+        return AutoFeatureExtractor.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProcessorUnavailable(f"cannot load the audio feature extractor of {path}: {first_line(exc)}") from None
+
+
+PROCESSOR_MODEL_TYPES = {"qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3_omni_moe_thinker": "qwen3_omni_moe"}
+"""Model types whose processor transformers files under another model type (an omni
+model's thinker: the processor is the whole model's)."""
+
+
+def processing_type(model_type: str) -> str:
+    """The model type transformers files ``model_type``'s processors under."""
+    return PROCESSOR_MODEL_TYPES.get(model_type, model_type)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -116,7 +148,7 @@ def processor_class(model_type: str) -> type[ProcessorMixin]:
         processor_class_from_name,
     )
 
-    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    name = PROCESSOR_MAPPING_NAMES.get(processing_type(model_type))
     cls = processor_class_from_name(name) if name else None
     if cls is None:
         raise ProcessorUnavailable(f"transformers has no processor class for model type '{model_type}'")
@@ -206,7 +238,7 @@ def _class_name(model_type: str, backend: str) -> str | None:
     (``"pil"`` or ``"torchvision"``; a PIL class is used where torchvision's is missing)."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES  # type: ignore[attr-defined]
 
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(processing_type(model_type)) or {}
     name = names.get(backend) or (names.get("pil") if backend == "torchvision" else None)
     return str(name) if name else None
 

@@ -7,7 +7,9 @@ The video reaches the stage on an edge of its own, usually ahead of the events (
 change detection, salience and the trigger first): the sampled frames and audio features of
 ``frames * interval_s`` seconds before the newest frame, plus :data:`LEAD_S` for that
 lead, are kept per source, so that a clip is the same however far ahead the video ran.
-The frames are converted to RGB only when a request is built.
+The frames are converted to RGB only when a request is built. With ``sound``, the source's
+audio chunks (16 kHz mono) of the same span are kept too, and a request carries the clip's
+sound — from its first frame to the event — for a model that hears it (Qwen2.5-Omni).
 
 The two edges are taken in turn, so a backlog of video (while a call blocks) can also let
 an event overtake the frames before it: :class:`OvertakenEvents` holds such an event until
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from stream_rt.graph.packets import AudioFeatures, Event, MllmRequest, VideoFrame
+import numpy as np
+
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE, AudioChunk, AudioFeatures, Event, MllmRequest, VideoFrame
 from stream_rt.media.images import resize
 from stream_rt.mllm.prompt import context_line
 from stream_rt.mllm.stage.requests import build_request
@@ -33,13 +37,17 @@ LEAD_S = 2.0
 class _Recent:
     frames: deque[VideoFrame]
     audio: deque[AudioFeatures]
+    sound: deque[AudioChunk] = field(default_factory=deque)
 
 
 class ClipBuffer:
-    def __init__(self, frames: int = 8, interval_s: float = 0.5) -> None:
+    def __init__(self, frames: int = 8, interval_s: float = 0.5, sound: bool = False) -> None:
+        """``frames`` per clip, one every ``interval_s``; ``sound``: keep the audio chunks
+        too, so requests carry the clip's sound."""
         if frames < 2:
             raise ValueError(f"a clip has at least 2 frames, got {frames}")
         self.frames = frames
+        self.sound = sound
         self.interval_ns = int(interval_s * 1e9)
         self.span_ns = self.frames * self.interval_ns + int(LEAD_S * 1e9)
         self._recent: dict[str, _Recent] = {}
@@ -70,6 +78,34 @@ class ClipBuffer:
         while audio[0].pts_ns < horizon:
             audio.popleft()
 
+    def add_sound(self, chunk: AudioChunk) -> None:
+        """Keep ``chunk`` for the clips of its source (only with ``sound``)."""
+        if not self.sound:
+            return
+        sound = self._of(chunk.source_id).sound
+        sound.append(chunk)
+        horizon = chunk.pts_ns - self.span_ns
+        while sound[0].pts_ns + sound[0].duration_ns < horizon:
+            sound.popleft()
+
+    def sound_of(self, source_id: str, start_ns: int, end_ns: int) -> tuple[np.ndarray | None, int]:
+        """(the source's samples from ``start_ns`` to ``end_ns``, where they begin), from the
+        chunks kept; ``(None, start_ns)`` when none overlaps. A gap between chunks (a
+        dropped chunk) is closed up, not filled."""
+        pieces, begin = [], None
+        for chunk in self._of(source_id).sound:
+            end = chunk.pts_ns + chunk.duration_ns
+            if end <= start_ns or chunk.pts_ns >= end_ns:
+                continue
+            first = max(0, (start_ns - chunk.pts_ns) * AUDIO_SAMPLE_RATE // 1_000_000_000)
+            last = min(len(chunk.samples), -(-(end_ns - chunk.pts_ns) * AUDIO_SAMPLE_RATE // 1_000_000_000))
+            if begin is None:
+                begin = chunk.pts_ns + first * 1_000_000_000 // AUDIO_SAMPLE_RATE
+            pieces.append(chunk.samples[first:last])
+        if begin is None:
+            return None, start_ns
+        return np.concatenate(pieces).astype(np.float32, copy=False), begin
+
     def request(self, event: Event, question: str, max_side: int) -> MllmRequest:
         """The request for ``event``: the sampled frames before it, then its own frame."""
         assert event.frame is not None
@@ -78,12 +114,15 @@ class ClipBuffer:
         before = [f for f in recent.frames if f.pts_ns < event.pts_ns - self.interval_ns // 2][-(self.frames - 1) :]
         frames = [*before, event.frame]
         start = frames[0].pts_ns
+        sound, sound_pts = self.sound_of(event.source_id, start, event.pts_ns) if self.sound else (None, start)
         return replace(
             request,
             images=(*(resize(f.rgb(), max_side) for f in before), *request.images),
             context=context_line(event, start) if before else request.context,
             frame_pts=tuple(f.pts_ns for f in frames),
             audio=tuple(a for a in recent.audio if start <= a.pts_ns <= event.pts_ns),
+            sound=sound,
+            sound_pts_ns=sound_pts,
         )
 
 

@@ -31,7 +31,8 @@ restarted by its supervision) with requests still waiting, each is answered ``dr
 
 With ``clip.frames`` > 1 (a :class:`~stream_rt.mllm.stage.clips.ClipBuffer`), requests are
 clips: the frames sampled before the event (from the ``video`` input) with the audio
-features of that span (from ``audio``). With ``memory.enabled`` (a
+features of that span (from ``audio``) and, with ``clip.sound``, its sound (from ``sound``)
+for a model that hears it. With ``memory.enabled`` (a
 :class:`~stream_rt.memory.StreamingMemory`), each call carries the source's memory (the
 transformers backend puts it before the prompt and reuses its KV cache while it is
 unchanged), and each answered call becomes a memory entry: the keyframe's pooled visual
@@ -58,6 +59,7 @@ from stream_rt.graph.histogram import Histogram
 from stream_rt.graph.node import Context, Node, describe_error
 from stream_rt.graph.packets import (
     AnswerStatus,
+    AudioChunk,
     AudioFeatures,
     EndOfStream,
     Event,
@@ -93,7 +95,8 @@ answered ``error`` (the thread is stuck)."""
 class MllmStage(Node):
     """Events (``events``) and ready requests (``requests``) in, one :class:`MllmAnswer` per
     event that calls the model out on ``answers`` (and watch transitions on ``watches``),
-    whatever fails; ``video`` / ``audio`` feed clips; ``heard`` brings back the events of the
+    whatever fails; ``video`` / ``audio`` feed clips (and ``sound``, the sources' audio, their
+    sound for a model that hears); ``heard`` brings back the events of the
     sources named in :meth:`expect_words` with the words of their span, which their requests
     wait for (:mod:`~stream_rt.mllm.stage.words`). Calls run on the ``backend``'s own
     executor, limited fairly across sources, so perception is never held up (see the package
@@ -101,7 +104,7 @@ class MllmStage(Node):
 
     inputs = {
         "events": (Event,), "requests": (MllmRequest,), "video": (VideoFrame,), "audio": (AudioFeatures,),
-        "heard": (Event,),
+        "sound": (AudioChunk,), "heard": (Event,),
     }  # fmt: skip
     outputs = {"answers": (MllmAnswer,), "watches": (WatchState,)}
 
@@ -126,7 +129,7 @@ class MllmStage(Node):
         self.backend = backend
         self.timeout_s = cfg.timeout_s
         self.clock = GraphClock()  # the graph's, from start()
-        clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s) if cfg.clip.frames > 1 else None
+        clip = ClipBuffer(cfg.clip.frames, cfg.clip.interval_s, cfg.clip.sound) if cfg.clip.frames > 1 else None
         self.overtaken = OvertakenEvents(clip) if clip is not None else None
         self.clip = clip
         self.intake = Intake(cfg.question or DEFAULT_QUESTION, questions or {}, watches, cfg.max_image_side,
@@ -188,6 +191,10 @@ class MllmStage(Node):
         if isinstance(packet, AudioFeatures):
             if self.clip is not None:
                 self.clip.add_audio(packet)
+            return
+        if isinstance(packet, AudioChunk):
+            if self.clip is not None:
+                self.clip.add_sound(packet)
             return
         if isinstance(packet, Event) and ctx.port == "heard":
             if (request := self.awaiting_words.heard(packet)) is not None:

@@ -1,0 +1,161 @@
+"""The adapter of the models that hear: Qwen2.5-Omni's thinker, which takes a clip's sound
+as audio beside its frames, with its audio encoder's own attention as the guidance of
+audio-guided compression (OmniZip).
+
+The request is one user turn: the clip's frames as images (Qwen2.5-VL's vision tower: 14
+px patches merged 2x2, each image encoded on its own), then the clip's sound between
+``<|audio_bos|>`` and ``<|audio_eos|>``, then the text. The sound goes through Whisper's
+feature extractor (128 mel bins, 10 ms a frame) and the audio encoder (two stride-2 steps:
+one token per 40 ms, 25 a second); position ids are the model's own M-RoPE ones
+(``get_rope_index``: each image a grid, the audio a run of positions). Frames go as images
+rather than as a video because transformers' video processors need torchvision
+(:mod:`stream_rt.mllm.models.processors`), so frames and sound are not interleaved by time
+in the prompt as the model's own ``use_audio_in_video`` would; compression still weighs
+them by time.
+
+:meth:`QwenOmni.hear` runs the audio encoder and, from the inputs of its last layer's
+attention, computes that layer's attention weights as OmniZip does — ``softmax(Q K^T /
+sqrt(d))`` over all the sound's positions (the encoder itself attends within windows of
+``2 * n_window`` mel frames; OmniZip's score spans the whole sound, so that a loud window
+and a quiet one can be told apart): each audio token's **received attention** — the mean
+over the queries, averaged over heads, then over the two encoder frames each token
+pools — is OmniZip's audio salience (:func:`~stream_rt.operators.compression.keep_heard`).
+
+Qwen3-Omni's thinker (``qwen3_omni_moe_thinker``) stays on the generic path: its audio
+encoder (2-D convolutions over 100-frame windows, another token rate), Qwen3-VL's vision
+tower with DeepStack and its positions differ from Qwen2.5-Omni's in every part this
+adapter touches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from transformers import PreTrainedModel
+
+from stream_rt.graph.packets import AUDIO_SAMPLE_RATE
+from stream_rt.mllm.models.families import (
+    TEXT_INPUTS,
+    Family,
+    HeardFeatures,
+    Message,
+    Prepared,
+    Sound,
+    VisualFeatures,
+    flatten,
+)
+from stream_rt.operators.token_reuse import TokenGrid
+
+
+class QwenOmni(Family):
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's images and decoder, Whisper-style audio."""
+
+    name = "qwen2_5_omni"
+    adapter = True
+    mrope = True
+    hears = True
+    model_types = ("qwen2_5_omni_thinker",)
+
+    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
+        super().__init__(path, config, processor)
+        self.merge = int(config.vision_config.spatial_merge_size)
+        self.audio_token_id = int(config.audio_token_id)
+        hop = int(getattr(getattr(self.processor, "feature_extractor", None), "hop_length", 160))
+        self.token_ns = 4 * hop * 1_000_000_000 // AUDIO_SAMPLE_RATE  # two stride-2 steps after the mel frames
+
+    def prepare(
+        self,
+        images: list[npt.NDArray[np.uint8]],
+        messages: list[Message],
+        model: PreTrainedModel,
+        sound: Sound | None = None,
+    ) -> Prepared:
+        out = self.inputs(images, messages, sound)
+        ids = out["input_ids"]
+        inputs = {k: v for k, v in out.items() if k not in TEXT_INPUTS}
+        audio_mask = ids[0] == self.audio_token_id if sound is not None else None
+        prepared = Prepared(ids, inputs, ids[0] == self.image_token_id, None, ids.shape[1], audio_mask)
+        return self.positioned(prepared, model)
+
+    def positioned(self, prepared: Prepared, model: PreTrainedModel) -> Prepared:
+        if not prepared.vision:
+            return prepared
+        ids = prepared.input_ids
+        mask = prepared.vision.get("feature_attention_mask")
+        position_ids, _ = model.model.get_rope_index(
+            ids, prepared.vision.get("image_grid_thw"), None, torch.ones_like(ids), False,
+            mask.sum(-1) if mask is not None else None, None,
+        )  # fmt: skip
+        return replace(prepared, position_ids=position_ids, next_position=int(position_ids.max()) + 1)
+
+    def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
+        if "pixel_values" not in prepared.vision:  # the sound alone
+            return VisualFeatures(torch.zeros((0, model.config.get_text_config().hidden_size)))
+        return self.encoded(model, prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
+
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
+        return VisualFeatures(flatten(model.model.get_image_features(pixels, grid_thw)))
+
+    def hear(self, model: PreTrainedModel, prepared: Prepared) -> HeardFeatures | None:
+        """The audio encoder's features of the sound, with the attention each token
+        received in the encoder's last layer (see the module's text)."""
+        features = prepared.vision.get("input_features")
+        if features is None:
+            return None
+        tower = model.model.audio_tower
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_inputs(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        handle = tower.layers[-1].self_attn.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+        try:
+            out = model.model.get_audio_features(
+                features, feature_attention_mask=prepared.vision["feature_attention_mask"]
+            )
+        finally:
+            handle.remove()
+        tokens = flatten(out)
+        received = received_attention(tower.layers[-1].self_attn, seen["hidden"])
+        n = len(tokens)
+        per_token = received[: 2 * n].view(n, 2).mean(1)  # the encoder averages each pair of frames into a token
+        offsets = torch.arange(n, dtype=torch.int64) * self.token_ns
+        return HeardFeatures(tokens, per_token, offsets)
+
+    def tiles(self, prepared: Prepared) -> int:
+        """Each image: the encoder's attention never crosses from one image to another."""
+        grid = prepared.vision.get("image_grid_thw")
+        return int(grid.shape[0]) if grid is not None else 0
+
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        sizes = prepared.vision["image_grid_thw"].prod(-1).tolist()
+        start = sum(sizes[:tile])
+        return prepared.vision["pixel_values"][start : start + sizes[tile]]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        grid = prepared.vision["image_grid_thw"][tile : tile + 1]
+        return self.encoded(model, self.tile_pixels(prepared, tile), grid)
+
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        grid = prepared.vision.get("image_grid_thw")
+        grids = grid.tolist() if grid is not None else []
+        return [
+            TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
+        ]
+
+
+def received_attention(attention: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Per position of ``hidden`` (positions, width: the input of an audio encoder layer's
+    attention ``attention``), the attention it received: the mean over every position
+    (query) of the layer's softmax weights over all positions, averaged over heads —
+    OmniZip's ``softmax(Q K^T / sqrt(d))`` over the whole sound's tokens."""
+    heads = int(attention.num_heads)
+    q = attention.q_proj(hidden).view(len(hidden), heads, -1).transpose(0, 1)
+    k = attention.k_proj(hidden).view(len(hidden), heads, -1).transpose(0, 1)
+    weights = (q @ k.transpose(-1, -2) * attention.scaling).float().softmax(-1)  # (heads, queries, keys)
+    return weights.mean(dim=(0, 1)).cpu()
