@@ -269,7 +269,7 @@ def _open_history(args: argparse.Namespace, semantic: bool) -> tuple[Config, His
     """The config (``--config`` or the defaults), the history it names (or ``--history``)
     and the span of ``--since`` / ``--until``; bad arguments raise :class:`ConfigError`."""
     config = load_config(args.config) if args.config else Config()
-    path = args.history or config.history.path
+    path = args.history or (history_path(config, args.config) if args.config else config.history.path)
     if not path.is_file():
         raise ConfigError(f"no history at '{path}': the daemon keeps it at [history] path; give --history FILE or "
                           "--config")  # fmt: skip
@@ -286,6 +286,14 @@ def _open_history(args: argparse.Namespace, semantic: bool) -> tuple[Config, His
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return config, history, (span[0], span[1])
+
+
+def history_path(config: Config, config_file: Path) -> Path:
+    """Where a daemon run with ``config_file`` keeps its history: ``[history] path``, by
+    default beside the config file."""
+    if "path" in config.history.model_fields_set:
+        return config.history.path
+    return config_file.parent / config.history.path
 
 
 def _history_search(args: argparse.Namespace) -> int:
@@ -440,8 +448,10 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if config.history.enabled is None:  # a daemon keeps its history unless told not to
-        config = config.model_copy(update={"history": config.history.model_copy(update={"enabled": True})})
+    history = config.history.model_copy(update={"path": history_path(config, args.config)})
+    if history.enabled is None:  # a daemon keeps its history unless told not to
+        history = history.model_copy(update={"enabled": True})
+    config = config.model_copy(update={"history": history})
     setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         pipeline = build_pipeline(config, speed=args.speed)

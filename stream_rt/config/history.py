@@ -19,7 +19,8 @@ class HistoryConfig(StrictModel):
     path: Path = Field(
         Path("stream_rt-history.sqlite"),
         title="History file",
-        description="SQLite file of the history ('stream-rt history search' and 'ask' read it)",
+        description="SQLite file of the history ('stream-rt history search' and 'ask' read it); 'stream-rt run' "
+        "keeps the default one beside its config file",
     )
     keep_days: float = Field(30.0, gt=0, title="Days kept", description="entries older than this are deleted")
     max_mb: float = Field(

@@ -11,8 +11,9 @@ crash may lose the last few). Entries stored without a vector (the process died 
 they were embedded) are found by :meth:`History.unembedded` and embedded later.
 
 Bounds: :meth:`History.prune` deletes entries older than ``keep_days`` and, while the
-database uses more than ``max_mb``, the oldest entries until it uses 90 % of it; freed
-pages go back to the file system (incremental auto-vacuum).
+database uses more than ``max_mb``, the oldest entries until it uses 90 % of it (then
+merges the full-text index, where a deletion is only a mark until then); freed pages go
+back to the file system (incremental auto-vacuum).
 
 Search (:meth:`History.search`), optionally within a source and a span of wall time:
 
@@ -142,8 +143,6 @@ class History:
         self._index_lock = threading.Lock()  # the index is loaded, extended and searched under it
         self._db = self._connect()
         with self._write_lock:
-            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone():
-                self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only before the first table
             self._db.executescript(SCHEMA)
         self._reader = self._connect()
         self._index: VectorIndex | None = None  # loaded on the first semantic search
@@ -152,6 +151,7 @@ class History:
     def _connect(self) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only in a new file (before WAL and tables)
             db.execute("PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"cannot open the history {self.path}: {exc}") from None
@@ -234,9 +234,12 @@ class History:
                 "DELETE FROM entries WHERE id <= (SELECT id FROM entries ORDER BY id LIMIT 1 OFFSET ?)",
                 (min(excess, count) - 1,),
             )
+            with self._write_lock:  # a deletion only marks the full-text index: merging it frees the space
+                self._db.execute("INSERT INTO entries_fts (entries_fts) VALUES ('optimize')")
         if deleted:
             with self._write_lock:
-                self._db.execute("PRAGMA incremental_vacuum")
+                self._db.executescript("PRAGMA incremental_vacuum;")  # stepped to the end (execute frees one page)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the file shrinks at a checkpoint
             log.info("history %s: pruned %d entries (keep %g days, %g MB)", self.path, deleted, self.keep_days,
                      self.max_mb)  # fmt: skip
         return deleted
@@ -376,7 +379,7 @@ class History:
 def to_ns(when: When, now_ns: int) -> int:
     """A wall time in ns since the epoch (see :data:`When`)."""
     if isinstance(when, datetime):
-        return int((when if when.tzinfo else when.astimezone()).timestamp() * 1e6) * 1000
+        when = when.isoformat()
     if isinstance(when, int):
         return when
     return parse_when(when, now_ns)

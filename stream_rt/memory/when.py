@@ -39,4 +39,5 @@ def parse_when(text: str, now_ns: int) -> int:
 
 
 def _ns(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000) * 1000
+    """Nanoseconds since the epoch, within what SQLite and numpy hold (int64: years 1678-2262)."""
+    return max(-(2**63), min(2**63 - 1, int(moment.timestamp() * 1_000_000) * 1000))

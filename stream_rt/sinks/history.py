@@ -7,7 +7,8 @@ SQLite's writes stay off the event loop), so a killed daemon keeps every entry i
 A transcript belongs to the episode of its source that was open when it was said (its
 event id), if any. Entries are embedded for semantic search behind the writes, in
 batches, on a thread: a slow embedder delays only the vectors, and entries left without
-one (the daemon stopped or was killed first) are embedded at the next start. The history
+one (the daemon stopped or was killed first: a stop does not wait for them) are embedded
+at the next start. The history
 is pruned to its bounds (``keep_days``, ``max_mb``) at start and then once a minute.
 """
 
@@ -29,8 +30,6 @@ log = logging.getLogger("stream_rt.history")
 
 PRUNE_EVERY_S = 60.0
 EMBED_BATCH = 32
-EMBED_WAIT_S = 5.0
-"""How long a stopping sink goes on embedding what it took (the rest waits for the next start)."""
 
 
 Kind = Literal["event", "answer", "transcript", "watch"]
@@ -159,12 +158,7 @@ class HistorySink(Sink):
             ctx.count("history_embedded", len(batch))
 
     async def stop(self, ctx: Context) -> None:
-        if self._embedding is not None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + EMBED_WAIT_S
-            with contextlib.suppress(asyncio.CancelledError):
-                while self._pending and loop.time() < deadline and not self._embedding.done():
-                    await asyncio.sleep(0.05)
+        if self._embedding is not None:  # what is not embedded yet is at the next start: no wait at the stop
             self._embedding.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._embedding
