@@ -17,7 +17,8 @@ back to the file system (incremental auto-vacuum).
 
 Search (:meth:`History.search`), optionally within a source and a span of wall time:
 
-- ``fts``: the query's words (any of them, stemmed) ranked by BM25;
+- ``fts``: the query's words (any of them, stemmed, common words such as "a" and "the"
+  left out) ranked by BM25;
 - ``semantic``: cosine similarity of the query's embedding to every entry's, brute force
   over the int8 vectors held in memory (loaded from the file on the first semantic
   search, then only what was added since); below :data:`MIN_SIMILARITY` is no match;
@@ -60,6 +61,66 @@ MIN_SIMILARITY = 0.2
 """Below this cosine similarity an entry is not a semantic match (unrelated sentences of
 all-MiniLM-L6-v2 score about 0 to 0.15)."""
 MAX_TEXT = 2000
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "did",
+        "do",
+        "does",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "our",
+        "she",
+        "so",
+        "that",
+        "the",
+        "their",
+        "them",
+        "there",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "you",
+        "your",
+    ]
+)
+"""Words left out of a full-text query (unless it has no others): too common to rank by."""
 DIMENSIONS = 384
 
 SCHEMA = """
@@ -314,18 +375,22 @@ class History:
     ) -> list[tuple[int, float]]:
         """Full-text matches of any of the query's words: ``(id, bm25)``, best (lowest) first."""
         words = re.findall(r"\w+", query.lower())
+        words = [w for w in words if w not in STOPWORDS] or words  # "a", "the": in most entries, they only cost
         if not words:
             return []
-        match = " OR ".join(f'"{w}"' for w in words)
-        sql = "SELECT e.id, bm25(entries_fts) AS rank FROM entries_fts JOIN entries e ON e.id = entries_fts.rowid"
-        sql += " WHERE entries_fts MATCH ?"
+        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
         args: list[object] = [match]
-        for clause, value in (("e.source = ?", source), ("e.wall_ns >= ?", since_ns), ("e.wall_ns <= ?", until_ns)):
-            if value is not None:
-                sql += f" AND {clause}"
-                args.append(value)
+        if source is None and since_ns is None and until_ns is None:  # the index alone
+            sql = "SELECT rowid, rank FROM entries_fts WHERE entries_fts MATCH ?"
+        else:
+            sql = "SELECT e.id, entries_fts.rank FROM entries_fts JOIN entries e ON e.id = entries_fts.rowid"
+            sql += " WHERE entries_fts MATCH ?"
+            for clause, value in (("e.source = ?", source), ("e.wall_ns >= ?", since_ns), ("e.wall_ns <= ?", until_ns)):
+                if value is not None:
+                    sql += f" AND {clause}"
+                    args.append(value)
         with self._read_lock:
-            rows = self._reader.execute(f"{sql} ORDER BY rank LIMIT ?", (*args, k)).fetchall()
+            rows = self._reader.execute(f"{sql} ORDER BY entries_fts.rank LIMIT ?", (*args, k)).fetchall()
         return [(int(i), float(r)) for i, r in rows]
 
     def semantic(
