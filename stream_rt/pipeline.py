@@ -190,7 +190,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
             if jsonl_cfg.audio and source.has_audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     history, asker = None, None
-    if config.history.enabled:
+    if config.history.enabled and events is not None:  # without a trigger nothing would reach it
         embedder = history_embedder(config.history)
         kept = config.history
         history = HistorySink(
