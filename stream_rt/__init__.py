@@ -44,7 +44,9 @@ from stream_rt.graph import (
     VideoFrame,
     WatchState,
 )
+from stream_rt.memory.history import History, HistoryEntry
 from stream_rt.mllm import Backend, MissingWeights, MllmStage, ModelUnavailable, OpenAIBackend
+from stream_rt.mllm.history_ask import HistoryAnswer, ask_history
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
 from stream_rt.operators.detectors import load_detector
@@ -92,6 +94,9 @@ __all__ = [
     "Flush",
     "Graph",
     "GraphBuildError",
+    "History",
+    "HistoryAnswer",
+    "HistoryEntry",
     "JsonlSink",
     "ManualClock",
     "MissingWeights",
@@ -125,6 +130,7 @@ __all__ = [
     "VideoFrame",
     "WatchBook",
     "WatchState",
+    "ask_history",
     "build_pipeline",
     "build_smoke_model",
     "load_config",

@@ -1,4 +1,4 @@
-"""``stream-rt``: run a live daemon, replay a recording, or check a config.
+"""``stream-rt``: run a live daemon, replay a recording, check a config, or search its history.
 
 Exit codes: 0 done, 1 the pipeline failed while running, 2 bad usage, config or input
 (each reported as one line on stderr, without a traceback).
@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream_rt.config import (
     Config,
@@ -28,15 +29,20 @@ from stream_rt.config import (
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
+from stream_rt.memory.history import History
+from stream_rt.memory.when import parse_when
 from stream_rt.mllm.backend import ModelUnavailable
 from stream_rt.operators.detectors import DetectorUnavailable
 from stream_rt.operators.recognizers import RecognizerUnavailable
 from stream_rt.operators.vad import VadUnavailable
 from stream_rt.ops.http import OpsServer
 from stream_rt.ops.logging import setup_logging
-from stream_rt.pipeline import Pipeline, build_pipeline
+from stream_rt.pipeline import Pipeline, build_backend, build_pipeline, history_embedder
 from stream_rt.preflight import check_model, check_sources, validate
 from stream_rt.sources.av_source import SourceError
+
+if TYPE_CHECKING:
+    from stream_rt.mllm.history_ask import HistoryAnswer
 
 log = logging.getLogger("stream_rt.cli")
 
@@ -105,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         help="ask this model about each episode: a model directory, a cached hub id, or 'smoke' (random weights, "
         "for trying the path; its answers are not meaningful)",
     )
+    replay.add_argument(
+        "--history",
+        type=Path,
+        metavar="FILE",
+        help="keep the replay's events, answers and transcripts in this history (SQLite; 'stream-rt history' reads "
+        "it); default: only when the config has a [history] section",
+    )
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     replay.set_defaults(handler=_replay)
@@ -152,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_worker)
 
+    _history_parser(sub)
     reference = sub.add_parser(
         "config-reference", help="print the configuration reference (Markdown) generated from the code"
     )
@@ -163,6 +177,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(handler=_validate)
     return parser
+
+
+def _history_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    history = sub.add_parser("history", help="search the history of events, answers and transcripts, or ask about it")
+    kinds = history.add_subparsers(dest="history_command", required=True)
+    search = kinds.add_parser("search", help="the entries that best match a query (full-text and by meaning)")
+    search.add_argument("query")
+    search.add_argument("--limit", type=_positive, default=10, metavar="N", help="entries shown at most (default 10)")
+    search.add_argument("--mode", choices=["hybrid", "fts", "semantic"], default="hybrid",
+                        help="hybrid (default): full-text and semantic fused by rank; fts: words only; semantic: "
+                             "meaning only")  # fmt: skip
+    search.set_defaults(handler=_history_search)
+    ask = kinds.add_parser("ask", help="the model answers from the entries that match the question, citing them")
+    ask.add_argument("question")
+    ask.add_argument("--model", help="a model directory, a cached hub id, or 'smoke' (default: [mllm] of --config)")
+    ask.add_argument("--entries", type=_positive, default=None, metavar="N",
+                     help="entries the model answers from (default: [history] answer_entries, 12)")  # fmt: skip
+    ask.set_defaults(handler=_history_ask)
+    for command in (search, ask):
+        command.add_argument("--source", help="only this source's entries")
+        command.add_argument("--since", metavar="TIME", help="only entries since TIME: 2h, 30m, today, yesterday, "
+                             "or an ISO time (2025-06-01T08:30)")  # fmt: skip
+        command.add_argument("--until", metavar="TIME", help="only entries until TIME (the same forms)")
+        command.add_argument("--config", type=Path, help="the daemon's config: its [history] path (and [mllm])")
+        command.add_argument("--history", type=Path, metavar="FILE",
+                             help="the history file (default: [history] path of --config, else "
+                                  "stream_rt-history.sqlite)")  # fmt: skip
+        command.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _positive(text: str) -> int:
@@ -230,6 +272,106 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_history(args: argparse.Namespace, semantic: bool) -> tuple[Config, History, tuple[int | None, int | None]]:
+    """The config (``--config`` or the defaults), the history it names (or ``--history``)
+    and the span of ``--since`` / ``--until``; bad arguments raise :class:`ConfigError`."""
+    config = load_config(args.config) if args.config else Config()
+    path = args.history or (history_path(config, args.config) if args.config else config.history.path)
+    if not path.is_file():
+        raise ConfigError(f"no history at '{path}': the daemon keeps it at [history] path; give --history FILE or "
+                          "--config")  # fmt: skip
+    now = time.time_ns()
+    span: list[int | None] = []
+    for name in ("since", "until"):
+        value = getattr(args, name)
+        try:
+            span.append(None if value is None else parse_when(value, now))
+        except ValueError as exc:
+            raise ConfigError(f"--{name}: {exc}") from None
+    try:
+        history = History(path, embedder=history_embedder(config.history) if semantic else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config, history, (span[0], span[1])
+
+
+def history_path(config: Config, config_file: Path) -> Path:
+    """Where a daemon run with ``config_file`` keeps its history: ``[history] path``, by
+    default beside the config file."""
+    if "path" in config.history.model_fields_set:
+        return config.history.path
+    return config_file.parent / config.history.path
+
+
+def _history_search(args: argparse.Namespace) -> int:
+    import json
+
+    setup_logging("warning")
+    _, history, (since, until) = _open_history(args, semantic=args.mode != "fts")
+    try:
+        found = history.search(args.query, args.source, since, until, args.limit, args.mode)
+    except RuntimeError as exc:  # semantic search without the embeddings installed
+        print(f"stream-rt: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        history.close()
+    if args.json:
+        print(json.dumps({"query": args.query, "entries": [e.to_record() for e in found]}))
+        return 0
+    for e in found:
+        text = e.text if len(e.text) <= 100 else e.text[:97] + "..."
+        print(f"{e.time:%Y-%m-%d %H:%M:%S}  {e.source_id}  {e.kind:<10}  {e.event_id or '-'}  {e.score:.4f}  {text}")
+    if not found:
+        print("nothing found", file=sys.stderr)
+    return 0
+
+
+def _history_ask(args: argparse.Namespace) -> int:
+    import json
+
+    import uvloop
+
+    from stream_rt.mllm.history_ask import ask_history
+
+    setup_logging("warning")
+    config, history, (since, until) = _open_history(args, semantic=True)
+    mllm = config.mllm
+    if args.model is not None:
+        mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
+    if mllm is None:
+        history.close()
+        raise ConfigError("history ask needs a model: give --model (a model directory, a cached hub id or 'smoke') "
+                          "or a --config with [mllm]")  # fmt: skip
+    backend = build_backend(mllm)
+    entries = args.entries or config.history.answer_entries
+
+    async def answer() -> HistoryAnswer:
+        try:
+            return await ask_history(history, backend, args.question, source=args.source, since=since, until=until,
+                                     entries=entries)  # fmt: skip
+        finally:
+            await backend.close()
+
+    try:
+        result = uvloop.run(answer())
+    finally:
+        history.close()
+    if args.json:
+        print(json.dumps(result.to_record()))
+        return 0 if result.status != "error" else 1
+    summary = (result.answer or {}).get("summary") or result.text.strip() or result.error or result.note
+    print(summary)
+    print(f"cited: {', '.join(result.cited) or 'none'}")
+    if result.dropped:
+        print(f"dropped (not among the entries given): {', '.join(result.dropped)}")
+    print(f"sources: {', '.join(result.sources) or 'none'}")
+    if result.note:
+        print(f"note: {result.note}")
+    if result.smoke:
+        print("(smoke model with random weights: this answer is not meaningful)")
+    return 0 if result.status != "error" else 1
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from stream_rt.config_reference import config_reference
 
@@ -284,7 +426,13 @@ def _replay(args: argparse.Namespace) -> int:
         mllm = (mllm or MllmConfig()).model_copy(update={"model": args.model})
     # The camera's watch goes with it to the file's source; other cameras' watches are not replayed.
     watches = [w.model_copy(update={"source": source.id}) for w in base.watches if own and w.source == own[0].id]
-    config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm, "watches": watches}))
+    history = base.history
+    if args.history is not None:  # what a replay keeps only when asked: a test run stays out of the daemon's history
+        history = history.model_copy(update={"enabled": True, "path": args.history})
+    elif history.enabled is None:
+        history = history.model_copy(update={"enabled": "history" in base.model_fields_set})
+    config = for_replay(base.model_copy(update={"sources": [source], "sinks": sinks, "mllm": mllm, "watches": watches,
+                                                "history": history}))  # fmt: skip
     setup_logging(args.log_level or ("warning" if args.config is None else config.logging.level), config.logging.format)
     try:
         pipeline = build_pipeline(config, speed=args.speed)
@@ -306,6 +454,8 @@ def _replay(args: argparse.Namespace) -> int:
     )
     if pipeline.jsonl is not None:
         print(f"  output: {pipeline.jsonl.path} ({pipeline.jsonl.written} records)", file=sys.stderr)
+    if config.history.enabled:
+        print(f"  history: {config.history.path}", file=sys.stderr)
     if args.report is not None:
         print(f"  report: {args.report / 'index.html'}", file=sys.stderr)
     return code
@@ -313,6 +463,10 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    history = config.history.model_copy(update={"path": history_path(config, args.config)})
+    if history.enabled is None:  # a daemon keeps its history unless told not to
+        history = history.model_copy(update={"enabled": True})
+    config = config.model_copy(update={"history": history})
     setup_logging(args.log_level or config.logging.level, config.logging.format)
     try:
         pipeline = build_pipeline(config, speed=args.speed)

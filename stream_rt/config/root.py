@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from stream_rt.config.base import ConfigError, StrictModel
 from stream_rt.config.effective import SourceSettings, effective_settings
 from stream_rt.config.graph import LOSSLESS_CHANNELS, ChannelConfig, GraphConfig
+from stream_rt.config.history import HistoryConfig
 from stream_rt.config.mllm import MllmConfig
 from stream_rt.config.ops import LoggingConfig, OpsConfig
 from stream_rt.config.perception import (
@@ -49,7 +50,7 @@ class Config(StrictModel):
     """The whole validated configuration (what a TOML file or :func:`parse_config` gives):
     ``sources``, the gate sections whose values each source may override (``change``,
     ``audio``, ``salience``, ``trigger``, ``detect``), ``mllm`` (``None``: no model),
-    ``sinks``, ``watches``, ``graph``, ``ops``, ``logging``.
+    ``sinks``, ``history``, ``watches``, ``graph``, ``ops``, ``logging``.
     Unknown keys are refused; :meth:`settings` resolves one source's effective settings."""
 
     sources: list[SourceConfig] = Field(
@@ -106,6 +107,11 @@ class Config(StrictModel):
     sinks: SinksConfig = Field(
         default_factory=SinksConfig, title="Outputs", description="where events, answers and status go"
     )
+    history: HistoryConfig = Field(
+        default_factory=HistoryConfig,
+        title="History",
+        description="a searchable history of events, answers, transcripts and watch transitions (SQLite)",
+    )
     ops: OpsConfig = Field(
         default_factory=OpsConfig, title="Operations", description="the HTTP endpoints for health and metrics"
     )
@@ -150,6 +156,8 @@ class Config(StrictModel):
         for source in sources:
             if source.id in seen:
                 raise ValueError(f"source id '{source.id}' is used twice")
+            if source.id == "history":
+                raise ValueError("source id 'history' is taken by the history's MQTT topics: choose another")
             seen.add(source.id)
         return sources
 

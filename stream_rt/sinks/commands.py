@@ -11,6 +11,10 @@
 - ``<source>/watch/set``: a JSON object ``{"id": "...", "condition": "...", "expires_s":
   N, "recheck_s": M}`` (both optional, 0 = never): set the source's standing watch
   (replacing the one it had); ``OFF`` removes it.
+- ``history/ask/set``: a JSON object ``{"question": "...", "source": "...", "since": "2h",
+  "until": "...", "id": "..."}`` (all but ``question`` optional; times as
+  :mod:`stream_rt.memory.when` reads them, ``id`` echoed in the reply): ask the model
+  about the past, from the history (:func:`parse_history_question`, :class:`HistoryTarget`).
 
 A payload that is too large, not UTF-8, not valid for its feature, or for an unknown
 source or feature changes nothing and is answered with an error message.
@@ -55,6 +59,44 @@ class WatchCommand(BaseModel):
     condition: str = Field(min_length=1, max_length=1000, pattern=r"\S")
     expires_s: float = Field(0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False)
     recheck_s: float = Field(0.0, ge=0, le=MAX_WATCH_S, allow_inf_nan=False)
+
+
+class HistoryQuestion(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: str = Field(min_length=1, max_length=1000, pattern=r"\S")
+    source: str | None = Field(None, min_length=1, max_length=200)
+    since: str | None = Field(None, min_length=1, max_length=64)
+    until: str | None = Field(None, min_length=1, max_length=64)
+    id: str | None = Field(None, max_length=128)
+
+
+class HistoryTarget(Protocol):
+    """What answers questions about the past (the pipeline hands one to the MQTT sink)."""
+
+    def check(self, question: HistoryQuestion) -> None:
+        """Raise ValueError (one line) to refuse the question before any work: a time it
+        cannot read, an unknown source, too many questions open."""
+        ...
+
+    async def answer(self, question: HistoryQuestion) -> dict[str, object]:
+        """The answer's record (:class:`~stream_rt.mllm.history_ask.HistoryAnswer`)."""
+        ...
+
+
+def parse_history_question(payload: bytes) -> HistoryQuestion:
+    """A ``history/ask/set`` payload, validated; raises :class:`CommandError`."""
+    if len(payload) > MAX_PAYLOAD:
+        raise CommandError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandError("payload is not UTF-8") from None
+    try:
+        return HistoryQuestion.model_validate(json.loads(text))
+    except (json.JSONDecodeError, ValidationError, ValueError) as exc:
+        raise CommandError(
+            f'\'history/ask\' takes a JSON object like {{"question": "...", "since": "2h"}}: {_first_line(exc)}'
+        ) from None
 
 
 class CommandTarget(Protocol):

@@ -27,6 +27,9 @@ users know:
   each ``enabled`` command;
 - ``<prefix>/<source>/watch/<id>``: a standing watch's transitions (``state`` unmet, met,
   expired or removed, ``since_ns``, ``event_id``, ``summary``), retained, QoS 1;
+- ``<prefix>/history/answers``: the one reply to each question of
+  ``<prefix>/history/ask/set`` (:mod:`stream_rt.sinks.mqtt.history`): the model's answer
+  from the history with the event ids it cited, or why the question was refused; QoS 1;
 - ``<prefix>/stats``: the graph's counters (``Graph.statistics()``) every
   ``stats_interval_s``, QoS 0, not kept in the outbox (only the latest matters).
 
@@ -48,7 +51,7 @@ The rooms: :mod:`~stream_rt.sinks.mqtt.sink` (the graph node),
 :mod:`~stream_rt.sinks.mqtt.delivery` (outbox to broker, retained states, in order),
 :mod:`~stream_rt.sinks.mqtt.commands` (the command listener),
 :mod:`~stream_rt.sinks.mqtt.home_assistant` (discovery), :mod:`~stream_rt.sinks.mqtt.messages`
-(topics and payloads).
+(topics and payloads), :mod:`~stream_rt.sinks.mqtt.history` (questions about the past).
 """
 
 from stream_rt.sinks.mqtt.sink import MqttSink

@@ -20,10 +20,11 @@ from stream_rt.graph.backoff import Backoff
 from stream_rt.graph.node import Context, Sink
 from stream_rt.graph.packets import EndOfStream, Event, MllmAnswer, Packet, SourceStatus, Transcript, WatchState
 from stream_rt.media.images import encode_jpeg
-from stream_rt.sinks.commands import CommandTarget
+from stream_rt.sinks.commands import CommandTarget, HistoryTarget
 from stream_rt.sinks.mqtt.commands import CommandListener
 from stream_rt.sinks.mqtt.connection import BrokerConnection
 from stream_rt.sinks.mqtt.delivery import Delivery
+from stream_rt.sinks.mqtt.history import HistoryAsks
 from stream_rt.sinks.mqtt.home_assistant import discovery_messages, watch_discovery
 from stream_rt.sinks.mqtt.messages import Topics, encode, status_record
 from stream_rt.sinks.outbox import Outbox
@@ -43,7 +44,8 @@ class MqttSink(Sink):
 
     ``sources`` are the graph's sources (their status is published ``offline`` when their
     stream ends or the sink stops); ``commands``, when given, receives the commands of
-    ``<prefix>/<source>/<feature>/set``; ``stats`` (``Graph.statistics``) is published on
+    ``<prefix>/<source>/<feature>/set``; ``history``, when given, answers the questions of
+    ``<prefix>/history/ask/set`` (refused without it); ``stats`` (``Graph.statistics``) is published on
     ``<prefix>/stats`` every ``stats_interval_s``. ``drain_timeout_s`` bounds the wait for
     the outbox to empty at the stop; ``backoff`` paces reconnects; ``publish_window``
     messages are in flight at once. For Home Assistant's discovery: ``asks`` whether a
@@ -64,6 +66,7 @@ class MqttSink(Sink):
         publish_window: int = 64,
         asks: bool = False,
         watches: dict[str, str] | None = None,
+        history: HistoryTarget | None = None,
     ) -> None:
         super().__init__(name)
         self.config = config
@@ -77,6 +80,7 @@ class MqttSink(Sink):
         self.connection = BrokerConnection(config, will, backoff or Backoff(), publish_window)
         self.delivery = Delivery(config.outbox, publish_window, self.connection.closing)
         self.commands = CommandListener(commands, self.sources, self.topics) if commands is not None else None
+        self.history_asks = HistoryAsks(history, self.topics, lambda t, p: self.delivery.add(t, p, retain=False))
         self._ended: dict[str, str] = {}  # sources whose stream ended, with why
         self._task: asyncio.Task[None] | None = None
 
@@ -176,6 +180,7 @@ class MqttSink(Sink):
         it is tried even when the graph cancels the wait."""
         outbox = self._outbox
         assert outbox is not None
+        await self.history_asks.stop()
         for source in self.sources - self._ended.keys():  # not ended by their stream: stopped with us
             self._ended[source] = "stream stopped"
         loop = asyncio.get_running_loop()
@@ -207,7 +212,9 @@ class MqttSink(Sink):
         commands and stats until the sink stops, then the goodbye."""
         await client.publish(self.topics("available"), b"online", qos=1, retain=True)
         if self.commands is not None:
-            await self.commands.subscribe(client)
+            await self.commands.subscribe(client)  # <prefix>/+/+/set: the history's questions too
+        else:
+            await client.subscribe(self.history_asks.topic, qos=1)
         if self.config.home_assistant:
             config = self.config
             for topic, payload in discovery_messages(config.prefix, sorted(self.sources), config.discovery_prefix,
@@ -233,7 +240,10 @@ class MqttSink(Sink):
         """Commands as they arrive; raises :class:`aiomqtt.MqttError` as soon as the
         connection is lost (even with no commands to hear), which ends the session."""
         async for message in client.messages:
-            if self.commands is not None:
+            if str(message.topic) == self.history_asks.topic:
+                payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                self.history_asks.handle(payload, ctx)
+            elif self.commands is not None:
                 await self.commands.handle(client, message, ctx)
 
     async def _publish_stats(self, client: aiomqtt.Client, ctx: Context) -> None:
