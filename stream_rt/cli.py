@@ -29,7 +29,7 @@ from stream_rt.config import (
 )
 from stream_rt.console import ProgressBar, summary
 from stream_rt.graph import NodeFailed
-from stream_rt.memory.history import History
+from stream_rt.memory.history import History, is_history
 from stream_rt.memory.when import parse_when
 from stream_rt.mllm.backend import ModelUnavailable
 from stream_rt.operators.detectors import DetectorUnavailable
@@ -182,14 +182,18 @@ def _parser() -> argparse.ArgumentParser:
 def _history_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     history = sub.add_parser("history", help="search the history of events, answers and transcripts, or ask about it")
     kinds = history.add_subparsers(dest="history_command", required=True)
-    search = kinds.add_parser("search", help="the entries that best match a query (full-text and by meaning)")
+    search = kinds.add_parser(
+        "search", allow_abbrev=False, help="the entries that best match a query (full-text and by meaning)"
+    )
     search.add_argument("query")
     search.add_argument("--limit", type=_positive, default=10, metavar="N", help="entries shown at most (default 10)")
     search.add_argument("--mode", choices=["hybrid", "fts", "semantic"], default="hybrid",
                         help="hybrid (default): full-text and semantic fused by rank; fts: words only; semantic: "
                              "meaning only")  # fmt: skip
     search.set_defaults(handler=_history_search)
-    ask = kinds.add_parser("ask", help="the model answers from the entries that match the question, citing them")
+    ask = kinds.add_parser(
+        "ask", allow_abbrev=False, help="the model answers from the entries that match the question, citing them"
+    )
     ask.add_argument("question")
     ask.add_argument("--model", help="a model directory, a cached hub id, or 'smoke' (default: [mllm] of --config)")
     ask.add_argument("--entries", type=_positive, default=None, metavar="N",
@@ -280,6 +284,8 @@ def _open_history(args: argparse.Namespace, semantic: bool) -> tuple[Config, His
     if not path.is_file():
         raise ConfigError(f"no history at '{path}': the daemon keeps it at [history] path; give --history FILE or "
                           "--config")  # fmt: skip
+    if not is_history(path):
+        raise ConfigError(f"'{path}' is not a stream_rt history (it has no entries table)")
     now = time.time_ns()
     span: list[int | None] = []
     for name in ("since", "until"):
@@ -343,6 +349,11 @@ def _history_ask(args: argparse.Namespace) -> int:
         raise ConfigError("history ask needs a model: give --model (a model directory, a cached hub id or 'smoke') "
                           "or a --config with [mllm]")  # fmt: skip
     backend = build_backend(mllm)
+    try:
+        backend.check()  # one line before any search, for a model that cannot be used
+    except ModelUnavailable:
+        history.close()
+        raise
     entries = args.entries or config.history.answer_entries
 
     async def answer() -> HistoryAnswer:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from stream_rt.config import Config, DetectConfig, MllmConfig, MqttSinkConfig, SourceConfig, SourceSettings
 from stream_rt.config.history import HistoryConfig
 from stream_rt.graph import Graph, ReplayClock, Supervision
+from stream_rt.memory.embeddings import EmbedderProcess
 from stream_rt.memory.history import History, default_embedder
 from stream_rt.memory.streaming import Embedder
 from stream_rt.mllm.backend import Backend
@@ -204,7 +205,7 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
                 graph.connect(f"{source.name}.audio", "jsonl.in", audio_ch.policy, audio_ch.capacity)
     history, asker = None, None
     if config.history.enabled and events is not None:  # without a trigger nothing would reach it
-        embedder = history_embedder(config.history)
+        embedder = history_embedder(config.history, own_process=True)
         kept = config.history
         history = HistorySink(
             "history", lambda: History(kept.path, keep_days=kept.keep_days, max_mb=kept.max_mb, embedder=embedder)
@@ -223,10 +224,13 @@ def build_pipeline(config: Config, *, speed: float | None = 1.0, sources: list[S
     return Pipeline(graph, sources, trigger, mllm, jsonl, mqtt, layouts, control, events, history)
 
 
-def history_embedder(config: HistoryConfig) -> Embedder | None:
+def history_embedder(config: HistoryConfig, own_process: bool = False) -> Embedder | None:
     """The history's text embedder as ``[history] semantic`` asks (unset: when installed);
-    one clear line when it is asked for and not installed."""
+    one clear line when it is asked for and not installed. ``own_process``: it runs in a
+    helper process (a daemon's: its loop never waits for torch, nor holds the model)."""
     embedder = default_embedder() if config.semantic is not False else None
+    if embedder is not None and own_process:
+        embedder = EmbedderProcess()
     if config.semantic and embedder is None:
         raise ValueError("[history] semantic = true needs the text embeddings: pip install 'stream-rt[memory,mllm]'")
     if embedder is None:

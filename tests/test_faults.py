@@ -123,7 +123,7 @@ async def test_a_crashed_model_worker_costs_answers_not_events_and_calls_resume_
         "sinks": {"jsonl": {"path": str(tmp_path / "events.jsonl")}},
     })  # fmt: skip
     worker = await start_worker(model, free_port)
-    pipeline = build_pipeline(config, speed=4.0)
+    pipeline = build_pipeline(config, speed=3.0)  # 30 s: events still come once a worker started under load is back
     answers: list[tuple[float, str]] = []
     pipeline.graph.add(CallbackSink("watch", lambda a: answers.append((time.monotonic(), a.status))))
     pipeline.graph.connect("mllm.answers", "watch.in", capacity=64)

@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from stream_rt.graph.helper_process import helper_process, kill
 
 DIMENSIONS = 384
 
@@ -47,3 +51,43 @@ class TextEmbedder:
             mask = batch["attention_mask"][..., None].to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
             return np.asarray(torch.nn.functional.normalize(pooled, dim=-1).numpy(), np.float32)
+
+
+class EmbedderProcess:
+    """A :class:`TextEmbedder` in a helper process of its own (started with the first
+    texts): what a daemon embeds with, so that loading torch and the model (seconds, holding
+    the GIL) and tokenising never stop its event loop, and the model's memory is not the
+    daemon's. :meth:`embed` blocks its caller until the vectors come (call it off the loop)."""
+
+    def __init__(self) -> None:
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = helper_process()
+            executor = self._executor
+        try:
+            return executor.submit(_embed_here, texts).result()
+        except BrokenProcessPool:  # the process died (killed, out of memory): the next call starts another
+            with self._lock:
+                if self._executor is executor:
+                    self._executor = None
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                kill(self._executor)
+                self._executor = None
+
+
+_EMBEDDER: TextEmbedder | None = None  # in the helper process
+
+
+def _embed_here(texts: list[str]) -> npt.NDArray[np.float32]:
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        _EMBEDDER = TextEmbedder()
+    return _EMBEDDER.embed(texts)

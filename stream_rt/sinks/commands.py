@@ -93,7 +93,7 @@ def parse_history_question(payload: bytes) -> HistoryQuestion:
         raise CommandError("payload is not UTF-8") from None
     try:
         return HistoryQuestion.model_validate(json.loads(text))
-    except (json.JSONDecodeError, ValidationError, ValueError) as exc:
+    except (json.JSONDecodeError, ValidationError, ValueError, RecursionError) as exc:  # nested too deep: recursion
         raise CommandError(
             f'\'history/ask\' takes a JSON object like {{"question": "...", "since": "2h"}}: {_first_line(exc)}'
         ) from None

@@ -168,13 +168,24 @@ class HistorySink(Sink):
             self.history = None
 
 
+EVENT_PHRASES = {
+    "new": "activity began", "update": "activity goes on", "end": "activity ended",
+    "ask": "a question about the camera", "check": "a standing watch re-checked",
+}  # fmt: skip
+COMPONENT_WORDS = {"visual": "motion", "speech": "speech", "loudness": "loud sound", "onset": "a sudden sound"}
+"""What each salience component means in the words people search with (those at 0.5 or more)."""
+
+
 def event_text(event: Event) -> str:
     """What an event says, in words people search for."""
-    parts = [f"Event {event.type}."]
+    parts = [f"Event {event.type}: {EVENT_PHRASES.get(event.type, event.type)}."]
     if event.question:
         parts.append(f"Asked: {event.question}")
     if event.reason:
-        parts.append(f"Reason: {event.reason}.")
+        parts.append(f"Reason: {event.reason.replace('_', ' ')}.")
+    if strong := [COMPONENT_WORDS.get(k, k) for k, v in sorted(event.components.items(), key=lambda kv: -kv[1])
+                  if v >= 0.5]:  # fmt: skip
+        parts.append(f"{', '.join(strong).capitalize()}.")
     if event.components:
         parts.append("Salience " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(event.components.items())) + ".")
     if event.objects:

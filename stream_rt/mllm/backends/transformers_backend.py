@@ -110,6 +110,8 @@ class TransformersBackend(Backend):
         """Load the weights (blocking). Raises :class:`ModelUnavailable` (one line) if the
         model is not here, transformers cannot load it, or a configured technique does not
         work with it."""
+        if self.model is not None:  # loaded by a call queued before this one on the model's thread
+            return
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

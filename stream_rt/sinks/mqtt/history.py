@@ -53,10 +53,11 @@ class HistoryAsks:
                 self.target.check(question)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
-        except CommandError as exc:
-            log.warning("refused a history question: %s", exc)
+        except Exception as exc:  # refused: whatever went wrong, the MQTT session goes on
+            why = str(exc) if isinstance(exc, CommandError) else f"could not be read: {describe_error(exc)}"
+            log.warning("refused a history question: %s", why)
             ctx.count("history_asks_refused")
-            self._reply({"ok": False, "error": str(exc), "id": question.id if question else None})
+            self._reply({"ok": False, "error": why, "id": question.id if question else None})
             return
         task = asyncio.create_task(self._answer(self.target, question, ctx), name="stream_rt:mqtt:history-ask")
         self._open[task] = question
