@@ -20,8 +20,12 @@ hears, what it costs, and what it costs perception.
    medians (target: at least 0.95). Beside it, the whole run's wall time: a recording's
    replay ends once the last words are transcribed (its events wait for them), so as fast
    as possible it lasts at least the recogniser's time for all the speech.
+5. Perception at live pace, transcription off then on: ``--live-sources`` copies of the
+   walkway sample (default 4) replayed together at 1x with the default channels (a stage
+   that falls behind sees only the latest frame): the share of decoded frames change
+   detection saw, and its ratio on/off (target: at least 0.95).
 
-Usage: python benchmarks/transcription.py [--rounds 3] [--skip-live]
+Usage: python benchmarks/transcription.py [--rounds 3] [--skip-live] [--live-sources 4]
 The last line printed is one JSON object with the figures.
 """
 
@@ -126,6 +130,37 @@ def live_share() -> dict[str, Any]:
     }
 
 
+async def paced(transcribe: bool, sources: int) -> dict[str, Any]:
+    """``sources`` copies of the walkway sample replayed together at 1x with the default
+    channels (video into slow stages keeps only the latest frame, as for cameras): how many
+    of their frames perception saw, and the statistics."""
+    config = parse_config({
+        "sources": [{"id": f"cam{i}", "url": str(SAMPLES / "walkway_speech.mkv")} for i in range(sources)],
+        "transcription": {"enabled": transcribe},
+    })  # fmt: skip
+    pipeline = build_pipeline(config, speed=1.0)
+    maps = [0]
+    pipeline.graph.add(CallbackSink("perceived", lambda _: maps.__setitem__(0, maps[0] + 1)))
+    pipeline.graph.connect("change.changes", "perceived.in", capacity=64)
+    start = time.perf_counter()
+    await pipeline.graph.run()
+    stats = pipeline.graph.statistics()
+    frames = sum(stats["nodes"][f"cam{i}"]["frames"] for i in range(sources))
+    heard = stats["nodes"].get("transcription", {})
+    return {"frames": frames, "perceived": maps[0], "seen_share": round(maps[0] / frames, 4),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "recognizer_cpu_s": heard.get("recognizer_cpu_ms", 0) / 1000}  # fmt: skip
+
+
+def perception_at_live_pace(sources: int) -> dict[str, Any]:
+    """Perception at the pace people run it: the share of frames it saw, transcription on
+    vs off, ``sources`` speech sources at 1x (one after the other, off first)."""
+    say(f"replaying {sources} copies of the walkway sample at 1x, transcription off then on (2 x 80 s)")
+    off = asyncio.run(paced(False, sources))
+    on = asyncio.run(paced(True, sources))
+    return {"sources": sources, "off": off, "on": on, "ratio_on_off": round(on["seen_share"] / off["seen_share"], 4)}
+
+
 def perception(rounds: int) -> dict[str, Any]:
     fps: dict[str, list[float]] = {"on": [], "off": []}
     run_s: dict[str, list[float]] = {"on": [], "off": []}
@@ -144,11 +179,13 @@ def perception(rounds: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-live", action="store_true", help="leave out the 80 s replay at live pace")
+    parser.add_argument("--skip-live", action="store_true", help="leave out the replays at live pace (4 min)")
+    parser.add_argument("--live-sources", type=int, default=4, help="speech sources replayed together at 1x")
     args = parser.parse_args()
     figures: dict[str, Any] = {"accuracy_and_cost": accuracy_and_cost(args.rounds)}
     if not args.skip_live:
         figures["live_pace"] = live_share()
+        figures["perception_live_pace"] = perception_at_live_pace(args.live_sources)
     figures["perception"] = perception(args.rounds)
     print(json.dumps(figures))
 

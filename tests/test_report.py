@@ -136,6 +136,8 @@ def test_each_call_shows_its_question_what_was_heard_and_every_field_of_its_answ
     assert any(c["status"] == "ok" for c in episode["answers"]), "some call's answer has all its fields"
     said = " ".join(c["heard"] for c in episode["answers"])
     assert "married" in said and "respectable" in said, said
+    # ...and the episode's card quotes all that was said in it, model or not.
+    assert "amiable" in episode["heard"] and f"Heard: \u201c{' '.join(episode['heard'].split()[:3])}" in dom
 
     spans = re.findall(r'class="label" data-kind="speech" data-start-s="([\d.]+)"', dom)
     assert len(spans) == 5, "the five labelled readings on the timeline"

@@ -8,7 +8,8 @@ the stream :func:`write_report` writes into a directory:
   the labelled intervals when some are given, the episodes as bands, each model call as
   a mark coloured by its status, the visual tokens of each call split into computed,
   reused and compressed away, and the memory prefix) drawn as inline SVG — no script,
-  no network — then one card per episode with its keyframe thumbnails and one row per
+  no network — then one card per episode with what was heard in it (its transcript), its
+  keyframe thumbnails and one row per
   model call: the question asked, what was heard in the event's span (its transcript),
   and every field of the answer (``summary``, ``action``, ``condition_met``,
   ``confidence``), or the status and why for a call that gave none; calls outside any
@@ -54,6 +55,7 @@ class Episode:
     thumbs: list[tuple[float, str]] = field(default_factory=list)  # (time, file name of the thumbnail)
     answers: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
+    heard: list[str] = field(default_factory=list)  # the words its events carried, in order
 
 
 class ReportSink(Sink):
@@ -112,6 +114,7 @@ class ReportSink(Sink):
             episode.end_s = t
         if event.call_model:
             episode.calls += 1
+        episode.heard.extend(w.text for w in event.words)
         if event.frame is not None and event.type != "end" and len(episode.thumbs) < MAX_THUMBS_PER_EPISODE:
             name = f"{event.event_id}-{len(episode.thumbs)}.jpg"
             episode.thumbs.append((round(t, 2), name))
@@ -164,7 +167,7 @@ def write_report(report: ReportSink) -> None:
         "episodes": [
             {"event_id": e.event_id, "source_id": e.source_id, "start_s": round(e.start_s, 3),
              "end_s": round(e.end_s or duration, 3), "peak": round(e.peak, 3), "components": e.components,
-             "calls": e.calls, "thumbnails": [f"thumbs/{name}" for _, name in e.thumbs],
+             "calls": e.calls, "heard": " ".join(e.heard), "thumbnails": [f"thumbs/{name}" for _, name in e.thumbs],
              "frames": [f"thumbs/{full_frame(name)}" for _, name in e.thumbs], "answers": e.answers}
             for e in episodes
         ],
@@ -193,10 +196,11 @@ def _page(report: ReportSink, summary: dict[str, Any], episodes: list[Episode], 
             for t, name in ep.thumbs
         )
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(ep.components.items()))
+        heard = f'<p class="said">Heard: &ldquo;{e(" ".join(ep.heard))}&rdquo;</p>' if ep.heard else ""
         cards.append(
             f'<section class="episode" id="{e(ep.event_id)}"><h3>{e(ep.event_id)}: {ep.start_s:.1f}&ndash;'
             f"{(ep.end_s or duration):.1f} s</h3><p>peak salience {ep.peak:.2f} ({e(parts)}); {ep.calls} model "
-            f'call(s)</p><div class="thumbs">{thumbs}</div>{_calls(ep.answers)}</section>'
+            f'call(s)</p>{heard}<div class="thumbs">{thumbs}</div>{_calls(ep.answers)}</section>'
         )
     if summary["other_calls"]:
         others = _calls(summary["other_calls"])
@@ -207,6 +211,7 @@ def _page(report: ReportSink, summary: dict[str, Any], episodes: list[Episode], 
 <style>
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; padding: 0 16px; }}
 h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }} h3 {{ font-size: 15px; margin: 0 0 4px; }}
+.said {{ font-style: italic; }}
 .warn {{ background: #fff4d6; border: 1px solid #e0b000; padding: 8px 12px; }}
 .episode {{ border: 1px solid #ddd; border-radius: 6px; padding: 12px; margin: 12px 0; }}
 .thumbs {{ display: flex; gap: 8px; flex-wrap: wrap; }} figure {{ margin: 0; }}
