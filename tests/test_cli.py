@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,19 @@ def test_a_model_that_cannot_be_used_is_one_line_before_anything_starts(samples:
         (untokenized, "", "has no tokenizer files", False),
         (generic, 'device = "cuda:7"', "device 'cuda:7' is not available", False),
     ]
-    for model, extra, expected, replay in cases:
-        config = tmp_path / "config.toml"
+    runs: list[tuple[list[str], str]] = []
+    for k, (model, extra, expected, replay) in enumerate(cases):
+        config = tmp_path / f"config{k}.toml"
         config.write_text(f'[[sources]]\nid = "cam"\nurl = "{samples / "still_motion.mkv"}"\n'
                           f'[mllm]\nmodel = "{model}"\n{extra}\n')  # fmt: skip
-        commands = [["validate", str(config)]]
-        commands += [["replay", str(samples / "still_motion.mkv"), "--config", str(config)]] if replay else []
-        for command in commands:
-            result = run_cli(*command)
-            lines = result.stderr.strip().splitlines()
-            assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (command, result.stderr)
+        runs.append((["validate", str(config)], expected))
+        if replay:
+            runs.append((["replay", str(samples / "still_motion.mkv"), "--config", str(config)], expected))
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each is mostly an interpreter importing torch
+        results = list(pool.map(lambda run: run_cli(*run[0]), runs))
+    for (command, expected), result in zip(runs, results, strict=True):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (command, result.stderr)
     ok = tmp_path / "ok.toml"
     ok.write_text(f'[[sources]]\nid = "cam"\nurl = "{samples / "still_motion.mkv"}"\n[mllm]\nmodel = "{generic}"\n')
     result = run_cli("validate", str(ok))

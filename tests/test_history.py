@@ -71,11 +71,16 @@ def test_a_spoken_word_finds_its_event_after_a_replay(replayed: tuple[Path, list
 
 
 def test_search_keeps_to_a_source_and_a_span_of_time(replayed: tuple[Path, list[dict[str, Any]]]) -> None:
-    history, _ = replayed
-    assert search(history, WORD, "--source", "walkway_speech", "--since", "1h")
-    assert not search(history, WORD, "--source", "gate")
-    assert not search(history, WORD, "--until", "2000-01-01")
-    assert not search(history, WORD, "--since", "2999-01-01T00:00")
+    path, _ = replayed
+    assert search(path, WORD, "--source", "walkway_speech", "--since", "1h")  # the command line's filters...
+    history = History(path)  # ...and the Python API's (one embedder for the rest)
+    try:
+        assert not history.search(WORD, source="gate")
+        assert not history.search(WORD, until="2000-01-01")
+        assert not history.search(WORD, since="2999-01-01T00:00")
+        assert history.search(WORD, source="walkway_speech", since="1h", mode="semantic")
+    finally:
+        history.close()
 
 
 @pytest.mark.parametrize(
@@ -236,7 +241,7 @@ async def test_the_history_survives_a_sigkill_and_a_restart(samples: Path, tmp_p
     first.write_text(f'[[sources]]\nid = "walkway"\nurl = "{samples / "walkway_speech.mkv"}"\n'
                      f'[history]\npath = "{path}"\n')  # fmt: skip
     daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream_rt.cli", "run", str(first), "--speed", "2", stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "stream_rt.cli", "run", str(first), "--speed", "4", stderr=asyncio.subprocess.PIPE
     )
     try:
         said = lambda: [kind for _, kind in entries_saying(path, "leisure")]  # noqa: E731
