@@ -2,14 +2,15 @@
 tokens kept and prefill time, with and without compression, in one run.
 
 A 16-frame clip of the walkway recording (8 s from 4.5 s in, quiet then speech from 8.24 s)
-with its sound goes to a random-weight Qwen2.5-Omni thinker built offline
+with its sound goes to a random-weight Qwen2.5-Omni thinker, or Qwen3-Omni's
+(``--model-type qwen3_omni_moe_thinker``), built offline
 (:func:`stream_rt.mllm.tiny_models.build_tiny_model`, ``--size tiny`` or ``realistic``):
 once whole, once compressed with the guidance of its audio encoder's attention (40 % of
 the visual tokens on average, 70 % of the audio tokens). RANDOM WEIGHTS: the answers mean
 nothing, and which window the encoder attends to is arbitrary; the figures are tokens and
 time. Prints the medians of ``--rounds`` alternating calls; the last line is one JSON object.
 
-    python benchmarks/omni_compression.py --rounds 5
+    python benchmarks/omni_compression.py --rounds 5 [--model-type qwen3_omni_moe_thinker]
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def walkway_clip(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=Path, default=Path("samples"))
+    parser.add_argument("--model-type", choices=["qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"],
+                        default="qwen2_5_omni_thinker")  # fmt: skip
     parser.add_argument("--size", choices=["tiny", "realistic"], default="tiny")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    model = str(build_tiny_model("qwen2_5_omni_thinker", size=args.size))
+    model = str(build_tiny_model(args.model_type, size=args.size))
     images, pts, sound = walkway_clip(args.samples / "walkway_speech.mkv", 4.5, 16, 0.5)
     clip = ClipTiming(pts, [], sound, pts[0])
     whole = TransformersBackend(model, max_new_tokens=1, threads=args.threads)
@@ -89,7 +92,7 @@ def main() -> None:
         print(f"{name:>10}: {figures[name]}")
     w, c = figures["whole"], figures["compressed"]
     result = {
-        "model": f"qwen2_5_omni_thinker {args.size}, RANDOM WEIGHTS", "frames": len(images),
+        "model": f"{args.model_type} {args.size}, RANDOM WEIGHTS", "frames": len(images),
         "sound_s": round(len(sound) / 16_000, 2), "visual_kept": round(c["visual_tokens"] / w["visual_tokens"], 3),
         "audio_kept": round(c["audio_tokens"] / w["audio_tokens"], 3),
         "prompt_kept": round(c["prompt_tokens"] / w["prompt_tokens"], 3),

@@ -7,8 +7,9 @@ the whole sequence gives; and with a still view they reuse together.
 The models (:mod:`tests.models`): the fitted smoke models of Qwen2-VL, Idefics3 and LLaVA,
 the tiny random-weight Qwen3-VL (DeepStack features into the first three layers) and
 Gemma 3 (sliding-window layers with a 16-token window, shorter than every prompt here, and
-four tokens per image that attend to each other), and for the layer loop and reuse a tiny
-Qwen3-VL-MoE.
+four tokens per image that attend to each other), the tiny Qwen3-Omni thinker (DeepStack,
+a mixture-of-experts decoder; here without sound, which :mod:`tests.test_omni` gives it),
+and for the layer loop and reuse a tiny Qwen3-VL-MoE.
 
 ``STREAM_RT_TEST_DEVICE=cuda`` runs the same checks on a GPU (``benchmarks/gpu.sh``)."""
 
@@ -43,7 +44,7 @@ from .conftest import SAMPLES
 from .models import model_dir, own_logits
 from .models import own_forward as model_forward
 
-FAMILIES = ["qwen2_vl", "idefics3", "llava", "qwen3_vl", "gemma3"]
+FAMILIES = ["qwen2_vl", "idefics3", "llava", "qwen3_vl", "gemma3", "qwen3_omni_moe_thinker"]
 LOOP_FAMILIES = [*FAMILIES, "qwen3_vl_moe"]
 QUESTION = "What is happening?"
 S = 1_000_000_000

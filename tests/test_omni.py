@@ -1,18 +1,20 @@
-"""A model that hears: Qwen2.5-Omni's thinker takes a clip's sound as audio, and
-audio-guided compression takes its guidance from the model's own audio encoder (OmniZip).
+"""Models that hear: Qwen2.5-Omni's and Qwen3-Omni's thinkers take a clip's sound as audio,
+and audio-guided compression takes its guidance from the model's own audio encoder (OmniZip).
 
-The model is the tiny random-weight Qwen2.5-Omni thinker of
-:mod:`stream_rt.mllm.tiny_models` (built offline: its tokenizer, Qwen2-VL image processor
-and Whisper feature extractor written locally, seeded weights); its answers and its
-attention mean nothing, so the tests compare with transformers' own forward and follow
-whatever the encoder attends to, never a fixed answer. The sound is the real walkway
-recording's, whose speech starts at 8.24 s."""
+Each test runs on both tiny random-weight thinkers of :mod:`stream_rt.mllm.tiny_models`
+(built offline: tokenizer, Qwen2-VL image processor and Whisper feature extractor written
+locally, seeded weights). Qwen2.5-Omni's audio encoder gives 25 tokens a second; Qwen3-Omni's
+(convolutions over 1 s windows, before its layers) 13 a second, and its images feed
+DeepStack. Their answers and attention mean nothing, so the tests compare with
+transformers' own forward and follow whatever the encoder attends to, never a fixed
+answer. The sound is the real walkway recording's, whose speech starts at 8.24 s."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -63,16 +65,33 @@ def clip(
     return images, pts, sound[begin : begin + round((pts[-1] - pts[0]) / S * 16_000)].astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def omni() -> str:
-    return str(build_tiny_model("qwen2_5_omni_thinker"))
+@dataclass(frozen=True)
+class Omni:
+    model: str  # the tiny model's directory
+    per_second: int  # audio tokens a second of sound
 
 
-def test_with_nothing_compressed_a_call_with_sound_is_the_models_own_forward(omni: str, samples: Path) -> None:
+@pytest.fixture(scope="module", params=[("qwen2_5_omni_thinker", 25), ("qwen3_omni_moe_thinker", 13)],
+                ids=["qwen2_5_omni", "qwen3_omni"])  # fmt: skip
+def omni(request: pytest.FixtureRequest) -> Omni:
+    model_type, per_second = request.param
+    return Omni(str(build_tiny_model(model_type)), per_second)
+
+
+def test_with_nothing_compressed_a_call_with_sound_is_the_models_own_forward(omni: Omni, samples: Path) -> None:
     images, pts, sound = clip(samples, 7.0, 3)
-    backend = TransformersBackend(omni, max_new_tokens=1, dtype="float32")
-    got = backend.generate(images, QUESTION, clip=ClipTiming(pts, [], sound, pts[0]))
-    assert got.audio_tokens == 25, "1 s of sound: 25 audio tokens (one per 40 ms)"
+    backend = TransformersBackend(omni.model, max_new_tokens=1, dtype="float32")
+    backend.load()
+    heard: list[torch.Size] = []
+    hook = backend.model.model.audio_tower.register_forward_hook(
+        lambda module, args, out: heard.append(out.last_hidden_state.shape)
+    )
+    try:
+        got = backend.generate(images, QUESTION, clip=ClipTiming(pts, [], sound, pts[0]))
+    finally:
+        hook.remove()
+    assert got.audio_tokens == omni.per_second, f"1 s of sound: {omni.per_second} audio tokens"
+    assert [shape[0] for shape in heard] == [got.audio_tokens], "the audio encoder ran once, on the clip's sound"
     assert backend.family is not None and backend.family.hears
     with torch.inference_mode():
         inputs = backend.family.inputs(images, chat_messages(len(images), QUESTION, sound=True), sound)
@@ -83,16 +102,17 @@ def test_with_nothing_compressed_a_call_with_sound_is_the_models_own_forward(omn
 
 
 def test_compressed_by_the_audio_encoders_attention_it_is_the_models_own_forward_on_the_kept_tokens(
-    omni: str, samples: Path
+    omni: Omni, samples: Path
 ) -> None:
     images, pts, sound = clip(samples, 6.0, 8)
     compression = Compression(average=0.4, audio_keep=0.7)
     backend = TransformersBackend(
-        omni, max_new_tokens=1, dtype="float32", techniques=Techniques(compression=compression)
+        omni.model, max_new_tokens=1, dtype="float32", techniques=Techniques(compression=compression)
     )
     got = backend.generate(images, QUESTION, clip=ClipTiming(pts, [], sound, pts[0]))
     heard_all = got.audio_tokens + got.audio_dropped
-    assert heard_all == 87 and got.audio_tokens == round(0.7 * heard_all), (got.audio_tokens, got.audio_dropped)
+    assert abs(heard_all - 3.5 * omni.per_second) <= 1, "3.5 s of sound"
+    assert got.audio_tokens == round(0.7 * heard_all), (got.audio_tokens, got.audio_dropped)
     visual_all = got.visual_tokens + got.visual_dropped
     assert abs(got.visual_tokens - 0.4 * visual_all) <= len(images), (got.visual_tokens, visual_all)
     family = backend.family
@@ -107,7 +127,7 @@ def test_compressed_by_the_audio_encoders_attention_it_is_the_models_own_forward
         assert kept.length == got.prompt_tokens
         assert kept.audio_mask is not None and int(kept.audio_mask.sum()) == len(kept_heard) == got.audio_tokens
         embeds = backend.embed(kept, kept_features, kept_heard)
-        out = own_forward(backend.model, embeds, kept.position_ids, None)
+        out = own_forward(backend.model, embeds, kept.position_ids, None, kept.image_mask, kept_features.deepstack)
         reference = own_logits(backend.model, out)
     assert got.first_logits is not None
     assert float((reference[0] - got.first_logits[0]).abs().max()) < 1e-4
@@ -118,12 +138,12 @@ def test_compressed_by_the_audio_encoders_attention_it_is_the_models_own_forward
 
 
 def test_each_windows_video_keep_rate_follows_the_share_of_its_sound_the_encoder_attended_to(
-    omni: str, samples: Path
+    omni: Omni, samples: Path
 ) -> None:
     """8 s of the walkway (quiet, then speech from 8.24 s) in four 2 s windows: the windows
     whose audio tokens the model's audio encoder attends to most keep the most video."""
     images, pts, sound = clip(samples, 4.5, 16)
-    backend = TransformersBackend(omni, dtype="float32")
+    backend = TransformersBackend(omni.model, dtype="float32")
     backend.load()
     family = backend.family
     assert family is not None
@@ -161,7 +181,7 @@ def test_the_window_whose_sound_is_kept_keeps_more_video() -> None:
     assert abs((first + second) / 128 - 0.4) < 0.03
 
 
-async def test_a_replay_with_speech_hears_each_clip(omni: str, samples: Path, ffmpeg: str, tmp_path: Path) -> None:
+async def test_a_replay_with_speech_hears_each_clip(omni: Omni, samples: Path, ffmpeg: str, tmp_path: Path) -> None:
     """Through the daemon: the walkway's speech (7 s from 5 s in) replayed, every model call
     hears its clip's sound — the audio tokens in its prompt, 70 % of them kept."""
     cut = tmp_path / "walkway.mkv"
@@ -171,7 +191,7 @@ async def test_a_replay_with_speech_hears_each_clip(omni: str, samples: Path, ff
     config = parse_config({
         "sources": [{"id": "walkway", "url": str(cut)}],
         "graph": LOSSLESS_CHANNELS,
-        "mllm": {"model": omni, "reuse_threshold": 0, "flow": "block", "max_new_tokens": 4,
+        "mllm": {"model": omni.model, "reuse_threshold": 0, "flow": "block", "max_new_tokens": 4,
                  "clip": {"frames": 4, "interval_s": 0.5, "compression": "audio"}},
         "sinks": {"jsonl": {"path": str(out)}},
     })  # fmt: skip
@@ -184,11 +204,11 @@ async def test_a_replay_with_speech_hears_each_clip(omni: str, samples: Path, ff
         tokens = a["tokens"]
         heard = tokens["audio"] + tokens.get("audio_dropped", 0)
         span_s = (a["frame_pts_ns"][-1] - a["frame_pts_ns"][0]) / S
-        assert abs(heard - 25 * span_s) <= 2, (tokens, span_s)
+        assert abs(heard - omni.per_second * span_s) <= 2, (tokens, span_s)
         assert tokens["audio"] == round(0.7 * heard), tokens
 
 
-def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: str, samples: Path) -> None:
+def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: Omni, samples: Path) -> None:
     """The same clip, sound and memory asked twice, compressed by the encoder's attention:
     the second call reuses its static visual tokens' K/V after the memory's prefix (the
     sound comes after the images, so it never stops their reuse), and its logits are
@@ -201,7 +221,7 @@ def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: str, samples:
 
     images, pts, sound = clip(samples, 7.0, 3)
     techniques = Techniques(token_reuse=TokenReuse(), compression=Compression())
-    backend = TransformersBackend(omni, max_new_tokens=1, dtype="float32", techniques=techniques)
+    backend = TransformersBackend(omni.model, max_new_tokens=1, dtype="float32", techniques=techniques)
     backend.load()
     entries = memory_entries(backend)
     for _ in range(2):
@@ -222,6 +242,8 @@ def test_token_reuse_and_the_memory_prefix_hear_the_clip_too(omni: str, samples:
         assert kept.position_ids is not None
         positions = torch.cat([prefix_positions(length, family, prefix.device), kept.position_ids + length], -1)
         embeds = torch.cat([prefix, backend.embed(kept, kept_features, kept_heard)], 1)
-        reference = own_logits(backend.model, own_forward(backend.model, embeds, positions, None))
+        visual = torch.cat([torch.zeros(length, dtype=torch.bool), kept.image_mask.cpu()])
+        out = own_forward(backend.model, embeds, positions, None, visual, kept_features.deepstack)
+        reference = own_logits(backend.model, out)
     assert got.first_logits is not None
     assert float((reference[0] - got.first_logits[0]).abs().max()) < 1e-4

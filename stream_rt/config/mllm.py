@@ -101,8 +101,8 @@ class ClipConfig(StrictModel):
     sound: bool = Field(
         True,
         title="Sound",
-        description="clips: send the clip's sound (16 kHz mono) to a model that takes audio (Qwen2.5-Omni's thinker); "
-        "other models never get it",
+        description="clips: send the clip's sound (16 kHz mono) to a model that takes audio (Qwen2.5-Omni's or "
+        "Qwen3-Omni's thinker); other models never get it",
     )
     audio_keep: float = Field(
         0.7,

@@ -143,6 +143,34 @@ def _qwen2_5_omni_thinker(ids: Ids, size: Size) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _qwen3_omni_moe_thinker(ids: Ids, size: Size) -> dict[str, Any]:
+    """Qwen3-Omni's thinker: Qwen3-VL's vision tower (DeepStack) before a Qwen3-MoE decoder
+    (q/k norms, experts routing each token, interleaved M-RoPE), with an audio encoder of
+    three stride-2 2-D convolutions over 100-frame windows (13 tokens a second of sound).
+    Realistic: Qwen3-VL's realistic decoder (28 layers, 960 wide) with 8 experts of which 2
+    route each token, and a small audio encoder (~0.5B in all)."""
+    tiny = size == "tiny"
+    names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    config = _qwen3_vl({n: ids[n] for n in names}, size)
+    text = config["text_config"]
+    text.pop("head_dim")  # (the thinker's text config has none: hidden / heads)
+    text |= {"num_experts": 4 if tiny else 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32 if tiny else 384,
+             "decoder_sparse_step": 1}  # fmt: skip
+    audio = (
+        {"encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "d_model": 32,
+         "downsample_hidden_size": 8}
+        if tiny
+        else {"encoder_layers": 12, "encoder_attention_heads": 8, "encoder_ffn_dim": 2048, "d_model": 512,
+              "downsample_hidden_size": 128}
+    )  # fmt: skip
+    return config | {
+        "audio_config": audio | {"num_mel_bins": 128, "output_dim": text["hidden_size"], "n_window": 50,
+                                 "max_source_positions": 1500, **({"initializer_range": 0.5} if tiny else {})},
+        "audio_token_id": ids["<|audio_pad|>"], "audio_start_token_id": ids["<|audio_start|>"],
+        "audio_end_token_id": ids["<|audio_end|>"],
+    }  # fmt: skip
+
+
 def _idefics3(ids: Ids, size: Size) -> dict[str, Any]:
     tiny = size == "tiny"
     return {
@@ -260,6 +288,11 @@ _OMNI_SPECIALS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio
                   "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}  # fmt: skip
 _OMNI_TEMPLATE = _chatml("<|vision_bos|><|IMAGE|><|vision_eos|>{% elif c['type'] == 'audio' %}"
                          "<|audio_bos|><|AUDIO|><|audio_eos|>")  # fmt: skip
+_QWEN3_OMNI_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
+                        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+                        "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>"}  # fmt: skip
+_QWEN3_OMNI_TEMPLATE = _chatml("<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'audio' %}"
+                               "<|audio_start|><|audio_pad|><|audio_end|>")  # fmt: skip
 _IDEFICS_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
     "{% if m['content'] is string %}: {{ m['content'] }}{% else %}:{% for c in m['content'] %}"
@@ -290,6 +323,10 @@ RECIPES: dict[str, Recipe] = {
     "qwen2_5_omni_thinker": Recipe(
         _OMNI_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>", _OMNI_TEMPLATE, _qwen2_5_omni_thinker,
         _qwen2_processor, feature_extractor=lambda size: {"feature_size": 128},
+    ),
+    "qwen3_omni_moe_thinker": Recipe(
+        _QWEN3_OMNI_SPECIALS, ("<|im_start|>", "<|endoftext|>"), "<|im_end|>", _QWEN3_OMNI_TEMPLATE,
+        _qwen3_omni_moe_thinker, _qwen3_processor, feature_extractor=lambda size: {"feature_size": 128},
     ),
     "idefics3": Recipe({"image_token": "<image>"}, _IDEFICS_OTHERS, "<end_of_utterance>", _IDEFICS_TEMPLATE,
                        _idefics3, _idefics_processor, _idefics_seq),

@@ -14,8 +14,8 @@ from stream_rt.graph.node import Context, Node, Source, Supervision
 from stream_rt.graph.packets import Event, Packet, Salience
 from stream_rt.sinks.callback import CallbackSink
 
-TINY_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "qwen3_vl", "smolvlm", "idefics3", "llava",
-                    "llava_onevision", "gemma3", "internvl", "lfm2_vl", "mistral3")  # fmt: skip
+TINY_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl", "smolvlm",
+                    "idefics3", "llava", "llava_onevision", "gemma3", "internvl", "lfm2_vl", "mistral3")  # fmt: skip
 """The ``config.model_type`` values :func:`tiny_model` can write."""
 
 

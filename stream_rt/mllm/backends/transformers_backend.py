@@ -1,6 +1,6 @@
 """Local Hugging Face vision-language models on CPU or CUDA: the family adapters (Qwen2-VL /
-Qwen2.5-VL, Qwen3-VL, SmolVLM / Idefics3, LLaVA, Gemma 3, and Qwen2.5-Omni's thinker, which
-also hears a clip's sound) and any other model transformers loads, on the generic path.
+Qwen2.5-VL, Qwen3-VL, SmolVLM / Idefics3, LLaVA, Gemma 3, and Qwen2.5-Omni's and Qwen3-Omni's
+thinkers, which also hear a clip's sound) and any other model transformers loads, on the generic path.
 
 The model runs in the backend's own thread with a greedy decoding loop of its own rather than
 ``generate()``: the vision encoder, prefill and each decoded token are timed apart, text

@@ -14,12 +14,13 @@ backend refuses every technique at load, :func:`~stream_rt.mllm.backends.loading
   Qwen3-VL's DeepStack rows); Gemma 3's pan-and-scan crops are off on this path.
 - Qwen2.5-Omni's thinker (:mod:`stream_rt.mllm.models.omni`): Qwen2.5-VL's images, and the
   clip's sound as audio; compression takes its guidance from the audio encoder's attention.
+  Qwen3-Omni's thinker the same, with Qwen3-VL's images (DeepStack) and a mixture-of-experts
+  decoder.
 - SmolVLM / Idefics3: its encoder works tile by tile, so each 512 px tile is a piece, and a
   changed tile recomputes only the patches that moved (``encoder_partial``).
 
 Families that stay on the generic path (the model's own ``generate``), and why:
 
-- Qwen3-Omni's thinker (``qwen3_omni_moe_thinker``): see :mod:`stream_rt.mllm.models.omni`.
 - Qwen3.5 / Qwen3.5-MoE (``qwen3_5``, ``qwen3_5_moe``): three of every four decoder layers
   are Gated DeltaNet linear attention, a recurrent state rather than per-position K/V, so
   a position cannot keep last call's K/V (token reuse), a memory prefix is a state rather
@@ -43,9 +44,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from stream_rt.mllm.models.families import Family, Layout, Prepared, TileState, VisualFeatures, flatten
+from stream_rt.mllm.models.families import (
+    Family,
+    Layout,
+    Prepared,
+    TileState,
+    VisualFeatures,
+    flatten,
+    with_deepstack,
+)
 from stream_rt.mllm.models.layer_loop import LayerStack, run_layers
-from stream_rt.mllm.models.omni import QwenOmni
+from stream_rt.mllm.models.omni import Qwen3Omni, QwenOmni
 from stream_rt.operators.token_reuse import TokenGrid
 
 
@@ -268,9 +277,7 @@ class Qwen3VL(Qwen2VL):
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
     def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
-        out = model.model.get_image_features(pixels, grid_thw)
-        deepstack = tuple(torch.cat([f.reshape(-1, f.shape[-1]) for f in layer]) for layer in out.deepstack_features)
-        return VisualFeatures(flatten(out), deepstack)
+        return with_deepstack(model.model.get_image_features(pixels, grid_thw))
 
 
 class Gemma3(Family):
@@ -325,7 +332,7 @@ class Gemma3(Family):
         return replace(super().layout(model), rotary_kinds=kinds, sandwich=True, images_attend_within=True)
 
 
-ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Qwen3VL, Idefics3, Llava, Gemma3, QwenOmni)
+ADAPTERS: tuple[type[Family], ...] = (Qwen2VL, Qwen3VL, Idefics3, Llava, Gemma3, QwenOmni, Qwen3Omni)
 
 
 def family_for(model_type: str) -> type[Family]:

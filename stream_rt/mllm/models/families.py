@@ -251,6 +251,13 @@ def flatten(out: Any) -> torch.Tensor:
     return features.reshape(-1, features.shape[-1])
 
 
+def with_deepstack(out: Any) -> VisualFeatures:
+    """The features a Qwen3-VL-style ``get_image_features`` returned, with its DeepStack
+    layers' (one tensor per layer, rows in prompt order)."""
+    deepstack = tuple(torch.cat([f.reshape(-1, f.shape[-1]) for f in layer]) for layer in out.deepstack_features)
+    return VisualFeatures(flatten(out), deepstack)
+
+
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
 """Processor outputs that follow the prompt's tokens rather than its images."""
 

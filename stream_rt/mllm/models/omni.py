@@ -1,6 +1,6 @@
-"""The adapter of the models that hear: Qwen2.5-Omni's thinker, which takes a clip's sound
-as audio beside its frames, with its audio encoder's own attention as the guidance of
-audio-guided compression (OmniZip).
+"""The adapters of the models that hear: Qwen2.5-Omni's and Qwen3-Omni's thinkers, which take
+a clip's sound as audio beside its frames, with their audio encoder's own attention as the
+guidance of audio-guided compression (OmniZip).
 
 The request is one user turn: the clip's frames as images (Qwen2.5-VL's vision tower: 14
 px patches merged 2x2, each image encoded on its own), then the clip's sound between
@@ -21,10 +21,16 @@ and a quiet one can be told apart): each audio token's **received attention** â€
 over the queries, averaged over heads, then over the two encoder frames each token
 pools â€” is OmniZip's audio salience (:func:`~stream_rt.operators.compression.keep_heard`).
 
-Qwen3-Omni's thinker (``qwen3_omni_moe_thinker``) stays on the generic path: its audio
-encoder (2-D convolutions over 100-frame windows, another token rate), Qwen3-VL's vision
-tower with DeepStack and its positions differ from Qwen2.5-Omni's in every part this
-adapter touches.
+Qwen3-Omni's thinker (``qwen3_omni_moe_thinker``, :class:`Qwen3Omni`) is the same layout and
+the same M-RoPE rule (its ``get_rope_index`` takes the same arguments) with other parts:
+images through Qwen3-VL's vision tower (16 px patches, DeepStack features added to the
+visual tokens after the first decoder layers), a mixture-of-experts decoder with q/k norms
+(each token routed on its own, so computing only some rows of a layer stays exact), and
+an audio encoder whose three stride-2 2-D convolutions run over windows of ``2 * n_window``
+mel frames (1 s) *before* its layers: 13 tokens a window, each encoder position one token
+(80 ms), so the attention a position received is its token's, nothing averaged. Its
+layers attend within windows of ``n_window_infer`` frames; the score, as above, spans the
+whole sound.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from stream_rt.mllm.models.families import (
     Sound,
     VisualFeatures,
     flatten,
+    with_deepstack,
 )
 from stream_rt.operators.token_reuse import TokenGrid
 
@@ -121,11 +128,14 @@ class QwenOmni(Family):
         finally:
             handle.remove()
         tokens = flatten(out)
-        received = received_attention(tower.layers[-1].self_attn, seen["hidden"])
-        n = len(tokens)
-        per_token = received[: 2 * n].view(n, 2).mean(1)  # the encoder averages each pair of frames into a token
-        offsets = torch.arange(n, dtype=torch.int64) * self.token_ns
+        per_token, offsets = self.per_token(received_attention(tower.layers[-1].self_attn, seen["hidden"]), len(tokens))
         return HeardFeatures(tokens, per_token, offsets)
+
+    def per_token(self, received: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the attention each of ``tokens`` audio tokens received, its start in the sound in
+        ns), from the attention ``received`` by each position of the encoder's last layer."""
+        per_token = received[: 2 * tokens].view(tokens, 2).mean(1)  # the encoder averages each pair of frames
+        return per_token, torch.arange(tokens, dtype=torch.int64) * self.token_ns
 
     def tiles(self, prepared: Prepared) -> int:
         """Each image: the encoder's attention never crosses from one image to another."""
@@ -147,6 +157,33 @@ class QwenOmni(Family):
         return [
             TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
         ]
+
+
+class Qwen3Omni(QwenOmni):
+    """Qwen3-Omni's thinker: Qwen2.5-Omni's layout (images, then the sound, then the text;
+    the same M-RoPE rule), with Qwen3-VL's vision tower (16 px patches, DeepStack) and
+    decoder (q/k norms, mixture of experts), and an audio encoder whose convolutions come
+    before its layers (see the module's text)."""
+
+    name = "qwen3_omni_moe"
+    model_types = ("qwen3_omni_moe_thinker",)
+
+    def __init__(self, path: Path, config: Any, processor: Any = None) -> None:
+        super().__init__(path, config, processor)
+        n_window = int(config.audio_config.n_window)
+        hop = int(getattr(getattr(self.processor, "feature_extractor", None), "hop_length", 160))
+        self.window_ns = 2 * n_window * hop * 1_000_000_000 // AUDIO_SAMPLE_RATE  # a window of 2 * n_window mel frames
+        self.per_window = -(-2 * n_window // 8)  # three stride-2 convolutions: one token per 8 mel frames, rounded up
+        self.token_ns = 8 * hop * 1_000_000_000 // AUDIO_SAMPLE_RATE
+
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
+        return with_deepstack(model.model.get_image_features(pixels, grid_thw))
+
+    def per_token(self, received: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each encoder position is a token (the convolutions pooled before the layers); a
+        token's time: its window's start, then 80 ms a token."""
+        index = torch.arange(tokens, dtype=torch.int64)
+        return received[:tokens], index // self.per_window * self.window_ns + index % self.per_window * self.token_ns
 
 
 def received_attention(attention: Any, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ be constructed without one. :func:`load_processor` builds the model's own proces
 with its own tokenizer, its image processor (the PIL implementation where torchvision is
 missing, the default one where it is there), its ``processor_config.json`` settings and
 its chat template, and no video processor: clips go to the model as several images. A
-model that takes audio (Qwen2.5-Omni's thinker) also gets its audio feature extractor
+model that takes audio (Qwen2.5-Omni's, Qwen3-Omni's thinker) also gets its audio feature extractor
 (Whisper's, NumPy only), for the clip's sound.
 
 Where transformers has only a torchvision image processor for a family, stream_rt has a

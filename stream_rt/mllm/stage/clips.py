@@ -9,7 +9,7 @@ change detection, salience and the trigger first): the sampled frames and audio 
 lead, are kept per source, so that a clip is the same however far ahead the video ran.
 The frames are converted to RGB only when a request is built. With ``sound``, the source's
 audio chunks (16 kHz mono) of the same span are kept too, and a request carries the clip's
-sound — from its first frame to the event — for a model that hears it (Qwen2.5-Omni).
+sound — from its first frame to the event — for a model that hears it (Qwen2.5-Omni, Qwen3-Omni).
 
 The two edges are taken in turn, so a backlog of video (while a call blocks) can also let
 an event overtake the frames before it: :class:`OvertakenEvents` holds such an event until
