@@ -68,6 +68,9 @@ def test_a_model_that_cannot_be_used_is_one_line_before_anything_starts(samples:
     text_only.mkdir()
     (text_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (text_only / "model.safetensors").write_bytes(b"")
+    whole_omni = tmp_path / "omni"  # as published: thinker and speech talker
+    whole_omni.mkdir()
+    (whole_omni / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni"}))
     no_weights = tmp_path / "empty"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
@@ -82,6 +85,7 @@ def test_a_model_that_cannot_be_used_is_one_line_before_anything_starts(samples:
     cases = [  # (model, more [mllm] keys, the line, whether replay is tried too)
         (text_only, "", "does not load as an image-text-to-text", True),
         (no_weights, "", "holds no weights", True),
+        (whole_omni, "", "stream_rt runs the thinker: save it once with Qwen2_5OmniForConditionalGeneration", False),
         (generic, "token_reuse = { enabled = true }", "[mllm.token_reuse] enabled = false", True),
         (damaged, "", "damaged weights in", False),
         (untokenized, "", "has no tokenizer files", False),

@@ -104,6 +104,13 @@ def download_command() -> str:
     return "hf download" if "hf" in scripts or "huggingface-cli" not in scripts else "huggingface-cli download"
 
 
+WHOLE_OMNI_MODELS = {
+    "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
+    "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration",
+}
+"""Omni checkpoints as published (thinker and talker), and transformers' class for them."""
+
+
 def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any, type[Family], Any]:
     """(the model's config, the family that runs it, its processor), checked before any
     weight is read: its weight files are whole, transformers knows the model type and
@@ -124,6 +131,12 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
             f"transformers {transformers.__version__} cannot read the config of {path}: {first_line(exc)}"
         ) from None
     model_type = str(config.model_type)
+    if model_type in WHOLE_OMNI_MODELS:
+        raise ModelUnavailable(
+            f"{path} is a whole '{model_type}' model (its thinker and its speech talker); stream_rt runs the thinker: "
+            f"save it once with {WHOLE_OMNI_MODELS[model_type]}.from_pretrained(PATH).thinker.save_pretrained(DIR), "
+            "the processor beside it, and give DIR"
+        )
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ModelUnavailable(
             f"{path} is a '{model_type}' model, which transformers {transformers.__version__} does not load as an "
