@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,15 @@ WHOLE_OMNI_MODELS = {
 """Omni checkpoints as published (thinker and talker), and transformers' class for them."""
 
 
+def _declared_model_type(path: Path) -> str | None:
+    """The ``model_type`` a model folder's ``config.json`` declares, read as plain JSON."""
+    try:
+        declared = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return declared if isinstance(declared, str) else None
+
+
 def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any, type[Family], Any]:
     """(the model's config, the family that runs it, its processor), checked before any
     weight is read: its weight files are whole, transformers knows the model type and
@@ -124,6 +134,13 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
 
     from stream_rt.mllm.models.processors import ProcessorUnavailable, load_processor
 
+    whole_omni = _declared_model_type(path)
+    if whole_omni in WHOLE_OMNI_MODELS:  # said before transformers reads (and warns about) its talker's settings
+        raise ModelUnavailable(
+            f"{path} is a whole '{whole_omni}' model (its thinker and its speech talker); stream_rt runs the thinker: "
+            f"save it once with {WHOLE_OMNI_MODELS[whole_omni]}.from_pretrained(PATH).thinker.save_pretrained(DIR), "
+            "the processor beside it, and give DIR"
+        )
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -131,12 +148,6 @@ def inspect_model(path: Path, techniques: list[str] | None = None) -> tuple[Any,
             f"transformers {transformers.__version__} cannot read the config of {path}: {first_line(exc)}"
         ) from None
     model_type = str(config.model_type)
-    if model_type in WHOLE_OMNI_MODELS:
-        raise ModelUnavailable(
-            f"{path} is a whole '{model_type}' model (its thinker and its speech talker); stream_rt runs the thinker: "
-            f"save it once with {WHOLE_OMNI_MODELS[model_type]}.from_pretrained(PATH).thinker.save_pretrained(DIR), "
-            "the processor beside it, and give DIR"
-        )
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ModelUnavailable(
             f"{path} is a '{model_type}' model, which transformers {transformers.__version__} does not load as an "
