@@ -48,6 +48,7 @@ from stream_rt.mllm.models.families import (
     Family,
     Layout,
     Prepared,
+    QwenImageGrids,
     TileState,
     VisualFeatures,
     flatten,
@@ -58,7 +59,7 @@ from stream_rt.mllm.models.omni import Qwen3Omni, QwenOmni
 from stream_rt.operators.token_reuse import TokenGrid
 
 
-class Qwen2VL(Family):
+class Qwen2VL(QwenImageGrids, Family):
     """Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2x2 patch merge, M-RoPE positions."""
 
     name = "qwen2_vl"
@@ -82,29 +83,6 @@ class Qwen2VL(Family):
 
     def encode(self, model: PreTrainedModel, prepared: Prepared) -> VisualFeatures:
         return self.encoded(model, prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
-
-    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
-        """The features of the images whose patch rows are ``pixels`` and grids ``grid_thw``."""
-        return VisualFeatures(flatten(model.model.get_image_features(pixels, grid_thw)))
-
-    def tiles(self, prepared: Prepared) -> int:
-        """Each image: the encoder's attention never crosses from one image to another."""
-        return int(prepared.vision["image_grid_thw"].shape[0]) if prepared.vision else 0
-
-    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
-        sizes = prepared.vision["image_grid_thw"].prod(-1).tolist()
-        start = sum(sizes[:tile])
-        return prepared.vision["pixel_values"][start : start + sizes[tile]]
-
-    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
-        grid = prepared.vision["image_grid_thw"][tile : tile + 1]
-        return self.encoded(model, self.tile_pixels(prepared, tile), grid)
-
-    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
-        grids = prepared.vision["image_grid_thw"].tolist()
-        return [
-            TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
-        ]
 
 
 class Idefics3(Family):

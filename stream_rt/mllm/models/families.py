@@ -272,3 +272,35 @@ def image_token_id(config: Any, processor: Any) -> int:
     if isinstance(value, int):
         return value
     raise ValueError(f"the config of model type '{config.model_type}' names no image token")
+
+
+class QwenImageGrids:
+    """Qwen's vision tower, for the families that share it (Qwen2/2.5/3-VL, the Omni
+    thinkers): images of any size, each a tile of its own (the encoder's attention never
+    crosses from one image to another), its patches merged ``merge`` x ``merge`` into tokens."""
+
+    merge: int
+
+    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
+        """The features of the images whose patch rows are ``pixels`` and grids ``grid_thw``."""
+        return VisualFeatures(flatten(model.model.get_image_features(pixels, grid_thw)))
+
+    def tiles(self, prepared: Prepared) -> int:
+        grid = prepared.vision.get("image_grid_thw")
+        return int(grid.shape[0]) if grid is not None else 0
+
+    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
+        sizes = prepared.vision["image_grid_thw"].prod(-1).tolist()
+        start = sum(sizes[:tile])
+        return prepared.vision["pixel_values"][start : start + sizes[tile]]
+
+    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
+        grid = prepared.vision["image_grid_thw"][tile : tile + 1]
+        return self.encoded(model, self.tile_pixels(prepared, tile), grid)
+
+    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
+        grid = prepared.vision.get("image_grid_thw")
+        grids = grid.tolist() if grid is not None else []
+        return [
+            TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
+        ]

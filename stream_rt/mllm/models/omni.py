@@ -51,15 +51,15 @@ from stream_rt.mllm.models.families import (
     HeardFeatures,
     Message,
     Prepared,
+    QwenImageGrids,
     Sound,
     VisualFeatures,
     flatten,
     with_deepstack,
 )
-from stream_rt.operators.token_reuse import TokenGrid
 
 
-class QwenOmni(Family):
+class QwenOmni(QwenImageGrids, Family):
     """Qwen2.5-Omni's thinker: Qwen2.5-VL's images and decoder, Whisper-style audio."""
 
     name = "qwen2_5_omni"
@@ -105,9 +105,6 @@ class QwenOmni(Family):
             return VisualFeatures(torch.zeros((0, model.config.get_text_config().hidden_size)))
         return self.encoded(model, prepared.vision["pixel_values"], prepared.vision["image_grid_thw"])
 
-    def encoded(self, model: PreTrainedModel, pixels: torch.Tensor, grid_thw: torch.Tensor) -> VisualFeatures:
-        return VisualFeatures(flatten(model.model.get_image_features(pixels, grid_thw)))
-
     def hear(self, model: PreTrainedModel, prepared: Prepared) -> HeardFeatures | None:
         """The audio encoder's features of the sound, with the attention each token
         received in the encoder's last layer (see the module's text)."""
@@ -136,27 +133,6 @@ class QwenOmni(Family):
         ns), from the attention ``received`` by each position of the encoder's last layer."""
         per_token = received[: 2 * tokens].view(tokens, 2).mean(1)  # the encoder averages each pair of frames
         return per_token, torch.arange(tokens, dtype=torch.int64) * self.token_ns
-
-    def tiles(self, prepared: Prepared) -> int:
-        """Each image: the encoder's attention never crosses from one image to another."""
-        grid = prepared.vision.get("image_grid_thw")
-        return int(grid.shape[0]) if grid is not None else 0
-
-    def tile_pixels(self, prepared: Prepared, tile: int) -> torch.Tensor:
-        sizes = prepared.vision["image_grid_thw"].prod(-1).tolist()
-        start = sum(sizes[:tile])
-        return prepared.vision["pixel_values"][start : start + sizes[tile]]
-
-    def encode_tile(self, model: PreTrainedModel, prepared: Prepared, tile: int) -> VisualFeatures:
-        grid = prepared.vision["image_grid_thw"][tile : tile + 1]
-        return self.encoded(model, self.tile_pixels(prepared, tile), grid)
-
-    def token_grids(self, prepared: Prepared) -> list[TokenGrid]:
-        grid = prepared.vision.get("image_grid_thw")
-        grids = grid.tolist() if grid is not None else []
-        return [
-            TokenGrid(i, (0.0, 0.0, 1.0, 1.0), h // self.merge, w // self.merge) for i, (_, h, w) in enumerate(grids)
-        ]
 
 
 class Qwen3Omni(QwenOmni):
