@@ -301,8 +301,11 @@ class Transcriber(Node):
         executor = self._executor or self._start_recognizer()  # started with the first speech of a recording
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(executor, _recognize, source.settings, stretch.samples)
-        try:
-            words, cpu_s = await asyncio.wait_for(call, HUNG_AFTER_S + HUNG_PER_SPEECH_S * stretch.seconds)
+        call.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, even given up
+        try:  # shielded: a call given up is not cancelled (killing a pool with a cancelled call trips CPython 3.11)
+            words, cpu_s = await asyncio.wait_for(
+                asyncio.shield(call), HUNG_AFTER_S + HUNG_PER_SPEECH_S * stretch.seconds
+            )
         except Exception as exc:  # the recogniser's own failure, its process gone, or hung
             ctx.count("transcription_errors", source=source.source_id)
             why = "the recogniser hung" if isinstance(exc, TimeoutError) else str(exc)
