@@ -31,18 +31,16 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from stream_rt.memory.embeddings import TextEmbedder
+from stream_rt.memory.history import History
 
-from stream_rt.memory.embeddings import TextEmbedder  # noqa: E402
-from stream_rt.memory.history import History  # noqa: E402
+SAMPLES = Path(os.environ.get("STREAM_RT_SAMPLES", Path(__file__).resolve().parents[1] / "samples"))
 
 OBJECTS = ["person", "car", "truck", "bicycle", "dog", "cat", "bus", "motorcycle", "bird", "backpack", "umbrella",
            "suitcase", "van", "child", "courier", "parcel", "ladder", "stroller"]  # fmt: skip
@@ -65,7 +63,7 @@ SOURCES = ["gate", "porch", "garden", "garage", "street", "drive", "yard", "door
 
 def pool_texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    reference = Path(os.environ.get("STREAM_RT_SAMPLES", ROOT / "samples")) / "speech_transcription.txt"
+    reference = SAMPLES / "speech_transcription.txt"
     sentences = [" ".join(w for w in line.split() if not w.startswith(("<", "(")))
                  for line in reference.read_text().splitlines()] if reference.is_file() else []  # fmt: skip
     spoken = [*sentences, "I have a package for you", "can you sign here please", "is anybody home",
