@@ -20,43 +20,14 @@ import json
 import statistics
 from pathlib import Path
 
-import av
-import numpy as np
-
 from stream_rt.mllm.backends.call import ClipTiming
 from stream_rt.mllm.backends.transformers_backend import TransformersBackend
 from stream_rt.mllm.techniques import Techniques
 from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.tiny_models import build_tiny_model
+from stream_rt.testing import clip_with_sound
 
 S = 1_000_000_000
-
-
-def walkway_clip(
-    path: Path, start_s: float, frames: int, step_s: float
-) -> tuple[list[np.ndarray], list[int], np.ndarray]:
-    """``frames`` frames from ``start_s``, ``step_s`` apart, their times, and the sound
-    (16 kHz mono) from the first to the last."""
-    images: list[np.ndarray] = []
-    pts: list[int] = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            if frame.time is not None and frame.time >= start_s + len(images) * step_s:
-                images.append(frame.to_ndarray(format="rgb24"))
-                pts.append(int(frame.time * S))
-                if len(images) == frames:
-                    break
-    pieces, first = [], None
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
-    with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                first = out.time if first is None else first
-                pieces.append(out.to_ndarray()[0])
-    assert first is not None
-    begin = round((pts[0] / S - first) * 16_000)
-    sound = np.concatenate(pieces)[begin : begin + round((pts[-1] - pts[0]) / S * 16_000)]
-    return images, pts, sound.astype(np.float32)
 
 
 def main() -> None:
@@ -69,7 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     model = str(build_tiny_model(args.model_type, size=args.size))
-    images, pts, sound = walkway_clip(args.samples / "walkway_speech.mkv", 4.5, 16, 0.5)
+    images, pts, sound = clip_with_sound(args.samples / "walkway_speech.mkv", 4.5, 16, 0.5)
     clip = ClipTiming(pts, [], sound, pts[0])
     whole = TransformersBackend(model, max_new_tokens=1, threads=args.threads)
     compression = Compression(average=0.4, audio_keep=0.7)

@@ -17,7 +17,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -31,6 +30,7 @@ from stream_rt.mllm.techniques.compression import Compression
 from stream_rt.mllm.tiny_models import build_tiny_model
 from stream_rt.operators.compression import FrameTokens, HeardTokens, compress, keep_heard
 from stream_rt.pipeline import build_pipeline
+from stream_rt.testing import clip_with_sound
 
 from .models import own_forward, own_logits
 
@@ -38,31 +38,9 @@ QUESTION = "What happens?"
 S = 1_000_000_000
 
 
-def clip(
-    samples: Path, start_s: float, frames: int, step_s: float = 0.5
-) -> tuple[list[np.ndarray], list[int], np.ndarray]:
-    """``frames`` frames of walkway_speech.mkv from ``start_s``, ``step_s`` apart, their
-    times, and the sound (16 kHz mono) from the first to the last."""
-    images: list[np.ndarray] = []
-    pts: list[int] = []
-    with av.open(str(samples / "walkway_speech.mkv")) as container:
-        for frame in container.decode(video=0):
-            if frame.time is not None and frame.time >= start_s + len(images) * step_s:
-                images.append(frame.to_ndarray(format="rgb24"))
-                pts.append(int(frame.time * S))
-                if len(images) == frames:
-                    break
-    pieces, first = [], None
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
-    with av.open(str(samples / "walkway_speech.mkv")) as container:
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                first = out.time if first is None else first
-                pieces.append(out.to_ndarray()[0])
-    assert first is not None
-    sound = np.concatenate(pieces)
-    begin = round((pts[0] / S - first) * 16_000)
-    return images, pts, sound[begin : begin + round((pts[-1] - pts[0]) / S * 16_000)].astype(np.float32)
+def clip(samples: Path, start_s: float, frames: int) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+    """``frames`` frames of walkway_speech.mkv from ``start_s``, 0.5 s apart, their times and their sound."""
+    return clip_with_sound(samples / "walkway_speech.mkv", start_s, frames)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ For what crosses a network, the services stream_rt's own tests and benchmarks us
 - ports (:mod:`~stream_rt.testing.ports`): :func:`free_port` / :func:`wait_listening`.
 
 Test media (:mod:`~stream_rt.testing.media`): :func:`remux_audio_late` stores a clip's
-audio behind its video in the file, :func:`audio_lag_s` measures by how much.
+audio behind its video in the file, :func:`audio_lag_s` measures by how much; :func:`clip_with_sound` takes frames of a
+recording with the sound between them.
 
 For models: :func:`tiny_model` writes a small random-weight model directory of a
 vision-language family (Qwen2/2.5/3-VL, SmolVLM, Idefics3, LLaVA, LLaVA-OneVision,
@@ -48,7 +49,7 @@ from stream_rt.testing.harness import (
     run_node,
     tiny_model,
 )
-from stream_rt.testing.media import audio_lag_s, remux_audio_late
+from stream_rt.testing.media import audio_lag_s, clip_with_sound, remux_audio_late
 from stream_rt.testing.model_servers import chat_server, start_worker
 from stream_rt.testing.ports import free_port, listening, wait_listening
 
@@ -65,6 +66,7 @@ __all__ = [
     "SyntheticSource",
     "audio_lag_s",
     "chat_server",
+    "clip_with_sound",
     "feed_graph",
     "free_port",
     "listening",

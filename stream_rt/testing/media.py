@@ -1,5 +1,5 @@
 """Test media: clips whose audio is stored late in the file, as some recorders write them,
-and the measure of how late."""
+and the measure of how late; frames of a recording with the sound between them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import av
+import numpy as np
+import numpy.typing as npt
 
 
 def remux_audio_late(src: Path, dst: Path, late_s: float) -> Path:
@@ -61,3 +63,32 @@ def audio_lag_s(path: Path) -> list[float]:
             elif packet.stream.type == "audio" and video_s is not None:
                 lags.append(video_s - float(pts * packet.time_base))
     return lags
+
+
+def clip_with_sound(
+    path: Path, start_s: float, frames: int, step_s: float = 0.5
+) -> tuple[list[npt.NDArray[np.uint8]], list[int], npt.NDArray[np.float32]]:
+    """``frames`` RGB frames of the recording at ``path`` from ``start_s``, ``step_s``
+    apart, their times (ns), and its sound (16 kHz mono) from the first to the last: a
+    clip as the model stage asks about one."""
+    images: list[npt.NDArray[np.uint8]] = []
+    pts: list[int] = []
+    with av.open(str(path)) as container:
+        for picture in container.decode(video=0):
+            if picture.time is not None and picture.time >= start_s + len(images) * step_s:
+                images.append(np.asarray(picture.to_ndarray(format="rgb24"), np.uint8))
+                pts.append(int(picture.time * 1e9))
+                if len(images) == frames:
+                    break
+    pieces, first = [], None
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=16_000)
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            for out in resampler.resample(frame):
+                first = out.time if first is None else first
+                pieces.append(out.to_ndarray()[0])
+    if first is None:
+        raise ValueError(f"{path} has no audio")
+    begin = round((pts[0] / 1e9 - first) * 16_000)
+    sound = np.concatenate(pieces)[begin : begin + round((pts[-1] - pts[0]) / 1e9 * 16_000)]
+    return images, pts, sound.astype(np.float32)
